@@ -1,0 +1,219 @@
+"""``ptqflow``: the command line over the ``ptq-pipeline`` flow.
+
+Heavy imports (Prefect, TensorFlow) happen inside commands, after the environment is prepared, so ``--help`` is
+instant and settings such as the ephemeral server's start-up timeout apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from tasks.parameters import (
+    CalibrationParameters,
+    ConversionParameters,
+    GateParameters,
+    SamplingParameters,
+    TargetOps,
+    TensorType,
+    TrainingParameters,
+)
+
+app = typer.Typer(
+    name="ptqflow",
+    help="Keras model to validated, fully-integer TensorFlow Lite model: a cached Prefect pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+EXIT_GATE_FAILED = 1
+EXIT_INVALID_INPUT = 2
+EXIT_RUN_FAILED = 3
+
+
+def _help(model: type[BaseModel], field: str) -> str:
+    info = model.model_fields[field]
+    return f"{info.description} \\[default: {getattr(info.default, 'value', info.default)}]"
+
+
+@app.callback()
+def main() -> None:
+    """ptqflow: post-training integer quantization as a cached, validated Prefect pipeline."""
+
+
+def _prepare_environment(verbose: bool) -> None:
+    # A fresh PREFECT_HOME's ephemeral server takes ~25 s to start on a small machine, past Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not verbose:
+        # Prefect's console handler would print task logs and failure tracebacks; the CLI reports those itself.
+        # Logs still reach the Prefect API (the UI), which has its own handler.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    if as_json:
+        print(json.dumps({"status": "error", "error": message}))
+    err_console.print(f"[bold red]ptqflow:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _parameters(model: type[BaseModel], as_json: bool, **given: Any) -> Any:
+    try:
+        return model(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a parameter"
+        _fail(f"invalid {option}: {first['msg']}", EXIT_INVALID_INPUT, as_json)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written on fd 1 (libraries, C code) to stderr while the run lasts, so that ``--json``
+    leaves exactly one JSON object on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextmanager
+def _live_progress() -> Iterator[None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from tasks.progress import ProgressEvent, listening
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[stage]:<28}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+    bars: dict[str, Any] = {}
+
+    def on_event(event: ProgressEvent) -> None:
+        if event.stage not in bars:
+            bars[event.stage] = progress.add_task(event.message, stage=event.stage, total=None)
+        bar = bars[event.stage]
+        update: dict[str, Any] = {"description": event.message}
+        if event.total is not None:
+            update.update(total=event.total, completed=event.completed)
+        progress.update(bar, **update)
+        if event.message.startswith(("cached", "done")):
+            total = progress.tasks[bar].total or 1
+            progress.update(bar, total=total, completed=total)
+            progress.stop_task(bar)
+
+    with progress, listening(on_event):
+        yield
+
+
+def _print_summary(summary: Any, console: Console) -> None:
+    m = summary.metrics
+    stages = Table(title="Stages", title_justify="left")
+    stages.add_column("stage")
+    stages.add_column("result")
+    stages.add_column("seconds", justify="right")
+    for name, record in summary.tasks.items():
+        stages.add_row(name, "cached" if record.cached else "computed", f"{record.seconds:.1f}")
+    models = Table(title="Models (test split)", title_justify="left")
+    for column in ("model", "accuracy", "size"):
+        models.add_column(column, justify="right" if column != "model" else "left")
+    models.add_row("float Keras", f"{m['float_accuracy']:.2%}", "")
+    models.add_row("float .tflite", f"{m['tflite_float_accuracy']:.2%}", f"{m['float_bytes']:,} B")
+    models.add_row("quantized .tflite", f"{m['quantized_accuracy']:.2%}", f"{m['quantized_bytes']:,} B")
+    console.print(stages)
+    console.print(models)
+    console.print(
+        f"drop {m['accuracy_drop_pp']:.2f} pp, top-1 agreement {m['agreement']:.2%}, "
+        f"full integer: {'yes' if m['full_integer'] else 'no (float tensors: ' + ', '.join(m['float_tensors']) + ')'}"
+    )
+    colour = "green" if summary.gate.passed else "red"
+    console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
+    console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
+    console.print(f"run id: {summary.run_id}", highlight=False)
+
+
+@app.command()
+def run(
+    dataset: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))] = None,
+    store: Annotated[
+        str,
+        typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
+    ] = "./ptqflow-store",
+    seed: Annotated[int, typer.Option(help="Seed for sampling, training and calibration.")] = 0,
+    epochs: Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))] = None,
+    calibration_size: Annotated[
+        int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
+    ] = None,
+    input_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "input_type"))] = None,
+    output_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "output_type"))] = None,
+    ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")] = False,
+) -> None:
+    """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
+    parameters = dict(
+        store=store,
+        seed=seed,
+        sampling=_parameters(SamplingParameters, as_json, dataset=dataset),
+        training=_parameters(TrainingParameters, as_json, epochs=epochs),
+        calibration=_parameters(CalibrationParameters, as_json, calibration_size=calibration_size),
+        conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
+        gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),
+    )
+    _prepare_environment(verbose)
+
+    from flows.pipeline import ptq_pipeline
+    from storage.store import StoreError
+    from storage.tables import TensorTableError
+    from tasks.errors import AccuracyGateFailed, PtqflowError
+
+    live = not as_json and err_console.is_terminal
+    with _stdout_to_stderr() if as_json else nullcontext(), _live_progress() if live else nullcontext():
+        state = ptq_pipeline(**parameters, return_state=True)
+    if state.is_completed():
+        summary, code = state.result(), 0
+    else:
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, AccuracyGateFailed) and error.summary is not None:
+            summary, code = error.summary, EXIT_GATE_FAILED
+        elif isinstance(error, (PtqflowError, StoreError, TensorTableError)):
+            _fail(str(error), EXIT_INVALID_INPUT, as_json)
+        else:
+            _fail(
+                f"the run failed: {type(error).__name__}: {error} (rerun with --verbose for Prefect's logs)",
+                EXIT_RUN_FAILED,
+                as_json,
+            )
+    if as_json:
+        print(summary.model_dump_json())
+    else:
+        _print_summary(summary, Console())
+    raise typer.Exit(code)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,162 @@
+"""Tensor tables: how ptqflow reads and writes samples as Parquet.
+
+Layout written (measured by ``benchmarks/tensor_layout.py``; see README "Tensor tables"):
+
+* ``features``: ``fixed_size_binary(prod(shape) * itemsize)``, one sample's raw values per row, C order;
+* ``label``: ``int64``;
+* schema metadata key ``ptqflow`` (JSON): ``{"shape": [...], "dtype": "uint8"|"float32", ...}`` plus whatever the
+  writer adds about the data set (value range, number of classes, class names, source).
+
+Arrow's canonical ``fixed_shape_tensor`` extension type (a fixed-size list underneath) is accepted on read, as is
+a plain fixed-size list with the shape in the metadata, but it is an order of magnitude slower to write and read
+than fixed-size binary, which maps to a numpy array with no copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FEATURES = "features"
+LABEL = "label"
+METADATA_KEY = b"ptqflow"
+SUPPORTED_DTYPES = ("uint8", "float32")
+
+
+class TensorTableError(ValueError):
+    """A table that ptqflow cannot use; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """Samples in memory: ``features`` of shape ``(n, *shape)`` and int64 ``labels`` of shape ``(n,)``."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.features.dtype.name not in SUPPORTED_DTYPES:
+            raise TensorTableError(
+                f"features have dtype {self.features.dtype}: convert them to one of {', '.join(SUPPORTED_DTYPES)}"
+            )
+        if len(self.features) != len(self.labels):
+            raise TensorTableError(
+                f"{len(self.features)} feature rows but {len(self.labels)} labels: give one label per sample"
+            )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> TensorTable:
+        return TensorTable(self.features[indices], self.labels[indices], dict(self.metadata))
+
+
+def _features_array(features: np.ndarray) -> pa.FixedSizeBinaryArray:
+    flat = np.ascontiguousarray(features).reshape(len(features), -1)
+    width = flat.shape[1] * flat.dtype.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(flat), [None, pa.py_buffer(flat.view(np.uint8))]
+    )
+
+
+def to_arrow(table: TensorTable) -> pa.Table:
+    meta = dict(table.metadata)
+    meta.update(shape=list(table.sample_shape), dtype=table.features.dtype.name)
+    schema = pa.schema(
+        [pa.field(FEATURES, pa.binary(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)),
+         pa.field(LABEL, pa.int64())],
+        metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()},
+    )
+    return pa.Table.from_arrays(
+        [_features_array(table.features), pa.array(table.labels.astype(np.int64), pa.int64())], schema=schema
+    )
+
+
+def write_parquet_bytes(table: TensorTable, row_group_size: int = 4096) -> bytes:
+    """Serialise a tensor table to Parquet bytes (deterministic for the same table)."""
+    sink = io.BytesIO()
+    pq.write_table(to_arrow(table), sink, row_group_size=row_group_size, compression="zstd")
+    return sink.getvalue()
+
+
+def table_metadata(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any]) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise TensorTableError(f"column '{FEATURES}' has {column.null_count} null rows: drop them from the source")
+    kind = column.type
+    if isinstance(kind, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray()
+    if pa.types.is_fixed_size_binary(kind):
+        shape, dtype = meta.get("shape"), meta.get("dtype")
+        if shape is None or dtype not in SUPPORTED_DTYPES:
+            raise TensorTableError(
+                f"column '{FEATURES}' is fixed-size binary but the schema metadata has no 'shape' and 'dtype' "
+                "under key 'ptqflow': write it with storage.tables or use Arrow's fixed_shape_tensor type"
+            )
+        width = kind.byte_width
+        raw = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+        raw = raw[column.offset * width : (column.offset + len(column)) * width]
+        return raw.view(np.dtype(dtype)).reshape(len(column), *shape)
+    if pa.types.is_fixed_size_list(kind):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        shape = meta.get("shape") or [kind.list_size]
+        return values.reshape(len(column), *shape)
+    raise TensorTableError(
+        f"column '{FEATURES}' has type {kind}: store samples as fixed_shape_tensor, fixed-size list or fixed-size binary"
+    )
+
+
+def _labels_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if not pa.types.is_integer(column.type):
+        raise TensorTableError(f"column '{LABEL}' has type {column.type}: labels must be integer class indices")
+    if column.null_count:
+        raise TensorTableError(f"column '{LABEL}' has {column.null_count} null rows: drop them from the source")
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _check_columns(schema: pa.Schema) -> None:
+    missing = [c for c in (FEATURES, LABEL) if c not in schema.names]
+    if missing:
+        raise TensorTableError(
+            f"table has no column(s) {', '.join(repr(c) for c in missing)} (it has {', '.join(schema.names)}): "
+            f"name the sample column '{FEATURES}' and the class column '{LABEL}'"
+        )
+
+
+def read_parquet(source: IO[bytes] | bytes) -> TensorTable:
+    """Read a whole tensor table (any accepted layout) into memory."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    table = pq.read_table(source)
+    _check_columns(table.schema)
+    meta = table_metadata(table.schema)
+    return TensorTable(_column_to_numpy(table.column(FEATURES), meta), _labels_to_numpy(table.column(LABEL)), meta)
+
+
+def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndarray]:
+    """Stream the ``features`` column in batches of at most ``batch_size`` rows; memory stays bounded by a batch
+    (plus one Parquet row group)."""
+    parquet = pq.ParquetFile(source)
+    schema = parquet.schema_arrow
+    _check_columns(schema)
+    meta = table_metadata(schema)
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=[FEATURES]):
+        yield _column_to_numpy(batch.column(0), meta)

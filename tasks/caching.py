@@ -1,0 +1,116 @@
+"""Cache keys for stages: what a stage reads, its parameters, its code and the libraries that shape its output.
+
+Prefect's default policy includes the flow run id and so never hits across runs, and ``TASK_SOURCE`` sees only
+the task function's own source, not the pure stage functions and helpers it calls. ``StageCachePolicy`` hashes:
+
+* the task's inputs as JSON (artifact references carry their sha256, so a changed upstream artifact changes the
+  key; parameters are pydantic models with a stable JSON form);
+* the source of the task's module and every project module it imports, transitively (``tasks``, ``storage``);
+* the versions of the libraries whose behaviour is baked into artifacts (TensorFlow, Keras, LiteRT, NumPy, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel
+
+PROJECT_PACKAGES = ("tasks", "storage")
+VERSIONED_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert", "numpy", "pyarrow", "scikit-learn")
+
+
+def _module_imports(module: str, source: str) -> set[str]:
+    """Project modules imported by ``module`` (absolute and relative imports)."""
+    found: set[str] = set()
+    package = module.rsplit(".", 1)[0] if "." in module else module
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        found.update(name for name in names if name.split(".")[0] in PROJECT_PACKAGES and _is_module(name))
+    return found
+
+
+def _is_module(name: str) -> bool:
+    """True for an importable module; False for a name inside one (``storage.store.ArtifactStore``)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def code_digest(module: str) -> str:
+    """sha256 over the source of ``module`` and of every project module it imports, transitively."""
+    seen: dict[str, str] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        spec = importlib.util.find_spec(name) if _is_module(name) else None
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            seen[name] = ""
+            continue
+        with open(spec.origin, encoding="utf-8") as f:
+            source = f.read()
+        seen[name] = hashlib.sha256(source.encode()).hexdigest()
+        pending.extend(_module_imports(name, source) - seen.keys())
+    return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in VERSIONED_DISTRIBUTIONS:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(
+        f"stage input of type {type(value).__name__} cannot be part of a cache key: pass artifact references "
+        "and pydantic parameters between stages, not arrays or models"
+    )
+
+
+def stage_cache_key(module: str, inputs: dict[str, Any]) -> str:
+    payload = {"code": code_digest(module), "inputs": _jsonable(inputs), "libraries": library_versions()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Cache policy for one stage; ``module`` is the stage's module (e.g. ``tasks.convert``)."""
+
+    module: str = ""
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        kept = {k: v for k, v in inputs.items() if k not in self.exclude}
+        return f"{self.module}-{stage_cache_key(self.module, kept)}"

@@ -1,0 +1,150 @@
+"""Stage 4, convert_to_tflite: post-training full-integer quantization with ``tf.lite.TFLiteConverter``.
+
+The representative dataset streams batches from the calibration Parquet (the model's batch dimension is dynamic,
+so the calibrator takes whole batches instead of the tutorial's one sample per step). The float ``.tflite`` (no
+optimizations) is written too, so validation can compare like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from storage.keras_models import keras_model_from_bytes
+from storage.store import ArtifactStore
+from storage.tables import iter_feature_batches
+from tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
+from tasks.caching import StageCachePolicy
+from tasks.errors import ConversionFailed
+from tasks.parameters import ConversionParameters, TargetOps, TensorType
+from tasks.progress import report
+
+if TYPE_CHECKING:
+    import keras
+
+CalibrationBatches = Callable[[], Iterable[np.ndarray]]
+
+
+def _tf_dtype(kind: TensorType):
+    import tensorflow as tf
+
+    return {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8}[kind]
+
+
+def _ops_sets(ops: TargetOps):
+    import tensorflow as tf
+
+    return {
+        TargetOps.int8: [tf.lite.OpsSet.TFLITE_BUILTINS_INT8],
+        TargetOps.builtins: [tf.lite.OpsSet.TFLITE_BUILTINS],
+        TargetOps.select: [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS],
+    }[ops]
+
+
+def _converter(model: keras.Model):
+    """A converter over the Keras model; its signature keeps the batch dimension dynamic, so calibration and
+    validation can feed whole batches."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def _explain(error: Exception, options: ConversionParameters) -> ConversionFailed:
+    """Turn the converter's MLIR diagnostics into one line naming the ops and the options that would work."""
+    text = str(error)
+    # Ops with no TensorFlow Lite kernel at all: only the Flex delegate (SELECT_TF_OPS) can run them.
+    not_builtin = sorted(set(re.findall(r"'tf\.([A-Za-z0-9_]+)' op is neither a custom op nor a flex op", text)))
+    # Builtin ops without an int8 kernel: TFLITE_BUILTINS can keep them in float.
+    not_quantizable = sorted(set(re.findall(r"[Qq]uantization not yet supported for op: '([^']+)'", text)))
+    problems, fixes = [], []
+    if "Select TensorFlow op(s), included in the given model, is(are) not supported by this interpreter" in text:
+        # Calibration runs the model in the TFLite calibrator, which has no Flex delegate.
+        return ConversionFailed(
+            f"conversion failed under --ops {options.ops.value}: the model needs TensorFlow (Flex) ops, which "
+            "calibration cannot run: integer quantization needs a TensorFlow Lite kernel for every op; "
+            "replace those ops in the model"
+        )
+    if not_builtin:
+        problems.append(f"{', '.join(not_builtin)} has no TensorFlow Lite builtin kernel")
+        if options.ops is not TargetOps.select:
+            fixes.append("--ops select runs it as a TensorFlow op (Flex delegate)")
+    if not_quantizable:
+        problems.append(f"{', '.join(not_quantizable)} has no int8 kernel")
+        if options.ops is TargetOps.int8:
+            fixes.append("--ops builtins keeps it in float")
+    if not problems:
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        problems.append(f"the converter stopped: {detail[:300]}")
+    fixes.append("or replace it in the model" if fixes else "replace it in the model")
+    return ConversionFailed(f"conversion failed under --ops {options.ops.value}: {'; '.join(problems)}: {', '.join(fixes)}")
+
+
+def _convert(converter, options: ConversionParameters) -> bytes:
+    # from_keras_model's SavedModel export prints on stdout; keep stdout for the CLI's output (--json).
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # "Statistics for quantized inputs were expected": the I/O scale comes from calibration, as intended.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs", category=UserWarning)
+        try:
+            return bytes(converter.convert())
+        except Exception as error:  # ConverterError and friends carry the op names in their text
+            raise _explain(error, options) from error
+
+
+def quantize(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters) -> bytes:
+    """Pure stage function: the quantized ``.tflite`` of ``model``.
+
+    Args:
+        model: the float Keras model (takes raw values as float32).
+        calibration_batches: a callable returning a fresh iterable of raw feature batches (any batch size).
+        options: I/O types and op sets.
+
+    Raises:
+        ConversionFailed: the converter refused; the message names the ops and the options that would work.
+    """
+    import tensorflow as tf
+
+    def representative_dataset() -> Iterator[list[np.ndarray]]:
+        for batch in calibration_batches():
+            yield [np.asarray(batch, dtype=np.float32)]
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = _ops_sets(options.ops)
+    converter.inference_input_type = _tf_dtype(options.input_type)
+    converter.inference_output_type = _tf_dtype(options.output_type)
+    return _convert(converter, options)
+
+
+def convert_float(model: keras.Model) -> bytes:
+    """The float ``.tflite`` of ``model``: no optimizations, float32 I/O."""
+    return _convert(_converter(model), ConversionParameters(ops=TargetOps.builtins))
+
+
+@task(name="convert_to_tflite", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
+def convert_to_tflite(
+    store_url: str, trained: TrainedModel, calibration: CalibrationSet, params: ConversionParameters
+) -> ConvertedModels:
+    store = ArtifactStore(store_url)
+    model = keras_model_from_bytes(store.read_bytes(trained.model))
+
+    def calibration_batches() -> Iterator[np.ndarray]:
+        seen = 0
+        with store.open(calibration.table) as f:
+            for batch in iter_feature_batches(f, params.calibration_batch_size):
+                seen += len(batch)
+                report("convert_to_tflite", f"calibrating {seen}/{calibration.samples} samples", seen, calibration.samples)
+                yield batch
+
+    quantized = store.put_bytes(quantize(model, calibration_batches, params), ".tflite")
+    report("convert_to_tflite", "converting the float model")
+    float_model = store.put_bytes(convert_float(model), ".tflite")
+    get_run_logger().info("quantized model %d bytes, float model %d bytes", quantized.bytes, float_model.bytes)
+    return ConvertedModels(quantized=quantized, float_model=float_model)

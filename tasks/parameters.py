@@ -1,0 +1,87 @@
+"""Typed parameters, one model per stage.
+
+The same definitions drive the CLI's options, the Prefect UI's run form (Prefect renders pydantic fields with
+their descriptions and enums) and the tests. Every field that changes a stage's output is part of that stage's
+cache key; fields that only change how the gate judges a result (``max_accuracy_drop``) are not.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TensorType(str, Enum):
+    """Element type of the converted model's input or output tensor."""
+
+    float32 = "float32"
+    uint8 = "uint8"
+    int8 = "int8"
+
+
+class TargetOps(str, Enum):
+    """Which op sets the converter may use: ``int8`` = TFLITE_BUILTINS_INT8 (full integer or fail),
+    ``builtins`` = TFLITE_BUILTINS (ops that cannot be quantized stay float),
+    ``select`` = TFLITE_BUILTINS + SELECT_TF_OPS (TensorFlow ops through the Flex delegate)."""
+
+    int8 = "int8"
+    builtins = "builtins"
+    select = "select"
+
+
+class _Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingParameters(_Parameters):
+    dataset: str = Field("digits", description="Data set to sample: a built-in name (digits).")
+    validation_fraction: float = Field(
+        0.15, gt=0.0, lt=0.5, description="Share of the samples held out for early stopping."
+    )
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of the samples held out for validation.")
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SamplingParameters:
+        if self.validation_fraction + self.test_fraction >= 0.8:
+            raise ValueError(
+                "validation_fraction + test_fraction must stay below 0.8 so that training keeps a fifth of the data"
+            )
+        return self
+
+
+class TrainingParameters(_Parameters):
+    epochs: int = Field(60, ge=1, le=10_000, description="Maximum training epochs (early stopping may end sooner).")
+    batch_size: int = Field(32, ge=1, le=65_536, description="Training batch size.")
+    learning_rate: float = Field(1e-3, gt=0.0, lt=1.0, description="Adam learning rate.")
+    early_stopping_patience: int = Field(
+        10, ge=1, description="Epochs without validation-loss improvement before training stops."
+    )
+
+
+class CalibrationParameters(_Parameters):
+    calibration_size: int = Field(
+        200, ge=1, le=1_000_000, description="Samples drawn (stratified) from the training split for calibration."
+    )
+
+
+class ConversionParameters(_Parameters):
+    input_type: TensorType = Field(TensorType.int8, description="Element type of the model's input tensor.")
+    output_type: TensorType = Field(TensorType.int8, description="Element type of the model's output tensor.")
+    ops: TargetOps = Field(TargetOps.int8, description="Op sets the converter may use.")
+    calibration_batch_size: int = Field(
+        64, ge=1, le=65_536, description="Samples per calibration step, streamed from the calibration Parquet."
+    )
+
+
+class ValidationParameters(_Parameters):
+    batch_size: int = Field(256, ge=1, le=65_536, description="Samples per Interpreter invocation.")
+    num_threads: int | None = Field(
+        None, ge=1, le=256, description="Interpreter threads (default: the machine's CPU count)."
+    )
+
+
+class GateParameters(_Parameters):
+    max_accuracy_drop: float = Field(
+        1.0, ge=0.0, le=100.0, description="Largest accepted drop from float to quantized accuracy, in percentage points."
+    )

@@ -1,0 +1,117 @@
+"""Stage 1, sample_dataset: seeded, stratified train / validation / test splits of the source, as Parquet."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from storage.store import ArtifactStore
+from storage.tables import TensorTable, write_parquet_bytes
+from tasks.artifacts import FeatureSpec, SampledDataset
+from tasks.caching import StageCachePolicy
+from tasks.datasets import load_dataset
+from tasks.errors import InvalidDataset
+from tasks.parameters import SamplingParameters
+from tasks.progress import report
+
+SPLITS = ("train", "validation", "test")
+
+
+def stratified_choice(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``size`` samples with each class represented in proportion (largest-remainder rounding).
+
+    The result is sorted by a random permutation, so classes are interleaved."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (size / len(labels))
+    take = np.floor(exact).astype(int)
+    shortfall = size - take.sum()
+    if shortfall:
+        # Ties broken by the seeded generator, not by class order, so no class is always favoured.
+        order = np.lexsort((rng.random(len(classes)), -(exact - take)))
+        take[order[:shortfall]] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return rng.permutation(np.concatenate(chosen))
+
+
+def stratified_split(
+    labels: np.ndarray, validation_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Disjoint index sets for the three splits, each stratified by label and seeded."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    n_test = int(round(n * test_fraction))
+    n_validation = int(round(n * validation_fraction))
+    test = stratified_choice(labels, n_test, rng)
+    rest = np.setdiff1d(np.arange(n), test)
+    validation = rest[stratified_choice(labels[rest], n_validation, rng)]
+    train = rng.permutation(np.setdiff1d(rest, validation))
+    return {"train": train, "validation": validation, "test": test}
+
+
+def check_dataset(table: TensorTable) -> None:
+    """Refuse a data set that cannot be split and trained on, before any heavy work."""
+    if len(table) == 0:
+        raise InvalidDataset("the data set is empty: point --dataset at a table with samples")
+    if table.features.dtype.kind == "f":
+        bad = ~np.isfinite(table.features.reshape(len(table), -1)).all(axis=1)
+        if bad.any():
+            rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:5])
+            raise InvalidDataset(
+                f"{int(bad.sum())} samples have NaN or Inf values (rows {rows}): clean the source"
+            )
+    classes, counts = np.unique(table.labels, return_counts=True)
+    if len(classes) < 2:
+        raise InvalidDataset("every sample has the same label: a classifier needs at least two classes")
+    if classes.min() < 0:
+        raise InvalidDataset("labels must be class indices 0..n-1: negative labels found")
+    if counts.min() < 5:
+        raise InvalidDataset(
+            f"class {int(classes[counts.argmin()])} has only {int(counts.min())} samples: stratified splits "
+            "need at least 5 per class; add samples or drop the class"
+        )
+
+
+def feature_spec(table: TensorTable) -> FeatureSpec:
+    n_classes = int(table.labels.max()) + 1
+    lo, hi = table.metadata.get("value_range") or (float(table.features.min()), float(table.features.max()))
+    names = table.metadata.get("class_names") or [str(i) for i in range(n_classes)]
+    return FeatureSpec(
+        shape=table.sample_shape,
+        dtype=table.features.dtype.name,
+        value_range=(float(lo), float(hi)),
+        n_classes=n_classes,
+        class_names=tuple(names),
+    )
+
+
+def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> dict[str, TensorTable]:
+    """Pure stage function: the three stratified splits of ``table``."""
+    check_dataset(table)
+    indices = stratified_split(table.labels, params.validation_fraction, params.test_fraction, seed)
+    return {name: table.take(indices[name]) for name in SPLITS}
+
+
+@task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
+def sample_dataset(store_url: str, params: SamplingParameters, seed: int) -> SampledDataset:
+    """Load the source, split it, and write each split as a Parquet tensor table."""
+    store = ArtifactStore(store_url)
+    report("sample_dataset", f"loading {params.dataset}")
+    table = load_dataset(params.dataset)
+    splits = split_dataset(table, params, seed)
+    spec = feature_spec(table)
+    refs = {}
+    for name, split in splits.items():
+        report("sample_dataset", f"writing {name} split ({len(split)} samples)")
+        refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
+    counts = {name: len(split) for name, split in splits.items()}
+    manifest = store.put_json(
+        {
+            "kind": "ptqflow.dataset",
+            "source": params.dataset,
+            "seed": seed,
+            "spec": spec.model_dump(mode="json"),
+            "splits": {name: {**refs[name].model_dump(), "samples": counts[name]} for name in SPLITS},
+        }
+    )
+    get_run_logger().info("sampled %s: %s", params.dataset, counts)
+    return SampledDataset(manifest=manifest, spec=spec, counts=counts, **refs)

@@ -1,0 +1,135 @@
+"""Stage 2, train_float_model: build and train the float Keras model; save it as ``.keras``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from storage.keras_models import keras_model_to_bytes
+from storage.store import ArtifactStore
+from storage.tables import read_parquet
+from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
+from tasks.caching import StageCachePolicy
+from tasks.parameters import TrainingParameters
+from tasks.progress import report
+
+if TYPE_CHECKING:
+    import keras
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, and make TensorFlow's kernels deterministic, so the same seed and
+    data give the same weights (and so a byte-identical .tflite)."""
+    import keras
+    import tensorflow as tf
+
+    # Layer names come from process-wide counters and end up in the .keras config and the .tflite tensor names;
+    # a fresh session makes the second model built in a process byte-identical to the first.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def build_default_cnn(spec: FeatureSpec) -> keras.Model:
+    """The seed tutorial's CNN, taking the data set's raw values.
+
+    Conv32-BN-MaxPool, Conv64-BN-MaxPool, Conv64-BN, Flatten, Dense64, Dense(n_classes) softmax. Scaling raw values
+    to [0, 1] is the first layer, so the exported .tflite takes raw values and a device needs no preprocessing.
+    'same' padding keeps small inputs (digits are 8x8) from shrinking to nothing; dropout (inactive at inference,
+    absent from the .tflite) keeps the small default data set from overfitting; BatchNormalization's momentum is
+    0.9 so its moving statistics settle within a few epochs of a small data set.
+    """
+    import keras
+
+    lo, hi = spec.value_range
+    inputs = keras.Input(shape=spec.shape, name="raw_input")
+    x = keras.layers.Rescaling(scale=1.0 / (hi - lo), offset=-lo / (hi - lo), name="scale_raw_values")(inputs)
+    for block, (filters, pool) in enumerate(((32, True), (64, True), (64, False)), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{block}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"batch_norm{block}")(x)
+        if pool:
+            x = keras.layers.MaxPooling2D(name=f"max_pool{block}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dropout(0.3, name="dropout1")(x)
+    x = keras.layers.Dense(64, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(0.3, name="dropout2")(x)
+    outputs = keras.layers.Dense(spec.n_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="ptqflow_cnn")
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    epochs_run: int
+    best_epoch: int
+    validation_accuracy: float
+
+
+def train_model(
+    model: keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    params: TrainingParameters,
+) -> TrainingOutcome:
+    """Pure stage function: fit ``model`` in place with early stopping on validation loss (best weights kept)."""
+    import keras
+
+    class _EpochProgress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            report(
+                "train_float_model",
+                f"epoch {epoch + 1}/{params.epochs} val_accuracy {logs.get('val_accuracy', float('nan')):.4f}",
+                epoch + 1,
+                params.epochs,
+            )
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+    )
+    history = model.fit(
+        train[0].astype(np.float32),
+        train[1],
+        validation_data=(validation[0].astype(np.float32), validation[1]),
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[stopper, _EpochProgress()],
+    )
+    val_loss = history.history["val_loss"]
+    best = int(np.argmin(val_loss))
+    return TrainingOutcome(
+        epochs_run=len(val_loss), best_epoch=best + 1, validation_accuracy=float(history.history["val_accuracy"][best])
+    )
+
+
+@task(name="train_float_model", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
+def train_float_model(store_url: str, dataset: SampledDataset, params: TrainingParameters, seed: int) -> TrainedModel:
+    """Train the default CNN on the train split, early-stopping on the validation split."""
+    store = ArtifactStore(store_url)
+    with store.open(dataset.train) as f:
+        train = read_parquet(f)
+    with store.open(dataset.validation) as f:
+        validation = read_parquet(f)
+    seed_everything(seed)
+    model = build_default_cnn(dataset.spec)
+    outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
+    ref = store.put_bytes(keras_model_to_bytes(model), ".keras")
+    get_run_logger().info(
+        "trained %d epochs (best %d), validation accuracy %.4f",
+        outcome.epochs_run, outcome.best_epoch, outcome.validation_accuracy,
+    )
+    return TrainedModel(
+        model=ref,
+        epochs_run=outcome.epochs_run,
+        best_epoch=outcome.best_epoch,
+        validation_accuracy=outcome.validation_accuracy,
+    )

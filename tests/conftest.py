@@ -1,0 +1,81 @@
+"""Shared fixtures: one Prefect test server per session, a small trained digits model, S3 on a local moto server."""
+
+from __future__ import annotations
+
+import os
+
+# Before TensorFlow or Prefect are imported anywhere.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect server and database for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    from tasks.datasets import load_dataset
+    from tasks.parameters import SamplingParameters
+    from tasks.sample import feature_spec, split_dataset
+
+    table = load_dataset("digits")
+    return feature_spec(table), split_dataset(table, SamplingParameters(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_model(digits_splits):
+    """The default CNN trained briefly on digits (pure stage functions, no Prefect)."""
+    from tasks.parameters import TrainingParameters
+    from tasks.train import build_default_cnn, seed_everything, train_model
+
+    spec, splits = digits_splits
+    seed_everything(0)
+    model = build_default_cnn(spec)
+    train_model(
+        model,
+        (splits["train"].features, splits["train"].labels),
+        (splits["validation"].features, splits["validation"].labels),
+        TrainingParameters(epochs=8),
+    )
+    return model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """S3 served by moto on 127.0.0.1 at a random port, reached through s3fs like a real bucket."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

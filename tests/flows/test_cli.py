@@ -1,0 +1,100 @@
+"""The ``ptqflow`` command as a user runs it: a subprocess, against the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+JSON_KEYS = {"run_id", "status", "artifacts", "metrics", "tasks"}
+ARTIFACTS = {"dataset", "model", "calibration", "tflite", "tflite_float", "report"}
+METRICS = {
+    "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
+    "float_bytes", "quantized_bytes",
+}
+
+
+def ptqflow(*args: str, api_url: str) -> subprocess.CompletedProcess:
+    executable = shutil.which("ptqflow") or os.path.join(os.path.dirname(sys.executable), "ptqflow")
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    return subprocess.run([executable, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cli") / "store")
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, store):
+    return ptqflow("run", "--store", store, "--epochs", "6", "--json", api_url=prefect_server)
+
+
+def test_json_output_is_one_object_with_the_documented_keys(first_run):
+    assert first_run.returncode == 0, first_run.stderr[-3000:]
+    result = json.loads(first_run.stdout)  # the whole of stdout is one JSON object
+    assert JSON_KEYS <= result.keys()
+    assert result["status"] == "passed"
+    assert set(result["artifacts"]) == ARTIFACTS
+    for ref in result["artifacts"].values():
+        assert set(ref) == {"uri", "sha256", "bytes"}
+    assert METRICS <= result["metrics"].keys()
+    assert all(set(t) == {"cached", "seconds"} for t in result["tasks"].values())
+    assert result["artifacts"]["tflite"]["uri"].endswith(".tflite")
+
+
+def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, prefect_server, store):
+    second = ptqflow("run", "--store", store, "--epochs", "6", api_url=prefect_server)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout
+    assert out.count("cached") == 5 and "computed" not in out
+    assert "quantized .tflite" in out and "accuracy gate passed" in out
+    assert json.loads(first_run.stdout)["artifacts"]["tflite"]["uri"] in out.replace("\n", "")
+
+
+def test_failed_gate_exits_non_zero_with_the_results(prefect_server, store):
+    failed = ptqflow(
+        "run", "--store", store, "--epochs", "3", "--max-accuracy-drop", "0", "--json", api_url=prefect_server
+    )
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    result = json.loads(failed.stdout)
+    assert result["status"] == "failed" and result["metrics"]["accuracy_drop_pp"] > 0
+    assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "written"),
+    [
+        (["--dataset", "nope"], "unknown data set 'nope': choose one of digits", set()),
+        (["--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", set()),
+        (["--calibration-size", "-5"], "invalid --calibration-size: Input should be greater than or equal to 1", set()),
+        # The splits are complete artifacts; the check comes before training, so no model is written.
+        (["--calibration-size", "5000"], "pass --calibration-size 1168 or less", {".json", ".parquet"}),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_non_zero_exit(prefect_server, tmp_path, args, message, written):
+    store = tmp_path / "store"
+    result = ptqflow("run", "--store", str(store), *args, api_url=prefect_server)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("ptqflow:")]
+    assert len(error_lines) == 1
+    blobs = list((store / "blobs").rglob("*.*")) if store.exists() else []
+    assert {blob.suffix for blob in blobs} == written
+
+
+def test_help_lists_the_options_with_defaults():
+    executable = shutil.which("ptqflow") or os.path.join(os.path.dirname(sys.executable), "ptqflow")
+    result = subprocess.run([executable, "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0
+    for option in ("--dataset", "--store", "--seed", "--epochs", "--calibration-size", "--input-type",
+                   "--output-type", "--ops", "--max-accuracy-drop", "--json"):
+        assert option in result.stdout
+    assert "[default: 200]" in result.stdout

@@ -1,0 +1,131 @@
+"""The store's contract, written once and bound to memory://, a local folder and S3 (moto)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactRef, ArtifactStore, StoreError, sha256_bytes
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    if request.param == "memory":
+        return ArtifactStore(f"memory://ptqflow-test-{uuid.uuid4().hex}")
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path / "store"))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    import s3fs
+
+    options = {"endpoint_url": endpoint}
+    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    return ArtifactStore(f"s3://{bucket}/prefix", storage_options=options)
+
+
+def _corrupt(store: ArtifactStore, ref: ArtifactRef, data: bytes) -> None:
+    path = store.fs._strip_protocol(ref.uri)
+    store.fs.pipe_file(path, data)
+
+
+def test_put_returns_content_addressed_reference(store):
+    ref = store.put_bytes(b"hello tensors", ".bin")
+    assert ref.sha256 == sha256_bytes(b"hello tensors")
+    assert ref.bytes == len(b"hello tensors")
+    assert ref.uri.endswith(f"{ref.sha256}.bin")
+    assert ref.uri.startswith(store.url)
+    assert store.read_bytes(ref) == b"hello tensors"
+
+
+def test_same_bytes_share_one_blob(store):
+    first = store.put_bytes(b"x" * 1000, ".bin")
+    second = store.put_bytes(b"x" * 1000, ".bin")
+    assert first == second
+    blobs = [p for p in store.fs.find(store.root) if not p.endswith("/")]
+    assert len(blobs) == 1
+
+
+def test_reference_round_trips_as_json(store):
+    ref = store.put_bytes(b"abc")
+    assert ArtifactRef.model_validate_json(ref.model_dump_json()) == ref
+
+
+def test_missing_blob_is_reported_with_a_fix(store):
+    ref = store.put_bytes(b"abc")
+    store.fs.rm(store.fs._strip_protocol(ref.uri))
+    assert not store.exists(ref)
+    with pytest.raises(ArtifactMissing, match="rerun the pipeline"):
+        store.read_bytes(ref)
+    with pytest.raises(ArtifactMissing):
+        store.verify(ref)
+
+
+def test_flipped_byte_is_detected_on_every_read_path(store):
+    data = bytes(range(256)) * 4
+    ref = store.put_bytes(data, ".bin")
+    flipped = bytearray(data)
+    flipped[100] ^= 0xFF
+    _corrupt(store, ref, bytes(flipped))
+    assert store.exists(ref)  # same size: only the digest can tell
+    with pytest.raises(ArtifactCorrupted, match="corrupted"):
+        store.read_bytes(ref)
+    with pytest.raises(ArtifactCorrupted):
+        store.verify(ref)
+    with pytest.raises(ArtifactCorrupted):
+        with store.open(ref):
+            pass
+
+
+def test_truncated_blob_is_detected(store):
+    ref = store.put_bytes(b"0123456789" * 10)
+    _corrupt(store, ref, b"0123456789")
+    assert not store.exists(ref)
+    with pytest.raises(ArtifactCorrupted, match="corrupted"):
+        store.read_bytes(ref)
+
+
+def test_rewriting_a_corrupt_blob_repairs_it(store):
+    ref = store.put_bytes(b"payload")
+    _corrupt(store, ref, b"PAYLOAD")
+    assert store.put_bytes(b"payload") == ref
+    assert store.read_bytes(ref) == b"payload"
+
+
+def test_open_streams_a_verified_blob(store):
+    data = b"z" * (3 << 20)
+    ref = store.put_bytes(data)
+    with store.open(ref) as f:
+        assert f.read(10) == b"z" * 10
+        f.seek(0)
+        assert f.read() == data
+
+
+def test_reference_from_another_store_is_refused(store, tmp_path):
+    other = ArtifactStore(str(tmp_path / "other"))
+    ref = other.put_bytes(b"elsewhere")
+    with pytest.raises(StoreError, match="not in the store"):
+        store.read_bytes(ref)
+
+
+def test_json_round_trip(store):
+    ref = store.put_json({"b": 1, "a": [1, 2]})
+    assert ref.uri.endswith(".json")
+    assert store.read_json(ref) == {"a": [1, 2], "b": 1}
+
+
+def test_local_write_leaves_no_temporary_files(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    for i in range(5):
+        store.put_bytes(f"blob {i}".encode())
+    leftovers = [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_local_store_url_is_absolute_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = ArtifactStore("./relative-store")
+    assert store.url == f"file://{tmp_path}/relative-store"
+    ref = store.put_bytes(b"a")
+    monkeypatch.chdir("/")
+    assert ArtifactStore(f"{tmp_path}/relative-store").read_bytes(ref) == b"a"

@@ -1,0 +1,60 @@
+"""Cache keys: code (with helpers), inputs (with artifact digests) and library versions."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from storage.store import ArtifactRef
+import tasks.calibrate
+from tasks import caching
+from tasks.caching import code_digest, stage_cache_key
+from tasks.parameters import CalibrationParameters
+
+
+def _ref(digest: str) -> ArtifactRef:
+    return ArtifactRef(uri=f"file:///s/blobs/{digest[:2]}/{digest}", sha256=digest, bytes=10)
+
+
+def test_calibration_stage_depends_on_the_helpers_it_calls():
+    imported = caching._module_imports("tasks.calibrate", open(tasks.calibrate.__file__).read())
+    assert {"tasks.sample", "storage.tables", "storage.store"} <= imported
+
+
+def test_a_change_in_a_helper_module_changes_the_stage_digest(tmp_path, monkeypatch):
+    package = tmp_path / "fakeproj"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("from fakeproj.helper import scale\n\ndef run(x):\n    return scale(x)\n")
+    (package / "helper.py").write_text("def scale(x):\n    return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(caching, "PROJECT_PACKAGES", ("fakeproj",))
+    code_digest.cache_clear()
+    before = code_digest("fakeproj.stage")
+    (package / "helper.py").write_text("def scale(x):\n    return x * 3\n")
+    code_digest.cache_clear()
+    after = code_digest("fakeproj.stage")
+    code_digest.cache_clear()
+    assert before != after
+
+
+def test_key_changes_with_upstream_digest_and_parameters_only():
+    inputs = {"store_url": "file:///s", "dataset": _ref("a" * 64), "params": CalibrationParameters(), "seed": 0}
+    key = stage_cache_key("tasks.calibrate", inputs)
+    assert key == stage_cache_key("tasks.calibrate", dict(inputs))
+    assert key != stage_cache_key("tasks.calibrate", {**inputs, "dataset": _ref("b" * 64)})
+    assert key != stage_cache_key("tasks.calibrate", {**inputs, "params": CalibrationParameters(calibration_size=50)})
+    assert key != stage_cache_key("tasks.convert", inputs)
+
+
+def test_library_versions_are_part_of_the_key(monkeypatch):
+    inputs = {"seed": 0}
+    key = stage_cache_key("tasks.sample", inputs)
+    monkeypatch.setattr(caching, "library_versions", lambda: {"tensorflow": "0.0.0"})
+    assert stage_cache_key("tasks.sample", inputs) != key
+
+
+def test_arrays_are_refused_as_stage_inputs():
+    with pytest.raises(TypeError, match="pass artifact references"):
+        stage_cache_key("tasks.sample", {"features": np.zeros(3)})

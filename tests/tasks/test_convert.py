@@ -1,0 +1,113 @@
+"""convert_to_tflite's pure functions: quantize() and convert_float(), without Prefect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.convert import convert_float, quantize
+from tasks.errors import ConversionFailed
+from tasks.parameters import ConversionParameters, TargetOps, TensorType
+from tasks.validate import audit_tensor_types, make_interpreter
+
+
+@pytest.fixture(scope="module")
+def calibration(digits_splits):
+    _, splits = digits_splits
+    return splits["train"].features[:200]
+
+
+def _batches(features, size):
+    return lambda: (features[i : i + size] for i in range(0, len(features), size))
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_digits_model, calibration) -> bytes:
+    return quantize(trained_digits_model, _batches(calibration, 64), ConversionParameters())
+
+
+def test_default_conversion_is_full_integer_with_int8_io(int8_model):
+    audit = audit_tensor_types(int8_model)
+    assert audit.full_integer, audit.float_tensors
+    assert audit.input_type == "int8" and audit.output_type == "int8"
+    assert set(audit.dtypes) <= {"int8", "int32"}
+
+
+def test_input_scale_comes_from_the_raw_value_range(int8_model):
+    # digits' raw values span 0..16: the input scale is ~16/255, nowhere near the 1/255 of the tutorial's mapping.
+    scale, zero_point = audit_tensor_types(int8_model).input_quantization
+    assert scale == pytest.approx(16 / 255, rel=0.01)
+    assert zero_point == -128
+
+
+def test_batch_dimension_stays_dynamic(int8_model):
+    interpreter = make_interpreter(int8_model)
+    assert list(interpreter.get_input_details()[0]["shape_signature"]) == [-1, 8, 8, 1]
+
+
+@pytest.mark.parametrize("io_type", [TensorType.uint8, TensorType.float32])
+def test_other_io_types(trained_digits_model, calibration, io_type):
+    options = ConversionParameters(input_type=io_type, output_type=io_type)
+    audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 100), options))
+    assert audit.input_type == audit.output_type == io_type.value
+    if io_type is TensorType.float32:
+        # float I/O: QUANTIZE/DEQUANTIZE at the edges, so the model is not full-integer.
+        assert not audit.full_integer and {"QUANTIZE", "DEQUANTIZE"} <= set(audit.ops)
+    else:
+        assert audit.full_integer
+
+
+def test_conversion_is_deterministic(trained_digits_model, calibration, int8_model):
+    assert quantize(trained_digits_model, _batches(calibration, 64), ConversionParameters()) == int8_model
+
+
+def test_batched_calibration_gives_the_quantization_of_one_sample_at_a_time(
+    trained_digits_model, calibration, int8_model
+):
+    one_by_one = quantize(trained_digits_model, _batches(calibration, 1), ConversionParameters())
+
+    def params(model):
+        return {
+            d["name"]: (d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"])
+            for d in make_interpreter(model).get_tensor_details()
+        }
+
+    batched, single = params(int8_model), params(one_by_one)
+    assert batched.keys() == single.keys()
+    for name in batched:
+        np.testing.assert_array_equal(batched[name][1], single[name][1], err_msg=name)
+        # Float accumulation order differs with the batch size: scales agree to a few ulps, not bit for bit.
+        np.testing.assert_allclose(batched[name][0], single[name][0], rtol=1e-5, err_msg=name)
+
+
+def test_float_model_has_float_io_and_no_quantization(trained_digits_model):
+    audit = audit_tensor_types(convert_float(trained_digits_model))
+    assert audit.input_type == "float32" and "int8" not in audit.dtypes
+
+
+def test_an_op_without_a_builtin_kernel_names_the_op_and_the_fix():
+    import keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.ops.erf(inputs)))
+    with pytest.raises(ConversionFailed) as error:
+        quantize(model, lambda: [np.random.default_rng(0).random((8, 4), np.float32)], ConversionParameters())
+    message = str(error.value)
+    assert "Erf has no TensorFlow Lite builtin kernel" in message
+    assert "--ops select" in message and "\n" not in message
+
+
+def test_select_ops_are_accepted_for_a_model_that_needs_none(trained_digits_model, calibration):
+    options = ConversionParameters(ops=TargetOps.select)
+    audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 64), options))
+    assert audit.full_integer
+
+
+def test_a_model_that_needs_flex_ops_cannot_be_calibrated_and_says_so():
+    import keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.ops.erf(inputs)))
+    options = ConversionParameters(ops=TargetOps.select)
+    with pytest.raises(ConversionFailed, match="needs TensorFlow \\(Flex\\) ops, which calibration cannot run"):
+        quantize(model, lambda: [np.random.default_rng(0).random((8, 4), np.float32)], options)

@@ -1,0 +1,106 @@
+"""validate_with_interpreter's pure functions: batched LiteRT evaluation, I/O mapping, the audit and the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage.store import ArtifactRef
+from tasks.artifacts import ValidationResult
+from tasks.convert import convert_float, quantize
+from tasks.parameters import ConversionParameters, ValidationParameters
+from tasks.validate import (
+    check_accuracy_gate,
+    dequantize_output,
+    evaluate_models,
+    make_interpreter,
+    predict_tflite,
+    quantize_input,
+)
+
+
+@pytest.fixture(scope="module")
+def models(trained_digits_model, digits_splits):
+    _, splits = digits_splits
+    calibration = splits["train"].features[:200]
+    quantized = quantize(trained_digits_model, lambda: [calibration], ConversionParameters())
+    return quantized, convert_float(trained_digits_model)
+
+
+@pytest.fixture(scope="module")
+def test_split(digits_splits):
+    return digits_splits[1]["test"]
+
+
+def test_io_mapping_uses_the_tensor_scale_and_zero_point():
+    detail = {"name": "x", "dtype": np.int8, "quantization": (16 / 255, -128)}
+    np.testing.assert_array_equal(quantize_input(np.array([0.0, 4.0, 16.0, 99.0]), detail), [-128, -64, 127, 127])
+    np.testing.assert_allclose(dequantize_output(np.array([-128, 127], np.int8), detail), [0.0, 16.0], atol=1e-6)
+    assert quantize_input(np.array([1.5]), {"dtype": np.float32, "quantization": (0.0, 0)}).dtype == np.float32
+
+
+def test_quantized_model_agrees_with_keras(models, trained_digits_model, test_split):
+    quantized, _ = models
+    keras_top1 = trained_digits_model.predict(test_split.features.astype(np.float32), verbose=0).argmax(1)
+    tflite_top1 = predict_tflite(quantized, test_split.features).argmax(1)
+    assert (keras_top1 == tflite_top1).mean() > 0.97
+
+
+def test_the_tutorials_hard_coded_mapping_is_wrong_for_raw_inputs(models, test_split):
+    """The seed fed int8 inputs as x*255-128 (for data in [0, 1]); on raw 0..16 digits that saturates every non-zero
+    pixel. The tensor's own scale gets it right; the hard-coded mapping loses over 10 points of accuracy."""
+    quantized, _ = models
+    interpreter = make_interpreter(quantized)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    features = test_split.features.astype(np.float32)
+    interpreter.resize_tensor_input(inp["index"], [len(features), 8, 8, 1])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], np.clip(features * 255 - 128, -128, 127).astype(np.int8))
+    interpreter.invoke()
+    hard_coded = (interpreter.get_tensor(out["index"]).argmax(1) == test_split.labels).mean()
+    ours = (predict_tflite(quantized, test_split.features).argmax(1) == test_split.labels).mean()
+    assert ours > 0.9 and hard_coded < ours - 0.1
+
+
+def test_batched_evaluation_equals_one_sample_at_a_time(models, test_split):
+    quantized, _ = models
+    features = test_split.features[:37]
+    batched = predict_tflite(quantized, features, batch_size=16)
+    single = np.concatenate([predict_tflite(quantized, features[i : i + 1], batch_size=1) for i in range(37)])
+    np.testing.assert_array_equal(batched, single)
+
+
+def test_evaluation_reports_every_metric(models, trained_digits_model, test_split):
+    quantized, float_model = models
+    metrics = evaluate_models(
+        trained_digits_model, float_model, quantized, test_split.features, test_split.labels, ValidationParameters()
+    )
+    assert metrics["samples"] == len(test_split)
+    assert metrics["tflite_float_accuracy"] == pytest.approx(metrics["float_accuracy"], abs=0.01)
+    assert metrics["accuracy_drop_pp"] == pytest.approx(
+        (metrics["float_accuracy"] - metrics["quantized_accuracy"]) * 100, abs=1e-6
+    )
+    assert metrics["quantized_bytes"] < metrics["float_bytes"] / 3
+    assert metrics["audit"]["full_integer"] and metrics["audit"]["input"]["dtype"] == "int8"
+    assert "CONV_2D" in metrics["audit"]["ops"]
+
+
+def _result(float_accuracy: float, quantized_accuracy: float) -> ValidationResult:
+    ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
+    return ValidationResult(
+        report=ref, float_accuracy=float_accuracy, tflite_float_accuracy=float_accuracy,
+        quantized_accuracy=quantized_accuracy, accuracy_drop_pp=(float_accuracy - quantized_accuracy) * 100,
+        agreement=1.0, float_bytes=4, quantized_bytes=1, full_integer=True, float_tensors=(),
+    )
+
+
+def test_gate_passes_within_the_allowed_drop():
+    verdict = check_accuracy_gate(_result(0.99, 0.985), max_accuracy_drop=1.0)
+    assert verdict.passed and verdict.name == "accuracy_drop" and "passed" in verdict.message
+
+
+def test_gate_fails_beyond_the_allowed_drop_and_says_what_to_try():
+    verdict = check_accuracy_gate(_result(0.99, 0.95), max_accuracy_drop=1.0)
+    assert not verdict.passed
+    assert verdict.observed_drop_pp == pytest.approx(4.0)
+    assert "--calibration-size" in verdict.message and "--max-accuracy-drop" in verdict.message
