@@ -151,7 +151,11 @@ def _print_summary(summary: Any, console: Console) -> None:
     colour = "green" if summary.gate.passed else "red"
     console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
-    console.print(f"run id: {summary.run_id}", highlight=False)
+    if summary.export is not None:
+        what = "published" if summary.export.published else "already published"
+        console.print(f"{what}: version {summary.export.version}, pointer {summary.export.pointer}", highlight=False,
+                      soft_wrap=True)
+    console.print(f"run id: {summary.run_id} (manifest {summary.manifest})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -172,12 +176,20 @@ def run(
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
     ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PTQFLOW_EXPORT",
+            help="fsspec URL to publish a passing run to: a new version folder, verified, then latest.json.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")] = False,
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
     parameters = dict(
         store=store,
+        export=export,
         seed=seed,
         sampling=_parameters(SamplingParameters, as_json, dataset=dataset),
         training=_parameters(TrainingParameters, as_json, epochs=epochs),
@@ -188,9 +200,8 @@ def run(
     _prepare_environment(verbose)
 
     from flows.pipeline import ptq_pipeline
-    from storage.store import StoreError
-    from storage.tables import TensorTableError
-    from tasks.errors import AccuracyGateFailed, PtqflowError
+    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS
+    from tasks.errors import AccuracyGateFailed
 
     live = not as_json and err_console.is_terminal
     with _stdout_to_stderr() if as_json else nullcontext(), _live_progress() if live else nullcontext():
@@ -201,8 +212,16 @@ def run(
         error = state.result(raise_on_failure=False)
         if isinstance(error, AccuracyGateFailed) and error.summary is not None:
             summary, code = error.summary, EXIT_GATE_FAILED
-        elif isinstance(error, (PtqflowError, StoreError, TensorTableError)):
+        elif isinstance(error, USER_ERRORS):
             _fail(str(error), EXIT_INVALID_INPUT, as_json)
+        elif isinstance(error, (OSError, ConnectionError, TimeoutError)) or "connect" in type(error).__name__.lower():
+            _fail(
+                f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}): check the "
+                "endpoint, network and credentials, then rerun; completed stages are reused",
+                EXIT_RUN_FAILED,
+                as_json,
+            )
         else:
             _fail(
                 f"the run failed: {type(error).__name__}: {error} (rerun with --verbose for Prefect's logs)",
@@ -214,6 +233,63 @@ def run(
     else:
         _print_summary(summary, Console())
     raise typer.Exit(code)
+
+
+StoreOption = Annotated[
+    str, typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store.")
+]
+
+
+def _open_store(store: str):
+    from storage.store import ArtifactStore, StoreError
+
+    try:
+        return ArtifactStore(store)
+    except StoreError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+@app.command()
+def runs(
+    store: StoreOption = "./ptqflow-store",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as a JSON list.")] = False,
+) -> None:
+    """List the complete runs in a store, newest first."""
+    from tasks.manifest import list_manifests
+
+    manifests = list_manifests(_open_store(store))
+    if as_json:
+        print(json.dumps(manifests))
+        return
+    if not manifests:
+        err_console.print(f"no complete runs in {store}")
+        return
+    table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
+    for column in ("run", "finished (UTC)", "gate", "quantized", "drop pp", "exported"):
+        table.add_column(column, no_wrap=True)
+    for m in manifests:
+        table.add_row(
+            m["run_id"][:8], m["created_at"].replace("T", " ")[:19], m["status"],
+            f"{m['metrics']['quantized_accuracy']:.2%}", f"{m['metrics']['accuracy_drop_pp']:.2f}",
+            (m.get("export") or {}).get("version", "")[:16],
+        )
+    Console(width=None if err_console.is_terminal else 120).print(table)
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    store: StoreOption = "./ptqflow-store",
+) -> None:
+    """Print one run's manifest (JSON)."""
+    from tasks.manifest import find_manifest
+
+    try:
+        manifest = find_manifest(_open_store(store), run_id)
+    except LookupError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+
 
 if __name__ == "__main__":
     app()

@@ -15,6 +15,7 @@ from storage.store import ArtifactRef, ArtifactStore
 from tasks.calibrate import materialize_calibration_set
 from tasks.convert import convert_to_tflite
 from tasks.errors import AccuracyGateFailed
+from tasks.manifest import build_manifest, write_run_manifest
 from tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
@@ -23,6 +24,7 @@ from tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
+from tasks.publish import ExportRecord, export_store, publish_export
 from tasks.sample import sample_dataset
 from tasks.train import train_float_model
 from tasks.validate import check_accuracy_gate, validate_with_interpreter
@@ -48,6 +50,8 @@ class RunSummary(BaseModel):
     metrics: dict[str, Any]
     tasks: dict[str, StageRecord]
     gate: GateSummary
+    manifest: str = Field(description="URI of the run manifest (runs/<run_id>.json in the store).")
+    export: ExportRecord | None = Field(None, description="Where the run was published, if it was.")
 
 
 def _summary_markdown(summary: RunSummary) -> str:
@@ -74,6 +78,9 @@ def _summary_markdown(summary: RunSummary) -> str:
             "",
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
             "",
+            f"Manifest: `{summary.manifest}`"
+            + (f"; exported as version `{summary.export.version}` to `{summary.export.url}`" if summary.export else ""),
+            "",
             *stages,
         ]
     )
@@ -89,15 +96,19 @@ def ptq_pipeline(
     conversion: ConversionParameters = ConversionParameters(),
     validation: ValidationParameters = ValidationParameters(),
     gate: GateParameters = GateParameters(),
+    export: str | None = None,
 ) -> RunSummary:
     """Sample, train, calibrate, convert and validate; fail when the quantized model loses more accuracy than
-    ``gate.max_accuracy_drop`` allows.
+    ``gate.max_accuracy_drop`` allows; publish a passing run to ``export``; record the run in a manifest.
 
     Args:
         store: fsspec URL of the artifact store (a local folder, s3://bucket/prefix, ...).
         seed: seeds sampling, training and calibration; the same seed gives a byte-identical .tflite.
+        export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     artifact_store = ArtifactStore(store)
+    if export:
+        export_store(export)  # a bad export URL fails now, not after training
     run = StageRunner(artifact_store)
 
     dataset = run(sample_dataset, params=sampling, seed=seed)
@@ -109,21 +120,43 @@ def ptq_pipeline(
     validated = run(validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation)
 
     verdict = check_accuracy_gate(validated, gate.max_accuracy_drop)
+    run_id = str(flow_run.get_id())
+    artifacts = {
+        "dataset": dataset.manifest,
+        "model": trained.model,
+        "calibration": calibration_set.table,
+        "tflite": converted.quantized,
+        "tflite_float": converted.float_model,
+        "report": validated.report,
+    }
+    metrics = validated.model_dump(exclude={"report"})
+    parameters = {
+        "store": store, "seed": seed, "export": export,
+        **{name: value.model_dump(mode="json") for name, value in (
+            ("sampling", sampling), ("training", training), ("calibration", calibration),
+            ("conversion", conversion), ("validation", validation), ("gate", gate))},
+    }
+    manifest = build_manifest(
+        run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
+        dict(verdict.__dict__), {k: v.model_dump() for k, v in run.records.items()},
+    )
+    exported = None
+    if export and verdict.passed:
+        exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
+    manifest_uri = run.effect(
+        write_run_manifest, manifest={**manifest, "export": exported.model_dump(mode="json") if exported else None}
+    )
+
     summary = RunSummary(
-        run_id=flow_run.get_id(),
+        run_id=run_id,
         status="passed" if verdict.passed else "failed",
         store=artifact_store.url,
-        artifacts={
-            "dataset": dataset.manifest,
-            "model": trained.model,
-            "calibration": calibration_set.table,
-            "tflite": converted.quantized,
-            "tflite_float": converted.float_model,
-            "report": validated.report,
-        },
-        metrics=validated.model_dump(exclude={"report"}),
+        artifacts=artifacts,
+        metrics=metrics,
         tasks=run.records,
         gate=GateSummary(**verdict.__dict__),
+        manifest=manifest_uri,
+        export=exported,
     )
     create_markdown_artifact(_summary_markdown(summary), key="ptq-summary", description=verdict.message)
     if not verdict.passed:

@@ -1,18 +1,41 @@
-"""Running a stage inside a flow: result storage in the artifact store, timing, and cache-hit bookkeeping."""
+"""Running a stage inside a flow: result storage in the artifact store, retries on flaky storage, verification of
+every artifact a stage hands on, and cache-hit bookkeeping."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, TypeVar
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from pydantic import BaseModel
 
-from storage.store import ArtifactStore
+from storage.results import result_storage_for
+from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, StoreError
+from storage.tables import TensorTableError
 from tasks.artifacts import StageOutput
+from tasks.errors import PtqflowError
 from tasks.progress import report
 
 Output = TypeVar("Output", bound=StageOutput)
+
+# Transient storage failures (a dropped connection, a throttled bucket) are retried with backoff; errors in the
+# user's input or model are not, since a retry cannot fix them.
+STORAGE_RETRY_DELAYS_SECONDS = [2.0, 8.0]
+USER_ERRORS = (PtqflowError, StoreError, TensorTableError)
+NOT_TRANSIENT = (*USER_ERRORS, ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+def is_transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry condition: only errors a retry may fix (network and storage I/O)."""
+    try:
+        state.result()
+    except NOT_TRANSIENT:
+        return False
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception as error:  # botocore/aiohttp connection errors do not all derive from OSError
+        return "connect" in type(error).__name__.lower() or "timeout" in type(error).__name__.lower()
+    return False
 
 
 class StageRecord(BaseModel):
@@ -25,25 +48,61 @@ class StageRunner:
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
-        self.result_storage = store.prefect_result_storage()
+        self.result_storage = result_storage_for(store)
         self.records: dict[str, StageRecord] = {}
+
+    def _bad_artifacts(self, output: StageOutput) -> list[str]:
+        """Verify every artifact of ``output`` (full sha256); move corrupt ones aside. Returns what was wrong."""
+        problems = []
+        for ref in output.artifact_refs():
+            try:
+                self.store.verify(ref)
+            except ArtifactMissing as error:
+                problems.append(str(error))
+            except ArtifactCorrupted as error:
+                moved = self.store.quarantine(ref)
+                problems.append(f"{error} (moved to {moved})")
+        return problems
+
+    @staticmethod
+    def _with_retries(stage: Task, **options: Any) -> Task:
+        return stage.with_options(
+            retries=len(STORAGE_RETRY_DELAYS_SECONDS),
+            retry_delay_seconds=STORAGE_RETRY_DELAYS_SECONDS,
+            retry_condition_fn=is_transient,
+            **options,
+        )
+
+    def effect(self, step: Task[..., Any], **inputs: Any) -> Any:
+        """Run an uncached step that writes outside the stage cache (the manifest, an export), with retries."""
+        get_run_logger().info("%s: starting", step.name)
+        report(step.name, "starting")
+        result = self._with_retries(step)(store_url=self.store.url, **inputs)
+        report(step.name, "done")
+        return result
 
     def __call__(self, stage: Task[..., Output], **inputs: Any) -> Output:
         name = stage.name
-        configured = stage.with_options(result_storage=self.result_storage)
+        configured = self._with_retries(stage, result_storage=self.result_storage)
+        logger = get_run_logger()
+        logger.info("%s: starting", name)
         report(name, "starting")
         started = time.perf_counter()
         state = configured(store_url=self.store.url, **inputs, return_state=True)
         output: Output = state.result()
         cached = state.name == "Cached"
-        if cached and not all(self.store.exists(ref) for ref in output.artifact_refs()):
-            # The cache record outlived its blobs (e.g. someone pruned the store): recompute instead of handing
-            # the next stage a reference to nothing.
-            report(name, "cached artifacts missing from the store; recomputing")
+        problems = self._bad_artifacts(output) if cached else []
+        if problems:
+            # The cache record outlived or lost its blobs: recompute instead of handing the next stage a
+            # reference to nothing or to damaged bytes.
+            for problem in problems:
+                logger.warning("%s: %s; recomputing", name, problem)
+            report(name, "cached artifacts missing or corrupt; recomputing")
             state = configured.with_options(refresh_cache=True)(store_url=self.store.url, **inputs, return_state=True)
             output = state.result()
             cached = False
         seconds = round(time.perf_counter() - started, 3)
         self.records[name] = StageRecord(cached=cached, seconds=seconds)
+        logger.info("%s: %s in %.1fs", name, "cached" if cached else "computed", seconds)
         report(name, f"{'cached' if cached else 'done'} in {seconds:.1f}s")
         return output

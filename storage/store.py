@@ -5,6 +5,11 @@ share one blob and a reference (URI, sha256, size) names exactly one content. Wr
 disk the bytes go to a temporary name in the same directory and are renamed into place; on object stores a
 single upload becomes visible only when it is complete. Reads verify the sha256 before anything is returned,
 so a truncated or corrupted blob is never handed to a stage.
+
+Besides blobs the store holds a few *named* objects (run manifests, export pointers, Prefect's cache records).
+Their keys may come from user text, so every key is checked: relative, no ``..``, only ``[A-Za-z0-9._-]`` in each
+part. Credentials never pass through here as text a user typed: they come from the backend's standard sources
+(environment variables, profiles) or from ``storage_options`` JSON in an environment variable.
 """
 
 from __future__ import annotations
@@ -12,17 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 _CHUNK = 1 << 20
+_SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+STORE_OPTIONS_ENV = "PTQFLOW_STORAGE_OPTIONS"
+EXPORT_OPTIONS_ENV = "PTQFLOW_EXPORT_STORAGE_OPTIONS"
 
 
 class StoreError(Exception):
@@ -37,6 +48,10 @@ class ArtifactCorrupted(StoreError):
     pass
 
 
+class UnsafeKey(StoreError):
+    pass
+
+
 class ArtifactRef(BaseModel):
     """A small, JSON-serialisable reference to one immutable artifact in the store."""
 
@@ -46,12 +61,52 @@ class ArtifactRef(BaseModel):
     sha256: str = Field(description="Hex sha256 of the blob's bytes.", pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(description="Size of the blob in bytes.", ge=0)
 
-    def short(self) -> str:
-        return f"{self.uri} (sha256 {self.sha256[:12]}, {self.bytes} bytes)"
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def safe_key(key: str) -> str:
+    """Return ``key`` if it is a relative key that cannot leave the store root, else raise UnsafeKey.
+
+    Each ``/``-separated part must start with a letter or digit and hold only letters, digits, ``.``, ``_``
+    and ``-`` (so no ``..``, no absolute paths, no empty parts, no control or shell characters).
+    """
+    parts = key.split("/")
+    if not key or any(not _SAFE_PART.match(part) or set(part) == {"."} for part in parts):
+        raise UnsafeKey(
+            f"{key!r} cannot be used as a storage key: use letters, digits, '.', '_' and '-' "
+            "(no '..', no leading '/', no spaces)"
+        )
+    return key
+
+
+def check_url(url: str) -> str:
+    """Refuse URLs that carry credentials: they would end up in flow parameters, logs and manifests."""
+    if not url or not url.strip():
+        raise StoreError("the storage URL is empty: pass a folder or an fsspec URL such as s3://bucket/prefix")
+    parts = urlsplit(url)
+    if parts.password or (parts.username and parts.scheme not in ("", "file")):
+        raise StoreError(
+            f"the URL for {parts.scheme}://{parts.hostname or ''}{parts.path} carries credentials: remove them and "
+            "use the backend's standard sources (AWS_ACCESS_KEY_ID / profiles, GOOGLE_APPLICATION_CREDENTIALS, ...) "
+            f"or {STORE_OPTIONS_ENV}"
+        )
+    return url
+
+
+def storage_options_from_env(variable: str) -> dict[str, Any]:
+    """``storage_options`` for fsspec from a JSON object in ``variable`` (never echoed: it may hold secrets)."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{variable} is not valid JSON (at character {error.pos}): set it to a JSON object") from None
+    if not isinstance(options, dict):
+        raise StoreError(f"{variable} must be a JSON object of fsspec storage options")
+    return options
 
 
 class ArtifactStore:
@@ -59,13 +114,18 @@ class ArtifactStore:
 
     Args:
         url: any fsspec URL or local path; it is created on first write.
-        storage_options: passed to fsspec for the backend (credentials come from the backend's own sources).
+        storage_options: passed to fsspec; by default read from the JSON in ``options_env``.
+        options_env: the environment variable holding default storage options.
     """
 
     BLOB_DIR = "blobs"
+    QUARANTINE_DIR = "quarantine"
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.storage_options = dict(storage_options or {})
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, options_env: str = STORE_OPTIONS_ENV
+    ) -> None:
+        check_url(url)
+        self.storage_options = dict(storage_options if storage_options is not None else storage_options_from_env(options_env))
         self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.root = root.rstrip("/")
         # Canonical form (absolute for local paths) so cache keys and references do not depend on the cwd.
@@ -90,12 +150,12 @@ class ArtifactStore:
             )
         return path
 
-    def path_for(self, name: str) -> str:
-        """Full path of a named (not content-addressed) object under the store root, e.g. Prefect results."""
-        return f"{self.root}/{name.strip('/')}"
+    def path_for(self, key: str) -> str:
+        """Full path of a named (not content-addressed) object under the store root."""
+        return f"{self.root}/{safe_key(key)}"
 
-    def uri_for(self, name: str) -> str:
-        return self._uri(self.path_for(name))
+    def uri_for(self, key: str) -> str:
+        return self._uri(self.path_for(key))
 
     # -- writing ---------------------------------------------------------------------------------------
     def put_bytes(self, data: bytes, suffix: str = "") -> ArtifactRef:
@@ -108,16 +168,21 @@ class ArtifactStore:
         self._atomic_write(path, data)
         return ref
 
-    def put_file(self, local_path: str | os.PathLike[str], suffix: str = "") -> ArtifactRef:
-        with open(local_path, "rb") as f:
-            return self.put_bytes(f.read(), suffix)
+    def put_json(self, obj: Any) -> ArtifactRef:
+        return self.put_bytes(json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", ".json")
 
-    def _atomic_write(self, path: str, data: bytes) -> None:
+    def _atomic_write(self, path: str, data: bytes, exclusive: bool = False) -> None:
+        """Write so that readers see the old state or the whole new object, never a part.
+
+        Raises:
+            FileExistsError: ``exclusive`` and the object exists (the check and the write are one step).
+        """
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if not self._is_local:
-            # One PUT (or a multipart upload completed at the end) is visible only once complete.
-            self.fs.pipe_file(path, data)
+            # One PUT (or a multipart upload completed at the end) is visible only once complete; "create" is
+            # a conditional PUT (If-None-Match: *) on S3.
+            self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
             return
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -125,10 +190,19 @@ class ArtifactStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)  # fails if the name exists, atomically
+            else:
+                os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def write_named(self, key: str, data: bytes, exclusive: bool = False) -> str:
+        """Write a named object atomically and return its URI; ``exclusive`` refuses to replace an existing one."""
+        path = self.path_for(key)
+        self._atomic_write(path, data, exclusive=exclusive)
+        return self._uri(path)
 
     # -- reading ---------------------------------------------------------------------------------------
     def _intact(self, path: str, ref: ArtifactRef) -> bool:
@@ -153,21 +227,23 @@ class ArtifactStore:
         except FileNotFoundError:
             return False
 
+    @staticmethod
+    def _missing(ref: ArtifactRef) -> ArtifactMissing:
+        return ArtifactMissing(f"artifact {ref.uri} is missing from the store: rerun the pipeline to recompute it")
+
     def verify(self, ref: ArtifactRef) -> None:
         """Raise ArtifactMissing or ArtifactCorrupted unless the blob matches its reference (streamed, bounded memory)."""
         path = self._path(ref)
         try:
             size = self.fs.size(path)
         except FileNotFoundError:
-            raise ArtifactMissing(
-                f"artifact {ref.uri} is missing from the store: rerun the pipeline to recompute it"
-            ) from None
+            raise self._missing(ref) from None
         actual = self._digest_of(path) if size == ref.bytes else None
         if actual != ref.sha256:
             raise ArtifactCorrupted(
                 f"artifact {ref.uri} is corrupted (expected sha256 {ref.sha256[:12]} and {ref.bytes} bytes, "
                 f"found {size} bytes{'' if actual is None else ', sha256 ' + actual[:12]}): "
-                "delete it and rerun the pipeline to recompute it"
+                "rerun the pipeline to move it aside and recompute it"
             )
 
     def read_bytes(self, ref: ArtifactRef) -> bytes:
@@ -175,14 +251,12 @@ class ArtifactStore:
         try:
             data = self.fs.cat_file(self._path(ref))
         except FileNotFoundError:
-            raise ArtifactMissing(
-                f"artifact {ref.uri} is missing from the store: rerun the pipeline to recompute it"
-            ) from None
+            raise self._missing(ref) from None
         if len(data) != ref.bytes or sha256_bytes(data) != ref.sha256:
             raise ArtifactCorrupted(
                 f"artifact {ref.uri} is corrupted (expected sha256 {ref.sha256[:12]}, {ref.bytes} bytes; "
                 f"found sha256 {sha256_bytes(data)[:12]}, {len(data)} bytes): "
-                "delete it and rerun the pipeline to recompute it"
+                "rerun the pipeline to move it aside and recompute it"
             )
         return data
 
@@ -199,23 +273,33 @@ class ArtifactStore:
     def read_json(self, ref: ArtifactRef) -> Any:
         return json.loads(self.read_bytes(ref))
 
-    def put_json(self, obj: Any) -> ArtifactRef:
-        return self.put_bytes(json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", ".json")
+    def read_named(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path_for(key))
+        except FileNotFoundError:
+            raise ArtifactMissing(f"{self.uri_for(key)} does not exist") from None
 
-    # -- Prefect integration ---------------------------------------------------------------------------
-    def prefect_result_storage(self) -> Any:
-        """Where Prefect keeps task results and cache records: beside the artifacts, so the cache lives as long
-        as the store and is shared by every machine that can reach it.
+    def exists_named(self, key: str) -> bool:
+        return self.fs.exists(self.path_for(key))
 
-        A local store is passed as a path; a remote one as a saved ``RemoteFileSystem`` block named after the
-        store's URL (Prefect only accepts saved blocks for task result storage). Credentials stay out of the
-        block: they come from the backend's standard sources, so ``storage_options`` are not stored in it.
-        """
-        path = self.path_for("prefect-results")
-        if self._is_local:
-            return Path(path)
-        from prefect.filesystems import RemoteFileSystem
+    def list_named(self, prefix: str) -> list[str]:
+        """Keys of the named objects directly under ``prefix`` (sorted)."""
+        base = self.path_for(prefix)
+        try:
+            entries = self.fs.ls(base, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(f"{prefix}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in entries)
 
-        block = RemoteFileSystem(basepath=self._uri(path))
-        block.save(f"ptqflow-results-{sha256_bytes(self.url.encode())[:16]}", overwrite=True)
-        return block
+    # -- repair ----------------------------------------------------------------------------------------
+    def quarantine(self, ref: ArtifactRef) -> str | None:
+        """Move a bad blob aside (kept for inspection, never read again) and return where it went."""
+        path = self._path(ref)
+        name = path.rsplit("/", 1)[-1]
+        target = f"{self.root}/{self.QUARANTINE_DIR}/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{name}"
+        try:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(path, target)
+        except FileNotFoundError:
+            return None
+        return self._uri(target)

@@ -9,7 +9,6 @@ resized to a whole batch, so the Interpreter runs once per batch instead of once
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -149,23 +148,17 @@ def evaluate_models(
     labels: np.ndarray,
     params: ValidationParameters,
 ) -> dict:
-    """Pure stage function: every metric of the validation report, as a JSON-ready dict."""
-    timings = {}
+    """Pure stage function: every metric of the validation report, as a JSON-ready dict.
 
-    def timed(name, fn):
-        start = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - start, 4)
-        return result
-
+    Deterministic for the same models and data (no timings), so identical runs store one report blob."""
     def progress(model_name):
         return lambda done: report("validate_with_interpreter", f"{model_name}: {done}/{len(features)} samples", done, len(features))
 
-    keras_out = timed("keras", lambda: predict_keras(keras_model, features, params.batch_size))
-    float_out = timed("tflite_float", lambda: predict_tflite(
-        float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite")))
-    quant_out = timed("tflite_quantized", lambda: predict_tflite(
-        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite")))
+    keras_out = predict_keras(keras_model, features, params.batch_size)
+    float_out = predict_tflite(float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"))
+    quant_out = predict_tflite(
+        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite")
+    )
     float_accuracy = accuracy(keras_out, labels)
     quantized_accuracy = accuracy(quant_out, labels)
     audit = audit_tensor_types(quantized_tflite)
@@ -180,7 +173,6 @@ def evaluate_models(
         "quantized_bytes": len(quantized_tflite),
         "size_ratio": round(len(float_tflite) / len(quantized_tflite), 4),
         "num_threads": params.num_threads or os.cpu_count() or 1,
-        "evaluation_seconds": timings,
         "audit": {
             "full_integer": audit.full_integer,
             "float_tensors": list(audit.float_tensors),

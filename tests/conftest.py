@@ -9,9 +9,43 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+import shutil  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def ptqflow_executable() -> str:
+    return shutil.which("ptqflow") or os.path.join(os.path.dirname(sys.executable), "ptqflow")
+
+
+@pytest.fixture(scope="session")
+def cli(prefect_server):
+    """Run ``ptqflow`` as a user would (a subprocess) against the session's Prefect server."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [ptqflow_executable(), *args],
+            env={**os.environ, "PREFECT_API_URL": prefect_server, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def start_cli(prefect_server: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``ptqflow`` in the background with Prefect's logs on stderr (line by line)."""
+    return subprocess.Popen(
+        [ptqflow_executable(), *args],
+        env={**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +86,7 @@ def trained_digits_model(digits_splits):
     return model
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +98,7 @@ def s3_endpoint():
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

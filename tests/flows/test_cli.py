@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
+from conftest import ptqflow_executable
 
 pytestmark = pytest.mark.slow
 
@@ -20,20 +19,14 @@ METRICS = {
 }
 
 
-def ptqflow(*args: str, api_url: str) -> subprocess.CompletedProcess:
-    executable = shutil.which("ptqflow") or os.path.join(os.path.dirname(sys.executable), "ptqflow")
-    env = {**os.environ, "PREFECT_API_URL": api_url}
-    return subprocess.run([executable, *args], env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("cli") / "store")
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_server, store):
-    return ptqflow("run", "--store", store, "--epochs", "6", "--json", api_url=prefect_server)
+def first_run(cli, store):
+    return cli("run", "--store", store, "--epochs", "6", "--json")
 
 
 def test_json_output_is_one_object_with_the_documented_keys(first_run):
@@ -49,8 +42,8 @@ def test_json_output_is_one_object_with_the_documented_keys(first_run):
     assert result["artifacts"]["tflite"]["uri"].endswith(".tflite")
 
 
-def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, prefect_server, store):
-    second = ptqflow("run", "--store", store, "--epochs", "6", api_url=prefect_server)
+def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, cli, store):
+    second = cli("run", "--store", store, "--epochs", "6")
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout
     assert out.count("cached") == 5 and "computed" not in out
@@ -58,10 +51,8 @@ def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, prefect_se
     assert json.loads(first_run.stdout)["artifacts"]["tflite"]["uri"] in out.replace("\n", "")
 
 
-def test_failed_gate_exits_non_zero_with_the_results(prefect_server, store):
-    failed = ptqflow(
-        "run", "--store", store, "--epochs", "3", "--max-accuracy-drop", "0", "--json", api_url=prefect_server
-    )
+def test_failed_gate_exits_non_zero_with_the_results(cli, store):
+    failed = cli("run", "--store", store, "--epochs", "3", "--max-accuracy-drop", "0", "--json")
     assert failed.returncode == 1, failed.stderr[-3000:]
     result = json.loads(failed.stdout)
     assert result["status"] == "failed" and result["metrics"]["accuracy_drop_pp"] > 0
@@ -78,9 +69,9 @@ def test_failed_gate_exits_non_zero_with_the_results(prefect_server, store):
         (["--calibration-size", "5000"], "pass --calibration-size 1168 or less", {".json", ".parquet"}),
     ],
 )
-def test_bad_input_is_one_clear_line_and_a_non_zero_exit(prefect_server, tmp_path, args, message, written):
+def test_bad_input_is_one_clear_line_and_a_non_zero_exit(cli, tmp_path, args, message, written):
     store = tmp_path / "store"
-    result = ptqflow("run", "--store", str(store), *args, api_url=prefect_server)
+    result = cli("run", "--store", str(store), *args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -91,10 +82,29 @@ def test_bad_input_is_one_clear_line_and_a_non_zero_exit(prefect_server, tmp_pat
 
 
 def test_help_lists_the_options_with_defaults():
-    executable = shutil.which("ptqflow") or os.path.join(os.path.dirname(sys.executable), "ptqflow")
-    result = subprocess.run([executable, "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [ptqflow_executable(), "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
     assert result.returncode == 0
     for option in ("--dataset", "--store", "--seed", "--epochs", "--calibration-size", "--input-type",
                    "--output-type", "--ops", "--max-accuracy-drop", "--json"):
         assert option in result.stdout
     assert "[default: 200]" in result.stdout
+
+
+def test_runs_lists_complete_runs_and_show_prints_one(first_run, cli, store):
+    run_id = json.loads(first_run.stdout)["run_id"]
+    listed = cli("runs", "--store", store, "--json")
+    assert listed.returncode == 0
+    manifests = json.loads(listed.stdout)
+    assert run_id in [m["run_id"] for m in manifests]
+    table = cli("runs", "--store", store)
+    assert run_id[:8] in table.stdout
+    shown = cli("show", run_id[:13], "--store", store)
+    assert shown.returncode == 0, shown.stderr
+    manifest = json.loads(shown.stdout)
+    assert manifest["run_id"] == run_id
+    assert manifest["artifacts"] == json.loads(first_run.stdout)["artifacts"]
+    assert manifest["parameters"]["training"]["epochs"] == 6
+    missing = cli("show", "no-such-run", "--store", store)
+    assert missing.returncode == 2 and "ptqflow runs" in missing.stderr

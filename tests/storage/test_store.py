@@ -6,7 +6,15 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactRef, ArtifactStore, StoreError, sha256_bytes
+from storage.store import (
+    ArtifactCorrupted,
+    ArtifactMissing,
+    ArtifactRef,
+    ArtifactStore,
+    StoreError,
+    UnsafeKey,
+    sha256_bytes,
+)
 
 
 @pytest.fixture(params=["memory", "local", "s3"])
@@ -129,3 +137,68 @@ def test_local_store_url_is_absolute_whatever_the_cwd(tmp_path, monkeypatch):
     ref = store.put_bytes(b"a")
     monkeypatch.chdir("/")
     assert ArtifactStore(f"{tmp_path}/relative-store").read_bytes(ref) == b"a"
+
+
+# -- named objects: manifests, pointers, cache records -----------------------------------------------------
+
+
+def test_named_objects_round_trip_and_list(store):
+    uri = store.write_named("runs/a.json", b"{}")
+    store.write_named("runs/b.json", b"[]")
+    assert uri == store.uri_for("runs/a.json")
+    assert store.read_named("runs/b.json") == b"[]"
+    assert store.list_named("runs") == ["runs/a.json", "runs/b.json"]
+    assert store.list_named("nothing-here") == []
+
+
+def test_exclusive_create_refuses_to_replace(store):
+    store.write_named("runs/once.json", b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        store.write_named("runs/once.json", b"second", exclusive=True)
+    assert store.read_named("runs/once.json") == b"first"
+
+
+def test_pointer_replacement_is_whole(store):
+    store.write_named("latest.json", b"v1")
+    store.write_named("latest.json", b"v2-longer")
+    assert store.read_named("latest.json") == b"v2-longer"
+
+
+def test_missing_named_object_is_reported(store):
+    with pytest.raises(ArtifactMissing, match="does not exist"):
+        store.read_named("runs/none.json")
+
+
+def test_quarantine_moves_a_bad_blob_aside(store):
+    ref = store.put_bytes(b"good bytes", ".bin")
+    _corrupt(store, ref, b"bad! bytes")
+    moved = store.quarantine(ref)
+    assert moved is not None and "/quarantine/" in moved and not store.exists(ref)
+    assert store.fs.cat_file(store.fs._strip_protocol(moved)) == b"bad! bytes"
+    assert store.put_bytes(b"good bytes", ".bin") == ref
+    store.verify(ref)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../escape", "runs/../../etc/passwd", "/etc/passwd", "runs//x", "a b", "runs/.hidden", "ok/..", "", "x\x00y",
+     "runs/ünï", "runs/$(rm -rf)", "C:\\windows"],
+)
+def test_keys_from_user_text_cannot_escape_the_root(store, key):
+    with pytest.raises(UnsafeKey, match="cannot be used as a storage key"):
+        store.write_named(key, b"x")
+
+
+def test_urls_with_credentials_are_refused():
+    with pytest.raises(StoreError, match="carries credentials") as error:
+        ArtifactStore("s3://AKIAEXAMPLE:sEcReT@bucket/prefix")
+    assert "sEcReT" not in str(error.value)
+
+
+def test_storage_options_come_from_the_environment_and_are_never_echoed(monkeypatch, tmp_path):
+    monkeypatch.setenv("PTQFLOW_STORAGE_OPTIONS", '{"auto_mkdir": true}')
+    assert ArtifactStore(str(tmp_path)).storage_options == {"auto_mkdir": True}
+    monkeypatch.setenv("PTQFLOW_STORAGE_OPTIONS", '{"secret": "hunter2"')
+    with pytest.raises(StoreError, match="not valid JSON") as error:
+        ArtifactStore(str(tmp_path))
+    assert "hunter2" not in str(error.value)

@@ -1,0 +1,104 @@
+"""The run manifest: the record of one complete run, written last and exactly once.
+
+It lists every artifact (URI, sha256, size), the parameters (secrets removed), the metrics, the gate's verdict,
+the export, and the library versions. It is created with an exclusive write under ``runs/<run_id>.json``, so it
+exists only for a run that got to the end, and no later run can overwrite it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.store import ArtifactStore, safe_key
+from tasks.caching import library_versions
+
+RUNS_PREFIX = "runs"
+_SECRET_NAME = re.compile(r"secret|password|passwd|token|credential|access_key|key_id|sas|signature", re.I)
+
+
+def scrub(value: Any) -> Any:
+    """A copy of ``value`` with secret-looking keys redacted and credentials removed from URLs."""
+    if isinstance(value, dict):
+        return {k: "***" if _SECRET_NAME.search(str(k)) else scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            return urlunsplit(parts._replace(netloc=parts.hostname or ""))
+    return value
+
+
+def manifest_key(run_id: str) -> str:
+    return safe_key(f"{RUNS_PREFIX}/{run_id}.json")
+
+
+def build_manifest(
+    run_id: str,
+    parameters: dict[str, Any],
+    store_url: str,
+    artifacts: dict[str, Any],
+    metrics: dict[str, Any],
+    gate: dict[str, Any],
+    tasks: dict[str, Any],
+) -> dict[str, Any]:
+    """Pure: the manifest document (without the export, which publishing adds)."""
+    import prefect
+
+    return {
+        "kind": "ptqflow.run_manifest",
+        "schema_version": 1,
+        "run_id": run_id,
+        "flow": "ptq-pipeline",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "passed" if gate["passed"] else "failed",
+        "parameters": scrub(parameters),
+        "store": scrub(store_url),
+        "artifacts": artifacts,
+        "metrics": metrics,
+        "gate": gate,
+        "tasks": tasks,
+        "export": None,
+        "libraries": {**library_versions(), "prefect": prefect.__version__, "python": platform.python_version()},
+    }
+
+
+@task(name="write_run_manifest", cache_policy=NO_CACHE, persist_result=False)
+def write_run_manifest(store_url: str, manifest: dict[str, Any]) -> str:
+    """Create ``runs/<run_id>.json``; refuses to replace an existing manifest. Returns its URI."""
+    store = ArtifactStore(store_url)
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+    key = manifest_key(manifest["run_id"])
+    try:
+        return store.write_named(key, data, exclusive=True)
+    except FileExistsError:
+        # A retried flow run reaching the end again: the first complete record stands.
+        return store.uri_for(key)
+
+
+def list_manifests(store: ArtifactStore) -> list[dict[str, Any]]:
+    """Every run manifest in the store, newest first."""
+    manifests = [json.loads(store.read_named(key)) for key in store.list_named(RUNS_PREFIX) if key.endswith(".json")]
+    return sorted(manifests, key=lambda m: m.get("created_at", ""), reverse=True)
+
+
+def find_manifest(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    """The manifest of ``run_id`` (a unique prefix of it is enough).
+
+    Raises:
+        LookupError: no run, or several runs, match.
+    """
+    keys = [k for k in store.list_named(RUNS_PREFIX) if k.rsplit("/", 1)[-1].startswith(run_id)]
+    if not keys:
+        raise LookupError(f"no run {run_id!r} in {store.url}: `ptqflow runs --store {store.url}` lists the runs")
+    if len(keys) > 1:
+        raise LookupError(f"{len(keys)} runs start with {run_id!r}: give more of the run id")
+    return json.loads(store.read_named(keys[0]))

@@ -1,0 +1,226 @@
+"""Faults a nightly pipeline meets: a killed process, a flipped byte, a planted pickle, an S3 outage, two runs at
+once. Each run is the real CLI in a subprocess against the session's Prefect server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import free_port, start_cli
+from pickle_probe import planted_pickle_record
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "sample_dataset",
+    "materialize_calibration_set",
+    "train_float_model",
+    "convert_to_tflite",
+    "validate_with_interpreter",
+]
+FAST = ["--epochs", "3"]
+
+
+def blob_files(store: Path) -> list[Path]:
+    return [p for p in (store / "blobs").rglob("*") if p.is_file() and ".tmp-" not in p.name]
+
+
+def assert_every_blob_intact(store: Path) -> None:
+    for blob in blob_files(store):
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name.split(".")[0], blob
+
+
+def run_json(cli, *args: str, env: dict | None = None) -> dict:
+    result = cli("run", *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+def wait_for_line(process, needle: str, timeout: float = 300) -> list[str]:
+    """Read the process's stderr until a line contains ``needle``; returns the lines read."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader():
+        for line in process.stderr:
+            lines.append(line)
+            if needle in line:
+                found.set()
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    assert found.wait(timeout), f"never saw {needle!r}; stderr tail: {''.join(lines[-30:])}"
+    return lines
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory) -> dict:
+    """An uninterrupted run: what every recovered run must reproduce byte for byte."""
+    return run_json(cli, "--store", str(tmp_path_factory.mktemp("reference") / "store"), *FAST)
+
+
+@pytest.mark.parametrize("killed_in", STAGES)
+def test_kill_9_in_a_stage_then_rerun_completes_and_reuses_what_was_done(
+    prefect_server, cli, reference, tmp_path, killed_in
+):
+    store = tmp_path / "store"
+    process = start_cli(prefect_server, "run", "--store", str(store), *FAST, "--verbose")
+    try:
+        wait_for_line(process, f"{killed_in}: starting")
+        time.sleep({"train_float_model": 1.5, "convert_to_tflite": 0.5}.get(killed_in, 0.05))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (store / "runs").exists()  # no manifest: the run did not complete
+    assert_every_blob_intact(store)  # a killed write leaves at most a temporary file, never a bad blob
+
+    rerun = run_json(cli, "--store", str(store), *FAST)
+    done_before = STAGES[: STAGES.index(killed_in)]
+    assert all(rerun["tasks"][stage]["cached"] for stage in done_before), rerun["tasks"]
+    # The recovered run is the uninterrupted run, byte for byte: nothing half-written was read.
+    # (The dataset manifest and the report name their store's URIs, so they differ between stores.)
+    for name in ("model", "calibration", "tflite", "tflite_float"):
+        assert rerun["artifacts"][name]["sha256"] == reference["artifacts"][name]["sha256"], name
+    assert rerun["metrics"] == reference["metrics"]
+    assert_every_blob_intact(store)
+
+
+def test_a_flipped_byte_is_detected_moved_aside_and_recomputed(cli, reference, tmp_path):
+    store = tmp_path / "store"
+    first = run_json(cli, "--store", str(store), *FAST)
+    for name in ("model", "calibration"):
+        blob = Path(first["artifacts"][name]["uri"].removeprefix("file://"))
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        blob.write_bytes(bytes(data))
+
+    second = run_json(cli, "--store", str(store), *FAST)
+    cached = {stage: second["tasks"][stage]["cached"] for stage in STAGES}
+    assert cached == {
+        "sample_dataset": True,
+        "materialize_calibration_set": False,  # its blob was corrupt: recomputed
+        "train_float_model": False,  # likewise
+        "convert_to_tflite": True,  # same bytes again, so the same cache key
+        "validate_with_interpreter": True,
+    }
+    assert second["artifacts"] == first["artifacts"]
+    assert_every_blob_intact(store)
+    assert len(list((store / "quarantine").iterdir())) == 2
+
+
+def test_a_planted_pickle_in_the_result_storage_is_never_run(cli, tmp_path):
+    store = tmp_path / "store"
+    run_json(cli, "--store", str(store), *FAST)
+    marker = tmp_path / "pwned"
+    [record] = (store / "prefect-results").glob("tasks.sample-*")
+    record.write_bytes(planted_pickle_record(str(marker)))
+
+    rerun = run_json(cli, "--store", str(store), *FAST)
+    assert not marker.exists()
+    assert not rerun["tasks"]["sample_dataset"]["cached"]  # the planted record was ignored, the stage rerun
+    assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "json"
+
+
+def test_two_identical_runs_at_once_both_succeed_with_one_set_of_blobs(prefect_server, tmp_path):
+    store = tmp_path / "store"
+    processes = [start_cli(prefect_server, "run", "--store", str(store), *FAST, "--json") for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-4000:]
+    first, second = (json.loads(stdout) for stdout, _ in outputs)
+    assert first["run_id"] != second["run_id"]
+    assert first["artifacts"] == second["artifacts"]
+    dataset = json.loads(Path(first["artifacts"]["dataset"]["uri"].removeprefix("file://")).read_text())
+    expected = {ref["sha256"] for ref in first["artifacts"].values()} | {
+        split["sha256"] for split in dataset["splits"].values()
+    }
+    assert {blob.name.split(".")[0] for blob in blob_files(store)} == expected
+    assert len(blob_files(store)) == len(expected)
+    assert_every_blob_intact(store)
+    assert len(list((store / "runs").iterdir())) == 2
+
+
+@pytest.fixture
+def flaky_s3():
+    """A moto S3 server of the test's own, which the test may stop and start again on the same port."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "flaky", "AWS_SECRET_ACCESS_KEY": "flaky", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint,
+           # Botocore's own retries (standard AWS configuration) on top of the pipeline's: keep the test short.
+           "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    servers[0].start()
+
+    class Control:
+        def stop(self):
+            servers[-1].stop()
+
+        def start(self):
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port))
+            servers[-1].start()
+
+        def fs(self):
+            import s3fs
+
+            return s3fs.S3FileSystem(key="flaky", secret="flaky", endpoint_url=endpoint, skip_instance_cache=True)
+
+    control = Control()
+    control.env = env
+    try:
+        yield control
+    finally:
+        try:
+            servers[-1].stop()
+        except Exception:
+            pass
+
+
+def test_s3_outage_mid_run_fails_cleanly_after_retries_and_the_store_stays_consistent(
+    prefect_server, cli, flaky_s3, reference
+):
+    bucket = f"flaky-{uuid.uuid4().hex[:10]}"
+    flaky_s3.fs().mkdir(bucket)
+    store = f"s3://{bucket}/ptq"
+    process = start_cli(prefect_server, "run", "--store", store, *FAST, "--verbose", env=flaky_s3.env)
+    try:
+        lines = wait_for_line(process, "train_float_model: starting")
+        flaky_s3.stop()
+        started = time.monotonic()
+        _, rest = process.communicate(timeout=600)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = "".join(lines) + rest
+    assert process.returncode == 3, stderr[-4000:]
+    final = [line for line in stderr.splitlines() if line.startswith("ptqflow:")]
+    assert len(final) == 1 and "storage unreachable after 3 attempts" in final[0], final
+    assert "Retry 2/2" in stderr  # Prefect retried with backoff before giving up
+    assert elapsed < 300
+
+    flaky_s3.start()
+    fs = flaky_s3.fs()
+    blobs = [p for p in fs.find(f"{bucket}/ptq/blobs")]
+    assert blobs, "the stages before the outage stored their artifacts"
+    for path in blobs:
+        assert hashlib.sha256(fs.cat_file(path)).hexdigest() == path.rsplit("/", 1)[-1].split(".")[0], path
+    assert not fs.exists(f"{bucket}/ptq/runs")  # no manifest for an incomplete run
+
+    rerun = run_json(cli, "--store", store, *FAST, env=flaky_s3.env)
+    assert rerun["tasks"]["sample_dataset"]["cached"] and rerun["tasks"]["materialize_calibration_set"]["cached"]
+    assert rerun["artifacts"]["tflite"]["sha256"] == reference["artifacts"]["tflite"]["sha256"]

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage.store import ArtifactStore
+from tasks.manifest import build_manifest, find_manifest, list_manifests, scrub, write_run_manifest
+
+
+def test_scrub_removes_secrets_and_url_credentials():
+    cleaned = scrub({"store": "s3://key:secret@bucket/p", "aws_secret_access_key": "x", "nested": [{"token": "t"}],
+                     "seed": 0})
+    assert cleaned == {"store": "s3://bucket/p", "aws_secret_access_key": "***", "nested": [{"token": "***"}], "seed": 0}
+
+
+def _manifest(run_id: str, created: str = "2026-01-01T00:00:00+00:00") -> dict:
+    m = build_manifest(run_id, {"seed": 0}, "file:///s", {}, {"quantized_accuracy": 1.0, "accuracy_drop_pp": 0.0},
+                       {"passed": True}, {})
+    return {**m, "created_at": created}
+
+
+def test_manifest_records_versions_and_status():
+    m = _manifest("abc")
+    assert m["status"] == "passed" and m["run_id"] == "abc"
+    assert {"tensorflow-cpu", "keras", "ai-edge-litert", "prefect", "python"} & set(m["libraries"])
+
+
+def test_manifests_are_written_once_and_found_by_prefix(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    write_run_manifest.fn(store.url, _manifest("aaaa-1", "2026-01-01T00:00:00+00:00"))
+    write_run_manifest.fn(store.url, _manifest("bbbb-2", "2026-01-02T00:00:00+00:00"))
+    # A retried run reaching the end again keeps the first record.
+    write_run_manifest.fn(store.url, {**_manifest("aaaa-1"), "status": "changed"})
+    assert json.loads(store.read_named("runs/aaaa-1.json"))["status"] == "passed"
+    assert [m["run_id"] for m in list_manifests(store)] == ["bbbb-2", "aaaa-1"]
+    assert find_manifest(store, "bbbb")["run_id"] == "bbbb-2"
+    with pytest.raises(LookupError, match="ptqflow runs"):
+        find_manifest(store, "zzz")
+
+
+def test_ambiguous_prefix_asks_for_more(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    write_run_manifest.fn(store.url, _manifest("ab-1"))
+    write_run_manifest.fn(store.url, _manifest("ab-2"))
+    with pytest.raises(LookupError, match="give more of the run id"):
+        find_manifest(store, "ab")
