@@ -200,7 +200,7 @@ def run(
     _prepare_environment(verbose)
 
     from flows.pipeline import ptq_pipeline
-    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS
+    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error
     from tasks.errors import AccuracyGateFailed
 
     live = not as_json and err_console.is_terminal
@@ -214,7 +214,7 @@ def run(
             summary, code = error.summary, EXIT_GATE_FAILED
         elif isinstance(error, USER_ERRORS):
             _fail(str(error), EXIT_INVALID_INPUT, as_json)
-        elif isinstance(error, (OSError, ConnectionError, TimeoutError)) or "connect" in type(error).__name__.lower():
+        elif is_transient_error(error):
             _fail(
                 f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}): check the "

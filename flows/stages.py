@@ -25,16 +25,23 @@ USER_ERRORS = (PtqflowError, StoreError, TensorTableError)
 NOT_TRANSIENT = (*USER_ERRORS, ValueError, TypeError, KeyError, FileNotFoundError)
 
 
+def is_transient_error(error: BaseException) -> bool:
+    """True for errors a retry may fix (network and storage I/O), False for problems with input or code."""
+    if isinstance(error, NOT_TRANSIENT):
+        return False
+    if isinstance(error, (OSError, TimeoutError, ConnectionError)):
+        return True
+    # botocore's and aiohttp's connection errors do not all derive from OSError.
+    name = type(error).__name__.lower()
+    return "connect" in name or "timeout" in name
+
+
 def is_transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry condition: only errors a retry may fix (network and storage I/O)."""
+    """Prefect retry condition: retry a failed stage only for transient errors."""
     try:
         state.result()
-    except NOT_TRANSIENT:
-        return False
-    except (OSError, TimeoutError, ConnectionError):
-        return True
-    except Exception as error:  # botocore/aiohttp connection errors do not all derive from OSError
-        return "connect" in type(error).__name__.lower() or "timeout" in type(error).__name__.lower()
+    except Exception as error:
+        return is_transient_error(error)
     return False
 
 

@@ -72,17 +72,10 @@ def digits_splits():
 def trained_digits_model(digits_splits):
     """The default CNN trained briefly on digits (pure stage functions, no Prefect)."""
     from tasks.parameters import TrainingParameters
-    from tasks.train import build_default_cnn, seed_everything, train_model
+    from tasks.train import fit_default_model
 
     spec, splits = digits_splits
-    seed_everything(0)
-    model = build_default_cnn(spec)
-    train_model(
-        model,
-        (splits["train"].features, splits["train"].labels),
-        (splits["validation"].features, splits["validation"].labels),
-        TrainingParameters(epochs=8),
-    )
+    model, _ = fit_default_model(spec, splits["train"], splits["validation"], TrainingParameters(epochs=8), seed=0)
     return model
 
 

@@ -1,0 +1,131 @@
+"""Peak RSS while calibrating from a 2 GB Parquet calibration source: streamed in batches (ptqflow) vs loaded
+whole into memory first. Each way runs in a fresh process; the figure is its peak RSS above its own baseline
+(the RSS after imports, with the model built, just before calibration)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from benchmarks.common import Result
+
+SOURCE_BYTES = 2 * 2**30
+SHAPE = (256, 256, 3)  # large samples: 2 GB is ~11,000 of them, so calibration stays quick
+BATCH = 64
+LIMIT_BYTES = 2**30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_source(path: str, total_bytes: int = SOURCE_BYTES) -> int:
+    """Write the calibration source in pieces (the writer never holds it whole); returns the sample count."""
+    import pyarrow.parquet as pq
+
+    from storage.tables import TensorTable, rows_per_group, to_arrow
+
+    sample_bytes = int(np.prod(SHAPE))
+    count = total_bytes // sample_bytes
+    rows = rows_per_group(sample_bytes)
+    rng = np.random.default_rng(0)
+    writer = None
+    try:
+        for start in range(0, count, rows):
+            n = min(rows, count - start)
+            piece = to_arrow(TensorTable(rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), rng.integers(0, 10, n)))
+            if writer is None:
+                writer = pq.ParquetWriter(path, piece.schema, compression="zstd")
+            writer.write_table(piece, row_group_size=rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    return count
+
+
+def _tiny_model():
+    import keras
+
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 8, strides=8, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+
+
+def calibrate(path: str, mode: str) -> dict:
+    """In this process: build the model, note the baseline RSS, calibrate, report the peak."""
+    from storage.tables import iter_feature_batches, read_parquet
+    from tasks.convert import quantize
+    from tasks.parameters import ConversionParameters
+
+    model = _tiny_model()
+    baseline = _rss_bytes()
+    if mode == "stream":
+        def batches():
+            with open(path, "rb") as f:
+                yield from iter_feature_batches(f, BATCH)
+    else:
+        with open(path, "rb") as f:
+            whole = read_parquet(f).features
+
+        def batches():
+            for start in range(0, len(whole), BATCH):
+                yield whole[start : start + BATCH]
+
+    quantize(model, batches, ConversionParameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "baseline_rss": baseline, "peak_rss": peak, "above_baseline": peak - baseline}
+
+
+def _measure_in_subprocess(path: str, mode: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--calibrate", path, "--mode", mode],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run(repeats: int = 1) -> list[Result]:
+    with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
+        path = os.path.join(tmp, "calibration-source.parquet")
+        count = write_source(path)
+        file_bytes = os.path.getsize(path)
+        ours = _measure_in_subprocess(path, "stream")
+        whole = _measure_in_subprocess(path, "whole")
+    gib = 2**30
+    return [
+        Result(
+            name="memory",
+            metric=f"peak RSS above baseline, calibrating from a {file_bytes / gib:.1f} GiB Parquet source",
+            unit="GiB",
+            ours=ours["above_baseline"] / gib,
+            baseline=whole["above_baseline"] / gib,
+            ratio=whole["above_baseline"] / max(ours["above_baseline"], 1),
+            target="within 1 GiB of the baseline; loading whole is not",
+            met=ours["above_baseline"] <= LIMIT_BYTES < whole["above_baseline"],
+            ours_label=f"streamed in batches of {BATCH}",
+            baseline_label="loaded whole, then batched",
+            detail={"samples": count, "sample_shape": list(SHAPE), "ours": ours, "baseline": whole},
+        )
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calibrate", required=True)
+    parser.add_argument("--mode", choices=["stream", "whole"], required=True)
+    args = parser.parse_args()
+    print(json.dumps(calibrate(args.calibrate, args.mode)))
+
+
+if __name__ == "__main__":
+    main()
