@@ -27,17 +27,9 @@ from tasks.parameters import (
 from tasks.publish import ExportRecord, export_store, publish_export
 from tasks.sample import sample_dataset
 from tasks.train import train_float_model
-from tasks.validate import check_accuracy_gate, validate_with_interpreter
+from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
 DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
-
-
-class GateSummary(BaseModel):
-    name: str
-    passed: bool
-    observed_drop_pp: float
-    max_drop_pp: float
-    message: str
 
 
 class RunSummary(BaseModel):
@@ -49,7 +41,7 @@ class RunSummary(BaseModel):
     artifacts: dict[str, ArtifactRef]
     metrics: dict[str, Any]
     tasks: dict[str, StageRecord]
-    gate: GateSummary
+    gate: GateResult
     manifest: str = Field(description="URI of the run manifest (runs/<run_id>.json in the store).")
     export: ExportRecord | None = Field(None, description="Where the run was published, if it was.")
 
@@ -138,7 +130,7 @@ def ptq_pipeline(
     }
     manifest = build_manifest(
         run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
-        dict(verdict.__dict__), {k: v.model_dump() for k, v in run.records.items()},
+        verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
     )
     exported = None
     if export and verdict.passed:
@@ -154,7 +146,7 @@ def ptq_pipeline(
         artifacts=artifacts,
         metrics=metrics,
         tasks=run.records,
-        gate=GateSummary(**verdict.__dict__),
+        gate=verdict,
         manifest=manifest_uri,
         export=exported,
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import get_run_logger, task
+from pydantic import BaseModel
 
 from storage.keras_models import keras_model_from_bytes
 from storage.store import ArtifactStore
@@ -235,8 +236,7 @@ def validate_with_interpreter(
     )
 
 
-@dataclass(frozen=True)
-class GateResult:
+class GateResult(BaseModel):
     """The accuracy gate: a named check with its threshold and observation, reported whether it passes or not."""
 
     name: str
@@ -260,4 +260,10 @@ def check_accuracy_gate(result: ValidationResult, max_accuracy_drop: float) -> G
             f"{max_accuracy_drop} pp allowed: calibrate on more samples (--calibration-size), keep unquantizable "
             "ops in float (--ops builtins), or raise --max-accuracy-drop"
         )
-    return GateResult("accuracy_drop", passed, result.accuracy_drop_pp, max_accuracy_drop, message)
+    return GateResult(
+        name="accuracy_drop",
+        passed=passed,
+        observed_drop_pp=result.accuracy_drop_pp,
+        max_drop_pp=max_accuracy_drop,
+        message=message,
+    )
