@@ -42,8 +42,8 @@ EXIT_INVALID_INPUT = 2
 EXIT_RUN_FAILED = 3
 
 
-def _help(model: type[BaseModel], field: str) -> str:
-    info = model.model_fields[field]
+def _help(schema: type[BaseModel], field: str) -> str:
+    info = schema.model_fields[field]
     return f"{info.description} \\[default: {getattr(info.default, 'value', info.default)}]"
 
 
@@ -69,13 +69,26 @@ def _fail(message: str, code: int, as_json: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _parameters(model: type[BaseModel], as_json: bool, **given: Any) -> Any:
+def _parameters(schema: type[BaseModel], as_json: bool, **given: Any) -> Any:
     try:
-        return model(**{k: v for k, v in given.items() if v is not None})
+        return schema(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as error:
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a parameter"
         _fail(f"invalid {option}: {first['msg']}", EXIT_INVALID_INPUT, as_json)
+
+
+def _shape(text: str | None, as_json: bool) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    if all(part.isdigit() for part in parts):
+        return tuple(int(part) for part in parts)
+    _fail(
+        f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 32,32,3",
+        EXIT_INVALID_INPUT,
+        as_json,
+    )
 
 
 @contextmanager
@@ -161,6 +174,14 @@ def _print_summary(summary: Any, console: Console) -> None:
 @app.command()
 def run(
     dataset: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))] = None,
+    feature_column: Annotated[
+        str | None, typer.Option(help=_help(SamplingParameters, "feature_column"))
+    ] = None,
+    label_column: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "label_column"))] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))] = None,
     store: Annotated[
         str,
         typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
@@ -191,8 +212,11 @@ def run(
         store=store,
         export=export,
         seed=seed,
-        sampling=_parameters(SamplingParameters, as_json, dataset=dataset),
-        training=_parameters(TrainingParameters, as_json, epochs=epochs),
+        sampling=_parameters(
+            SamplingParameters, as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
+            input_shape=_shape(input_shape, as_json),
+        ),
+        training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model),
         calibration=_parameters(CalibrationParameters, as_json, calibration_size=calibration_size),
         conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
         gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),

@@ -25,7 +25,7 @@ from tasks.parameters import (
     ValidationParameters,
 )
 from tasks.publish import ExportRecord, export_store, publish_export
-from tasks.sample import sample_dataset
+from tasks.sample import fingerprint_source, sample_dataset
 from tasks.train import train_float_model
 from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
@@ -103,7 +103,8 @@ def ptq_pipeline(
         export_store(export)  # a bad export URL fails now, not after training
     run = StageRunner(artifact_store)
 
-    dataset = run(sample_dataset, params=sampling, seed=seed)
+    fingerprint = run.retrying(fingerprint_source)(sampling)
+    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=fingerprint)
     # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
     # fails the run in seconds, not after the model has trained.
     calibration_set = run(materialize_calibration_set, dataset=dataset, params=calibration, seed=seed)

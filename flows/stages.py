@@ -72,7 +72,8 @@ class StageRunner:
         return problems
 
     @staticmethod
-    def _with_retries(stage: Task, **options: Any) -> Task:
+    def retrying(stage: Task, **options: Any) -> Task:
+        """``stage`` with retries (and backoff) on transient storage errors."""
         return stage.with_options(
             retries=len(STORAGE_RETRY_DELAYS_SECONDS),
             retry_delay_seconds=STORAGE_RETRY_DELAYS_SECONDS,
@@ -84,13 +85,13 @@ class StageRunner:
         """Run an uncached step that writes outside the stage cache (the manifest, an export), with retries."""
         get_run_logger().info("%s: starting", step.name)
         report(step.name, "starting")
-        result = self._with_retries(step)(store_url=self.store.url, **inputs)
+        result = self.retrying(step)(store_url=self.store.url, **inputs)
         report(step.name, "done")
         return result
 
     def __call__(self, stage: Task[..., Output], **inputs: Any) -> Output:
         name = stage.name
-        configured = self._with_retries(stage, result_storage=self.result_storage)
+        configured = self.retrying(stage, result_storage=self.result_storage)
         logger = get_run_logger()
         logger.info("%s: starting", name)
         report(name, "starting")

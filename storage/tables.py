@@ -106,59 +106,99 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def _column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any]) -> np.ndarray:
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the samples and the labels, and the sample shape when the table does not say."""
+
+    features: str = FEATURES
+    label: str = LABEL
+    shape: tuple[int, ...] | None = None
+
+
+def _shape_for(count: int, meta: dict[str, Any], columns: Columns) -> tuple[int, ...]:
+    shape = tuple(columns.shape or meta.get("shape") or (count,))
+    if int(np.prod(shape)) != count:
+        raise TensorTableError(
+            f"column '{columns.features}' holds {count} values per sample, which does not fit shape {list(shape)}: "
+            "pass --input-shape with the sample's shape"
+        )
+    return shape
+
+
+def _checked_dtype(values: np.ndarray, columns: Columns) -> np.ndarray:
+    if values.dtype.name not in SUPPORTED_DTYPES:
+        raise TensorTableError(
+            f"column '{columns.features}' has values of type {values.dtype}: store them as uint8 (images) or float32"
+        )
+    return values
+
+
+def _column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    name = columns.features
     if column.null_count:
-        raise TensorTableError(f"column '{FEATURES}' has {column.null_count} null rows: drop them from the source")
+        raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
     kind = column.type
     if isinstance(kind, pa.FixedShapeTensorType):
-        return column.to_numpy_ndarray()
+        values = column.to_numpy_ndarray()
+        if columns.shape and tuple(values.shape[1:]) != tuple(columns.shape):
+            values = values.reshape(len(values), *_shape_for(int(np.prod(values.shape[1:])), meta, columns))
+        return _checked_dtype(values, columns)
     if pa.types.is_fixed_size_binary(kind):
-        shape, dtype = meta.get("shape"), meta.get("dtype")
-        if shape is None or dtype not in SUPPORTED_DTYPES:
-            raise TensorTableError(
-                f"column '{FEATURES}' is fixed-size binary but the schema metadata has no 'shape' and 'dtype' "
-                "under key 'ptqflow': write it with storage.tables or use Arrow's fixed_shape_tensor type"
-            )
+        dtype = meta.get("dtype") or "uint8"
+        if dtype not in SUPPORTED_DTYPES:
+            raise TensorTableError(f"column '{name}' declares dtype {dtype!r}: ptqflow reads uint8 and float32")
         width = kind.byte_width
+        if meta.get("shape") is None and columns.shape is None:
+            raise TensorTableError(
+                f"column '{name}' is fixed-size binary with no shape in the schema metadata: pass --input-shape"
+            )
         raw = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-        raw = raw[column.offset * width : (column.offset + len(column)) * width]
-        return raw.view(np.dtype(dtype)).reshape(len(column), *shape)
+        raw = raw[column.offset * width : (column.offset + len(column)) * width].view(np.dtype(dtype))
+        return raw.reshape(len(column), *_shape_for(width // np.dtype(dtype).itemsize, meta, columns))
     if pa.types.is_fixed_size_list(kind):
         values = column.flatten().to_numpy(zero_copy_only=False)
-        shape = meta.get("shape") or [kind.list_size]
-        return values.reshape(len(column), *shape)
+        return _checked_dtype(values.reshape(len(column), *_shape_for(kind.list_size, meta, columns)), columns)
     raise TensorTableError(
-        f"column '{FEATURES}' has type {kind}: store samples as fixed_shape_tensor, fixed-size list or fixed-size binary"
+        f"column '{name}' has type {kind}: store samples as fixed_shape_tensor, fixed-size list or fixed-size binary"
     )
 
 
-def _labels_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def _labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Columns()) -> np.ndarray:
     if not pa.types.is_integer(column.type):
-        raise TensorTableError(f"column '{LABEL}' has type {column.type}: labels must be integer class indices")
+        raise TensorTableError(
+            f"column '{columns.label}' has type {column.type}: labels must be integer class indices 0..n-1"
+        )
     if column.null_count:
-        raise TensorTableError(f"column '{LABEL}' has {column.null_count} null rows: drop them from the source")
+        raise TensorTableError(f"column '{columns.label}' has {column.null_count} null rows: drop them from the source")
     return column.to_numpy().astype(np.int64, copy=False)
 
 
-def _check_columns(schema: pa.Schema) -> None:
-    missing = [c for c in (FEATURES, LABEL) if c not in schema.names]
+def check_columns(schema: pa.Schema, columns: Columns = Columns()) -> None:
+    missing = [c for c in (columns.features, columns.label) if c not in schema.names]
     if missing:
         raise TensorTableError(
             f"table has no column(s) {', '.join(repr(c) for c in missing)} (it has {', '.join(schema.names)}): "
-            f"name the sample column '{FEATURES}' and the class column '{LABEL}'"
+            "name them with --feature-column and --label-column"
         )
 
 
-def read_parquet(source: IO[bytes] | bytes) -> TensorTable:
+def arrow_to_tensor_table(table: pa.Table, columns: Columns = Columns()) -> TensorTable:
+    check_columns(table.schema, columns)
+    meta = table_metadata(table.schema)
+    return TensorTable(
+        _column_to_numpy(table.column(columns.features), meta, columns),
+        _labels_to_numpy(table.column(columns.label), columns),
+        meta,
+    )
+
+
+def read_parquet(source: IO[bytes] | bytes, columns: Columns = Columns()) -> TensorTable:
     """Read a whole tensor table (any accepted layout) into memory."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    table = pq.read_table(source)
-    _check_columns(table.schema)
-    meta = table_metadata(table.schema)
-    return TensorTable(_column_to_numpy(table.column(FEATURES), meta), _labels_to_numpy(table.column(LABEL)), meta)
+    return arrow_to_tensor_table(pq.read_table(source, columns=None), columns)
 
 
 def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndarray]:
@@ -168,7 +208,7 @@ def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndar
     # 1 GiB of RSS); a buffered stream keeps a streaming reader to about one row group.
     parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
     schema = parquet.schema_arrow
-    _check_columns(schema)
+    check_columns(schema)
     meta = table_metadata(schema)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=[FEATURES]):
         yield _column_to_numpy(batch.column(0), meta)

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -51,6 +52,15 @@ def _is_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def _source_digest(module: str) -> str:
+    """sha256 of one module's source ("" when it cannot be found, so the key still changes if it appears)."""
+    spec = importlib.util.find_spec(module) if _is_module(module) else None
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return ""
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @lru_cache(maxsize=None)
@@ -110,7 +120,11 @@ class StageCachePolicy(CachePolicy):
 
     module: str = ""
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    # Modules outside the project whose code shapes the output (a user's model function), named by the inputs.
+    extra_code: Callable[[dict[str, Any]], list[str]] | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         kept = {k: v for k, v in inputs.items() if k not in self.exclude}
+        if self.extra_code is not None:
+            kept["__user_code__"] = {name: _source_digest(name) for name in self.extra_code(inputs)}
         return f"{self.module}-{stage_cache_key(self.module, kept)}"

@@ -9,6 +9,10 @@ class InvalidDataset(PtqflowError):
     pass
 
 
+class InvalidModel(PtqflowError):
+    pass
+
+
 class ConversionFailed(PtqflowError):
     pass
 

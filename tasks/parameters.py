@@ -8,8 +8,9 @@ cache key; fields that only change how the gate judges a result (``max_accuracy_
 from __future__ import annotations
 
 from enum import Enum
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TensorType(str, Enum):
@@ -35,11 +36,37 @@ class _Parameters(BaseModel):
 
 
 class SamplingParameters(_Parameters):
-    dataset: str = Field("digits", description="Data set to sample: a built-in name (digits).")
+    dataset: str = Field(
+        "digits", description="Data set: a built-in name (digits) or an fsspec URL of a Parquet file or directory."
+    )
+    feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
+    label_column: str = Field("label", min_length=1, description="Column holding integer class indices.")
+    input_shape: tuple[int, ...] | None = Field(
+        None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
+    )
     validation_fraction: float = Field(
         0.15, gt=0.0, lt=0.5, description="Share of the samples held out for early stopping."
     )
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of the samples held out for validation.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _no_credentials_in_the_url(cls, dataset: str) -> str:
+        # Parameters are stored by Prefect and shown in its UI: a secret must never be one.
+        parts = urlsplit(dataset)
+        if parts.password or (parts.username and parts.scheme not in ("", "file")):
+            raise ValueError(
+                "the data set URL carries credentials: remove them and use the backend's standard sources "
+                "(environment variables, profiles) or PTQFLOW_STORAGE_OPTIONS"
+            )
+        return dataset
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_dimensions(cls, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is not None and (not shape or any(d < 1 for d in shape)):
+            raise ValueError("every dimension must be a positive integer, e.g. 32,32,3")
+        return shape
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SamplingParameters:
@@ -51,6 +78,12 @@ class SamplingParameters(_Parameters):
 
 
 class TrainingParameters(_Parameters):
+    model: str = Field(
+        "auto",
+        pattern=r"^(auto|cnn|mlp|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="auto (cnn for HxWxC samples, mlp for 1-D), cnn, mlp, or module:function returning a Keras "
+        "model for (input_shape, n_classes).",
+    )
     epochs: int = Field(60, ge=1, le=10_000, description="Maximum training epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, le=65_536, description="Training batch size.")
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0, description="Adam learning rate.")

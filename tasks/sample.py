@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from storage.store import ArtifactStore
-from storage.tables import TensorTable, write_parquet_bytes
+from storage.tables import Columns, TensorTable, write_parquet_bytes
 from tasks.artifacts import FeatureSpec, SampledDataset
 from tasks.caching import StageCachePolicy
-from tasks.datasets import load_dataset
+from tasks.datasets import load_dataset, source_fingerprint
 from tasks.errors import InvalidDataset
 from tasks.parameters import SamplingParameters
 from tasks.progress import report
@@ -63,7 +64,14 @@ def check_dataset(table: TensorTable) -> None:
     if len(classes) < 2:
         raise InvalidDataset("every sample has the same label: a classifier needs at least two classes")
     if classes.min() < 0:
-        raise InvalidDataset("labels must be class indices 0..n-1: negative labels found")
+        raise InvalidDataset("labels must be class indices 0..n-1: negative labels found; remap them")
+    absent = np.setdiff1d(np.arange(classes.max() + 1), classes)
+    if len(absent):
+        shown = ", ".join(str(int(c)) for c in absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise InvalidDataset(
+            f"labels must be class indices 0..n-1, but {len(absent)} of 0..{int(classes.max())} have no samples "
+            f"({shown}): remap the labels to consecutive indices"
+        )
     if counts.min() < 5:
         raise InvalidDataset(
             f"class {int(classes[counts.argmin()])} has only {int(counts.min())} samples: stratified splits "
@@ -91,12 +99,25 @@ def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> 
     return {name: table.take(indices[name]) for name in SPLITS}
 
 
+def columns_of(params: SamplingParameters) -> Columns:
+    return Columns(features=params.feature_column, label=params.label_column, shape=params.input_shape)
+
+
+@task(name="fingerprint_source", cache_policy=NO_CACHE, persist_result=False)
+def fingerprint_source(params: SamplingParameters) -> str:
+    """What the source holds now (file listing with sizes and versions): new data means a new sample."""
+    return source_fingerprint(params.dataset)
+
+
 @task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
-def sample_dataset(store_url: str, params: SamplingParameters, seed: int) -> SampledDataset:
-    """Load the source, split it, and write each split as a Parquet tensor table."""
+def sample_dataset(store_url: str, params: SamplingParameters, seed: int, source_fingerprint: str) -> SampledDataset:
+    """Load the source, split it, and write each split as a Parquet tensor table.
+
+    ``source_fingerprint`` is not read here: it is in the signature so that the cache key changes with the
+    source's content, not only with its URL."""
     store = ArtifactStore(store_url)
     report("sample_dataset", f"loading {params.dataset}")
-    table = load_dataset(params.dataset)
+    table = load_dataset(params.dataset, columns_of(params))
     splits = split_dataset(table, params, seed)
     spec = feature_spec(table)
     refs = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import importlib
+
 import numpy as np
 from prefect import get_run_logger, task
 
@@ -13,6 +15,7 @@ from storage.store import ArtifactStore
 from storage.tables import TensorTable, read_parquet
 from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from tasks.caching import StageCachePolicy
+from tasks.errors import InvalidModel
 from tasks.parameters import TrainingParameters
 from tasks.progress import report
 
@@ -116,17 +119,91 @@ def train_model(
     )
 
 
+def build_default_mlp(spec: FeatureSpec, train_features: np.ndarray) -> keras.Model:
+    """For 1-D (tabular) samples: standardisation with the training split's mean and variance as the first layer
+    (so the .tflite takes raw values), then Dense64-Dense64-Dense(n_classes) softmax."""
+    import keras
+
+    values = train_features.reshape(len(train_features), -1).astype(np.float64)
+    inputs = keras.Input(shape=spec.shape, name="raw_input")
+    x = keras.layers.Normalization(mean=values.mean(axis=0), variance=values.var(axis=0), name="standardise")(inputs)
+    x = keras.layers.Dense(64, activation="relu", name="dense1")(x)
+    x = keras.layers.Dense(64, activation="relu", name="dense2")(x)
+    outputs = keras.layers.Dense(spec.n_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="ptqflow_mlp")
+
+
+def user_model_module(model: str) -> str | None:
+    """The module of a ``module:function`` model reference (its source is part of the training cache key)."""
+    return model.split(":", 1)[0] if ":" in model else None
+
+
+def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> keras.Model:
+    """The model named by ``--model`` for samples described by ``spec``.
+
+    Raises:
+        InvalidModel: the architecture does not fit the data, or a user function cannot be used.
+    """
+    import keras
+
+    rank = len(spec.shape)
+    if model == "auto":
+        model = "cnn" if rank == 3 else "mlp" if rank == 1 else ""
+        if not model:
+            raise InvalidModel(
+                f"samples of shape {list(spec.shape)} fit neither default model (cnn takes HxWxC, mlp takes 1-D): "
+                "pass --input-shape (e.g. H,W,1) or --model module:function"
+            )
+    if model == "cnn":
+        if rank != 3:
+            raise InvalidModel(f"--model cnn needs HxWxC samples, not shape {list(spec.shape)}: pass --input-shape")
+        return build_default_cnn(spec)
+    if model == "mlp":
+        return build_default_mlp(spec, train_features)
+    module_name, function_name = model.split(":", 1)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise InvalidModel(
+            f"cannot import model function {model!r} ({error}): put {module_name} on PYTHONPATH or fix the name"
+        ) from None
+    built = function(tuple(spec.shape), spec.n_classes)
+    if not isinstance(built, keras.Model):
+        raise InvalidModel(f"{model} returned {type(built).__name__}, not a keras.Model")
+    if tuple(built.input_shape[1:]) != tuple(spec.shape):
+        raise InvalidModel(
+            f"{model} builds a model for input shape {list(built.input_shape[1:])}, but the samples have shape "
+            f"{list(spec.shape)}: build the model from the input_shape argument"
+        )
+    if built.output_shape[-1] != spec.n_classes:
+        raise InvalidModel(
+            f"{model} builds a model with {built.output_shape[-1]} outputs for {spec.n_classes} classes: "
+            "use the n_classes argument for the last layer"
+        )
+    return built
+
+
 def fit_default_model(
     spec: FeatureSpec, train: TensorTable, validation: TensorTable, params: TrainingParameters, seed: int
 ) -> tuple[keras.Model, TrainingOutcome]:
-    """Pure stage function: seed everything, build the default CNN for ``spec`` and train it."""
+    """Pure stage function: seed everything, build the model ``params.model`` names for ``spec``, train it."""
     seed_everything(seed)
-    model = build_default_cnn(spec)
+    model = build_model(spec, params.model, train.features)
     outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
     return model, outcome
 
 
-@task(name="train_float_model", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
+def _user_code(inputs: dict) -> list[str]:
+    module = user_model_module(inputs["params"].model)
+    return [module] if module else []
+
+
+@task(
+    name="train_float_model",
+    cache_policy=StageCachePolicy(module=__name__, extra_code=_user_code),
+    persist_result=True,
+    result_serializer="json",
+)
 def train_float_model(store_url: str, dataset: SampledDataset, params: TrainingParameters, seed: int) -> TrainedModel:
     """Train the default CNN on the train split, early-stopping on the validation split."""
     store = ArtifactStore(store_url)

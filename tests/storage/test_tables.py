@@ -80,7 +80,7 @@ def test_batches_stream_across_row_groups(table):
 def test_missing_column_names_the_fix():
     sink = io.BytesIO()
     pq.write_table(pa.table({"pixels": pa.array([b"a"], pa.binary(1)), "label": [1]}), sink)
-    with pytest.raises(TensorTableError, match="no column\\(s\\) 'features'.*name the sample column"):
+    with pytest.raises(TensorTableError, match="no column\\(s\\) 'features'.*--feature-column"):
         read_parquet(sink.getvalue())
 
 

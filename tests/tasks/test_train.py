@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tasks.parameters import TrainingParameters
 from tasks.train import build_default_cnn, seed_everything, train_model
@@ -39,3 +40,82 @@ def test_same_seed_same_weights(digits_splits):
     assert outcome.epochs_run == 2
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+def _spec(shape, n_classes=3):
+    from tasks.artifacts import FeatureSpec
+
+    return FeatureSpec(shape=shape, dtype="float32", value_range=(0.0, 1.0), n_classes=n_classes,
+                       class_names=tuple(str(i) for i in range(n_classes)))
+
+
+def test_auto_picks_an_mlp_for_tabular_and_a_cnn_for_images():
+    from tasks.train import build_model
+
+    features = np.random.default_rng(0).normal(10, 3, (50, 5)).astype(np.float32)
+    mlp = build_model(_spec((5,)), "auto", features)
+    assert mlp.name == "ptqflow_mlp" and mlp.output_shape == (None, 3)
+    standardised = mlp.get_layer("standardise")(features)
+    np.testing.assert_allclose(np.asarray(standardised).mean(axis=0), 0, atol=1e-4)
+    assert build_model(_spec((6, 6, 3)), "auto", np.zeros((4, 6, 6, 3), np.float32)).name == "ptqflow_cnn"
+
+
+def test_shapes_that_fit_no_default_model_say_what_to_pass():
+    from tasks.errors import InvalidModel
+    from tasks.train import build_model
+
+    with pytest.raises(InvalidModel, match="pass --input-shape"):
+        build_model(_spec((8, 8)), "auto", np.zeros((4, 8, 8), np.float32))
+
+
+USER_MODULE = '''
+import keras
+
+def small(input_shape, n_classes):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))
+
+def wrong_shape(input_shape, n_classes):
+    inputs = keras.Input((2,))
+    return keras.Model(inputs, keras.layers.Dense(n_classes)(inputs))
+
+def wrong_outputs(input_shape, n_classes):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, keras.layers.Dense(n_classes + 1)(keras.layers.Flatten()(inputs)))
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"user_models_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, tmp_path / f"{name}.py"
+
+
+def test_a_user_model_function_is_imported_and_checked(user_module):
+    from tasks.errors import InvalidModel
+    from tasks.train import build_model
+
+    name, _ = user_module
+    features = np.zeros((4, 6, 6, 3), np.float32)
+    assert build_model(_spec((6, 6, 3)), f"{name}:small", features).output_shape == (None, 3)
+    with pytest.raises(InvalidModel, match="builds a model for input shape \\[2\\]"):
+        build_model(_spec((6, 6, 3)), f"{name}:wrong_shape", features)
+    with pytest.raises(InvalidModel, match="4 outputs for 3 classes"):
+        build_model(_spec((6, 6, 3)), f"{name}:wrong_outputs", features)
+    with pytest.raises(InvalidModel, match="cannot import model function"):
+        build_model(_spec((6, 6, 3)), f"{name}:missing", features)
+
+
+def test_the_user_models_source_is_part_of_the_training_cache_key(user_module):
+    from tasks.parameters import TrainingParameters
+    from tasks.train import train_float_model
+
+    name, path = user_module
+    policy = train_float_model.cache_policy
+    inputs = {"store_url": "file:///s", "params": TrainingParameters(model=f"{name}:small"), "seed": 0}
+    before = policy.compute_key(None, inputs, {})
+    path.write_text(USER_MODULE.replace("Flatten()", "GlobalAveragePooling2D()"))
+    assert policy.compute_key(None, inputs, {}) != before

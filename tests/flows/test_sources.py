@@ -1,0 +1,76 @@
+"""The pipeline on a user's own Parquet data: RGB images in a directory, and a tabular table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def write_rgb_parts(folder, parts: int, seed: int = 0, per_part: int = 300) -> None:
+    """uint8 RGB 32x32 images of 4 classes (a bright square in a class-specific corner, on noise)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for part in range(parts):
+        labels = rng.integers(0, 4, per_part)
+        images = rng.integers(0, 60, (per_part, 32, 32, 3)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            y, x = [(4, 4), (4, 20), (20, 4), (20, 20)][label]
+            images[i, y : y + 8, x : x + 8, label % 3] = 220
+        table = pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(images), "class": pa.array(labels)})
+        pq.write_table(table, str(folder / f"part-{part}.parquet"))
+
+
+def test_rgb_images_from_a_parquet_directory(cli, tmp_path):
+    data = tmp_path / "images"
+    write_rgb_parts(data, parts=2)
+    args = ["--dataset", str(data), "--feature-column", "image", "--label-column", "class", "--epochs", "8",
+            "--store", str(tmp_path / "store")]
+    first = cli("run", *args, "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(first.stdout)
+    assert result["metrics"]["accuracy_drop_pp"] <= 1.0 and result["metrics"]["full_integer"]
+
+    # New data in the directory: a new sample, so training and everything after it run again.
+    write_rgb_parts(data, parts=3)
+    second = json.loads(cli("run", *args, "--json").stdout)
+    assert not second["tasks"]["sample_dataset"]["cached"] and not second["tasks"]["train_float_model"]["cached"]
+    third = json.loads(cli("run", *args, "--json").stdout)
+    assert all(t["cached"] for t in third["tasks"].values())
+
+
+def test_tabular_features_get_an_mlp(cli, tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 900)
+    centers = rng.normal(0, 1.5, (3, 12))
+    values = ((centers[labels] + rng.normal(0, 1.0, (900, 12))) * 10 + 50).astype(np.float32)
+    pq.write_table(pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 12),
+                             "label": pa.array(labels)}), str(tmp_path / "tabular.parquet"))
+    run = cli("run", "--dataset", str(tmp_path / "tabular.parquet"), "--epochs", "30", "--store",
+              str(tmp_path / "store"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["metrics"]["float_accuracy"] > 0.8
+    assert result["metrics"]["accuracy_drop_pp"] <= 1.0 and result["metrics"]["full_integer"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "/no/such/data.parquet"], "does not exist"),
+        (["--dataset", "s3://KEY:SECRET@bucket/data.parquet"], "invalid --dataset: Value error, the data set URL carries credentials"),
+        (["--input-shape", "3,x"], "invalid --input-shape"),
+        (["--model", "not a model"], "invalid --model"),
+    ],
+)
+def test_bad_sources_fail_before_any_work(cli, tmp_path, args, message):
+    result = cli("run", "--store", str(tmp_path / "store"), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "SECRET" not in result.stderr
+    assert not (tmp_path / "store" / "blobs").exists()
