@@ -78,7 +78,8 @@ def _summary_markdown(summary: RunSummary) -> str:
     )
 
 
-@flow(name="ptq-pipeline", persist_result=False, validate_parameters=True)
+# Prefect persists a failed run's exception even with persist_result=False; JSON keeps it from being a pickle.
+@flow(name="ptq-pipeline", persist_result=False, result_serializer="json", validate_parameters=True)
 def ptq_pipeline(
     store: str = DEFAULT_STORE,
     seed: int = 0,

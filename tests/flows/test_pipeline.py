@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -176,6 +177,24 @@ def test_gate_failure_fails_the_run_with_the_summary(prefect_server, tmp_path):
     assert summary.metrics["accuracy_drop_pp"] > 0
     assert summary.status == "failed" and not summary.gate.passed
     assert "accuracy gate failed" in str(error) and "--calibration-size" in str(error)
+
+
+def test_a_failed_runs_exception_is_persisted_as_json_not_pickle(prefect_server, tmp_path):
+    """Prefect persists a failed flow run's exception in its default result storage; it must not be a pickle."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from flows.pipeline import ptq_pipeline
+    from tasks.parameters import SamplingParameters
+
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    before = set(storage.iterdir()) if storage.exists() else set()
+    state = ptq_pipeline(store=str(tmp_path / "store"), sampling=SamplingParameters(dataset="nope"), return_state=True)
+    assert state.is_failed()
+    written = set(storage.iterdir()) - before
+    assert written, "expected Prefect to persist the failure"
+    for path in written:
+        record = json.loads(path.read_bytes())
+        assert record["__exc_type__"] == "tasks.errors.InvalidDataset"
 
 
 def test_unknown_dataset_fails_before_anything_is_written(prefect_server, tmp_path):
