@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from storage.store import ArtifactStore
-from tasks.parameters import CalibrationParameters, ConversionParameters, TensorType, TrainingParameters
+from tasks.parameters import CalibrationParameters, TrainingParameters
 from tasks.validate import audit_tensor_types
 
 pytestmark = pytest.mark.slow
