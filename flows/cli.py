@@ -182,6 +182,7 @@ def run(
         str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
     ] = None,
     model: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))] = None,
+    model_url: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model_url"))] = None,
     store: Annotated[
         str,
         typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
@@ -216,7 +217,7 @@ def run(
             SamplingParameters, as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
             input_shape=_shape(input_shape, as_json),
         ),
-        training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model),
+        training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model, model_url=model_url),
         calibration=_parameters(CalibrationParameters, as_json, calibration_size=calibration_size),
         conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
         gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),

@@ -26,7 +26,7 @@ from tasks.parameters import (
 )
 from tasks.publish import ExportRecord, export_store, publish_export
 from tasks.sample import fingerprint_source, sample_dataset
-from tasks.train import train_float_model
+from tasks.train import fingerprint_model, train_float_model
 from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
 DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
@@ -104,12 +104,15 @@ def ptq_pipeline(
         export_store(export)  # a bad export URL fails now, not after training
     run = StageRunner(artifact_store)
 
-    fingerprint = run.retrying(fingerprint_source)(sampling)
-    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=fingerprint)
+    # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
+    source = run.retrying(fingerprint_source)(sampling)
+    model_file = run.retrying(fingerprint_model)(training)
+
+    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source)
     # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
     # fails the run in seconds, not after the model has trained.
     calibration_set = run(materialize_calibration_set, dataset=dataset, params=calibration, seed=seed)
-    trained = run(train_float_model, dataset=dataset, params=training, seed=seed)
+    trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
     converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
     validated = run(validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation)
 

@@ -75,7 +75,11 @@ def source_fingerprint(name: str) -> str:
     backend offers). Part of the sampling stage's cache key, so new or changed files mean a new sample."""
     if is_builtin(name):
         return f"builtin:{name}"
-    fs, files = _parquet_files(name)
+    return files_fingerprint(*_parquet_files(name))
+
+
+def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
+    """sha256 of each file's path, size and ETag / checksum / mtime, as the backend offers: cheap (no reads)."""
     listing = []
     for path in files:
         info = fs.info(path)

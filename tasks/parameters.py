@@ -31,6 +31,17 @@ class TargetOps(str, Enum):
     select = "select"
 
 
+def refuse_credentials(url: str | None, what: str) -> str | None:
+    """Parameters are stored by Prefect and shown in its UI: a URL that carries a secret is refused."""
+    parts = urlsplit(url or "")
+    if parts.password or (parts.username and parts.scheme not in ("", "file")):
+        raise ValueError(
+            f"{what} carries credentials: remove them and use the backend's standard sources "
+            "(environment variables, profiles) or PTQFLOW_STORAGE_OPTIONS"
+        )
+    return url
+
+
 class _Parameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -52,14 +63,7 @@ class SamplingParameters(_Parameters):
     @field_validator("dataset")
     @classmethod
     def _no_credentials_in_the_url(cls, dataset: str) -> str:
-        # Parameters are stored by Prefect and shown in its UI: a secret must never be one.
-        parts = urlsplit(dataset)
-        if parts.password or (parts.username and parts.scheme not in ("", "file")):
-            raise ValueError(
-                "the data set URL carries credentials: remove them and use the backend's standard sources "
-                "(environment variables, profiles) or PTQFLOW_STORAGE_OPTIONS"
-            )
-        return dataset
+        return refuse_credentials(dataset, "the data set URL")
 
     @field_validator("input_shape")
     @classmethod
@@ -84,12 +88,20 @@ class TrainingParameters(_Parameters):
         description="auto (cnn for HxWxC samples, mlp for 1-D), cnn, mlp, or module:function returning a Keras "
         "model for (input_shape, n_classes).",
     )
+    model_url: str | None = Field(
+        None, description="fsspec URL of a trained .keras model to quantize instead of training one."
+    )
     epochs: int = Field(60, ge=1, le=10_000, description="Maximum training epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, le=65_536, description="Training batch size.")
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0, description="Adam learning rate.")
     early_stopping_patience: int = Field(
         10, ge=1, description="Epochs without validation-loss improvement before training stops."
     )
+
+    @field_validator("model_url")
+    @classmethod
+    def _no_credentials_in_the_model_url(cls, url: str | None) -> str | None:
+        return refuse_credentials(url, "the model URL")
 
 
 class CalibrationParameters(_Parameters):

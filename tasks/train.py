@@ -7,14 +7,17 @@ from typing import TYPE_CHECKING
 
 import importlib
 
+import fsspec
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from storage.keras_models import keras_model_to_bytes
-from storage.store import ArtifactStore
+from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+from storage.store import STORE_OPTIONS_ENV, ArtifactStore, StoreError, check_url, storage_options_from_env
 from storage.tables import TensorTable, read_parquet
 from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from tasks.caching import StageCachePolicy
+from tasks.datasets import files_fingerprint
 from tasks.errors import InvalidModel
 from tasks.parameters import TrainingParameters
 from tasks.progress import report
@@ -170,17 +173,56 @@ def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> ke
     built = function(tuple(spec.shape), spec.n_classes)
     if not isinstance(built, keras.Model):
         raise InvalidModel(f"{model} returned {type(built).__name__}, not a keras.Model")
-    if tuple(built.input_shape[1:]) != tuple(spec.shape):
+    return check_model_fits(built, spec, f"{model} builds a model", "build the model from its arguments")
+
+
+def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str) -> keras.Model:
+    """Raise InvalidModel unless ``model`` takes the samples' shape and has one output per class."""
+    if tuple(model.input_shape[1:]) != tuple(spec.shape):
         raise InvalidModel(
-            f"{model} builds a model for input shape {list(built.input_shape[1:])}, but the samples have shape "
-            f"{list(spec.shape)}: build the model from the input_shape argument"
+            f"{what} for input shape {list(model.input_shape[1:])}, but the samples have shape {list(spec.shape)}: {fix}"
         )
-    if built.output_shape[-1] != spec.n_classes:
+    if model.output_shape[-1] != spec.n_classes:
+        raise InvalidModel(f"{what} with {model.output_shape[-1]} outputs for {spec.n_classes} classes: {fix}")
+    return model
+
+
+def _model_file(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        check_url(url)
+        fs, path = fsspec.core.url_to_fs(url, **storage_options_from_env(STORE_OPTIONS_ENV))
+    except (StoreError, ValueError, ImportError) as error:
+        raise InvalidModel(f"cannot open --model-url: {error}") from None
+    if not fs.isfile(path):
+        raise InvalidModel(f"--model-url {url} does not exist: pass the URL of a .keras file")
+    return fs, path
+
+
+def model_url_fingerprint(url: str | None) -> str:
+    """What the model file holds now (size and version, no read): part of the training stage's cache key."""
+    if not url:
+        return ""
+    fs, path = _model_file(url)
+    return files_fingerprint(fs, [path])
+
+
+def load_trained_model(url: str, spec: FeatureSpec) -> tuple[bytes, keras.Model]:
+    """Read and load a trained ``.keras`` model with Keras safe mode on (no Lambda layers or arbitrary code).
+
+    Raises:
+        InvalidModel: missing, unloadable, unsafe, or not fitting the data.
+    """
+    fs, path = _model_file(url)
+    data = fs.cat_file(path)
+    try:
+        model = keras_model_from_bytes(data)
+    except Exception as error:  # zip, h5, config and safe-mode errors all mean "cannot use this file"
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise InvalidModel(
-            f"{model} builds a model with {built.output_shape[-1]} outputs for {spec.n_classes} classes: "
-            "use the n_classes argument for the last layer"
-        )
-    return built
+            f"--model-url {url} is not a loadable .keras model ({detail}): save it with model.save('x.keras'); "
+            "Lambda layers and custom objects are refused (Keras safe mode)"
+        ) from None
+    return data, check_model_fits(model, spec, f"--model-url {url} is a model", "export a model for this data")
 
 
 def fit_default_model(
@@ -191,6 +233,11 @@ def fit_default_model(
     model = build_model(spec, params.model, train.features)
     outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
     return model, outcome
+
+
+@task(name="fingerprint_model", cache_policy=NO_CACHE, persist_result=False)
+def fingerprint_model(params: TrainingParameters) -> str:
+    return model_url_fingerprint(params.model_url)
 
 
 def _user_code(inputs: dict) -> list[str]:
@@ -204,13 +251,23 @@ def _user_code(inputs: dict) -> list[str]:
     persist_result=True,
     result_serializer="json",
 )
-def train_float_model(store_url: str, dataset: SampledDataset, params: TrainingParameters, seed: int) -> TrainedModel:
-    """Train the default CNN on the train split, early-stopping on the validation split."""
+def train_float_model(
+    store_url: str, dataset: SampledDataset, params: TrainingParameters, seed: int, model_fingerprint: str = ""
+) -> TrainedModel:
+    """Train the model on the train split, early-stopping on the validation split; or, with ``model_url``, take
+    the trained model as given (``model_fingerprint`` only keys the cache to the file's current content)."""
     store = ArtifactStore(store_url)
-    with store.open(dataset.train) as f:
-        train = read_parquet(f)
     with store.open(dataset.validation) as f:
         validation = read_parquet(f)
+    if params.model_url:
+        data, model = load_trained_model(params.model_url, dataset.spec)
+        accuracy = float((np.asarray(model.predict(validation.features.astype(np.float32), verbose=0)).argmax(1)
+                          == validation.labels).mean())
+        ref = store.put_bytes(data, ".keras")
+        get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
+        return TrainedModel(model=ref, epochs_run=0, best_epoch=0, validation_accuracy=accuracy)
+    with store.open(dataset.train) as f:
+        train = read_parquet(f)
     model, outcome = fit_default_model(dataset.spec, train, validation, params, seed)
     ref = store.put_bytes(keras_model_to_bytes(model), ".keras")
     get_run_logger().info(

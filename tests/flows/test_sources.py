@@ -74,3 +74,30 @@ def test_bad_sources_fail_before_any_work(cli, tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "SECRET" not in result.stderr
     assert not (tmp_path / "store" / "blobs").exists()
+
+
+def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path, trained_digits_model, digits_splits):
+    import hashlib
+
+    from storage.keras_models import keras_model_to_bytes
+
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(keras_model_to_bytes(trained_digits_model))
+    args = ["--model-url", str(model_file), "--store", str(tmp_path / "store"), "--json"]
+    first = cli("run", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(first.stdout)
+    assert result["artifacts"]["model"]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert result["metrics"]["full_integer"] and result["metrics"]["accuracy_drop_pp"] <= 1.0
+    assert result["tasks"]["train_float_model"]["seconds"] < 30  # loaded, not trained
+
+    # A different model at the same URL: the training stage takes it, and everything after it reruns.
+    from tasks.train import build_default_cnn
+
+    other = build_default_cnn(digits_splits[0])
+    other.set_weights([w * 0.5 for w in trained_digits_model.get_weights()])
+    model_file.write_bytes(keras_model_to_bytes(other))
+    second = json.loads(cli("run", *args).stdout)
+    assert not second["tasks"]["train_float_model"]["cached"]
+    assert not second["tasks"]["convert_to_tflite"]["cached"]
+    assert second["artifacts"]["model"]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()

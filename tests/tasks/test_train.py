@@ -119,3 +119,34 @@ def test_the_user_models_source_is_part_of_the_training_cache_key(user_module):
     before = policy.compute_key(None, inputs, {})
     path.write_text(USER_MODULE.replace("Flatten()", "GlobalAveragePooling2D()"))
     assert policy.compute_key(None, inputs, {}) != before
+
+
+def test_a_trained_model_url_is_loaded_in_safe_mode_and_checked(tmp_path, digits_splits):
+    import keras
+
+    from storage.keras_models import keras_model_to_bytes
+    from tasks.errors import InvalidModel
+    from tasks.parameters import TrainingParameters
+    from tasks.train import build_default_cnn, load_trained_model, model_url_fingerprint
+
+    spec, _ = digits_splits
+    good = tmp_path / "good.keras"
+    good.write_bytes(keras_model_to_bytes(build_default_cnn(spec)))
+    data, model = load_trained_model(str(good), spec)
+    assert data == good.read_bytes() and model.output_shape == (None, 10)
+    assert model_url_fingerprint(str(good)) and model_url_fingerprint(None) == ""
+
+    inputs = keras.Input((8, 8, 1))
+    unsafe = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs))))
+    (tmp_path / "unsafe.keras").write_bytes(keras_model_to_bytes(unsafe))
+    with pytest.raises(InvalidModel, match="not a loadable .keras model.*safe mode"):
+        load_trained_model(str(tmp_path / "unsafe.keras"), spec)
+
+    other = keras.Input((4,))
+    (tmp_path / "other.keras").write_bytes(keras_model_to_bytes(keras.Model(other, keras.layers.Dense(10)(other))))
+    with pytest.raises(InvalidModel, match="is a model for input shape \\[4\\]"):
+        load_trained_model(str(tmp_path / "other.keras"), spec)
+    with pytest.raises(InvalidModel, match="does not exist"):
+        load_trained_model(str(tmp_path / "missing.keras"), spec)
+    with pytest.raises(ValueError, match="carries credentials"):
+        TrainingParameters(model_url="s3://key:secret@bucket/m.keras")
