@@ -192,6 +192,9 @@ def run(
     calibration_size: Annotated[
         int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
     ] = None,
+    calibration_source: Annotated[
+        str | None, typer.Option(help=_help(CalibrationParameters, "calibration_source"))
+    ] = None,
     input_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "input_type"))] = None,
     output_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "output_type"))] = None,
     ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
@@ -218,7 +221,9 @@ def run(
             input_shape=_shape(input_shape, as_json),
         ),
         training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model, model_url=model_url),
-        calibration=_parameters(CalibrationParameters, as_json, calibration_size=calibration_size),
+        calibration=_parameters(
+            CalibrationParameters, as_json, calibration_size=calibration_size, calibration_source=calibration_source
+        ),
         conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
         gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),
     )

@@ -25,7 +25,7 @@ from tasks.parameters import (
     ValidationParameters,
 )
 from tasks.publish import ExportRecord, export_store, publish_export
-from tasks.sample import fingerprint_source, sample_dataset
+from tasks.sample import columns_of, fingerprint_source, sample_dataset
 from tasks.train import fingerprint_model, train_float_model
 from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
@@ -105,13 +105,17 @@ def ptq_pipeline(
     run = StageRunner(artifact_store)
 
     # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
-    source = run.retrying(fingerprint_source)(sampling)
+    source = run.retrying(fingerprint_source)(sampling.dataset)
+    calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
     model_file = run.retrying(fingerprint_model)(training)
 
     dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source)
     # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
     # fails the run in seconds, not after the model has trained.
-    calibration_set = run(materialize_calibration_set, dataset=dataset, params=calibration, seed=seed)
+    calibration_set = run(
+        materialize_calibration_set, dataset=dataset, params=calibration, seed=seed,
+        columns=columns_of(sampling), source_fingerprint=calibration_source,
+    )
     trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
     converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
     validated = run(validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation)

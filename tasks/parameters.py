@@ -108,6 +108,16 @@ class CalibrationParameters(_Parameters):
     calibration_size: int = Field(
         200, ge=1, le=1_000_000, description="Samples drawn (stratified) from the training split for calibration."
     )
+    calibration_source: str | None = Field(
+        None,
+        description="fsspec URL of a Parquet table with the data set's schema to calibrate on instead "
+        "(e.g. a sample of production inputs).",
+    )
+
+    @field_validator("calibration_source")
+    @classmethod
+    def _no_credentials_in_the_source(cls, url: str | None) -> str | None:
+        return refuse_credentials(url, "the calibration source URL")
 
 
 class ConversionParameters(_Parameters):

@@ -104,9 +104,9 @@ def columns_of(params: SamplingParameters) -> Columns:
 
 
 @task(name="fingerprint_source", cache_policy=NO_CACHE, persist_result=False)
-def fingerprint_source(params: SamplingParameters) -> str:
-    """What the source holds now (file listing with sizes and versions): new data means a new sample."""
-    return source_fingerprint(params.dataset)
+def fingerprint_source(source: str | None) -> str:
+    """What a data source holds now (file listing with sizes and versions): new data means a new sample."""
+    return source_fingerprint(source) if source else ""
 
 
 @task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")

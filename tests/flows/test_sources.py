@@ -101,3 +101,35 @@ def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path,
     assert not second["tasks"]["train_float_model"]["cached"]
     assert not second["tasks"]["convert_to_tflite"]["cached"]
     assert second["artifacts"]["model"]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
+def test_calibration_from_another_parquet_source(cli, tmp_path):
+    data, production = tmp_path / "images", tmp_path / "production"
+    write_rgb_parts(data, parts=2)
+    write_rgb_parts(production, parts=1, seed=7, per_part=120)
+    base = ["--dataset", str(data), "--feature-column", "image", "--label-column", "class", "--epochs", "6",
+            "--store", str(tmp_path / "store"), "--json"]
+    own = json.loads(cli("run", *base).stdout)
+    run = cli("run", *base, "--calibration-source", str(production), "--calibration-size", "100")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["tasks"]["train_float_model"]["cached"]  # same model, other calibration data
+    assert not result["tasks"]["materialize_calibration_set"]["cached"]
+    assert result["artifacts"]["calibration"]["sha256"] != own["artifacts"]["calibration"]["sha256"]
+    assert result["metrics"]["accuracy_drop_pp"] <= 1.0
+
+    too_few = cli("run", *base, "--calibration-source", str(production), "--calibration-size", "500")
+    assert too_few.returncode == 2 and "the calibration source" in too_few.stderr and "has only 120" in too_few.stderr
+
+
+def test_a_calibration_source_of_another_shape_is_refused(cli, tmp_path):
+    data = tmp_path / "images"
+    write_rgb_parts(data, parts=1)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((50, 8, 8, 3), np.uint8)),
+                             "class": pa.array(np.arange(50) % 4)}), str(other))
+    run = cli("run", "--dataset", str(data), "--feature-column", "image", "--label-column", "class",
+              "--calibration-source", str(other), "--store", str(tmp_path / "store"))
+    assert run.returncode == 2
+    assert "samples of shape [8, 8, 3], but the data set's are uint8 of shape [32, 32, 3]" in run.stderr
+    assert not list((tmp_path / "store" / "blobs").rglob("*.keras"))  # refused before training
