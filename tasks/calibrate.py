@@ -1,4 +1,5 @@
-"""Stage 3, materialize_calibration_set: the representative data set, drawn from the training split."""
+"""Stage 3, materialize_calibration_set: the representative data set, drawn from the training split (or from
+another Parquet source with the data set's schema)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from prefect import get_run_logger, task
 from storage.store import ArtifactStore
 from storage.tables import Columns, TensorTable, read_parquet, write_parquet_bytes
 from tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
-from tasks.datasets import load_dataset
 from tasks.caching import StageCachePolicy
+from tasks.datasets import load_dataset
 from tasks.errors import InvalidDataset
 from tasks.parameters import CalibrationParameters
 from tasks.sample import stratified_choice

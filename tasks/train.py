@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import importlib
 
 import fsspec
 import numpy as np
