@@ -109,6 +109,19 @@ def storage_options_from_env(variable: str) -> dict[str, Any]:
     return options
 
 
+def filesystem_for(url: str, options_env: str = STORE_OPTIONS_ENV) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of ``url``; credentials come from the environment, never from the URL.
+
+    Raises:
+        StoreError: the URL carries credentials, or names a backend that is not installed or understood.
+    """
+    check_url(url)
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options_from_env(options_env))
+    except (ValueError, ImportError) as error:
+        raise StoreError(f"cannot open {url!r}: {error}") from None
+
+
 class ArtifactStore:
     """Writes and reads artifacts under one root URL (``./ptqflow-store``, ``s3://bucket/prefix``, ``memory://x``).
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.store import STORE_OPTIONS_ENV, StoreError, check_url, storage_options_from_env
+from storage.store import StoreError, filesystem_for
 from storage.tables import Columns, TensorTable, TensorTableError, arrow_to_tensor_table, check_columns
 from tasks.errors import InvalidDataset
 
@@ -55,10 +55,9 @@ def _parquet_files(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
             "or pass the URL of a Parquet file or directory"
         )
     try:
-        check_url(url)
-        fs, path = fsspec.core.url_to_fs(url, **storage_options_from_env(STORE_OPTIONS_ENV))
-    except (StoreError, ValueError, ImportError) as error:
-        raise InvalidDataset(f"cannot open data set {url!r}: {error}") from None
+        fs, path = filesystem_for(url)
+    except StoreError as error:
+        raise InvalidDataset(f"cannot open the data set: {error}") from None
     if not fs.exists(path):
         raise InvalidDataset(
             f"data set {url!r} does not exist: pass a Parquet file or directory URL, or a built-in name "

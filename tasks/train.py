@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
-from storage.store import STORE_OPTIONS_ENV, ArtifactStore, StoreError, check_url, storage_options_from_env
+from storage.store import ArtifactStore, StoreError, filesystem_for
 from storage.tables import TensorTable, read_parquet
 from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from tasks.caching import StageCachePolicy
@@ -188,9 +188,8 @@ def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str)
 
 def _model_file(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        check_url(url)
-        fs, path = fsspec.core.url_to_fs(url, **storage_options_from_env(STORE_OPTIONS_ENV))
-    except (StoreError, ValueError, ImportError) as error:
+        fs, path = filesystem_for(url)
+    except StoreError as error:
         raise InvalidModel(f"cannot open --model-url: {error}") from None
     if not fs.isfile(path):
         raise InvalidModel(f"--model-url {url} does not exist: pass the URL of a .keras file")
