@@ -79,6 +79,24 @@ def trained_digits_model(digits_splits):
     return model
 
 
+def write_outlier_model(model, path) -> None:
+    """Save a copy of ``model`` that computes the same function but quantizes badly: one unit of the hidden
+    Dense layer is scaled up 1000x (and its outgoing weights down 1000x; ReLU is positively homogeneous), so that
+    layer's activation range is dominated by one outlier and int8 leaves the other units almost no resolution."""
+    from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+
+    copy = keras_model_from_bytes(keras_model_to_bytes(model))
+    dense, head = copy.get_layer("dense"), copy.get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    kernel[:, 0] *= 1000.0
+    bias[0] *= 1000.0
+    dense.set_weights([kernel, bias])
+    head_kernel, head_bias = head.get_weights()
+    head_kernel[0, :] /= 1000.0
+    head.set_weights([head_kernel, head_bias])
+    path.write_bytes(keras_model_to_bytes(copy))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

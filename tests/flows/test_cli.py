@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import ptqflow_executable
+from conftest import ptqflow_executable, write_outlier_model
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +51,13 @@ def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, cli, store
     assert json.loads(first_run.stdout)["artifacts"]["tflite"]["uri"] in out.replace("\n", "")
 
 
-def test_failed_gate_exits_non_zero_with_the_results(cli, store):
-    failed = cli("run", "--store", store, "--epochs", "3", "--max-accuracy-drop", "0", "--json")
+def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
+    model_file = tmp_path / "outlier.keras"
+    write_outlier_model(trained_digits_model, model_file)  # same float function, collapses under int8
+    failed = cli("run", "--store", store, "--model-url", str(model_file), "--json")
     assert failed.returncode == 1, failed.stderr[-3000:]
     result = json.loads(failed.stdout)
-    assert result["status"] == "failed" and result["metrics"]["accuracy_drop_pp"] > 0
+    assert result["status"] == "failed" and result["metrics"]["accuracy_drop_pp"] > 1.0
     assert "Traceback" not in failed.stderr
 
 

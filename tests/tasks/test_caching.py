@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from storage.store import ArtifactRef
 import tasks.calibrate
+from storage.store import ArtifactRef
 from tasks import caching
 from tasks.caching import code_digest, stage_cache_key
 from tasks.parameters import CalibrationParameters
