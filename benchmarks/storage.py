@@ -38,7 +38,6 @@ def run(repeats: int = 3) -> list[Result]:
     count = TARGET_BYTES // int(np.prod(SHAPE))
     table = TensorTable(synthetic_images(count), np.random.default_rng(1).integers(0, 10, count))
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
-        store = ArtifactStore(os.path.join(tmp, "store"))
         npy = os.path.join(tmp, "features.npy")
         refs = []
 
@@ -65,7 +64,6 @@ def run(repeats: int = 3) -> list[Result]:
         np_read_s, np_read_all = median_seconds(baseline_read, repeats)
         assert np.array_equal(ours_read().features, baseline_read()[0])
         parquet_bytes, npy_bytes = refs[-1][1].bytes, os.path.getsize(npy)
-        del store
     common = dict(ours_label="Parquet via the store (sha256-verified)", baseline_label="np.save / np.load")
     size_mb = table.features.nbytes / 2**20
     return [
