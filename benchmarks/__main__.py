@@ -57,6 +57,26 @@ def _print(results: list[dict]) -> None:
     Console(width=160).print(table)
 
 
+def _merged(previous: dict, fresh: dict) -> dict:
+    """A partial run (``--only``) replaces its own benchmarks' rows in place and keeps the others, each row with
+    the time it was measured; the machine must be the same one."""
+    if previous.get("machine", {}).get("cpu") != fresh["machine"]["cpu"]:
+        raise SystemExit("results.json was measured on another machine: rerun every benchmark, without --only")
+    names = {r["name"] for r in fresh["results"]}
+    merged, placed = [], False
+    for row in previous["results"]:
+        if row["name"] in names:
+            if not placed:
+                merged += fresh["results"]
+                placed = True
+        else:
+            merged.append({"measured_at": previous["generated_at"], **row})
+    if not placed:
+        merged += fresh["results"]
+    # The whole suite's time is known only from a full run: keep the last one's.
+    return {**fresh, "total_seconds": previous["total_seconds"], "results": merged}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(MODULES)}")
@@ -74,7 +94,8 @@ def main() -> None:
     for name in modules:
         module_started = time.perf_counter()
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results += _run_module(name, args.repeats)
+        measured_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        results += [{**r, "measured_at": measured_at} for r in _run_module(name, args.repeats)]
         print(f"  {name}: {time.perf_counter() - module_started:.0f} s", file=sys.stderr, flush=True)
     document = {
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -83,9 +104,11 @@ def main() -> None:
         "machine": machine(),
         "results": results,
     }
+    if args.only and args.output.exists():
+        document = _merged(json.loads(args.output.read_text(encoding="utf-8")), document)
     args.output.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     _print(results)
-    if not args.no_readme and not args.only:
+    if not args.no_readme:
         from benchmarks.readme import update_readme
 
         update_readme(ROOT / "README.md", document)

@@ -20,13 +20,18 @@ def _figure(value: float, unit: str) -> str:
     return f"{value:.2f} {unit}"
 
 
+def _when(results: dict[str, Any]) -> str:
+    times = sorted({r.get("measured_at", results["generated_at"]) for r in results["results"]})
+    return times[0] if len(times) == 1 else f"measured {times[0]} to {times[-1]}"
+
+
 def render_table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Measured on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB "
         f"(CPU flags: {', '.join(m['cpu_flags']) or 'none of note'}); TensorFlow "
         f"{m['libraries'].get('tensorflow-cpu') or m['libraries'].get('tensorflow')}, LiteRT "
-        f"{m['libraries'].get('ai-edge-litert')}; {results['generated_at']}; medians of {results['repeats']} runs "
+        f"{m['libraries'].get('ai-edge-litert')}; {_when(results)}; medians of {results['repeats']} runs "
         f"where repeated; whole suite {results['total_seconds'] / 60:.1f} min.",
         "",
         "| benchmark | ptqflow | baseline | ratio | target | met |",

@@ -181,6 +181,7 @@ def run(
     input_shape: Annotated[
         str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
     ] = None,
+    sample_size: Annotated[int | None, typer.Option(help=_help(SamplingParameters, "sample_size"))] = None,
     model: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))] = None,
     model_url: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model_url"))] = None,
     store: Annotated[
@@ -218,7 +219,7 @@ def run(
         seed=seed,
         sampling=_parameters(
             SamplingParameters, as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
-            input_shape=_shape(input_shape, as_json),
+            input_shape=_shape(input_shape, as_json), sample_size=sample_size,
         ),
         training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model, model_url=model_url),
         calibration=_parameters(

@@ -133,7 +133,7 @@ def _checked_dtype(values: np.ndarray, columns: Columns) -> np.ndarray:
     return values
 
 
-def _column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()) -> np.ndarray:
+def column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     name = columns.features
@@ -165,7 +165,7 @@ def _column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], c
     )
 
 
-def _labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Columns()) -> np.ndarray:
+def labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Columns()) -> np.ndarray:
     if not pa.types.is_integer(column.type):
         raise TensorTableError(
             f"column '{columns.label}' has type {column.type}: labels must be integer class indices 0..n-1"
@@ -188,8 +188,8 @@ def arrow_to_tensor_table(table: pa.Table, columns: Columns = Columns()) -> Tens
     check_columns(table.schema, columns)
     meta = table_metadata(table.schema)
     return TensorTable(
-        _column_to_numpy(table.column(columns.features), meta, columns),
-        _labels_to_numpy(table.column(columns.label), columns),
+        column_to_numpy(table.column(columns.features), meta, columns),
+        labels_to_numpy(table.column(columns.label), columns),
         meta,
     )
 
@@ -211,4 +211,4 @@ def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndar
     check_columns(schema)
     meta = table_metadata(schema)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=[FEATURES]):
-        yield _column_to_numpy(batch.column(0), meta)
+        yield column_to_numpy(batch.column(0), meta)

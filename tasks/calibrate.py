@@ -10,10 +10,15 @@ from storage.store import ArtifactStore
 from storage.tables import Columns, TensorTable, read_parquet, write_parquet_bytes
 from tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
 from tasks.caching import StageCachePolicy
-from tasks.datasets import load_dataset
+from tasks.datasets import Draw, load_dataset
 from tasks.errors import InvalidDataset
 from tasks.parameters import CalibrationParameters
-from tasks.sample import stratified_choice
+from tasks.stratify import draw_stratified
+
+
+def calibration_seed(seed: int) -> tuple[int, int]:
+    # A generator of its own (seed offset) so the draw does not depend on how many numbers the split consumed.
+    return (seed, 3)
 
 
 def draw_calibration_set(train: TensorTable, size: int, seed: int, where: str = "the training split") -> TensorTable:
@@ -22,14 +27,9 @@ def draw_calibration_set(train: TensorTable, size: int, seed: int, where: str = 
     Raises:
         InvalidDataset: ``train`` has fewer than ``size`` samples.
     """
-    if size > len(train):
-        raise InvalidDataset(
-            f"calibration set of {size} samples asked for, but {where} has only {len(train)}: "
-            f"pass --calibration-size {len(train)} or less"
-        )
-    # A generator of its own (seed offset) so the draw does not depend on how many numbers the split consumed.
-    rng = np.random.default_rng([seed, 3])
-    return train.take(stratified_choice(train.labels, size, rng))
+    rng = np.random.default_rng(list(calibration_seed(seed)))
+    chosen = draw_stratified(train.labels, size, rng, what="calibration set", where=where, option="--calibration-size")
+    return train.take(chosen)
 
 
 def check_matches_spec(table: TensorTable, spec: FeatureSpec, where: str) -> TensorTable:
@@ -61,12 +61,15 @@ def materialize_calibration_set(
     store = ArtifactStore(store_url)
     if params.calibration_source:
         where = f"the calibration source {params.calibration_source}"
-        pool = check_matches_spec(load_dataset(params.calibration_source, columns), dataset.spec, where)
+        # Drawn while reading: a production sample of any size is never held whole.
+        draw = Draw(
+            params.calibration_size, calibration_seed(seed), role="the calibration source", what="calibration set",
+            option="--calibration-size",
+        )
+        calibration = check_matches_spec(load_dataset(params.calibration_source, columns, draw), dataset.spec, where)
     else:
-        where = "the training split"
         with store.open(dataset.train) as f:
-            pool = read_parquet(f)
-    calibration = draw_calibration_set(pool, params.calibration_size, seed, where)
+            calibration = draw_calibration_set(read_parquet(f), params.calibration_size, seed)
     ref = store.put_bytes(write_parquet_bytes(calibration), ".parquet")
     get_run_logger().info("calibration set: %d samples", len(calibration))
     return CalibrationSet(table=ref, samples=len(calibration))

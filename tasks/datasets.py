@@ -1,15 +1,23 @@
 """Data sources, loaded as tensor tables of raw values (no scaling: the model scales its own input).
 
-A source is a built-in name (``digits``) or any fsspec URL of a Parquet file or of a directory of Parquet files,
+A source is a built-in name (``digits`` from scikit-learn, offline; ``mnist``, ``fashion_mnist``, ``cifar10``
+through ``keras.datasets``) or any fsspec URL of a Parquet file or of a directory of Parquet files,
 whose sample column is a ``fixed_shape_tensor``, a fixed-size list, or fixed-size binary (shape from the type,
 ``--input-shape`` or the file's ``ptqflow`` metadata) and whose label column holds integer class indices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -17,8 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.store import StoreError, filesystem_for
-from storage.tables import Columns, TensorTable, TensorTableError, arrow_to_tensor_table, check_columns
+from storage.tables import (
+    Columns,
+    TensorTable,
+    TensorTableError,
+    arrow_to_tensor_table,
+    check_columns,
+    column_to_numpy,
+    labels_to_numpy,
+    table_metadata,
+)
 from tasks.errors import InvalidDataset
+from tasks.stratify import check_class_labels, draw_stratified
 
 
 def _load_digits() -> TensorTable:
@@ -39,7 +57,83 @@ def _load_digits() -> TensorTable:
     )
 
 
-BUILTIN_DATASETS = {"digits": _load_digits}
+@dataclass(frozen=True)
+class KerasDataset:
+    """A ``keras.datasets`` set: Keras downloads it once into its cache and checks it; ptqflow only names, for an
+    offline machine, which files to put where."""
+
+    module: str
+    files: tuple[tuple[str, str], ...]  # (origin URL, path under Keras's cache directory)
+    class_names: tuple[str, ...]
+
+    def cache_dir(self) -> str:
+        from keras.src.backend import (
+            config,  # where get_file caches: $KERAS_HOME, else ~/.keras
+        )
+
+        base = os.path.expanduser(config.keras_home())
+        if not os.access(base, os.W_OK):  # get_file's own fallback for a read-only home
+            base = os.path.join(tempfile.gettempdir(), ".keras")
+        return os.path.join(base, "datasets")
+
+    def where_to_put_the_files(self) -> str:
+        return "; ".join(f"{origin} as {os.path.join(self.cache_dir(), name)}" for origin, name in self.files)
+
+
+_KERAS_STORE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+KERAS_DATASETS = {
+    "mnist": KerasDataset("mnist", ((f"{_KERAS_STORE}mnist.npz", "mnist.npz"),), tuple(str(d) for d in range(10))),
+    "fashion_mnist": KerasDataset(
+        "fashion_mnist",
+        tuple((f"{_KERAS_STORE}{f}", f"fashion-mnist/{f}") for f in (
+            "train-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+    "cifar10": KerasDataset(
+        "cifar10",
+        (("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py-target_archive"),),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+}
+
+
+def _load_keras_dataset(name: str) -> TensorTable:
+    """The real ``keras.datasets`` loader (downloads once, then reads Keras's cache); train and test parts are
+    joined, because ptqflow draws its own seeded, stratified splits."""
+    import importlib
+
+    dataset = KERAS_DATASETS[name]
+    loader = importlib.import_module(f"keras.datasets.{dataset.module}")
+    try:
+        # Keras prints its download progress to stdout; stderr keeps stdout for ptqflow's own output (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            (x_train, y_train), (x_test, y_test) = loader.load_data()
+    except Exception as error:  # Keras raises a bare Exception for a failed download
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "URL fetch failure" in reason:
+            raise InvalidDataset(
+                f"cannot download the {name} data set ({reason}); on a machine without internet, put "
+                f"{dataset.where_to_put_the_files()}, then rerun"
+            ) from None
+        raise InvalidDataset(
+            f"Keras's cached copy of {name} in {dataset.cache_dir()} is unreadable ({reason}): delete it and rerun "
+            "to download it again"
+        ) from None
+    features = np.concatenate([x_train, x_test])
+    if features.ndim == 3:  # grayscale images come without a channel axis
+        features = features[..., np.newaxis]
+    labels = np.concatenate([np.ravel(y_train), np.ravel(y_test)]).astype(np.int64)
+    return TensorTable(
+        np.ascontiguousarray(features, dtype=np.uint8),
+        labels,
+        {"source": name, "value_range": [0.0, 255.0], "class_names": list(dataset.class_names)},
+    )
+
+
+BUILTIN_DATASETS = {"digits": _load_digits} | {
+    name: functools.partial(_load_keras_dataset, name) for name in KERAS_DATASETS
+}
 
 
 def is_builtin(name: str) -> bool:
@@ -88,30 +182,25 @@ def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read_parquet_source(url: str, columns: Columns) -> TensorTable:
-    fs, files = _parquet_files(url)
-    tables = []
-    for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                check_columns(parquet.schema_arrow, columns)
-                tables.append(parquet.read(columns=[columns.features, columns.label]))
-        except TensorTableError as error:
-            raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
-        except (pa.ArrowException, OSError) as error:
-            raise InvalidDataset(
-                f"{fs.unstrip_protocol(path)} is not a readable Parquet file ({str(error).splitlines()[0]}): "
-                "rewrite it, or remove it from the directory"
-            ) from None
+@contextlib.contextmanager
+def _reading(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> Iterator[pq.ParquetFile]:
+    """Open one Parquet file of a source; any problem with it becomes a one-line error naming the file."""
     try:
-        table = pa.concat_tables(tables)
-    except pa.ArrowInvalid:
-        raise InvalidDataset(f"the Parquet files under {url!r} have different schemas: give them one schema") from None
-    try:
-        loaded = arrow_to_tensor_table(table, columns)
+        with fs.open(path, "rb") as f:
+            # No pre-buffering: pyarrow would otherwise read whole column chunks ahead (see storage/tables.py).
+            parquet = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            check_columns(parquet.schema_arrow, columns)
+            yield parquet
     except TensorTableError as error:
-        raise InvalidDataset(str(error)) from None
+        raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+    except (pa.ArrowException, OSError) as error:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(path)} is not a readable Parquet file ({str(error).splitlines()[0]}): "
+            "rewrite it, or remove it from the directory"
+        ) from None
+
+
+def _with_source(loaded: TensorTable, url: str) -> TensorTable:
     meta = dict(loaded.metadata)
     meta["source"] = url
     if "value_range" not in meta:
@@ -124,12 +213,114 @@ def _read_parquet_source(url: str, columns: Columns) -> TensorTable:
     return TensorTable(loaded.features, loaded.labels, meta)
 
 
-def load_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
-    """Load a built-in data set by name, or a Parquet file or directory by URL.
+def _read_parquet_source(url: str, columns: Columns) -> TensorTable:
+    fs, files = _parquet_files(url)
+    tables = []
+    for path in files:
+        with _reading(fs, path, columns) as parquet:
+            tables.append(parquet.read(columns=[columns.features, columns.label]))
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowInvalid:
+        raise InvalidDataset(f"the Parquet files under {url!r} have different schemas: give them one schema") from None
+    try:
+        return _with_source(arrow_to_tensor_table(table, columns), url)
+    except TensorTableError as error:
+        raise InvalidDataset(str(error)) from None
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A seeded, stratified draw of ``size`` samples, made while reading a source: ``what``, ``option`` and
+    ``min_per_class`` shape its errors (see ``tasks.stratify.draw_stratified``)."""
+
+    size: int
+    seed: tuple[int, ...]
+    role: str = "the data set"
+    what: str = "sample"
+    option: str = "--sample-size"
+    min_per_class: int = 0
+
+    def indices(self, labels: np.ndarray, where: str) -> np.ndarray:
+        if self.min_per_class:
+            check_class_labels(labels)
+        return draw_stratified(
+            labels, self.size, np.random.default_rng(list(self.seed)),
+            what=self.what, where=where, option=self.option, min_per_class=self.min_per_class,
+        )
+
+
+BATCH_BYTES = 16 << 20
+
+
+def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw) -> TensorTable:
+    """Two passes: every file's label column (8 bytes a row), then, in batches of about ``BATCH_BYTES``, only the
+    row groups holding drawn rows; a source of any size is never held whole."""
+    fs, files = _parquet_files(url)
+    labels_per_file = []
+    for path in files:
+        with _reading(fs, path, columns) as parquet:
+            try:
+                labels_per_file.append(labels_to_numpy(parquet.read(columns=[columns.label]).column(0), columns))
+            except TensorTableError as error:
+                raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+    labels = np.concatenate(labels_per_file) if labels_per_file else np.zeros(0, np.int64)
+    if not len(labels):
+        raise InvalidDataset(f"{draw.role} {url} is empty: point it at a table with samples")
+    chosen = draw.indices(labels, f"{draw.role} {url}")
+    # Rows are read in file order (sorted) and written straight to their place in the draw's order (classes
+    # interleaved, as an in-memory draw gives them): one array of the sample's size, no concatenation copies.
+    by_position = np.argsort(chosen, kind="stable")
+    wanted = chosen[by_position]
+    features: np.ndarray | None = None
+    filled = 0
+    metadata: dict[str, Any] | None = None
+    file_start = 0
+    for path, file_labels in zip(files, labels_per_file):
+        with _reading(fs, path, columns) as parquet:
+            meta = table_metadata(parquet.schema_arrow)
+            metadata = meta if metadata is None else metadata
+            group_start = file_start
+            for group in range(parquet.num_row_groups):
+                info = parquet.metadata.row_group(group)
+                lo, hi = np.searchsorted(wanted, [group_start, group_start + info.num_rows])
+                if lo < hi:
+                    in_group = wanted[lo:hi] - group_start
+                    rows = max(1, BATCH_BYTES * info.num_rows // max(1, info.total_byte_size))
+                    batch_start = 0
+                    for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=[columns.features]):
+                        a, b = np.searchsorted(in_group, [batch_start, batch_start + batch.num_rows])
+                        if a < b:
+                            taken = batch.column(0).take(pa.array(in_group[a:b] - batch_start))
+                            try:
+                                values = column_to_numpy(taken, meta, columns)
+                            except TensorTableError as error:
+                                raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+                            if features is None:
+                                features = np.empty((len(chosen), *values.shape[1:]), values.dtype)
+                            elif values.shape[1:] != features.shape[1:] or values.dtype != features.dtype:
+                                raise InvalidDataset(
+                                    f"the Parquet files under {url!r} have different schemas: give them one schema"
+                                )
+                            features[by_position[filled : filled + len(values)]] = values
+                            filled += len(values)
+                        batch_start += batch.num_rows
+                group_start += info.num_rows
+        file_start += len(file_labels)
+    return _with_source(TensorTable(features, labels[chosen], metadata or {}), url)
+
+
+def load_dataset(name: str, columns: Columns = Columns(), draw: Draw | None = None) -> TensorTable:
+    """Load a built-in data set by name, or a Parquet file or directory by URL; with ``draw``, only a seeded,
+    stratified sample of it (read from Parquet by row groups, never whole).
 
     Raises:
-        InvalidDataset: unknown name, missing or unreadable source, or a table ptqflow cannot use.
+        InvalidDataset: unknown name, missing or unreadable source, a table ptqflow cannot use, or a draw the
+            source cannot give.
     """
     if is_builtin(name):
-        return BUILTIN_DATASETS[name]()
-    return _read_parquet_source(name, columns)
+        table = BUILTIN_DATASETS[name]()
+        return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}"))
+    if draw is None:
+        return _read_parquet_source(name, columns)
+    return _draw_from_parquet_source(name, columns, draw)

@@ -48,12 +48,20 @@ class _Parameters(BaseModel):
 
 class SamplingParameters(_Parameters):
     dataset: str = Field(
-        "digits", description="Data set: a built-in name (digits) or an fsspec URL of a Parquet file or directory."
+        "digits",
+        description="Data set: a built-in name (digits; mnist, fashion_mnist, cifar10 through keras.datasets) or an "
+        "fsspec URL of a Parquet file or directory.",
     )
     feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
     label_column: str = Field("label", min_length=1, description="Column holding integer class indices.")
     input_shape: tuple[int, ...] | None = Field(
         None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
+    )
+    sample_size: int | None = Field(
+        None,
+        ge=10,
+        description="Use a seeded, stratified sample of this many rows (read by row groups; the source is never "
+        "loaded whole), then split it.",
     )
     validation_fraction: float = Field(
         0.15, gt=0.0, lt=0.5, description="Share of the samples held out for early stopping."

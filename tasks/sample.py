@@ -10,28 +10,13 @@ from storage.store import ArtifactStore
 from storage.tables import Columns, TensorTable, write_parquet_bytes
 from tasks.artifacts import FeatureSpec, SampledDataset
 from tasks.caching import StageCachePolicy
-from tasks.datasets import load_dataset, source_fingerprint
+from tasks.datasets import Draw, load_dataset, source_fingerprint
 from tasks.errors import InvalidDataset
 from tasks.parameters import SamplingParameters
 from tasks.progress import report
+from tasks.stratify import MIN_PER_CLASS, check_class_labels, stratified_choice
 
 SPLITS = ("train", "validation", "test")
-
-
-def stratified_choice(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``size`` samples with each class represented in proportion (largest-remainder rounding).
-
-    The result is sorted by a random permutation, so classes are interleaved."""
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * (size / len(labels))
-    take = np.floor(exact).astype(int)
-    shortfall = size - take.sum()
-    if shortfall:
-        # Ties broken by the seeded generator, not by class order, so no class is always favoured.
-        order = np.lexsort((rng.random(len(classes)), -(exact - take)))
-        take[order[:shortfall]] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    return rng.permutation(np.concatenate(chosen))
 
 
 def stratified_split(
@@ -60,23 +45,7 @@ def check_dataset(table: TensorTable) -> None:
             raise InvalidDataset(
                 f"{int(bad.sum())} samples have NaN or Inf values (rows {rows}): clean the source"
             )
-    classes, counts = np.unique(table.labels, return_counts=True)
-    if len(classes) < 2:
-        raise InvalidDataset("every sample has the same label: a classifier needs at least two classes")
-    if classes.min() < 0:
-        raise InvalidDataset("labels must be class indices 0..n-1: negative labels found; remap them")
-    absent = np.setdiff1d(np.arange(classes.max() + 1), classes)
-    if len(absent):
-        shown = ", ".join(str(int(c)) for c in absent[:5]) + (", ..." if len(absent) > 5 else "")
-        raise InvalidDataset(
-            f"labels must be class indices 0..n-1, but {len(absent)} of 0..{int(classes.max())} have no samples "
-            f"({shown}): remap the labels to consecutive indices"
-        )
-    if counts.min() < 5:
-        raise InvalidDataset(
-            f"class {int(classes[counts.argmin()])} has only {int(counts.min())} samples: stratified splits "
-            "need at least 5 per class; add samples or drop the class"
-        )
+    check_class_labels(table.labels)
 
 
 def feature_spec(table: TensorTable) -> FeatureSpec:
@@ -117,7 +86,11 @@ def sample_dataset(store_url: str, params: SamplingParameters, seed: int, source
     source's content, not only with its URL."""
     store = ArtifactStore(store_url)
     report("sample_dataset", f"loading {params.dataset}")
-    table = load_dataset(params.dataset, columns_of(params))
+    draw = None
+    if params.sample_size is not None:
+        report("sample_dataset", f"drawing {params.sample_size} samples from {params.dataset}")
+        draw = Draw(params.sample_size, (seed, 1), min_per_class=MIN_PER_CLASS)
+    table = load_dataset(params.dataset, columns_of(params), draw)
     splits = split_dataset(table, params, seed)
     spec = feature_spec(table)
     refs = {}
@@ -129,6 +102,7 @@ def sample_dataset(store_url: str, params: SamplingParameters, seed: int, source
         {
             "kind": "ptqflow.dataset",
             "source": params.dataset,
+            "sample_size": params.sample_size,
             "seed": seed,
             "spec": spec.model_dump(mode="json"),
             "splits": {name: {**refs[name].model_dump(), "samples": counts[name]} for name in SPLITS},

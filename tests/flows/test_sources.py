@@ -9,7 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.slow
+
+
+def no_network(keras_home) -> dict[str, str]:
+    """Keras's cache in ``keras_home`` and no network, whatever this machine has: downloads go to a closed port."""
+    proxy = f"http://127.0.0.1:{free_port()}"
+    return {"KERAS_HOME": str(keras_home), "HTTPS_PROXY": proxy, "https_proxy": proxy}
 
 
 def write_rgb_parts(folder, parts: int, seed: int = 0, per_part: int = 300) -> None:
@@ -66,6 +74,10 @@ def test_tabular_features_get_an_mlp(cli, tmp_path):
         (["--dataset", "s3://KEY:SECRET@bucket/data.parquet"], "invalid --dataset: Value error, the data set URL carries credentials"),
         (["--input-shape", "3,x"], "invalid --input-shape"),
         (["--model", "not a model"], "invalid --model"),
+        (["--sample-size", "5"], "invalid --sample-size: Input should be greater than or equal to 10"),
+        (["--sample-size", "5000"], "sample of 5000 samples asked for, but the data set digits has only 1797: "
+                                    "pass --sample-size 1797 or less"),
+        (["--sample-size", "20"], "gives class 0 2 samples, but the splits need 5 per class: pass --sample-size 52 or more"),
     ],
 )
 def test_bad_sources_fail_before_any_work(cli, tmp_path, args, message):
@@ -133,3 +145,35 @@ def test_a_calibration_source_of_another_shape_is_refused(cli, tmp_path):
     assert run.returncode == 2
     assert "samples of shape [8, 8, 3], but the data set's are uint8 of shape [32, 32, 3]" in run.stderr
     assert not list((tmp_path / "store" / "blobs").rglob("*.keras"))  # refused before training
+
+
+def test_a_keras_dataset_from_keras_cache_sampled_before_splitting(cli, tmp_path):
+    import fsspec
+
+    from keras_cache import write_fashion_mnist
+
+    keras_home = tmp_path / "keras"
+    write_fashion_mnist(keras_home / "datasets", n_train=600, n_test=200)
+    offline = no_network(keras_home)
+    run = cli("run", "--dataset", "fashion_mnist", "--sample-size", "400", "--epochs", "6",
+              "--store", str(tmp_path / "store"), "--json", env=offline)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    with fsspec.open(result["artifacts"]["dataset"]["uri"]) as f:
+        sampled = json.load(f)
+    assert sampled["sample_size"] == 400
+    assert sum(split["samples"] for split in sampled["splits"].values()) == 400
+    assert sampled["spec"]["shape"] == [28, 28, 1] and sampled["spec"]["class_names"][9] == "Ankle boot"
+    assert result["metrics"]["accuracy_drop_pp"] <= 1.0 and result["metrics"]["full_integer"]
+
+
+def test_a_keras_dataset_offline_says_where_to_put_the_file(cli, tmp_path):
+    keras_home = tmp_path / "keras"
+    keras_home.mkdir()
+    offline = no_network(keras_home)
+    run = cli("run", "--dataset", "mnist", "--store", str(tmp_path / "store"), env=offline)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "cannot download the mnist data set" in run.stderr
+    assert f"mnist.npz as {keras_home / 'datasets' / 'mnist.npz'}, then rerun" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "store" / "blobs").exists()

@@ -18,7 +18,7 @@ def _ref(digest: str) -> ArtifactRef:
 
 def test_calibration_stage_depends_on_the_helpers_it_calls():
     imported = caching._module_imports("tasks.calibrate", open(tasks.calibrate.__file__).read())
-    assert {"tasks.sample", "storage.tables", "storage.store"} <= imported
+    assert {"tasks.stratify", "tasks.datasets", "storage.tables", "storage.store"} <= imported
 
 
 def test_a_change_in_a_helper_module_changes_the_stage_digest(tmp_path, monkeypatch):

@@ -30,3 +30,44 @@ def test_is_seeded(train):
 def test_larger_than_the_training_split_says_how_to_fix(train):
     with pytest.raises(InvalidDataset, match="has only 1000: pass --calibration-size 1000 or less"):
         draw_calibration_set(train, 1001, seed=0)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_the_stored_calibration_set_reads_in_pandas_polars_and_duckdb(tmp_path, dtype):
+    """What users inspect it with: each sample is one fixed-size binary value (C order, the dtype and shape in the
+    schema's "ptqflow" metadata) and the label an int64."""
+    import json
+
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from storage.tables import write_parquet_bytes
+
+    rng = np.random.default_rng(0)
+    features = (rng.random((60, 6, 6, 3)) * 255).astype(dtype)
+    pool = TensorTable(features, np.arange(60) % 3)
+    calibration = draw_calibration_set(pool, 30, seed=0)
+    path = tmp_path / "calibration.parquet"
+    path.write_bytes(write_parquet_bytes(calibration))
+
+    meta = json.loads(pq.read_schema(path).metadata[b"ptqflow"])
+    shape, stored_dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
+
+    def decoded(blobs) -> np.ndarray:
+        return np.stack([np.frombuffer(blob, stored_dtype).reshape(shape) for blob in blobs])
+
+    frame = pd.read_parquet(path)
+    np.testing.assert_array_equal(decoded(frame["features"]), calibration.features)
+    np.testing.assert_array_equal(frame["label"].to_numpy(), calibration.labels)
+
+    polars_frame = pl.read_parquet(path)
+    np.testing.assert_array_equal(decoded(polars_frame["features"].to_list()), calibration.features)
+    np.testing.assert_array_equal(polars_frame["label"].to_numpy(), calibration.labels)
+
+    rows = duckdb.sql(f"SELECT features, label FROM read_parquet('{path}')").fetchall()
+    np.testing.assert_array_equal(decoded([r[0] for r in rows]), calibration.features)
+    np.testing.assert_array_equal([r[1] for r in rows], calibration.labels)
+    per_class = duckdb.sql(f"SELECT label, count(*) FROM read_parquet('{path}') GROUP BY label ORDER BY label")
+    assert per_class.fetchall() == [(0, 10), (1, 10), (2, 10)]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.tables import Columns
-from tasks.datasets import load_dataset, source_fingerprint
+from keras_cache import sha256_of, write_cifar10, write_fashion_mnist, write_mnist
+from tasks.datasets import Draw, load_dataset, source_fingerprint
 from tasks.errors import InvalidDataset
 from tasks.sample import check_dataset
 
@@ -111,3 +112,160 @@ def test_fingerprint_follows_the_content_not_the_url(tmp_path):
                                             "label": pa.array(y)}))
     assert source_fingerprint(str(tmp_path)) != first
     assert source_fingerprint("digits") == "builtin:digits"
+
+
+# --sample-size: a seeded, stratified draw made while reading, by row groups.
+
+def write_parts(folder, x, y, parts: int = 3, row_group_size: int = 7, layout: str = "tensor") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, rows in enumerate(np.array_split(np.arange(len(y)), parts)):
+        if layout == "tensor":
+            column = pa.FixedShapeTensorArray.from_numpy_ndarray(x[rows])
+        else:
+            flat = np.ascontiguousarray(x[rows]).reshape(len(rows), -1)
+            column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(flat.shape[1]), len(rows),
+                                                          [None, pa.py_buffer(flat.tobytes())])
+        pq.write_table(pa.table({"features": column, "label": pa.array(y[rows])}),
+                       str(folder / f"part-{part}.parquet"), row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("layout", ["tensor", "binary"])
+def test_a_draw_while_reading_equals_the_same_draw_from_memory(tmp_path, layout):
+    x, y = images(n=200)
+    write_parts(tmp_path / "src", x, y, layout=layout)
+    columns = Columns(shape=(6, 6, 3))
+    draw = Draw(60, (7, 1), min_per_class=5)
+    streamed = load_dataset(str(tmp_path / "src"), columns, draw)
+    whole = load_dataset(str(tmp_path / "src"), columns)
+    expected = whole.take(draw.indices(whole.labels, "the source"))
+    np.testing.assert_array_equal(streamed.features, expected.features)
+    np.testing.assert_array_equal(streamed.labels, expected.labels)
+    # Stratified: each class within one sample of its share.
+    assert np.abs(np.bincount(streamed.labels) - np.bincount(y) * 60 / 200).max() < 1
+    other_seed = load_dataset(str(tmp_path / "src"), columns, Draw(60, (8, 1), min_per_class=5))
+    assert not np.array_equal(other_seed.features, streamed.features)
+
+
+def test_a_draw_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
+    labels = np.repeat(np.arange(2), 50)
+    x = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(4, axis=1)
+    write_parts(tmp_path / "src", x, labels, parts=1, row_group_size=10)
+    read_groups = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, row_groups=None, **kwargs):
+        read_groups.extend(row_groups or [])
+        return real(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    table = load_dataset(str(tmp_path / "src"), Columns(), Draw(10, (0, 1)))
+    assert len(table) == 10 and set(np.unique(table.labels)) == {0, 1}
+    groups_with_drawn_rows = {int(v) // 10 for v in table.features[:, 0, 0, 0]}
+    assert sorted(read_groups) == sorted(groups_with_drawn_rows)
+
+
+def test_sample_size_errors_name_the_fix(tmp_path):
+    x, y = images(n=200)
+    y = np.where(np.arange(200) < 10, 3, y % 3)  # class 3 is rare: 10 of 200
+    write_parts(tmp_path / "src", x, y)
+    with pytest.raises(InvalidDataset, match="has only 200: pass --sample-size 200 or less"):
+        load_dataset(str(tmp_path / "src"), Columns(), Draw(500, (0, 1), min_per_class=5))
+    with pytest.raises(InvalidDataset, match="gives class 3 1 samples, but the splits need 5 per class: pass --sample-size 100 or more"):
+        load_dataset(str(tmp_path / "src"), Columns(), Draw(20, (0, 1), min_per_class=5))
+    with pytest.raises(InvalidDataset, match="has only 1797: pass --sample-size 1797 or less"):
+        load_dataset("digits", Columns(), Draw(5000, (0, 1), min_per_class=5))
+
+
+# keras.datasets: the real loaders, on files in Keras's cache format that the tests write.
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """A Keras cache directory of the test's own (Keras reads $KERAS_HOME once, at import) and no network."""
+    import urllib.error
+
+    from keras.src.backend import config
+    from keras.src.utils import file_utils
+
+    (tmp_path / "keras").mkdir()  # Keras creates its home at import
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    return tmp_path / "keras" / "datasets"
+
+
+@pytest.fixture
+def published_hash_is(monkeypatch):
+    """Keras checks mnist and cifar10 against the published files' sha256, which a test-sized file cannot have:
+    map that one hash to the test file's own, so Keras's check itself still runs."""
+    from keras.src.utils import file_utils
+
+    real = file_utils.validate_file
+    own: dict[str, str] = {}
+
+    def validate_file(fpath, file_hash, algorithm="auto", chunk_size=65535):
+        return real(fpath, own.get(file_hash, file_hash), algorithm=algorithm, chunk_size=chunk_size)
+
+    monkeypatch.setattr(file_utils, "validate_file", validate_file)
+
+    def stand_in(published: str, path) -> None:
+        own[published] = sha256_of(path)
+
+    return stand_in
+
+
+MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+
+def test_fashion_mnist_through_the_keras_loader(keras_home):
+    images_written, labels_written = write_fashion_mnist(keras_home)
+    table = load_dataset("fashion_mnist")
+    assert table.sample_shape == (28, 28, 1) and table.features.dtype == np.uint8
+    np.testing.assert_array_equal(table.features[..., 0], images_written)
+    np.testing.assert_array_equal(table.labels, labels_written)
+    assert table.metadata["class_names"][0] == "T-shirt/top" and table.metadata["value_range"] == [0.0, 255.0]
+
+
+def test_mnist_through_the_keras_loader(keras_home, published_hash_is):
+    images_written, labels_written = write_mnist(keras_home)
+    published_hash_is(MNIST_SHA256, keras_home / "mnist.npz")
+    table = load_dataset("mnist", draw=Draw(50, (0, 1), min_per_class=5))
+    assert len(table) == 50 and table.sample_shape == (28, 28, 1)
+    assert np.bincount(table.labels).tolist() == [5] * 10
+    whole = load_dataset("mnist")
+    np.testing.assert_array_equal(whole.features[..., 0], images_written)
+
+
+@pytest.mark.slow
+def test_cifar10_through_the_keras_loader(keras_home, published_hash_is):
+    images_written, labels_written = write_cifar10(keras_home)
+    published_hash_is(CIFAR10_SHA256, keras_home / "cifar-10-batches-py-target_archive")
+    table = load_dataset("cifar10")
+    assert table.sample_shape == (32, 32, 3) and len(table) == 60_000
+    np.testing.assert_array_equal(table.features[::997], images_written[::997])
+    np.testing.assert_array_equal(table.labels, labels_written)
+    assert table.metadata["class_names"][9] == "truck"
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [("mnist", "mnist.npz"), ("fashion_mnist", "fashion-mnist/train-labels-idx1-ubyte.gz"),
+     ("cifar10", "cifar-10-batches-py-target_archive")],
+)
+def test_offline_the_error_says_where_to_put_the_file(keras_home, name, where):
+    with pytest.raises(InvalidDataset) as error:
+        load_dataset(name)
+    message = str(error.value)
+    assert message.startswith(f"cannot download the {name} data set")
+    assert f"{keras_home / where}" in message and "\n" not in message
+
+
+def test_an_unreadable_keras_cache_file_is_named(keras_home):
+    write_fashion_mnist(keras_home)
+    images_file = keras_home / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    images_file.write_bytes(images_file.read_bytes()[:100])
+    with pytest.raises(InvalidDataset, match="Keras's cached copy of fashion_mnist .* is unreadable .*delete it"):
+        load_dataset("fashion_mnist")

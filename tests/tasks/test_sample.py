@@ -21,7 +21,7 @@ def test_digits_are_raw_uint8_values_with_their_range():
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(InvalidDataset, match="unknown data set 'nope': choose one of digits"):
+    with pytest.raises(InvalidDataset, match="unknown data set .nope.: choose one of cifar10, digits, fashion_mnist, mnist"):
         load_dataset("nope")
 
 
