@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -22,6 +23,7 @@ from tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
+    RepairParameters,
     SamplingParameters,
     TargetOps,
     TensorType,
@@ -152,18 +154,24 @@ def _print_summary(summary: Any, console: Console) -> None:
     models = Table(title="Models (test split)", title_justify="left")
     for column in ("model", "accuracy", "size"):
         models.add_column(column, justify="right" if column != "model" else "left")
-    models.add_row("float Keras", f"{m['float_accuracy']:.2%}", "")
-    models.add_row("float .tflite", f"{m['tflite_float_accuracy']:.2%}", f"{m['float_bytes']:,} B")
-    models.add_row("quantized .tflite", f"{m['quantized_accuracy']:.2%}", f"{m['quantized_bytes']:,} B")
+    def pct(value: float | None) -> str:
+        return "not run" if value is None else f"{value:.2%}"
+
+    models.add_row("float Keras", pct(m["float_accuracy"]), "")
+    models.add_row("float .tflite", pct(m["tflite_float_accuracy"]), f"{m['float_bytes']:,} B")
+    models.add_row("quantized .tflite", pct(m["quantized_accuracy"]), f"{m['quantized_bytes']:,} B")
     console.print(stages)
     console.print(models)
-    console.print(
-        f"drop {m['accuracy_drop_pp']:.2f} pp, top-1 agreement {m['agreement']:.2%}, "
-        f"full integer: {'yes' if m['full_integer'] else 'no (float tensors: ' + ', '.join(m['float_tensors']) + ')'}"
-    )
+    if m["accuracy_drop_pp"] is not None:
+        console.print(
+            f"drop {m['accuracy_drop_pp']:.2f} pp, top-1 agreement {m['agreement']:.2%}, full integer: "
+            f"{'yes' if m['full_integer'] else 'no (' + str(len(m['float_tensors'])) + ' float tensors)'}"
+        )
     colour = "green" if summary.gate.passed else "red"
     console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
+    if "report_html" in summary.artifacts:
+        console.print(f"report: {summary.artifacts['report_html'].uri}", highlight=False, soft_wrap=True)
     if summary.export is not None:
         what = "published" if summary.export.published else "already published"
         console.print(f"{what}: version {summary.export.version}, pointer {summary.export.pointer}", highlight=False,
@@ -209,6 +217,13 @@ def run(
             help="fsspec URL to publish a passing run to: a new version folder, verified, then latest.json.",
         ),
     ] = None,
+    repair: Annotated[
+        bool | None,
+        typer.Option("--repair/--no-repair", help=_help(RepairParameters, "enabled") + " [default: on with --ops builtins]"),
+    ] = None,
+    max_float_layers: Annotated[
+        int | None, typer.Option(help=_help(RepairParameters, "max_float_layers"))
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")] = False,
 ) -> None:
@@ -227,6 +242,7 @@ def run(
         ),
         conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
         gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),
+        repair=_parameters(RepairParameters, as_json, enabled=repair, max_float_layers=max_float_layers),
     )
     _prepare_environment(verbose)
 
@@ -301,7 +317,8 @@ def runs(
     for m in manifests:
         table.add_row(
             m["run_id"][:8], m["created_at"].replace("T", " ")[:19], m["status"],
-            f"{m['metrics']['quantized_accuracy']:.2%}", f"{m['metrics']['accuracy_drop_pp']:.2f}",
+            "—" if m["metrics"]["quantized_accuracy"] is None else f"{m['metrics']['quantized_accuracy']:.2%}",
+            "—" if m["metrics"]["accuracy_drop_pp"] is None else f"{m['metrics']['accuracy_drop_pp']:.2f}",
             (m.get("export") or {}).get("version", "")[:16],
         )
     Console(width=None if err_console.is_terminal else 120).print(table)
@@ -320,6 +337,66 @@ def show(
     except LookupError as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
     print(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+@app.command()
+def serve(
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule (server time zone UTC unless --timezone), e.g. '0 2 * * *'.")
+    ] = "0 2 * * *",
+    interval: Annotated[
+        float | None, typer.Option(help="Run every this many seconds instead of on the cron schedule.", min=1)
+    ] = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name (the flow is ptq-pipeline).")] = "nightly",
+    store: StoreOption = "./ptqflow-store",
+    export: Annotated[
+        str | None, typer.Option(envvar="PTQFLOW_EXPORT", help="Default export URL of the scheduled runs.")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))] = None,
+    calibration_size: Annotated[
+        int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
+    ] = None,
+    ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
+) -> None:
+    """Serve the ptq-pipeline flow on a schedule from this process (no work pool needed): it also runs what is
+    triggered from the Prefect UI ("Run" on the deployment). Stop with Ctrl-C."""
+    parameters = {
+        "store": store,
+        "export": export,
+        "sampling": _parameters(SamplingParameters, False, dataset=dataset).model_dump(mode="json"),
+        "training": _parameters(TrainingParameters, False, epochs=epochs).model_dump(mode="json"),
+        "calibration": _parameters(CalibrationParameters, False, calibration_size=calibration_size).model_dump(
+            mode="json"
+        ),
+        "conversion": _parameters(ConversionParameters, False, ops=ops).model_dump(mode="json"),
+        "gate": _parameters(GateParameters, False, max_accuracy_drop=max_accuracy_drop).model_dump(mode="json"),
+    }
+    _prepare_environment(verbose=True)
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail(
+            "serving needs a Prefect server that outlives this process: start one (prefect server start) and set "
+            "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api, or log in to Prefect Cloud",
+            EXIT_INVALID_INPUT, as_json=False,
+        )
+
+    from flows.pipeline import ptq_pipeline
+
+    try:
+        schedule = (
+            IntervalSchedule(interval=timedelta(seconds=interval)) if interval else CronSchedule(cron=cron, timezone=timezone)
+        )
+    except ValueError as error:
+        _fail(f"invalid schedule: {str(error).splitlines()[-1]}", EXIT_INVALID_INPUT, as_json=False)
+    ptq_pipeline.serve(name=name, schedules=[schedule], parameters=parameters, limit=limit, print_starting_message=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ import os
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows.locks import exclusive
 from flows.stages import StageRecord, StageRunner
 from storage.store import ArtifactRef, ArtifactStore
+from tasks.artifacts import ConvertedModels
 from tasks.calibrate import materialize_calibration_set
 from tasks.convert import convert_to_tflite
 from tasks.errors import AccuracyGateFailed
@@ -20,11 +22,14 @@ from tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
+    RepairParameters,
     SamplingParameters,
+    TargetOps,
     TrainingParameters,
     ValidationParameters,
 )
 from tasks.publish import ExportRecord, export_store, publish_export
+from tasks.repair import repair_quantization
 from tasks.sample import columns_of, fingerprint_source, sample_dataset
 from tasks.train import fingerprint_model, train_float_model
 from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
@@ -36,7 +41,7 @@ class RunSummary(BaseModel):
     """What a run produced; the CLI's ``--json`` output."""
 
     run_id: str | None
-    status: str = Field(description="'passed' or 'failed' (the accuracy gate).")
+    status: str = Field(description="'passed', 'failed' or 'not_validated' (the accuracy gate).")
     store: str
     artifacts: dict[str, ArtifactRef]
     metrics: dict[str, Any]
@@ -46,17 +51,28 @@ class RunSummary(BaseModel):
     export: ExportRecord | None = Field(None, description="Where the run was published, if it was.")
 
 
+def _pct(value: float | None) -> str:
+    return "not run" if value is None else f"{value:.2%}"
+
+
+def _worst(layers: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{w['layer']} ({w['op']}, badness {w['badness']:.1f})" for w in layers)
+
+
 def _summary_markdown(summary: RunSummary) -> str:
     m = summary.metrics
     rows = [
         "| | float Keras | float .tflite | quantized .tflite |",
         "|---|---|---|---|",
-        f"| accuracy | {m['float_accuracy']:.2%} | {m['tflite_float_accuracy']:.2%} | {m['quantized_accuracy']:.2%} |",
+        f"| accuracy | {_pct(m['float_accuracy'])} | {_pct(m['tflite_float_accuracy'])} | "
+        f"{_pct(m['quantized_accuracy'])} |",
         f"| size | | {m['float_bytes']:,} B | {m['quantized_bytes']:,} B |",
     ]
     stages = ["| stage | cached | seconds |", "|---|---|---|"] + [
         f"| {name} | {'yes' if r.cached else 'no'} | {r.seconds:.1f} |" for name, r in summary.tasks.items()
     ]
+    worst = m.get("worst_layers") or []
+    drop = "not measured" if m["accuracy_drop_pp"] is None else f"**{m['accuracy_drop_pp']:.2f} pp**"
     return "\n".join(
         [
             f"# ptq-pipeline: {summary.status}",
@@ -65,10 +81,14 @@ def _summary_markdown(summary: RunSummary) -> str:
             "",
             *rows,
             "",
-            f"Accuracy drop: **{m['accuracy_drop_pp']:.2f} pp**; top-1 agreement {m['agreement']:.2%}; "
+            f"Accuracy drop: {drop}; top-1 agreement {_pct(m['agreement'])}; "
             f"full integer: {'yes' if m['full_integer'] else 'no'}.",
             "",
+            *([f"Worst layers: {_worst(worst)}", ""] if worst else []),
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
+            "",
+            f"Report: `{summary.artifacts['report_html'].uri}` (also `report.md`, `report.json`)"
+            if "report_html" in summary.artifacts else "",
             "",
             f"Manifest: `{summary.manifest}`"
             + (f"; exported as version `{summary.export.version}` to `{summary.export.url}`" if summary.export else ""),
@@ -90,6 +110,7 @@ def ptq_pipeline(
     validation: ValidationParameters = ValidationParameters(),
     gate: GateParameters = GateParameters(),
     export: str | None = None,
+    repair: RepairParameters = RepairParameters(),
 ) -> RunSummary:
     """Sample, train, calibrate, convert and validate; fail when the quantized model loses more accuracy than
     ``gate.max_accuracy_drop`` allows; publish a passing run to ``export``; record the run in a manifest.
@@ -100,66 +121,94 @@ def ptq_pipeline(
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     artifact_store = ArtifactStore(store)
-    if export:
-        export_store(export)  # a bad export URL fails now, not after training
-    run = StageRunner(artifact_store)
+    export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
+    # One run at a time per store and export target (schedules, the UI, deployments): see flows/locks.py.
+    with exclusive(artifact_store.url, export_target):
+        run = StageRunner(artifact_store)
 
-    # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
-    source = run.retrying(fingerprint_source)(sampling.dataset)
-    calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
-    model_file = run.retrying(fingerprint_model)(training)
+        # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
+        source = run.retrying(fingerprint_source)(sampling.dataset)
+        calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
+        model_file = run.retrying(fingerprint_model)(training)
 
-    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source)
-    # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
-    # fails the run in seconds, not after the model has trained.
-    calibration_set = run(
-        materialize_calibration_set, dataset=dataset, params=calibration, seed=seed,
-        columns=columns_of(sampling), source_fingerprint=calibration_source,
-    )
-    trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
-    converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
-    validated = run(validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation)
+        dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source)
+        # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
+        # fails the run in seconds, not after the model has trained.
+        calibration_set = run(
+            materialize_calibration_set, dataset=dataset, params=calibration, seed=seed,
+            columns=columns_of(sampling), source_fingerprint=calibration_source,
+        )
+        trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
+        converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
+        validated = run(
+            validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation,
+            calibration=calibration_set, conversion=conversion,
+        )
+        verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
 
-    verdict = check_accuracy_gate(validated, gate.max_accuracy_drop)
-    run_id = str(flow_run.get_id())
-    artifacts = {
-        "dataset": dataset.manifest,
-        "model": trained.model,
-        "calibration": calibration_set.table,
-        "tflite": converted.quantized,
-        "tflite_float": converted.float_model,
-        "report": validated.report,
-    }
-    metrics = validated.model_dump(exclude={"report"})
-    parameters = {
-        "store": store, "seed": seed, "export": export,
-        **{name: value.model_dump(mode="json") for name, value in (
-            ("sampling", sampling), ("training", training), ("calibration", calibration),
-            ("conversion", conversion), ("validation", validation), ("gate", gate))},
-    }
-    manifest = build_manifest(
-        run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
-        verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
-    )
-    exported = None
-    if export and verdict.passed:
-        exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
-    manifest_uri = run.effect(
-        write_run_manifest, manifest={**manifest, "export": exported.model_dump(mode="json") if exported else None}
-    )
+        repaired = None
+        if verdict.status == "failed" and repair.applies_to(conversion.ops) and conversion.ops is not TargetOps.int8:
+            repaired = run(
+                repair_quantization, dataset=dataset, trained=trained, calibration=calibration_set, converted=converted,
+                validated=validated, conversion=conversion, max_accuracy_drop=gate.max_accuracy_drop, params=repair,
+            )
+            if repaired.succeeded:
+                converted = ConvertedModels(quantized=repaired.repaired, float_model=converted.float_model)
+                validated = run(
+                    validate_with_interpreter, label="validate_repaired_model", dataset=dataset, trained=trained,
+                    converted=converted, params=validation, calibration=calibration_set, conversion=conversion,
+                    repair=repaired,
+                )
+            verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops, repaired)
 
-    summary = RunSummary(
-        run_id=run_id,
-        status="passed" if verdict.passed else "failed",
-        store=artifact_store.url,
-        artifacts=artifacts,
-        metrics=metrics,
-        tasks=run.records,
-        gate=verdict,
-        manifest=manifest_uri,
-        export=exported,
-    )
-    create_markdown_artifact(_summary_markdown(summary), key="ptq-summary", description=verdict.message)
-    if not verdict.passed:
-        raise AccuracyGateFailed(verdict.message, summary)
-    return summary
+        run_id = str(flow_run.get_id())
+        artifacts = {
+            "dataset": dataset.manifest,
+            "model": trained.model,
+            "calibration": calibration_set.table,
+            "tflite": converted.quantized,
+            "tflite_float": converted.float_model,
+            "report": validated.report,
+            **({"report_md": validated.report_md, "report_html": validated.report_html} if validated.report_html else {}),
+            **({"tflite_unrepaired": repaired.unrepaired} if repaired is not None and repaired.succeeded else {}),
+        }
+        metrics = validated.model_dump(mode="json", exclude={"report", "report_md", "report_html"})
+        if repaired is not None:
+            metrics["repair"] = repaired.model_dump(mode="json", exclude={"repaired", "unrepaired"})
+        parameters = {
+            "store": store, "seed": seed, "export": export,
+            **{name: value.model_dump(mode="json") for name, value in (
+                ("sampling", sampling), ("training", training), ("calibration", calibration),
+                ("conversion", conversion), ("validation", validation), ("gate", gate), ("repair", repair))},
+        }
+        manifest = build_manifest(
+            run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
+            verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
+        )
+        exported = None
+        if export and verdict.passed:
+            exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
+        manifest_uri = run.effect(
+            write_run_manifest, manifest={**manifest, "export": exported.model_dump(mode="json") if exported else None}
+        )
+
+        summary = RunSummary(
+            run_id=run_id,
+            status=verdict.status,
+            store=artifact_store.url,
+            artifacts=artifacts,
+            metrics=metrics,
+            tasks=run.records,
+            gate=verdict,
+            manifest=manifest_uri,
+            export=exported,
+        )
+        create_markdown_artifact(_summary_markdown(summary), key="ptq-summary", description=verdict.message)
+        if "report_html" in artifacts:
+            create_link_artifact(
+                artifacts["report_html"].uri, link_text="validation report (HTML)", key="ptq-report",
+                description="report.html: metrics per model, per-layer error, audit, plots",
+            )
+        if not verdict.passed:
+            raise AccuracyGateFailed(verdict.message, summary)
+        return summary

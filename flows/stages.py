@@ -89,9 +89,13 @@ class StageRunner:
         report(step.name, "done")
         return result
 
-    def __call__(self, stage: Task[..., Output], **inputs: Any) -> Output:
-        name = stage.name
+    def __call__(self, stage: Task[..., Output], label: str | None = None, **inputs: Any) -> Output:
+        """Run ``stage`` (cached, retried, its cached outputs verified); ``label`` names a second run of the same
+        stage in the records and the progress display."""
+        name = label or stage.name
         configured = self.retrying(stage, result_storage=self.result_storage)
+        if label:
+            configured = configured.with_options(task_run_name=label)
         logger = get_run_logger()
         logger.info("%s: starting", name)
         report(name, "starting")

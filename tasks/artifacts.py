@@ -61,14 +61,51 @@ class ConvertedModels(StageOutput):
     float_model: ArtifactRef = Field(description="The float .tflite (no optimizations), for comparison.")
 
 
+class WorstLayer(BaseModel):
+    """A layer named in the gate's message: the report has every layer's figures."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layer: str
+    op: str
+    tensor: str
+    badness: float
+
+
+class RepairStep(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    layer: str = Field(description="The layer this step added (with the layers that read its output).")
+    float_layers: tuple[str, ...] = Field(description="Every layer in float after this step.")
+    float_tensors: tuple[str, ...]
+    validation_drop_pp: float
+    quantized_bytes: int
+
+
+class RepairResult(StageOutput):
+    """What repair kept in float, one more layer per step, judged on the validation split."""
+
+    repaired: ArtifactRef | None = Field(None, description="The selectively quantized .tflite, if it met the gate.")
+    unrepaired: ArtifactRef = Field(description="The fully quantized .tflite that failed the gate.")
+    succeeded: bool
+    float_layers: tuple[str, ...]
+    steps: tuple[RepairStep, ...]
+    message: str
+
+
 class ValidationResult(StageOutput):
-    report: ArtifactRef = Field(description="report.json with every metric and the dtype audit.")
+    report: ArtifactRef = Field(description="report.json: every metric, the dtype audit, per-layer error.")
+    report_md: ArtifactRef | None = Field(None, description="report.md, the same report for people.")
+    report_html: ArtifactRef | None = Field(None, description="report.html, self-contained with its PNG plots.")
+    validated: bool = True
+    not_validated_reason: str | None = None
     float_accuracy: float
-    tflite_float_accuracy: float
-    quantized_accuracy: float
-    accuracy_drop_pp: float
-    agreement: float
+    tflite_float_accuracy: float | None
+    quantized_accuracy: float | None
+    accuracy_drop_pp: float | None
+    agreement: float | None
     float_bytes: int
     quantized_bytes: int
     full_integer: bool
     float_tensors: tuple[str, ...]
+    worst_layers: tuple[WorstLayer, ...] = ()

@@ -10,7 +10,7 @@ from storage.store import ArtifactStore
 from storage.tables import Columns, TensorTable, read_parquet, write_parquet_bytes
 from tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
 from tasks.caching import StageCachePolicy
-from tasks.datasets import Draw, load_dataset
+from tasks.datasets import Draw, load_dataset, peek_dataset
 from tasks.errors import InvalidDataset
 from tasks.parameters import CalibrationParameters
 from tasks.stratify import draw_stratified
@@ -61,6 +61,7 @@ def materialize_calibration_set(
     store = ArtifactStore(store_url)
     if params.calibration_source:
         where = f"the calibration source {params.calibration_source}"
+        check_matches_spec(peek_dataset(params.calibration_source, columns), dataset.spec, where)
         # Drawn while reading: a production sample of any size is never held whole.
         draw = Draw(
             params.calibration_size, calibration_seed(seed), role="the calibration source", what="calibration set",

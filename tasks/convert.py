@@ -97,17 +97,9 @@ def _convert(converter, options: ConversionParameters) -> bytes:
             raise _explain(error, options) from error
 
 
-def quantize(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters) -> bytes:
-    """Pure stage function: the quantized ``.tflite`` of ``model``.
-
-    Args:
-        model: the float Keras model (takes raw values as float32).
-        calibration_batches: a callable returning a fresh iterable of raw feature batches (any batch size).
-        options: I/O types and op sets.
-
-    Raises:
-        ConversionFailed: the converter refused; the message names the ops and the options that would work.
-    """
+def quantization_converter(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters):
+    """The converter for full-integer post-training quantization of ``model``, calibrated on ``calibration_batches``
+    (also what the quantization debugger takes, so its per-layer figures describe this very conversion)."""
     import tensorflow as tf
 
     def representative_dataset() -> Iterator[list[np.ndarray]]:
@@ -120,7 +112,21 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
     converter.target_spec.supported_ops = _ops_sets(options.ops)
     converter.inference_input_type = _tf_dtype(options.input_type)
     converter.inference_output_type = _tf_dtype(options.output_type)
-    return _convert(converter, options)
+    return converter
+
+
+def quantize(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters) -> bytes:
+    """Pure stage function: the quantized ``.tflite`` of ``model``.
+
+    Args:
+        model: the float Keras model (takes raw values as float32).
+        calibration_batches: a callable returning a fresh iterable of raw feature batches (any batch size).
+        options: I/O types and op sets.
+
+    Raises:
+        ConversionFailed: the converter refused; the message names the ops and the options that would work.
+    """
+    return _convert(quantization_converter(model, calibration_batches, options), options)
 
 
 def convert_float(model: keras.Model) -> bytes:

@@ -310,6 +310,20 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw) -> TensorT
     return _with_source(TensorTable(features, labels[chosen], metadata or {}), url)
 
 
+def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
+    """The source's first sample (one row group read at most): enough to check its shape and type cheaply."""
+    if is_builtin(name):
+        return load_dataset(name, columns).take(np.arange(1))
+    fs, files = _parquet_files(name)
+    with _reading(fs, files[0], columns) as parquet:
+        for batch in parquet.iter_batches(batch_size=1, columns=[columns.features, columns.label]):
+            try:
+                return _with_source(arrow_to_tensor_table(pa.Table.from_batches([batch]), columns), name)
+            except TensorTableError as error:
+                raise InvalidDataset(f"{fs.unstrip_protocol(files[0])}: {error}") from None
+    raise InvalidDataset(f"{fs.unstrip_protocol(files[0])} is empty: point it at a table with samples")
+
+
 def load_dataset(name: str, columns: Columns = Columns(), draw: Draw | None = None) -> TensorTable:
     """Load a built-in data set by name, or a Parquet file or directory by URL; with ``draw``, only a seeded,
     stratified sample of it (read from Parquet by row groups, never whole).

@@ -148,3 +148,15 @@ class GateParameters(_Parameters):
     max_accuracy_drop: float = Field(
         1.0, ge=0.0, le=100.0, description="Largest accepted drop from float to quantized accuracy, in percentage points."
     )
+
+
+class RepairParameters(_Parameters):
+    enabled: bool | None = Field(
+        None,
+        description="When the gate fails, keep the worst layers in float (one more at a time) until the drop is "
+        "within the gate. Default: on with ops=builtins; impossible with ops=int8 (every op must be integer).",
+    )
+    max_float_layers: int = Field(4, ge=1, le=64, description="Most layers repair may keep in float.")
+
+    def applies_to(self, ops: TargetOps) -> bool:
+        return self.enabled if self.enabled is not None else ops is TargetOps.builtins

@@ -31,6 +31,8 @@ EXPORT_FILES = {
     "model": "model.keras",
     "calibration": "calibration.parquet",
     "report": "report.json",
+    "report_md": "report.md",
+    "report_html": "report.html",
 }
 MANIFEST_FILE = "manifest.json"
 POINTER = "latest.json"

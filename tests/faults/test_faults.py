@@ -131,7 +131,7 @@ def test_a_planted_pickle_in_the_result_storage_is_never_run(cli, tmp_path):
     assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "json"
 
 
-def test_two_identical_runs_at_once_both_succeed_with_one_set_of_blobs(prefect_server, tmp_path):
+def test_two_identical_runs_at_once_take_turns_and_share_one_set_of_blobs(prefect_server, tmp_path):
     store = tmp_path / "store"
     processes = [start_cli(prefect_server, "run", "--store", str(store), *FAST, "--json") for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
@@ -139,6 +139,10 @@ def test_two_identical_runs_at_once_both_succeed_with_one_set_of_blobs(prefect_s
         assert process.returncode == 0, stderr[-4000:]
     first, second = (json.loads(stdout) for stdout, _ in outputs)
     assert first["run_id"] != second["run_id"]
+    # The store's lock (one run at a time per store on a Prefect server) makes the later run wait, then reuse
+    # every stage of the earlier one.
+    cached = sorted(all(t["cached"] for t in run["tasks"].values()) for run in (first, second))
+    assert cached == [False, True]
     assert first["artifacts"] == second["artifacts"]
     dataset = json.loads(Path(first["artifacts"]["dataset"]["uri"].removeprefix("file://")).read_text())
     expected = {ref["sha256"] for ref in first["artifacts"].values()} | {

@@ -12,7 +12,7 @@ from conftest import ptqflow_executable, write_outlier_model
 pytestmark = pytest.mark.slow
 
 JSON_KEYS = {"run_id", "status", "artifacts", "metrics", "tasks"}
-ARTIFACTS = {"dataset", "model", "calibration", "tflite", "tflite_float", "report"}
+ARTIFACTS = {"dataset", "model", "calibration", "tflite", "tflite_float", "report", "report_md", "report_html"}
 METRICS = {
     "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
     "float_bytes", "quantized_bytes",
@@ -64,7 +64,7 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
 @pytest.mark.parametrize(
     ("args", "message", "written"),
     [
-        (["--dataset", "nope"], "unknown data set 'nope': choose one of digits", set()),
+        (["--dataset", "nope"], "unknown data set 'nope': choose one of cifar10, digits, fashion_mnist, mnist", set()),
         (["--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", set()),
         (["--calibration-size", "-5"], "invalid --calibration-size: Input should be greater than or equal to 1", set()),
         # The splits are complete artifacts; the check comes before training, so no model is written.

@@ -83,6 +83,53 @@ def test_evaluation_reports_every_metric(models, trained_digits_model, test_spli
     assert metrics["quantized_bytes"] < metrics["float_bytes"] / 3
     assert metrics["audit"]["full_integer"] and metrics["audit"]["input"]["dtype"] == "int8"
     assert "CONV_2D" in metrics["audit"]["ops"]
+    assert metrics["audit"]["float_ops"] == [] and metrics["audit"]["flex_ops"] == []
+    assert metrics["validated"] and metrics["num_threads"] >= 1
+
+    n = len(test_split)
+    for name, model in metrics["models"].items():
+        matrix = np.array(model["confusion_matrix"])
+        assert matrix.shape == (10, 10) and matrix.sum() == n
+        assert model["accuracy"] == pytest.approx(np.trace(matrix) / n)
+        row = matrix[3] / matrix[3].sum()
+        assert model["per_class_accuracy"]["3"] == pytest.approx(row[3], abs=1e-6)
+        speed = model["speed"]
+        assert 0 < speed["latency_ms"]["p50"] <= speed["latency_ms"]["p95"] and speed["latency_ms"]["runs"] >= 10
+        assert speed["throughput_per_s"] > 0
+    keras_model, quantized_model = metrics["models"]["float_keras"], metrics["models"]["quantized_tflite"]
+    assert keras_model["agreement_with_float"] == 1.0 and keras_model["output_sqnr_db"] is None
+    assert quantized_model["agreement_with_float"] == metrics["agreement"]
+    # int8 outputs of a softmax: errors of about one step (1/256), so tens of dB, not a perfect copy.
+    assert 15 < quantized_model["output_sqnr_db"] < 80 and 0 < quantized_model["output_mae"] < 0.01
+    assert metrics["models"]["float_tflite"]["output_sqnr_db"] > quantized_model["output_sqnr_db"]
+
+
+def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_model, models, test_split):
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+    def needs_flex(x):
+        return tf.nn.softmax(tf.math.cumprod(tf.reshape(x, [-1, 64])[:, :10], axis=1))  # Cumprod: no builtin
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([needs_flex.get_concrete_function()], needs_flex)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    flex_model = converter.convert()
+    metrics = evaluate_models(
+        trained_digits_model, models[1], flex_model, test_split.features, test_split.labels, ValidationParameters()
+    )
+    assert not metrics["validated"] and metrics["quantized_accuracy"] is None
+    assert metrics["audit"]["flex_ops"] == ["FlexCumprod"]
+    assert "cannot run" in metrics["not_validated_reason"] and "FlexCumprod" in metrics["not_validated_reason"]
+    ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
+    result = ValidationResult(
+        report=ref, validated=False, not_validated_reason=metrics["not_validated_reason"],
+        **{k: metrics[k] for k in ("float_accuracy", "tflite_float_accuracy", "quantized_accuracy",
+                                   "accuracy_drop_pp", "agreement", "float_bytes", "quantized_bytes")},
+        full_integer=False, float_tensors=(),
+    )
+    verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
+    assert verdict.status == "not_validated" and not verdict.passed
+    assert verdict.message.startswith("not validated: the model uses TensorFlow (Flex) ops")
 
 
 def _result(float_accuracy: float, quantized_accuracy: float) -> ValidationResult:
@@ -101,6 +148,21 @@ def test_gate_passes_within_the_allowed_drop():
 
 def test_gate_fails_beyond_the_allowed_drop_and_says_what_to_try():
     verdict = check_accuracy_gate(_result(0.99, 0.95), max_accuracy_drop=1.0)
-    assert not verdict.passed
+    assert not verdict.passed and verdict.status == "failed"
     assert verdict.observed_drop_pp == pytest.approx(4.0)
     assert "--calibration-size" in verdict.message and "--max-accuracy-drop" in verdict.message
+    assert "--ops builtins --repair" in verdict.message
+
+
+def test_with_int8_only_ops_the_gate_names_the_worst_layers_and_the_options_that_allow_repair():
+    from tasks.artifacts import WorstLayer
+    from tasks.parameters import TargetOps
+
+    result = _result(0.99, 0.10).model_copy(update={"worst_layers": (
+        WorstLayer(layer="dense", op="FULLY_CONNECTED", tensor="m/dense/MatMul", badness=21.8),
+        WorstLayer(layer="probabilities", op="FULLY_CONNECTED", tensor="m/probabilities/MatMul", badness=21.6),
+    )})
+    verdict = check_accuracy_gate(result, max_accuracy_drop=1.0, ops=TargetOps.int8)
+    assert "worst layers: dense (FULLY_CONNECTED, badness 21.8), probabilities" in verdict.message
+    assert "--ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins" in (
+        verdict.message)

@@ -1,0 +1,128 @@
+"""Repair after a failed gate: keep the worst layers in float, one more at a time, until the quantized model's
+drop on the validation split is within the gate or the limit of float layers is reached.
+
+The choice is made on the validation split, not the test split, so the gate's final verdict (on the test split,
+by the validation stage) is not tuned on the data that judges it. Only ``--ops builtins`` allows it: with
+``TFLITE_BUILTINS_INT8`` every op must be integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from storage.keras_models import keras_model_from_bytes
+from storage.store import ArtifactStore
+from storage.tables import iter_feature_batches, read_parquet
+from tasks.artifacts import (
+    CalibrationSet,
+    ConvertedModels,
+    RepairResult,
+    RepairStep,
+    SampledDataset,
+    TrainedModel,
+    ValidationResult,
+)
+from tasks.caching import StageCachePolicy
+from tasks.convert import CalibrationBatches
+from tasks.diagnose import LayerError, float_unit, keras_layer_of, quantize_keeping_float
+from tasks.parameters import ConversionParameters, RepairParameters
+from tasks.progress import report
+from tasks.validate import accuracy, predict_keras, predict_tflite
+
+if TYPE_CHECKING:
+    import keras
+
+WORSE_THAN_ROUNDING = 1.0  # layers at or below this badness lose no more than rounding does: never worth float
+
+
+def keep_worst_layers_float(
+    model: keras.Model,
+    calibration_batches: CalibrationBatches,
+    debug_features: np.ndarray,
+    options: ConversionParameters,
+    quantized_tflite: bytes,
+    ranked: list[LayerError],
+    validation_features: np.ndarray,
+    validation_labels: np.ndarray,
+    max_accuracy_drop: float,
+    max_float_layers: int,
+) -> tuple[bytes | None, list[RepairStep], str]:
+    """Pure function: the first selectively quantized model, keeping 1, 2, ... of the ``ranked`` layers in float
+    (each with its output's consumers, so that its output is never requantized), whose validation drop is within
+    ``max_accuracy_drop``; None if none within ``max_float_layers``. Returns the model, every step, and a message."""
+    float_accuracy = accuracy(predict_keras(model, validation_features), validation_labels)
+    candidates = [layer for layer in ranked if layer.badness > WORSE_THAN_ROUNDING][:max_float_layers]
+    if not candidates:
+        return None, [], "repair found no layer worse than plain rounding to keep in float"
+    layer_names = [layer.name for layer in model.layers]
+    float_tensors: list[str] = []
+    steps: list[RepairStep] = []
+    for layer in candidates:
+        if layer.tensor in float_tensors:
+            continue
+        float_tensors += [t for t in float_unit(quantized_tflite, layer.tensor) if t not in float_tensors]
+        report("repair_quantization", f"keeping {len(steps) + 1} layer(s) in float: {layer.layer}")
+        candidate = quantize_keeping_float(model, calibration_batches, debug_features, options, float_tensors)
+        drop = round((float_accuracy - accuracy(predict_tflite(candidate, validation_features), validation_labels))
+                     * 100, 6)
+        float_layers = tuple(dict.fromkeys(keras_layer_of(t, layer_names) for t in float_tensors))
+        steps.append(RepairStep(layer=layer.layer, float_layers=float_layers, float_tensors=tuple(float_tensors),
+                                validation_drop_pp=drop, quantized_bytes=len(candidate)))
+        if drop <= max_accuracy_drop:
+            return candidate, steps, (
+                f"repair kept {_kept(steps)} in float: validation drop {drop:.2f} pp, within {max_accuracy_drop} pp"
+            )
+    return None, steps, (
+        f"repair kept {_kept(steps)} in float and the validation drop is still "
+        f"{steps[-1].validation_drop_pp:.2f} pp"
+    )
+
+
+def _kept(steps: list[RepairStep]) -> str:
+    chosen = [step.layer for step in steps]
+    readers = [name for name in steps[-1].float_layers if name not in chosen]
+    return ", ".join(chosen) + (f" (with {', '.join(readers)}, which read its output)" if readers else "")
+
+
+@task(name="repair_quantization", cache_policy=StageCachePolicy(module=__name__), persist_result=True,
+      result_serializer="json")
+def repair_quantization(
+    store_url: str,
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    calibration: CalibrationSet,
+    converted: ConvertedModels,
+    validated: ValidationResult,
+    conversion: ConversionParameters,
+    max_accuracy_drop: float,
+    params: RepairParameters,
+) -> RepairResult:
+    store = ArtifactStore(store_url)
+    model = keras_model_from_bytes(store.read_bytes(trained.model))
+    ranked = [LayerError(**layer) for layer in store.read_json(validated.report)["metrics"].get("layers", [])]
+    with store.open(dataset.validation) as f:
+        validation = read_parquet(f)
+    with store.open(calibration.table) as f:
+        debug_features = read_parquet(f).features
+
+    def calibration_batches() -> Iterator[np.ndarray]:
+        with store.open(calibration.table) as f:
+            yield from iter_feature_batches(f, conversion.calibration_batch_size)
+
+    repaired, steps, message = keep_worst_layers_float(
+        model, calibration_batches, debug_features, conversion, store.read_bytes(converted.quantized), ranked,
+        validation.features, validation.labels, max_accuracy_drop, params.max_float_layers,
+    )
+    get_run_logger().info(message)
+    return RepairResult(
+        repaired=store.put_bytes(repaired, ".tflite") if repaired is not None else None,
+        unrepaired=converted.quantized,
+        succeeded=repaired is not None,
+        float_layers=steps[-1].float_layers if steps else (),
+        steps=tuple(steps),
+        message=message,
+    )

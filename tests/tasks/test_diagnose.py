@@ -1,0 +1,102 @@
+"""Per-layer quantization error and repair by keeping layers in float: pure functions, no Prefect.
+
+The "outlier" model computes the same function as the trained CNN but one hidden unit of its ``dense`` layer is
+scaled up 1000x (see conftest.write_outlier_model): int8 collapses to chance, and that layer is the cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage.keras_models import keras_model_from_bytes
+from tasks.convert import quantize
+from tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float
+from tasks.parameters import ConversionParameters, TargetOps, TensorType
+from tasks.repair import keep_worst_layers_float
+from tasks.validate import accuracy, audit_tensor_types, predict_tflite
+
+BUILTINS = ConversionParameters(ops=TargetOps.builtins)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(trained_digits_model, tmp_path_factory):
+    from conftest import write_outlier_model
+
+    path = tmp_path_factory.mktemp("outlier") / "outlier.keras"
+    write_outlier_model(trained_digits_model, path)
+    return keras_model_from_bytes(path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def calibration(digits_splits):
+    return digits_splits[1]["train"].features[:200]
+
+
+def batches_of(features):
+    return lambda: (features[i : i + 64] for i in range(0, len(features), 64))
+
+
+def test_the_offending_layer_is_named_worst(outlier_model, calibration):
+    errors = layer_errors(outlier_model, batches_of(calibration), calibration, BUILTINS)
+    worst = errors[0]
+    assert worst.layer == "dense" and worst.op == "FULLY_CONNECTED"
+    assert worst.typical_steps < 1 and worst.badness > 10  # the outlier took the range: most activations round to 0
+    assert [e.badness for e in errors] == sorted((e.badness for e in errors), reverse=True)
+
+
+def test_a_healthy_model_has_no_layer_far_from_rounding(trained_digits_model, calibration):
+    errors = layer_errors(trained_digits_model, batches_of(calibration), calibration, BUILTINS)
+    assert {e.layer for e in errors} >= {"dense", "probabilities", "relu1"}
+    assert max(e.badness for e in errors) < 3
+
+
+def test_keeping_the_worst_layer_float_repairs_the_model(outlier_model, calibration, digits_splits):
+    splits = digits_splits[1]
+    quantized = quantize(outlier_model, batches_of(calibration), BUILTINS)
+    assert accuracy(predict_tflite(quantized, splits["test"].features), splits["test"].labels) < 0.5
+    ranked = layer_errors(outlier_model, batches_of(calibration), calibration, BUILTINS)
+    repaired, steps, message = keep_worst_layers_float(
+        outlier_model, batches_of(calibration), calibration, BUILTINS, quantized, ranked,
+        splits["validation"].features, splits["validation"].labels, max_accuracy_drop=1.0, max_float_layers=4,
+    )
+    assert repaired is not None and len(steps) == 1
+    # The outlier tensor must never be quantized: dense stays float and so does probabilities, which reads it.
+    assert steps[0].float_layers == ("dense", "probabilities")
+    assert message.startswith("repair kept dense (with probabilities, which read its output) in float")
+    float_accuracy = accuracy(outlier_model.predict(splits["test"].features.astype(np.float32), verbose=0),
+                              splits["test"].labels)
+    repaired_accuracy = accuracy(predict_tflite(repaired, splits["test"].features), splits["test"].labels)
+    assert (float_accuracy - repaired_accuracy) * 100 <= 1.0
+    audit = audit_tensor_types(repaired)
+    assert audit.input_type == "int8" and audit.output_type == "int8"  # the asked I/O survives repair
+    assert not audit.full_integer and len(repaired) > len(quantized)
+
+
+def test_repair_stops_at_the_limit_and_says_so(outlier_model, calibration, digits_splits):
+    splits = digits_splits[1]
+    quantized = quantize(outlier_model, batches_of(calibration), BUILTINS)
+    ranked = layer_errors(outlier_model, batches_of(calibration), calibration, BUILTINS)
+    repaired, steps, message = keep_worst_layers_float(
+        outlier_model, batches_of(calibration), calibration, BUILTINS, quantized, ranked,
+        splits["validation"].features, splits["validation"].labels, max_accuracy_drop=-1.0, max_float_layers=2,
+    )
+    assert repaired is None and len(steps) <= 2 and "and the validation drop is still" in message
+
+
+def test_float_io_is_kept_when_asked(outlier_model, calibration):
+    options = ConversionParameters(ops=TargetOps.builtins, input_type=TensorType.float32,
+                                   output_type=TensorType.float32)
+    model = quantize_keeping_float(outlier_model, batches_of(calibration), calibration, options, [])
+    audit = audit_tensor_types(model)
+    assert audit.input_type == "float32" and audit.output_type == "float32"
+
+
+@pytest.mark.parametrize(
+    ("tensor", "layer"),
+    [("ptqflow_cnn_1/dense_1/MatMul;ptqflow_cnn_1/dense_1/Relu", "dense"),
+     ("ptqflow_cnn_1/relu1_1/Relu;ptqflow_cnn_1/batch_norm1_1/batchnorm/add_1", "relu1"),
+     ("StatefulPartitionedCall_1:0", "model output"),
+     ("other/thing", "other/thing")],
+)
+def test_tensor_names_map_to_keras_layers(tensor, layer):
+    assert keras_layer_of(tensor, ["dense", "relu1", "batch_norm1", "probabilities"]) == layer

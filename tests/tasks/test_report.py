@@ -1,0 +1,66 @@
+"""report.md and report.html, rendered from a validation document."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from tasks.report import render_html, render_markdown
+
+
+def model(accuracy: float, bytes_: int | None) -> dict:
+    return {
+        "accuracy": accuracy, "per_class_accuracy": {"cat": accuracy, "dog": None},
+        "confusion_matrix": [[9, 1], [0, 0]], "agreement_with_float": 0.9, "output_mae": 0.01,
+        "output_sqnr_db": 30.0, "bytes": bytes_,
+        "speed": {"latency_ms": {"p50": 0.5, "p95": 0.7, "runs": 100}, "throughput_per_s": 1000.0,
+                  "throughput_batch": 10},
+    }
+
+
+@pytest.fixture
+def document() -> dict:
+    return {"metrics": {
+        "validated": True, "not_validated_reason": None, "samples": 10, "class_names": ["cat", "dog"],
+        "float_accuracy": 0.9, "quantized_accuracy": 0.8, "accuracy_drop_pp": 10.0, "float_bytes": 400,
+        "quantized_bytes": 100, "num_threads": 2,
+        "models": {"float_keras": model(0.9, None), "float_tflite": model(0.9, 400),
+                   "quantized_tflite": model(0.8, 100)},
+        "layers": [{"layer": "dense", "op": "FULLY_CONNECTED", "tensor": "t", "scale": 20.0,
+                    "rmse_over_scale": 0.09, "mean_abs_error": 0.1, "typical_steps": 0.05, "badness": 20.0},
+                   {"layer": "model output", "op": "SOFTMAX", "tensor": "s", "scale": 0.0039,
+                    "rmse_over_scale": 0.3, "mean_abs_error": 0.0, "typical_steps": None, "badness": 1.04}],
+        "layers_unavailable": None,
+        "audit": {"full_integer": False, "float_tensors": ["x"], "float_ops": [{"op": "FULLY_CONNECTED",
+                  "output": "dense"}], "flex_ops": [], "dtypes": {"float32": 1, "int8": 5},
+                  "ops": ["FULLY_CONNECTED", "SOFTMAX"],
+                  "input": {"dtype": "int8", "scale": 0.06, "zero_point": -128},
+                  "output": {"dtype": "int8", "scale": 1 / 256, "zero_point": -128}},
+    }}
+
+
+def test_markdown_has_every_section(document):
+    text = render_markdown(document)
+    for heading in ("## Models (test split)", "## Per-class accuracy", "## Per-layer quantization error",
+                    "## Audit", "## Confusion matrices"):
+        assert heading in text
+    assert "| dense | FULLY_CONNECTED | 20.00 |" in text and "| n/a |" in text
+    assert "**ops with float tensors**: FULLY_CONNECTED (dense)" in text
+
+
+def test_html_is_self_contained_with_three_png_plots(document):
+    page = render_html(document)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3  # accuracy per model, per-layer error, confusion matrices
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: it opens offline
+    assert render_html(document) == page  # same document, same bytes
+
+
+def test_not_validated_is_said_plainly(document):
+    document["metrics"].update(validated=False, not_validated_reason="the model uses TensorFlow (Flex) ops",
+                               models={}, quantized_accuracy=None, accuracy_drop_pp=None)
+    assert "**Not validated**: the model uses TensorFlow (Flex) ops" in render_markdown(document)
+    assert "Not validated: the model uses TensorFlow (Flex) ops" in render_html(document)
