@@ -1,7 +1,7 @@
 """The ``ptq-pipeline`` flow: five cached stages from a data set to a validated, fully-integer ``.tflite``."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the signature,
+# and a deployment loads this file by path, where string annotations cannot be resolved.
 import os
 from typing import Any
 

@@ -13,7 +13,7 @@ from storage.results import result_storage_for
 from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, StoreError
 from storage.tables import TensorTableError
 from tasks.artifacts import StageOutput
-from tasks.errors import PtqflowError
+from tasks.errors import PtqflowError, StageTimedOut
 from tasks.progress import report
 
 Output = TypeVar("Output", bound=StageOutput)
@@ -26,8 +26,11 @@ NOT_TRANSIENT = (*USER_ERRORS, ValueError, TypeError, KeyError, FileNotFoundErro
 
 
 def is_transient_error(error: BaseException) -> bool:
-    """True for errors a retry may fix (network and storage I/O), False for problems with input or code."""
-    if isinstance(error, NOT_TRANSIENT):
+    """True for errors a retry may fix (network and storage I/O), False for problems with input or code, and
+    for a stage stopped at its time limit (it would only run as long again)."""
+    from prefect.task_engine import TaskRunTimeoutError
+
+    if isinstance(error, (*NOT_TRANSIENT, TaskRunTimeoutError, StageTimedOut)):
         return False
     if isinstance(error, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -37,7 +40,10 @@ def is_transient_error(error: BaseException) -> bool:
 
 
 def is_transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry a failed stage only for transient errors."""
+    """Prefect retry condition: retry a failed stage only for transient errors (a stage that ran past its time
+    limit is not: it would only do so again)."""
+    if state.name == "TimedOut":
+        return False
     try:
         state.result()
     except Exception as error:
@@ -50,12 +56,20 @@ class StageRecord(BaseModel):
     seconds: float
 
 
+# Guards against a runaway stage, far above any normal run: a scheduled run that never ends must fail and free the
+# store's lock. Prefect stops a synchronous stage between Python steps (e.g. between training batches); a call
+# blocked inside C code is stopped when it returns.
+STAGE_TIMEOUT_SECONDS = {"train_float_model": 6 * 3600.0}
+DEFAULT_STAGE_TIMEOUT_SECONDS = 2 * 3600.0
+
+
 class StageRunner:
     """Runs stages against one store and remembers, per stage, whether it was a cache hit and how long it took."""
 
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, timeouts: dict[str, float] | None = None) -> None:
         self.store = store
         self.result_storage = result_storage_for(store)
+        self.timeouts = {**STAGE_TIMEOUT_SECONDS, **(timeouts or {})}
         self.records: dict[str, StageRecord] = {}
 
     def _bad_artifacts(self, output: StageOutput) -> list[str]:
@@ -93,7 +107,8 @@ class StageRunner:
         """Run ``stage`` (cached, retried, its cached outputs verified); ``label`` names a second run of the same
         stage in the records and the progress display."""
         name = label or stage.name
-        configured = self.retrying(stage, result_storage=self.result_storage)
+        timeout = self.timeouts.get(stage.name, DEFAULT_STAGE_TIMEOUT_SECONDS)
+        configured = self.retrying(stage, result_storage=self.result_storage, timeout_seconds=timeout)
         if label:
             configured = configured.with_options(task_run_name=label)
         logger = get_run_logger()
@@ -101,6 +116,11 @@ class StageRunner:
         report(name, "starting")
         started = time.perf_counter()
         state = configured(store_url=self.store.url, **inputs, return_state=True)
+        if state.name == "TimedOut":
+            raise StageTimedOut(
+                f"{name} ran longer than its {timeout:.0f} s limit and was stopped: look for a stalled data source "
+                "or store in its logs, then rerun; completed stages are reused"
+            )
         output: Output = state.result()
         cached = state.name == "Cached"
         problems = self._bad_artifacts(output) if cached else []

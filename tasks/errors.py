@@ -23,3 +23,7 @@ class AccuracyGateFailed(PtqflowError):
     def __init__(self, message: str, summary: object | None = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class StageTimedOut(RuntimeError):
+    """A stage ran past its time limit (a hung or runaway stage); never retried."""

@@ -10,9 +10,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -48,14 +50,59 @@ def start_cli(prefect_server: str, *args: str, env: dict[str, str] | None = None
     )
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """A temporary Prefect server and database for the whole session; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_executable() -> str:
+    return shutil.which("prefect") or os.path.join(os.path.dirname(sys.executable), "prefect")
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real ``prefect server start`` for the whole session, on 127.0.0.1 with a free port and its own
+    PREFECT_HOME (database included); its UI talks to it. Yields the API URL, which this process uses too."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # Schedules are turned into runs by the scheduler service: every 2 s here instead of every 60 s.
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+    )
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
+    server = subprocess.Popen(
+        [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)  # send this process's last logs while the server is still up
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="session")

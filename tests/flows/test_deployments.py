@@ -1,0 +1,204 @@
+"""Deployments against the session's real Prefect server: a served flow triggered through the REST API as the UI
+does it, a schedule that runs by itself, prefect.yaml with a process worker, and the UI itself in a headless
+browser ("Run" -> "Custom run")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import prefect_executable, ptqflow_executable
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "tests" / ".artifacts"  # kept after the session (git-ignored)
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def api(prefect_server: str) -> httpx.Client:
+    return httpx.Client(base_url=prefect_server, timeout=30)
+
+
+def deployment_id(prefect_server: str, flow_and_name: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    with api(prefect_server) as client:
+        while time.monotonic() < deadline:
+            response = client.get(f"/deployments/name/{flow_and_name}")
+            if response.status_code == 200:
+                return response.json()["id"]
+            time.sleep(1)
+    raise AssertionError(f"deployment {flow_and_name} never appeared")
+
+
+def wait_for_run(prefect_server: str, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    with api(prefect_server) as client:
+        while time.monotonic() < deadline:
+            run = client.get(f"/flow_runs/{run_id}").json()
+            if run["state"]["type"] in TERMINAL:
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def manifests(store: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*.json"))] if (store / "runs").exists() else []
+
+
+def serve(prefect_server: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    return subprocess.Popen([ptqflow_executable(), "serve", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    store = tmp_path_factory.mktemp("served") / "store"
+    process = serve(prefect_server, "--name", "served", "--store", str(store), "--epochs", "4", "--cron", "0 2 * * *")
+    try:
+        yield deployment_id(prefect_server, "ptq-pipeline/served"), store
+    finally:
+        stop(process)
+
+
+def test_a_run_triggered_as_the_ui_does_completes_with_its_artifacts(prefect_server, served):
+    deployment, store = served
+    with api(prefect_server) as client:
+        defaults = client.get(f"/deployments/{deployment}").json()["parameters"]
+        assert defaults["training"]["epochs"] == 4 and defaults["store"] == str(store)
+        # The UI's custom-run form posts every parameter, with the user's changes.
+        parameters = {**defaults, "calibration": {**defaults["calibration"], "calibration_size": 150}}
+        response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters})
+        assert response.status_code == 201, response.text
+        run = wait_for_run(prefect_server, response.json()["id"])
+        assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
+        keys = {a["key"] for a in client.post("/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()}
+    assert {"ptq-summary", "ptq-report"} <= keys
+    [manifest] = [m for m in manifests(store) if m["run_id"] == run["id"]]
+    assert manifest["parameters"]["calibration"]["calibration_size"] == 150
+    assert manifest["gate"]["passed"]
+    for artifact in manifest["artifacts"].values():
+        assert Path(artifact["uri"].removeprefix("file://")).stat().st_size == artifact["bytes"]
+
+
+def test_invalid_parameters_are_refused_when_the_run_is_triggered(prefect_server, served):
+    deployment, _ = served
+    with api(prefect_server) as client:
+        response = client.post(f"/deployments/{deployment}/create_flow_run",
+                               json={"parameters": {"calibration": {"calibration_size": -5}}})
+        assert response.status_code == 409
+        assert "calibration.calibration_size" in response.json()["detail"]
+        assert "-5 is less than the minimum of 1" in response.json()["detail"]
+        response = client.post(f"/deployments/{deployment}/create_flow_run",
+                               json={"parameters": {"conversion": {"ops": "everything"}}})
+        assert response.status_code == 409 and "conversion.ops" in response.json()["detail"]
+
+
+def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
+    from playwright.sync_api import expect, sync_playwright
+
+    deployment, store = served
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed (apt-get install chromium; .ci/run installs it)"
+    ui = prefect_server.removesuffix("/api")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/deployments/deployment/{deployment}")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run").click()
+            field = page.locator(
+                "xpath=//span[starts-with(normalize-space(.), 'Calibration Size')]"
+                "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]//input"
+            )
+            assert field.input_value() == "200"
+            field.fill("120")
+            page.get_by_role("button", name="Submit").click()
+            # The UI confirms with a toast "<run name> scheduled to start now"; open that run's page.
+            toast = page.get_by_text("scheduled to start").first
+            toast.wait_for(timeout=30_000)
+            run_name = toast.inner_text().split(" scheduled to start")[0].strip()
+            with api(prefect_server) as client:
+                [run] = client.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [run_name]}}}).json()
+            run_id = run["id"]
+            page.goto(f"{ui}/runs/flow-run/{run_id}")
+            # The state badge in the run's heading (not a log line that says "Completed"), updated live.
+            badge = page.locator(".page-heading .state-badge").first
+            expect(badge).to_have_text(re.compile(r"\w"), timeout=30_000)
+            assert badge.inner_text().strip() in {"Scheduled", "Pending", "Running", "Completed"}
+            expect(badge).to_have_text("Completed", timeout=300_000)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "ui-custom-run-completed.png"))
+        finally:
+            browser.close()
+    assert (SCREENSHOTS / "ui-custom-run-completed.png").stat().st_size > 10_000
+    run = wait_for_run(prefect_server, run_id, timeout=30)
+    assert run["state"]["type"] == "COMPLETED" and run["parameters"]["calibration"]["calibration_size"] == 120
+    assert any(m["run_id"] == run_id for m in manifests(store))
+
+
+def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
+    store = tmp_path / "store"
+    process = serve(prefect_server, "--name", "every-20s", "--store", str(store), "--epochs", "3", "--interval", "20")
+    try:
+        deployment = deployment_id(prefect_server, "ptq-pipeline/every-20s")
+        deadline = time.monotonic() + 240
+        completed: list[dict] = []
+        with api(prefect_server) as client:
+            while time.monotonic() < deadline and len(completed) < 2:
+                runs = client.post("/flow_runs/filter", json={
+                    "flow_runs": {"deployment_id": {"any_": [deployment]}}}).json()
+                completed = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+                failed = [r for r in runs if r["state"]["type"] in TERMINAL - {"COMPLETED"}]
+                assert not failed, failed[0]["state"]["message"]
+                time.sleep(2)
+    finally:
+        stop(process)
+    assert len(completed) >= 2, "the schedule did not produce two completed runs in 4 minutes"
+    assert all("auto-scheduled" in r["tags"] for r in completed)  # made by the server's scheduler, not by us
+    assert {r["id"] for r in completed} <= {m["run_id"] for m in manifests(store)}
+
+
+def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PWD": str(ROOT)}
+    prefect = prefect_executable()
+    subprocess.run([prefect, "work-pool", "create", "ptqflow-process", "--type", "process"], env=env, cwd=ROOT,
+                   capture_output=True, check=False)  # already there on a rerun: fine
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    deployment = deployment_id(prefect_server, "ptq-pipeline/nightly", timeout=10)
+    store = tmp_path / "store"
+    with api(prefect_server) as client:
+        described = client.get(f"/deployments/{deployment}").json()
+        assert [s["schedule"]["cron"] for s in described["schedules"]] == ["0 2 * * *"]
+        assert described["work_pool_name"] == "ptqflow-process" and described["enforce_parameter_schema"]
+        assert described["global_concurrency_limit"]["limit"] == 1
+        response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": {
+            **described["parameters"], "store": str(store), "training": {"epochs": 3}}})
+        assert response.status_code == 201, response.text
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = wait_for_run(prefect_server, response.json()["id"], timeout=60)
+    assert run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert [m["run_id"] for m in manifests(store)] == [run["id"]]
