@@ -15,21 +15,21 @@ ranks layers by it and repair keeps them in float in that order.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
-import os
 import re
-import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.convert import CalibrationBatches, quantization_converter
+from tasks.convert import (
+    CalibrationBatches,
+    native_output_silenced,
+    quantization_converter,
+)
 from tasks.parameters import ConversionParameters, TensorType
 
 if TYPE_CHECKING:
@@ -74,30 +74,6 @@ def keras_layer_of(tensor_name: str, layer_names: Sequence[str]) -> str:
     return "model output" if tensor_name.startswith("StatefulPartitionedCall") else tensor_name.split(";")[0]
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The debugger runs tf.lite.Interpreter, which warns that it is deprecated on every construction, and its
-    C++ quantizer and interpreter print their settings on fds 1 and 2: none of it is for ptqflow's user (errors
-    still arrive, as exceptions)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in saved:
-            os.dup2(devnull, fd)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
-
-
 def _debugger(
     model: keras.Model,
     calibration_batches: CalibrationBatches,
@@ -127,7 +103,7 @@ def layer_errors(
     model: keras.Model, calibration_batches: CalibrationBatches, debug_features: np.ndarray, options: ConversionParameters
 ) -> list[LayerError]:
     """Pure function: every quantized layer's error for this conversion, worst first."""
-    with _quiet():
+    with native_output_silenced():
         debugger = _debugger(model, calibration_batches, debug_features, options, with_metrics=True)
         debugger.run()
         dump = io.StringIO()
@@ -183,11 +159,12 @@ def quantize_keeping_float(
     """Pure function: the quantized ``.tflite`` with the ops producing ``float_tensors`` left in float
     (selective quantization through the debugger's ``denylisted_nodes``), with the asked I/O types."""
     import tensorflow as tf
+
     # The converter's own helper for integer I/O (it strips the boundary QUANTIZE / DEQUANTIZE ops); the debugger
     # quantizes with float I/O.
     from tensorflow.lite.python.util import modify_model_io_type
 
-    with _quiet():
+    with native_output_silenced():
         debugger = _debugger(model, calibration_batches, debug_features, options, float_tensors)
         selective = debugger.get_nondebug_quantized_model()
     types = {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8}

@@ -28,7 +28,12 @@ from tasks.artifacts import (
 )
 from tasks.caching import StageCachePolicy
 from tasks.convert import CalibrationBatches
-from tasks.diagnose import LayerError, float_unit, keras_layer_of, quantize_keeping_float
+from tasks.diagnose import (
+    LayerError,
+    float_unit,
+    keras_layer_of,
+    quantize_keeping_float,
+)
 from tasks.parameters import ConversionParameters, RepairParameters
 from tasks.progress import report
 from tasks.validate import accuracy, predict_keras, predict_tflite
