@@ -9,8 +9,8 @@ Layout under the export URL::
 
 Every file is read back and checked against its sha256 before ``latest.json`` moves, and ``latest.json`` is
 replaced atomically, so a device never sees a pointer to a partial version. Publishing the same run again finds
-its verified version and changes nothing; so does a run whose artifacts are byte for byte the current version's
-(a nightly run on unchanged data).
+its verified version and changes nothing; so does a run whose model files are byte for byte the current
+version's (a nightly run on unchanged data), whatever its report says.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ EXPORT_FILES = {
     "report_md": "report.md",
     "report_html": "report.html",
 }
+# What devices and users load. A run whose files these are, byte for byte, is the current version even when its
+# report differs (the report records timings, so two runs of one model never give the same report).
+MODEL_FILES = ("tflite", "tflite_float", "model", "calibration")
 MANIFEST_FILE = "manifest.json"
 POINTER = "latest.json"
 
@@ -71,8 +74,8 @@ def _existing_version(export: ArtifactStore, run_id: str, artifacts: dict[str, A
         return versions[0]
     if export.exists_named(POINTER):
         latest = json.loads(export.read_named(POINTER))
-        if all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in EXPORT_FILES):
-            return latest["version"]  # a cached rerun: the devices already have these bytes
+        if all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES):
+            return latest["version"]  # a rerun of the same model: the devices already have these bytes
     return None
 
 
@@ -91,9 +94,11 @@ def publish_run(
     if existing is not None:
         folder = f"versions/{existing}"
         pointer = json.loads(export.read_named(f"{folder}/{MANIFEST_FILE}"))["export"]
+        # Verified against what was published then (its pointer in history/), not against this run's files.
+        recorded = json.loads(export.read_named(f"history/{existing}.json"))["files"]
         files = {
-            name: _verify_copy(export, f"{folder}/{filename}", artifacts[name].sha256, artifacts[name].bytes)
-            for name, filename in EXPORT_FILES.items()
+            name: _verify_copy(export, f"{folder}/{filename}", recorded[name]["sha256"], recorded[name]["bytes"])
+            for name, filename in EXPORT_FILES.items() if name in recorded
         }
         return ExportRecord(url=export.url, version=existing, pointer=pointer["pointer"], files=files, published=False)
 

@@ -64,6 +64,17 @@ def test_a_cached_rerun_with_the_same_bytes_publishes_nothing(store, export):
     assert len(export.list_named("versions")) == 1
 
 
+def test_the_same_model_with_a_new_report_publishes_nothing(store, export):
+    artifacts = _artifacts(store, "v1")
+    first = publish_run(store, export, "run-1", artifacts, _manifest("run-1"))
+    # Another run of the same model: same model files, but its report has other timings.
+    rerun = {**artifacts, "report": store.put_bytes(b"report with other timings", ".json")}
+    second = publish_run(store, export, "run-2", rerun, _manifest("run-2"))
+    assert not second.published and second.version == first.version
+    assert second.files["report"].sha256 == artifacts["report"].sha256  # what the export holds, verified
+    assert len(export.list_named("versions")) == 1
+
+
 def test_a_new_model_gets_a_new_version_and_keeps_history(store, export):
     publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
     second = publish_run(store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"))
