@@ -97,12 +97,19 @@ def prefect_server(tmp_path_factory):
 
             APILogWorker.drain_all(timeout=10)  # send this process's last logs while the server is still up
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server, signal.SIGTERM)
         log.close()
+
+
+def stop_process_group(process: subprocess.Popen, first: signal.Signals) -> None:
+    """Stop a process started with ``start_new_session=True`` and its children: ``first``, then SIGKILL after
+    30 s."""
+    os.killpg(process.pid, first)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import prefect_executable, ptqflow_executable
+from conftest import prefect_executable, ptqflow_executable, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -57,20 +57,10 @@ def manifests(store: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*.json"))] if (store / "runs").exists() else []
 
 
-def serve(prefect_server: str, *args: str, log: Path | None = None) -> subprocess.Popen:
+def serve(prefect_server: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child writes it
-    return subprocess.Popen([ptqflow_executable(), "serve", *args], env=env, stdout=output,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    return subprocess.Popen([ptqflow_executable(), "serve", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +70,7 @@ def served(prefect_server, tmp_path_factory):
     try:
         yield deployment_id(prefect_server, "ptq-pipeline/served"), store
     finally:
-        stop(process)
+        stop_process_group(process, signal.SIGINT)  # Ctrl-C: serve stops its runner cleanly
 
 
 def test_a_run_triggered_as_the_ui_does_completes_with_its_artifacts(prefect_server, served):
