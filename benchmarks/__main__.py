@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["calibration", "validation", "caching", "storage", "memory", "inference", "tensor_layout"]
+MODULES = ["calibration", "validation", "caching", "storage", "memory", "inference", "tensor_layout", "sweep"]
 
 
 def _run_module(name: str, repeats: int) -> list[dict]:
@@ -70,7 +70,7 @@ def _merged(previous: dict, fresh: dict) -> dict:
                 merged += fresh["results"]
                 placed = True
         else:
-            merged.append({"measured_at": previous["generated_at"], **row})
+            merged.append({"measured_at": previous["generated_at"], "repeats": previous["repeats"], **row})
     if not placed:
         merged += fresh["results"]
     # The whole suite's time is known only from a full run: keep the last one's.
@@ -95,7 +95,7 @@ def main() -> None:
         module_started = time.perf_counter()
         print(f"running {name} ...", file=sys.stderr, flush=True)
         measured_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        results += [{**r, "measured_at": measured_at} for r in _run_module(name, args.repeats)]
+        results += [{**r, "measured_at": measured_at, "repeats": args.repeats} for r in _run_module(name, args.repeats)]
         print(f"  {name}: {time.perf_counter() - module_started:.0f} s", file=sys.stderr, flush=True)
     document = {
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -25,14 +25,24 @@ def _when(results: dict[str, Any]) -> str:
     return times[0] if len(times) == 1 else f"measured {times[0]} to {times[-1]}"
 
 
+def _repeats(results: dict[str, Any]) -> str:
+    """How many runs each median is of (a partial rerun may have used another number)."""
+    counts: dict[int, list[str]] = {}
+    for r in results["results"]:
+        counts.setdefault(r.get("repeats", results["repeats"]), []).append(r["name"])
+    usual = max(counts, key=lambda n: len(counts[n]))
+    others = "; ".join(f"{n} for {', '.join(names)}" for n, names in sorted(counts.items()) if n != usual)
+    return f"medians of {usual} runs where repeated" + (f" ({others})" if others else "")
+
+
 def render_table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Measured on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB "
         f"(CPU flags: {', '.join(m['cpu_flags']) or 'none of note'}); TensorFlow "
         f"{m['libraries'].get('tensorflow-cpu') or m['libraries'].get('tensorflow')}, LiteRT "
-        f"{m['libraries'].get('ai-edge-litert')}; {_when(results)}; medians of {results['repeats']} runs "
-        f"where repeated; whole suite {results['total_seconds'] / 60:.1f} min.",
+        f"{m['libraries'].get('ai-edge-litert')}; {_when(results)}; {_repeats(results)}; "
+        f"whole suite {results['total_seconds'] / 60:.1f} min.",
         "",
         "| benchmark | ptqflow | baseline | ratio | target | met |",
         "|---|---|---|---|---|---|",

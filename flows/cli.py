@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -23,8 +23,11 @@ from tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
+    QuantizationScheme,
+    RankBy,
     RepairParameters,
     SamplingParameters,
+    SweepParameters,
     TargetOps,
     TensorType,
     TrainingParameters,
@@ -49,6 +52,37 @@ def _help(schema: type[BaseModel], field: str) -> str:
     return f"{info.description} \\[default: {getattr(info.default, 'value', info.default)}]"
 
 
+# Options shared by `run` and `sweep` (one definition, one help text).
+DatasetOption = Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))]
+FeatureColumnOption = Annotated[str | None, typer.Option(help=_help(SamplingParameters, "feature_column"))]
+LabelColumnOption = Annotated[str | None, typer.Option(help=_help(SamplingParameters, "label_column"))]
+InputShapeOption = Annotated[
+    str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
+]
+SampleSizeOption = Annotated[int | None, typer.Option(help=_help(SamplingParameters, "sample_size"))]
+SinceOption = Annotated[
+    datetime | None, typer.Option(formats=["%Y-%m-%d"], help=_help(SamplingParameters, "since"))
+]
+WindowDaysOption = Annotated[int | None, typer.Option(help=_help(SamplingParameters, "window_days"))]
+ModelOption = Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))]
+ModelUrlOption = Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model_url"))]
+RunStoreOption = Annotated[
+    str, typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...).")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed for sampling, training and calibration.")]
+EpochsOption = Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))]
+CalibrationSizeOption = Annotated[int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))]
+CalibrationSourceOption = Annotated[
+    str | None, typer.Option(help=_help(CalibrationParameters, "calibration_source"))
+]
+MaxAccuracyDropOption = Annotated[float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))]
+PromotionToleranceOption = Annotated[
+    float | None, typer.Option(help=_help(GateParameters, "promotion_tolerance"))
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")]
+
+
 @app.callback()
 def main() -> None:
     """ptqflow: post-training integer quantization as a cached, validated Prefect pipeline."""
@@ -62,6 +96,8 @@ def _prepare_environment(verbose: bool) -> None:
         # Prefect's console handler would print task logs and failure tracebacks; the CLI reports those itself.
         # Logs still reach the Prefect API (the UI), which has its own handler.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        # The same for Dask's scheduler and workers (ptqflow sweep): their start-up and shut-down chatter.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:
@@ -76,8 +112,9 @@ def _parameters(schema: type[BaseModel], as_json: bool, **given: Any) -> Any:
         return schema(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as error:
         first = error.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a parameter"
-        _fail(f"invalid {option}: {first['msg']}", EXIT_INVALID_INPUT, as_json)
+        message = first["msg"].removeprefix("Value error, ")
+        what = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        _fail(f"invalid {what}: {message}", EXIT_INVALID_INPUT, as_json)
 
 
 def _shape(text: str | None, as_json: bool) -> tuple[int, ...] | None:
@@ -172,44 +209,38 @@ def _print_summary(summary: Any, console: Console) -> None:
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
     if "report_html" in summary.artifacts:
         console.print(f"report: {summary.artifacts['report_html'].uri}", highlight=False, soft_wrap=True)
-    if summary.export is not None:
-        what = "published" if summary.export.published else "already published"
-        console.print(f"{what}: version {summary.export.version}, pointer {summary.export.pointer}", highlight=False,
-                      soft_wrap=True)
+    _print_export(summary, console)
     console.print(f"run id: {summary.run_id} (manifest {summary.manifest})", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def run(
-    dataset: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))] = None,
-    feature_column: Annotated[
-        str | None, typer.Option(help=_help(SamplingParameters, "feature_column"))
-    ] = None,
-    label_column: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "label_column"))] = None,
-    input_shape: Annotated[
-        str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
-    ] = None,
-    sample_size: Annotated[int | None, typer.Option(help=_help(SamplingParameters, "sample_size"))] = None,
-    model: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))] = None,
-    model_url: Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model_url"))] = None,
-    store: Annotated[
-        str,
-        typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
-    ] = "./ptqflow-store",
-    seed: Annotated[int, typer.Option(help="Seed for sampling, training and calibration.")] = 0,
-    epochs: Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))] = None,
-    calibration_size: Annotated[
-        int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
-    ] = None,
-    calibration_source: Annotated[
-        str | None, typer.Option(help=_help(CalibrationParameters, "calibration_source"))
-    ] = None,
+    dataset: DatasetOption = None,
+    feature_column: FeatureColumnOption = None,
+    label_column: LabelColumnOption = None,
+    input_shape: InputShapeOption = None,
+    sample_size: SampleSizeOption = None,
+    since: SinceOption = None,
+    window_days: WindowDaysOption = None,
+    model: ModelOption = None,
+    model_url: ModelUrlOption = None,
+    store: RunStoreOption = "./ptqflow-store",
+    seed: SeedOption = 0,
+    epochs: EpochsOption = None,
+    calibration_size: CalibrationSizeOption = None,
+    calibration_source: CalibrationSourceOption = None,
     input_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "input_type"))] = None,
     output_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "output_type"))] = None,
     ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
-    max_accuracy_drop: Annotated[
-        float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
+    scheme: Annotated[
+        QuantizationScheme | None, typer.Option(help=_help(ConversionParameters, "scheme"))
     ] = None,
+    per_channel: Annotated[
+        bool | None,
+        typer.Option("--per-channel/--per-tensor", help=_help(ConversionParameters, "per_channel")),
+    ] = None,
+    max_accuracy_drop: MaxAccuracyDropOption = None,
+    promotion_tolerance: PromotionToleranceOption = None,
     export: Annotated[
         str | None,
         typer.Option(
@@ -224,61 +255,240 @@ def run(
     max_float_layers: Annotated[
         int | None, typer.Option(help=_help(RepairParameters, "max_float_layers"))
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")] = False,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
     parameters = dict(
         store=store,
         export=export,
         seed=seed,
-        sampling=_parameters(
-            SamplingParameters, as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
-            input_shape=_shape(input_shape, as_json), sample_size=sample_size,
+        **_upstream_parameters(
+            as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
+            input_shape=input_shape, sample_size=sample_size, since=since, window_days=window_days, epochs=epochs,
+            model=model, model_url=model_url, calibration_size=calibration_size, calibration_source=calibration_source,
         ),
-        training=_parameters(TrainingParameters, as_json, epochs=epochs, model=model, model_url=model_url),
-        calibration=_parameters(
-            CalibrationParameters, as_json, calibration_size=calibration_size, calibration_source=calibration_source
+        conversion=_parameters(
+            ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops, scheme=scheme,
+            per_channel=per_channel,
         ),
-        conversion=_parameters(ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops),
-        gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop),
+        gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
+                         promotion_tolerance=promotion_tolerance),
         repair=_parameters(RepairParameters, as_json, enabled=repair, max_float_layers=max_float_layers),
     )
     _prepare_environment(verbose)
 
     from flows.pipeline import ptq_pipeline
-    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error
-    from tasks.errors import AccuracyGateFailed
 
     live = not as_json and err_console.is_terminal
     with _stdout_to_stderr() if as_json else nullcontext(), _live_progress() if live else nullcontext():
         state = ptq_pipeline(**parameters, return_state=True)
-    if state.is_completed():
-        summary, code = state.result(), 0
-    else:
-        error = state.result(raise_on_failure=False)
-        if isinstance(error, AccuracyGateFailed) and error.summary is not None:
-            summary, code = error.summary, EXIT_GATE_FAILED
-        elif isinstance(error, USER_ERRORS):
-            _fail(str(error), EXIT_INVALID_INPUT, as_json)
-        elif is_transient_error(error):
-            _fail(
-                f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}): check the "
-                "endpoint, network and credentials, then rerun; completed stages are reused",
-                EXIT_RUN_FAILED,
-                as_json,
-            )
-        else:
-            _fail(
-                f"the run failed: {type(error).__name__}: {error} (rerun with --verbose for Prefect's logs)",
-                EXIT_RUN_FAILED,
-                as_json,
-            )
+    summary, code = _outcome(state, as_json)
     if as_json:
         print(summary.model_dump_json())
     else:
         _print_summary(summary, Console())
+    raise typer.Exit(code)
+
+
+def _upstream_parameters(as_json: bool, **given: Any) -> dict[str, Any]:
+    """The sampling, training and calibration parameters from the CLI options both `run` and `sweep` take."""
+    return {
+        "sampling": _parameters(
+            SamplingParameters, as_json, dataset=given["dataset"], feature_column=given["feature_column"],
+            label_column=given["label_column"], input_shape=_shape(given["input_shape"], as_json),
+            sample_size=given["sample_size"], since=given["since"].date() if given["since"] else None,
+            window_days=given["window_days"],
+        ),
+        "training": _parameters(
+            TrainingParameters, as_json, epochs=given["epochs"], model=given["model"], model_url=given["model_url"]
+        ),
+        "calibration": _parameters(
+            CalibrationParameters, as_json, calibration_size=given["calibration_size"],
+            calibration_source=given["calibration_source"],
+        ),
+    }
+
+
+def _outcome(state: Any, as_json: bool) -> tuple[Any, int]:
+    """A finished flow run's summary and exit code; a run that failed without one ends the CLI with one line."""
+    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error
+    from tasks.errors import AccuracyGateFailed
+
+    if state.is_completed():
+        return state.result(), 0
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, AccuracyGateFailed) and error.summary is not None:
+        return error.summary, EXIT_GATE_FAILED
+    if isinstance(error, USER_ERRORS):
+        _fail(str(error), EXIT_INVALID_INPUT, as_json)
+    if is_transient_error(error):
+        _fail(
+            f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}): check the "
+            "endpoint, network and credentials, then rerun; completed stages are reused",
+            EXIT_RUN_FAILED,
+            as_json,
+        )
+    _fail(
+        f"the run failed: {type(error).__name__}: {error} (rerun with --verbose for Prefect's logs)",
+        EXIT_RUN_FAILED,
+        as_json,
+    )
+
+
+def _sizes(text: str | None, option: str, as_json: bool) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if parts and all(part.isdigit() and int(part) > 0 for part in parts):
+        return tuple(int(part) for part in parts)
+    _fail(f"invalid {option} {text!r}: give positive integers separated by commas, e.g. 50,200,1000",
+          EXIT_INVALID_INPUT, as_json)
+
+
+def _print_export(summary: Any, console: Console) -> None:
+    if summary.promotion is not None:
+        colour = "green" if summary.promotion.promote else "yellow"
+        console.print(f"[{colour}]{summary.promotion.message}[/]", highlight=False, soft_wrap=True)
+    if summary.export is not None:
+        what = "published" if summary.export.published else "already published"
+        console.print(f"{what}: version {summary.export.version}, pointer {summary.export.pointer}", highlight=False,
+                      soft_wrap=True)
+
+
+def _print_sweep(summary: Any, console: Console) -> None:
+    from tasks.sweep import TABLE_HEADER, table_rows
+
+    table = Table(title=f"Configurations (test split), ranked by {summary.rank_by}", title_justify="left")
+    for column in TABLE_HEADER:
+        table.add_column(column, justify="left" if column in ("configuration", "I/O", "verdict") else "right")
+    for line in table_rows(summary.rows):
+        table.add_row(*line)
+    console.print(table)
+    colour = "green" if summary.gate.passed else "red"
+    console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
+    console.print(f"table: {summary.report.markdown.uri}\nplot: {summary.report.plot.uri}", highlight=False,
+                  soft_wrap=True)
+    if "tflite" in summary.artifacts:
+        console.print(f"best model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
+    _print_export(summary, console)
+    console.print(f"run id: {summary.run_id} (manifest {summary.manifest})", highlight=False, soft_wrap=True)
+
+
+def _check_dask_scheduler(address: str, as_json: bool) -> None:
+    """Fail now, with the fix, rather than after sampling and training, when the scheduler cannot be reached."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=10):
+            pass
+    except (OSError, TimeoutError, ValueError) as error:
+        _fail(
+            f"cannot reach the Dask scheduler at {address} ({type(error).__name__}): start it, check the address "
+            "(e.g. tcp://10.0.0.5:8786), or leave out --dask-address to use a local cluster",
+            EXIT_INVALID_INPUT, as_json,
+        )
+
+
+@app.command()
+def sweep(
+    dataset: DatasetOption = None,
+    feature_column: FeatureColumnOption = None,
+    label_column: LabelColumnOption = None,
+    input_shape: InputShapeOption = None,
+    sample_size: SampleSizeOption = None,
+    since: SinceOption = None,
+    window_days: WindowDaysOption = None,
+    model: ModelOption = None,
+    model_url: ModelUrlOption = None,
+    store: RunStoreOption = "./ptqflow-store",
+    seed: SeedOption = 0,
+    epochs: EpochsOption = None,
+    calibration_size: CalibrationSizeOption = None,
+    calibration_source: CalibrationSourceOption = None,
+    calibration_sizes: Annotated[
+        str | None, typer.Option(help="Calibration sizes tried with full int8, e.g. 50,200,1000. [default: 50,200,1000]")
+    ] = None,
+    configurations: Annotated[
+        str | None, typer.Option(help="Comma-separated configuration names (see --list). [default: all]")
+    ] = None,
+    rank_by: Annotated[RankBy | None, typer.Option(help=_help(SweepParameters, "rank_by"))] = None,
+    require_full_integer: Annotated[
+        bool, typer.Option("--require-full-integer", help=_help(SweepParameters, "require_full_integer"))
+    ] = False,
+    latency_threads: Annotated[int | None, typer.Option(help=_help(SweepParameters, "latency_threads"))] = None,
+    max_accuracy_drop: MaxAccuracyDropOption = None,
+    promotion_tolerance: PromotionToleranceOption = None,
+    export: Annotated[
+        str | None,
+        typer.Option(envvar="PTQFLOW_EXPORT", help="fsspec URL to publish the best passing configuration to."),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(envvar="PTQFLOW_DASK_ADDRESS",
+                     help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786. [default: a LocalCluster]"),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes of the LocalCluster.", min=1)] = 2,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="No Dask: run the configurations one at a time in this process.")
+    ] = False,
+    list_configurations: Annotated[
+        bool, typer.Option("--list", help="Print the configurations of the grid and exit.")
+    ] = False,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Convert one trained model under a grid of quantization configurations on Dask, rank them (accuracy drop,
+    size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
+    upstream = _upstream_parameters(
+        as_json, dataset=dataset, feature_column=feature_column, label_column=label_column, input_shape=input_shape,
+        sample_size=sample_size, since=since, window_days=window_days, epochs=epochs, model=model, model_url=model_url,
+        calibration_size=calibration_size, calibration_source=calibration_source,
+    )
+    names = tuple(n.strip() for n in configurations.split(",") if n.strip()) if configurations else None
+    sweep_parameters = _parameters(
+        SweepParameters, as_json, calibration_sizes=_sizes(calibration_sizes, "--calibration-sizes", as_json),
+        configurations=names, rank_by=rank_by, require_full_integer=require_full_integer,
+        latency_threads=latency_threads,
+    )
+    _prepare_environment(verbose)  # before anything imports Prefect, which reads its logging settings once
+    from tasks.errors import PtqflowError
+    from tasks.sweep import select_configurations, sweep_grid
+
+    try:
+        grid = select_configurations(
+            sweep_grid(upstream["calibration"].calibration_size, sweep_parameters.calibration_sizes), names
+        )
+    except PtqflowError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json)
+    if list_configurations:
+        for configuration in grid:
+            size = f", {configuration.calibration_size} calibration samples" if configuration.calibration_size else ""
+            print(f"{configuration.name:<26} {configuration.description}{size}")
+        return
+
+    if dask_address and not in_process:
+        _check_dask_scheduler(dask_address, as_json)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+
+    runner = ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)
+    live = not as_json and err_console.is_terminal
+    with shared_prefect_api(), _stdout_to_stderr() if as_json else nullcontext(), \
+            _live_progress() if live else nullcontext():
+        state = ptq_sweep.with_options(task_runner=runner)(
+            store=store, seed=seed, export=export, sweep=sweep_parameters,
+            gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
+                             promotion_tolerance=promotion_tolerance), **upstream,
+            return_state=True,
+        )
+    summary, code = _outcome(state, as_json)
+    if as_json:
+        print(summary.model_dump_json())
+    else:
+        _print_sweep(summary, Console(width=None if Console().is_terminal else 160))
     raise typer.Exit(code)
 
 
@@ -312,13 +522,14 @@ def runs(
         err_console.print(f"no complete runs in {store}")
         return
     table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
-    for column in ("run", "finished (UTC)", "gate", "quantized", "drop pp", "exported"):
+    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "drop pp", "exported"):
         table.add_column(column, no_wrap=True)
     for m in manifests:
+        metrics = m["metrics"]  # a sweep where nothing passed has no quantized model's figures
         table.add_row(
-            m["run_id"][:8], m["created_at"].replace("T", " ")[:19], m["status"],
-            "—" if m["metrics"]["quantized_accuracy"] is None else f"{m['metrics']['quantized_accuracy']:.2%}",
-            "—" if m["metrics"]["accuracy_drop_pp"] is None else f"{m['metrics']['accuracy_drop_pp']:.2f}",
+            m["run_id"][:8], m.get("flow", "ptq-pipeline"), m["created_at"].replace("T", " ")[:19], m["status"],
+            "—" if metrics.get("quantized_accuracy") is None else f"{metrics['quantized_accuracy']:.2%}",
+            "—" if metrics.get("accuracy_drop_pp") is None else f"{metrics['accuracy_drop_pp']:.2f}",
             (m.get("export") or {}).get("version", "")[:16],
         )
     Console(width=None if err_console.is_terminal else 120).print(table)
@@ -339,6 +550,58 @@ def show(
     print(json.dumps(manifest, indent=2, sort_keys=True))
 
 
+ExportOption = Annotated[str, typer.Option(envvar="PTQFLOW_EXPORT", help="fsspec URL of the export.")]
+
+
+def _open_export(export: str):
+    from storage.store import StoreError
+    from tasks.publish import export_store
+
+    try:
+        return export_store(export)
+    except StoreError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+def _moved(move: Any, what: str) -> None:
+    Console().print(
+        f"{what}: latest.json now points to {move.version} (was {move.previous_version or 'nothing'}); pointer "
+        f"recorded in {move.history}", highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def promote(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    store: StoreOption = "./ptqflow-store",
+    export: ExportOption = ...,
+) -> None:
+    """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
+    the exported model said; the run must have passed its gate. Files are verified; history is kept."""
+    from storage.store import StoreError
+    from tasks.manifest import find_manifest
+    from tasks.promotion import promote as promote_run
+
+    try:
+        manifest = find_manifest(_open_store(store), run_id)
+        _moved(promote_run(_open_store(store), _open_export(export), manifest), f"promoted run {manifest['run_id']}")
+    except (LookupError, StoreError) as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+@app.command()
+def rollback(export: ExportOption = ...) -> None:
+    """Point the export's latest.json back at the version published before the current one (verified; history
+    is kept)."""
+    from storage.store import StoreError
+    from tasks.promotion import rollback as roll_back
+
+    try:
+        _moved(roll_back(_open_export(export)), "rolled back")
+    except StoreError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
 @app.command()
 def serve(
     cron: Annotated[
@@ -353,8 +616,9 @@ def serve(
     export: Annotated[
         str | None, typer.Option(envvar="PTQFLOW_EXPORT", help="Default export URL of the scheduled runs.")
     ] = None,
-    dataset: Annotated[str | None, typer.Option(help=_help(SamplingParameters, "dataset"))] = None,
-    epochs: Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))] = None,
+    dataset: DatasetOption = None,
+    window_days: WindowDaysOption = None,
+    epochs: EpochsOption = None,
     calibration_size: Annotated[
         int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
     ] = None,
@@ -369,7 +633,9 @@ def serve(
     parameters = {
         "store": store,
         "export": export,
-        "sampling": _parameters(SamplingParameters, False, dataset=dataset).model_dump(mode="json"),
+        "sampling": _parameters(SamplingParameters, False, dataset=dataset, window_days=window_days).model_dump(
+            mode="json"
+        ),
         "training": _parameters(TrainingParameters, False, epochs=epochs).model_dump(mode="json"),
         "calibration": _parameters(CalibrationParameters, False, calibration_size=calibration_size).model_dump(
             mode="json"

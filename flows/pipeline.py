@@ -3,9 +3,11 @@
 # No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the signature,
 # and a deployment loads this file by path, where string annotations cannot be resolved.
 import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
@@ -13,7 +15,7 @@ from pydantic import BaseModel, Field
 from flows.locks import exclusive
 from flows.stages import StageRecord, StageRunner
 from storage.store import ArtifactRef, ArtifactStore
-from tasks.artifacts import ConvertedModels
+from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
 from tasks.calibrate import materialize_calibration_set
 from tasks.convert import convert_to_tflite
 from tasks.errors import AccuracyGateFailed
@@ -24,12 +26,13 @@ from tasks.parameters import (
     GateParameters,
     RepairParameters,
     SamplingParameters,
-    TargetOps,
     TrainingParameters,
     ValidationParameters,
 )
+from tasks.promotion import PromotionDecision, compare_with_champion
 from tasks.publish import ExportRecord, export_store, publish_export
 from tasks.repair import repair_quantization
+from tasks.datasets import is_builtin, resolve_source
 from tasks.sample import columns_of, fingerprint_source, sample_dataset
 from tasks.train import fingerprint_model, train_float_model
 from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
@@ -49,6 +52,9 @@ class RunSummary(BaseModel):
     gate: GateResult
     manifest: str = Field(description="URI of the run manifest (runs/<run_id>.json in the store).")
     export: ExportRecord | None = Field(None, description="Where the run was published, if it was.")
+    promotion: PromotionDecision | None = Field(
+        None, description="With an export: whether the model replaced the exported one, and both accuracies."
+    )
 
 
 def _pct(value: float | None) -> str:
@@ -93,9 +99,94 @@ def _summary_markdown(summary: RunSummary) -> str:
             f"Manifest: `{summary.manifest}`"
             + (f"; exported as version `{summary.export.version}` to `{summary.export.url}`" if summary.export else ""),
             "",
+            summary.promotion.message if summary.promotion else "",
+            "",
             *stages,
         ]
     )
+
+
+def run_date() -> datetime:
+    """When this flow run was scheduled for (now, for a run started by hand), in UTC."""
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.astimezone(timezone.utc) if scheduled else datetime.now(timezone.utc)
+
+
+def upstream_stages(
+    run: StageRunner,
+    seed: int,
+    sampling: SamplingParameters,
+    training: TrainingParameters,
+    calibration: CalibrationParameters,
+    more_calibration_sizes: Sequence[int] = (),
+) -> tuple[SampledDataset, dict[int, CalibrationSet], TrainedModel]:
+    """Sample, draw the calibration set (one per size), train: what every conversion starts from."""
+    # The run's date fills a {date} template and places a --window-days window: a scheduled run's date is the time
+    # it was scheduled for, so a late or retried nightly run still reads its own day.
+    source_url, since = resolve_source(
+        sampling.dataset, run_date(), sampling.since, sampling.window_days
+    ) if not is_builtin(sampling.dataset) else (None, None)
+    # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
+    source = run.retrying(fingerprint_source)(source_url or sampling.dataset, since)
+    calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
+    model_file = run.retrying(fingerprint_model)(training)
+
+    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source, source_url=source_url,
+                  since=since)
+    # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
+    # fails the run in seconds, not after the model has trained.
+    calibration_sets = {}
+    for size in [calibration.calibration_size, *sorted(set(more_calibration_sizes) - {calibration.calibration_size})]:
+        calibration_sets[size] = run(
+            materialize_calibration_set,
+            label=None if size == calibration.calibration_size else f"materialize_calibration_set[{size}]",
+            dataset=dataset, params=calibration.model_copy(update={"calibration_size": size}), seed=seed,
+            columns=columns_of(sampling), source_fingerprint=calibration_source,
+        )
+    trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
+    return dataset, calibration_sets, trained
+
+
+def publish_if_no_worse(
+    run: StageRunner,
+    export: str | None,
+    run_id: str,
+    dataset: SampledDataset,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
+    verdict: GateResult,
+    gate: GateParameters,
+    batch_size: int,
+) -> tuple[PromotionDecision | None, ExportRecord | None]:
+    """With an export target and a passing gate: compare with the exported model (champion) on this test split and
+    publish only a model that is no worse (see tasks/promotion.py)."""
+    if not export or not verdict.passed:
+        return None, None
+    promotion = run.effect(
+        compare_with_champion, export_url=export, dataset=dataset, challenger=artifacts["tflite"], gate_passed=True,
+        tolerance_pp=gate.promotion_tolerance, batch_size=batch_size,
+    )
+    get_run_logger().info(promotion.message)
+    if not promotion.promote:
+        return promotion, None
+    manifest = {**manifest, "promotion": promotion.model_dump(mode="json")}
+    return promotion, run.effect(
+        publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest
+    )
+
+
+def promotion_markdown(promotion: PromotionDecision) -> str:
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2%}"
+
+    return "\n".join([
+        f"# {'promoted' if promotion.promote else 'not promoted'}", "", promotion.message, "",
+        "| | accuracy (this run's test split) |", "|---|---|",
+        f"| new model (challenger) | {pct(promotion.challenger_accuracy)} |",
+        f"| exported model (champion{', ' + promotion.champion_version if promotion.champion_version else ''}) | "
+        f"{pct(promotion.champion_accuracy)} |",
+        "", f"Tolerance: {promotion.tolerance_pp} pp.",
+    ])
 
 
 # Prefect persists a failed run's exception even with persist_result=False; JSON keeps it from being a pickle.
@@ -126,19 +217,8 @@ def ptq_pipeline(
     with exclusive(artifact_store.url, export_target):
         run = StageRunner(artifact_store)
 
-        # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
-        source = run.retrying(fingerprint_source)(sampling.dataset)
-        calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
-        model_file = run.retrying(fingerprint_model)(training)
-
-        dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source)
-        # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
-        # fails the run in seconds, not after the model has trained.
-        calibration_set = run(
-            materialize_calibration_set, dataset=dataset, params=calibration, seed=seed,
-            columns=columns_of(sampling), source_fingerprint=calibration_source,
-        )
-        trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
+        dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)
+        calibration_set = calibration_sets[calibration.calibration_size]
         converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
         validated = run(
             validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation,
@@ -147,7 +227,7 @@ def ptq_pipeline(
         verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
 
         repaired = None
-        if verdict.status == "failed" and repair.applies_to(conversion.ops) and conversion.ops is not TargetOps.int8:
+        if verdict.status == "failed" and repair.applies_to(conversion):
             repaired = run(
                 repair_quantization, dataset=dataset, trained=trained, calibration=calibration_set, converted=converted,
                 validated=validated, conversion=conversion, max_accuracy_drop=gate.max_accuracy_drop, params=repair,
@@ -185,12 +265,13 @@ def ptq_pipeline(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
         )
-        exported = None
-        if export and verdict.passed:
-            exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
-        manifest_uri = run.effect(
-            write_run_manifest, manifest={**manifest, "export": exported.model_dump(mode="json") if exported else None}
+        promotion, exported = publish_if_no_worse(
+            run, export, run_id, dataset, artifacts, manifest, verdict, gate, validation.batch_size
         )
+        manifest_uri = run.effect(write_run_manifest, manifest={
+            **manifest, "export": exported.model_dump(mode="json") if exported else None,
+            "promotion": promotion.model_dump(mode="json") if promotion else None,
+        })
 
         summary = RunSummary(
             run_id=run_id,
@@ -202,8 +283,11 @@ def ptq_pipeline(
             gate=verdict,
             manifest=manifest_uri,
             export=exported,
+            promotion=promotion,
         )
         create_markdown_artifact(_summary_markdown(summary), key="ptq-summary", description=verdict.message)
+        if promotion is not None:
+            create_markdown_artifact(promotion_markdown(promotion), key="ptq-promotion", description=promotion.message)
         if "report_html" in artifacts:
             create_link_artifact(
                 artifacts["report_html"].uri, link_text="validation report (HTML)", key="ptq-report",

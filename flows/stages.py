@@ -4,10 +4,12 @@ every artifact a stage hands on, and cache-hit bookkeeping."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prefect import Task, get_run_logger
-from pydantic import BaseModel
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel, Field
 
 from storage.results import result_storage_for
 from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, StoreError
@@ -53,7 +55,10 @@ def is_transient(task: Task, task_run: Any, state: Any) -> bool:
 
 class StageRecord(BaseModel):
     cached: bool
-    seconds: float
+    seconds: float | None = Field(
+        description="Wall time in this flow; None for a stage that ran on a task runner's worker (its time is in "
+        "Prefect's task run)."
+    )
 
 
 # Guards against a runaway stage, far above any normal run: a scheduled run that never ends must fail and free the
@@ -103,38 +108,84 @@ class StageRunner:
         report(step.name, "done")
         return result
 
+    def _configured(self, stage: Task[..., Output], label: str | None, timed: bool = True) -> Task[..., Output]:
+        options: dict[str, Any] = {"result_storage": self.result_storage}
+        if timed:
+            options["timeout_seconds"] = self.timeouts.get(stage.name, DEFAULT_STAGE_TIMEOUT_SECONDS)
+        configured = self.retrying(stage, **options)
+        return configured.with_options(task_run_name=label) if label else configured
+
+    def _starting(self, name: str) -> None:
+        get_run_logger().info("%s: starting", name)
+        report(name, "starting")
+
     def __call__(self, stage: Task[..., Output], label: str | None = None, **inputs: Any) -> Output:
         """Run ``stage`` (cached, retried, its cached outputs verified); ``label`` names a second run of the same
         stage in the records and the progress display."""
         name = label or stage.name
-        timeout = self.timeouts.get(stage.name, DEFAULT_STAGE_TIMEOUT_SECONDS)
-        configured = self.retrying(stage, result_storage=self.result_storage, timeout_seconds=timeout)
-        if label:
-            configured = configured.with_options(task_run_name=label)
-        logger = get_run_logger()
-        logger.info("%s: starting", name)
-        report(name, "starting")
+        self._starting(name)
         started = time.perf_counter()
+        configured = self._configured(stage, label)
         state = configured(store_url=self.store.url, **inputs, return_state=True)
+        output, cached = self._output(name, stage, configured, inputs, state)
+        self._record(name, cached, round(time.perf_counter() - started, 3))
+        return output
+
+    def submit(self, stage: Task[..., Output], label: str | None = None, **inputs: Any) -> Submitted:
+        """Start ``stage`` on the flow's task runner (a Dask worker, say) and return at once; ``collect`` waits
+        for it. Inputs are references, so the stage needs nothing from this process but the store.
+
+        No time limit here: on a task runner's worker thread Prefect cannot interrupt a stage (it only warns), so
+        the flow's own limit is what bounds a sweep."""
+        name = label or stage.name
+        self._starting(name)
+        configured = self._configured(stage, label, timed=False)
+        future = configured.submit(store_url=self.store.url, **inputs)
+        return Submitted(name=name, stage=stage, configured=configured, inputs=inputs, future=future)
+
+    def collect(self, submitted: Submitted) -> Output:
+        """Wait for a submitted stage; the same checks as a stage run here. No seconds are recorded: the wait
+        includes the time it queued for a worker."""
+        submitted.future.wait()
+        state = submitted.future.state
+        output, cached = self._output(submitted.name, submitted.stage, submitted.configured, submitted.inputs, state)
+        self._record(submitted.name, cached, None)
+        return output
+
+    def _output(self, name: str, stage: Task, configured: Task, inputs: dict[str, Any], state: Any) -> tuple[Any, bool]:
         if state.name == "TimedOut":
+            timeout = self.timeouts.get(stage.name, DEFAULT_STAGE_TIMEOUT_SECONDS)
             raise StageTimedOut(
                 f"{name} ran longer than its {timeout:.0f} s limit and was stopped: look for a stalled data source "
                 "or store in its logs, then rerun; completed stages are reused"
             )
-        output: Output = state.result()
+        output = state.result()
         cached = state.name == "Cached"
         problems = self._bad_artifacts(output) if cached else []
         if problems:
             # The cache record outlived or lost its blobs: recompute instead of handing the next stage a
             # reference to nothing or to damaged bytes.
             for problem in problems:
-                logger.warning("%s: %s; recomputing", name, problem)
+                get_run_logger().warning("%s: %s; recomputing", name, problem)
             report(name, "cached artifacts missing or corrupt; recomputing")
             state = configured.with_options(refresh_cache=True)(store_url=self.store.url, **inputs, return_state=True)
-            output = state.result()
-            cached = False
-        seconds = round(time.perf_counter() - started, 3)
+            output, cached = state.result(), False
+        return output, cached
+
+    def _record(self, name: str, cached: bool, seconds: float | None) -> None:
         self.records[name] = StageRecord(cached=cached, seconds=seconds)
-        logger.info("%s: %s in %.1fs", name, "cached" if cached else "computed", seconds)
-        report(name, f"{'cached' if cached else 'done'} in {seconds:.1f}s")
-        return output
+        outcome = ("cached" if cached else "done") + (f" in {seconds:.1f}s" if seconds is not None else "")
+        get_run_logger().info("%s: %s", name, outcome)
+        report(name, outcome)
+
+
+@dataclass
+class Submitted:
+    """A stage started with ``StageRunner.submit``: what ``collect`` needs to check its result."""
+
+    name: str
+    stage: Task
+    configured: Task
+    inputs: dict[str, Any]
+    future: PrefectFuture
+

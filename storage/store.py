@@ -170,6 +170,13 @@ class ArtifactStore:
     def uri_for(self, key: str) -> str:
         return self._uri(self.path_for(key))
 
+    def key_of(self, uri: str) -> str:
+        """The key of a named object from its URI (the inverse of ``uri_for``)."""
+        prefix = self._uri(self.root).rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise StoreError(f"{uri} is not in the store {self.url}")
+        return uri[len(prefix):]
+
     # -- writing ---------------------------------------------------------------------------------------
     def put_bytes(self, data: bytes, suffix: str = "") -> ArtifactRef:
         """Store ``data`` under its sha256 and return its reference; storing the same bytes twice is a no-op."""

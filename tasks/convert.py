@@ -25,7 +25,7 @@ from storage.tables import iter_feature_batches
 from tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
 from tasks.caching import StageCachePolicy
 from tasks.errors import ConversionFailed
-from tasks.parameters import ConversionParameters, TargetOps, TensorType
+from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
 from tasks.progress import report
 
 if TYPE_CHECKING:
@@ -34,20 +34,26 @@ if TYPE_CHECKING:
 CalibrationBatches = Callable[[], Iterable[np.ndarray]]
 
 
-def _tf_dtype(kind: TensorType):
+def tf_dtype(kind: TensorType):
     import tensorflow as tf
 
-    return {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8}[kind]
+    return {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8,
+            TensorType.int16: tf.int16}[kind]
 
 
-def _ops_sets(ops: TargetOps):
+def _ops_sets(options: ConversionParameters):
     import tensorflow as tf
 
-    return {
+    sets = {
         TargetOps.int8: [tf.lite.OpsSet.TFLITE_BUILTINS_INT8],
         TargetOps.builtins: [tf.lite.OpsSet.TFLITE_BUILTINS],
         TargetOps.select: [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS],
-    }[ops]
+    }[options.ops]
+    if options.scheme is QuantizationScheme.int16x8:
+        # --ops int8 means "every op integer": only the 16x8 kernels; otherwise float fallback stays allowed.
+        int16x8 = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        return int16x8 if options.ops is TargetOps.int8 else int16x8 + sets
+    return sets
 
 
 def _converter(model: keras.Model):
@@ -123,8 +129,9 @@ def _convert(converter, options: ConversionParameters) -> bytes:
 
 
 def quantization_converter(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters):
-    """The converter for full-integer post-training quantization of ``model``, calibrated on ``calibration_batches``
-    (also what the quantization debugger takes, so its per-layer figures describe this very conversion)."""
+    """The converter for post-training quantization of ``model`` under ``options.scheme``, calibrated on
+    ``calibration_batches`` when the scheme quantizes activations (also what the quantization debugger takes, so its
+    per-layer figures describe this very conversion)."""
     import tensorflow as tf
 
     def representative_dataset() -> Iterator[list[np.ndarray]]:
@@ -133,10 +140,16 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
 
     converter = _converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = _ops_sets(options.ops)
-    converter.inference_input_type = _tf_dtype(options.input_type)
-    converter.inference_output_type = _tf_dtype(options.output_type)
+    if options.scheme.calibrated:
+        converter.representative_dataset = representative_dataset
+    if options.scheme is QuantizationScheme.float16:
+        converter.target_spec.supported_types = [tf.float16]
+    converter.target_spec.supported_ops = _ops_sets(options)
+    converter.inference_input_type = tf_dtype(options.input_type)
+    converter.inference_output_type = tf_dtype(options.output_type)
+    if not options.per_channel:
+        # The converter's only switch for per-tensor weight scales (private, present since TF 2.5).
+        converter._experimental_disable_per_channel = True
     return converter
 
 
@@ -159,22 +172,30 @@ def convert_float(model: keras.Model) -> bytes:
     return _convert(_converter(model), ConversionParameters(ops=TargetOps.builtins))
 
 
+def stored_calibration_batches(
+    store: ArtifactStore, calibration: CalibrationSet, batch_size: int, stage: str
+) -> CalibrationBatches:
+    """Calibration batches streamed from the stored Parquet (a fresh pass on every call), with progress."""
+
+    def batches() -> Iterator[np.ndarray]:
+        seen = 0
+        with store.open(calibration.table) as f:
+            for batch in iter_feature_batches(f, batch_size):
+                seen += len(batch)
+                report(stage, f"calibrating {seen}/{calibration.samples} samples", seen, calibration.samples)
+                yield batch
+
+    return batches
+
+
 @task(name="convert_to_tflite", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
 def convert_to_tflite(
     store_url: str, trained: TrainedModel, calibration: CalibrationSet, params: ConversionParameters
 ) -> ConvertedModels:
     store = ArtifactStore(store_url)
     model = keras_model_from_bytes(store.read_bytes(trained.model))
-
-    def calibration_batches() -> Iterator[np.ndarray]:
-        seen = 0
-        with store.open(calibration.table) as f:
-            for batch in iter_feature_batches(f, params.calibration_batch_size):
-                seen += len(batch)
-                report("convert_to_tflite", f"calibrating {seen}/{calibration.samples} samples", seen, calibration.samples)
-                yield batch
-
-    quantized = store.put_bytes(quantize(model, calibration_batches, params), ".tflite")
+    batches = stored_calibration_batches(store, calibration, params.calibration_batch_size, "convert_to_tflite")
+    quantized = store.put_bytes(quantize(model, batches, params), ".tflite")
     report("convert_to_tflite", "converting the float model")
     float_model = store.put_bytes(convert_float(model), ".tflite")
     get_run_logger().info("quantized model %d bytes, float model %d bytes", quantized.bytes, float_model.bytes)

@@ -13,10 +13,12 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 import fsspec
@@ -140,8 +142,9 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_DATASETS
 
 
-def _parquet_files(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The Parquet files of a source URL (a file, or every ``*.parquet`` below a directory, sorted)."""
+def _parquet_files(url: str, since: datetime | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The Parquet files of a source URL (a file, or every ``*.parquet`` below a directory, sorted); with
+    ``since``, only those modified at or after it."""
     looks_like_path = "://" in url or "/" in url or url.endswith(".parquet") or os.path.exists(url)
     if not looks_like_path:
         raise InvalidDataset(
@@ -160,26 +163,74 @@ def _parquet_files(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
     if not files:
         raise InvalidDataset(f"no .parquet files under {url!r}: point --dataset at a Parquet file or directory")
+    if since is not None:
+        files = [p for p in files if modified_at(fs, p) >= since]
+        if not files:
+            raise InvalidDataset(
+                f"no .parquet file under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days "
+                "or move --since back"
+            )
     return fs, files
 
 
-def source_fingerprint(name: str) -> str:
+def modified_at(fs: fsspec.AbstractFileSystem, path: str) -> datetime:
+    """When a file was last written, from the listing (mtime locally, LastModified on S3, updated on GCS, ...)."""
+    info = fs.info(path)
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, timezone.utc)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    raise InvalidDataset(
+        f"{fs.unstrip_protocol(path)}: the storage does not say when it was modified, so --since / --window-days "
+        "cannot select it: put each day's files under a dated path and use a {date} template instead"
+    )
+
+
+DATE_TEMPLATE = re.compile(r"\{date(?::([^{}]*))?\}")
+
+
+def resolve_source(
+    dataset: str, run_time: datetime, since: date | None = None, window_days: int | None = None
+) -> tuple[str, datetime | None]:
+    """The source a run reads: ``{date}`` / ``{date:%Y/%m/%d}`` in the URL filled with the run's date, and the
+    earliest modification time of the files it trains on (``since``, or ``window_days`` before the run's date)."""
+    url = DATE_TEMPLATE.sub(lambda m: run_time.strftime(m.group(1) or "%Y-%m-%d"), dataset)
+    if window_days is not None:
+        since = (run_time - timedelta(days=window_days)).date()
+    return url, None if since is None else datetime.combine(since, time(), timezone.utc)
+
+
+def source_fingerprint(name: str, since: datetime | None = None) -> str:
     """What the source holds now, cheaply: for a URL, each file's path, size and ETag / checksum / mtime (as the
     backend offers). Part of the sampling stage's cache key, so new or changed files mean a new sample."""
     if is_builtin(name):
         return f"builtin:{name}"
-    return files_fingerprint(*_parquet_files(name))
+    return files_fingerprint(*_parquet_files(name, since))
 
 
 def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
-    """sha256 of each file's path, size and ETag / checksum / mtime, as the backend offers: cheap (no reads)."""
+    """sha256 of each file's path, size and ETag / checksum / mtime, as the backend offers: cheap (no reads). A
+    backend that offers none gets the file's content hashed instead (a read), never just its size."""
     listing = []
     for path in files:
         info = fs.info(path)
         version = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "checksum", "mtime", "LastModified",
                                                   "last_modified", "created") if info.get(k) is not None), "")
-        listing.append([path, info.get("size"), version])
+        listing.append([path, info.get("size"), version or f"sha256:{_content_sha256(fs, path)}"])
     return hashlib.sha256(json.dumps(listing, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _content_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -213,8 +264,8 @@ def _with_source(loaded: TensorTable, url: str) -> TensorTable:
     return TensorTable(loaded.features, loaded.labels, meta)
 
 
-def _read_parquet_source(url: str, columns: Columns) -> TensorTable:
-    fs, files = _parquet_files(url)
+def _read_parquet_source(url: str, columns: Columns, since: datetime | None = None) -> TensorTable:
+    fs, files = _parquet_files(url, since)
     tables = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
@@ -253,10 +304,10 @@ class Draw:
 BATCH_BYTES = 16 << 20
 
 
-def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw) -> TensorTable:
+def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: datetime | None = None) -> TensorTable:
     """Two passes: every file's label column (8 bytes a row), then, in batches of about ``BATCH_BYTES``, only the
     row groups holding drawn rows; a source of any size is never held whole."""
-    fs, files = _parquet_files(url)
+    fs, files = _parquet_files(url, since)
     labels_per_file = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
@@ -324,7 +375,9 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     raise InvalidDataset(f"{fs.unstrip_protocol(files[0])} is empty: point it at a table with samples")
 
 
-def load_dataset(name: str, columns: Columns = Columns(), draw: Draw | None = None) -> TensorTable:
+def load_dataset(
+    name: str, columns: Columns = Columns(), draw: Draw | None = None, since: datetime | None = None
+) -> TensorTable:
     """Load a built-in data set by name, or a Parquet file or directory by URL; with ``draw``, only a seeded,
     stratified sample of it (read from Parquet by row groups, never whole).
 
@@ -336,5 +389,5 @@ def load_dataset(name: str, columns: Columns = Columns(), draw: Draw | None = No
         table = BUILTIN_DATASETS[name]()
         return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}"))
     if draw is None:
-        return _read_parquet_source(name, columns)
-    return _draw_from_parquet_source(name, columns, draw)
+        return _read_parquet_source(name, columns, since)
+    return _draw_from_parquet_source(name, columns, draw, since)

@@ -25,11 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.convert import (
-    CalibrationBatches,
-    native_output_silenced,
-    quantization_converter,
-)
+from tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
 from tasks.parameters import ConversionParameters, TensorType
 
 if TYPE_CHECKING:
@@ -158,8 +154,6 @@ def quantize_keeping_float(
 ) -> bytes:
     """Pure function: the quantized ``.tflite`` with the ops producing ``float_tensors`` left in float
     (selective quantization through the debugger's ``denylisted_nodes``), with the asked I/O types."""
-    import tensorflow as tf
-
     # The converter's own helper for integer I/O (it strips the boundary QUANTIZE / DEQUANTIZE ops); the debugger
     # quantizes with float I/O.
     from tensorflow.lite.python.util import modify_model_io_type
@@ -167,7 +161,6 @@ def quantize_keeping_float(
     with native_output_silenced():
         debugger = _debugger(model, calibration_batches, debug_features, options, float_tensors)
         selective = debugger.get_nondebug_quantized_model()
-    types = {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8}
     if options.input_type is TensorType.float32 and options.output_type is TensorType.float32:
         return bytes(selective)
-    return bytes(modify_model_io_type(selective, types[options.input_type], types[options.output_type]))
+    return bytes(modify_model_io_type(selective, tf_dtype(options.input_type), tf_dtype(options.output_type)))

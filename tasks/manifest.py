@@ -49,6 +49,7 @@ def build_manifest(
     metrics: dict[str, Any],
     gate: dict[str, Any],
     tasks: dict[str, Any],
+    flow: str = "ptq-pipeline",
 ) -> dict[str, Any]:
     """Pure: the manifest document (without the export, which publishing adds)."""
     import prefect
@@ -57,7 +58,7 @@ def build_manifest(
         "kind": "ptqflow.run_manifest",
         "schema_version": 1,
         "run_id": run_id,
-        "flow": "ptq-pipeline",
+        "flow": flow,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "passed" if gate["passed"] else "failed",
         "parameters": scrub(parameters),

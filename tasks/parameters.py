@@ -7,6 +7,7 @@ cache key; fields that only change how the gate judges a result (``max_accuracy_
 
 from __future__ import annotations
 
+from datetime import date
 from enum import Enum
 from urllib.parse import urlsplit
 
@@ -19,6 +20,22 @@ class TensorType(str, Enum):
     float32 = "float32"
     uint8 = "uint8"
     int8 = "int8"
+    int16 = "int16"
+
+
+class QuantizationScheme(str, Enum):
+    """What the converter quantizes. ``full_integer``: int8 weights and activations, calibrated (the default);
+    ``int16x8``: int16 activations with int8 weights, calibrated (more accurate, larger, slower kernels);
+    ``dynamic_range``: int8 weights, float activations, no calibration; ``float16``: float16 weights."""
+
+    full_integer = "full_integer"
+    int16x8 = "int16x8"
+    dynamic_range = "dynamic_range"
+    float16 = "float16"
+
+    @property
+    def calibrated(self) -> bool:
+        return self in (QuantizationScheme.full_integer, QuantizationScheme.int16x8)
 
 
 class TargetOps(str, Enum):
@@ -50,7 +67,14 @@ class SamplingParameters(_Parameters):
     dataset: str = Field(
         "digits",
         description="Data set: a built-in name (digits; mnist, fashion_mnist, cifar10 through keras.datasets) or an "
-        "fsspec URL of a Parquet file or directory.",
+        "fsspec URL of a Parquet file or directory, which may hold the run's date: s3://bucket/events/{date:%Y-%m-%d}/",
+    )
+    since: date | None = Field(
+        None, description="Train only on the source's files modified on or after this day (UTC), e.g. 2026-11-01."
+    )
+    window_days: int | None = Field(
+        None, ge=1, le=36_500,
+        description="Train only on the source's files modified in the last N days before the run's date.",
     )
     feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
     label_column: str = Field("label", min_length=1, description="Column holding integer class indices.")
@@ -79,6 +103,15 @@ class SamplingParameters(_Parameters):
         if shape is not None and (not shape or any(d < 1 for d in shape)):
             raise ValueError("every dimension must be a positive integer, e.g. 32,32,3")
         return shape
+
+    @model_validator(mode="after")
+    def _file_selection_needs_files(self) -> SamplingParameters:
+        if self.since is not None and self.window_days is not None:
+            raise ValueError("give --since or --window-days, not both")
+        if (self.since is not None or self.window_days is not None) and "://" not in self.dataset \
+                and "/" not in self.dataset:
+            raise ValueError("--since and --window-days select the files of a Parquet source URL, not a built-in data set")
+        return self
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SamplingParameters:
@@ -132,9 +165,36 @@ class ConversionParameters(_Parameters):
     input_type: TensorType = Field(TensorType.int8, description="Element type of the model's input tensor.")
     output_type: TensorType = Field(TensorType.int8, description="Element type of the model's output tensor.")
     ops: TargetOps = Field(TargetOps.int8, description="Op sets the converter may use.")
+    scheme: QuantizationScheme = Field(
+        QuantizationScheme.full_integer,
+        description="full_integer (int8), int16x8 (int16 activations, int8 weights), dynamic_range (int8 weights "
+        "only) or float16.",
+    )
+    per_channel: bool = Field(
+        True, description="One scale per output channel of each weight tensor (False: one per tensor, smaller)."
+    )
     calibration_batch_size: int = Field(
         64, ge=1, le=65_536, description="Samples per calibration step, streamed from the calibration Parquet."
     )
+
+    @model_validator(mode="after")
+    def _consistent_with_the_scheme(self) -> ConversionParameters:
+        io = {self.input_type, self.output_type}
+        scheme = self.scheme.value
+        if self.scheme is QuantizationScheme.full_integer and TensorType.int16 in io:
+            raise ValueError("int16 inputs and outputs need scheme int16x8 (--scheme int16x8)")
+        if self.scheme is QuantizationScheme.int16x8 and not io <= {TensorType.float32, TensorType.int16}:
+            raise ValueError("scheme int16x8 takes float32 or int16 inputs and outputs (--input-type/--output-type)")
+        if not self.scheme.calibrated:
+            if io != {TensorType.float32}:
+                raise ValueError(
+                    f"scheme {scheme} keeps float activations: use --input-type float32 --output-type float32"
+                )
+            if self.ops is TargetOps.int8:
+                raise ValueError(f"scheme {scheme} keeps float ops, which --ops int8 forbids: use --ops builtins")
+        if self.scheme is QuantizationScheme.float16 and not self.per_channel:
+            raise ValueError("per-tensor scales apply to integer weights; scheme float16 has none: drop --per-tensor")
+        return self
 
 
 class ValidationParameters(_Parameters):
@@ -148,6 +208,11 @@ class GateParameters(_Parameters):
     max_accuracy_drop: float = Field(
         1.0, ge=0.0, le=100.0, description="Largest accepted drop from float to quantized accuracy, in percentage points."
     )
+    promotion_tolerance: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="With an export: how many percentage points below the exported model (measured on this run's "
+        "test split) a new model may be and still replace it.",
+    )
 
 
 class RepairParameters(_Parameters):
@@ -158,5 +223,42 @@ class RepairParameters(_Parameters):
     )
     max_float_layers: int = Field(4, ge=1, le=64, description="Most layers repair may keep in float.")
 
-    def applies_to(self, ops: TargetOps) -> bool:
-        return self.enabled if self.enabled is not None else ops is TargetOps.builtins
+    def applies_to(self, conversion: ConversionParameters) -> bool:
+        """Repair keeps layers float inside a full-integer model; --ops int8 forbids any float op."""
+        if conversion.scheme is not QuantizationScheme.full_integer or conversion.ops is TargetOps.int8:
+            return False
+        return self.enabled if self.enabled is not None else conversion.ops is TargetOps.builtins
+
+
+class RankBy(str, Enum):
+    """What the sweep ranks passing configurations by first; the other two break ties."""
+
+    size = "size"
+    latency = "latency"
+    accuracy = "accuracy"
+
+
+class SweepParameters(_Parameters):
+    configurations: tuple[str, ...] | None = Field(
+        None, description="Names of the configurations to run (default: the whole grid; `ptqflow sweep --list`)."
+    )
+    calibration_sizes: tuple[int, ...] = Field(
+        (50, 200, 1000),
+        min_length=1,
+        description="Calibration sizes tried with full int8 (the base calibration size is always one of them).",
+    )
+    rank_by: RankBy = Field(RankBy.size, description="size, latency or accuracy: what the best configuration has.")
+    require_full_integer: bool = Field(
+        False, description="Only a model with no float tensor (integer I/O too) can pass and be exported."
+    )
+    latency_threads: int = Field(
+        1, ge=1, le=256,
+        description="Interpreter threads when measuring latency: 1 keeps parallel workers from competing for cores.",
+    )
+
+    @field_validator("calibration_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("calibration sizes must be positive integers, e.g. 50,200,1000")
+        return tuple(sorted(set(sizes)))

@@ -57,7 +57,7 @@ def export_store(url: str) -> ArtifactStore:
     return ArtifactStore(url, options_env=EXPORT_OPTIONS_ENV)
 
 
-def _verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> ArtifactRef:
+def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> ArtifactRef:
     data = export.read_named(key)
     if len(data) != size or sha256_bytes(data) != sha256:
         raise ExportCorrupted(
@@ -97,7 +97,7 @@ def publish_run(
         # Verified against what was published then (its pointer in history/), not against this run's files.
         recorded = json.loads(export.read_named(f"history/{existing}.json"))["files"]
         files = {
-            name: _verify_copy(export, f"{folder}/{filename}", recorded[name]["sha256"], recorded[name]["bytes"])
+            name: verify_copy(export, f"{folder}/{filename}", recorded[name]["sha256"], recorded[name]["bytes"])
             for name, filename in EXPORT_FILES.items() if name in recorded
         }
         return ExportRecord(url=export.url, version=existing, pointer=pointer["pointer"], files=files, published=False)
@@ -109,11 +109,11 @@ def publish_run(
     for name, filename in EXPORT_FILES.items():
         ref = artifacts[name]
         export.write_named(f"{folder}/{filename}", store.read_bytes(ref))
-        files[name] = _verify_copy(export, f"{folder}/{filename}", ref.sha256, ref.bytes)
+        files[name] = verify_copy(export, f"{folder}/{filename}", ref.sha256, ref.bytes)
     export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
     manifest_bytes = json.dumps({**manifest, "export": export_info}, indent=2, sort_keys=True).encode() + b"\n"
     export.write_named(f"{folder}/{MANIFEST_FILE}", manifest_bytes)
-    files["manifest"] = _verify_copy(export, f"{folder}/{MANIFEST_FILE}", sha256_bytes(manifest_bytes), len(manifest_bytes))
+    files["manifest"] = verify_copy(export, f"{folder}/{MANIFEST_FILE}", sha256_bytes(manifest_bytes), len(manifest_bytes))
 
     pointer = json.dumps(
         {

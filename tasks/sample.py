@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -73,24 +75,33 @@ def columns_of(params: SamplingParameters) -> Columns:
 
 
 @task(name="fingerprint_source", cache_policy=NO_CACHE, persist_result=False)
-def fingerprint_source(source: str | None) -> str:
-    """What a data source holds now (file listing with sizes and versions): new data means a new sample."""
-    return source_fingerprint(source) if source else ""
+def fingerprint_source(source: str | None, since: datetime | None = None) -> str:
+    """What a data source holds now (file listing with sizes and versions; with ``since``, only the files modified
+    since): new data means a new sample."""
+    return source_fingerprint(source, since) if source else ""
 
 
-@task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
-def sample_dataset(store_url: str, params: SamplingParameters, seed: int, source_fingerprint: str) -> SampledDataset:
-    """Load the source, split it, and write each split as a Parquet tensor table.
+# The resolved URL and file window are left out of the key: the fingerprint of the files they select is in it, so a
+# run on another day that selects the same files is a cache hit.
+@task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__, exclude=("source_url", "since")),
+      persist_result=True, result_serializer="json")
+def sample_dataset(
+    store_url: str, params: SamplingParameters, seed: int, source_fingerprint: str, source_url: str | None = None,
+    since: datetime | None = None,
+) -> SampledDataset:
+    """Load the source (``source_url``: ``params.dataset`` with its date template filled in; ``since``: only files
+    modified since), split it, and write each split as a Parquet tensor table.
 
     ``source_fingerprint`` is not read here: it is in the signature so that the cache key changes with the
     source's content, not only with its URL."""
     store = ArtifactStore(store_url)
-    report("sample_dataset", f"loading {params.dataset}")
+    source = source_url or params.dataset
+    report("sample_dataset", f"loading {source}")
     draw = None
     if params.sample_size is not None:
-        report("sample_dataset", f"drawing {params.sample_size} samples from {params.dataset}")
+        report("sample_dataset", f"drawing {params.sample_size} samples from {source}")
         draw = Draw(params.sample_size, (seed, 1), min_per_class=MIN_PER_CLASS)
-    table = load_dataset(params.dataset, columns_of(params), draw)
+    table = load_dataset(source, columns_of(params), draw, since)
     splits = split_dataset(table, params, seed)
     spec = feature_spec(table)
     refs = {}
@@ -101,12 +112,13 @@ def sample_dataset(store_url: str, params: SamplingParameters, seed: int, source
     manifest = store.put_json(
         {
             "kind": "ptqflow.dataset",
-            "source": params.dataset,
+            "source": source,
+            "files_modified_since": since.isoformat() if since else None,
             "sample_size": params.sample_size,
             "seed": seed,
             "spec": spec.model_dump(mode="json"),
             "splits": {name: {**refs[name].model_dump(), "samples": counts[name]} for name in SPLITS},
         }
     )
-    get_run_logger().info("sampled %s: %s", params.dataset, counts)
+    get_run_logger().info("sampled %s: %s", source, counts)
     return SampledDataset(manifest=manifest, spec=spec, counts=counts, **refs)

@@ -32,7 +32,7 @@ from tasks.artifacts import (
 )
 from tasks.caching import StageCachePolicy
 from tasks.diagnose import LayerError, layer_errors
-from tasks.parameters import ConversionParameters, TargetOps, ValidationParameters
+from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, ValidationParameters
 from tasks.progress import report
 from tasks.report import REPORT_VERSION, render_html, render_markdown
 
@@ -382,7 +382,9 @@ def validate_with_interpreter(
         class_names=list(dataset.spec.class_names),
     )
     layers, layers_unavailable = [], "no calibration set given"
-    if calibration is not None and conversion is not None:
+    if conversion is not None and conversion.scheme is not QuantizationScheme.full_integer:
+        layers_unavailable = f"measured for full-integer quantization only (this model: {conversion.scheme.value})"
+    elif calibration is not None and conversion is not None:
         report("validate_with_interpreter", "per-layer quantization error (QuantizationDebugger)")
         with store.open(calibration.table) as f:
             calibration_features = read_parquet(f).features

@@ -1,6 +1,6 @@
 """Deployments against the session's real Prefect server: a served flow triggered through the REST API as the UI
-does it, prefect.yaml with a process worker, and the UI itself in a headless
-browser ("Run" -> "Custom run")."""
+does it, a schedule that the server runs by itself, prefect.yaml with a process worker, and the UI itself in a
+headless browser ("Run" -> "Custom run")."""
 
 from __future__ import annotations
 
@@ -148,6 +148,40 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
     run = wait_for_run(prefect_server, run_id, timeout=30)
     assert run["state"]["type"] == "COMPLETED" and run["parameters"]["calibration"]["calibration_size"] == 120
     assert any(m["run_id"] == run_id for m in manifests(store))
+
+
+
+def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
+    store = tmp_path / "store"
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([ptqflow_executable(), "serve", "--name", "every-20s", "--store", str(store),
+                                    "--epochs", "3", "--interval", "20"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    runs: list[dict] = []
+    try:
+        deployment = deployment_id(prefect_server, "ptq-pipeline/every-20s")
+        deadline = time.monotonic() + 240
+        completed: list[dict] = []
+        with api(prefect_server) as client:
+            while time.monotonic() < deadline and len(completed) < 2:
+                runs = client.post("/flow_runs/filter", json={
+                    "flow_runs": {"deployment_id": {"any_": [deployment]}},
+                    "sort": "EXPECTED_START_TIME_ASC", "limit": 10}).json()
+                completed = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+                failed = [r for r in runs if r["state"]["type"] in TERMINAL - {"COMPLETED"}]
+                assert not failed, failed[0]["state"]["message"]
+                time.sleep(2)
+    finally:
+        stop_process_group(process, signal.SIGINT)
+    states = [(r["expected_start_time"], r["state"]["name"]) for r in runs[:5]]
+    assert len(completed) >= 2, (
+        f"no two completed runs in 4 minutes; first runs: {states}; serve log: {log.read_text()[-3000:]} "
+        "(the server's scheduler logs to PREFECT_HOME/server.log)"
+    )
+    assert all("auto-scheduled" in r["tags"] for r in completed)  # made by the server's scheduler, not by us
+    assert {r["id"] for r in completed} <= {m["run_id"] for m in manifests(store)}
 
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_path):

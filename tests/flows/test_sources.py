@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage.store import ArtifactRef, ArtifactStore
+
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -71,7 +73,7 @@ def test_tabular_features_get_an_mlp(cli, tmp_path):
     ("args", "message"),
     [
         (["--dataset", "/no/such/data.parquet"], "does not exist"),
-        (["--dataset", "s3://KEY:SECRET@bucket/data.parquet"], "invalid --dataset: Value error, the data set URL carries credentials"),
+        (["--dataset", "s3://KEY:SECRET@bucket/data.parquet"], "invalid --dataset: the data set URL carries credentials"),
         (["--input-shape", "3,x"], "invalid --input-shape"),
         (["--model", "not a model"], "invalid --model"),
         (["--sample-size", "5"], "invalid --sample-size: Input should be greater than or equal to 10"),
@@ -177,3 +179,20 @@ def test_a_keras_dataset_offline_says_where_to_put_the_file(cli, tmp_path):
     assert f"mnist.npz as {keras_home / 'datasets' / 'mnist.npz'}, then rerun" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "store" / "blobs").exists()
+
+
+def test_a_source_url_with_the_run_date(cli, tmp_path):
+    from datetime import datetime, timezone
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")  # (a run started across midnight UTC would miss it)
+    (tmp_path / "events").mkdir()
+    write_rgb_parts(tmp_path / "events" / today, parts=1)
+    args = ["--dataset", str(tmp_path / "events" / "{date:%Y-%m-%d}"), "--feature-column", "image",
+            "--label-column", "class", "--epochs", "2", "--calibration-size", "100", "--store", str(tmp_path / "store")]
+    result = cli("run", *args, "--max-accuracy-drop", "100", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    dataset = json.loads(ArtifactStore(str(tmp_path / "store")).read_bytes(ArtifactRef(**summary["artifacts"]["dataset"])))
+    assert dataset["source"] == str(tmp_path / "events" / today)
+    manifest = json.loads((tmp_path / "store" / "runs" / f"{summary['run_id']}.json").read_text())
+    assert manifest["parameters"]["sampling"]["dataset"].endswith("{date:%Y-%m-%d}")  # the template, as given

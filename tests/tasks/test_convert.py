@@ -7,7 +7,7 @@ import pytest
 
 from tasks.convert import convert_float, quantize
 from tasks.errors import ConversionFailed
-from tasks.parameters import ConversionParameters, TargetOps, TensorType
+from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
 from tasks.validate import audit_tensor_types, make_interpreter
 
 
@@ -111,3 +111,54 @@ def test_a_model_that_needs_flex_ops_cannot_be_calibrated_and_says_so():
     options = ConversionParameters(ops=TargetOps.select)
     with pytest.raises(ConversionFailed, match="needs TensorFlow \\(Flex\\) ops, which calibration cannot run"):
         quantize(model, lambda: [np.random.default_rng(0).random((8, 4), np.float32)], options)
+
+
+F32 = TensorType.float32
+
+
+def test_int16x8_keeps_int16_activations_and_int8_weights(trained_digits_model, calibration):
+    options = ConversionParameters(scheme=QuantizationScheme.int16x8, input_type=TensorType.int16,
+                                   output_type=TensorType.int16)
+    audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 64), options))
+    assert audit.full_integer and audit.input_type == audit.output_type == "int16"
+    assert {"int16", "int8"} <= set(audit.dtypes)
+
+
+def test_dynamic_range_needs_no_calibration_and_keeps_float_activations(trained_digits_model):
+    def no_calibration():
+        raise AssertionError("dynamic range quantization must not calibrate")
+
+    options = ConversionParameters(scheme=QuantizationScheme.dynamic_range, ops=TargetOps.builtins,
+                                   input_type=F32, output_type=F32)
+    audit = audit_tensor_types(quantize(trained_digits_model, no_calibration, options))
+    assert audit.input_type == "float32" and "int8" in audit.dtypes and not audit.full_integer
+
+
+def test_float16_stores_float16_weights(trained_digits_model):
+    options = ConversionParameters(scheme=QuantizationScheme.float16, ops=TargetOps.builtins,
+                                   input_type=F32, output_type=F32)
+    model = quantize(trained_digits_model, lambda: iter(()), options)
+    assert "float16" in audit_tensor_types(model).dtypes
+    assert len(model) < len(convert_float(trained_digits_model)) * 0.6
+
+
+def test_per_tensor_weights_give_a_smaller_model(trained_digits_model, calibration, int8_model):
+    per_tensor = quantize(trained_digits_model, _batches(calibration, 64), ConversionParameters(per_channel=False))
+    assert audit_tensor_types(per_tensor).full_integer
+    assert len(per_tensor) < len(int8_model)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"input_type": TensorType.int16}, "need scheme int16x8"),
+        ({"scheme": QuantizationScheme.int16x8, "input_type": TensorType.int8}, "float32 or int16"),
+        ({"scheme": QuantizationScheme.float16, "ops": TargetOps.builtins}, "--input-type float32"),
+        ({"scheme": QuantizationScheme.dynamic_range, "input_type": F32, "output_type": F32}, "--ops builtins"),
+        ({"scheme": QuantizationScheme.float16, "ops": TargetOps.builtins, "input_type": F32, "output_type": F32,
+          "per_channel": False}, "float16 has none"),
+    ],
+)
+def test_inconsistent_scheme_options_are_refused_with_the_fix(options, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ConversionParameters(**options)

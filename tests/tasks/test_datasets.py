@@ -114,6 +114,23 @@ def test_fingerprint_follows_the_content_not_the_url(tmp_path):
     assert source_fingerprint("digits") == "builtin:digits"
 
 
+def test_without_version_info_the_fingerprint_hashes_the_content():
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from tasks.datasets import files_fingerprint
+
+    class NoVersions(MemoryFileSystem):
+        def info(self, path, **kwargs):
+            return {k: v for k, v in super().info(path, **kwargs).items() if k != "created"}
+
+    fs, path = NoVersions(), f"/fingerprint-{uuid.uuid4().hex}/a.parquet"
+    fs.pipe(path, b"12345678")
+    first = files_fingerprint(fs, [path])
+    fs.pipe(path, b"87654321")  # same path, same size, new content
+    assert files_fingerprint(fs, [path]) != first
+    fs.rm(path)
+
+
 # --sample-size: a seeded, stratified draw made while reading, by row groups.
 
 def write_parts(folder, x, y, parts: int = 3, row_group_size: int = 7, layout: str = "tensor") -> None:
@@ -269,3 +286,39 @@ def test_an_unreadable_keras_cache_file_is_named(keras_home):
     images_file.write_bytes(images_file.read_bytes()[:100])
     with pytest.raises(InvalidDataset, match="Keras's cached copy of fashion_mnist .* is unreadable .*delete it"):
         load_dataset("fashion_mnist")
+
+
+# Fresh data: {date} templates and --since / --window-days.
+
+
+def test_a_date_template_is_filled_with_the_run_date():
+    from datetime import datetime, timezone
+
+    from tasks.datasets import resolve_source
+
+    run = datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc)
+    assert resolve_source("s3://b/events/{date}/", run) == ("s3://b/events/2026-11-27/", None)
+    assert resolve_source("s3://b/events/{date:%Y/%m/%d}/part.parquet", run)[0] == "s3://b/events/2026/11/27/part.parquet"
+    assert resolve_source("s3://b/events/", run, window_days=7) == (
+        "s3://b/events/", datetime(2026, 11, 20, tzinfo=timezone.utc))
+    assert resolve_source("s3://b/events/", run, since=datetime(2026, 11, 1).date())[1] == datetime(
+        2026, 11, 1, tzinfo=timezone.utc)
+
+
+def test_since_selects_the_files_modified_since(tmp_path):
+    import os
+    from datetime import datetime, timezone
+
+    x, y = images(60)
+    write_parts(tmp_path, x, y, parts=3)
+    old = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
+    for part in ("part-0.parquet", "part-1.parquet"):
+        os.utime(tmp_path / part, (old, old))
+    since = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    assert len(load_dataset(str(tmp_path), since=since)) == 20  # part-2 only
+    assert len(load_dataset(str(tmp_path))) == 60
+    recent = source_fingerprint(str(tmp_path), since)
+    os.utime(tmp_path / "part-0.parquet", (old + 1, old + 1))  # an old file touched, still before the window
+    assert source_fingerprint(str(tmp_path), since) == recent
+    with pytest.raises(InvalidDataset, match="modified since 2030-01-01.*widen --window-days"):
+        load_dataset(str(tmp_path), since=datetime(2030, 1, 1, tzinfo=timezone.utc))

@@ -1,0 +1,300 @@
+"""The ``ptq-sweep`` flow: one trained model converted under a grid of quantization configurations, each one
+evaluated, all ranked side by side; the best that passes the gate is validated in full and can be exported.
+
+Conversions and evaluations fan out on the flow's task runner, prefect-dask's ``DaskTaskRunner``: a LocalCluster
+of single-threaded worker processes by default, or an existing cluster (``PTQFLOW_DASK_ADDRESS``,
+``ptqflow sweep --dask-address``). Workers share nothing but the artifact store: every stage takes references and
+writes its artifacts there. Sampling, calibration and training are the pipeline's own stages, so their cached
+results are reused.
+"""
+
+# No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the signature.
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from flows.locks import exclusive
+from flows.pipeline import DEFAULT_STORE, publish_if_no_worse, upstream_stages
+from flows.stages import StageRecord, StageRunner, Submitted
+from storage.store import ArtifactRef, ArtifactStore
+from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
+from tasks.errors import AccuracyGateFailed, ConversionFailed
+from tasks.manifest import build_manifest, write_run_manifest
+from tasks.parameters import (
+    CalibrationParameters,
+    GateParameters,
+    SamplingParameters,
+    SweepParameters,
+    TrainingParameters,
+    ValidationParameters,
+)
+from tasks.progress import report
+from tasks.promotion import PromotionDecision
+from tasks.publish import ExportRecord, export_store
+from tasks.sweep import (
+    FLOAT_REFERENCE,
+    TABLE_HEADER,
+    SweepConfiguration,
+    SweepReport,
+    SweepRow,
+    configuration_row,
+    convert_float_reference,
+    evaluate_configuration,
+    judge,
+    quantize_configuration,
+    rank,
+    reference_row,
+    render_sweep_markdown,
+    select_configurations,
+    sweep_grid,
+    table_rows,
+    write_sweep_report,
+)
+from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
+
+DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
+DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
+
+
+def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
+    """prefect-dask's runner: the cluster at ``address`` (or ``PTQFLOW_DASK_ADDRESS``), else a LocalCluster of
+    ``workers`` (or ``PTQFLOW_DASK_WORKERS``, default 2) single-threaded worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = workers or int(os.environ.get(DASK_WORKERS_ENV) or 2)
+    # Processes, one task each: one conversion per core, and no TensorFlow state shared between conversions. Each
+    # worker's TensorFlow and oneDNN get its share of the cores, not all of them: otherwise two workers would run
+    # twice as many threads as there are cores.
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "env": env},
+    )
+
+
+@contextmanager
+def shared_prefect_api() -> Iterator[None]:
+    """Dask workers are other processes: without PREFECT_API_URL each would start its own temporary Prefect
+    server. Start one here for the flow and its workers (they inherit the environment), as Prefect would for the
+    flow alone."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        # Send what is queued while the server is up: afterwards each send would wait for a connection timeout.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+class SweepSummary(BaseModel):
+    """What a sweep produced; the CLI's ``--json`` output."""
+
+    run_id: str | None
+    status: str = Field(description="'passed' when a configuration passed the gate (and its full validation).")
+    store: str
+    best: str | None = Field(description="The best configuration that passed, by rank_by.")
+    rank_by: str
+    rows: list[SweepRow] = Field(description="Every configuration, ranked; the float reference included.")
+    report: SweepReport
+    gate: GateResult
+    artifacts: dict[str, ArtifactRef]
+    tasks: dict[str, StageRecord]
+    manifest: str
+    export: ExportRecord | None = None
+    promotion: PromotionDecision | None = None
+
+
+def evaluate_grid(
+    run: StageRunner,
+    grid: Sequence[SweepConfiguration],
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    calibration_sets: dict[int, CalibrationSet],
+    batch_size: int,
+    latency_threads: int,
+) -> list[SweepRow]:
+    """Convert under every configuration, and evaluate each model as soon as its conversion is done, all on the
+    task runner. A configuration the converter refuses becomes a row with the converter's message."""
+    conversions: dict[str, Submitted] = {
+        FLOAT_REFERENCE: run.submit(convert_float_reference, label=f"convert[{FLOAT_REFERENCE}]", trained=trained)
+    }
+    for configuration in grid:
+        conversions[configuration.name] = run.submit(
+            quantize_configuration, label=f"convert[{configuration.name}]", trained=trained,
+            calibration=calibration_sets.get(configuration.calibration_size), params=configuration.conversion,
+        )
+    names = {submitted.future: name for name, submitted in conversions.items()}
+    evaluations: dict[str, Submitted] = {}
+    errors: dict[str, str] = {}
+    for future in as_completed(list(names)):
+        name = names[future]
+        try:
+            candidate = run.collect(conversions[name])
+        except ConversionFailed as error:
+            errors[name] = str(error)
+            continue
+        evaluations[name] = run.submit(
+            evaluate_configuration, label=f"evaluate[{name}]", dataset=dataset, trained=trained,
+            candidate=candidate, batch_size=batch_size, num_threads=latency_threads,
+        )
+    total = len(evaluations)
+    results = {}
+    for done, (name, submitted) in enumerate(evaluations.items(), 1):
+        results[name] = run.collect(submitted)
+        report("ptq-sweep", f"{done}/{total} configurations evaluated", done, total)
+    if FLOAT_REFERENCE in errors:
+        raise ConversionFailed(f"the float reference could not be converted: {errors[FLOAT_REFERENCE]}")
+    return [reference_row(results[FLOAT_REFERENCE])] + [
+        configuration_row(c, results.get(c.name), errors.get(c.name)) for c in grid
+    ]
+
+
+def _no_pass(rows: Sequence[SweepRow], max_accuracy_drop: float) -> GateResult:
+    candidates = [r for r in rows if not r.reference]
+    closest = candidates[0] if candidates else None
+    detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
+    return GateResult(
+        name="sweep", status="failed", passed=False, observed_drop_pp=None, max_drop_pp=max_accuracy_drop,
+        message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
+        "raise --max-accuracy-drop, or drop --require-full-integer",
+    )
+
+
+def _summary_markdown(summary: SweepSummary, markdown: str) -> str:
+    lines = [markdown, "", summary.gate.message, ""]
+    if summary.promotion is not None:
+        lines.append(summary.promotion.message)
+    if summary.export is not None:
+        lines.append(f"Exported as version `{summary.export.version}` to `{summary.export.url}`.")
+    lines += [f"Plot: `{summary.report.plot.uri}`", "", f"Manifest: `{summary.manifest}`"]
+    return "\n".join(lines)
+
+
+# The bound on the whole sweep, training included (stages on Dask workers cannot be stopped one by one).
+SWEEP_TIMEOUT_SECONDS = 12 * 3600.0
+
+
+@flow(name="ptq-sweep", persist_result=False, result_serializer="json", validate_parameters=True,
+      task_runner=dask_task_runner(), timeout_seconds=SWEEP_TIMEOUT_SECONDS)
+def ptq_sweep(
+    store: str = DEFAULT_STORE,
+    seed: int = 0,
+    sampling: SamplingParameters = SamplingParameters(),
+    training: TrainingParameters = TrainingParameters(),
+    calibration: CalibrationParameters = CalibrationParameters(),
+    validation: ValidationParameters = ValidationParameters(),
+    gate: GateParameters = GateParameters(),
+    sweep: SweepParameters = SweepParameters(),
+    export: str | None = None,
+) -> SweepSummary:
+    """Convert one trained model under every configuration of the sweep, evaluate and rank them; validate the best
+    that passes the gate in full, and publish it to ``export``.
+
+    Args:
+        store: fsspec URL of the artifact store, shared by the flow and every Dask worker.
+        seed: seeds sampling, training and calibration, as in ptq-pipeline (whose cached stages are reused).
+        export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
+    """
+    artifact_store = ArtifactStore(store)
+    export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
+    grid = select_configurations(sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations)
+    with exclusive(artifact_store.url, export_target):
+        run = StageRunner(artifact_store)
+        sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
+        dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sizes)
+        rows = evaluate_grid(
+            run, grid, dataset, trained, calibration_sets, validation.batch_size, sweep.latency_threads
+        )
+        rows = rank([judge(r, gate.max_accuracy_drop, sweep.require_full_integer) for r in rows], sweep.rank_by)
+        best = next((r for r in rows if r.passed), None)
+        markdown = render_sweep_markdown(rows, sweep.rank_by, gate.max_accuracy_drop, best.name if best else None)
+        document = {
+            "kind": "ptqflow.sweep_report", "report_version": 1, "rank_by": sweep.rank_by.value,
+            "max_accuracy_drop_pp": gate.max_accuracy_drop, "require_full_integer": sweep.require_full_integer,
+            "best": best.name if best else None, "rows": [r.model_dump(mode="json") for r in rows],
+        }
+        sweep_report = run.effect(write_sweep_report, document=document, markdown=markdown)
+
+        artifacts = {"dataset": dataset.manifest, "model": trained.model, "sweep": sweep_report.table,
+                     "sweep_md": sweep_report.markdown, "sweep_plot": sweep_report.plot}
+        metrics: dict[str, Any] = {"sweep": document["rows"], "best": document["best"]}
+        verdict = _no_pass(rows, gate.max_accuracy_drop)
+        if best is not None:
+            # The chosen configuration gets the pipeline's full validation: three models, per-layer error, the
+            # HTML report; what is exported is judged by it. Its models are the sweep's own, not converted again.
+            chosen = next(c for c in grid if c.name == best.name)
+            calibration_set = calibration_sets.get(chosen.calibration_size) or calibration_sets[calibration.calibration_size]
+            reference = next(r for r in rows if r.reference)
+            converted = ConvertedModels(quantized=best.metrics.model, float_model=reference.metrics.model)
+            validated = run(
+                validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation,
+                calibration=calibration_set, conversion=chosen.conversion,
+            )
+            verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, chosen.conversion.ops)
+            artifacts.update(
+                calibration=calibration_set.table, tflite=converted.quantized, tflite_float=converted.float_model,
+                report=validated.report, report_md=validated.report_md, report_html=validated.report_html,
+            )
+            metrics.update(validated.model_dump(mode="json", exclude={"report", "report_md", "report_html"}))
+            verdict = verdict.model_copy(update={"message": f"best configuration {best.name}: {verdict.message}"})
+
+        run_id = str(flow_run.get_id())
+        parameters = {
+            "store": store, "seed": seed, "export": export,
+            **{name: value.model_dump(mode="json") for name, value in (
+                ("sampling", sampling), ("training", training), ("calibration", calibration),
+                ("validation", validation), ("gate", gate), ("sweep", sweep))},
+        }
+        manifest = build_manifest(
+            run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
+            verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",
+        )
+        promotion, exported = publish_if_no_worse(
+            run, export, run_id, dataset, artifacts, manifest, verdict, gate, validation.batch_size
+        )
+        manifest_uri = run.effect(write_run_manifest, manifest={
+            **manifest, "export": exported.model_dump(mode="json") if exported else None,
+            "promotion": promotion.model_dump(mode="json") if promotion else None,
+        })
+        summary = SweepSummary(
+            run_id=run_id, status="passed" if verdict.passed else "failed", store=artifact_store.url,
+            best=best.name if best else None, rank_by=sweep.rank_by.value, rows=rows, report=sweep_report,
+            gate=verdict, artifacts=artifacts, tasks=run.records, manifest=manifest_uri, export=exported,
+            promotion=promotion,
+        )
+        create_table_artifact(
+            [dict(zip(TABLE_HEADER, line)) for line in table_rows(rows)], key="ptq-sweep",
+            description=f"{len(grid)} configurations ranked by {sweep.rank_by.value}; best: {summary.best or 'none'}",
+        )
+        create_markdown_artifact(_summary_markdown(summary, markdown), key="ptq-sweep-summary", description=verdict.message)
+        create_link_artifact(sweep_report.plot.uri, link_text="sweep plot (PNG)", key="ptq-sweep-plot",
+                             description="size vs accuracy drop, and latency, per configuration")
+        if not verdict.passed:
+            raise AccuracyGateFailed(verdict.message, summary)
+        return summary

@@ -1,0 +1,377 @@
+"""The sweep's stages: the model quantized under one configuration, that model evaluated, and every configuration
+judged and ranked side by side.
+
+Each task reads its inputs from the artifact store and writes its outputs there, handing on small references: it
+can run on any Dask worker that reaches the store. Evaluation is lighter than ``validate_with_interpreter`` (no
+per-layer debugger, no HTML report): the configuration the sweep picks is validated in full afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.keras_models import keras_model_from_bytes
+from storage.store import ArtifactRef, ArtifactStore
+from storage.tables import read_parquet
+from tasks.artifacts import CalibrationSet, SampledDataset, StageOutput, TrainedModel
+from tasks.caching import StageCachePolicy
+from tasks.convert import convert_float, quantize, stored_calibration_batches
+from tasks.errors import PtqflowError
+from tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
+from tasks.validate import audit_tensor_types, model_metrics, predict_keras, predict_tflite, tflite_speed
+
+if TYPE_CHECKING:
+    import keras
+
+FLOAT_REFERENCE = "float32"
+# Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
+# batch 1 on small models, short enough for a grid of a dozen.
+SPEED_BUDGET_SECONDS = 0.5
+
+
+class SweepConfiguration(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str
+    conversion: ConversionParameters
+    calibration_size: int | None = Field(description="Calibration samples; None for schemes without calibration.")
+
+
+def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> list[SweepConfiguration]:
+    """The configurations a sweep compares: full int8 with each I/O type, per-tensor weights and each calibration
+    size; int8 with float fallback; int16 activations with int8 weights; dynamic range; float16."""
+    f32, u8, i16 = TensorType.float32, TensorType.uint8, TensorType.int16
+    builtins = TargetOps.builtins
+    int16x8, dynamic = QuantizationScheme.int16x8, QuantizationScheme.dynamic_range
+    base = base_calibration_size
+    rows: list[tuple[str, str, dict[str, Any], int | None]] = [
+        ("int8", "full int8, int8 I/O", {}, base),
+        *[(f"int8-cal{n}", "full int8, int8 I/O", {}, n)
+          for n in sorted(set(calibration_sizes)) if n != base],
+        ("int8-uint8-io", "full int8, uint8 I/O", {"input_type": u8, "output_type": u8}, base),
+        ("int8-float-io", "full int8, float32 I/O", {"input_type": f32, "output_type": f32}, base),
+        ("int8-per-tensor", "full int8, per-tensor weight scales", {"per_channel": False}, base),
+        ("int8-fallback", "int8, float fallback (TFLITE_BUILTINS)", {"ops": builtins}, base),
+        ("int8-fallback-float-io", "int8, float fallback, float32 I/O",
+         {"ops": builtins, "input_type": f32, "output_type": f32}, base),
+        ("int16x8", "int16 activations, int8 weights, float32 I/O",
+         {"scheme": int16x8, "input_type": f32, "output_type": f32}, base),
+        ("int16x8-int16-io", "int16 activations, int8 weights, int16 I/O",
+         {"scheme": int16x8, "input_type": i16, "output_type": i16}, base),
+        ("int16x8-per-tensor", "int16x8, per-tensor weight scales",
+         {"scheme": int16x8, "input_type": f32, "output_type": f32, "per_channel": False}, base),
+        ("dynamic-range", "int8 weights, float activations",
+         {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32}, None),
+        ("dynamic-range-per-tensor", "dynamic range, per-tensor weight scales",
+         {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32, "per_channel": False}, None),
+        ("float16", "float16 weights",
+         {"scheme": QuantizationScheme.float16, "ops": builtins, "input_type": f32, "output_type": f32}, None),
+    ]
+    return [
+        SweepConfiguration(name=name, description=description, conversion=ConversionParameters(**options),
+                           calibration_size=size)
+        for name, description, options, size in rows
+    ]
+
+
+def select_configurations(grid: Sequence[SweepConfiguration], names: Sequence[str] | None) -> list[SweepConfiguration]:
+    """The configurations called ``names`` (all of them for None), in grid order."""
+    if names is None:
+        return list(grid)
+    known = {c.name for c in grid}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise PtqflowError(
+            f"unknown sweep configuration {', '.join(map(repr, unknown))}: choose from {', '.join(sorted(known))} "
+            "(`ptqflow sweep --list`)"
+        )
+    return [c for c in grid if c.name in set(names)]
+
+
+class CandidateModel(StageOutput):
+    model: ArtifactRef = Field(description="A converted .tflite (quantized, or the float reference).")
+    conversion_seconds: float = Field(description="How long the conversion took (calibration included).")
+
+
+class ConfigurationMetrics(StageOutput):
+    """One configuration's figures on the test split, with the float Keras model as reference."""
+
+    model: ArtifactRef
+    conversion_seconds: float
+    bytes: int
+    validated: bool
+    not_validated_reason: str | None = None
+    float_accuracy: float
+    accuracy: float | None
+    accuracy_drop_pp: float | None
+    agreement: float | None
+    output_sqnr_db: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    throughput_per_s: float | None
+    num_threads: int
+    measured_on: str = Field(description="Host and process that measured it: latency belongs to that machine.")
+    full_integer: bool
+    float_tensors: int
+    input_type: str
+    output_type: str
+    ops: tuple[str, ...]
+
+
+def configuration_metrics(
+    keras_model: keras.Model, model_bytes: bytes, features: np.ndarray, labels: np.ndarray, batch_size: int,
+    num_threads: int, class_names: list[str],
+) -> dict[str, Any]:
+    """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``."""
+    audit = audit_tensor_types(model_bytes)
+    keras_out = predict_keras(keras_model, features, batch_size)
+    common = {
+        "bytes": len(model_bytes), "num_threads": num_threads, "full_integer": audit.full_integer,
+        "float_tensors": len(audit.float_tensors), "input_type": audit.input_type, "output_type": audit.output_type,
+        "ops": audit.ops, "float_accuracy": model_metrics(keras_out, keras_out, labels, class_names)["accuracy"],
+    }
+    if audit.flex_ops:
+        return {
+            **common, "validated": False, "accuracy": None, "accuracy_drop_pp": None, "agreement": None,
+            "output_sqnr_db": None, "latency_p50_ms": None, "latency_p95_ms": None, "throughput_per_s": None,
+            "not_validated_reason": f"TensorFlow (Flex) ops {', '.join(audit.flex_ops)} cannot run in the LiteRT "
+            "Interpreter",
+        }
+    outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
+    metrics = model_metrics(outputs, keras_out, labels, class_names)
+    speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
+    return {
+        **common,
+        "validated": True,
+        "accuracy": metrics["accuracy"],
+        "accuracy_drop_pp": round((common["float_accuracy"] - metrics["accuracy"]) * 100, 6),
+        "agreement": metrics["agreement_with_float"],
+        "output_sqnr_db": metrics["output_sqnr_db"],
+        "latency_p50_ms": speed["latency_ms"]["p50"],
+        "latency_p95_ms": speed["latency_ms"]["p95"],
+        "throughput_per_s": speed["throughput_per_s"],
+    }
+
+
+_STAGE_OPTIONS = {"persist_result": True, "result_serializer": "json"}
+
+
+@task(name="quantize_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+def quantize_configuration(
+    store_url: str, trained: TrainedModel, calibration: CalibrationSet | None, params: ConversionParameters
+) -> CandidateModel:
+    """The model quantized under ``params`` (``calibration`` is None for schemes that take none)."""
+    store = ArtifactStore(store_url)
+    model = keras_model_from_bytes(store.read_bytes(trained.model))
+
+    def no_batches() -> Iterator[np.ndarray]:
+        return iter(())
+
+    batches = (
+        stored_calibration_batches(store, calibration, params.calibration_batch_size, "quantize_configuration")
+        if calibration is not None else no_batches
+    )
+    started = time.perf_counter()
+    model_bytes = quantize(model, batches, params)
+    seconds = round(time.perf_counter() - started, 3)
+    return CandidateModel(model=store.put_bytes(model_bytes, ".tflite"), conversion_seconds=seconds)
+
+
+@task(name="convert_float_reference", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+def convert_float_reference(store_url: str, trained: TrainedModel) -> CandidateModel:
+    """The float ``.tflite``: the row every configuration is compared with."""
+    store = ArtifactStore(store_url)
+    model = keras_model_from_bytes(store.read_bytes(trained.model))
+    started = time.perf_counter()
+    model_bytes = convert_float(model)
+    seconds = round(time.perf_counter() - started, 3)
+    return CandidateModel(model=store.put_bytes(model_bytes, ".tflite"), conversion_seconds=seconds)
+
+
+@task(name="evaluate_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+def evaluate_configuration(
+    store_url: str, dataset: SampledDataset, trained: TrainedModel, candidate: CandidateModel, batch_size: int,
+    num_threads: int,
+) -> ConfigurationMetrics:
+    store = ArtifactStore(store_url)
+    with store.open(dataset.test) as f:
+        test = read_parquet(f)
+    metrics = configuration_metrics(
+        keras_model_from_bytes(store.read_bytes(trained.model)), store.read_bytes(candidate.model), test.features,
+        test.labels, batch_size, num_threads, list(dataset.spec.class_names),
+    )
+    return ConfigurationMetrics(
+        model=candidate.model, conversion_seconds=candidate.conversion_seconds,
+        measured_on=f"{socket.gethostname()} pid {os.getpid()}", **metrics,
+    )
+
+
+class SweepRow(BaseModel):
+    """One line of the comparison table."""
+
+    name: str
+    description: str
+    scheme: str | None
+    ops: str | None
+    input_type: str
+    output_type: str
+    per_channel: bool | None
+    calibration_size: int | None
+    reference: bool = False
+    metrics: ConfigurationMetrics | None
+    error: str | None = Field(None, description="Why the configuration produced no model (the converter's message).")
+    passed: bool = False
+    verdict: str = ""
+    rank: int | None = None
+
+
+def configuration_row(configuration: SweepConfiguration, metrics: ConfigurationMetrics | None,
+                      error: str | None = None) -> SweepRow:
+    c = configuration.conversion
+    return SweepRow(
+        name=configuration.name, description=configuration.description, scheme=c.scheme.value, ops=c.ops.value,
+        input_type=c.input_type.value, output_type=c.output_type.value, per_channel=c.per_channel,
+        calibration_size=configuration.calibration_size, metrics=metrics, error=error,
+    )
+
+
+def reference_row(metrics: ConfigurationMetrics) -> SweepRow:
+    return SweepRow(
+        name=FLOAT_REFERENCE, description="float .tflite, no optimizations (reference)", scheme=None, ops=None,
+        input_type="float32", output_type="float32", per_channel=None, calibration_size=None, reference=True,
+        metrics=metrics,
+    )
+
+
+def judge(row: SweepRow, max_accuracy_drop: float, require_full_integer: bool) -> SweepRow:
+    """The gate for one configuration: validated, within the accuracy drop, and full integer if required."""
+    m = row.metrics
+    if row.error is not None:
+        verdict = f"no model: {row.error}"
+    elif m is None or not m.validated or m.accuracy_drop_pp is None:
+        verdict = f"not validated: {m.not_validated_reason if m else 'no metrics'}"
+    elif m.accuracy_drop_pp > max_accuracy_drop:
+        verdict = f"drop {m.accuracy_drop_pp:.2f} pp > {max_accuracy_drop} pp"
+    elif require_full_integer and not m.full_integer:
+        verdict = f"not full integer ({m.float_tensors} float tensors)"
+    elif row.reference:
+        verdict = "reference"
+    else:
+        return row.model_copy(update={"passed": True, "verdict": "passed"})
+    return row.model_copy(update={"passed": False, "verdict": verdict})
+
+
+def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:
+    m = row.metrics
+    size = m.bytes if m else float("inf")
+    latency = m.latency_p50_ms if m and m.latency_p50_ms is not None else float("inf")
+    drop = m.accuracy_drop_pp if m and m.accuracy_drop_pp is not None else float("inf")
+    order = {RankBy.size: (size, latency, drop), RankBy.latency: (latency, size, drop),
+             RankBy.accuracy: (drop, size, latency)}[rank_by]
+    return (*order, row.name)
+
+
+def rank(rows: Sequence[SweepRow], rank_by: RankBy) -> list[SweepRow]:
+    """Passing configurations first, best first by ``rank_by`` (the other two break ties), numbered; then the
+    float reference and the failing ones, least accuracy lost first."""
+    passing = sorted((r for r in rows if r.passed), key=lambda r: _sort_key(r, rank_by))
+    rest = sorted((r for r in rows if not r.passed), key=lambda r: (not r.reference, _sort_key(r, RankBy.accuracy)))
+    return [r.model_copy(update={"rank": i}) for i, r in enumerate(passing, 1)] + rest
+
+
+TABLE_HEADER = ["rank", "configuration", "accuracy", "drop pp", "size", "x smaller", "p50 ms", "full int", "I/O",
+                "convert s", "verdict"]
+
+
+def table_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
+    reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
+    lines = []
+    for r in rows:
+        m = r.metrics
+        smaller = f"{reference.bytes / m.bytes:.2f}" if m and reference else ""
+        lines.append([
+            str(r.rank or ""), r.name,
+            f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
+            f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
+            f"{m.bytes:,} B" if m else "—", smaller,
+            f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
+            ("yes" if m.full_integer else "no") if m else "—",
+            f"{r.input_type}/{r.output_type}", f"{m.conversion_seconds:.2f}" if m else "—", r.verdict,
+        ])
+    return lines
+
+
+def render_sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float,
+                          best: str | None) -> str:
+    lines = [
+        "# ptqflow quantization sweep",
+        "",
+        f"{len([r for r in rows if not r.reference])} configurations on the test split; gate: at most "
+        f"{max_accuracy_drop} pp below float. Ranked by {rank_by.value} (then the other two of size, latency, "
+        "accuracy). Latency: batch 1, p50, on the worker that evaluated it.",
+        "",
+        f"**Best: {best}**" if best else "**No configuration passed the gate.**",
+        "",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
+        *["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in table_rows(rows)],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
+    """PNG: size against accuracy drop (passing configurations in green), and latency per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a batch job
+    from matplotlib import pyplot as plt
+
+    measured = [r for r in rows if r.metrics is not None and r.metrics.accuracy_drop_pp is not None]
+    figure, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in measured:
+        colour = "#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52"
+        scatter.scatter(r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp, color=colour, s=40)
+        scatter.annotate(r.name, (r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp), fontsize=7,
+                         xytext=(4, 3), textcoords="offset points")
+    scatter.set_xlabel("model size (KiB)")
+    scatter.set_ylabel("accuracy drop from float (pp)")
+    scatter.set_title("size vs accuracy (green: passes the gate)")
+    timed = [r for r in measured if r.metrics.latency_p50_ms is not None]
+    bars.barh([r.name for r in timed][::-1], [r.metrics.latency_p50_ms for r in timed][::-1],
+              color=["#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52" for r in timed][::-1])
+    bars.set_xlabel("latency at batch 1, p50 (ms)")
+    bars.set_title("latency")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+class SweepReport(BaseModel):
+    table: ArtifactRef = Field(description="sweep.json: every row, ranked.")
+    markdown: ArtifactRef = Field(description="sweep.md: the comparison table.")
+    plot: ArtifactRef = Field(description="sweep.png: size vs accuracy drop, and latency.")
+
+
+@task(name="write_sweep_report", cache_policy=NO_CACHE, persist_result=False)
+def write_sweep_report(store_url: str, document: dict[str, Any], markdown: str) -> SweepReport:
+    """Write the ranked table (JSON and Markdown) and the plot to the store."""
+    store = ArtifactStore(store_url)
+    rows = [SweepRow.model_validate(row) for row in document["rows"]]
+    return SweepReport(
+        table=store.put_json(document),
+        markdown=store.put_bytes(markdown.encode(), ".md"),
+        plot=store.put_bytes(render_sweep_plot(rows), ".png"),
+    )

@@ -1,0 +1,73 @@
+"""The promotion rule, and moving latest.json by hand (promote, rollback) on an export in memory."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from storage.store import ArtifactStore, StoreError
+from tasks.promotion import decide, point_latest_to, read_pointer, rollback
+
+CHAMPION = {"version": "20261126T020000Z-a", "run_id": "a"}
+
+
+def test_no_exported_model_yet_promotes():
+    assert decide(0.95, True, 0.0).promote
+
+
+def test_a_model_that_failed_its_gate_is_never_promoted():
+    decision = decide(0.99, False, 0.0, 0.5, CHAMPION)
+    assert not decision.promote and "did not pass its own gate" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "tolerance", "promoted"),
+    [(0.95, 0.95, 0.0, True), (0.96, 0.95, 0.0, True), (0.949, 0.95, 0.0, False), (0.949, 0.95, 0.2, True),
+     (0.94, 0.95, 0.5, False)],
+)
+def test_the_challenger_may_be_at_most_the_tolerance_below_the_champion(challenger, champion, tolerance, promoted):
+    decision = decide(challenger, True, tolerance, champion, CHAMPION)
+    assert decision.promote is promoted
+    assert decision.champion_accuracy == champion and decision.challenger_accuracy == challenger
+    if not promoted:
+        assert decision.message.startswith("not promoted:") and CHAMPION["version"] in decision.message
+
+
+def _publish(export: ArtifactStore, version: str, payload: bytes) -> None:
+    """A version as publish_run leaves it: its files, history/<version>.json, latest.json."""
+    key = f"versions/{version}/model.tflite"
+    export.write_named(key, payload)
+    import hashlib
+
+    pointer = json.dumps({"kind": "ptqflow.export_pointer", "version": version, "run_id": version[-1],
+                          "published_at": "2026-11-27T00:00:00+00:00",
+                          "files": {"tflite": {"uri": export.uri_for(key), "sha256": hashlib.sha256(payload).hexdigest(),
+                                               "bytes": len(payload)}}}).encode()
+    export.write_named(f"history/{version}.json", pointer, exclusive=True)
+    export.write_named("latest.json", pointer)
+
+
+def test_rollback_points_at_the_version_before_and_keeps_every_pointer():
+    export = ArtifactStore(f"memory://export-{uuid.uuid4().hex}")
+    _publish(export, "20261125T020000Z-a", b"model a")
+    _publish(export, "20261126T020000Z-b", b"model b")
+    move = rollback(export)
+    assert (move.version, move.previous_version) == ("20261125T020000Z-a", "20261126T020000Z-b")
+    assert read_pointer(export)["version"] == "20261125T020000Z-a" and read_pointer(export)["action"] == "rollback"
+    with pytest.raises(StoreError, match="is the first version"):
+        rollback(export)
+    assert len(export.list_named("history")) == 3  # two publishes and the rollback, none overwritten
+    point_latest_to(export, "20261126T020000Z-b", "promote")
+    assert read_pointer(export)["version"] == "20261126T020000Z-b" and len(export.list_named("history")) == 4
+
+
+def test_a_corrupt_version_is_not_pointed_at():
+    export = ArtifactStore(f"memory://export-{uuid.uuid4().hex}")
+    _publish(export, "20261125T020000Z-a", b"model a")
+    _publish(export, "20261126T020000Z-b", b"model b")
+    export.write_named("versions/20261125T020000Z-a/model.tflite", b"tampered")
+    with pytest.raises(StoreError, match="does not match its source"):
+        rollback(export)
+    assert read_pointer(export)["version"] == "20261126T020000Z-b"

@@ -1,0 +1,137 @@
+"""The sweep's pure parts: the grid, one configuration's metrics, the gate per configuration, the ranking, the
+table and the plot. No Prefect, no Dask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage.store import ArtifactRef
+from tasks.convert import convert_float, quantize
+from tasks.errors import PtqflowError
+from tasks.parameters import QuantizationScheme, RankBy
+from tasks.sweep import (
+    ConfigurationMetrics,
+    SweepConfiguration,
+    configuration_metrics,
+    configuration_row,
+    judge,
+    rank,
+    reference_row,
+    render_sweep_markdown,
+    render_sweep_plot,
+    select_configurations,
+    sweep_grid,
+    table_rows,
+)
+from tasks.validate import accuracy, predict_tflite
+
+
+def test_the_default_grid_covers_every_option_the_issue_names():
+    grid = sweep_grid(200, (50, 200, 1000))
+    names = [c.name for c in grid]
+    assert len(grid) >= 12 and len(set(names)) == len(names)
+    assert {c.conversion.scheme for c in grid} == set(QuantizationScheme)
+    int8 = [c for c in grid if c.conversion.scheme is QuantizationScheme.full_integer]
+    assert {c.conversion.input_type.value for c in int8} == {"int8", "uint8", "float32"}
+    assert {c.calibration_size for c in int8} == {50, 200, 1000}
+    assert {c.conversion.ops.value for c in int8} == {"int8", "builtins"}
+    assert any(not c.conversion.per_channel for c in int8)
+    # Schemes without calibration take no calibration set (so their cache key does not depend on one).
+    assert all((c.calibration_size is None) == (not c.conversion.scheme.calibrated) for c in grid)
+
+
+def test_selecting_an_unknown_configuration_names_the_choices():
+    grid = sweep_grid(200, (50, 200))
+    assert [c.name for c in select_configurations(grid, ["float16", "int8"])] == ["int8", "float16"]
+    with pytest.raises(PtqflowError, match=r"unknown sweep configuration 'int4'.*choose from .*int8-cal50"):
+        select_configurations(grid, ["int8", "int4"])
+
+
+def test_configuration_metrics_measure_the_model_against_float(trained_digits_model, digits_splits):
+    spec, splits = digits_splits
+    test = splits["test"]
+    calibration = splits["train"].features[:200]
+    grid = {c.name: c for c in sweep_grid(200, (200,))}
+    model = quantize(trained_digits_model, lambda: [calibration], grid["int8"].conversion)
+    metrics = configuration_metrics(trained_digits_model, model, test.features, test.labels, 128, 1,
+                                    list(spec.class_names))
+    float_accuracy = accuracy(trained_digits_model.predict(test.features.astype(np.float32), verbose=0), test.labels)
+    assert metrics["accuracy"] == accuracy(predict_tflite(model, test.features), test.labels)
+    assert metrics["float_accuracy"] == pytest.approx(float_accuracy)
+    assert metrics["accuracy_drop_pp"] == pytest.approx((float_accuracy - metrics["accuracy"]) * 100, abs=1e-4)
+    assert metrics["full_integer"] and metrics["bytes"] == len(model)
+    assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p95_ms"]
+
+    reference = configuration_metrics(trained_digits_model, convert_float(trained_digits_model), test.features,
+                                      test.labels, 128, 1, list(spec.class_names))
+    assert reference["accuracy_drop_pp"] == pytest.approx(0.0, abs=1e-6) and not reference["full_integer"]
+
+
+def _metrics(bytes_: int, drop: float, latency: float, full_integer: bool = True) -> ConfigurationMetrics:
+    ref = ArtifactRef(uri="memory://x", sha256="0" * 64, bytes=bytes_)
+    return ConfigurationMetrics(
+        model=ref, conversion_seconds=0.5, bytes=bytes_, validated=True, float_accuracy=0.95,
+        accuracy=0.95 - drop / 100, accuracy_drop_pp=drop, agreement=0.99, output_sqnr_db=30.0,
+        latency_p50_ms=latency, latency_p95_ms=latency * 1.2, throughput_per_s=1000.0, num_threads=1,
+        measured_on="test", full_integer=full_integer, float_tensors=0 if full_integer else 2,
+        input_type="int8", output_type="int8", ops=("FULLY_CONNECTED",),
+    )
+
+
+@pytest.fixture
+def rows():
+    grid = {c.name: c for c in sweep_grid(200, (50, 200))}
+    return [
+        reference_row(_metrics(300_000, 0.0, 0.011, full_integer=False)),
+        configuration_row(grid["int8"], _metrics(85_000, 0.5, 0.006)),
+        configuration_row(grid["int8-per-tensor"], _metrics(79_000, 0.9, 0.006)),
+        configuration_row(grid["int8-cal50"], _metrics(85_000, 2.5, 0.006)),  # fails a 1 pp gate
+        configuration_row(grid["int16x8"], _metrics(88_000, 0.0, 0.140, full_integer=False)),
+        configuration_row(grid["float16"], _metrics(150_000, 0.0, 0.010, full_integer=False)),
+        configuration_row(grid["int8-uint8-io"], None, error="conversion failed under --ops int8: ..."),
+    ]
+
+
+def test_the_gate_is_judged_per_configuration(rows):
+    judged = {r.name: judge(r, 1.0, require_full_integer=False) for r in rows}
+    assert [n for n, r in judged.items() if r.passed] == ["int8", "int8-per-tensor", "int16x8", "float16"]
+    assert judged["int8-cal50"].verdict == "drop 2.50 pp > 1.0 pp"
+    assert judged["float32"].verdict == "reference" and not judged["float32"].passed
+    assert judged["int8-uint8-io"].verdict.startswith("no model: conversion failed")
+    strict = {r.name: judge(r, 1.0, require_full_integer=True) for r in rows}
+    assert [n for n, r in strict.items() if r.passed] == ["int8", "int8-per-tensor"]
+    assert strict["int16x8"].verdict == "not full integer (2 float tensors)"
+
+
+@pytest.mark.parametrize(
+    ("rank_by", "order"),
+    [
+        (RankBy.size, ["int8-per-tensor", "int8", "int16x8", "float16"]),
+        (RankBy.latency, ["int8-per-tensor", "int8", "float16", "int16x8"]),  # equal latency: the smaller first
+        (RankBy.accuracy, ["int16x8", "float16", "int8", "int8-per-tensor"]),  # equal drop: the smaller first
+    ],
+)
+def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, order):
+    ranked = rank([judge(r, 1.0, False) for r in rows], rank_by)
+    assert [r.name for r in ranked[: len(order)]] == order
+    assert [r.rank for r in ranked[: len(order)]] == list(range(1, len(order) + 1))
+    rest = ranked[len(order):]
+    assert rest[0].reference and all(r.rank is None for r in rest)
+    assert [r.name for r in rest] == ["float32", "int8-cal50", "int8-uint8-io"]
+
+
+def test_table_markdown_and_plot(rows):
+    ranked = rank([judge(r, 1.0, False) for r in rows], RankBy.size)
+    lines = table_rows(ranked)
+    assert lines[0][:2] == ["1", "int8-per-tensor"] and lines[0][5] == f"{300_000 / 79_000:.2f}"
+    markdown = render_sweep_markdown(ranked, RankBy.size, 1.0, "int8-per-tensor")
+    assert "**Best: int8-per-tensor**" in markdown and all(r.name in markdown for r in rows)
+    assert render_sweep_markdown(ranked, RankBy.size, 1.0, None).count("No configuration passed") == 1
+    png = render_sweep_plot(ranked)
+    assert png.startswith(b"\x89PNG") and png == render_sweep_plot(ranked)  # same figures, same bytes
+
+
+def test_a_sweep_configuration_is_plain_json():
+    configuration = sweep_grid(200, (200,))[0]
+    assert SweepConfiguration.model_validate_json(configuration.model_dump_json()) == configuration
