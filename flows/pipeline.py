@@ -155,15 +155,16 @@ def publish_if_no_worse(
     artifacts: dict[str, ArtifactRef],
     manifest: dict[str, Any],
     verdict: GateResult,
+    challenger_accuracy: float | None,
     gate: GateParameters,
     batch_size: int,
 ) -> tuple[PromotionDecision | None, ExportRecord | None]:
     """With an export target and a passing gate: compare with the exported model (champion) on this test split and
     publish only a model that is no worse (see tasks/promotion.py)."""
-    if not export or not verdict.passed:
+    if not export or not verdict.passed or challenger_accuracy is None:
         return None, None
     promotion = run.effect(
-        compare_with_champion, export_url=export, dataset=dataset, challenger=artifacts["tflite"], gate_passed=True,
+        compare_with_champion, export_url=export, dataset=dataset, challenger_accuracy=challenger_accuracy,
         tolerance_pp=gate.promotion_tolerance, batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
@@ -266,7 +267,8 @@ def ptq_pipeline(
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
         )
         promotion, exported = publish_if_no_worse(
-            run, export, run_id, dataset, artifacts, manifest, verdict, gate, validation.batch_size
+            run, export, run_id, dataset, artifacts, manifest, verdict, validated.quantized_accuracy, gate,
+            validation.batch_size,
         )
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,

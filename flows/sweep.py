@@ -276,7 +276,8 @@ def ptq_sweep(
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",
         )
         promotion, exported = publish_if_no_worse(
-            run, export, run_id, dataset, artifacts, manifest, verdict, gate, validation.batch_size
+            run, export, run_id, dataset, artifacts, manifest, verdict,
+            metrics.get("quantized_accuracy"), gate, validation.batch_size,
         )
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from storage.tables import read_parquet
 from tasks.artifacts import SampledDataset
-from tasks.publish import POINTER, export_store, publish_run, verify_copy
+from tasks.publish import POINTER, export_store, publish_run, read_verified, verify_copy
 from tasks.validate import accuracy, predict_tflite
 
 
@@ -69,26 +69,22 @@ def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
 def champion_model(export: ArtifactStore, pointer: dict[str, Any]) -> bytes:
     """The exported model ``pointer`` names, checked against its recorded sha256."""
     ref = pointer["files"]["tflite"]
-    key = export.key_of(ref["uri"])
-    verify_copy(export, key, ref["sha256"], ref["bytes"])
-    return export.read_named(key)
+    return read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
 
 
 @task(name="compare_with_champion", cache_policy=NO_CACHE, persist_result=False)
 def compare_with_champion(
-    store_url: str, export_url: str, dataset: SampledDataset, challenger: ArtifactRef, gate_passed: bool,
-    tolerance_pp: float, batch_size: int = 256,
+    store_url: str, export_url: str, dataset: SampledDataset, challenger_accuracy: float, tolerance_pp: float,
+    batch_size: int = 256,
 ) -> PromotionDecision:
-    """Evaluate the champion and the challenger on this run's test split; decide. Never cached: the champion
-    changes under it."""
-    store, export = ArtifactStore(store_url), export_store(export_url)
-    with store.open(dataset.test) as f:
-        test = read_parquet(f)
-    challenger_accuracy = accuracy(predict_tflite(store.read_bytes(challenger), test.features, batch_size),
-                                   test.labels)
+    """Evaluate the champion on this run's test split, where validation measured the challenger
+    (``challenger_accuracy``, a model that passed its gate); decide. Never cached: the champion changes under it."""
+    export = export_store(export_url)
     pointer = read_pointer(export)
-    if pointer is None or not gate_passed:
-        return decide(challenger_accuracy, gate_passed, tolerance_pp)
+    if pointer is None:
+        return decide(challenger_accuracy, True, tolerance_pp)
+    with ArtifactStore(store_url).open(dataset.test) as f:
+        test = read_parquet(f)
     try:
         champion_outputs = predict_tflite(champion_model(export, pointer), test.features, batch_size)
     except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
@@ -98,7 +94,7 @@ def compare_with_champion(
             message=f"not promoted: the exported version {pointer['version']} cannot run on this test split "
             f"({str(error).splitlines()[0][:200]}), so the two cannot be compared; `ptqflow promote RUN_ID` replaces it",
         )
-    return decide(challenger_accuracy, gate_passed, tolerance_pp, accuracy(champion_outputs, test.labels), pointer)
+    return decide(challenger_accuracy, True, tolerance_pp, accuracy(champion_outputs, test.labels), pointer)
 
 
 class PointerMove(BaseModel):

@@ -57,13 +57,19 @@ def export_store(url: str) -> ArtifactStore:
     return ArtifactStore(url, options_env=EXPORT_OPTIONS_ENV)
 
 
-def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> ArtifactRef:
+def read_verified(export: ArtifactStore, key: str, sha256: str, size: int) -> bytes:
+    """An exported file's bytes, checked against the sha256 and size recorded for it."""
     data = export.read_named(key)
     if len(data) != size or sha256_bytes(data) != sha256:
         raise ExportCorrupted(
             f"export copy {export.uri_for(key)} does not match its source (sha256 {sha256_bytes(data)[:12]}, "
             f"{len(data)} bytes; expected {sha256[:12]}, {size} bytes): delete that version folder and publish again"
         )
+    return data
+
+
+def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> ArtifactRef:
+    read_verified(export, key, sha256, size)
     return ArtifactRef(uri=export.uri_for(key), sha256=sha256, bytes=size)
 
 

@@ -28,7 +28,7 @@ from tasks.caching import StageCachePolicy
 from tasks.convert import convert_float, quantize, stored_calibration_batches
 from tasks.errors import PtqflowError
 from tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
-from tasks.validate import audit_tensor_types, model_metrics, predict_keras, predict_tflite, tflite_speed
+from tasks.validate import accuracy, audit_tensor_types, model_metrics, predict_keras, predict_tflite, tflite_speed
 
 if TYPE_CHECKING:
     import keras
@@ -139,7 +139,7 @@ def configuration_metrics(
     common = {
         "bytes": len(model_bytes), "num_threads": num_threads, "full_integer": audit.full_integer,
         "float_tensors": len(audit.float_tensors), "input_type": audit.input_type, "output_type": audit.output_type,
-        "ops": audit.ops, "float_accuracy": model_metrics(keras_out, keras_out, labels, class_names)["accuracy"],
+        "ops": audit.ops, "float_accuracy": accuracy(keras_out, labels),
     }
     if audit.flex_ops:
         return {
