@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
@@ -563,6 +563,47 @@ def _open_export(export: str):
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 
 
+LockWaitOption = Annotated[
+    float, typer.Option("--wait", min=0, help="Seconds to wait for a run that is using the export (it holds the "
+                        "export's lock while it runs); then give up.")
+]
+
+
+@contextmanager
+def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
+    """With a Prefect server (PREFECT_API_URL), hold the export's lock, the one runs hold, so that a scheduled run
+    cannot move latest.json in the middle of a promote or rollback. Without one, runs share no lock either (see
+    flows/locks.py)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.events.worker import EventsWorker
+
+    from flows.locks import exclusive
+
+    try:
+        with ExitStack() as held:
+            try:
+                held.enter_context(exclusive(export.url, timeout_seconds=wait_seconds))
+            except TimeoutError:
+                _fail(
+                    f"a run is using {export.url} (it holds the export's lock; `ptqflow runs` or the Prefect UI "
+                    f"shows it): retry when it has finished, or wait longer with --wait (waited {wait_seconds:g} s)",
+                    EXIT_RUN_FAILED, as_json=False,
+                )
+            yield
+    finally:
+        EventsWorker.drain_all(timeout=10)  # the lock's events, sent now rather than warned about at exit
+
+
+def _quiet_lock_service() -> None:
+    """Before Prefect is imported: its slot service logs a lock it gave up waiting for as an error of its own;
+    `_export_lock` says what happened in one line."""
+    os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
+
+
 def _moved(move: Any, what: str) -> None:
     Console().print(
         f"{what}: latest.json now points to {move.version} (was {move.previous_version or 'nothing'}); pointer "
@@ -575,29 +616,36 @@ def promote(
     run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
     store: StoreOption = "./ptqflow-store",
     export: ExportOption = ...,
+    wait: LockWaitOption = 60.0,
 ) -> None:
     """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
     the exported model said; the run must have passed its gate. Files are verified; history is kept."""
+    _quiet_lock_service()
     from storage.store import StoreError
     from tasks.manifest import find_manifest
     from tasks.promotion import promote as promote_run
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
-        _moved(promote_run(_open_store(store), _open_export(export), manifest), f"promoted run {manifest['run_id']}")
+        target = _open_export(export)
+        with _export_lock(target, wait):
+            _moved(promote_run(_open_store(store), target, manifest), f"promoted run {manifest['run_id']}")
     except (LookupError, StoreError) as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 
 
 @app.command()
-def rollback(export: ExportOption = ...) -> None:
+def rollback(export: ExportOption = ..., wait: LockWaitOption = 60.0) -> None:
     """Point the export's latest.json back at the version published before the current one (verified; history
     is kept)."""
+    _quiet_lock_service()
     from storage.store import StoreError
     from tasks.promotion import rollback as roll_back
 
     try:
-        _moved(roll_back(_open_export(export)), "rolled back")
+        target = _open_export(export)
+        with _export_lock(target, wait):
+            _moved(roll_back(target), "rolled back")
     except StoreError as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 

@@ -10,11 +10,13 @@ their own ephemeral Prefect server (the CLI without PREFECT_API_URL) coordinate 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 LOCK_TIMEOUT_SECONDS = 6 * 3600  # longer than any sane run: a lock held this long belongs to a stuck run
 # The holder renews its lease while it lives; a killed holder's lease lapses after this (Prefect's minimum), and
@@ -53,7 +55,10 @@ def exclusive(*urls: str | None, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) 
 
     targets = sorted({url for url in urls if url})
     names = [lock_name(url) for url in targets]
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # outside a flow (`ptqflow promote`, `rollback`): their own messages only
+        logger = logging.getLogger("ptqflow.locks")
     if os.environ.get(SWITCH, "").lower() == "off":
         logger.info("%s=off: running without the lock on %s", SWITCH, ", ".join(targets))
         yield []

@@ -29,7 +29,7 @@ from tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
-from tasks.promotion import PromotionDecision, compare_with_champion
+from tasks.promotion import PromotionDecision, compare_with_champion, record_promotion_in_report
 from tasks.publish import ExportRecord, export_store, publish_export
 from tasks.repair import repair_quantization
 from tasks.datasets import is_builtin, resolve_source
@@ -147,33 +147,43 @@ def upstream_stages(
     return dataset, calibration_sets, trained
 
 
-def publish_if_no_worse(
+def challenge_champion(
     run: StageRunner,
     export: str | None,
-    run_id: str,
     dataset: SampledDataset,
     artifacts: dict[str, ArtifactRef],
-    manifest: dict[str, Any],
     verdict: GateResult,
     challenger_accuracy: float | None,
     gate: GateParameters,
     batch_size: int,
-) -> tuple[PromotionDecision | None, ExportRecord | None]:
-    """With an export target and a passing gate: compare with the exported model (champion) on this test split and
-    publish only a model that is no worse (see tasks/promotion.py)."""
+) -> tuple[PromotionDecision | None, dict[str, ArtifactRef]]:
+    """With an export target and a passing gate: compare with the exported model (champion) on this test split
+    (see tasks/promotion.py). Returns the decision and the run's artifacts, whose report now records it."""
     if not export or not verdict.passed or challenger_accuracy is None:
-        return None, None
+        return None, artifacts
     promotion = run.effect(
         compare_with_champion, export_url=export, dataset=dataset, challenger_accuracy=challenger_accuracy,
         tolerance_pp=gate.promotion_tolerance, batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
-    if not promotion.promote:
-        return promotion, None
-    manifest = {**manifest, "promotion": promotion.model_dump(mode="json")}
-    return promotion, run.effect(
-        publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest
-    )
+    if "report" in artifacts:
+        artifacts = {**artifacts, **run.effect(record_promotion_in_report, report=artifacts["report"],
+                                               promotion=promotion)}
+    return promotion, artifacts
+
+
+def publish_if_promoted(
+    run: StageRunner,
+    export: str | None,
+    run_id: str,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
+    promotion: PromotionDecision | None,
+) -> ExportRecord | None:
+    """Publish the run (a new version folder, then latest.json) when the champion check promoted it."""
+    if not export or promotion is None or not promotion.promote:
+        return None
+    return run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
 
 
 def promotion_markdown(promotion: PromotionDecision) -> str:
@@ -262,17 +272,17 @@ def ptq_pipeline(
                 ("sampling", sampling), ("training", training), ("calibration", calibration),
                 ("conversion", conversion), ("validation", validation), ("gate", gate), ("repair", repair))},
         }
+        promotion, artifacts = challenge_champion(
+            run, export, dataset, artifacts, verdict, validated.quantized_accuracy, gate, validation.batch_size
+        )
         manifest = build_manifest(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
+            promotion=promotion.model_dump(mode="json") if promotion else None,
         )
-        promotion, exported = publish_if_no_worse(
-            run, export, run_id, dataset, artifacts, manifest, verdict, validated.quantized_accuracy, gate,
-            validation.batch_size,
-        )
+        exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,
-            "promotion": promotion.model_dump(mode="json") if promotion else None,
         })
 
         summary = RunSummary(

@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.locks import exclusive
-from flows.pipeline import DEFAULT_STORE, publish_if_no_worse, upstream_stages
+from flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
 from flows.stages import StageRecord, StageRunner, Submitted
 from storage.store import ArtifactRef, ArtifactStore
 from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
@@ -271,17 +271,17 @@ def ptq_sweep(
                 ("sampling", sampling), ("training", training), ("calibration", calibration),
                 ("validation", validation), ("gate", gate), ("sweep", sweep))},
         }
+        promotion, artifacts = challenge_champion(
+            run, export, dataset, artifacts, verdict, metrics.get("quantized_accuracy"), gate, validation.batch_size
+        )
         manifest = build_manifest(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",
+            promotion=promotion.model_dump(mode="json") if promotion else None,
         )
-        promotion, exported = publish_if_no_worse(
-            run, export, run_id, dataset, artifacts, manifest, verdict,
-            metrics.get("quantized_accuracy"), gate, validation.batch_size,
-        )
+        exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,
-            "promotion": promotion.model_dump(mode="json") if promotion else None,
         })
         summary = SweepSummary(
             run_id=run_id, status="passed" if verdict.passed else "failed", store=artifact_store.url,

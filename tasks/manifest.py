@@ -50,6 +50,7 @@ def build_manifest(
     gate: dict[str, Any],
     tasks: dict[str, Any],
     flow: str = "ptq-pipeline",
+    promotion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pure: the manifest document (without the export, which publishing adds)."""
     import prefect
@@ -67,6 +68,7 @@ def build_manifest(
         "metrics": metrics,
         "gate": gate,
         "tasks": tasks,
+        "promotion": promotion,
         "export": None,
         "libraries": {**library_versions(), "prefect": prefect.__version__, "python": platform.python_version()},
     }

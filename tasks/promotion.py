@@ -23,6 +23,7 @@ from storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from storage.tables import read_parquet
 from tasks.artifacts import SampledDataset
 from tasks.publish import POINTER, export_store, publish_run, read_verified, verify_copy
+from tasks.report import render_html, render_markdown
 from tasks.validate import accuracy, predict_tflite
 
 
@@ -95,6 +96,22 @@ def compare_with_champion(
             f"({str(error).splitlines()[0][:200]}), so the two cannot be compared; `ptqflow promote RUN_ID` replaces it",
         )
     return decide(challenger_accuracy, True, tolerance_pp, accuracy(champion_outputs, test.labels), pointer)
+
+
+@task(name="record_promotion_in_report", cache_policy=NO_CACHE, persist_result=False)
+def record_promotion_in_report(
+    store_url: str, report: ArtifactRef, promotion: PromotionDecision
+) -> dict[str, ArtifactRef]:
+    """The validation report with this run's decision in it, as new report.json, .md and .html blobs. The
+    validation's own report stays as it was: it is cached per model, and the same model may be judged against
+    another champion in another run."""
+    store = ArtifactStore(store_url)
+    document = {**json.loads(store.read_bytes(report)), "promotion": promotion.model_dump(mode="json")}
+    return {
+        "report": store.put_json(document),
+        "report_md": store.put_bytes(render_markdown(document).encode(), ".md"),
+        "report_html": store.put_bytes(render_html(document).encode(), ".html"),
+    }
 
 
 class PointerMove(BaseModel):

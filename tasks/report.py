@@ -116,13 +116,27 @@ def _repair_lines(repair: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _promotion_lines(promotion: dict[str, Any] | None) -> list[str]:
+    """The champion/challenger decision of the run that exported (or did not export) this model."""
+    if not promotion:
+        return []
+    champion = "exported model" + (f" (version {promotion['champion_version']})" if promotion.get("champion_version") else "")
+    return [
+        f"- {promotion['message']}",
+        f"- this model: {_pct(promotion['challenger_accuracy'])}; {champion}: {_pct(promotion['champion_accuracy'])} "
+        f"(same test split; tolerance {promotion['tolerance_pp']} pp)",
+    ]
+
+
 def render_markdown(document: dict[str, Any]) -> str:
     metrics = document["metrics"]
+    promotion = _promotion_lines(document.get("promotion"))
     parts = [
         "# ptqflow validation report",
         "",
         _verdict(metrics),
         "",
+        *(["## Promotion", "", *promotion, ""] if promotion else []),
         "## Models (test split)",
         "",
         _markdown_table(MODEL_HEADER, model_rows(metrics)),
@@ -246,6 +260,10 @@ def render_html(document: dict[str, Any]) -> str:
         f"<style>{STYLE}</style></head><body>",
         "<h1>ptqflow validation report</h1>",
         f"<p class='{'' if metrics['validated'] else 'bad'}'>{html.escape(_verdict(metrics).replace('**', ''))}</p>",
+    ]
+    if document.get("promotion"):
+        parts += ["<h2>Promotion</h2>", bullets(_promotion_lines(document["promotion"]))]
+    parts += [
         "<h2>Models (test split)</h2>",
         _html_table(MODEL_HEADER, model_rows(metrics)),
         image("accuracy", "accuracy per model"),

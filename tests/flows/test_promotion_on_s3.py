@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactStore
+from storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ def bucket(s3_endpoint):
     return name
 
 
-def _write_digits_part(s3_endpoint: str, bucket: str, part: int) -> None:
-    """One third of digits as a Parquet file under s3://<bucket>/data/."""
+def _write_digits_part(s3_endpoint: str, bucket: str, part: int, folder: str = "data") -> None:
+    """One third of digits as a Parquet file under s3://<bucket>/<folder>/."""
     import numpy as np
 
     from storage.tables import write_parquet_bytes
@@ -33,7 +33,7 @@ def _write_digits_part(s3_endpoint: str, bucket: str, part: int) -> None:
 
     table = load_dataset("digits")
     rows = np.array_split(np.random.default_rng(0).permutation(len(table)), 3)[part]
-    store = ArtifactStore(f"s3://{bucket}/data", storage_options={"endpoint_url": s3_endpoint})
+    store = ArtifactStore(f"s3://{bucket}/{folder}", storage_options={"endpoint_url": s3_endpoint})
     store.write_named(f"part-{part}.parquet", write_parquet_bytes(table.take(np.sort(rows))))
 
 
@@ -97,6 +97,42 @@ def test_a_worse_model_is_not_promoted_and_the_run_completes(runs, s3_endpoint, 
     store = ArtifactStore(f"s3://{bucket}/store", storage_options={"endpoint_url": s3_endpoint})
     manifest = json.loads(store.read_named(f"runs/{result['run_id']}.json"))
     assert manifest["promotion"] == decision and manifest["export"] is None
+    # The run's report records the decision too (the validation's own cached report does not change).
+    report = json.loads(store.read_bytes(ArtifactRef(**manifest["artifacts"]["report"])))
+    assert report["promotion"] == decision
+    assert f"## Promotion\n\n- {decision['message']}" in store.read_bytes(
+        ArtifactRef(**manifest["artifacts"]["report_md"])).decode()
+    assert "<h2>Promotion</h2>" in store.read_bytes(ArtifactRef(**manifest["artifacts"]["report_html"])).decode()
+
+
+def test_the_published_report_says_why_it_was_published(runs, s3_endpoint, bucket):
+    _, _, champion, _, _, _ = runs
+    version = json.loads(champion.stdout)["export"]["version"]
+    report = _export(s3_endpoint, bucket).read_named(f"versions/{version}/report.md").decode()
+    assert "## Promotion\n\n- promoted: there is no exported model yet" in report
+
+
+def test_promote_waits_for_a_run_that_holds_the_export_lock(runs, cli, prefect_server, s3_endpoint, bucket):
+    import time
+
+    from conftest import start_cli
+    from flows.locks import exclusive
+
+    env, where, champion, _, _, _ = runs
+    url = f"s3://{bucket}/locked-models"  # an export of its own: the other tests' pointers stay as they are
+    export = _export(s3_endpoint, bucket).__class__(url, storage_options={"endpoint_url": s3_endpoint})
+    args = ("promote", json.loads(champion.stdout)["run_id"], where[0], where[1], "--export", url)
+    with exclusive(export.url):  # what a run holds from its start until it has published
+        refused = cli(*args, "--wait", "1", env=env)
+        assert refused.returncode == 3, refused.stderr[-3000:]
+        assert f"a run is using {export.url} (it holds the export's lock" in refused.stderr
+        assert refused.stderr.strip().count("\n") == 0 and "Traceback" not in refused.stderr
+        waiting = start_cli(prefect_server, *args, env=env)
+        time.sleep(5)
+        assert waiting.poll() is None and not export.exists_named("latest.json")
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err[-3000:]
+    assert json.loads(export.read_named("latest.json"))["run_id"] == json.loads(champion.stdout)["run_id"]
 
 
 def test_promote_by_hand_then_roll_back(runs, cli, s3_endpoint, bucket):
@@ -120,3 +156,27 @@ def test_promote_by_hand_then_roll_back(runs, cli, s3_endpoint, bucket):
         pass  # back to the first version
     assert again.returncode == 2 and "nothing to roll back to" in again.stderr
     assert again.stderr.strip().count("\n") == 0
+
+
+def test_a_dated_folder_on_s3_is_read_for_the_run_date(cli, s3_endpoint, bucket):
+    from datetime import datetime, timedelta, timezone
+
+    today = datetime.now(timezone.utc)  # (a run started across midnight UTC would miss it)
+    _write_digits_part(s3_endpoint, bucket, 0, folder=f"events/{today:%Y-%m-%d}")
+    env = {"AWS_ENDPOINT_URL": s3_endpoint}
+    template = f"s3://{bucket}/events/{{date:%Y-%m-%d}}/"
+    args = ("run", "--store", f"s3://{bucket}/dated-store", "--epochs", "2", "--max-accuracy-drop", "100", "--json")
+    result = cli(*args, "--dataset", template, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    store = ArtifactStore(f"s3://{bucket}/dated-store", storage_options={"endpoint_url": s3_endpoint})
+    dataset = json.loads(store.read_bytes(ArtifactRef(**summary["artifacts"]["dataset"])))
+    assert dataset["source"] == f"s3://{bucket}/events/{today:%Y-%m-%d}/"
+    assert sum(split["samples"] for split in dataset["splits"].values()) == 599  # that one file, a third of digits
+
+    # --since selects by the objects' LastModified: none was written tomorrow.
+    tomorrow = f"{today + timedelta(days=1):%Y-%m-%d}"
+    refused = cli(*args, "--dataset", f"s3://{bucket}/events/{today:%Y-%m-%d}/", "--since", tomorrow, env=env)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"was modified since {tomorrow} 00:00 UTC: widen --window-days or move --since back" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and "Traceback" not in refused.stderr
