@@ -238,7 +238,7 @@ def ptq_pipeline(
         verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
 
         repaired = None
-        if verdict.status == "failed" and repair.applies_to(conversion):
+        if verdict.status == "failed" and verdict.name == "accuracy_drop" and repair.applies_to(conversion):
             repaired = run(
                 repair_quantization, dataset=dataset, trained=trained, calibration=calibration_set, converted=converted,
                 validated=validated, conversion=conversion, max_accuracy_drop=gate.max_accuracy_drop, params=repair,

@@ -44,6 +44,12 @@ class SampledDataset(StageOutput):
     counts: dict[str, int]
 
 
+class FloatOutputs(StageOutput):
+    outputs: ArtifactRef = Field(
+        description="The float Keras model's outputs on the test split: a tensor table, labels included."
+    )
+
+
 class TrainedModel(StageOutput):
     model: ArtifactRef = Field(description="The float Keras model (.keras).")
     epochs_run: int
@@ -104,6 +110,10 @@ class ValidationResult(StageOutput):
     quantized_accuracy: float | None
     accuracy_drop_pp: float | None
     agreement: float | None
+    rerun_max_difference: float | None = Field(
+        None, description="Largest output difference between two identical runs of the quantized model on the "
+        "first test batch; 0 when repeatable."
+    )
     float_bytes: int
     quantized_bytes: int
     full_integer: bool

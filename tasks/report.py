@@ -67,7 +67,11 @@ def _verdict(metrics: dict[str, Any]) -> str:
         return f"**Not validated**: {metrics['not_validated_reason']}"
     audit = metrics["audit"]
     integer = "full integer" if audit["full_integer"] else f"{len(audit['float_ops'])} ops with float tensors"
-    return (
+    unrepeatable = (
+        f"**outputs differ by up to {metrics['rerun_max_difference']:.3g} between two runs on the same input**; "
+        if metrics.get("rerun_max_difference") else ""
+    )
+    return unrepeatable + (
         f"Quantized accuracy {_pct(metrics['quantized_accuracy'])} against {_pct(metrics['float_accuracy'])} float "
         f"(drop {metrics['accuracy_drop_pp']:.2f} pp) on {metrics['samples']:,} test samples; {integer}; "
         f"{metrics['quantized_bytes']:,} B against {metrics['float_bytes']:,} B float; "

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -22,16 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.keras_models import keras_model_from_bytes
 from storage.store import ArtifactRef, ArtifactStore
-from storage.tables import read_parquet
-from tasks.artifacts import CalibrationSet, SampledDataset, StageOutput, TrainedModel
+from storage.tables import TensorTable, read_parquet, write_parquet_bytes
+from tasks.artifacts import CalibrationSet, FloatOutputs, SampledDataset, StageOutput, TrainedModel
 from tasks.caching import StageCachePolicy
 from tasks.convert import convert_float, quantize, stored_calibration_batches
 from tasks.errors import PtqflowError
 from tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
 from tasks.validate import accuracy, audit_tensor_types, model_metrics, predict_keras, predict_tflite, tflite_speed
-
-if TYPE_CHECKING:
-    import keras
 
 FLOAT_REFERENCE = "float32"
 # Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
@@ -122,6 +119,10 @@ class ConfigurationMetrics(StageOutput):
     throughput_per_s: float | None
     num_threads: int
     measured_on: str = Field(description="Host and process that measured it: latency belongs to that machine.")
+    rerun_max_difference: float | None = Field(
+        None, description="Largest output difference between two identical runs on the first test batch; 0 when "
+        "repeatable."
+    )
     full_integer: bool
     float_tensors: int
     input_type: str
@@ -130,16 +131,16 @@ class ConfigurationMetrics(StageOutput):
 
 
 def configuration_metrics(
-    keras_model: keras.Model, model_bytes: bytes, features: np.ndarray, labels: np.ndarray, batch_size: int,
+    reference: np.ndarray, model_bytes: bytes, features: np.ndarray, labels: np.ndarray, batch_size: int,
     num_threads: int, class_names: list[str],
 ) -> dict[str, Any]:
-    """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``."""
+    """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``;
+    ``reference`` is the float Keras model's outputs on ``features``."""
     audit = audit_tensor_types(model_bytes)
-    keras_out = predict_keras(keras_model, features, batch_size)
     common = {
         "bytes": len(model_bytes), "num_threads": num_threads, "full_integer": audit.full_integer,
         "float_tensors": len(audit.float_tensors), "input_type": audit.input_type, "output_type": audit.output_type,
-        "ops": audit.ops, "float_accuracy": accuracy(keras_out, labels),
+        "ops": audit.ops, "float_accuracy": accuracy(reference, labels),
     }
     if audit.flex_ops:
         return {
@@ -149,7 +150,11 @@ def configuration_metrics(
             "Interpreter",
         }
     outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
-    metrics = model_metrics(outputs, keras_out, labels, class_names)
+    # The first batch twice: some kernels give different outputs for the same input from one invoke to the next
+    # (measured: MobileNetV2 under dynamic range with per-tensor weights, on every op resolver), and such a model
+    # is not one to ship whatever its accuracy.
+    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads)
+    metrics = model_metrics(outputs, reference, labels, class_names)
     speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
     return {
         **common,
@@ -161,6 +166,7 @@ def configuration_metrics(
         "latency_p50_ms": speed["latency_ms"]["p50"],
         "latency_p95_ms": speed["latency_ms"]["p95"],
         "throughput_per_s": speed["throughput_per_s"],
+        "rerun_max_difference": float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0,
     }
 
 
@@ -199,17 +205,32 @@ def convert_float_reference(store_url: str, trained: TrainedModel) -> CandidateM
     return CandidateModel(model=store.put_bytes(model_bytes, ".tflite"), conversion_seconds=seconds)
 
 
+@task(name="predict_float_outputs", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+def predict_float_outputs(
+    store_url: str, dataset: SampledDataset, trained: TrainedModel, batch_size: int
+) -> FloatOutputs:
+    """The float Keras model's outputs on the test split, once: what every configuration is compared with."""
+    store = ArtifactStore(store_url)
+    with store.open(dataset.test) as f:
+        test = read_parquet(f)
+    outputs = predict_keras(keras_model_from_bytes(store.read_bytes(trained.model)), test.features, batch_size)
+    table = TensorTable(features=np.ascontiguousarray(outputs, dtype=np.float32), labels=test.labels)
+    return FloatOutputs(outputs=store.put_bytes(write_parquet_bytes(table), ".parquet"))
+
+
 @task(name="evaluate_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
 def evaluate_configuration(
-    store_url: str, dataset: SampledDataset, trained: TrainedModel, candidate: CandidateModel, batch_size: int,
+    store_url: str, dataset: SampledDataset, reference: FloatOutputs, candidate: CandidateModel, batch_size: int,
     num_threads: int,
 ) -> ConfigurationMetrics:
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
+    with store.open(reference.outputs) as f:
+        float_outputs = read_parquet(f).features
     metrics = configuration_metrics(
-        keras_model_from_bytes(store.read_bytes(trained.model)), store.read_bytes(candidate.model), test.features,
-        test.labels, batch_size, num_threads, list(dataset.spec.class_names),
+        float_outputs, store.read_bytes(candidate.model), test.features, test.labels, batch_size, num_threads,
+        list(dataset.spec.class_names),
     )
     return ConfigurationMetrics(
         model=candidate.model, conversion_seconds=candidate.conversion_seconds,
@@ -255,12 +276,16 @@ def reference_row(metrics: ConfigurationMetrics) -> SweepRow:
 
 
 def judge(row: SweepRow, max_accuracy_drop: float, require_full_integer: bool) -> SweepRow:
-    """The gate for one configuration: validated, within the accuracy drop, and full integer if required."""
+    """The gate for one configuration: validated, repeatable, within the accuracy drop, and full integer if
+    required."""
     m = row.metrics
     if row.error is not None:
         verdict = f"no model: {row.error}"
     elif m is None or not m.validated or m.accuracy_drop_pp is None:
         verdict = f"not validated: {m.not_validated_reason if m else 'no metrics'}"
+    elif m.rerun_max_difference:
+        verdict = (f"not repeatable: outputs differ by up to {m.rerun_max_difference:.3g} between two runs on the same "
+                   "input")
     elif m.accuracy_drop_pp > max_accuracy_drop:
         verdict = f"drop {m.accuracy_drop_pp:.2f} pp > {max_accuracy_drop} pp"
     elif require_full_integer and not m.full_integer:

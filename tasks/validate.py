@@ -24,6 +24,7 @@ from storage.tables import read_parquet
 from tasks.artifacts import (
     CalibrationSet,
     ConvertedModels,
+    FloatOutputs,
     RepairResult,
     SampledDataset,
     TrainedModel,
@@ -272,8 +273,10 @@ def evaluate_models(
     params: ValidationParameters,
     class_names: list[str] | None = None,
     measure_speed: bool = True,
+    keras_outputs: np.ndarray | None = None,
 ) -> dict:
-    """Pure stage function: every metric of the validation report, as a JSON-ready dict.
+    """Pure stage function: every metric of the validation report, as a JSON-ready dict. ``keras_outputs``, the
+    float Keras model's outputs on ``features`` when they are known already, saves predicting them again.
 
     A model with TensorFlow (Flex) ops cannot run in the Python LiteRT Interpreter: it is reported as not
     validated, with its audit, never as a pass."""
@@ -284,7 +287,7 @@ def evaluate_models(
     num_threads = params.num_threads or os.cpu_count() or 1
     audit = audit_tensor_types(quantized_tflite)
     float_audit = audit_tensor_types(float_tflite)
-    keras_out = predict_keras(keras_model, features, params.batch_size)
+    keras_out = predict_keras(keras_model, features, params.batch_size) if keras_outputs is None else keras_outputs
     float_accuracy = accuracy(keras_out, labels)
     common = {
         "samples": int(len(labels)),
@@ -306,12 +309,16 @@ def evaluate_models(
                 "cannot run: validate it on a runtime linked with the Flex delegate, or replace those ops"
             ),
             "tflite_float_accuracy": None, "quantized_accuracy": None, "accuracy_drop_pp": None, "agreement": None,
+            "rerun_max_difference": None,
             "models": {"float_keras": {**model_metrics(keras_out, keras_out, labels, names), "bytes": None}},
         }
     float_out = predict_tflite(float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"))
     quant_out = predict_tflite(
         quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite")
     )
+    # The first batch twice: some LiteRT kernels give different outputs for the same input from one run to the
+    # next (measured on MobileNetV2 under dynamic range with per-tensor weights); such a model must not pass.
+    rerun = predict_tflite(quantized_tflite, features[: params.batch_size], params.batch_size, params.num_threads)
     quantized_accuracy = accuracy(quant_out, labels)
     models = {
         "float_keras": {**model_metrics(keras_out, keras_out, labels, names), "bytes": None},
@@ -331,6 +338,7 @@ def evaluate_models(
         "quantized_accuracy": quantized_accuracy,
         "accuracy_drop_pp": round((float_accuracy - quantized_accuracy) * 100, 6),
         "agreement": models["quantized_tflite"]["agreement_with_float"],
+        "rerun_max_difference": float(np.max(np.abs(rerun - quant_out[: len(rerun)]))) if rerun.size else 0.0,
         "models": models,
     }
 
@@ -364,13 +372,19 @@ def validate_with_interpreter(
     calibration: CalibrationSet | None = None,
     conversion: ConversionParameters | None = None,
     repair: RepairResult | None = None,
+    float_outputs: FloatOutputs | None = None,
 ) -> ValidationResult:
     """Evaluate the three models on the test split; with the calibration set and conversion options, also the
     per-layer quantization error; with a repair, the cost of what it kept in float. Writes report.json, .md and
-    .html to the store."""
+    .html to the store. ``float_outputs``: the Keras model's outputs on this test split, if a stage (the sweep's)
+    predicted them already."""
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
+    keras_outputs = None
+    if float_outputs is not None:
+        with store.open(float_outputs.outputs) as f:
+            keras_outputs = read_parquet(f).features
     keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
     metrics = evaluate_models(
         keras_model,
@@ -380,6 +394,7 @@ def validate_with_interpreter(
         test.labels,
         params,
         class_names=list(dataset.spec.class_names),
+        keras_outputs=keras_outputs,
     )
     layers, layers_unavailable = [], "no calibration set given"
     if conversion is not None and conversion.scheme is not QuantizationScheme.full_integer:
@@ -430,7 +445,7 @@ def validate_with_interpreter(
         ),
         **{k: metrics[k] for k in (
             "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
-            "float_bytes", "quantized_bytes")},
+            "float_bytes", "quantized_bytes", "rerun_max_difference")},
     )
 
 
@@ -483,6 +498,14 @@ def check_accuracy_gate(
         return GateResult(
             name="accuracy_drop", status="not_validated", passed=False, observed_drop_pp=None,
             max_drop_pp=max_accuracy_drop, message=f"not validated: {result.not_validated_reason}",
+        )
+    if result.rerun_max_difference:
+        return GateResult(
+            name="repeatable", status="failed", passed=False, observed_drop_pp=result.accuracy_drop_pp,
+            max_drop_pp=max_accuracy_drop,
+            message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
+            "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
+            "another way, e.g. with per-channel weights or full integer (`ptqflow sweep` compares them)",
         )
     passed = result.accuracy_drop_pp <= max_accuracy_drop
     observed = (

@@ -182,6 +182,11 @@ def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
     )
     assert all("auto-scheduled" in r["tags"] for r in completed)  # made by the server's scheduler, not by us
     assert {r["id"] for r in completed} <= {m["run_id"] for m in manifests(store)}
+    # The source did not change between runs: every later scheduled run is all cache hits.
+    scheduled = sorted((m for m in manifests(store) if m["run_id"] in {r["id"] for r in completed}),
+                       key=lambda m: m["created_at"])
+    assert not all(t["cached"] for t in scheduled[0]["tasks"].values())
+    assert all(t["cached"] for m in scheduled[1:] for t in m["tasks"].values()), [m["tasks"] for m in scheduled]
 
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_path):

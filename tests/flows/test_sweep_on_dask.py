@@ -73,6 +73,7 @@ def test_the_configurations_ran_in_the_dask_worker_processes(s3_sweep):
     assert len(processes) == 2, processes  # both workers evaluated configurations (in-process gives one)
     conversions = [name for name, record in summary["tasks"].items() if name.startswith("convert[")]
     assert len(conversions) == CONFIGURATIONS + 1
+    assert "predict_float_outputs" in summary["tasks"]  # once, for every evaluation
 
 
 def test_the_sweep_is_attached_to_its_prefect_run(s3_sweep, prefect_server):
@@ -110,7 +111,8 @@ def test_an_existing_cluster_is_used_through_dask_address(cli, tmp_path):
         worker_pids = set(client.run(os.getpid).values())
     summary = json.loads(result.stdout)
     assert {r["name"] for r in summary["rows"] if not r["reference"]} == {"int8", "float16"}
-    assert sum(executed.values()) >= 6  # three conversions and three evaluations (float reference included)
+    # The float outputs, three conversions and three evaluations (float reference included).
+    assert sum(executed.values()) >= 7
     assert {int(r["metrics"]["measured_on"].rsplit(" ", 1)[1]) for r in summary["rows"]} <= worker_pids
 
 
