@@ -579,6 +579,8 @@ def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
     if not PREFECT_API_URL.value():
         yield
         return
+    import logging
+
     from prefect.events.worker import EventsWorker
 
     from flows.locks import exclusive
@@ -595,7 +597,9 @@ def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
                 )
             yield
     finally:
-        EventsWorker.drain_all(timeout=10)  # the lock's events, sent now rather than warned about at exit
+        # The lock's events are sent before the process exits; Prefect's worker would warn that some are pending.
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+        EventsWorker.drain_all(timeout=10)
 
 
 def _quiet_lock_service() -> None:
