@@ -159,7 +159,7 @@ def evaluate_grid(
     names = {submitted.future: name for name, submitted in conversions.items()}
     evaluations: dict[str, Submitted] = {}
     errors: dict[str, str] = {}
-    reference: FloatOutputs | None = None
+    reference = run.collect(float_outputs)  # done before the first conversion: it is shorter and went first
     for future in as_completed(list(names)):
         name = names[future]
         try:
@@ -167,7 +167,6 @@ def evaluate_grid(
         except ConversionFailed as error:
             errors[name] = str(error)
             continue
-        reference = reference or run.collect(float_outputs)
         evaluations[name] = run.submit(
             evaluate_configuration, label=f"evaluate[{name}]", dataset=dataset, reference=reference,
             candidate=candidate, batch_size=batch_size, num_threads=latency_threads,
@@ -179,7 +178,6 @@ def evaluate_grid(
         report("ptq-sweep", f"{done}/{total} configurations evaluated", done, total)
     if FLOAT_REFERENCE in errors:
         raise ConversionFailed(f"the float reference could not be converted: {errors[FLOAT_REFERENCE]}")
-    reference = reference or run.collect(float_outputs)
     rows = [reference_row(results[FLOAT_REFERENCE])] + [
         configuration_row(c, results.get(c.name), errors.get(c.name)) for c in grid
     ]

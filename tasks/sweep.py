@@ -28,7 +28,15 @@ from tasks.caching import StageCachePolicy
 from tasks.convert import convert_float, quantize, stored_calibration_batches
 from tasks.errors import PtqflowError
 from tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
-from tasks.validate import accuracy, audit_tensor_types, model_metrics, predict_keras, predict_tflite, tflite_speed
+from tasks.validate import (
+    accuracy,
+    audit_tensor_types,
+    model_metrics,
+    predict_keras,
+    predict_tflite,
+    rerun_max_difference,
+    tflite_speed,
+)
 
 FLOAT_REFERENCE = "float32"
 # Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
@@ -150,10 +158,6 @@ def configuration_metrics(
             "Interpreter",
         }
     outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
-    # The first batch twice: some kernels give different outputs for the same input from one invoke to the next
-    # (measured: MobileNetV2 under dynamic range with per-tensor weights, on every op resolver), and such a model
-    # is not one to ship whatever its accuracy.
-    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads)
     metrics = model_metrics(outputs, reference, labels, class_names)
     speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
     return {
@@ -166,7 +170,7 @@ def configuration_metrics(
         "latency_p50_ms": speed["latency_ms"]["p50"],
         "latency_p95_ms": speed["latency_ms"]["p95"],
         "throughput_per_s": speed["throughput_per_s"],
-        "rerun_max_difference": float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0,
+        "rerun_max_difference": rerun_max_difference(model_bytes, features, outputs, batch_size, num_threads),
     }
 
 

@@ -198,6 +198,15 @@ def _timed(call: Callable[[], object], budget_seconds: float, most: int, least: 
     return times
 
 
+def rerun_max_difference(model_bytes: bytes, features: np.ndarray, outputs: np.ndarray, batch_size: int,
+                         num_threads: int | None) -> float:
+    """The largest difference between ``outputs`` and a second run on the first batch of ``features``: some
+    LiteRT kernels give different outputs for the same input from one invoke to the next (measured: MobileNetV2
+    under dynamic range with per-tensor weights, on every op resolver), and such a model is not one to ship."""
+    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads)
+    return float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0
+
+
 def tflite_speed(model_bytes: bytes, features: np.ndarray, batch_size: int, num_threads: int,
                  budget_seconds: float = 1.0) -> dict:
     """Latency at batch 1 (p50, p95) and throughput at ``batch_size``, on this machine, with ``num_threads``."""
@@ -316,9 +325,6 @@ def evaluate_models(
     quant_out = predict_tflite(
         quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite")
     )
-    # The first batch twice: some LiteRT kernels give different outputs for the same input from one run to the
-    # next (measured on MobileNetV2 under dynamic range with per-tensor weights); such a model must not pass.
-    rerun = predict_tflite(quantized_tflite, features[: params.batch_size], params.batch_size, params.num_threads)
     quantized_accuracy = accuracy(quant_out, labels)
     models = {
         "float_keras": {**model_metrics(keras_out, keras_out, labels, names), "bytes": None},
@@ -338,7 +344,9 @@ def evaluate_models(
         "quantized_accuracy": quantized_accuracy,
         "accuracy_drop_pp": round((float_accuracy - quantized_accuracy) * 100, 6),
         "agreement": models["quantized_tflite"]["agreement_with_float"],
-        "rerun_max_difference": float(np.max(np.abs(rerun - quant_out[: len(rerun)]))) if rerun.size else 0.0,
+        "rerun_max_difference": rerun_max_difference(
+            quantized_tflite, features, quant_out, params.batch_size, params.num_threads
+        ),
         "models": models,
     }
 
