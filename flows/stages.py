@@ -56,8 +56,8 @@ def is_transient(task: Task, task_run: Any, state: Any) -> bool:
 class StageRecord(BaseModel):
     cached: bool
     seconds: float | None = Field(
-        description="Wall time in this flow; None for a stage that ran on a task runner's worker (its time is in "
-        "Prefect's task run)."
+        description="Wall time in this flow; for a stage that ran on a task runner's worker, its run time there as "
+        "Prefect recorded it (not the wait for a worker), or None if Prefect's API could not say."
     )
 
 
@@ -144,12 +144,12 @@ class StageRunner:
         return Submitted(name=name, stage=stage, configured=configured, inputs=inputs, future=future)
 
     def collect(self, submitted: Submitted) -> Output:
-        """Wait for a submitted stage; the same checks as a stage run here. No seconds are recorded: the wait
-        includes the time it queued for a worker."""
+        """Wait for a submitted stage; the same checks as a stage run here. Its seconds are those Prefect recorded
+        for its task run: the wait here includes the time it queued for a worker."""
         submitted.future.wait()
         state = submitted.future.state
         output, cached = self._output(submitted.name, submitted.stage, submitted.configured, submitted.inputs, state)
-        self._record(submitted.name, cached, None)
+        self._record(submitted.name, cached, task_run_seconds(submitted.future.task_run_id))
         return output
 
     def _output(self, name: str, stage: Task, configured: Task, inputs: dict[str, Any], state: Any) -> tuple[Any, bool]:
@@ -177,6 +177,21 @@ class StageRunner:
         outcome = ("cached" if cached else "done") + (f" in {seconds:.1f}s" if seconds is not None else "")
         get_run_logger().info("%s: %s", name, outcome)
         report(name, outcome)
+
+
+def task_run_seconds(task_run_id: Any) -> float | None:
+    """How long a task run ran (Prefect's ``total_run_time``: time in the Running state, so neither the queue
+    for a worker nor a cache hit counts), or None if Prefect's API cannot say."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            return round(client.read_task_run(task_run_id).total_run_time.total_seconds(), 3)
+    except (ObjectNotFound, httpx.HTTPError) as error:
+        get_run_logger().debug("no run time for task run %s: %s", task_run_id, error)
+        return None
 
 
 @dataclass

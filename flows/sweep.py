@@ -63,6 +63,7 @@ from tasks.validate import GateResult, check_accuracy_gate, validate_with_interp
 
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
+WORKER_PRELOAD = "flows.dask_worker"  # what the LocalCluster's workers run as they start and close
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
@@ -81,7 +82,8 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
     env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "env": env},
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "env": env,
+                        "preload": [WORKER_PRELOAD]},
     )
 
 

@@ -74,6 +74,9 @@ def test_the_configurations_ran_in_the_dask_worker_processes(s3_sweep):
     conversions = [name for name, record in summary["tasks"].items() if name.startswith("convert[")]
     assert len(conversions) == CONFIGURATIONS + 1
     assert "predict_float_outputs" in summary["tasks"]  # once, for every evaluation
+    # Each stage run on a worker has the seconds it ran there (Prefect's record of its task run).
+    worker_stages = [r for n, r in summary["tasks"].items() if n.startswith(("convert[", "evaluate["))]
+    assert worker_stages and all(r["seconds"] is not None and r["seconds"] > 0 for r in worker_stages)
 
 
 def test_the_sweep_is_attached_to_its_prefect_run(s3_sweep, prefect_server):
@@ -95,6 +98,9 @@ def test_a_rerun_reuses_every_stage_and_publishes_nothing_new(s3_sweep):
     assert second.returncode == 0, second.stderr[-4000:]
     before, after = json.loads(first.stdout), json.loads(second.stdout)
     assert all(record["cached"] for record in after["tasks"].values()), after["tasks"]
+    # A cache hit only looks its result up: less time on the worker than the conversion it stands for.
+    conversions = [n for n in before["tasks"] if n.startswith("convert[")]
+    assert all(after["tasks"][n]["seconds"] < before["tasks"][n]["seconds"] for n in conversions), after["tasks"]
     assert after["best"] == before["best"]
     assert after["export"]["version"] == before["export"]["version"] and not after["export"]["published"]
 
