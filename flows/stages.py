@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from uuid import UUID
 
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture
@@ -179,9 +180,9 @@ class StageRunner:
         report(name, outcome)
 
 
-def task_run_seconds(task_run_id: Any) -> float | None:
-    """How long a task run ran (Prefect's ``total_run_time``: time in the Running state, so neither the queue
-    for a worker nor a cache hit counts), or None if Prefect's API cannot say."""
+def task_run_seconds(task_run_id: UUID) -> float | None:
+    """How long a task run ran (Prefect's ``total_run_time``: time in the Running state, which leaves out the
+    queue for a worker; for a cache hit, the lookup), or None if Prefect's API cannot say."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
