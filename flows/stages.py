@@ -67,6 +67,8 @@ class StageRecord(BaseModel):
 # blocked inside C code is stopped when it returns.
 STAGE_TIMEOUT_SECONDS = {"train_float_model": 6 * 3600.0}
 DEFAULT_STAGE_TIMEOUT_SECONDS = 2 * 3600.0
+# How long record_worker_seconds waits for Prefect's API to show every worker stage's task run as finished.
+WORKER_SECONDS_WAIT = 10.0
 
 
 class StageRunner:
@@ -77,6 +79,7 @@ class StageRunner:
         self.result_storage = result_storage_for(store)
         self.timeouts = {**STAGE_TIMEOUT_SECONDS, **(timeouts or {})}
         self.records: dict[str, StageRecord] = {}
+        self._worker_runs: dict[str, UUID] = {}  # stages collected from workers whose seconds are not known yet
 
     def _bad_artifacts(self, output: StageOutput) -> list[str]:
         """Verify every artifact of ``output`` (full sha256); move corrupt ones aside. Returns what was wrong."""
@@ -145,13 +148,31 @@ class StageRunner:
         return Submitted(name=name, stage=stage, configured=configured, inputs=inputs, future=future)
 
     def collect(self, submitted: Submitted) -> Output:
-        """Wait for a submitted stage; the same checks as a stage run here. Its seconds are those Prefect recorded
-        for its task run: the wait here includes the time it queued for a worker."""
+        """Wait for a submitted stage; the same checks as a stage run here. Its seconds are not the wait here
+        (that includes the time it queued for a worker): ``record_worker_seconds`` fills them in later."""
         submitted.future.wait()
         state = submitted.future.state
         output, cached = self._output(submitted.name, submitted.stage, submitted.configured, submitted.inputs, state)
-        self._record(submitted.name, cached, task_run_seconds(submitted.future.task_run_id))
+        self._record(submitted.name, cached, None)
+        self._worker_runs[submitted.name] = submitted.future.task_run_id
         return output
+
+    def record_worker_seconds(self, wait_seconds: float = WORKER_SECONDS_WAIT) -> None:
+        """Fill in the seconds of the stages collected from a task runner's workers, from Prefect's records of
+        their task runs. Done once, late, and waiting at most ``wait_seconds``: the API learns that a task run
+        ended from its worker's events, which can arrive after its result. A stage whose run the API does not show
+        as finished by then keeps ``seconds=None``."""
+        pending = dict(self._worker_runs)
+        deadline = time.monotonic() + wait_seconds
+        while pending:
+            finished = finished_task_run_seconds(pending)
+            for name, seconds in (finished or {}).items():
+                self.records[name] = self.records[name].model_copy(update={"seconds": seconds})
+                del pending[name]
+            if finished is None or not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        self._worker_runs = pending
 
     def _output(self, name: str, stage: Task, configured: Task, inputs: dict[str, Any], state: Any) -> tuple[Any, bool]:
         if state.name == "TimedOut":
@@ -180,19 +201,28 @@ class StageRunner:
         report(name, outcome)
 
 
-def task_run_seconds(task_run_id: UUID) -> float | None:
-    """How long a task run ran (Prefect's ``total_run_time``: time in the Running state, which leaves out the
-    queue for a worker; for a cache hit, the lookup), or None if Prefect's API cannot say."""
+def finished_task_run_seconds(task_runs: dict[str, UUID]) -> dict[str, float] | None:
+    """For each named task run that Prefect's API shows as finished, how long it ran (``total_run_time``: time in
+    the Running state, which leaves out the queue for a worker; for a cache hit, the lookup). Runs not finished
+    there yet are left out; None if the API cannot be reached."""
     import httpx
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
+    names = {run_id: name for name, run_id in task_runs.items()}
     try:
         with get_client(sync_client=True) as client:
-            return round(client.read_task_run(task_run_id).total_run_time.total_seconds(), 3)
-    except (ObjectNotFound, httpx.HTTPError) as error:
-        get_run_logger().debug("no run time for task run %s: %s", task_run_id, error)
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(names))), limit=len(names)
+            )
+    except httpx.HTTPError as error:
+        get_run_logger().debug("no run times for the stages run on workers: %s", error)
         return None
+    return {
+        names[run.id]: round(run.total_run_time.total_seconds(), 3)
+        for run in runs
+        if run.id in names and run.state is not None and run.state.is_final()
+    }
 
 
 @dataclass

@@ -285,6 +285,7 @@ def ptq_sweep(
         promotion, artifacts = challenge_champion(
             run, export, dataset, artifacts, verdict, metrics.get("quantized_accuracy"), gate, validation.batch_size
         )
+        run.record_worker_seconds()
         manifest = build_manifest(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",

@@ -57,3 +57,41 @@ def test_a_stage_past_its_time_limit_fails_once_with_a_clear_error(prefect_serve
         one_stage()
     assert attempts == [1]  # a timeout is not retried
     assert time.monotonic() - started < 25
+
+
+def test_stages_run_on_a_task_runner_get_the_seconds_prefect_recorded(prefect_server, tmp_path):
+    import time
+    import uuid
+
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.stages import StageRunner
+    from storage.store import ArtifactStore
+    from tasks.artifacts import CalibrationSet
+    from tasks.caching import StageCachePolicy
+
+    @task(name="one_second_stage", cache_policy=StageCachePolicy(module=__name__), persist_result=True,
+          result_serializer="json")
+    def one_second_stage(store_url: str) -> CalibrationSet:
+        time.sleep(1.0)
+        return CalibrationSet(table=ArtifactStore(store_url).put_bytes(b"rows", ".parquet"), samples=1)
+
+    @flow(persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+    def submitted_stage(unknown_run: str | None = None) -> dict:
+        run = StageRunner(ArtifactStore(str(tmp_path / "store")))
+        run.collect(run.submit(one_second_stage))
+        assert run.records["one_second_stage"].seconds is None  # the wait in collect is not the run time
+        if unknown_run is not None:  # a task run the API never shows as finished
+            run.records["lost_stage"] = run.records["one_second_stage"].model_copy(update={"seconds": None})
+            run._worker_runs["lost_stage"] = uuid.UUID(unknown_run)
+        started = time.monotonic()
+        run.record_worker_seconds(wait_seconds=1.0)
+        return {"records": run.records, "waited": time.monotonic() - started}
+
+    first = submitted_stage()["records"]["one_second_stage"]
+    assert not first.cached and 1.0 <= first.seconds < 10
+    rerun = submitted_stage(unknown_run=str(uuid.uuid4()))
+    cached = rerun["records"]["one_second_stage"]
+    assert cached.cached and cached.seconds is not None and cached.seconds < first.seconds
+    assert rerun["records"]["lost_stage"].seconds is None and 1.0 <= rerun["waited"] < 5
