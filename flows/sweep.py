@@ -63,7 +63,7 @@ from tasks.validate import GateResult, check_accuracy_gate, validate_with_interp
 
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
-WORKER_PRELOAD = "flows.dask_worker"  # what the LocalCluster's workers run as they start and close
+WORKER_PRELOAD = "flows.dask_worker"  # what the LocalCluster's workers run as they close
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
