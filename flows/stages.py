@@ -69,6 +69,7 @@ STAGE_TIMEOUT_SECONDS = {"train_float_model": 6 * 3600.0}
 DEFAULT_STAGE_TIMEOUT_SECONDS = 2 * 3600.0
 # How long record_worker_seconds waits for Prefect's API to show every worker stage's task run as finished.
 WORKER_SECONDS_WAIT = 10.0
+TASK_RUNS_PER_READ = 100
 
 
 class StageRunner:
@@ -210,11 +211,15 @@ def finished_task_run_seconds(task_runs: dict[str, UUID]) -> dict[str, float] | 
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
     names = {run_id: name for name, run_id in task_runs.items()}
+    ids = list(names)
+    runs = []
     try:
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(names))), limit=len(names)
-            )
+            # In pages: the API refuses a limit above its default (200), and a large grid has more stages.
+            for start in range(0, len(ids), TASK_RUNS_PER_READ):
+                page = ids[start : start + TASK_RUNS_PER_READ]
+                runs += client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)),
+                                              limit=len(page))
     except httpx.HTTPError as error:
         get_run_logger().debug("no run times for the stages run on workers: %s", error)
         return None

@@ -78,20 +78,22 @@ def test_stages_run_on_a_task_runner_get_the_seconds_prefect_recorded(prefect_se
         return CalibrationSet(table=ArtifactStore(store_url).put_bytes(b"rows", ".parquet"), samples=1)
 
     @flow(persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
-    def submitted_stage(unknown_run: str | None = None) -> dict:
+    def submitted_stage(unknown_runs: list[str] | None = None) -> dict:
         run = StageRunner(ArtifactStore(str(tmp_path / "store")))
         run.collect(run.submit(one_second_stage))
         assert run.records["one_second_stage"].seconds is None  # the wait in collect is not the run time
-        if unknown_run is not None:  # a task run the API never shows as finished
-            run.records["lost_stage"] = run.records["one_second_stage"].model_copy(update={"seconds": None})
-            run._worker_runs["lost_stage"] = uuid.UUID(unknown_run)
+        for i, unknown_run in enumerate(unknown_runs or []):  # task runs the API never shows as finished
+            run.records[f"lost_stage[{i}]"] = run.records["one_second_stage"].model_copy(update={"seconds": None})
+            run._worker_runs[f"lost_stage[{i}]"] = uuid.UUID(unknown_run)
         started = time.monotonic()
         run.record_worker_seconds(wait_seconds=1.0)
         return {"records": run.records, "waited": time.monotonic() - started}
 
     first = submitted_stage()["records"]["one_second_stage"]
     assert not first.cached and 1.0 <= first.seconds < 10
-    rerun = submitted_stage(unknown_run=str(uuid.uuid4()))
+    # More stages than the API returns in one read (its limit is 200).
+    rerun = submitted_stage(unknown_runs=[str(uuid.uuid4()) for _ in range(250)])
     cached = rerun["records"]["one_second_stage"]
     assert cached.cached and cached.seconds is not None and cached.seconds < first.seconds
-    assert rerun["records"]["lost_stage"].seconds is None and 1.0 <= rerun["waited"] < 5
+    lost = [r for name, r in rerun["records"].items() if name.startswith("lost_stage[")]
+    assert len(lost) == 250 and all(r.seconds is None for r in lost) and 1.0 <= rerun["waited"] < 5
