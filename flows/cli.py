@@ -571,14 +571,9 @@ LockWaitOption = Annotated[
 
 @contextmanager
 def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
-    """With a Prefect server (PREFECT_API_URL), hold the export's lock, the one runs hold, so that a scheduled run
-    cannot move latest.json in the middle of a promote or rollback. Without one, runs share no lock either (see
+    """Hold the export's lock, the one runs hold, so that a run cannot move latest.json in the middle of a
+    promote or rollback: through the Prefect server when PREFECT_API_URL is set, on this host otherwise (see
     flows/locks.py)."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        yield
-        return
     import logging
 
     from prefect.events.worker import EventsWorker

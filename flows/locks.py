@@ -1,19 +1,36 @@
-"""One run at a time per artifact store and per export target, across every run a Prefect server coordinates
-(schedules, the UI, deployments, the CLI pointed at that server): a Prefect global concurrency limit of 1 per
-target, created on first use.
+"""One run at a time per artifact store and per export target.
+
+Two mechanisms, chosen by where the runs are coordinated:
+
+* **A Prefect server** (PREFECT_API_URL set: schedules, the UI, deployments, workers, the CLI pointed at it): a
+  Prefect global concurrency limit of 1 per target, created on first use, held with a lease that the holder
+  renews while it lives. A killed holder stops renewing; the server's lease service frees the slot after the
+  lease (LEASE_SECONDS) plus one pass of that service (15 s by default).
+* **No server** (the CLI on its own ephemeral Prefect server): a host-wide ``flock`` on a file per target under
+  the lock folder (PTQFLOW_LOCK_DIR, default ``<tmp>/ptqflow-locks-<uid>``). The kernel drops the lock when its
+  holder exits for any reason, kill -9 included, so a killed run never blocks the next. Prefect's slots cannot
+  serve here: an ephemeral server keeps its leases in its own memory, and it dies with the run while the slot
+  stays counted in the database, so nothing would ever free it. Runs on other hosts are not coordinated without
+  a server.
 
 Content addressing already makes concurrent runs safe for the blobs; the lock keeps a scheduled run and a run
-started from the UI from racing on the same export pointer and from doing the same work twice. Runs that use
-their own ephemeral Prefect server (the CLI without PREFECT_API_URL) coordinate through nothing but the store.
+started from the UI from racing on the same export pointer and from doing the same work twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import socket
+import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
@@ -23,11 +40,27 @@ LOCK_TIMEOUT_SECONDS = 6 * 3600  # longer than any sane run: a lock held this lo
 # the server's lease service then frees the lock.
 LEASE_SECONDS = 60
 SWITCH = "PTQFLOW_STORE_LOCK"  # "off": no lock (a single user on a private store)
+LOCK_DIR = "PTQFLOW_LOCK_DIR"
+POLL_SECONDS = 0.5
 
 
 def lock_name(url: str) -> str:
     # Limit names are shown in the UI and must be plain: a digest of the normalised URL.
     return f"ptqflow-target-{hashlib.sha256(url.encode()).hexdigest()[:20]}"
+
+
+def host_lock_folder() -> Path:
+    """Where the host-wide lock files live (created on first use, private to this user)."""
+    configured = os.environ.get(LOCK_DIR)
+    folder = Path(configured) if configured else Path(tempfile.gettempdir()) / f"ptqflow-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _coordinated_by_a_server() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def _ensure_limits(names: list[str]) -> None:
@@ -48,21 +81,74 @@ def _ensure_limits(names: list[str]) -> None:
                         raise
 
 
+def _holder(file: IO[str]) -> str:
+    """Who holds a lock file, as its holder wrote it (best effort: the file is only a note for people)."""
+    try:
+        file.seek(0)
+        note = json.loads(file.read() or "{}")
+        return f" (held by pid {note['pid']} on {note['host']} since {note['since']})"
+    except (ValueError, KeyError, OSError):
+        return ""
+
+
+@contextmanager
+def _host_lock(target: str, name: str, timeout_seconds: float, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+    import fcntl
+
+    path = host_lock_folder() / f"{name}.lock"
+    with open(path, "a+", encoding="utf-8") as file:
+        deadline = time.monotonic() + timeout_seconds
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    logger.info("waiting for the lock on %s%s", target, _holder(file))
+                    waiting = True
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"the lock on {target} is held by another run{_holder(file)}") from None
+                time.sleep(POLL_SECONDS)
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": target,
+                                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            file.flush()
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
 @contextmanager
 def exclusive(*urls: str | None, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) -> Iterator[list[str]]:
-    """Hold the lock of every target in ``urls`` (normalised URLs; None is skipped) for the block."""
-    from prefect.concurrency.sync import concurrency
+    """Hold the lock of every target in ``urls`` (normalised URLs; None is skipped) for the block.
 
-    targets = sorted({url for url in urls if url})
+    Raises:
+        TimeoutError: another run held one of the locks for ``timeout_seconds``.
+    """
+    targets = sorted({url for url in urls if url})  # one order everywhere: two runs never wait on each other
     names = [lock_name(url) for url in targets]
     try:
-        logger = get_run_logger()
+        logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
     except MissingContextError:  # outside a flow (`ptqflow promote`, `rollback`): their own messages only
         logger = logging.getLogger("ptqflow.locks")
     if os.environ.get(SWITCH, "").lower() == "off":
         logger.info("%s=off: running without the lock on %s", SWITCH, ", ".join(targets))
         yield []
         return
+    if not _coordinated_by_a_server():
+        with ExitStack() as held:
+            deadline = time.monotonic() + timeout_seconds
+            for target, name in zip(targets, names):
+                held.enter_context(_host_lock(target, name, max(0.0, deadline - time.monotonic()), logger))
+            logger.info("holding the lock on %s (this host)", ", ".join(targets))
+            yield names
+        return
+
+    from prefect.concurrency.sync import concurrency
+
     _ensure_limits(names)
     logger.info("waiting for the lock on %s", ", ".join(targets))
     with concurrency(names, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS, strict=True):

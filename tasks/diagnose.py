@@ -20,6 +20,7 @@ import io
 import math
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 UNIFORM_ROUNDING_RMSE = 1 / math.sqrt(12)
 FIXED_RANGE_OPS = {"SOFTMAX", "LOGISTIC", "TANH", "LOG_SOFTMAX"}
 DEBUG_SAMPLES = 64  # the debugger runs one sample per invocation; 64 settle its statistics for small layers
+# Two layers whose badness is within this factor are a close call: the statistics behind badness come from
+# float calibration and a float reference whose rounding differs between processors (summation order, vector
+# width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
+# which keeps layers in float in ranking order, can then choose the other one first.
+CLOSE_RANKING_MARGIN = 1.1
 
 
 class LayerError(BaseModel):
@@ -47,6 +53,38 @@ class LayerError(BaseModel):
     mean_abs_error: float
     typical_steps: float | None = Field(description="None for ops whose output range is fixed (softmax).")
     badness: float
+
+
+@dataclass(frozen=True)
+class RankingMargin:
+    """How clearly the worst layer leads the next one."""
+
+    first: LayerError
+    second: LayerError
+
+    @property
+    def ratio(self) -> float:
+        return self.first.badness / self.second.badness
+
+    @property
+    def close(self) -> bool:
+        """Another processor may rank the two the other way (see CLOSE_RANKING_MARGIN)."""
+        return self.ratio < CLOSE_RANKING_MARGIN
+
+    def __str__(self) -> str:
+        first, second = self.first, self.second
+        sentence = f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} ({second.op})"
+        if self.close:
+            sentence += (
+                f"; a close call (within {CLOSE_RANKING_MARGIN - 1:.0%}): another processor can rank them the other "
+                "way, and repair then keeps the other in float first"
+            )
+        return sentence
+
+
+def ranking_margin(ranked: Sequence[LayerError]) -> RankingMargin | None:
+    """The margin between the two worst layers of ``ranked`` (worst first); None with fewer than two."""
+    return RankingMargin(ranked[0], ranked[1]) if len(ranked) >= 2 and ranked[1].badness > 0 else None
 
 
 def _typical_steps(float_values: Sequence[np.ndarray], quantized: Sequence[np.ndarray], scale: float, zero_point: int) -> float:

@@ -33,6 +33,7 @@ from tasks.diagnose import (
     float_unit,
     keras_layer_of,
     quantize_keeping_float,
+    ranking_margin,
 )
 from tasks.parameters import ConversionParameters, RepairParameters
 from tasks.progress import report
@@ -63,6 +64,8 @@ def keep_worst_layers_float(
     candidates = [layer for layer in ranked if layer.badness > WORSE_THAN_ROUNDING][:max_float_layers]
     if not candidates:
         return None, [], "repair found no layer worse than plain rounding to keep in float"
+    margin = ranking_margin(ranked)
+    order = f" ({margin})" if margin else ""
     layer_names = [layer.name for layer in model.layers]
     float_tensors: list[str] = []
     steps: list[RepairStep] = []
@@ -80,10 +83,11 @@ def keep_worst_layers_float(
         if drop <= max_accuracy_drop:
             return candidate, steps, (
                 f"repair kept {_kept(steps)} in float: validation drop {drop:.2f} pp, within {max_accuracy_drop} pp"
+                + order
             )
     return None, steps, (
         f"repair kept {_kept(steps)} in float and the validation drop is still "
-        f"{steps[-1].validation_drop_pp:.2f} pp"
+        f"{steps[-1].validation_drop_pp:.2f} pp" + order
     )
 
 

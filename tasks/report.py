@@ -56,6 +56,17 @@ def layer_rows(metrics: dict[str, Any], count: int = 10) -> list[list[str]]:
     ]
 
 
+def ranking_line(metrics: dict[str, Any]) -> tuple[str, bool] | None:
+    """The ranking margin of the two worst layers as a sentence, and whether it is a close call."""
+    from tasks.diagnose import LayerError, ranking_margin
+
+    margin = ranking_margin([LayerError(**layer) for layer in metrics.get("layers", [])[:2]])
+    if margin is None:
+        return None
+    sentence = str(margin)
+    return sentence[0].upper() + sentence[1:] + ".", margin.close
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -166,6 +177,7 @@ def render_markdown(document: dict[str, Any]) -> str:
             "range is taken by outliers).",
             "",
             _markdown_table(LAYER_HEADER, layer_rows(metrics)),
+            *(["", f"**{margin[0]}**" if margin[1] else margin[0]] if (margin := ranking_line(metrics)) else []),
         ]
     else:
         parts.append(f"Not available: {metrics.get('layers_unavailable')}")
@@ -275,6 +287,9 @@ def render_html(document: dict[str, Any]) -> str:
     ]
     if metrics.get("layers"):
         parts += [_html_table(LAYER_HEADER, layer_rows(metrics)), image("layers", "per-layer error")]
+        if margin := ranking_line(metrics):
+            sentence, close = margin
+            parts.append(f"<p class='{'bad' if close else ''}'>{html.escape(sentence)}</p>")
     else:
         parts.append(f"<p>Not available: {html.escape(str(metrics.get('layers_unavailable')))}</p>")
     parts += ["<h2>Audit</h2>", bullets(_audit_lines(metrics["audit"]))]

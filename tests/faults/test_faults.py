@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_cli
+from conftest import free_port, ptqflow_executable, start_cli
 from pickle_probe import planted_pickle_record
 
 pytestmark = pytest.mark.slow
@@ -96,6 +98,62 @@ def test_kill_9_in_a_stage_then_rerun_completes_and_reuses_what_was_done(
         assert rerun["artifacts"][name]["sha256"] == reference["artifacts"][name]["sha256"], name
     assert rerun["metrics"] == reference["metrics"]
     assert_every_blob_intact(store)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """kill -9 of a run and its children (its ephemeral Prefect server among them)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_kill_9_of_a_run_holding_the_lock_never_blocks_the_next_run_without_a_server(reference, tmp_path):
+    """The CLI on its own (no PREFECT_API_URL, one PREFECT_HOME for both runs), the lock on as by default."""
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
+    command = [ptqflow_executable(), "run", "--store", str(store), *FAST, "--verbose"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        lines = wait_for_line(process, "train_float_model: starting")
+        time.sleep(1.5)
+    finally:
+        kill_group(process)
+    assert any("holding the lock on" in line for line in lines)  # it held the lock when it was killed
+
+    started = time.monotonic()
+    rerun = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "waiting for the lock" not in rerun.stderr  # the dead run's lock went with it
+    result = json.loads(rerun.stdout)
+    assert result["tasks"]["sample_dataset"]["cached"] and result["tasks"]["materialize_calibration_set"]["cached"]
+    assert result["artifacts"]["tflite"]["sha256"] == reference["artifacts"]["tflite"]["sha256"]
+    print(f"rerun after kill -9 without a server: {time.monotonic() - started:.1f} s to completion")
+
+
+def test_kill_9_of_a_run_holding_the_lock_on_a_prefect_server_frees_it_after_the_lease(prefect_server, tmp_path):
+    """With a server, the killed holder's lease lapses (LEASE_SECONDS) and the server's lease service (every 15 s)
+    frees the slot: the next run holds the lock within that bound plus its own start-up."""
+    from flows.locks import LEASE_SECONDS
+
+    store = tmp_path / "store"
+    process = start_cli(prefect_server, "run", "--store", str(store), *FAST, "--verbose")
+    try:
+        wait_for_line(process, "holding the lock on")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    killed = time.monotonic()
+    rerun = start_cli(prefect_server, "run", "--store", str(store), *FAST, "--verbose")
+    try:
+        wait_for_line(rerun, "holding the lock on", timeout=LEASE_SECONDS + 15 + 180)
+        waited = time.monotonic() - killed
+        _, rest = rerun.communicate(timeout=600)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 0, rest[-4000:]
+    print(f"lock held again {waited:.1f} s after the kill -9 (lease {LEASE_SECONDS} s)")
 
 
 def test_a_flipped_byte_is_detected_moved_aside_and_recomputed(cli, reference, tmp_path):

@@ -53,7 +53,7 @@ def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, cli, store
 
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
     model_file = tmp_path / "outlier.keras"
-    write_outlier_model(trained_digits_model, model_file)  # same float function, collapses under int8
+    write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
     failed = cli("run", "--store", store, "--model-url", str(model_file), "--json")
     assert failed.returncode == 1, failed.stderr[-3000:]
     result = json.loads(failed.stdout)

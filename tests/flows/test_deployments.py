@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import httpx
 import pytest
 from conftest import prefect_executable, ptqflow_executable, stop_process_group
 
-pytestmark = pytest.mark.slow
+# Runs here train and convert under whatever load the machine has: deadlines are generous, and so is the limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "tests" / ".artifacts"  # kept after the session (git-ignored)
@@ -24,7 +26,11 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def api(prefect_server: str) -> httpx.Client:
-    return httpx.Client(base_url=prefect_server, timeout=30)
+    """An HTTP client of the server's REST API that, like Prefect's own clients and the UI's users, retries what
+    a busy server answers with 429/502/503 (SQLite is locked for a moment while another process writes)."""
+    from prefect.client.base import PrefectHttpxSyncClient
+
+    return PrefectHttpxSyncClient(base_url=prefect_server, timeout=30, raise_on_all_errors=False)
 
 
 def deployment_id(prefect_server: str, flow_and_name: str, timeout: float = 120) -> str:
@@ -38,7 +44,7 @@ def deployment_id(prefect_server: str, flow_and_name: str, timeout: float = 120)
     raise AssertionError(f"deployment {flow_and_name} never appeared")
 
 
-def wait_for_run(prefect_server: str, run_id: str, timeout: float = 300) -> dict:
+def wait_for_run(prefect_server: str, run_id: str, timeout: float = 480) -> dict:
     deadline = time.monotonic() + timeout
     with api(prefect_server) as client:
         while time.monotonic() < deadline:
@@ -114,41 +120,55 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed (apt-get install chromium; .ci/run installs it)"
     ui = prefect_server.removesuffix("/api")
+    # Every wait is on what the page shows or what the API holds, with deadlines that a loaded machine meets:
+    # the UI's own calls (schema validation, run creation) are slow when the cores are busy.
+    ui_deadline_ms = 180_000
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(ui_deadline_ms)
             page.goto(f"{ui}/deployments/deployment/{deployment}")
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("Custom run").click()
+            page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}/run"))
             field = page.locator(
                 "xpath=//span[starts-with(normalize-space(.), 'Calibration Size')]"
                 "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]//input"
             )
-            assert field.input_value() == "200"
+            expect(field).to_have_value("200", timeout=ui_deadline_ms)  # the form is loaded with the defaults
             field.fill("120")
+            expect(field).to_have_value("120")
             with api(prefect_server) as client:
                 before = {r["id"] for r in deployment_runs(client, deployment)}
-                page.get_by_role("button", name="Submit").click()
+                submit = page.get_by_role("button", name="Submit")
+                expect(submit).to_be_enabled()
+                submit.click()
+                # Once the run is created the UI goes back to the deployment's page (an error stays on the form
+                # with a toast, which the failure then shows).
+                try:
+                    page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}(\?|$)"))
+                except Exception as error:
+                    toasts = page.locator(".p-toast").all_inner_texts()
+                    raise AssertionError(f"the form did not create a run: {toasts or error}") from error
                 # The run the form created: exactly one new run of the deployment.
-                deadline = time.monotonic() + 30
+                deadline = time.monotonic() + 120
                 while not (new := [r for r in deployment_runs(client, deployment) if r["id"] not in before]):
-                    assert time.monotonic() < deadline, "submitting the form created no flow run"
-                    time.sleep(0.5)
+                    assert time.monotonic() < deadline, "the UI reported a created run that the API never listed"
+                    time.sleep(1)
             [run] = new
             run_id = run["id"]
             page.goto(f"{ui}/runs/flow-run/{run_id}")
             # The state badge in the run's heading (not a log line that says "Completed"), updated live.
-            expect(page.locator(".page-heading .state-badge").first).to_have_text("Completed", timeout=300_000)
+            expect(page.locator(".page-heading .state-badge").first).to_have_text("Completed", timeout=480_000)
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / "ui-custom-run-completed.png"))
         finally:
             browser.close()
     assert (SCREENSHOTS / "ui-custom-run-completed.png").stat().st_size > 10_000
-    run = wait_for_run(prefect_server, run_id, timeout=30)
+    run = wait_for_run(prefect_server, run_id, timeout=60)
     assert run["state"]["type"] == "COMPLETED" and run["parameters"]["calibration"]["calibration_size"] == 120
     assert any(m["run_id"] == run_id for m in manifests(store))
-
 
 
 def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
@@ -162,7 +182,8 @@ def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
     runs: list[dict] = []
     try:
         deployment = deployment_id(prefect_server, "ptq-pipeline/every-20s")
-        deadline = time.monotonic() + 240
+        # A cold run trains, converts and validates: about a minute idle, several under a parallel CPU load.
+        deadline = time.monotonic() + 720
         completed: list[dict] = []
         with api(prefect_server) as client:
             while time.monotonic() < deadline and len(completed) < 2:
@@ -177,7 +198,7 @@ def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
         stop_process_group(process, signal.SIGINT)
     states = [(r["expected_start_time"], r["state"]["name"]) for r in runs[:5]]
     assert len(completed) >= 2, (
-        f"no two completed runs in 4 minutes; first runs: {states}; serve log: {log.read_text()[-3000:]} "
+        f"no two completed runs in 12 minutes; first runs: {states}; serve log: {log.read_text()[-3000:]} "
         "(the server's scheduler logs to PREFECT_HOME/server.log)"
     )
     assert all("auto-scheduled" in r["tags"] for r in completed)  # made by the server's scheduler, not by us
@@ -205,11 +226,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_p
         assert described["work_pool_name"] == "ptqflow-process" and described["enforce_parameter_schema"]
         assert described["global_concurrency_limit"]["limit"] == 1
         parameters = {**described["parameters"], "store": str(store), "training": {"epochs": 3}}
-        for _ in range(5):  # the server answered 503 once in CI right after `prefect deploy`: retry that only
-            response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters})
-            if response.status_code != 503:
-                break
-            time.sleep(2)
+        response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters})
         assert response.status_code == 201, response.text
     worker = subprocess.run([prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -161,7 +161,7 @@ def test_gate_failure_fails_the_run_with_the_summary(prefect_server, tmp_path, t
     from tasks.errors import AccuracyGateFailed
 
     model_file = tmp_path / "outlier.keras"
-    write_outlier_model(trained_digits_model, model_file)  # same float function, collapses under int8
+    write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
     state = ptq_pipeline(
         store=str(tmp_path / "store"), training=TrainingParameters(model_url=str(model_file)), return_state=True
     )

@@ -1,7 +1,7 @@
 """Per-layer quantization error and repair by keeping layers in float: pure functions, no Prefect.
 
-The "outlier" model computes the same function as the trained CNN but one hidden unit of its ``dense`` layer is
-scaled up 1000x (see conftest.write_outlier_model): int8 collapses to chance, and that layer is the cause."""
+The "outlier" model is the trained CNN with one hidden unit of its ``dense`` layer turned into a huge constant that
+nothing reads (see conftest.write_outlier_model): int8 collapses to chance, and that layer alone is the cause."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from storage.keras_models import keras_model_from_bytes
 from tasks.convert import quantize
-from tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float
+from tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float, ranking_margin
 from tasks.parameters import ConversionParameters, TargetOps, TensorType
 from tasks.repair import keep_worst_layers_float
 from tasks.validate import accuracy, audit_tensor_types, predict_tflite
@@ -42,6 +42,8 @@ def test_the_offending_layer_is_named_worst(outlier_model, calibration):
     assert worst.layer == "dense" and worst.op == "FULLY_CONNECTED"
     assert worst.typical_steps < 1 and worst.badness > 10  # the outlier took the range: most activations round to 0
     assert [e.badness for e in errors] == sorted((e.badness for e in errors), reverse=True)
+    margin = ranking_margin(errors)
+    assert margin is not None and margin.ratio > 5, margin  # by construction: no processor can flip this order
 
 
 def test_a_healthy_model_has_no_layer_far_from_rounding(trained_digits_model, calibration):
@@ -100,3 +102,17 @@ def test_float_io_is_kept_when_asked(outlier_model, calibration):
 )
 def test_tensor_names_map_to_keras_layers(tensor, layer):
     assert keras_layer_of(tensor, ["dense", "relu1", "batch_norm1", "probabilities"]) == layer
+
+
+def test_the_ranking_margin_says_when_another_processor_could_flip_the_order():
+    from tasks.diagnose import LayerError
+
+    def layer(name: str, badness: float) -> LayerError:
+        return LayerError(layer=name, op="FULLY_CONNECTED", tensor=name, scale=1.0, rmse_over_scale=0.3,
+                          mean_abs_error=0.0, typical_steps=None, badness=badness)
+
+    clear = ranking_margin([layer("dense", 40.0), layer("probabilities", 2.0)])
+    assert clear is not None and clear.ratio == 20.0 and not clear.close and "close call" not in str(clear)
+    close = ranking_margin([layer("dense", 2.1), layer("probabilities", 2.0)])
+    assert close is not None and close.close and "another processor can rank them the other way" in str(close)
+    assert ranking_margin([layer("dense", 2.0)]) is None

@@ -78,3 +78,13 @@ def test_the_champion_decision_is_in_both_renderings(document):
     assert "- this model: 35.10%; exported model (version v1): 98.05% (same test split; tolerance 0.0 pp)" in text
     page = render_html(document)
     assert "<h2>Promotion</h2>" in page and "this model: 35.10%; exported model (version v1): 98.05%" in page
+
+
+def test_the_ranking_margin_is_stated_and_a_close_call_is_flagged(document):
+    text = render_markdown(document)
+    assert "Ranking margin: dense (FULLY_CONNECTED) is 19.23x as bad as model output (SOFTMAX)." in text
+    assert "close call" not in text and "close call" not in render_html(document)
+    document["metrics"]["layers"][1]["badness"] = 19.0  # within 10% of dense's 20.0
+    text = render_markdown(document)
+    assert "**Ranking margin: dense (FULLY_CONNECTED) is 1.05x as bad as model output (SOFTMAX); a close call" in text
+    assert "<p class='bad'>Ranking margin: dense" in render_html(document)
