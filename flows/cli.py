@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from storage.store import hold_signed_url, scrub_signed_urls
 from tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
@@ -101,6 +102,7 @@ def _prepare_environment(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    message = scrub_signed_urls(message)  # a library's error can quote the URL it was given, secret included
     if as_json:
         print(json.dumps({"status": "error", "error": message}))
     err_console.print(f"[bold red]ptqflow:[/] {message}", highlight=False, soft_wrap=True)
@@ -292,7 +294,13 @@ def run(
 
 
 def _upstream_parameters(as_json: bool, **given: Any) -> dict[str, Any]:
-    """The sampling, training and calibration parameters from the CLI options both `run` and `sweep` take."""
+    """The sampling, training and calibration parameters from the CLI options both `run` and `sweep` take.
+
+    A signed URL (presigned S3, signed GCS, Azure SAS) enters them redacted: Prefect records parameters, and the
+    manifests, logs and exports repeat them; only the reader gets the secret back (storage.store)."""
+    for key in ("dataset", "model_url", "calibration_source"):
+        if given[key]:
+            given[key] = hold_signed_url(given[key])
     return {
         "sampling": _parameters(
             SamplingParameters, as_json, dataset=given["dataset"], feature_column=given["feature_column"],

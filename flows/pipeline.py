@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.locks import exclusive
+from flows.trust import enforce_for_deployment_runs
 from flows.stages import StageRecord, StageRunner
 from storage.store import ArtifactRef, ArtifactStore
 from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
@@ -222,6 +223,11 @@ def ptq_pipeline(
         seed: seeds sampling, training and calibration; the same seed gives a byte-identical .tflite.
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
+    # A deployment's form is filled by others: its locations and model are checked before anything is touched.
+    enforce_for_deployment_runs({
+        "store": store, "export": export, "sampling": sampling.model_dump(mode="json"),
+        "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
+    })
     artifact_store = ArtifactStore(store)
     export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
     # One run at a time per store and export target (schedules, the UI, deployments): see flows/locks.py.

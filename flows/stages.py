@@ -13,7 +13,7 @@ from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field
 
 from storage.results import result_storage_for
-from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, StoreError
+from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
 from storage.tables import TensorTableError
 from tasks.artifacts import StageOutput
 from tasks.errors import PtqflowError, StageTimedOut
@@ -88,7 +88,7 @@ class StageRunner:
         for ref in output.artifact_refs():
             try:
                 self.store.verify(ref)
-            except ArtifactMissing as error:
+            except (ArtifactMissing, ForeignReference) as error:  # recomputed; nothing is moved or deleted
                 problems.append(str(error))
             except ArtifactCorrupted as error:
                 moved = self.store.quarantine(ref)

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.locks import exclusive
+from flows.trust import enforce_for_deployment_runs
 from flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
 from flows.stages import StageRecord, StageRunner, Submitted
 from storage.store import ArtifactRef, ArtifactStore
@@ -232,6 +233,11 @@ def ptq_sweep(
         seed: seeds sampling, training and calibration, as in ptq-pipeline (whose cached stages are reused).
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
+    # A deployment's form is filled by others: its locations and model are checked before anything is touched.
+    enforce_for_deployment_runs({
+        "store": store, "export": export, "sampling": sampling.model_dump(mode="json"),
+        "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
+    })
     artifact_store = ArtifactStore(store)
     export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
     grid = select_configurations(sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations)

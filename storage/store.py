@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _CHUNK = 1 << 20
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BLOB_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")  # what put_bytes is given: "", ".json", ".tflite", ...
 
 STORE_OPTIONS_ENV = "PTQFLOW_STORAGE_OPTIONS"
 EXPORT_OPTIONS_ENV = "PTQFLOW_EXPORT_STORAGE_OPTIONS"
@@ -50,6 +51,10 @@ class ArtifactCorrupted(StoreError):
 
 class UnsafeKey(StoreError):
     pass
+
+
+class ForeignReference(StoreError):
+    """A reference whose URI is not the blob its digest names in this store (another store's, or tampered)."""
 
 
 class ArtifactRef(BaseModel):
@@ -81,12 +86,64 @@ def safe_key(key: str) -> str:
     return key
 
 
+# Azure's fsspec URLs name the container where other URLs name a user: abfs://container@account.dfs.../path.
+_CONTAINER_AT_ACCOUNT = frozenset({"abfs", "abfss", "az", "adl"})
+
+
+SIGNED_URLS_ENV = "PTQFLOW_SIGNED_URLS"
+# Query parameters that make a URL a credential: S3 presigned, GCS signed, Azure SAS, and plain tokens.
+_SECRET_QUERY_KEYS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+    "sig", "signature", "token", "access_token", "sas",
+})
+
+
+def redact_url(url: str) -> str:
+    """``url`` reduced to scheme, host and path when its query carries a signature or a token; else unchanged."""
+    parts = urlsplit(url)
+    keys = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if not keys & _SECRET_QUERY_KEYS:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _signed_urls() -> dict[str, str]:
+    try:
+        held = json.loads(os.environ.get(SIGNED_URLS_ENV) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def hold_signed_url(url: str) -> str:
+    """Keep a signed URL's secret out of everything ptqflow and Prefect record: return the redacted URL, and keep
+    the original in this process's environment (inherited by the processes it starts, never logged), where
+    ``filesystem_for`` finds it again. A URL without a secret comes back unchanged."""
+    redacted = redact_url(url)
+    if redacted != url:
+        os.environ[SIGNED_URLS_ENV] = json.dumps({**_signed_urls(), redacted: url})
+    return redacted
+
+
+def scrub_signed_urls(text: str) -> str:
+    """``text`` with every held signed URL replaced by its redacted form (for error messages from libraries)."""
+    for redacted, original in _signed_urls().items():
+        text = text.replace(original, redacted)
+    return text
+
+
+def carries_credentials(url: str) -> bool:
+    """True when ``url`` has a password, or a user name where no backend reads one as a location."""
+    parts = urlsplit(url)
+    return bool(parts.password) or bool(parts.username and parts.scheme not in ("", "file", *_CONTAINER_AT_ACCOUNT))
+
+
 def check_url(url: str) -> str:
     """Refuse URLs that carry credentials: they would end up in flow parameters, logs and manifests."""
     if not url or not url.strip():
         raise StoreError("the storage URL is empty: pass a folder or an fsspec URL such as s3://bucket/prefix")
     parts = urlsplit(url)
-    if parts.password or (parts.username and parts.scheme not in ("", "file")):
+    if carries_credentials(url):
         raise StoreError(
             f"the URL for {parts.scheme}://{parts.hostname or ''}{parts.path} carries credentials: remove them and "
             "use the backend's standard sources (AWS_ACCESS_KEY_ID / profiles, GOOGLE_APPLICATION_CREDENTIALS, ...) "
@@ -117,9 +174,15 @@ def filesystem_for(url: str, options_env: str = STORE_OPTIONS_ENV) -> tuple[fssp
     """
     check_url(url)
     try:
-        return fsspec.core.url_to_fs(url, **storage_options_from_env(options_env))
+        return fsspec.core.url_to_fs(_signed_urls().get(url, url), **storage_options_from_env(options_env))
     except (ValueError, ImportError) as error:
-        raise StoreError(f"cannot open {url!r}: {error}") from None
+        raise StoreError(f"cannot open {url!r}: {scrub_signed_urls(str(error))}") from None
+
+
+def canonical_url(url: str) -> str:
+    """``url`` as the store names it (absolute for local paths, no trailing slash), without touching it."""
+    fs, path = filesystem_for(url, options_env="")
+    return fs.unstrip_protocol(path.rstrip("/"))
 
 
 class ArtifactStore:
@@ -156,12 +219,21 @@ class ArtifactStore:
         return self.fs.unstrip_protocol(path)
 
     def _path(self, ref: ArtifactRef) -> str:
+        """The blob's path, built from its digest and a checked suffix, never taken from the URI: a reference
+        (from a cache record anyone with write access to the store could edit) cannot point outside the store.
+
+        Raises:
+            ForeignReference: the URI is not ``blobs/<2 hex>/<sha256><suffix>`` under this store's root.
+        """
+        blob = self._blob_path(ref.sha256, "")
         path = self.fs._strip_protocol(ref.uri)
-        if not path.startswith(self.root + "/"):
-            raise StoreError(
-                f"artifact {ref.uri} is not in the store {self.url}: pass --store with the store that holds it"
+        suffix = path[len(blob):] if path.startswith(blob) else None
+        if suffix is None or not _BLOB_SUFFIX.match(suffix):
+            raise ForeignReference(
+                f"artifact {ref.uri} is not in the store {self.url} (a blob there is blobs/<sha256[:2]>/<sha256>"
+                "<suffix>): pass --store with the store that holds it"
             )
-        return path
+        return blob + suffix
 
     def path_for(self, key: str) -> str:
         """Full path of a named (not content-addressed) object under the store root."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from datetime import date
 from enum import Enum
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from storage.store import carries_credentials
 
 
 class TensorType(str, Enum):
@@ -50,8 +51,7 @@ class TargetOps(str, Enum):
 
 def refuse_credentials(url: str | None, what: str) -> str | None:
     """Parameters are stored by Prefect and shown in its UI: a URL that carries a secret is refused."""
-    parts = urlsplit(url or "")
-    if parts.password or (parts.username and parts.scheme not in ("", "file")):
+    if carries_credentials(url or ""):
         raise ValueError(
             f"{what} carries credentials: remove them and use the backend's standard sources "
             "(environment variables, profiles) or PTQFLOW_STORAGE_OPTIONS"

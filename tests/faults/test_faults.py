@@ -192,6 +192,78 @@ def test_a_planted_pickle_in_the_result_storage_is_never_run(cli, tmp_path):
     assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "json"
 
 
+def on_python_path(folder: Path) -> str:
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+
+
+def plant_json_records(read, write, results: str, marker: Path, probe_dir: Path) -> dict[str, str]:
+    """Replace three stages' cache records with JSON records that would run code if Prefect honoured them:
+    a custom object_decoder (a shell command), a custom object_encoder, and a payload naming a class whose module
+    creates ``marker`` when imported (from ``probe_dir``, on the rerun's PYTHONPATH)."""
+    from storage.results import EXPECTED_SERIALIZER
+
+    (probe_dir / "ptqflow_planted_probe.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Anything: ...\n")
+    planted = {
+        "tasks.sample": ({**EXPECTED_SERIALIZER, "object_decoder": "subprocess.getoutput"},
+                         json.dumps({f"touch {marker}": 0})),
+        "tasks.calibrate": ({**EXPECTED_SERIALIZER, "object_encoder": "subprocess.getoutput"}, None),
+        "tasks.train": (EXPECTED_SERIALIZER, json.dumps({"__class__": "ptqflow_planted_probe.Anything", "data": {}})),
+    }
+    files = {}
+    for prefix, (serializer, result) in planted.items():
+        [path] = [p for p in read(results) if p.rsplit("/", 1)[-1].startswith(prefix + "-")]
+        record = json.loads(read(path, whole=True))
+        record["metadata"]["serializer"] = serializer
+        if result is not None:
+            record["result"] = result
+        write(path, json.dumps(record).encode())
+        files[prefix] = path.rsplit("/", 1)[-1]
+    return files
+
+
+def assert_planted_records_ran_nothing(rerun, files: dict[str, str], marker: Path) -> None:
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert not marker.exists()
+    result = json.loads(rerun.stdout)
+    for stage in ("sample_dataset", "materialize_calibration_set", "train_float_model"):
+        assert not result["tasks"][stage]["cached"], stage  # refused, so recomputed
+    for name in files.values():
+        assert name in rerun.stderr  # the warning names each planted file
+
+
+def test_planted_json_records_in_a_local_store_run_nothing_and_are_reported(cli, tmp_path):
+    store = tmp_path / "store"
+    run_json(cli, "--store", str(store), *FAST)
+    marker = tmp_path / "pwned"
+
+    def read(path: str, whole: bool = False):
+        return Path(path).read_text() if whole else [str(p) for p in Path(path).iterdir()]
+
+    files = plant_json_records(read, lambda path, data: Path(path).write_bytes(data),
+                               str(store / "prefect-results"), marker, tmp_path)
+    rerun = cli("run", "--store", str(store), *FAST, "--json", "--verbose", env={"PYTHONPATH": on_python_path(tmp_path)})
+    assert_planted_records_ran_nothing(rerun, files, marker)
+
+
+def test_planted_json_records_in_an_s3_store_run_nothing_and_are_reported(cli, s3_endpoint, tmp_path):
+    import s3fs
+
+    bucket = f"planted-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "PYTHONPATH": on_python_path(tmp_path)}
+    store = f"s3://{bucket}/ptq"
+    run_json(cli, "--store", store, *FAST, env=env)
+    marker = tmp_path / "pwned"
+
+    def read(path: str, whole: bool = False):
+        return fs.cat_file(path).decode() if whole else fs.ls(path, detail=False, refresh=True)
+
+    files = plant_json_records(read, fs.pipe_file, f"{bucket}/ptq/prefect-results", marker, tmp_path)
+    rerun = cli("run", "--store", store, *FAST, "--json", "--verbose", env=env)
+    assert_planted_records_ran_nothing(rerun, files, marker)
+
+
 def test_two_identical_runs_at_once_take_turns_and_share_one_set_of_blobs(prefect_server, tmp_path):
     store = tmp_path / "store"
     processes = [start_cli(prefect_server, "run", "--store", str(store), *FAST, "--json") for _ in range(2)]

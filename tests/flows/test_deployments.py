@@ -113,6 +113,44 @@ def test_invalid_parameters_are_refused_when_the_run_is_triggered(prefect_server
         assert response.status_code == 409 and "conversion.ops" in response.json()["detail"]
 
 
+def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touching_anything(
+    prefect_server, served, tmp_path
+):
+    """The form user is not trusted: locations outside the roots the deployment was served with, and model
+    functions outside PTQFLOW_ALLOWED_MODELS, fail the run at once, naming the setting (flows/trust.py)."""
+    deployment, _ = served
+    outside = tmp_path / "outside"
+    with api(prefect_server) as client:
+        defaults = client.get(f"/deployments/{deployment}").json()["parameters"]
+
+        def section(name: str, **changes: str) -> dict:
+            return {name: {**defaults[name], **changes}}
+
+        cases = {
+            "store": ({"store": str(outside / "store")}, "PTQFLOW_ALLOWED_ROOTS"),
+            "export": ({"export": f"file://{outside}/export"}, "PTQFLOW_ALLOWED_ROOTS"),
+            "sampling.dataset": (section("sampling", dataset="https://example.invalid/data.parquet"),
+                                 "PTQFLOW_ALLOWED_ROOTS"),
+            "training.model_url": (section("training", model_url=str(outside / "model.keras")), "PTQFLOW_ALLOWED_ROOTS"),
+            "calibration.calibration_source": (
+                section("calibration", calibration_source=str(outside / "calibration.parquet")),
+                "PTQFLOW_ALLOWED_ROOTS"),
+            "training.model": (section("training", model="os:system"), "PTQFLOW_ALLOWED_MODELS"),
+        }
+        created = {}
+        for name, (changes, _) in cases.items():
+            response = client.post(f"/deployments/{deployment}/create_flow_run",
+                                   json={"parameters": {**defaults, **changes}})
+            assert response.status_code == 201, response.text
+            created[name] = response.json()["id"]
+    for name, run_id in created.items():
+        run = wait_for_run(prefect_server, run_id)
+        message = run["state"]["message"] or ""
+        assert run["state"]["type"] == "FAILED", (name, run["state"])
+        assert "RefusedParameter" in message and name in message and cases[name][1] in message, message
+    assert not outside.exists()  # nothing was read or written there
+
+
 def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
     from playwright.sync_api import expect, sync_playwright
 
@@ -228,7 +266,9 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_p
         parameters = {**described["parameters"], "store": str(store), "training": {"epochs": 3}}
         response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters})
         assert response.status_code == 201, response.text
-    worker = subprocess.run([prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"], env=env,
+    # The run's store is outside the deployment's own (./ptqflow-store): the worker allows it (flows/trust.py).
+    worker_env = {**env, "PTQFLOW_ALLOWED_ROOTS": str(tmp_path)}
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"], env=worker_env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     run = wait_for_run(prefect_server, response.json()["id"], timeout=60)
     assert run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]

@@ -11,6 +11,7 @@ from storage.store import (
     ArtifactMissing,
     ArtifactRef,
     ArtifactStore,
+    ForeignReference,
     StoreError,
     UnsafeKey,
     sha256_bytes,
@@ -114,6 +115,21 @@ def test_reference_from_another_store_is_refused(store, tmp_path):
     ref = other.put_bytes(b"elsewhere")
     with pytest.raises(StoreError, match="not in the store"):
         store.read_bytes(ref)
+
+
+@pytest.mark.parametrize("tamper", ["/../../outside.txt", "/../../../outside", "x", ".tmp-1", "/sub"])
+def test_a_tampered_reference_reaches_nothing_outside_its_blob(store, tamper):
+    """A cached reference is data anyone with write access to the store can edit: whatever its URI says, only the
+    blob its digest names is read, and nothing is moved or deleted elsewhere."""
+    ref = store.put_bytes(b"inside", ".json")
+    outside_path = f"{store.root}/outside.txt"
+    store.fs.pipe_file(outside_path, b"someone else's file")
+    tampered = ArtifactRef(uri=ref.uri.removesuffix(".json") + tamper, sha256=ref.sha256, bytes=ref.bytes)
+    for reach in (store.read_bytes, store.verify, store.exists, store.quarantine):
+        with pytest.raises(ForeignReference, match="not in the store"):
+            reach(tampered)
+    assert store.fs.cat_file(outside_path) == b"someone else's file"
+    assert store.read_bytes(ref) == b"inside"
 
 
 def test_json_round_trip(store):
