@@ -80,6 +80,9 @@ MaxAccuracyDropOption = Annotated[float | None, typer.Option(help=_help(GatePara
 PromotionToleranceOption = Annotated[
     float | None, typer.Option(help=_help(GateParameters, "promotion_tolerance"))
 ]
+MinComparisonRowsOption = Annotated[
+    int | None, typer.Option(help=_help(GateParameters, "min_comparison_rows"))
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")]
 
@@ -243,6 +246,7 @@ def run(
     ] = None,
     max_accuracy_drop: MaxAccuracyDropOption = None,
     promotion_tolerance: PromotionToleranceOption = None,
+    min_comparison_rows: MinComparisonRowsOption = None,
     export: Annotated[
         str | None,
         typer.Option(
@@ -275,7 +279,8 @@ def run(
             per_channel=per_channel,
         ),
         gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
-                         promotion_tolerance=promotion_tolerance),
+                         promotion_tolerance=promotion_tolerance,
+                         min_comparison_rows=min_comparison_rows),
         repair=_parameters(RepairParameters, as_json, enabled=repair, max_float_layers=max_float_layers),
     )
     _prepare_environment(verbose)
@@ -428,6 +433,7 @@ def sweep(
     latency_threads: Annotated[int | None, typer.Option(help=_help(SweepParameters, "latency_threads"))] = None,
     max_accuracy_drop: MaxAccuracyDropOption = None,
     promotion_tolerance: PromotionToleranceOption = None,
+    min_comparison_rows: MinComparisonRowsOption = None,
     export: Annotated[
         str | None,
         typer.Option(envvar="PTQFLOW_EXPORT", help="fsspec URL to publish the best passing configuration to."),
@@ -489,7 +495,8 @@ def sweep(
         state = ptq_sweep.with_options(task_runner=runner)(
             store=store, seed=seed, export=export, sweep=sweep_parameters,
             gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
-                             promotion_tolerance=promotion_tolerance), **upstream,
+                             promotion_tolerance=promotion_tolerance,
+                         min_comparison_rows=min_comparison_rows), **upstream,
             return_state=True,
         )
     summary, code = _outcome(state, as_json)

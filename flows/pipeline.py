@@ -163,8 +163,8 @@ def challenge_champion(
     if not export or not verdict.passed or challenger_accuracy is None:
         return None, artifacts
     promotion = run.effect(
-        compare_with_champion, export_url=export, dataset=dataset, challenger_accuracy=challenger_accuracy,
-        tolerance_pp=gate.promotion_tolerance, batch_size=batch_size,
+        compare_with_champion, export_url=export, dataset=dataset, challenger=artifacts["tflite"],
+        challenger_accuracy=challenger_accuracy, gate=gate, batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
     if "report" in artifacts:
@@ -193,7 +193,7 @@ def promotion_markdown(promotion: PromotionDecision) -> str:
 
     return "\n".join([
         f"# {'promoted' if promotion.promote else 'not promoted'}", "", promotion.message, "",
-        "| | accuracy (this run's test split) |", "|---|---|",
+        f"| | accuracy ({promotion.comparison or 'this run'}) |", "|---|---|",
         f"| new model (challenger) | {pct(promotion.challenger_accuracy)} |",
         f"| exported model (champion{', ' + promotion.champion_version if promotion.champion_version else ''}) | "
         f"{pct(promotion.champion_accuracy)} |",
@@ -285,6 +285,7 @@ def ptq_pipeline(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
             promotion=promotion.model_dump(mode="json") if promotion else None,
+            split=dataset.split.model_dump() if dataset.split else None,
         )
         exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={

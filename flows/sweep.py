@@ -296,6 +296,7 @@ def ptq_sweep(
             run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
             verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",
             promotion=promotion.model_dump(mode="json") if promotion else None,
+            split=dataset.split.model_dump() if dataset.split else None,
         )
         exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={

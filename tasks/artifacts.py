@@ -35,6 +35,17 @@ class FeatureSpec(BaseModel):
     class_names: tuple[str, ...]
 
 
+class SplitRule(BaseModel):
+    """How rows were assigned to splits: enough to tell, for any row, which split this run put it in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: str = Field(description="The assignment rule's name (tasks.sample.SPLIT_SCHEME).")
+    seed: int
+    validation_fraction: float
+    test_fraction: float
+
+
 class SampledDataset(StageOutput):
     manifest: ArtifactRef = Field(description="dataset.json: the spec and the three splits.")
     train: ArtifactRef
@@ -42,6 +53,7 @@ class SampledDataset(StageOutput):
     test: ArtifactRef
     spec: FeatureSpec
     counts: dict[str, int]
+    split: SplitRule | None = Field(None, description="None in records from before splits were assigned by content.")
 
 
 class FloatOutputs(StageOutput):

@@ -51,6 +51,7 @@ def build_manifest(
     tasks: dict[str, Any],
     flow: str = "ptq-pipeline",
     promotion: dict[str, Any] | None = None,
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pure: the manifest document (without the export, which publishing adds)."""
     import prefect
@@ -63,6 +64,8 @@ def build_manifest(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "passed" if gate["passed"] else "failed",
         "parameters": scrub(parameters),
+        # Which split each row was in (a later run's champion check replays it on its own test rows).
+        "split": split,
         "store": scrub(store_url),
         "artifacts": artifacts,
         "metrics": metrics,

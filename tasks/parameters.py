@@ -90,7 +90,7 @@ class SamplingParameters(_Parameters):
     validation_fraction: float = Field(
         0.15, gt=0.0, lt=0.5, description="Share of the samples held out for early stopping."
     )
-    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of the samples held out for validation.")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of the samples held out for testing.")
 
     @field_validator("dataset")
     @classmethod
@@ -210,9 +210,17 @@ class GateParameters(_Parameters):
     )
     promotion_tolerance: float = Field(
         0.0, ge=0.0, le=100.0,
-        description="With an export: how many percentage points below the exported model (measured on this run's "
-        "test split) a new model may be and still replace it.",
+        description="With an export: how many percentage points below the exported model (measured on the rows of "
+        "this run's test split the exported model never trained on) a new model may be and still replace it.",
     )
+    min_comparison_rows: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="With an export: fewest test rows unseen by the exported model to compare on; with fewer, the "
+        "new model is not promoted automatically. Default: 100, or half the test split if that is smaller.",
+    )
+
+    def comparison_rows_needed(self, test_rows: int) -> int:
+        return self.min_comparison_rows if self.min_comparison_rows is not None else min(100, -(-test_rows // 2))
 
 
 class RepairParameters(_Parameters):

@@ -1,9 +1,14 @@
 """Champion and challenger: a new model reaches ``latest.json`` only if it is no worse than the one devices have.
 
 Before a run publishes, the model ``latest.json`` points to (the champion) is read back from the export, checked
-against its recorded sha256, and evaluated on the new run's test split with the LiteRT Interpreter, exactly like
-the new model (the challenger). The challenger is promoted when it passed its own gate and its accuracy is at most
-``promotion_tolerance`` percentage points below the champion's.
+against its recorded sha256, and evaluated with the LiteRT Interpreter beside the new model (the challenger) on the
+rows of the new run's test split that the champion never trained on: those its own split rule (recorded in its
+run manifest: scheme, seed, fractions) put in its test split. A row's split depends only on its content (see
+``tasks.sample.hash_split``), so with the same seed and fractions that is the whole test split, however the data
+grew; with another seed it is the rows both runs held out. When fewer rows than ``min_comparison_rows`` remain, or
+the champion's rule is unknown (exported before that rule existed), the comparison cannot be fair and the new
+model is not promoted automatically. The challenger is promoted when it passed its own gate and its accuracy on
+those rows is at most ``promotion_tolerance`` percentage points below the champion's.
 
 By hand: ``promote`` points ``latest.json`` at a run (publishing it first if it never was), ``rollback`` at the
 version published before the current one. Every pointer ever written stays in ``history/``.
@@ -15,6 +20,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
@@ -22,13 +28,15 @@ from pydantic import BaseModel, Field
 from storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from storage.tables import read_parquet
 from tasks.artifacts import SampledDataset
+from tasks.parameters import GateParameters
 from tasks.publish import POINTER, export_store, publish_run, read_verified, verify_copy
 from tasks.report import render_html, render_markdown
+from tasks.sample import SPLIT_SCHEME, split_positions
 from tasks.validate import accuracy, predict_tflite
 
 
 class PromotionDecision(BaseModel):
-    """Whether a run's model replaces the exported one, with both figures on the same test split."""
+    """Whether a run's model replaces the exported one, with both figures on the same rows."""
 
     promote: bool
     message: str
@@ -37,15 +45,20 @@ class PromotionDecision(BaseModel):
     champion_version: str | None = None
     champion_run_id: str | None = None
     tolerance_pp: float = Field(description="How many pp below the champion the challenger may be.")
+    compared_rows: int | None = Field(
+        None, description="Test rows both models were measured on: those the champion never trained on."
+    )
+    comparison: str | None = Field(None, description="Which rows were compared, in words.")
 
 
 def decide(challenger_accuracy: float | None, gate_passed: bool, tolerance_pp: float,
-           champion_accuracy: float | None = None, champion: dict[str, Any] | None = None) -> PromotionDecision:
+           champion_accuracy: float | None = None, champion: dict[str, Any] | None = None,
+           compared_rows: int | None = None, comparison: str | None = None) -> PromotionDecision:
     """Pure: the promotion rule."""
     figures = {
         "challenger_accuracy": challenger_accuracy, "champion_accuracy": champion_accuracy,
         "champion_version": (champion or {}).get("version"), "champion_run_id": (champion or {}).get("run_id"),
-        "tolerance_pp": tolerance_pp,
+        "tolerance_pp": tolerance_pp, "compared_rows": compared_rows, "comparison": comparison,
     }
     if not gate_passed or challenger_accuracy is None:
         return PromotionDecision(promote=False, message="not promoted: the model did not pass its own gate", **figures)
@@ -53,14 +66,34 @@ def decide(challenger_accuracy: float | None, gate_passed: bool, tolerance_pp: f
         return PromotionDecision(promote=True, message="promoted: there is no exported model yet", **figures)
     gap_pp = round((champion_accuracy - challenger_accuracy) * 100, 6)
     versus = (f"{challenger_accuracy:.2%} against {champion_accuracy:.2%} for the exported version "
-              f"{champion['version']}")
+              f"{champion['version']} on {comparison}")
     if gap_pp > tolerance_pp:
         return PromotionDecision(
             promote=False, **figures,
-            message=f"not promoted: accuracy {versus} on this test split, {gap_pp:.2f} pp worse (tolerance "
-            f"{tolerance_pp} pp); the exported model stays (`ptqflow promote RUN_ID` overrides)",
+            message=f"not promoted: accuracy {versus}, {gap_pp:.2f} pp worse (tolerance {tolerance_pp} pp); the "
+            "exported model stays (`ptqflow promote RUN_ID` overrides)",
         )
-    return PromotionDecision(promote=True, message=f"promoted: accuracy {versus} on this test split", **figures)
+    return PromotionDecision(promote=True, message=f"promoted: accuracy {versus}", **figures)
+
+
+def not_comparable(challenger_accuracy: float, pointer: dict[str, Any], tolerance_pp: float, why: str,
+                   compared_rows: int | None = None) -> PromotionDecision:
+    """The decision when the champion cannot be measured fairly here: keep it, and say why and how to override."""
+    return PromotionDecision(
+        promote=False, challenger_accuracy=challenger_accuracy, champion_version=pointer["version"],
+        champion_run_id=pointer.get("run_id"), tolerance_pp=tolerance_pp, compared_rows=compared_rows,
+        message=f"not promoted automatically: {why}; the exported version {pointer['version']} stays "
+        "(`ptqflow promote RUN_ID` replaces it)",
+    )
+
+
+def rows_unseen_by(champion_manifest: dict[str, Any], test_features: np.ndarray) -> np.ndarray | None:
+    """Which test rows the champion's own split rule (``split`` in its run manifest) held out as its test rows,
+    never trained or validated on; None when its rule is not one ptqflow can replay."""
+    rule = champion_manifest.get("split") or {}
+    if rule.get("scheme") != SPLIT_SCHEME:
+        return None
+    return split_positions(test_features, int(rule["seed"])) < float(rule["test_fraction"])
 
 
 def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
@@ -75,27 +108,56 @@ def champion_model(export: ArtifactStore, pointer: dict[str, Any]) -> bytes:
 
 @task(name="compare_with_champion", cache_policy=NO_CACHE, persist_result=False)
 def compare_with_champion(
-    store_url: str, export_url: str, dataset: SampledDataset, challenger_accuracy: float, tolerance_pp: float,
-    batch_size: int = 256,
+    store_url: str, export_url: str, dataset: SampledDataset, challenger: ArtifactRef, challenger_accuracy: float,
+    gate: GateParameters, batch_size: int = 256,
 ) -> PromotionDecision:
-    """Evaluate the champion on this run's test split, where validation measured the challenger
-    (``challenger_accuracy``, a model that passed its gate); decide. Never cached: the champion changes under it."""
+    """Evaluate the champion and the challenger (``challenger``, a model that passed its gate with
+    ``challenger_accuracy`` on the whole test split) on the test rows the champion never trained on; decide.
+    Never cached: the champion changes under it."""
     export = export_store(export_url)
     pointer = read_pointer(export)
     if pointer is None:
-        return decide(challenger_accuracy, True, tolerance_pp)
-    with ArtifactStore(store_url).open(dataset.test) as f:
+        return decide(challenger_accuracy, True, gate.promotion_tolerance)
+    store = ArtifactStore(store_url)
+    with store.open(dataset.test) as f:
         test = read_parquet(f)
-    try:
-        champion_outputs = predict_tflite(champion_model(export, pointer), test.features, batch_size)
-    except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
-        return PromotionDecision(
-            promote=False, challenger_accuracy=challenger_accuracy, champion_version=pointer["version"],
-            champion_run_id=pointer.get("run_id"), tolerance_pp=tolerance_pp,
-            message=f"not promoted: the exported version {pointer['version']} cannot run on this test split "
-            f"({str(error).splitlines()[0][:200]}), so the two cannot be compared; `ptqflow promote RUN_ID` replaces it",
+    manifest_ref = pointer["files"].get("manifest")
+    unseen = None
+    if manifest_ref is not None:
+        champion_manifest = json.loads(
+            read_verified(export, export.key_of(manifest_ref["uri"]), manifest_ref["sha256"], manifest_ref["bytes"])
         )
-    return decide(challenger_accuracy, True, tolerance_pp, accuracy(champion_outputs, test.labels), pointer)
+        unseen = rows_unseen_by(champion_manifest, test.features)
+    if unseen is None:
+        return not_comparable(
+            challenger_accuracy, pointer, gate.promotion_tolerance,
+            f"the exported version {pointer['version']} records no split rule ptqflow can replay (it was exported "
+            "before splits were assigned by content), so the rows of this test split it trained on are unknown and "
+            "its accuracy here could be inflated",
+        )
+    needed = gate.comparison_rows_needed(len(test))
+    compared = int(unseen.sum())
+    if compared < needed:
+        return not_comparable(
+            challenger_accuracy, pointer, gate.promotion_tolerance,
+            f"only {compared} of the {len(test)} rows of this test split are provably unseen by the exported version "
+            f"{pointer['version']} (its split used another seed or fractions), and a fair comparison needs "
+            f"{needed} (--min-comparison-rows)", compared_rows=compared,
+        )
+    features, labels = test.features[unseen], test.labels[unseen]
+    try:
+        champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size)
+    except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
+        return not_comparable(
+            challenger_accuracy, pointer, gate.promotion_tolerance,
+            f"the exported version cannot run on this test split ({str(error).splitlines()[0][:200]}), so the two "
+            "cannot be compared",
+        )
+    challenger_outputs = predict_tflite(store.read_bytes(challenger), features, batch_size)
+    comparison = (f"the {compared} rows of this test split it never trained on" if compared < len(test)
+                  else f"all {compared} rows of this test split, none of which it trained on")
+    return decide(accuracy(challenger_outputs, labels), True, gate.promotion_tolerance,
+                  accuracy(champion_outputs, labels), pointer, compared, comparison)
 
 
 @task(name="record_promotion_in_report", cache_policy=NO_CACHE, persist_result=False)

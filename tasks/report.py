@@ -139,7 +139,7 @@ def _promotion_lines(promotion: dict[str, Any] | None) -> list[str]:
     return [
         f"- {promotion['message']}",
         f"- this model: {_pct(promotion['challenger_accuracy'])}; {champion}: {_pct(promotion['champion_accuracy'])} "
-        f"(same test split; tolerance {promotion['tolerance_pp']} pp)",
+        f"(on {promotion.get('comparison') or 'the same test rows'}; tolerance {promotion['tolerance_pp']} pp)",
     ]
 
 

@@ -1,7 +1,9 @@
-"""Stage 1, sample_dataset: seeded, stratified train / validation / test splits of the source, as Parquet."""
+"""Stage 1, sample_dataset: train / validation / test splits of the source, as Parquet. A row's split is a seeded
+hash of its content, so it stays in its split however the data grows (see ``hash_split``)."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 import numpy as np
@@ -10,30 +12,62 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.store import ArtifactStore
 from storage.tables import Columns, TensorTable, write_parquet_bytes
-from tasks.artifacts import FeatureSpec, SampledDataset
+from tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
 from tasks.caching import StageCachePolicy
 from tasks.datasets import Draw, load_dataset, source_fingerprint
 from tasks.errors import InvalidDataset
 from tasks.parameters import SamplingParameters
 from tasks.progress import report
-from tasks.stratify import MIN_PER_CLASS, check_class_labels, stratified_choice
+from tasks.stratify import MIN_PER_CLASS, check_class_labels
 
 SPLITS = ("train", "validation", "test")
 
 
-def stratified_split(
-    labels: np.ndarray, validation_fraction: float, test_fraction: float, seed: int
+# How rows are assigned to splits; recorded in dataset.json so that a later run can tell which of its rows an
+# exported model trained on. Changing the rule means a new name here.
+SPLIT_SCHEME = "sha256-row-v1"
+
+
+def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's place in [0, 1): the first 8 bytes of sha256(scheme, seed, dtype, row bytes). It depends on the
+    row's own content only, so it never changes when rows are added, removed or reordered, and identical rows
+    share it."""
+    rows = np.ascontiguousarray(features).reshape(len(features), -1)
+    salt = f"ptqflow:{SPLIT_SCHEME}:{seed}:{rows.dtype.str}:".encode()
+    places = np.fromiter(
+        (int.from_bytes(hashlib.sha256(salt + row.tobytes()).digest()[:8], "big") for row in rows),
+        dtype=np.float64, count=len(rows),
+    )
+    return places / 2.0**64
+
+
+def hash_split(
+    features: np.ndarray, labels: np.ndarray, validation_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
-    """Disjoint index sets for the three splits, each stratified by label and seeded."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    n_test = int(round(n * test_fraction))
-    n_validation = int(round(n * validation_fraction))
-    test = stratified_choice(labels, n_test, rng)
-    rest = np.setdiff1d(np.arange(n), test)
-    validation = rest[stratified_choice(labels[rest], n_validation, rng)]
-    train = rng.permutation(np.setdiff1d(rest, validation))
-    return {"train": train, "validation": validation, "test": test}
+    """Disjoint index sets for the three splits: a row is in test when its place (``split_positions``) is below
+    ``test_fraction``, in validation when below ``test_fraction + validation_fraction``, else in train. Each class
+    gets the same thresholds, so every split holds each class in proportion, up to sampling noise (about
+    sqrt(n p (1 - p)) rows for a class of n rows and a split's share p): exact proportions would move old rows
+    between splits whenever rows are added.
+
+    Raises:
+        InvalidDataset: a class has no row in one of the splits.
+    """
+    places = split_positions(features, seed)
+    order = np.argsort(places, kind="stable")  # a seeded order that interleaves the classes
+    bounds = {"test": (0.0, test_fraction),
+              "validation": (test_fraction, test_fraction + validation_fraction),
+              "train": (test_fraction + validation_fraction, 1.0)}
+    splits = {name: order[(places[order] >= low) & (places[order] < high)] for name, (low, high) in bounds.items()}
+    for name, indices in splits.items():
+        missing = np.setdiff1d(np.unique(labels), labels[indices])
+        if len(missing):
+            cls = int(missing[0])
+            raise InvalidDataset(
+                f"class {cls} has {int((labels == cls).sum())} samples and none fell in the {name} split (each "
+                "sample's split comes from a hash of its content): add samples of that class, or pass another --seed"
+            )
+    return {"train": splits["train"], "validation": splits["validation"], "test": splits["test"]}
 
 
 def check_dataset(table: TensorTable) -> None:
@@ -66,7 +100,7 @@ def feature_spec(table: TensorTable) -> FeatureSpec:
 def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> dict[str, TensorTable]:
     """Pure stage function: the three stratified splits of ``table``."""
     check_dataset(table)
-    indices = stratified_split(table.labels, params.validation_fraction, params.test_fraction, seed)
+    indices = hash_split(table.features, table.labels, params.validation_fraction, params.test_fraction, seed)
     return {name: table.take(indices[name]) for name in SPLITS}
 
 
@@ -109,6 +143,8 @@ def sample_dataset(
         report("sample_dataset", f"writing {name} split ({len(split)} samples)")
         refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
     counts = {name: len(split) for name, split in splits.items()}
+    rule = SplitRule(scheme=SPLIT_SCHEME, seed=seed, validation_fraction=params.validation_fraction,
+                     test_fraction=params.test_fraction)
     manifest = store.put_json(
         {
             "kind": "ptqflow.dataset",
@@ -116,9 +152,10 @@ def sample_dataset(
             "files_modified_since": since.isoformat() if since else None,
             "sample_size": params.sample_size,
             "seed": seed,
+            "split": rule.model_dump(),
             "spec": spec.model_dump(mode="json"),
             "splits": {name: {**refs[name].model_dump(), "samples": counts[name]} for name in SPLITS},
         }
     )
     get_run_logger().info("sampled %s: %s", source, counts)
-    return SampledDataset(manifest=manifest, spec=spec, counts=counts, **refs)
+    return SampledDataset(manifest=manifest, spec=spec, counts=counts, split=rule, **refs)

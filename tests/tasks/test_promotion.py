@@ -71,3 +71,34 @@ def test_a_corrupt_version_is_not_pointed_at():
     with pytest.raises(StoreError, match="does not match its source"):
         rollback(export)
     assert read_pointer(export)["version"] == "20261126T020000Z-b"
+
+
+def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testing():
+    import numpy as np
+
+    from tasks.promotion import rows_unseen_by
+    from tasks.sample import SPLIT_SCHEME, hash_split
+
+    rows = np.random.default_rng(0).integers(0, 256, (2000, 64), dtype=np.uint8)
+    labels = np.arange(2000) % 4
+    champion_rule = {"split": {"scheme": SPLIT_SCHEME, "seed": 0, "validation_fraction": 0.15, "test_fraction": 0.2}}
+    champion_held_out = set(hash_split(rows, labels, 0.15, 0.2, seed=0)["test"].tolist())
+    assert set(np.flatnonzero(rows_unseen_by(champion_rule, rows)).tolist()) == champion_held_out
+    # Another run with the same seed: its whole test split is unseen by the champion.
+    test = hash_split(rows, labels, 0.15, 0.2, seed=0)["test"]
+    assert rows_unseen_by(champion_rule, rows[test]).all()
+    # Another seed: only the rows both held out (about a fifth of a fifth of the data).
+    other_test = hash_split(rows, labels, 0.15, 0.2, seed=1)["test"]
+    unseen = rows_unseen_by(champion_rule, rows[other_test])
+    assert set(other_test[unseen].tolist()) == champion_held_out & set(other_test.tolist())
+    assert 0.1 < unseen.mean() < 0.3
+    # A champion exported before the rule existed: nothing can be proven unseen.
+    assert rows_unseen_by({"seed": 0}, rows) is None
+
+
+def test_the_rows_a_fair_comparison_needs():
+    from tasks.parameters import GateParameters
+
+    assert GateParameters().comparison_rows_needed(359) == 100
+    assert GateParameters().comparison_rows_needed(120) == 60  # half a small test split
+    assert GateParameters(min_comparison_rows=30).comparison_rows_needed(359) == 30

@@ -70,12 +70,14 @@ def test_the_champion_decision_is_in_both_renderings(document):
     assert "Promotion" not in render_markdown(document)  # a run without an export decided nothing
     document["promotion"] = {
         "promote": False, "challenger_accuracy": 0.351, "champion_accuracy": 0.9805, "champion_version": "v1",
-        "champion_run_id": "r1", "tolerance_pp": 0.0,
-        "message": "not promoted: accuracy 35.10% against 98.05% for the exported version v1 on this test split",
+        "champion_run_id": "r1", "tolerance_pp": 0.0, "compared_rows": 359,
+        "comparison": "all 359 rows of this test split, none of which it trained on",
+        "message": "not promoted: accuracy 35.10% against 98.05% for the exported version v1 on all 359 rows ...",
     }
     text = render_markdown(document)
     assert "## Promotion\n\n- not promoted: accuracy 35.10% against 98.05%" in text
-    assert "- this model: 35.10%; exported model (version v1): 98.05% (same test split; tolerance 0.0 pp)" in text
+    assert ("- this model: 35.10%; exported model (version v1): 98.05% (on all 359 rows of this test split, none of "
+            "which it trained on; tolerance 0.0 pp)") in text
     page = render_html(document)
     assert "<h2>Promotion</h2>" in page and "this model: 35.10%; exported model (version v1): 98.05%" in page
 
