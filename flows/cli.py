@@ -688,6 +688,8 @@ def serve(
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
     ] = None,
+    promotion_tolerance: PromotionToleranceOption = None,
+    min_comparison_rows: MinComparisonRowsOption = None,
     limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
 ) -> None:
     """Serve the ptq-pipeline flow on a schedule from this process (no work pool needed): it also runs what is
@@ -703,7 +705,9 @@ def serve(
             mode="json"
         ),
         "conversion": _parameters(ConversionParameters, False, ops=ops).model_dump(mode="json"),
-        "gate": _parameters(GateParameters, False, max_accuracy_drop=max_accuracy_drop).model_dump(mode="json"),
+        "gate": _parameters(GateParameters, False, max_accuracy_drop=max_accuracy_drop,
+                            promotion_tolerance=promotion_tolerance,
+                            min_comparison_rows=min_comparison_rows).model_dump(mode="json"),
     }
     _prepare_environment(verbose=True)
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule

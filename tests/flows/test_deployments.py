@@ -209,43 +209,79 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
     assert any(m["run_id"] == run_id for m in manifests(store))
 
 
-def test_a_schedule_is_run_by_the_server_by_itself(prefect_server, tmp_path):
-    store = tmp_path / "store"
+def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(prefect_server, tmp_path):
+    """Served every 20 s on a Parquet folder that grows: the scheduler's runs are cache hits while nothing changes;
+    after new rows arrive, the retrained model is compared with the exported one on test rows that one never
+    trained on (the whole new test split: a row's split never changes) and replaces it."""
+    import numpy as np
+
+    from storage.tables import write_parquet_bytes
+    from tasks.datasets import load_dataset
+
+    digits = load_dataset("digits")
+    data, store, export = tmp_path / "data", tmp_path / "store", tmp_path / "export"
+    data.mkdir()
+
+    def add_part(name: str, rows: np.ndarray) -> None:
+        staged = data / f".{name}.staged"  # not *.parquet: a run listing the folder never sees it half-written
+        staged.write_bytes(write_parquet_bytes(digits.take(rows)))
+        os.replace(staged, data / f"{name}.parquet")
+
+    add_part("part-0", np.arange(1200))
     log = tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen([ptqflow_executable(), "serve", "--name", "every-20s", "--store", str(store),
-                                    "--epochs", "3", "--interval", "20"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    runs: list[dict] = []
-    try:
-        deployment = deployment_id(prefect_server, "ptq-pipeline/every-20s")
+                                    "--dataset", str(data), "--export", str(export), "--epochs", "3",
+                                    "--promotion-tolerance", "3", "--interval", "20"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(condition, what: str) -> list[dict]:
         # A cold run trains, converts and validates: about a minute idle, several under a parallel CPU load.
-        deadline = time.monotonic() + 720
-        completed: list[dict] = []
+        deadline = time.monotonic() + 600
+        runs: list[dict] = []
         with api(prefect_server) as client:
-            while time.monotonic() < deadline and len(completed) < 2:
+            while time.monotonic() < deadline:
                 runs = client.post("/flow_runs/filter", json={
                     "flow_runs": {"deployment_id": {"any_": [deployment]}},
-                    "sort": "EXPECTED_START_TIME_ASC", "limit": 10}).json()
-                completed = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+                    "sort": "EXPECTED_START_TIME_ASC", "limit": 50}).json()
                 failed = [r for r in runs if r["state"]["type"] in TERMINAL - {"COMPLETED"}]
                 assert not failed, failed[0]["state"]["message"]
+                if condition(runs):
+                    return runs
                 time.sleep(2)
+        states = [(r["expected_start_time"], r["state"]["name"]) for r in runs[:8]]
+        raise AssertionError(f"{what} within 10 minutes; runs: {states}; serve log: {log.read_text()[-3000:]} "
+                             "(the server's scheduler logs to PREFECT_HOME/server.log)")
+
+    def completed(runs: list[dict]) -> list[dict]:
+        return [r for r in runs if r["state"]["type"] == "COMPLETED"]
+
+    try:
+        deployment = deployment_id(prefect_server, "ptq-pipeline/every-20s")
+        before = completed(wait_for(lambda runs: len(completed(runs)) >= 2, "no two completed runs"))
+        add_part("part-1", np.arange(1200, len(digits)))  # the night's new rows
+        grown_after = {r["id"] for r in before}
+
+        def retrained(runs: list[dict]) -> bool:
+            done = {r["id"] for r in completed(runs)} - grown_after
+            return any(not m["tasks"]["sample_dataset"]["cached"] for m in manifests(store) if m["run_id"] in done)
+
+        wait_for(retrained, "no run retrained on the new rows")
     finally:
         stop_process_group(process, signal.SIGINT)
-    states = [(r["expected_start_time"], r["state"]["name"]) for r in runs[:5]]
-    assert len(completed) >= 2, (
-        f"no two completed runs in 12 minutes; first runs: {states}; serve log: {log.read_text()[-3000:]} "
-        "(the server's scheduler logs to PREFECT_HOME/server.log)"
-    )
-    assert all("auto-scheduled" in r["tags"] for r in completed)  # made by the server's scheduler, not by us
-    assert {r["id"] for r in completed} <= {m["run_id"] for m in manifests(store)}
-    # The source did not change between runs: every later scheduled run is all cache hits.
-    scheduled = sorted((m for m in manifests(store) if m["run_id"] in {r["id"] for r in completed}),
-                       key=lambda m: m["created_at"])
-    assert not all(t["cached"] for t in scheduled[0]["tasks"].values())
-    assert all(t["cached"] for m in scheduled[1:] for t in m["tasks"].values()), [m["tasks"] for m in scheduled]
+    assert all("auto-scheduled" in r["tags"] for r in before)  # made by the server's scheduler, not by us
+    by_time = sorted(manifests(store), key=lambda m: m["created_at"])
+    first, unchanged = by_time[0], by_time[1]
+    assert not all(t["cached"] for t in first["tasks"].values()) and first["promotion"]["promote"]
+    # The source did not change: the next scheduled run is all cache hits and publishes nothing new.
+    assert all(t["cached"] for t in unchanged["tasks"].values()), unchanged["tasks"]
+    [grown] = [m for m in by_time if m["run_id"] not in grown_after and not m["tasks"]["sample_dataset"]["cached"]][:1]
+    decision = grown["promotion"]
+    dataset = json.loads(Path(grown["artifacts"]["dataset"]["uri"].removeprefix("file://")).read_text())
+    assert decision["compared_rows"] == dataset["splits"]["test"]["samples"]  # all of it: unseen by the champion
+    assert decision["promote"], decision["message"]
+    assert json.loads((export / "latest.json").read_text())["run_id"] == grown["run_id"]
 
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_path):
