@@ -126,7 +126,7 @@ def _shape(text: str | None, as_json: bool) -> tuple[int, ...] | None:
     if text is None:
         return None
     parts = [part.strip() for part in text.replace("x", ",").split(",")]
-    if all(part.isdigit() for part in parts):
+    if all(part.isascii() and part.isdigit() for part in parts):  # not "²", which str.isdigit accepts
         return tuple(int(part) for part in parts)
     _fail(
         f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 32,32,3",
@@ -325,7 +325,7 @@ def _upstream_parameters(as_json: bool, **given: Any) -> dict[str, Any]:
 
 def _outcome(state: Any, as_json: bool) -> tuple[Any, int]:
     """A finished flow run's summary and exit code; a run that failed without one ends the CLI with one line."""
-    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error
+    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error, storage_refusal
     from tasks.errors import AccuracyGateFailed
 
     if state.is_completed():
@@ -335,6 +335,8 @@ def _outcome(state: Any, as_json: bool) -> tuple[Any, int]:
         return error.summary, EXIT_GATE_FAILED
     if isinstance(error, USER_ERRORS):
         _fail(str(error), EXIT_INVALID_INPUT, as_json)
+    if (refusal := storage_refusal(error)) is not None:
+        _fail(refusal, EXIT_RUN_FAILED, as_json)
     if is_transient_error(error):
         _fail(
             f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "
@@ -527,9 +529,13 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as a JSON list.")] = False,
 ) -> None:
     """List the complete runs in a store, newest first."""
+    from storage.store import StoreError
     from tasks.manifest import list_manifests
 
-    manifests = list_manifests(_open_store(store))
+    try:
+        manifests = list_manifests(_open_store(store))
+    except StoreError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=as_json)
     if as_json:
         print(json.dumps(manifests))
         return
@@ -556,11 +562,12 @@ def show(
     store: StoreOption = "./ptqflow-store",
 ) -> None:
     """Print one run's manifest (JSON)."""
+    from storage.store import StoreError
     from tasks.manifest import find_manifest
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
-    except LookupError as error:
+    except (LookupError, StoreError) as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
     print(json.dumps(manifest, indent=2, sort_keys=True))
 
@@ -593,18 +600,15 @@ def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
 
     from prefect.events.worker import EventsWorker
 
-    from flows.locks import exclusive
+    from flows.locks import LockNotAcquired, exclusive
 
     try:
         with ExitStack() as held:
             try:
                 held.enter_context(exclusive(export.url, timeout_seconds=wait_seconds))
-            except TimeoutError:
-                _fail(
-                    f"a run is using {export.url} (it holds the export's lock; `ptqflow runs` or the Prefect UI "
-                    f"shows it): retry when it has finished, or wait longer with --wait (waited {wait_seconds:g} s)",
-                    EXIT_RUN_FAILED, as_json=False,
-                )
+            except LockNotAcquired as error:
+                _fail(f"{error}, or wait longer with --wait (waited {wait_seconds:g} s)", EXIT_RUN_FAILED,
+                      as_json=False)
             yield
     finally:
         # The lock's events are sent before the process exits; Prefect's worker would warn that some are pending.

@@ -44,6 +44,11 @@ LOCK_DIR = "PTQFLOW_LOCK_DIR"
 POLL_SECONDS = 0.5
 
 
+class LockNotAcquired(Exception):
+    """Another run held a target's lock for longer than this run would wait. Not an OSError: nothing is wrong
+    with the storage, and retrying at once would only wait again."""
+
+
 def lock_name(url: str) -> str:
     # Limit names are shown in the UI and must be plain: a digest of the normalised URL.
     return f"ptqflow-target-{hashlib.sha256(url.encode()).hexdigest()[:20]}"
@@ -108,7 +113,9 @@ def _host_lock(target: str, name: str, timeout_seconds: float, logger: logging.L
                     logger.info("waiting for the lock on %s%s", target, _holder(file))
                     waiting = True
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"the lock on {target} is held by another run{_holder(file)}") from None
+                    raise LockNotAcquired(
+                        f"a run is using {target}{_holder(file)}: retry when it has finished"
+                    ) from None
                 time.sleep(POLL_SECONDS)
         try:
             file.seek(0)
@@ -126,7 +133,7 @@ def exclusive(*urls: str | None, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) 
     """Hold the lock of every target in ``urls`` (normalised URLs; None is skipped) for the block.
 
     Raises:
-        TimeoutError: another run held one of the locks for ``timeout_seconds``.
+        LockNotAcquired: another run held one of the locks for ``timeout_seconds``.
     """
     targets = sorted({url for url in urls if url})  # one order everywhere: two runs never wait on each other
     names = [lock_name(url) for url in targets]
@@ -151,6 +158,14 @@ def exclusive(*urls: str | None, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) 
 
     _ensure_limits(names)
     logger.info("waiting for the lock on %s", ", ".join(targets))
-    with concurrency(names, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS, strict=True):
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(names, occupy=1, timeout_seconds=timeout_seconds,
+                                           lease_duration=LEASE_SECONDS, strict=True))
+        except TimeoutError:
+            raise LockNotAcquired(
+                f"a run is using {', '.join(targets)} (it holds the lock; `ptqflow runs` or the Prefect UI shows it): "
+                "retry when it has finished"
+            ) from None
         logger.info("holding the lock on %s", ", ".join(targets))
         yield names

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from flows.locks import exclusive
 from flows.trust import enforce_for_deployment_runs
-from flows.stages import StageRecord, StageRunner
+from flows.stages import StageRecord, StageRunner, sweep_leftovers
 from storage.store import ArtifactRef, ArtifactStore
 from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
 from tasks.calibrate import materialize_calibration_set
@@ -229,9 +229,11 @@ def ptq_pipeline(
         "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
     })
     artifact_store = ArtifactStore(store)
-    export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
+    export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
+    export_target = export_target_store.url if export_target_store else None
     # One run at a time per store and export target (schedules, the UI, deployments): see flows/locks.py.
-    with exclusive(artifact_store.url, export_target):
+    with exclusive(artifact_store.url, export_target) as held:
+        sweep_leftovers(held, artifact_store, export_target_store)
         run = StageRunner(artifact_store)
 
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)

@@ -3,6 +3,7 @@ every artifact a stage hands on, and cache-hit bookkeeping."""
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,12 +29,36 @@ USER_ERRORS = (PtqflowError, StoreError, TensorTableError)
 NOT_TRANSIENT = (*USER_ERRORS, ValueError, TypeError, KeyError, FileNotFoundError)
 
 
+# Storage that answered, and said no: retrying does not help, and "unreachable" would send the user the wrong way.
+STORAGE_REFUSALS = {
+    errno.ENOSPC: "the storage is full",
+    errno.EDQUOT: "the storage quota is used up",
+    errno.EROFS: "the storage is read-only",
+    errno.EACCES: "the storage refuses writes (permission denied)",
+    errno.EPERM: "the storage refuses the operation (not permitted)",
+}
+
+
+def storage_refusal(error: BaseException) -> str | None:
+    """One line for a run that failed because the storage refused (full, read-only, locked by another run), or
+    None for any other error."""
+    from flows.locks import LockNotAcquired
+
+    if isinstance(error, LockNotAcquired):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in STORAGE_REFUSALS:
+        where = f" at {error.filename}" if error.filename else ""
+        return (f"{STORAGE_REFUSALS[error.errno]}{where} ({error.strerror}): free space or fix its permissions, or "
+                "point --store elsewhere; completed stages are reused on the rerun")
+    return None
+
+
 def is_transient_error(error: BaseException) -> bool:
     """True for errors a retry may fix (network and storage I/O), False for problems with input or code, and
     for a stage stopped at its time limit (it would only run as long again)."""
     from prefect.task_engine import TaskRunTimeoutError
 
-    if isinstance(error, (*NOT_TRANSIENT, TaskRunTimeoutError, StageTimedOut)):
+    if isinstance(error, (*NOT_TRANSIENT, TaskRunTimeoutError, StageTimedOut)) or storage_refusal(error):
         return False
     if isinstance(error, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -240,3 +265,14 @@ class Submitted:
     inputs: dict[str, Any]
     future: PrefectFuture
 
+
+def sweep_leftovers(held_locks: list[str], *stores: ArtifactStore | None) -> None:
+    """With the stores' locks held (``held_locks`` from ``flows.locks.exclusive``), delete the temporary files of
+    writers that were killed between writing and renaming, once older than the lock's lease."""
+    from flows.locks import LEASE_SECONDS
+
+    if not held_locks:  # without the lock another run may be writing them right now
+        return
+    for store in stores:
+        for uri in store.sweep_temporaries(LEASE_SECONDS) if store else []:
+            get_run_logger().info("removed %s, left by a writer that was killed mid-write", uri)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from flows.locks import exclusive
 from flows.trust import enforce_for_deployment_runs
 from flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
-from flows.stages import StageRecord, StageRunner, Submitted
+from flows.stages import StageRecord, StageRunner, Submitted, sweep_leftovers
 from storage.store import ArtifactRef, ArtifactStore
 from tasks.artifacts import CalibrationSet, ConvertedModels, FloatOutputs, SampledDataset, TrainedModel
 from tasks.errors import AccuracyGateFailed, ConversionFailed
@@ -239,9 +239,11 @@ def ptq_sweep(
         "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
     })
     artifact_store = ArtifactStore(store)
-    export_target = export_store(export).url if export else None  # a bad export URL fails now, not after training
+    export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
+    export_target = export_target_store.url if export_target_store else None
     grid = select_configurations(sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations)
-    with exclusive(artifact_store.url, export_target):
+    with exclusive(artifact_store.url, export_target) as held:
+        sweep_leftovers(held, artifact_store, export_target_store)
         run = StageRunner(artifact_store)
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sizes)

@@ -33,6 +33,7 @@ _CHUNK = 1 << 20
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BLOB_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")  # what put_bytes is given: "", ".json", ".tflite", ...
 
+TEMPORARY_MARK = ".tmp-"  # <name>.tmp-<uuid>: a local write in progress, renamed into place when complete
 STORE_OPTIONS_ENV = "PTQFLOW_STORAGE_OPTIONS"
 EXPORT_OPTIONS_ENV = "PTQFLOW_EXPORT_STORAGE_OPTIONS"
 
@@ -65,6 +66,14 @@ class ArtifactRef(BaseModel):
     uri: str = Field(description="Full fsspec URI of the blob.")
     sha256: str = Field(description="Hex sha256 of the blob's bytes.", pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(description="Size of the blob in bytes.", ge=0)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -202,7 +211,13 @@ class ArtifactStore:
     ) -> None:
         check_url(url)
         self.storage_options = dict(storage_options if storage_options is not None else storage_options_from_env(options_env))
-        self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        except (ValueError, ImportError) as error:  # an unknown protocol, or its backend not installed
+            raise StoreError(
+                f"cannot open the store {url!r}: {error}; use a folder or an installed backend's URL (s3://, gs://, "
+                "az://, memory://: pip install 'ptqflow[s3]' and the like)"
+            ) from None
         self.root = root.rstrip("/")
         # Canonical form (absolute for local paths) so cache keys and references do not depend on the cwd.
         self.url = self.fs.unstrip_protocol(self.root)
@@ -276,7 +291,7 @@ class ArtifactStore:
             # a conditional PUT (If-None-Match: *) on S3.
             self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
             return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -286,6 +301,7 @@ class ArtifactStore:
                 os.link(tmp, path)  # fails if the name exists, atomically
             else:
                 os.replace(tmp, path)
+            _fsync_directory(parent)  # the new name survives a power cut, not only the bytes
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -381,7 +397,26 @@ class ArtifactStore:
             entries = self.fs.ls(base, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(f"{prefix}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in entries)
+        names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+        # A killed writer's temporary file is not an object (see sweep_temporaries).
+        return sorted(f"{prefix}/{name}" for name in names if TEMPORARY_MARK not in name)
+
+    def sweep_temporaries(self, older_than_seconds: float) -> list[str]:
+        """Delete the temporary files that writers killed between writing and renaming left behind (local
+        stores only: an object store's upload is never visible half-done), if older than ``older_than_seconds``.
+        Call it only while holding the store's lock, so that no live writer of ptqflow's owns them. Returns
+        their URIs."""
+        if not self._is_local or not os.path.isdir(self.root):
+            return []
+        cutoff = time.time() - older_than_seconds
+        swept = []
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if TEMPORARY_MARK in name and os.path.getmtime(path) < cutoff:
+                    os.unlink(path)
+                    swept.append(self._uri(path))
+        return swept
 
     # -- repair ----------------------------------------------------------------------------------------
     def quarantine(self, ref: ArtifactRef) -> str | None:

@@ -102,8 +102,34 @@ def write_parquet_bytes(table: TensorTable, row_group_size: int | None = None) -
 
 
 def table_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The table's ``ptqflow`` schema metadata (shape, value range, class names), checked: it is written by
+    whoever wrote the file.
+
+    Raises:
+        TensorTableError: it is not JSON of that form.
+    """
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        shape, value_range, names = meta.get("shape"), meta.get("value_range"), meta.get("class_names")
+        if shape is not None and not (isinstance(shape, list) and shape and all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise ValueError(f"shape {shape!r} is not a list of positive integers")
+        if value_range is not None and not (isinstance(value_range, list) and len(value_range) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range)):
+            raise ValueError(f"value_range {value_range!r} is not [low, high]")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError("class_names is not a list of strings")
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
+        raise TensorTableError(
+            f"the table's '{METADATA_KEY.decode()}' schema metadata is malformed ({str(error)[:120]}): write the file "
+            "without it (ptqflow then reads shape and range from the data and --input-shape)"
+        ) from None
+    return meta
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from tasks.caching import StageCachePolicy
 from tasks.datasets import Draw, load_dataset, peek_dataset
 from tasks.errors import InvalidDataset
 from tasks.parameters import CalibrationParameters
+from tasks.sample import refuse_non_finite
 from tasks.stratify import draw_stratified
 
 
@@ -68,6 +69,7 @@ def materialize_calibration_set(
             option="--calibration-size",
         )
         calibration = check_matches_spec(load_dataset(params.calibration_source, columns, draw), dataset.spec, where)
+        refuse_non_finite(calibration, where)
     else:
         with store.open(dataset.train) as f:
             calibration = draw_calibration_set(read_parquet(f), params.calibration_size, seed)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.store import ArtifactStore, safe_key
+from storage.store import ArtifactStore, StoreError, safe_key
 from tasks.caching import library_versions
 
 RUNS_PREFIX = "runs"
@@ -92,7 +92,7 @@ def write_run_manifest(store_url: str, manifest: dict[str, Any]) -> str:
 
 def list_manifests(store: ArtifactStore) -> list[dict[str, Any]]:
     """Every run manifest in the store, newest first."""
-    manifests = [json.loads(store.read_named(key)) for key in store.list_named(RUNS_PREFIX) if key.endswith(".json")]
+    manifests = [read_manifest(store, key) for key in store.list_named(RUNS_PREFIX) if key.endswith(".json")]
     return sorted(manifests, key=lambda m: m.get("created_at", ""), reverse=True)
 
 
@@ -107,4 +107,26 @@ def find_manifest(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         raise LookupError(f"no run {run_id!r} in {store.url}: `ptqflow runs --store {store.url}` lists the runs")
     if len(keys) > 1:
         raise LookupError(f"{len(keys)} runs start with {run_id!r}: give more of the run id")
-    return json.loads(store.read_named(keys[0]))
+    return read_manifest(store, keys[0])
+
+
+class CorruptManifest(StoreError):
+    pass
+
+
+def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any]:
+    """A run manifest, checked to be one (someone else may have written the file).
+
+    Raises:
+        CorruptManifest: not JSON, or not a ptqflow run manifest.
+    """
+    try:
+        manifest = json.loads(store.read_named(key))
+        if not isinstance(manifest, dict) or manifest.get("kind") != "ptqflow.run_manifest":
+            raise ValueError("not a ptqflow run manifest")
+    except ValueError as error:
+        raise CorruptManifest(
+            f"{store.uri_for(key)} is not a readable run manifest ({str(error)[:100]}): move it out of "
+            f"{RUNS_PREFIX}/ (a manifest only records a run; the artifacts it names stay valid)"
+        ) from None
+    return manifest

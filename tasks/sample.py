@@ -74,19 +74,37 @@ def check_dataset(table: TensorTable) -> None:
     """Refuse a data set that cannot be split and trained on, before any heavy work."""
     if len(table) == 0:
         raise InvalidDataset("the data set is empty: point --dataset at a table with samples")
+    refuse_non_finite(table, "the data set")
+    check_class_labels(table.labels)
+    value_range(table)
+
+
+def value_range(table: TensorTable) -> tuple[float, float]:
+    """The raw values' range, from the table's metadata or its data; refused when it is a single value (the model
+    scales inputs by it, and there is nothing to learn)."""
+    lo, hi = table.metadata.get("value_range") or (float(table.features.min()), float(table.features.max()))
+    if not hi > lo:
+        raise InvalidDataset(
+            f"every value of every sample is {lo:g} (value range [{lo:g}, {hi:g}]): there is nothing to learn; "
+            "check --feature-column and the source"
+        )
+    return float(lo), float(hi)
+
+
+def refuse_non_finite(table: TensorTable, where: str) -> None:
+    """Raise InvalidDataset naming the first rows when any sample holds NaN or Inf."""
     if table.features.dtype.kind == "f":
         bad = ~np.isfinite(table.features.reshape(len(table), -1)).all(axis=1)
         if bad.any():
             rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:5])
             raise InvalidDataset(
-                f"{int(bad.sum())} samples have NaN or Inf values (rows {rows}): clean the source"
+                f"{int(bad.sum())} samples of {where} have NaN or Inf values (rows {rows}): clean the source"
             )
-    check_class_labels(table.labels)
 
 
 def feature_spec(table: TensorTable) -> FeatureSpec:
     n_classes = int(table.labels.max()) + 1
-    lo, hi = table.metadata.get("value_range") or (float(table.features.min()), float(table.features.max()))
+    lo, hi = value_range(table)
     names = table.metadata.get("class_names") or [str(i) for i in range(n_classes)]
     return FeatureSpec(
         shape=table.sample_shape,

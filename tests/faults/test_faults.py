@@ -156,6 +156,30 @@ def test_kill_9_of_a_run_holding_the_lock_on_a_prefect_server_frees_it_after_the
     print(f"lock held again {waited:.1f} s after the kill -9 (lease {LEASE_SECONDS} s)")
 
 
+def test_the_next_run_holding_the_lock_sweeps_what_killed_writers_left(cli, tmp_path):
+    store, export = tmp_path / "store", tmp_path / "export"
+    first = run_json(cli, "--store", str(store), "--export", str(export), *FAST)
+    # What a writer killed between its write and its rename leaves: <name>.tmp-<uuid> beside the final name.
+    blob = Path(first["artifacts"]["model"]["uri"].removeprefix("file://"))
+    leftovers = [blob.with_name(blob.name + ".tmp-5e1f"), store / "runs" / f"{first['run_id'][:8]}0.json.tmp-77aa",
+                 export / "versions" / f"{first['export']['version']}" / "model.tflite.tmp-0b0b"]
+    young = store / "runs" / "ffffffff.json.tmp-c0de"  # a live writer's, for all this run knows
+    for path in [*leftovers, young]:
+        path.write_bytes(b"half a file")
+    for path in leftovers:
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    # The leftover in runs/ shares the run's id prefix: lookups by prefix must not see it.
+    shown = cli("show", first["run_id"][:8], "--store", str(store))
+    assert shown.returncode == 0 and first["run_id"] in shown.stdout, shown.stderr[-2000:]
+
+    second = cli("run", "--store", str(store), "--export", str(export), *FAST, "--json", "--verbose")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert not any(path.exists() for path in leftovers) and young.exists()
+    for path in leftovers:
+        assert path.name in second.stderr  # each removal is logged
+    assert_every_blob_intact(store)
+
+
 def test_a_flipped_byte_is_detected_moved_aside_and_recomputed(cli, reference, tmp_path):
     store = tmp_path / "store"
     first = run_json(cli, "--store", str(store), *FAST)

@@ -110,3 +110,21 @@ def test_runs_lists_complete_runs_and_show_prints_one(first_run, cli, store):
     assert manifest["parameters"]["training"]["epochs"] == 6
     missing = cli("show", "no-such-run", "--store", store)
     assert missing.returncode == 2 and "ptqflow runs" in missing.stderr
+
+
+def test_a_store_url_nothing_can_open_is_one_line_and_exit_2(cli):
+    for command in (["runs", "--store", "foo://x"], ["show", "abc", "--store", "foo://x"]):
+        result = cli(*command)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "cannot open the store 'foo://x'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_corrupt_manifest_is_named_with_the_fix(cli, tmp_path):
+    runs = tmp_path / "store" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "0badc0de-0000-4000-8000-000000000000.json").write_text('{"kind": "ptqflow.run_manifest", "run_id": ')
+    for command in (["runs", "--store", str(tmp_path / "store")], ["show", "0badc0de", "--store", str(tmp_path / "store")]):
+        result = cli(*command)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "0badc0de-0000-4000-8000-000000000000.json is not a readable run manifest" in result.stderr
+        assert "move it out of runs/" in result.stderr and "Traceback" not in result.stderr

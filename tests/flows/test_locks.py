@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from flows.locks import LOCK_DIR, exclusive
+from flows.locks import LOCK_DIR, LockNotAcquired, exclusive
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_a_held_lock_makes_the_next_run_wait_and_names_the_holder(no_server):
     holder = hold_in_a_process("file:///data/store", os.environ[LOCK_DIR])
     try:
         started = time.monotonic()
-        with pytest.raises(TimeoutError, match=rf"file:///data/store is held by another run \(held by pid {holder.pid}"):
+        with pytest.raises(LockNotAcquired, match=rf"a run is using file:///data/store \(held by pid {holder.pid}"):
             with exclusive("file:///data/store", timeout_seconds=1.5):
                 pass
         assert time.monotonic() - started >= 1.5

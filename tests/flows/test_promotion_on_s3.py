@@ -125,7 +125,7 @@ def test_promote_waits_for_a_run_that_holds_the_export_lock(runs, cli, prefect_s
     with exclusive(export.url):  # what a run holds from its start until it has published
         refused = cli(*args, "--wait", "1", env=env)
         assert refused.returncode == 3, refused.stderr[-3000:]
-        assert f"a run is using {export.url} (it holds the export's lock" in refused.stderr
+        assert f"a run is using {export.url} (it holds the lock" in refused.stderr
         assert refused.stderr.strip().count("\n") == 0 and "Traceback" not in refused.stderr
         waiting = start_cli(prefect_server, *args, env=env)
         time.sleep(5)

@@ -196,3 +196,47 @@ def test_a_source_url_with_the_run_date(cli, tmp_path):
     assert dataset["source"] == str(tmp_path / "events" / today)
     manifest = json.loads((tmp_path / "store" / "runs" / f"{summary['run_id']}.json").read_text())
     assert manifest["parameters"]["sampling"]["dataset"].endswith("{date:%Y-%m-%d}")  # the template, as given
+
+
+def write_table(path, values: np.ndarray, labels: np.ndarray, metadata: bytes | None = None) -> str:
+    table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]),
+                      "label": pa.array(labels)})
+    if metadata is not None:
+        table = table.replace_schema_metadata({b"ptqflow": metadata})
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: ["--dataset", write_table(p, np.full((300, 6), 7.0, np.float32), np.arange(300) % 3)],
+         "every value of every sample is 7 (value range [7, 7]): there is nothing to learn"),
+        (lambda p: ["--dataset", write_table(p, np.random.default_rng(0).random((300, 6), np.float32),
+                                             np.arange(300) % 3, b'{"shape": "six", "value_range": [0, 1]}')],
+         "the table's 'ptqflow' schema metadata is malformed (shape 'six' is not a list of positive integers)"),
+        (lambda p: ["--dataset", write_table(p, np.random.default_rng(0).random((300, 6), np.float32),
+                                             np.arange(300) % 3, b"{not json")],
+         "the table's 'ptqflow' schema metadata is malformed"),
+        (lambda p: ["--input-shape", "\u00b2"], "invalid --input-shape '\u00b2'"),
+    ],
+    ids=["constant-features", "metadata-wrong-type", "metadata-not-json", "superscript-shape"],
+)
+def test_more_bad_input_ends_in_one_line_and_exit_2(cli, tmp_path, make, message):
+    result = cli("run", "--store", str(tmp_path / "store"), *make(tmp_path / "data.parquet"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "store" / "blobs").exists()
+
+
+def test_nan_in_a_calibration_source_is_refused_with_exit_2(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    data = write_table(tmp_path / "data.parquet", rng.random((300, 6), np.float32) * 10, np.arange(300) % 3)
+    bad = rng.random((100, 6), np.float32) * 10
+    bad[[4, 9], 2] = np.nan
+    source = write_table(tmp_path / "calibration.parquet", bad, np.arange(100) % 3)
+    result = cli("run", "--store", str(tmp_path / "store"), "--dataset", data, "--calibration-source", source,
+                 "--calibration-size", "100", "--epochs", "2")  # all of it: the bad rows are drawn
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "samples of the calibration source" in result.stderr and "have NaN or Inf values" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from flows.stages import is_transient_error
@@ -25,6 +27,28 @@ def test_network_and_storage_io_errors_are_retried(error):
                                    KeyError("x")])
 def test_input_and_code_errors_are_not(error):
     assert not is_transient_error(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [(OSError(errno.ENOSPC, "No space left on device", "/data/store/blobs/ab/x.tmp-1"),
+      "the storage is full at /data/store/blobs/ab/x.tmp-1 (No space left on device): free space"),
+     (OSError(errno.EROFS, "Read-only file system"), "the storage is read-only (Read-only file system)"),
+     (PermissionError(errno.EACCES, "Permission denied"), "the storage refuses writes (permission denied)")],
+)
+def test_full_or_read_only_storage_is_said_so_and_not_retried(error, line):
+    from flows.stages import storage_refusal
+
+    assert line in storage_refusal(error) and not is_transient_error(error)
+
+
+def test_a_lock_held_too_long_is_said_so_and_not_called_unreachable():
+    from flows.locks import LockNotAcquired
+    from flows.stages import storage_refusal
+
+    error = LockNotAcquired("a run is using file:///s (held by pid 7): retry when it has finished")
+    assert storage_refusal(error) == str(error) and not is_transient_error(error)
+    assert storage_refusal(ConnectionResetError()) is None
 
 
 def test_a_stage_past_its_time_limit_fails_once_with_a_clear_error(prefect_server, tmp_path):

@@ -218,3 +218,23 @@ def test_storage_options_come_from_the_environment_and_are_never_echoed(monkeypa
     with pytest.raises(StoreError, match="not valid JSON") as error:
         ArtifactStore(str(tmp_path))
     assert "hunter2" not in str(error.value)
+
+
+def test_a_killed_writers_temporary_file_is_never_listed_and_is_swept_once_stale(tmp_path):
+    import os
+    import time
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_named("runs/abc.json", b"{}")
+    runs = tmp_path / "store" / "runs"
+    stale, fresh = runs / "abd.json.tmp-0f0f", runs / "abe.json.tmp-1e1e"  # what a kill -9 before the rename leaves
+    stale.write_bytes(b"{"), fresh.write_bytes(b"{")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert store.list_named("runs") == ["runs/abc.json"]
+    assert store.sweep_temporaries(older_than_seconds=60) == [store.uri_for("runs") + "/abd.json.tmp-0f0f"]
+    assert not stale.exists() and fresh.exists()  # a young one may belong to a live writer
+    assert store.read_named("runs/abc.json") == b"{}"
+
+
+def test_object_stores_have_no_temporaries_to_sweep():
+    assert ArtifactStore(f"memory://sweep-{uuid.uuid4().hex}").sweep_temporaries(0) == []
