@@ -642,12 +642,15 @@ def promote(
     from storage.store import StoreError
     from tasks.manifest import find_manifest
     from tasks.promotion import promote as promote_run
+    from tasks.publish import PointerMoved
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
         target = _open_export(export)
         with _export_lock(target, wait):
             _moved(promote_run(_open_store(store), target, manifest), f"promoted run {manifest['run_id']}")
+    except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile
+        _fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except (LookupError, StoreError) as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 
@@ -659,11 +662,14 @@ def rollback(export: ExportOption = ..., wait: LockWaitOption = 60.0) -> None:
     _quiet_lock_service()
     from storage.store import StoreError
     from tasks.promotion import rollback as roll_back
+    from tasks.publish import PointerMoved
 
     try:
         target = _open_export(export)
         with _export_lock(target, wait):
             _moved(roll_back(target), "rolled back")
+    except PointerMoved as error:
+        _fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 

@@ -31,7 +31,7 @@ from tasks.parameters import (
     ValidationParameters,
 )
 from tasks.promotion import PromotionDecision, compare_with_champion, record_promotion_in_report
-from tasks.publish import ExportRecord, export_store, publish_export
+from tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
 from tasks.repair import repair_quantization
 from tasks.datasets import is_builtin, resolve_source
 from tasks.sample import columns_of, fingerprint_source, sample_dataset
@@ -180,11 +180,20 @@ def publish_if_promoted(
     artifacts: dict[str, ArtifactRef],
     manifest: dict[str, Any],
     promotion: PromotionDecision | None,
-) -> ExportRecord | None:
-    """Publish the run (a new version folder, then latest.json) when the champion check promoted it."""
+) -> tuple[ExportRecord | None, PromotionDecision | None]:
+    """Publish the run (a new version folder, then latest.json) when the champion check promoted it, provided
+    latest.json still names the champion it was compared with. Returns the export and the final decision: a run
+    that lost that race to another writer says so and is not published."""
     if not export or promotion is None or not promotion.promote:
-        return None
-    return run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts, manifest=manifest)
+        return None, promotion
+    try:
+        exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts,
+                              manifest=manifest, compared_with=promotion.champion_version)
+    except PointerMoved as lost:
+        get_run_logger().warning("not published: %s", lost)
+        return None, promotion.model_copy(update={
+            "promote": False, "message": f"not published: {lost}; rerun to compare with the new exported model"})
+    return exported, promotion
 
 
 def promotion_markdown(promotion: PromotionDecision) -> str:
@@ -289,9 +298,10 @@ def ptq_pipeline(
             promotion=promotion.model_dump(mode="json") if promotion else None,
             split=dataset.split.model_dump() if dataset.split else None,
         )
-        exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
+        exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,
+            "promotion": promotion.model_dump(mode="json") if promotion else None,
         })
 
         summary = RunSummary(

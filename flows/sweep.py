@@ -300,9 +300,10 @@ def ptq_sweep(
             promotion=promotion.model_dump(mode="json") if promotion else None,
             split=dataset.split.model_dump() if dataset.split else None,
         )
-        exported = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
+        exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
         manifest_uri = run.effect(write_run_manifest, manifest={
             **manifest, "export": exported.model_dump(mode="json") if exported else None,
+            "promotion": promotion.model_dump(mode="json") if promotion else None,
         })
         summary = SweepSummary(
             run_id=run_id, status="passed" if verdict.passed else "failed", store=artifact_store.url,

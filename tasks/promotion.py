@@ -25,11 +25,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
+from storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key, sha256_bytes
 from storage.tables import read_parquet
 from tasks.artifacts import SampledDataset
 from tasks.parameters import GateParameters
-from tasks.publish import POINTER, export_store, publish_run, read_verified, verify_copy
+from tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
 from tasks.report import render_html, render_markdown
 from tasks.sample import SPLIT_SCHEME, split_positions
 from tasks.validate import accuracy, predict_tflite
@@ -196,7 +196,8 @@ def point_latest_to(export: ArtifactStore, version: str, action: str) -> Pointer
     recorded = json.loads(export.read_named(recorded_key))
     files = {name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
              for name, ref in recorded["files"].items()}
-    previous = read_pointer(export)
+    previous_bytes = export.read_named(POINTER) if export.exists_named(POINTER) else None
+    previous = json.loads(previous_bytes) if previous_bytes else None
     now = datetime.now(timezone.utc)
     pointer = json.dumps(
         {
@@ -208,7 +209,11 @@ def point_latest_to(export: ArtifactStore, version: str, action: str) -> Pointer
     ).encode() + b"\n"
     history = safe_key(f"history/{now:%Y%m%dT%H%M%S%fZ}-{action}-{version}.json")
     export.write_named(history, pointer, exclusive=True)
-    export.write_named(POINTER, pointer)
+    try:
+        export.replace_named_if(POINTER, pointer, sha256_bytes(previous_bytes) if previous_bytes else None)
+    except ConcurrentUpdate as error:
+        export.delete_named(history)  # this pointer never took effect: history/ records only those that did
+        raise PointerMoved(f"{error}: nothing was changed; look at `ptqflow runs`, then retry") from None
     return PointerMove(version=version, previous_version=previous["version"] if previous else None,
                        pointer=export.uri_for(POINTER), history=export.uri_for(history))
 
@@ -238,7 +243,7 @@ def promote(store: ArtifactStore, export: ArtifactStore, manifest: dict[str, Any
             "be promoted"
         )
     version = version_of_run(export, manifest["run_id"])
-    if version is None:
+    if version is None or not export.exists_named(f"history/{version}.json"):  # never, or not completely, published
         previous = read_pointer(export)
         artifacts = {name: ArtifactRef(**ref) for name, ref in manifest["artifacts"].items()}
         published = publish_run(store, export, manifest["run_id"], artifacts, manifest)

@@ -23,7 +23,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from storage.store import EXPORT_OPTIONS_ENV, ArtifactRef, ArtifactStore, StoreError, safe_key, sha256_bytes
+from storage.store import (
+    EXPORT_OPTIONS_ENV,
+    ArtifactMissing,
+    ArtifactRef,
+    ArtifactStore,
+    ConcurrentUpdate,
+    StoreError,
+    safe_key,
+    sha256_bytes,
+)
 
 EXPORT_FILES = {
     "tflite": "model.tflite",
@@ -73,72 +82,115 @@ def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> Arti
     return ArtifactRef(uri=export.uri_for(key), sha256=sha256, bytes=size)
 
 
-def _existing_version(export: ArtifactStore, run_id: str, artifacts: dict[str, ArtifactRef]) -> str | None:
-    """The version that already holds this run, or the current one if it has exactly these artifacts."""
-    versions = [key.rsplit("/", 1)[-1] for key in export.list_named("versions") if key.endswith(f"-{run_id}")]
-    if versions:
-        return versions[0]
-    if export.exists_named(POINTER):
-        latest = json.loads(export.read_named(POINTER))
-        if all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES):
-            return latest["version"]  # a rerun of the same model: the devices already have these bytes
-    return None
+class PointerMoved(Exception):
+    """``latest.json`` no longer names the version this run was compared with: another writer published first.
+    Not a StoreError: the store is fine and the input was valid; this run lost a race and says so."""
+
+
+def _current_pointer(export: ArtifactStore) -> tuple[dict[str, Any] | None, str | None]:
+    """``latest.json`` and the sha256 of its bytes (what a conditional replace compares against)."""
+    if not export.exists_named(POINTER):
+        return None, None
+    raw = export.read_named(POINTER)
+    return json.loads(raw), sha256_bytes(raw)
+
+
+def _run_version(export: ArtifactStore, run_id: str) -> str | None:
+    """The version folder of ``run_id``, complete or left by an interrupted publish."""
+    return next((key.rsplit("/", 1)[-1] for key in export.list_named("versions") if key.endswith(f"-{run_id}")), None)
+
+
+def _copy_verified(store: ArtifactStore, export: ArtifactStore, key: str, ref: ArtifactRef) -> ArtifactRef:
+    """The export's copy of ``ref`` at ``key``: kept when it verifies, (re)written from the store when it is
+    missing or does not match (an interrupted or damaged earlier publish), then verified."""
+    try:
+        return verify_copy(export, key, ref.sha256, ref.bytes)
+    except (ExportCorrupted, ArtifactMissing):
+        export.write_named(key, store.read_bytes(ref))
+        return verify_copy(export, key, ref.sha256, ref.bytes)
 
 
 def publish_run(
-    store: ArtifactStore, export: ArtifactStore, run_id: str, artifacts: dict[str, ArtifactRef], manifest: dict[str, Any]
+    store: ArtifactStore, export: ArtifactStore, run_id: str, artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any], compared_with: str | None | bool = True,
 ) -> ExportRecord:
-    """Copy a run's artifacts and manifest to a new version under ``export``, verify, then move ``latest.json``.
+    """Copy a run's artifacts and manifest to its version folder under ``export``, verify every copy, record the
+    pointer in ``history/``, then move ``latest.json`` to it.
 
-    A no-op (``published=False``) when the run, or the very same artifacts, are already published; the existing
-    copies are verified all the same.
+    Resumable: after a failure at any write, calling it again keeps what verifies, copies what is missing or
+    wrong (restoring the recorded bytes), and finishes. ``published=False`` when ``latest.json`` already names the
+    run's version (its copies verified all the same), or another run's whose model files are byte for byte the
+    run's (a rerun on unchanged data).
+
+    Args:
+        compared_with: the version ``latest.json`` named when the run was compared with it (None: there was
+            none). ``latest.json`` is replaced only if it still names that version, by a conditional write; True
+            skips that check (a `promote` by hand), the write is still conditional on what was read here.
 
     Raises:
-        ExportCorrupted: a copy does not match its source (now, or in an earlier publish).
+        PointerMoved: another writer moved ``latest.json`` since the comparison or during this publish.
+        ExportCorrupted: a copy does not match its source after writing it.
     """
-    existing = _existing_version(export, run_id, artifacts)
-    if existing is not None:
-        folder = f"versions/{existing}"
-        pointer = json.loads(export.read_named(f"{folder}/{MANIFEST_FILE}"))["export"]
-        # Verified against what was published then (its pointer in history/), not against this run's files.
-        recorded = json.loads(export.read_named(f"history/{existing}.json"))["files"]
-        files = {
-            name: verify_copy(export, f"{folder}/{filename}", recorded[name]["sha256"], recorded[name]["bytes"])
-            for name, filename in EXPORT_FILES.items() if name in recorded
-        }
-        return ExportRecord(url=export.url, version=existing, pointer=pointer["pointer"], files=files, published=False)
+    latest, latest_sha = _current_pointer(export)
+    current_version = latest["version"] if latest else None
+    own_version = _run_version(export, run_id)
+    if latest and current_version != own_version and all(
+        latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES
+    ):
+        # Another run's model, byte for byte (a rerun on unchanged data): the devices already have these bytes.
+        files = {name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+                 for name, ref in latest["files"].items()}
+        return ExportRecord(url=export.url, version=latest["version"], pointer=export.uri_for(POINTER), files=files,
+                            published=False)
+    if compared_with is not True and current_version not in (compared_with, own_version):
+        raise PointerMoved(
+            f"{export.uri_for(POINTER)} now names {current_version or 'nothing'}, not {compared_with or 'nothing'}, "
+            "which this run was compared with: another run published first"
+        )
 
     now = datetime.now(timezone.utc)
-    version = safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
+    version = own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
     folder = f"versions/{version}"
-    files = {}
-    for name, filename in EXPORT_FILES.items():
-        ref = artifacts[name]
-        export.write_named(f"{folder}/{filename}", store.read_bytes(ref))
-        files[name] = verify_copy(export, f"{folder}/{filename}", ref.sha256, ref.bytes)
+    files = {name: _copy_verified(store, export, f"{folder}/{filename}", artifacts[name])
+             for name, filename in EXPORT_FILES.items()}
     export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
-    manifest_bytes = json.dumps({**manifest, "export": export_info}, indent=2, sort_keys=True).encode() + b"\n"
-    export.write_named(f"{folder}/{MANIFEST_FILE}", manifest_bytes)
-    files["manifest"] = verify_copy(export, f"{folder}/{MANIFEST_FILE}", sha256_bytes(manifest_bytes), len(manifest_bytes))
+    manifest_key = f"{folder}/{MANIFEST_FILE}"
+    if not export.exists_named(manifest_key):  # an interrupted publish may have written it: writes are whole
+        export.write_named(manifest_key, json.dumps({**manifest, "export": export_info}, indent=2,
+                                                    sort_keys=True).encode() + b"\n")
+    manifest_bytes = export.read_named(manifest_key)
+    files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
 
-    pointer = json.dumps(
-        {
-            "kind": "ptqflow.export_pointer",
-            "version": version,
-            "run_id": run_id,
-            "published_at": now.isoformat(timespec="seconds"),
-            "files": {name: ref.model_dump() for name, ref in files.items()},
-        },
-        indent=2,
-        sort_keys=True,
-    ).encode() + b"\n"
-    export.write_named(f"history/{version}.json", pointer, exclusive=True)
-    export.write_named(POINTER, pointer)
+    history_key = f"history/{version}.json"
+    if export.exists_named(history_key):  # recorded by an interrupted publish: the pointer to write again
+        pointer = export.read_named(history_key)
+    else:
+        pointer = json.dumps(
+            {
+                "kind": "ptqflow.export_pointer",
+                "version": version,
+                "run_id": run_id,
+                "published_at": now.isoformat(timespec="seconds"),
+                "files": {name: ref.model_dump() for name, ref in files.items()},
+            },
+            indent=2,
+            sort_keys=True,
+        ).encode() + b"\n"
+        export.write_named(history_key, pointer, exclusive=True)
+    if current_version == version:  # already current: its copies are now verified (and repaired), nothing moves
+        return ExportRecord(url=export.url, version=version, pointer=export_info["pointer"], files=files,
+                            published=False)
+    try:
+        export.replace_named_if(POINTER, pointer, latest_sha)
+    except ConcurrentUpdate as error:
+        export.delete_named(history_key)  # this pointer never took effect: history/ records only those that did
+        raise PointerMoved(f"{error}: another run published during this one") from None
     return ExportRecord(url=export.url, version=version, pointer=export_info["pointer"], files=files, published=True)
 
 
 @task(name="publish_export", cache_policy=NO_CACHE, persist_result=False)
 def publish_export(
-    store_url: str, export_url: str, run_id: str, artifacts: dict[str, ArtifactRef], manifest: dict[str, Any]
+    store_url: str, export_url: str, run_id: str, artifacts: dict[str, ArtifactRef], manifest: dict[str, Any],
+    compared_with: str | None,
 ) -> ExportRecord:
-    return publish_run(ArtifactStore(store_url), export_store(export_url), run_id, artifacts, manifest)
+    return publish_run(ArtifactStore(store_url), export_store(export_url), run_id, artifacts, manifest, compared_with)
