@@ -38,6 +38,7 @@ from storage.tables import (
     table_metadata,
 )
 from tasks.errors import InvalidDataset
+from tasks.limits import check_label_range, check_source_size, declared_sample_bytes
 from tasks.stratify import check_class_labels, draw_stratified
 
 
@@ -264,8 +265,37 @@ def _with_source(loaded: TensorTable, url: str) -> TensorTable:
     return TensorTable(loaded.features, loaded.labels, meta)
 
 
+def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -> tuple[int, int | None, int | None]:
+    """From the files' footers only: rows declared, bytes per decoded sample (None when the type does not say),
+    and the largest label the column statistics record (None without statistics)."""
+    rows, sample_bytes, largest = 0, None, None
+    for path in files:
+        with _reading(fs, path, columns) as parquet:
+            rows += parquet.metadata.num_rows
+            schema = parquet.schema_arrow
+            sample_bytes = declared_sample_bytes(schema.field(columns.features).type)
+            label_index = parquet.schema_arrow.get_field_index(columns.label)
+            for group in range(parquet.num_row_groups):
+                column = parquet.metadata.row_group(group).column(label_index)
+                stats = column.statistics
+                if stats is not None and stats.has_min_max and isinstance(stats.max, int):
+                    largest = stats.max if largest is None else max(largest, stats.max)
+    return rows, sample_bytes, largest
+
+
+def _check_survey(url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns,
+                  held_rows: int | None = None) -> int | None:
+    """Refuse a source the limits do not allow, before its data is read; returns its bytes per sample."""
+    rows, sample_bytes, largest = _survey(fs, files, columns)
+    check_source_size(url, rows, sample_bytes, held_rows)
+    if largest is not None:
+        check_label_range(url, largest)
+    return sample_bytes
+
+
 def _read_parquet_source(url: str, columns: Columns, since: datetime | None = None) -> TensorTable:
     fs, files = _parquet_files(url, since)
+    _check_survey(url, fs, files, columns)
     tables = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
@@ -302,12 +332,14 @@ class Draw:
 
 
 BATCH_BYTES = 16 << 20
+UNKNOWN_SIZE_BATCH_ROWS = 1024  # samples of a type with no fixed size (variable lists, binary): read few at once
 
 
 def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: datetime | None = None) -> TensorTable:
     """Two passes: every file's label column (8 bytes a row), then, in batches of about ``BATCH_BYTES``, only the
     row groups holding drawn rows; a source of any size is never held whole."""
     fs, files = _parquet_files(url, since)
+    sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
     labels_per_file = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
@@ -337,7 +369,8 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: dat
                 lo, hi = np.searchsorted(wanted, [group_start, group_start + info.num_rows])
                 if lo < hi:
                     in_group = wanted[lo:hi] - group_start
-                    rows = max(1, BATCH_BYTES * info.num_rows // max(1, info.total_byte_size))
+                    # From the schema, not from the file's own account of its size, which may be false.
+                    rows = max(1, BATCH_BYTES // sample_bytes) if sample_bytes else UNKNOWN_SIZE_BATCH_ROWS
                     batch_start = 0
                     for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=[columns.features]):
                         a, b = np.searchsorted(in_group, [batch_start, batch_start + batch.num_rows])

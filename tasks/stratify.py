@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from tasks.errors import InvalidDataset
+from tasks.limits import check_label_range
 
 MIN_PER_CLASS = 5  # a class with fewer cannot be spread over train, validation and test
 
@@ -18,6 +19,7 @@ def check_class_labels(labels: np.ndarray) -> None:
         raise InvalidDataset("every sample has the same label: a classifier needs at least two classes")
     if classes.min() < 0:
         raise InvalidDataset("labels must be class indices 0..n-1: negative labels found; remap them")
+    check_label_range("the data set", int(classes.max()))  # before anything is sized by the largest label
     absent = np.setdiff1d(np.arange(classes.max() + 1), classes)
     if len(absent):
         shown = ", ".join(str(int(c)) for c in absent[:5]) + (", ..." if len(absent) > 5 else "")

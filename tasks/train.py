@@ -18,6 +18,7 @@ from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from tasks.caching import StageCachePolicy
 from tasks.datasets import files_fingerprint
 from tasks.errors import InvalidModel
+from tasks.limits import check_model_size
 from tasks.parameters import TrainingParameters
 from tasks.progress import report
 
@@ -211,6 +212,7 @@ def load_trained_model(url: str, spec: FeatureSpec) -> tuple[bytes, keras.Model]
         InvalidModel: missing, unloadable, unsafe, or not fitting the data.
     """
     fs, path = _model_file(url)
+    check_model_size(url, fs.size(path))  # before reading it whole
     data = fs.cat_file(path)
     try:
         model = keras_model_from_bytes(data)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -240,3 +243,70 @@ def test_nan_in_a_calibration_source_is_refused_with_exit_2(cli, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "samples of the calibration source" in result.stderr and "have NaN or Inf values" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run ``command`` in a child of a fresh Python; its result, wall seconds and peak RSS (bytes, the largest
+    process in its tree)."""
+    probe = (
+        "import json, resource, subprocess, sys, time\n"
+        "started = time.monotonic()\n"
+        "r = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)\n"
+        "print(json.dumps([r.returncode, r.stdout, r.stderr, time.monotonic() - started,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    code, stdout, stderr, seconds, rss = json.loads(out.stdout)
+    return subprocess.CompletedProcess(command, code, stdout, stderr), seconds, rss
+
+
+def write_rows(path, rows: int, label: int = 0) -> str:
+    """A Parquet file of ``rows`` one-byte samples of one label, a few MB whatever ``rows`` (run-length encoded)."""
+    chunk = min(rows, 10_000_000)
+    table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(chunk, np.uint8)), 1),
+                      "label": pa.array(np.full(chunk, label, np.int64))})
+    with pq.ParquetWriter(str(path), table.schema, compression="zstd") as writer:
+        for _ in range(rows // chunk):
+            writer.write_table(table, row_group_size=chunk)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: write_rows(p, 100_000_000), "declares 100,000,000 rows, above the limit of 50,000,000 rows"),
+        (lambda p: write_table(p, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 10**10])),
+         "has a label of 10,000,000,000, above the limit of 100,000 classes"),
+    ],
+    ids=["1e8-rows-in-7-MB", "label-1e10"],
+)
+def test_a_source_past_the_limits_is_refused_in_seconds_without_memory(tmp_path, prefect_server, make, message):
+    from conftest import ptqflow_executable
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    store = str(tmp_path / "store")
+    data = make(tmp_path / "data.parquet")
+    baseline, _, baseline_rss = peak_rss_of([ptqflow_executable(), "run", "--dataset", "nope", "--store", store], env)
+    assert baseline.returncode == 2
+    for extra in ([], ["--sample-size", "1000"]):  # loaded whole, and drawn while reading
+        result, seconds, rss = peak_rss_of(
+            [ptqflow_executable(), "run", "--dataset", data, "--store", store, *extra], env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert rss - baseline_rss < 500 << 20, (rss, baseline_rss)
+        assert seconds < 120
+        print(f"{extra or 'whole'}: refused in {seconds:.1f} s, peak RSS {(rss - baseline_rss) >> 20} MB above baseline")
+    assert not (tmp_path / "store" / "blobs").exists()
+
+
+def test_a_model_file_past_the_limit_is_refused_before_it_is_read(cli, tmp_path, trained_digits_model):
+    from storage.keras_models import keras_model_to_bytes
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(keras_model_to_bytes(trained_digits_model))
+    result = cli("run", "--model-url", str(model), "--store", str(tmp_path / "store"),
+                 env={"PTQFLOW_MAX_MODEL_BYTES": "1000"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"is {model.stat().st_size:,} bytes, above the limit of 1,000 bytes in a model file: raise " \
+           "PTQFLOW_MAX_MODEL_BYTES" in result.stderr
