@@ -97,7 +97,9 @@ def _holder(file: IO[str]) -> str:
 
 
 @contextmanager
-def _host_lock(target: str, name: str, timeout_seconds: float, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+def _host_lock(
+    target: str, name: str, timeout_seconds: float, logger: logging.Logger | logging.LoggerAdapter
+) -> Iterator[None]:
     import fcntl
 
     path = host_lock_folder() / f"{name}.lock"

@@ -73,7 +73,8 @@ class RankingMargin:
 
     def __str__(self) -> str:
         first, second = self.first, self.second
-        sentence = f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} ({second.op})"
+        sentence = (f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} "
+                    f"({second.op})")
         if self.close:
             sentence += (
                 f"; a close call (within {CLOSE_RANKING_MARGIN - 1:.0%}): another processor can rank them the other "
