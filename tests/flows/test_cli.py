@@ -61,6 +61,18 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
     assert "Traceback" not in failed.stderr
 
 
+def digits_train_rows() -> int:
+    """How many rows the CLI's default split (seed 0) puts in digits' training split."""
+    from tasks.datasets import load_dataset
+    from tasks.parameters import SamplingParameters
+    from tasks.sample import split_dataset
+
+    return len(split_dataset(load_dataset("digits"), SamplingParameters(), seed=0)["train"])
+
+
+DIGITS_TRAIN_ROWS = digits_train_rows()
+
+
 @pytest.mark.parametrize(
     ("args", "message", "written"),
     [
@@ -68,7 +80,7 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
         (["--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", set()),
         (["--calibration-size", "-5"], "invalid --calibration-size: Input should be greater than or equal to 1", set()),
         # The splits are complete artifacts; the check comes before training, so no model is written.
-        (["--calibration-size", "5000"], "pass --calibration-size 1168 or less", {".json", ".parquet"}),
+        (["--calibration-size", "5000"], f"pass --calibration-size {DIGITS_TRAIN_ROWS} or less", {".json", ".parquet"}),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_non_zero_exit(cli, tmp_path, args, message, written):
