@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -672,6 +672,44 @@ def rollback(export: ExportOption = ..., wait: LockWaitOption = 60.0) -> None:
         _fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:
         _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+@app.command()
+def gc(
+    store: StoreOption = "./ptqflow-store",
+    keep_runs: Annotated[int, typer.Option(help="Keep this many of the newest runs.", min=0)] = 10,
+    keep_days: Annotated[
+        float | None, typer.Option(help="Also keep every run younger than this many days.", min=0)
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+    wait: LockWaitOption = 60.0,
+) -> None:
+    """Delete what no kept run needs: older runs' manifests, cache records and blobs. A kept run reruns all from
+    cache; exports hold their own copies and are not touched. Takes the store's lock, so no running flow loses
+    anything."""
+    _quiet_lock_service()
+    from flows.locks import LockNotAcquired, exclusive
+    from storage.store import StoreError
+    from tasks.garbage_collection import apply_collection, plan_collection
+
+    target = _open_store(store)
+    try:
+        with exclusive(target.url, timeout_seconds=wait):
+            plan = plan_collection(target, keep_runs, keep_days, datetime.now(timezone.utc))
+            for note in plan.notes:
+                err_console.print(note, highlight=False, soft_wrap=True)
+            if not dry_run:
+                apply_collection(target, plan)
+    except LockNotAcquired as error:
+        _fail(f"{error}, or wait longer with --wait (waited {wait:g} s)", EXIT_RUN_FAILED, as_json=False)
+    except StoreError as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    verb = "would free" if dry_run else "freed"
+    Console().print(
+        f"{verb} {plan.freed_bytes:,} B: {len(plan.delete)} objects, {len(plan.removed_runs)} runs "
+        f"({', '.join(r[:8] for r in plan.removed_runs) or 'none'}); kept {len(plan.kept_runs)} runs",
+        highlight=False, soft_wrap=True,
+    )
 
 
 @app.command()

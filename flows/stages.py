@@ -79,11 +79,23 @@ def is_transient(task: Task, task_run: Any, state: Any) -> bool:
     return False
 
 
+def record_key(state: Any) -> str | None:
+    """The name of the result record a stage's state was stored as or read from (its cache key); None for a stage
+    that persists nothing. The state's own ``cache_key`` is not filled in on the state the caller gets back."""
+    data = getattr(state, "data", None)
+    key = getattr(data, "storage_key", None) or getattr(getattr(data, "metadata", None), "storage_key", None)
+    return str(key).rsplit("/", 1)[-1] if key else None
+
+
 class StageRecord(BaseModel):
     cached: bool
     seconds: float | None = Field(
         description="Wall time in this flow; for a stage that ran on a task runner's worker, its run time there as "
         "Prefect recorded it (not the wait for a worker), or None if Prefect's API could not say."
+    )
+    cache_key: str | None = Field(
+        None, description="The stage's cache key, which names its record under prefect-results/ (ptqflow gc keeps "
+        "the records of the runs it keeps); None in manifests written before it was recorded."
     )
 
 
@@ -158,7 +170,7 @@ class StageRunner:
         configured = self._configured(stage, label)
         state = configured(store_url=self.store.url, **inputs, return_state=True)
         output, cached = self._output(name, stage, configured, inputs, state)
-        self._record(name, cached, round(time.perf_counter() - started, 3))
+        self._record(name, cached, round(time.perf_counter() - started, 3), record_key(state))
         return output
 
     def submit(self, stage: Task[..., Output], label: str | None = None, **inputs: Any) -> Submitted:
@@ -179,7 +191,7 @@ class StageRunner:
         submitted.future.wait()
         state = submitted.future.state
         output, cached = self._output(submitted.name, submitted.stage, submitted.configured, submitted.inputs, state)
-        self._record(submitted.name, cached, None)
+        self._record(submitted.name, cached, None, record_key(state))
         self._worker_runs[submitted.name] = submitted.future.task_run_id
         return output
 
@@ -220,8 +232,8 @@ class StageRunner:
             output, cached = state.result(), False
         return output, cached
 
-    def _record(self, name: str, cached: bool, seconds: float | None) -> None:
-        self.records[name] = StageRecord(cached=cached, seconds=seconds)
+    def _record(self, name: str, cached: bool, seconds: float | None, cache_key: str | None) -> None:
+        self.records[name] = StageRecord(cached=cached, seconds=seconds, cache_key=cache_key)
         outcome = ("cached" if cached else "done") + (f" in {seconds:.1f}s" if seconds is not None else "")
         get_run_logger().info("%s: %s", name, outcome)
         report(name, outcome)
