@@ -64,6 +64,9 @@ def test_sweep_ranks_every_configuration_and_exports_the_best(s3_sweep, s3_endpo
     assert latest["files"]["tflite"]["sha256"] == best["metrics"]["model"]["sha256"]
     manifest = json.loads(store.read_named(f"runs/{summary['run_id']}.json"))
     assert manifest["flow"] == "ptq-sweep" and manifest["metrics"]["best"] == summary["best"]
+    # Stages run on the Dask workers name their cache records too, so `ptqflow gc` keeps a kept sweep warm.
+    worker_stages = [name for name in manifest["tasks"] if name.startswith(("convert[", "evaluate["))]
+    assert worker_stages and all(manifest["tasks"][name]["cache_key"] for name in worker_stages), manifest["tasks"]
 
 
 def test_the_configurations_ran_in_the_dask_worker_processes(s3_sweep):
