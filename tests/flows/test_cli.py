@@ -38,7 +38,9 @@ def test_json_output_is_one_object_with_the_documented_keys(first_run):
     for ref in result["artifacts"].values():
         assert set(ref) == {"uri", "sha256", "bytes"}
     assert METRICS <= result["metrics"].keys()
-    assert all(set(t) == {"cached", "seconds"} for t in result["tasks"].values())
+    assert all(set(t) == {"cached", "seconds", "cache_key"} for t in result["tasks"].values())
+    # Every stage persists its result, so each names its cache record (what `ptqflow gc` keeps).
+    assert all(t["cache_key"].startswith("tasks.") for t in result["tasks"].values())
     assert result["artifacts"]["tflite"]["uri"].endswith(".tflite")
 
 
