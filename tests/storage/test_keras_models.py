@@ -47,18 +47,15 @@ def _with_config(data: bytes, change) -> bytes:
     return out.getvalue()
 
 
-def test_a_lambda_layer_is_refused_without_running_it(tmp_path):
+def test_a_lambda_layer_is_refused(tmp_path):
     import keras
     import pytest
 
-    marker = tmp_path / "pwned"
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
     model.save(tmp_path / "lambda.keras")
-    data = (tmp_path / "lambda.keras").read_bytes()
     with pytest.raises(ValueError, match="(?i)lambda|safe_mode"):
-        keras_model_from_bytes(data)
-    assert not marker.exists()
+        keras_model_from_bytes((tmp_path / "lambda.keras").read_bytes())
 
 
 def test_a_layer_naming_a_module_outside_keras_is_refused_without_importing_it(tmp_path, monkeypatch):
