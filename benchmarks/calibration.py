@@ -81,7 +81,7 @@ def _compare(label: str, model, features: np.ndarray, labels: np.ndarray, repeat
 def run(repeats: int = 3) -> list[Result]:
     from benchmarks.storage import synthetic_images
     from tasks.artifacts import FeatureSpec
-    from tasks.train import build_default_cnn, seed_everything
+    from tasks.train import build_default_cnn, seeded
 
     model, splits = digits_model_and_splits()
     results = [_compare("digits (8x8x1)", model, splits["train"].features, splits["train"].labels, repeats)]
@@ -89,8 +89,8 @@ def run(repeats: int = 3) -> list[Result]:
     # change what calibration costs, so they are left as initialised).
     spec = FeatureSpec(shape=(28, 28, 1), dtype="uint8", value_range=(0.0, 255.0), n_classes=10,
                        class_names=tuple(str(i) for i in range(10)))
-    seed_everything(0)
-    mnist_sized = build_default_cnn(spec)
+    with seeded(0):
+        mnist_sized = build_default_cnn(spec)
     images = synthetic_images(SAMPLES)
     results.append(_compare("MNIST-sized images (28x28x1)", mnist_sized, images, np.zeros(SAMPLES, np.int64), repeats))
     return results

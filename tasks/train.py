@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,9 +29,11 @@ if TYPE_CHECKING:
     import keras
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TensorFlow's kernels deterministic, so the same seed and
-    data give the same weights (and so a byte-identical .tflite)."""
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within this block, the same seed and data give the same weights (and so a byte-identical .tflite):
+    Python, NumPy and TensorFlow are seeded, TensorFlow's kernels are deterministic, and Keras draws the seeds
+    of unseeded layers (initializers, dropout) from a generator of its own rather than Python's shared one."""
     import keras
     import tensorflow as tf
 
@@ -37,6 +42,22 @@ def seed_everything(seed: int) -> None:
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    # Keras seeds every unseeded initializer and dropout layer from the module-level `random` functions, which
+    # are shared by every thread in the process. Prefect's background services (jittered intervals) draw from
+    # them too, so whether they drew between set_random_seed and a layer's construction changed the weights.
+    # Keras exposes no hook for this source, hence its private module; without it (another Keras) the weights
+    # are only as repeatable as before, and tests/tasks/test_train.py says so.
+    from keras.src.random import seed_generator
+
+    shared = getattr(seed_generator, "python_random", None)
+    if shared is None:
+        yield
+        return
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 def build_default_cnn(spec: FeatureSpec) -> keras.Model:
@@ -229,9 +250,9 @@ def fit_default_model(
     spec: FeatureSpec, train: TensorTable, validation: TensorTable, params: TrainingParameters, seed: int
 ) -> tuple[keras.Model, TrainingOutcome]:
     """Pure stage function: seed everything, build the model ``params.model`` names for ``spec``, train it."""
-    seed_everything(seed)
-    model = build_model(spec, params.model, train.features)
-    outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
+    with seeded(seed):
+        model = build_model(spec, params.model, train.features)
+        outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
     return model, outcome
 
 

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import random
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from tasks.parameters import TrainingParameters
-from tasks.train import build_default_cnn, seed_everything, train_model
+from tasks.train import build_default_cnn, seeded, train_model
 
 
 def test_default_cnn_takes_raw_values_and_scales_them_itself(digits_splits):
@@ -27,19 +31,51 @@ def test_trained_model_classifies_digits(trained_digits_model, digits_splits):
     assert (predictions == test.labels).mean() > 0.9
 
 
-def test_same_seed_same_weights(digits_splits):
+def _draw_python_random_meanwhile():
+    """A thread drawing from Python's shared random functions all along, as Prefect's background services do
+    (jittered intervals) in the process that trains."""
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+            time.sleep(0)
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_same_seed_same_weights_while_other_threads_draw_random_numbers(digits_splits):
     spec, splits = digits_splits
     train = (splits["train"].features[:300], splits["train"].labels[:300])
     validation = (splits["validation"].features, splits["validation"].labels)
-    weights = []
-    for _ in range(2):
-        seed_everything(3)
-        model = build_default_cnn(spec)
-        outcome = train_model(model, train, validation, TrainingParameters(epochs=2))
-        weights.append(model.get_weights())
+    initial, trained = [], []
+    stop, thread = _draw_python_random_meanwhile()
+    try:
+        for _ in range(2):
+            with seeded(3):
+                model = build_default_cnn(spec)
+                initial.append(model.get_weights())
+                outcome = train_model(model, train, validation, TrainingParameters(epochs=2))
+            trained.append(model.get_weights())
+    finally:
+        stop.set()
+        thread.join()
     assert outcome.epochs_run == 2
-    for a, b in zip(*weights):
+    for a, b in zip(*initial):
         np.testing.assert_array_equal(a, b)
+    for a, b in zip(*trained):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_seeded_leaves_python_random_as_it_was_for_everyone_else():
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random
+    with seeded(1):
+        assert seed_generator.python_random is not shared
+    assert seed_generator.python_random is shared
 
 
 def _spec(shape, n_classes=3):
