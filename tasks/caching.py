@@ -25,8 +25,11 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
+from tasks.installation import tensorflow_distributions
+
 PROJECT_PACKAGES = ("tasks", "storage")
-VERSIONED_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert", "numpy", "pyarrow", "scikit-learn")
+# With whichever TensorFlow build provides the tensorflow package (tensorflow, tensorflow-cpu, tf-nightly, ...).
+VERSIONED_DISTRIBUTIONS = ("keras", "ai-edge-litert", "numpy", "pyarrow", "scikit-learn")
 
 
 def _module_imports(module: str, source: str) -> set[str]:
@@ -86,7 +89,7 @@ def code_digest(module: str) -> str:
 
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
-    versions = {}
+    versions = {dist.name: dist.version for dist in tensorflow_distributions()}
     for dist in VERSIONED_DISTRIBUTIONS:
         try:
             versions[dist] = importlib.metadata.version(dist)

@@ -25,6 +25,7 @@ from storage.tables import iter_feature_batches
 from tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
 from tasks.caching import StageCachePolicy
 from tasks.errors import ConversionFailed
+from tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
 from tasks.progress import report
 
@@ -73,7 +74,7 @@ def _explain(error: Exception, options: ConversionParameters) -> ConversionFaile
     not_quantizable = sorted(set(re.findall(r"[Qq]uantization not yet supported for op: '([^']+)'", text)))
     problems, fixes = [], []
     if "Select TensorFlow op(s), included in the given model, is(are) not supported by this interpreter" in text:
-        # Calibration runs the model in the TFLite calibrator, which has no Flex delegate.
+        # Calibration runs the model in the TFLite calibrator, which has no Flex delegate since TensorFlow 2.20.
         return ConversionFailed(
             f"conversion failed under --ops {options.ops.value}: the model needs TensorFlow (Flex) ops, which "
             "calibration cannot run: integer quantization needs a TensorFlow Lite kernel for every op; "
@@ -148,7 +149,14 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
     converter.inference_input_type = tf_dtype(options.input_type)
     converter.inference_output_type = tf_dtype(options.output_type)
     if not options.per_channel:
-        # The converter's only switch for per-tensor weight scales (private, present since TF 2.5).
+        # The converter's only switch for per-tensor weight scales (private, present since TF 2.5). Setting an
+        # attribute the converter no longer reads would silently give per-channel scales, so check it is there.
+        if not hasattr(converter, "_experimental_disable_per_channel"):
+            raise ConversionFailed(
+                missing_private_api("per-tensor weight scales (the converter's _experimental_disable_per_channel)",
+                                    f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+                + "; or choose a per-channel scheme"
+            )
         converter._experimental_disable_per_channel = True
     return converter
 

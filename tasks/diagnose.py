@@ -27,6 +27,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
+from tasks.errors import ConversionFailed
+from tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from tasks.parameters import ConversionParameters, TensorType
 
 if TYPE_CHECKING:
@@ -119,6 +121,12 @@ def _debugger(
 ):
     import tensorflow as tf
 
+    if not hasattr(tf.lite.experimental, "QuantizationDebugger"):  # experimental: may move in a later release
+        raise ConversionFailed(
+            missing_private_api("tf.lite.experimental.QuantizationDebugger (per-layer error and repair)",
+                                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+        )
+
     def debug_dataset() -> Iterator[list[np.ndarray]]:
         for sample in debug_features[:DEBUG_SAMPLES]:
             yield [sample[np.newaxis].astype(np.float32)]
@@ -195,7 +203,14 @@ def quantize_keeping_float(
     (selective quantization through the debugger's ``denylisted_nodes``), with the asked I/O types."""
     # The converter's own helper for integer I/O (it strips the boundary QUANTIZE / DEQUANTIZE ops); the debugger
     # quantizes with float I/O.
-    from tensorflow.lite.python.util import modify_model_io_type
+    try:
+        from tensorflow.lite.python.util import modify_model_io_type
+    except ImportError:
+        raise ConversionFailed(
+            missing_private_api("the converter's modify_model_io_type (integer I/O for a repaired model)",
+                                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+            + "; or repair with --input-type float32 --output-type float32"
+        ) from None
 
     with native_output_silenced():
         debugger = _debugger(model, calibration_batches, debug_features, options, float_tensors)

@@ -43,6 +43,7 @@ def cold_run(store_a):
     return run_pipeline(store_a)
 
 
+@pytest.mark.smoke
 def test_cold_run_gives_a_full_integer_int8_model_within_the_gate(cold_run, store_a):
     assert cold_run.status == "passed" and cold_run.gate.passed
     assert not any(record.cached for record in cold_run.tasks.values())
@@ -56,6 +57,7 @@ def test_cold_run_gives_a_full_integer_int8_model_within_the_gate(cold_run, stor
         store.verify(ref)
 
 
+@pytest.mark.smoke
 def test_report_and_dataset_manifest_are_stored(cold_run, store_a):
     store = ArtifactStore(store_a)
     report = store.read_json(cold_run.artifacts["report"])
@@ -116,6 +118,7 @@ def test_a_deleted_blob_behind_a_cache_hit_is_recomputed(cold_run, store_a):
     store.verify(tflite)
 
 
+@pytest.mark.smoke
 def test_two_cold_runs_give_a_byte_identical_tflite(cold_run, tmp_path):
     other = run_pipeline(str(tmp_path / "store-b"))
     assert not any(record.cached for record in other.tasks.values())

@@ -13,7 +13,7 @@ from storage.store import ArtifactStore
 from tasks.parameters import ConversionParameters, TargetOps, TrainingParameters
 from tasks.validate import audit_tensor_types
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.smoke]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from tasks.parameters import ConversionParameters, TargetOps, TensorType
 from tasks.repair import keep_worst_layers_float
 from tasks.validate import accuracy, audit_tensor_types, predict_tflite
 
+pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
+
 BUILTINS = ConversionParameters(ops=TargetOps.builtins)
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from tasks.report import render_html, render_markdown
 
+pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
+
 
 def model(accuracy: float, bytes_: int | None) -> dict:
     return {

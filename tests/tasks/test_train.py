@@ -10,6 +10,8 @@ import pytest
 from tasks.parameters import TrainingParameters
 from tasks.train import build_default_cnn, seeded, train_model
 
+pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
+
 
 def test_default_cnn_takes_raw_values_and_scales_them_itself(digits_splits):
     spec, _ = digits_splits

@@ -19,6 +19,8 @@ from tasks.validate import (
     quantize_input,
 )
 
+pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
+
 
 @pytest.fixture(scope="module")
 def models(trained_digits_model, digits_splits):

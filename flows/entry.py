@@ -1,0 +1,18 @@
+"""The ``ptqflow`` command: the CLI, or one line saying what is wrong with the installation."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from flows.cli import app  # imports the stages, whose package checks TensorFlow before anything imports it
+    except ImportError as error:
+        # The failed package import leaves its already-loaded submodule (and so the exception's class) behind.
+        installation = sys.modules.get("tasks.installation")
+        if installation is None or not isinstance(error, installation.UnsupportedInstall):
+            raise
+        print(f"ptqflow: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app()
