@@ -84,7 +84,9 @@ MinComparisonRowsOption = Annotated[
     int | None, typer.Option(help=_help(GateParameters, "min_comparison_rows"))
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
-VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs on the console.")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show Prefect's and TensorFlow's logs on the console.")
+]
 
 
 @app.callback()
@@ -95,13 +97,22 @@ def main() -> None:
 def _prepare_environment(verbose: bool) -> None:
     # A fresh PREFECT_HOME's ephemeral server takes ~25 s to start on a small machine, past Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not verbose:
-        # Prefect's console handler would print task logs and failure tracebacks; the CLI reports those itself.
-        # Logs still reach the Prefect API (the UI), which has its own handler.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        # The same for Dask's scheduler and workers (ptqflow sweep): their start-up and shut-down chatter.
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return
+    # Prefect's console handler would print task logs and failure tracebacks; the CLI reports those itself.
+    # Logs still reach the Prefect API (the UI), which has its own handler.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # The same for Dask's scheduler and workers (ptqflow sweep): their start-up and shut-down chatter.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    # TensorFlow's C++ logs (level 3 hides its ERROR lines too, such as tf.data's "NodeDef mentions attribute"
+    # notes, which are not errors of the run: a real failure arrives as an exception).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Its start-up lines (oneDNN, absl) ignore that setting: import it now, with fds 1 and 2 silenced.
+    from tasks.convert import native_output_silenced
+
+    with native_output_silenced():
+        import tensorflow  # noqa: F401
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:
