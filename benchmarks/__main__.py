@@ -2,7 +2,7 @@
 
 Each benchmark module runs in a fresh process (so TensorFlow state and memory never leak from one to the next),
 prints nothing that matters, and writes its results as JSON to a file the runner reads. The runner prints a
-table, writes ``benchmarks/results.json`` and regenerates the README's "Performance" table from it.
+table, writes ``benchmarks/results.json`` and regenerates the table in docs/performance.md from it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def _run_module(name: str, repeats: int) -> list[dict]:
             f"json.dump([r.as_dict() for r in run({repeats})], open({target!r}, 'w'))\n"
         )
         completed = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"},
         )
         if completed.returncode != 0:
@@ -52,8 +55,14 @@ def _print(results: list[dict]) -> None:
     for column in ("benchmark", "ptqflow", "baseline", "ratio", "target", "met"):
         table.add_column(column)
     for r in results:
-        table.add_row(r["name"], f"{r['ours']:.4g} {r['unit']}", f"{r['baseline']:.4g} {r['unit']}",
-                      f"{r['ratio']:.2f}x", r["target"], {True: "yes", False: "NO", None: "-"}[r["met"]])
+        table.add_row(
+            r["name"],
+            f"{r['ours']:.4g} {r['unit']}",
+            f"{r['baseline']:.4g} {r['unit']}",
+            f"{r['ratio']:.2f}x",
+            r["target"],
+            {True: "yes", False: "NO", None: "-"}[r["met"]],
+        )
     Console(width=160).print(table)
 
 
@@ -82,7 +91,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(MODULES)}")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (the median is quoted)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
-    parser.add_argument("--no-readme", action="store_true", help="do not regenerate the README table")
+    parser.add_argument("--no-readme", action="store_true", help="do not regenerate the table in docs/performance.md")
     args = parser.parse_args()
     modules = args.only.split(",") if args.only else MODULES
     unknown = set(modules) - set(MODULES)
@@ -111,7 +120,7 @@ def main() -> None:
     if not args.no_readme:
         from benchmarks.readme import update_readme
 
-        update_readme(ROOT / "README.md", document)
+        update_readme(ROOT / "docs" / "performance.md", document)
     failed = [r["name"] for r in results if r["met"] is False]
     if failed:
         print(f"targets not met: {', '.join(failed)}", file=sys.stderr)

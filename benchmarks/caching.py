@@ -11,8 +11,8 @@ from benchmarks.common import Result, median_seconds
 def run(repeats: int = 3) -> list[Result]:
     from prefect import flow
 
-    from flows.pipeline import ptq_pipeline
-    from tasks.parameters import ConversionParameters, TensorType
+    from ptqflow.flows.pipeline import ptq_pipeline
+    from ptqflow.tasks.parameters import ConversionParameters, TensorType
 
     @flow(name="ptqflow-benchmark-warm-up")
     def warm_up() -> int:

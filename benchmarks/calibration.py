@@ -14,7 +14,7 @@ BATCH = 100  # ptqflow's streaming batch for this benchmark (the default is 64)
 
 
 def quantization_parameters(model_bytes: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from tasks.validate import make_interpreter
+    from ptqflow.tasks.validate import make_interpreter
 
     return {
         d["name"]: (d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"])
@@ -38,9 +38,9 @@ def same_quantization(a: bytes, b: bytes) -> bool:
 def _compare(label: str, model, features: np.ndarray, labels: np.ndarray, repeats: int) -> Result:
     import tensorflow as tf
 
-    from storage.tables import TensorTable, iter_feature_batches, write_parquet_bytes
-    from tasks.convert import quantize
-    from tasks.parameters import ConversionParameters
+    from ptqflow.storage.tables import TensorTable, iter_feature_batches, write_parquet_bytes
+    from ptqflow.tasks.convert import quantize
+    from ptqflow.tasks.parameters import ConversionParameters
 
     calibration = TensorTable(features[:SAMPLES], labels[:SAMPLES])
     parquet = write_parquet_bytes(calibration)
@@ -80,15 +80,20 @@ def _compare(label: str, model, features: np.ndarray, labels: np.ndarray, repeat
 
 def run(repeats: int = 3) -> list[Result]:
     from benchmarks.storage import synthetic_images
-    from tasks.artifacts import FeatureSpec
-    from tasks.train import build_default_cnn, seeded
+    from ptqflow.tasks.artifacts import FeatureSpec
+    from ptqflow.tasks.train import build_default_cnn, seeded
 
     model, splits = digits_model_and_splits()
     results = [_compare("digits (8x8x1)", model, splits["train"].features, splits["train"].labels, repeats)]
     # The tutorial's own input size: the default CNN for 28x28x1 uint8 images (MNIST-sized; the weights do not
     # change what calibration costs, so they are left as initialised).
-    spec = FeatureSpec(shape=(28, 28, 1), dtype="uint8", value_range=(0.0, 255.0), n_classes=10,
-                       class_names=tuple(str(i) for i in range(10)))
+    spec = FeatureSpec(
+        shape=(28, 28, 1),
+        dtype="uint8",
+        value_range=(0.0, 255.0),
+        n_classes=10,
+        class_names=tuple(str(i) for i in range(10)),
+    )
     with seeded(0):
         mnist_sized = build_default_cnn(spec)
     images = synthetic_images(SAMPLES)

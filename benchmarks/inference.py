@@ -30,7 +30,7 @@ def mobilenet_v2_sized():
 
 
 def _timings(model_bytes: bytes, sample: np.ndarray, threads: int) -> dict:
-    from tasks.validate import make_interpreter, quantize_input
+    from ptqflow.tasks.validate import make_interpreter, quantize_input
 
     interpreter = make_interpreter(model_bytes, threads)
     inp = interpreter.get_input_details()[0]
@@ -69,7 +69,9 @@ def composition(model_bytes: bytes) -> dict:
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model_bytes, 0))
     tensors = [t for graph in model.subgraphs for t in graph.tensors]
-    scales = sum(len(t.quantization.scale) for t in tensors if t.quantization is not None and t.quantization.scale is not None)
+    scales = sum(
+        len(t.quantization.scale) for t in tensors if t.quantization is not None and t.quantization.scale is not None
+    )
     return {
         "bytes": len(model_bytes),
         "buffer_bytes": sum(len(b.data) for b in model.buffers if b.data is not None),
@@ -79,29 +81,54 @@ def composition(model_bytes: bytes) -> dict:
 
 
 def _compare(label: str, model, calibration: np.ndarray, sample: np.ndarray, size_target: float | None) -> list[Result]:
-    from tasks.convert import convert_float, quantize
-    from tasks.parameters import ConversionParameters
+    from ptqflow.tasks.convert import convert_float, quantize
+    from ptqflow.tasks.parameters import ConversionParameters
 
     threads = os.cpu_count() or 1
-    quantized = quantize(model, lambda: (calibration[i : i + 8] for i in range(0, len(calibration), 8)),
-                         ConversionParameters())
+    quantized = quantize(
+        model, lambda: (calibration[i : i + 8] for i in range(0, len(calibration), 8)), ConversionParameters()
+    )
     float_model = convert_float(model)
     q, f = _timings(quantized, sample, threads), _timings(float_model, sample, threads)
     common = dict(ours_label="int8 .tflite", baseline_label="float32 .tflite")
     size_ratio = len(float_model) / len(quantized)
     key = label.lower().replace(" ", "_").replace("-", "_")
     return [
-        Result(name=f"size_{key}", metric=f"model size, {label}", unit="MB", ours=len(quantized) / 1e6,
-               baseline=len(float_model) / 1e6, ratio=size_ratio,
-               target=f">= {size_target}x smaller" if size_target else "reported",
-               met=(size_ratio >= size_target) if size_target else None,
-               detail={"quantized": composition(quantized), "float": composition(float_model)}, **common),
-        Result(name=f"latency_{key}", metric=f"latency at batch 1 (p50), {label}, {threads} threads", unit="ms",
-               ours=q["p50_ms"], baseline=f["p50_ms"], ratio=f["p50_ms"] / q["p50_ms"], target="reported", met=None,
-               detail={"quantized": q, "float": f}, **common),
-        Result(name=f"throughput_{key}", metric=f"throughput at batch {BATCH}, {label}, {threads} threads",
-               unit="samples/s", ours=q["throughput_per_s"], baseline=f["throughput_per_s"],
-               ratio=q["throughput_per_s"] / f["throughput_per_s"], target="reported", met=None, **common),
+        Result(
+            name=f"size_{key}",
+            metric=f"model size, {label}",
+            unit="MB",
+            ours=len(quantized) / 1e6,
+            baseline=len(float_model) / 1e6,
+            ratio=size_ratio,
+            target=f">= {size_target}x smaller" if size_target else "reported",
+            met=(size_ratio >= size_target) if size_target else None,
+            detail={"quantized": composition(quantized), "float": composition(float_model)},
+            **common,
+        ),
+        Result(
+            name=f"latency_{key}",
+            metric=f"latency at batch 1 (p50), {label}, {threads} threads",
+            unit="ms",
+            ours=q["p50_ms"],
+            baseline=f["p50_ms"],
+            ratio=f["p50_ms"] / q["p50_ms"],
+            target="reported",
+            met=None,
+            detail={"quantized": q, "float": f},
+            **common,
+        ),
+        Result(
+            name=f"throughput_{key}",
+            metric=f"throughput at batch {BATCH}, {label}, {threads} threads",
+            unit="samples/s",
+            ours=q["throughput_per_s"],
+            baseline=f["throughput_per_s"],
+            ratio=q["throughput_per_s"] / f["throughput_per_s"],
+            target="reported",
+            met=None,
+            **common,
+        ),
     ]
 
 

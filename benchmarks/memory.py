@@ -33,7 +33,7 @@ def write_source(path: str, total_bytes: int = SOURCE_BYTES) -> int:
     """Write the calibration source in pieces (the writer never holds it whole); returns the sample count."""
     import pyarrow.parquet as pq
 
-    from storage.tables import TensorTable, rows_per_group, to_arrow
+    from ptqflow.storage.tables import TensorTable, rows_per_group, to_arrow
 
     sample_bytes = int(np.prod(SHAPE))
     count = total_bytes // sample_bytes
@@ -65,16 +65,16 @@ def _tiny_model():
 
 def calibrate(path: str, mode: str) -> dict:
     """In this process: build the model, note the baseline RSS, calibrate, report the peak."""
-    from storage.tables import iter_feature_batches, read_parquet
-    from tasks.convert import quantize
-    from tasks.parameters import ConversionParameters
+    from ptqflow.storage.tables import iter_feature_batches, read_parquet
+    from ptqflow.tasks.convert import quantize
+    from ptqflow.tasks.parameters import ConversionParameters
 
     model = _tiny_model()
     baseline = _rss_bytes()
     if mode == "stream":
-        from storage.tables import write_parquet_bytes
-        from tasks.calibrate import calibration_seed
-        from tasks.datasets import Draw, load_dataset
+        from ptqflow.storage.tables import write_parquet_bytes
+        from ptqflow.tasks.calibrate import calibration_seed
+        from ptqflow.tasks.datasets import Draw, load_dataset
 
         drawn = load_dataset(path, draw=Draw(CALIBRATION_SIZE, calibration_seed(0), what="calibration set"))
         stored = path + ".calibration.parquet"  # what the calibration stage writes to the store
@@ -86,7 +86,7 @@ def calibrate(path: str, mode: str) -> dict:
             with open(stored, "rb") as f:
                 yield from iter_feature_batches(f, BATCH)
     else:
-        from tasks.calibrate import draw_calibration_set
+        from ptqflow.tasks.calibrate import draw_calibration_set
 
         with open(path, "rb") as f:
             whole = read_parquet(f)
@@ -104,7 +104,9 @@ def calibrate(path: str, mode: str) -> dict:
 def _measure_in_subprocess(path: str, mode: str) -> dict:
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory", "--calibrate", path, "--mode", mode],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -129,7 +131,13 @@ def run(repeats: int = 1) -> list[Result]:
             met=ours["above_baseline"] <= LIMIT_BYTES < whole["above_baseline"],
             ours_label=f"{CALIBRATION_SIZE} drawn while reading by row groups, then streamed in batches of {BATCH}",
             baseline_label=f"source loaded whole, {CALIBRATION_SIZE} drawn, then batched",
-            detail={"samples": count, "calibration_size": CALIBRATION_SIZE, "sample_shape": list(SHAPE), "ours": ours, "baseline": whole},
+            detail={
+                "samples": count,
+                "calibration_size": CALIBRATION_SIZE,
+                "sample_shape": list(SHAPE),
+                "ours": ours,
+                "baseline": whole,
+            },
         )
     ]
 

@@ -1,4 +1,4 @@
-"""The README's "Performance" table, generated from ``benchmarks/results.json`` (never typed by hand)."""
+"""The "Performance" table of docs/performance.md, generated from ``benchmarks/results.json`` (never typed by hand)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def render_table(results: dict[str, Any]) -> str:
         quantized, floating = r["detail"].get("quantized"), r["detail"].get("float")
         if r["name"].startswith("size_") and quantized and floating:
             notes.append(
-                f"- {r['metric']}: the weight buffers alone are {floating['buffer_bytes'] / quantized['buffer_bytes']:.2f}x "
+                f"- {r['metric']}: the weight buffers alone are "
+                f"{floating['buffer_bytes'] / quantized['buffer_bytes']:.2f}x "
                 f"smaller; the int8 file also carries {quantized['quantization_scales']:,} per-channel quantization "
                 f"scales (each a float32 scale and an int64 zero point), "
                 f"{(quantized['bytes'] - quantized['buffer_bytes']) / 1e6:.2f} MB outside the buffers in all."

@@ -32,8 +32,8 @@ def synthetic_images(count: int, seed: int = 0) -> np.ndarray:
 
 
 def run(repeats: int = 3) -> list[Result]:
-    from storage.store import ArtifactStore
-    from storage.tables import TensorTable, read_parquet, write_parquet_bytes
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_bytes
 
     count = TARGET_BYTES // int(np.prod(SHAPE))
     table = TensorTable(synthetic_images(count), np.random.default_rng(1).integers(0, 10, count))
@@ -67,11 +67,33 @@ def run(repeats: int = 3) -> list[Result]:
     common = dict(ours_label="Parquet via the store (sha256-verified)", baseline_label="np.save / np.load")
     size_mb = table.features.nbytes / 2**20
     return [
-        Result(name="storage_write", metric=f"write a {size_mb:.0f} MB tensor table", unit="s", ours=write_s,
-               baseline=np_write_s, ratio=np_write_s / write_s, target="reported", met=None,
-               detail={"ours_runs_s": write_all, "baseline_runs_s": np_write_all,
-                       "parquet_bytes": parquet_bytes, "npy_bytes": npy_bytes}, **common),
-        Result(name="storage_read", metric=f"read a {size_mb:.0f} MB tensor table", unit="s", ours=read_s,
-               baseline=np_read_s, ratio=np_read_s / read_s, target="reported", met=None,
-               detail={"ours_runs_s": read_all, "baseline_runs_s": np_read_all}, **common),
+        Result(
+            name="storage_write",
+            metric=f"write a {size_mb:.0f} MB tensor table",
+            unit="s",
+            ours=write_s,
+            baseline=np_write_s,
+            ratio=np_write_s / write_s,
+            target="reported",
+            met=None,
+            detail={
+                "ours_runs_s": write_all,
+                "baseline_runs_s": np_write_all,
+                "parquet_bytes": parquet_bytes,
+                "npy_bytes": npy_bytes,
+            },
+            **common,
+        ),
+        Result(
+            name="storage_read",
+            metric=f"read a {size_mb:.0f} MB tensor table",
+            unit="s",
+            ours=read_s,
+            baseline=np_read_s,
+            ratio=np_read_s / read_s,
+            target="reported",
+            met=None,
+            detail={"ours_runs_s": read_all, "baseline_runs_s": np_read_all},
+            **common,
+        ),
     ]

@@ -29,8 +29,9 @@ def mobilenet_v2_small(input_shape, n_classes):
 
     inputs = keras.Input(tuple(input_shape), name="raw_input")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    backbone = keras.applications.MobileNetV2(input_shape=tuple(input_shape), alpha=0.35, weights=None,
-                                              classes=n_classes)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=tuple(input_shape), alpha=0.35, weights=None, classes=n_classes
+    )
     return keras.Model(inputs, backbone(x), name="mobilenet_v2_small")
 
 
@@ -39,7 +40,7 @@ def _write_images(path: str) -> None:
     times, and that both ways give the same models)."""
     import numpy as np
 
-    from storage.tables import TensorTable, write_parquet_bytes
+    from ptqflow.storage.tables import TensorTable, write_parquet_bytes
 
     rng = np.random.default_rng(0)
     labels = np.arange(SAMPLES) % CLASSES
@@ -60,8 +61,10 @@ def _differences(runs: list[tuple[str, dict]]) -> list[str]:
     for i, (mode, rows) in enumerate(runs[1:], 1):
         for name, (sha, accuracy) in rows.items():
             if (sha, accuracy) != first[name]:
-                found.append(f"{mode} run {i} {name}: sha {sha[:12]} vs {first[name][0][:12]}, accuracy {accuracy} "
-                             f"vs {first[name][1]} ({first_mode} run 0)")
+                found.append(
+                    f"{mode} run {i} {name}: sha {sha[:12]} vs {first[name][0][:12]}, accuracy {accuracy} "
+                    f"vs {first[name][1]} ({first_mode} run 0)"
+                )
     return found
 
 
@@ -69,11 +72,11 @@ def run(repeats: int = 3) -> list[Result]:
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.pipeline import upstream_stages
-    from flows.stages import StageRunner
-    from flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
-    from storage.store import ArtifactStore
-    from tasks.parameters import (
+    from ptqflow.flows.pipeline import upstream_stages
+    from ptqflow.flows.stages import StageRunner
+    from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.parameters import (
         CalibrationParameters,
         GateParameters,
         SamplingParameters,
@@ -93,8 +96,9 @@ def run(repeats: int = 3) -> list[Result]:
 
         @flow(name="ptqflow-benchmark-upstream")
         def upstream(store: str):
-            return upstream_stages(StageRunner(ArtifactStore(store)), 0, **parameters,
-                                   more_calibration_sizes=sweep.calibration_sizes)[2]
+            return upstream_stages(
+                StageRunner(ArtifactStore(store)), 0, **parameters, more_calibration_sizes=sweep.calibration_sizes
+            )[2]
 
         # Trained once; every measured run quantizes that very .keras (--model-url), so all of them convert the
         # same model.
@@ -113,8 +117,9 @@ def run(repeats: int = 3) -> list[Result]:
                 store = f"{tmp}/{mode}-{i}"
                 upstream(store)
                 started = time.perf_counter()
-                summary = ptq_sweep.with_options(task_runner=runner())(store=store, sweep=sweep, gate=gate,
-                                                                      **parameters)
+                summary = ptq_sweep.with_options(task_runner=runner())(
+                    store=store, sweep=sweep, gate=gate, **parameters
+                )
                 seconds[mode].append(time.perf_counter() - started)
                 runs.append((mode, _rows(summary)))
                 configurations = len([r for r in summary.rows if not r.reference])
@@ -135,8 +140,13 @@ def run(repeats: int = 3) -> list[Result]:
             met=share <= 0.65,
             ours_label=f"LocalCluster, {WORKERS} worker processes",
             baseline_label="one at a time, in the flow's process",
-            detail={"share_of_sequential": share, "ours_runs_s": seconds["dask"],
-                    "baseline_runs_s": seconds["sequential"], "configurations": configurations,
-                    "same_models_and_accuracies": same, "differences": differences},
+            detail={
+                "share_of_sequential": share,
+                "ours_runs_s": seconds["dask"],
+                "baseline_runs_s": seconds["sequential"],
+                "configurations": configurations,
+                "same_models_and_accuracies": same,
+                "differences": differences,
+            },
         )
     ]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.tables import TensorTable, read_parquet, write_parquet_bytes
+from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_bytes
 
 
 def _fixed_shape_tensor_bytes(table: TensorTable) -> bytes:
@@ -55,8 +55,11 @@ def measure(samples: int, repeats: int) -> dict:
             "fixed_shape_tensor": _median_seconds(lambda: read_parquet(canonical), repeats),
         },
         "bytes": {"fixed_size_binary": len(ours), "fixed_shape_tensor": len(canonical)},
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "pyarrow": pa.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "pyarrow": pa.__version__,
+        },
     }
     for kind in ("write_s", "read_s"):
         result[kind]["ratio"] = result[kind]["fixed_shape_tensor"] / result[kind]["fixed_size_binary"]
@@ -67,15 +70,31 @@ def run(repeats: int = 5) -> list:
     from benchmarks.common import Result
 
     result = measure(60_000, repeats)
-    common = dict(ours_label="fixed_size_binary + shape metadata", baseline_label="Arrow fixed_shape_tensor",
-                  target="reported (chooses the layout)", met=None, unit="s")
+    common = dict(
+        ours_label="fixed_size_binary + shape metadata",
+        baseline_label="Arrow fixed_shape_tensor",
+        target="reported (chooses the layout)",
+        met=None,
+        unit="s",
+    )
     return [
-        Result(name="tensor_layout_write", metric="write 60,000 uint8 28x28x1 samples as Parquet",
-               ours=result["write_s"]["fixed_size_binary"], baseline=result["write_s"]["fixed_shape_tensor"],
-               ratio=result["write_s"]["ratio"], detail={"bytes": result["bytes"]}, **common),
-        Result(name="tensor_layout_read", metric="read 60,000 uint8 28x28x1 samples from Parquet",
-               ours=result["read_s"]["fixed_size_binary"], baseline=result["read_s"]["fixed_shape_tensor"],
-               ratio=result["read_s"]["ratio"], **common),
+        Result(
+            name="tensor_layout_write",
+            metric="write 60,000 uint8 28x28x1 samples as Parquet",
+            ours=result["write_s"]["fixed_size_binary"],
+            baseline=result["write_s"]["fixed_shape_tensor"],
+            ratio=result["write_s"]["ratio"],
+            detail={"bytes": result["bytes"]},
+            **common,
+        ),
+        Result(
+            name="tensor_layout_read",
+            metric="read 60,000 uint8 28x28x1 samples from Parquet",
+            ours=result["read_s"]["fixed_size_binary"],
+            baseline=result["read_s"]["fixed_shape_tensor"],
+            ratio=result["read_s"]["ratio"],
+            **common,
+        ),
     ]
 
 

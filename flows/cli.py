@@ -15,12 +15,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NoReturn
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from storage.store import hold_signed_url, scrub_signed_urls
-from tasks.parameters import (
+from ptqflow.flows.api import InvalidOption, Model, parameters, pipeline_arguments, prefect_defaults, sweep_arguments
+from ptqflow.storage.store import scrub_signed_urls
+from ptqflow.tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
@@ -61,28 +62,21 @@ InputShapeOption = Annotated[
     str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
 ]
 SampleSizeOption = Annotated[int | None, typer.Option(help=_help(SamplingParameters, "sample_size"))]
-SinceOption = Annotated[
-    datetime | None, typer.Option(formats=["%Y-%m-%d"], help=_help(SamplingParameters, "since"))
-]
+SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help=_help(SamplingParameters, "since"))]
 WindowDaysOption = Annotated[int | None, typer.Option(help=_help(SamplingParameters, "window_days"))]
 ModelOption = Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model"))]
 ModelUrlOption = Annotated[str | None, typer.Option(help=_help(TrainingParameters, "model_url"))]
 RunStoreOption = Annotated[
-    str, typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...).")
+    str,
+    typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed for sampling, training and calibration.")]
 EpochsOption = Annotated[int | None, typer.Option(help=_help(TrainingParameters, "epochs"))]
 CalibrationSizeOption = Annotated[int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))]
-CalibrationSourceOption = Annotated[
-    str | None, typer.Option(help=_help(CalibrationParameters, "calibration_source"))
-]
+CalibrationSourceOption = Annotated[str | None, typer.Option(help=_help(CalibrationParameters, "calibration_source"))]
 MaxAccuracyDropOption = Annotated[float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))]
-PromotionToleranceOption = Annotated[
-    float | None, typer.Option(help=_help(GateParameters, "promotion_tolerance"))
-]
-MinComparisonRowsOption = Annotated[
-    int | None, typer.Option(help=_help(GateParameters, "min_comparison_rows"))
-]
+PromotionToleranceOption = Annotated[float | None, typer.Option(help=_help(GateParameters, "promotion_tolerance"))]
+MinComparisonRowsOption = Annotated[int | None, typer.Option(help=_help(GateParameters, "min_comparison_rows"))]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show Prefect's and TensorFlow's logs on the console.")
@@ -95,8 +89,7 @@ def main() -> None:
 
 
 def _prepare_environment(verbose: bool) -> None:
-    # A fresh PREFECT_HOME's ephemeral server takes ~25 s to start on a small machine, past Prefect's 20 s default.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    prefect_defaults()
     if verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return
@@ -108,8 +101,14 @@ def _prepare_environment(verbose: bool) -> None:
     # TensorFlow's C++ logs (level 3 hides its ERROR lines too, such as tf.data's "NodeDef mentions attribute"
     # notes, which are not errors of the run: a real failure arrives as an exception).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # Its start-up lines (oneDNN, absl) ignore that setting: import it now, with fds 1 and 2 silenced.
-    from tasks.convert import native_output_silenced
+
+
+def _import_tensorflow_quietly(verbose: bool) -> None:
+    """TensorFlow's start-up lines (oneDNN, absl, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL: import it before the
+    run, with fds 1 and 2 silenced."""
+    if verbose:
+        return
+    from ptqflow.tasks.convert import native_output_silenced
 
     with native_output_silenced():
         import tensorflow  # noqa: F401
@@ -123,14 +122,18 @@ def _fail(message: str, code: int, as_json: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _parameters(schema: type[BaseModel], as_json: bool, **given: Any) -> Any:
+def _parameters(schema: type[Model], as_json: bool, **given: Any) -> Model:
+    with _refused_options(as_json):
+        return parameters(schema, **given)
+
+
+@contextmanager
+def _refused_options(as_json: bool) -> Iterator[None]:
+    """An option the parameters refuse ends the command with one line naming it (exit 2)."""
     try:
-        return schema(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as error:
-        first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        what = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        _fail(f"invalid {what}: {message}", EXIT_INVALID_INPUT, as_json)
+        yield
+    except InvalidOption as error:
+        _fail(str(error), EXIT_INVALID_INPUT, as_json)
 
 
 def _shape(text: str | None, as_json: bool) -> tuple[int, ...] | None:
@@ -165,7 +168,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 def _live_progress() -> Iterator[None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tasks.progress import ProgressEvent, listening
+    from ptqflow.tasks.progress import ProgressEvent, listening
 
     progress = Progress(
         SpinnerColumn(),
@@ -207,6 +210,7 @@ def _print_summary(summary: Any, console: Console) -> None:
     models = Table(title="Models (test split)", title_justify="left")
     for column in ("model", "accuracy", "size"):
         models.add_column(column, justify="right" if column != "model" else "left")
+
     def pct(value: float | None) -> str:
         return "not run" if value is None else f"{value:.2%}"
 
@@ -248,9 +252,7 @@ def run(
     input_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "input_type"))] = None,
     output_type: Annotated[TensorType | None, typer.Option(help=_help(ConversionParameters, "output_type"))] = None,
     ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
-    scheme: Annotated[
-        QuantizationScheme | None, typer.Option(help=_help(ConversionParameters, "scheme"))
-    ] = None,
+    scheme: Annotated[QuantizationScheme | None, typer.Option(help=_help(ConversionParameters, "scheme"))] = None,
     per_channel: Annotated[
         bool | None,
         typer.Option("--per-channel/--per-tensor", help=_help(ConversionParameters, "per_channel")),
@@ -267,40 +269,54 @@ def run(
     ] = None,
     repair: Annotated[
         bool | None,
-        typer.Option("--repair/--no-repair", help=_help(RepairParameters, "enabled") + " [default: on with --ops builtins]"),
+        typer.Option(
+            "--repair/--no-repair", help=_help(RepairParameters, "enabled") + " [default: on with --ops builtins]"
+        ),
     ] = None,
-    max_float_layers: Annotated[
-        int | None, typer.Option(help=_help(RepairParameters, "max_float_layers"))
-    ] = None,
+    max_float_layers: Annotated[int | None, typer.Option(help=_help(RepairParameters, "max_float_layers"))] = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
-    parameters = dict(
-        store=store,
-        export=export,
-        seed=seed,
-        **_upstream_parameters(
-            as_json, dataset=dataset, feature_column=feature_column, label_column=label_column,
-            input_shape=input_shape, sample_size=sample_size, since=since, window_days=window_days, epochs=epochs,
-            model=model, model_url=model_url, calibration_size=calibration_size, calibration_source=calibration_source,
-        ),
-        conversion=_parameters(
-            ConversionParameters, as_json, input_type=input_type, output_type=output_type, ops=ops, scheme=scheme,
+    with _refused_options(as_json):
+        arguments = pipeline_arguments(
+            store=store,
+            export=export,
+            seed=seed,
+            input_type=input_type,
+            output_type=output_type,
+            ops=ops,
+            scheme=scheme,
             per_channel=per_channel,
-        ),
-        gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
-                         promotion_tolerance=promotion_tolerance,
-                         min_comparison_rows=min_comparison_rows),
-        repair=_parameters(RepairParameters, as_json, enabled=repair, max_float_layers=max_float_layers),
-    )
+            max_accuracy_drop=max_accuracy_drop,
+            promotion_tolerance=promotion_tolerance,
+            min_comparison_rows=min_comparison_rows,
+            repair=repair,
+            max_float_layers=max_float_layers,
+            **_upstream_options(
+                as_json,
+                dataset=dataset,
+                feature_column=feature_column,
+                label_column=label_column,
+                input_shape=input_shape,
+                sample_size=sample_size,
+                since=since,
+                window_days=window_days,
+                epochs=epochs,
+                model=model,
+                model_url=model_url,
+                calibration_size=calibration_size,
+                calibration_source=calibration_source,
+            ),
+        )
     _prepare_environment(verbose)
+    _import_tensorflow_quietly(verbose)
 
-    from flows.pipeline import ptq_pipeline
+    from ptqflow.flows.pipeline import ptq_pipeline
 
     live = not as_json and err_console.is_terminal
     with _stdout_to_stderr() if as_json else nullcontext(), _live_progress() if live else nullcontext():
-        state = ptq_pipeline(**parameters, return_state=True)
+        state = ptq_pipeline(**arguments, return_state=True)
     summary, code = _outcome(state, as_json)
     if as_json:
         print(summary.model_dump_json())
@@ -309,35 +325,17 @@ def run(
     raise typer.Exit(code)
 
 
-def _upstream_parameters(as_json: bool, **given: Any) -> dict[str, Any]:
-    """The sampling, training and calibration parameters from the CLI options both `run` and `sweep` take.
-
-    A signed URL (presigned S3, signed GCS, Azure SAS) enters them redacted: Prefect records parameters, and the
-    manifests, logs and exports repeat them; only the reader gets the secret back (storage.store)."""
-    for key in ("dataset", "model_url", "calibration_source"):
-        if given[key]:
-            given[key] = hold_signed_url(given[key])
-    return {
-        "sampling": _parameters(
-            SamplingParameters, as_json, dataset=given["dataset"], feature_column=given["feature_column"],
-            label_column=given["label_column"], input_shape=_shape(given["input_shape"], as_json),
-            sample_size=given["sample_size"], since=given["since"].date() if given["since"] else None,
-            window_days=given["window_days"],
-        ),
-        "training": _parameters(
-            TrainingParameters, as_json, epochs=given["epochs"], model=given["model"], model_url=given["model_url"]
-        ),
-        "calibration": _parameters(
-            CalibrationParameters, as_json, calibration_size=given["calibration_size"],
-            calibration_source=given["calibration_source"],
-        ),
-    }
+def _upstream_options(as_json: bool, **given: Any) -> dict[str, Any]:
+    """The options both `run` and `sweep` take, as the API takes them (a shape as a tuple, a day as a date)."""
+    given["input_shape"] = _shape(given["input_shape"], as_json)
+    given["since"] = given["since"].date() if given["since"] else None
+    return given
 
 
 def _outcome(state: Any, as_json: bool) -> tuple[Any, int]:
     """A finished flow run's summary and exit code; a run that failed without one ends the CLI with one line."""
-    from flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error, storage_refusal
-    from tasks.errors import AccuracyGateFailed
+    from ptqflow.flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error, storage_refusal
+    from ptqflow.tasks.errors import AccuracyGateFailed
 
     if state.is_completed():
         return state.result(), 0
@@ -369,8 +367,11 @@ def _sizes(text: str | None, option: str, as_json: bool) -> tuple[int, ...] | No
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if parts and all(part.isdigit() and int(part) > 0 for part in parts):
         return tuple(int(part) for part in parts)
-    _fail(f"invalid {option} {text!r}: give positive integers separated by commas, e.g. 50,200,1000",
-          EXIT_INVALID_INPUT, as_json)
+    _fail(
+        f"invalid {option} {text!r}: give positive integers separated by commas, e.g. 50,200,1000",
+        EXIT_INVALID_INPUT,
+        as_json,
+    )
 
 
 def _print_export(summary: Any, console: Console) -> None:
@@ -379,12 +380,15 @@ def _print_export(summary: Any, console: Console) -> None:
         console.print(f"[{colour}]{summary.promotion.message}[/]", highlight=False, soft_wrap=True)
     if summary.export is not None:
         what = "published" if summary.export.published else "already published"
-        console.print(f"{what}: version {summary.export.version}, pointer {summary.export.pointer}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"{what}: version {summary.export.version}, pointer {summary.export.pointer}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_sweep(summary: Any, console: Console) -> None:
-    from tasks.sweep import TABLE_HEADER, table_rows
+    from ptqflow.tasks.sweep import TABLE_HEADER, table_rows
 
     table = Table(title=f"Configurations (test split), ranked by {summary.rank_by}", title_justify="left")
     for column in TABLE_HEADER:
@@ -394,8 +398,9 @@ def _print_sweep(summary: Any, console: Console) -> None:
     console.print(table)
     colour = "green" if summary.gate.passed else "red"
     console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
-    console.print(f"table: {summary.report.markdown.uri}\nplot: {summary.report.plot.uri}", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"table: {summary.report.markdown.uri}\nplot: {summary.report.plot.uri}", highlight=False, soft_wrap=True
+    )
     if "tflite" in summary.artifacts:
         console.print(f"best model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
     _print_export(summary, console)
@@ -413,7 +418,8 @@ def _check_dask_scheduler(address: str, as_json: bool) -> None:
         _fail(
             f"cannot reach the Dask scheduler at {address} ({type(error).__name__}): start it, check the address "
             "(e.g. tcp://10.0.0.5:8786), or leave out --dask-address to use a local cluster",
-            EXIT_INVALID_INPUT, as_json,
+            EXIT_INVALID_INPUT,
+            as_json,
         )
 
 
@@ -434,7 +440,8 @@ def sweep(
     calibration_size: CalibrationSizeOption = None,
     calibration_source: CalibrationSourceOption = None,
     calibration_sizes: Annotated[
-        str | None, typer.Option(help="Calibration sizes tried with full int8, e.g. 50,200,1000. [default: 50,200,1000]")
+        str | None,
+        typer.Option(help="Calibration sizes tried with full int8, e.g. 50,200,1000. [default: 50,200,1000]"),
     ] = None,
     configurations: Annotated[
         str | None, typer.Option(help="Comma-separated configuration names (see --list). [default: all]")
@@ -453,8 +460,10 @@ def sweep(
     ] = None,
     dask_address: Annotated[
         str | None,
-        typer.Option(envvar="PTQFLOW_DASK_ADDRESS",
-                     help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786. [default: a LocalCluster]"),
+        typer.Option(
+            envvar="PTQFLOW_DASK_ADDRESS",
+            help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786. [default: a LocalCluster]",
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes of the LocalCluster.", min=1)] = 2,
     in_process: Annotated[
@@ -468,50 +477,65 @@ def sweep(
 ) -> None:
     """Convert one trained model under a grid of quantization configurations on Dask, rank them (accuracy drop,
     size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
-    upstream = _upstream_parameters(
-        as_json, dataset=dataset, feature_column=feature_column, label_column=label_column, input_shape=input_shape,
-        sample_size=sample_size, since=since, window_days=window_days, epochs=epochs, model=model, model_url=model_url,
-        calibration_size=calibration_size, calibration_source=calibration_source,
-    )
     names = tuple(n.strip() for n in configurations.split(",") if n.strip()) if configurations else None
-    sweep_parameters = _parameters(
-        SweepParameters, as_json, calibration_sizes=_sizes(calibration_sizes, "--calibration-sizes", as_json),
-        configurations=names, rank_by=rank_by, require_full_integer=require_full_integer,
-        latency_threads=latency_threads,
-    )
     _prepare_environment(verbose)  # before anything imports Prefect, which reads its logging settings once
-    from tasks.errors import PtqflowError
-    from tasks.sweep import select_configurations, sweep_grid
+    from ptqflow.tasks.errors import PtqflowError
+    from ptqflow.tasks.sweep import select_configurations, sweep_grid
 
-    try:
-        grid = select_configurations(
-            sweep_grid(upstream["calibration"].calibration_size, sweep_parameters.calibration_sizes), names
-        )
-    except PtqflowError as error:
-        _fail(str(error), EXIT_INVALID_INPUT, as_json)
+    with _refused_options(as_json):
+        try:
+            arguments = sweep_arguments(
+                store=store,
+                seed=seed,
+                export=export,
+                calibration_sizes=_sizes(calibration_sizes, "--calibration-sizes", as_json),
+                configurations=names,
+                rank_by=rank_by,
+                require_full_integer=require_full_integer,
+                latency_threads=latency_threads,
+                max_accuracy_drop=max_accuracy_drop,
+                promotion_tolerance=promotion_tolerance,
+                min_comparison_rows=min_comparison_rows,
+                **_upstream_options(
+                    as_json,
+                    dataset=dataset,
+                    feature_column=feature_column,
+                    label_column=label_column,
+                    input_shape=input_shape,
+                    sample_size=sample_size,
+                    since=since,
+                    window_days=window_days,
+                    epochs=epochs,
+                    model=model,
+                    model_url=model_url,
+                    calibration_size=calibration_size,
+                    calibration_source=calibration_source,
+                ),
+            )
+        except PtqflowError as error:
+            _fail(str(error), EXIT_INVALID_INPUT, as_json)
     if list_configurations:
-        for configuration in grid:
+        grid = sweep_grid(arguments["calibration"].calibration_size, arguments["sweep"].calibration_sizes)
+        for configuration in select_configurations(grid, names):
             size = f", {configuration.calibration_size} calibration samples" if configuration.calibration_size else ""
             print(f"{configuration.name:<26} {configuration.description}{size}")
         return
 
     if dask_address and not in_process:
         _check_dask_scheduler(dask_address, as_json)
+    _import_tensorflow_quietly(verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+    from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
 
     runner = ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)
     live = not as_json and err_console.is_terminal
-    with shared_prefect_api(), _stdout_to_stderr() if as_json else nullcontext(), \
-            _live_progress() if live else nullcontext():
-        state = ptq_sweep.with_options(task_runner=runner)(
-            store=store, seed=seed, export=export, sweep=sweep_parameters,
-            gate=_parameters(GateParameters, as_json, max_accuracy_drop=max_accuracy_drop,
-                             promotion_tolerance=promotion_tolerance,
-                         min_comparison_rows=min_comparison_rows), **upstream,
-            return_state=True,
-        )
+    with (
+        shared_prefect_api(),
+        _stdout_to_stderr() if as_json else nullcontext(),
+        _live_progress() if live else nullcontext(),
+    ):
+        state = ptq_sweep.with_options(task_runner=runner)(**arguments, return_state=True)
     summary, code = _outcome(state, as_json)
     if as_json:
         print(summary.model_dump_json())
@@ -520,13 +544,11 @@ def sweep(
     raise typer.Exit(code)
 
 
-StoreOption = Annotated[
-    str, typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store.")
-]
+StoreOption = Annotated[str, typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store.")]
 
 
 def _open_store(store: str):
-    from storage.store import ArtifactStore, StoreError
+    from ptqflow.storage.store import ArtifactStore, StoreError
 
     try:
         return ArtifactStore(store)
@@ -540,8 +562,8 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as a JSON list.")] = False,
 ) -> None:
     """List the complete runs in a store, newest first."""
-    from storage.store import StoreError
-    from tasks.manifest import list_manifests
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import list_manifests
 
     try:
         manifests = list_manifests(_open_store(store))
@@ -559,7 +581,10 @@ def runs(
     for m in manifests:
         metrics = m["metrics"]  # a sweep where nothing passed has no quantized model's figures
         table.add_row(
-            m["run_id"][:8], m.get("flow", "ptq-pipeline"), m["created_at"].replace("T", " ")[:19], m["status"],
+            m["run_id"][:8],
+            m.get("flow", "ptq-pipeline"),
+            m["created_at"].replace("T", " ")[:19],
+            m["status"],
             "—" if metrics.get("quantized_accuracy") is None else f"{metrics['quantized_accuracy']:.2%}",
             "—" if metrics.get("accuracy_drop_pp") is None else f"{metrics['accuracy_drop_pp']:.2f}",
             (m.get("export") or {}).get("version", "")[:16],
@@ -573,8 +598,8 @@ def show(
     store: StoreOption = "./ptqflow-store",
 ) -> None:
     """Print one run's manifest (JSON)."""
-    from storage.store import StoreError
-    from tasks.manifest import find_manifest
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import find_manifest
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
@@ -587,8 +612,8 @@ ExportOption = Annotated[str, typer.Option(envvar="PTQFLOW_EXPORT", help="fsspec
 
 
 def _open_export(export: str):
-    from storage.store import StoreError
-    from tasks.publish import export_store
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.publish import export_store
 
     try:
         return export_store(export)
@@ -597,8 +622,13 @@ def _open_export(export: str):
 
 
 LockWaitOption = Annotated[
-    float, typer.Option("--wait", min=0, help="Seconds to wait for a run that is using the export (it holds the "
-                        "export's lock while it runs); then give up.")
+    float,
+    typer.Option(
+        "--wait",
+        min=0,
+        help="Seconds to wait for a run that is using the export (it holds the "
+        "export's lock while it runs); then give up.",
+    ),
 ]
 
 
@@ -611,15 +641,16 @@ def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
 
     from prefect.events.worker import EventsWorker
 
-    from flows.locks import LockNotAcquired, exclusive
+    from ptqflow.flows.locks import LockNotAcquired, exclusive
 
     try:
         with ExitStack() as held:
             try:
                 held.enter_context(exclusive(export.url, timeout_seconds=wait_seconds))
             except LockNotAcquired as error:
-                _fail(f"{error}, or wait longer with --wait (waited {wait_seconds:g} s)", EXIT_RUN_FAILED,
-                      as_json=False)
+                _fail(
+                    f"{error}, or wait longer with --wait (waited {wait_seconds:g} s)", EXIT_RUN_FAILED, as_json=False
+                )
             yield
     finally:
         # The lock's events are sent before the process exits; Prefect's worker would warn that some are pending.
@@ -636,7 +667,9 @@ def _quiet_lock_service() -> None:
 def _moved(move: Any, what: str) -> None:
     Console().print(
         f"{what}: latest.json now points to {move.version} (was {move.previous_version or 'nothing'}); pointer "
-        f"recorded in {move.history}", highlight=False, soft_wrap=True,
+        f"recorded in {move.history}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -650,10 +683,10 @@ def promote(
     """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
     the exported model said; the run must have passed its gate. Files are verified; history is kept."""
     _quiet_lock_service()
-    from storage.store import StoreError
-    from tasks.manifest import find_manifest
-    from tasks.promotion import promote as promote_run
-    from tasks.publish import PointerMoved
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import find_manifest
+    from ptqflow.tasks.promotion import promote as promote_run
+    from ptqflow.tasks.publish import PointerMoved
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
@@ -671,9 +704,9 @@ def rollback(export: ExportOption = ..., wait: LockWaitOption = 60.0) -> None:
     """Point the export's latest.json back at the version published before the current one (verified; history
     is kept)."""
     _quiet_lock_service()
-    from storage.store import StoreError
-    from tasks.promotion import rollback as roll_back
-    from tasks.publish import PointerMoved
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.promotion import rollback as roll_back
+    from ptqflow.tasks.publish import PointerMoved
 
     try:
         target = _open_export(export)
@@ -699,9 +732,9 @@ def gc(
     cache; exports hold their own copies and are not touched. Takes the store's lock, so no running flow loses
     anything."""
     _quiet_lock_service()
-    from flows.locks import LockNotAcquired, exclusive
-    from storage.store import StoreError
-    from tasks.garbage_collection import apply_collection, plan_collection
+    from ptqflow.flows.locks import LockNotAcquired, exclusive
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
 
     target = _open_store(store)
     try:
@@ -719,7 +752,8 @@ def gc(
     Console().print(
         f"{verb} {plan.freed_bytes:,} B: {len(plan.delete)} objects, {len(plan.removed_runs)} runs "
         f"({', '.join(r[:8] for r in plan.removed_runs) or 'none'}); kept {len(plan.kept_runs)} runs",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -740,13 +774,9 @@ def serve(
     dataset: DatasetOption = None,
     window_days: WindowDaysOption = None,
     epochs: EpochsOption = None,
-    calibration_size: Annotated[
-        int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))
-    ] = None,
+    calibration_size: Annotated[int | None, typer.Option(help=_help(CalibrationParameters, "calibration_size"))] = None,
     ops: Annotated[TargetOps | None, typer.Option(help=_help(ConversionParameters, "ops"))] = None,
-    max_accuracy_drop: Annotated[
-        float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))
-    ] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help=_help(GateParameters, "max_accuracy_drop"))] = None,
     promotion_tolerance: PromotionToleranceOption = None,
     min_comparison_rows: MinComparisonRowsOption = None,
     limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
@@ -764,9 +794,13 @@ def serve(
             mode="json"
         ),
         "conversion": _parameters(ConversionParameters, False, ops=ops).model_dump(mode="json"),
-        "gate": _parameters(GateParameters, False, max_accuracy_drop=max_accuracy_drop,
-                            promotion_tolerance=promotion_tolerance,
-                            min_comparison_rows=min_comparison_rows).model_dump(mode="json"),
+        "gate": _parameters(
+            GateParameters,
+            False,
+            max_accuracy_drop=max_accuracy_drop,
+            promotion_tolerance=promotion_tolerance,
+            min_comparison_rows=min_comparison_rows,
+        ).model_dump(mode="json"),
     }
     _prepare_environment(verbose=True)
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
@@ -776,14 +810,17 @@ def serve(
         _fail(
             "serving needs a Prefect server that outlives this process: start one (prefect server start) and set "
             "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api, or log in to Prefect Cloud",
-            EXIT_INVALID_INPUT, as_json=False,
+            EXIT_INVALID_INPUT,
+            as_json=False,
         )
 
-    from flows.pipeline import ptq_pipeline
+    from ptqflow.flows.pipeline import ptq_pipeline
 
     try:
         schedule = (
-            IntervalSchedule(interval=timedelta(seconds=interval)) if interval else CronSchedule(cron=cron, timezone=timezone)
+            IntervalSchedule(interval=timedelta(seconds=interval))
+            if interval
+            else CronSchedule(cron=cron, timezone=timezone)
         )
     except ValueError as error:
         _fail(f"invalid schedule: {str(error).splitlines()[-1]}", EXIT_INVALID_INPUT, as_json=False)

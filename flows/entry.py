@@ -7,10 +7,11 @@ import sys
 
 def main() -> None:
     try:
-        from flows.cli import app  # imports the stages, whose package checks TensorFlow before anything imports it
+        # Imports the stages, whose package checks TensorFlow before anything imports it.
+        from ptqflow.flows.cli import app
     except ImportError as error:
         # The failed package import leaves its already-loaded submodule (and so the exception's class) behind.
-        installation = sys.modules.get("tasks.installation")
+        installation = sys.modules.get("ptqflow.tasks.installation")
         if installation is None or not isinstance(error, installation.UnsupportedInstall):
             raise
         print(f"ptqflow: {error}", file=sys.stderr)

@@ -122,8 +122,16 @@ def _host_lock(
         try:
             file.seek(0)
             file.truncate()
-            file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": target,
-                                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            file.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "target": target,
+                        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    }
+                )
+            )
             file.flush()
             yield
         finally:
@@ -162,8 +170,9 @@ def exclusive(*urls: str | None, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) 
     logger.info("waiting for the lock on %s", ", ".join(targets))
     with ExitStack() as held:
         try:
-            held.enter_context(concurrency(names, occupy=1, timeout_seconds=timeout_seconds,
-                                           lease_duration=LEASE_SECONDS, strict=True))
+            held.enter_context(
+                concurrency(names, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS, strict=True)
+            )
         except TimeoutError:
             raise LockNotAcquired(
                 f"a run is using {', '.join(targets)} (it holds the lock; `ptqflow runs` or the Prefect UI shows it): "

@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the signature,
 # and a deployment loads this file by path, where string annotations cannot be resolved.
-import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -12,16 +11,18 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.locks import exclusive
-from flows.trust import enforce_for_deployment_runs
-from flows.stages import StageRecord, StageRunner, sweep_leftovers
-from storage.store import ArtifactRef, ArtifactStore
-from tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
-from tasks.calibrate import materialize_calibration_set
-from tasks.convert import convert_to_tflite
-from tasks.errors import AccuracyGateFailed
-from tasks.manifest import build_manifest, write_run_manifest
-from tasks.parameters import (
+from ptqflow.flows.api import DEFAULT_STORE
+from ptqflow.flows.locks import exclusive
+from ptqflow.flows.stages import StageRecord, StageRunner, sweep_leftovers
+from ptqflow.flows.trust import enforce_for_deployment_runs
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, SampledDataset, TrainedModel
+from ptqflow.tasks.calibrate import materialize_calibration_set
+from ptqflow.tasks.convert import convert_to_tflite
+from ptqflow.tasks.datasets import is_builtin, resolve_source
+from ptqflow.tasks.errors import AccuracyGateFailed
+from ptqflow.tasks.manifest import build_manifest, write_run_manifest
+from ptqflow.tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
@@ -30,15 +31,12 @@ from tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
-from tasks.promotion import PromotionDecision, compare_with_champion, record_promotion_in_report
-from tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
-from tasks.repair import repair_quantization
-from tasks.datasets import is_builtin, resolve_source
-from tasks.sample import columns_of, fingerprint_source, sample_dataset
-from tasks.train import fingerprint_model, train_float_model
-from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
-
-DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
+from ptqflow.tasks.promotion import PromotionDecision, compare_with_champion, record_promotion_in_report
+from ptqflow.tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
+from ptqflow.tasks.repair import repair_quantization
+from ptqflow.tasks.sample import columns_of, fingerprint_source, sample_dataset
+from ptqflow.tasks.train import fingerprint_model, train_float_model
+from ptqflow.tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
 
 class RunSummary(BaseModel):
@@ -95,7 +93,8 @@ def _summary_markdown(summary: RunSummary) -> str:
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
             "",
             f"Report: `{summary.artifacts['report_html'].uri}` (also `report.md`, `report.json`)"
-            if "report_html" in summary.artifacts else "",
+            if "report_html" in summary.artifacts
+            else "",
             "",
             f"Manifest: `{summary.manifest}`"
             + (f"; exported as version `{summary.export.version}` to `{summary.export.url}`" if summary.export else ""),
@@ -124,16 +123,19 @@ def upstream_stages(
     """Sample, draw the calibration set (one per size), train: what every conversion starts from."""
     # The run's date fills a {date} template and places a --window-days window: a scheduled run's date is the time
     # it was scheduled for, so a late or retried nightly run still reads its own day.
-    source_url, since = resolve_source(
-        sampling.dataset, run_date(), sampling.since, sampling.window_days
-    ) if not is_builtin(sampling.dataset) else (None, None)
+    source_url, since = (
+        resolve_source(sampling.dataset, run_date(), sampling.since, sampling.window_days)
+        if not is_builtin(sampling.dataset)
+        else (None, None)
+    )
     # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
     source = run.retrying(fingerprint_source)(source_url or sampling.dataset, since)
     calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
     model_file = run.retrying(fingerprint_model)(training)
 
-    dataset = run(sample_dataset, params=sampling, seed=seed, source_fingerprint=source, source_url=source_url,
-                  since=since)
+    dataset = run(
+        sample_dataset, params=sampling, seed=seed, source_fingerprint=source, source_url=source_url, since=since
+    )
     # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
     # fails the run in seconds, not after the model has trained.
     calibration_sets = {}
@@ -141,8 +143,11 @@ def upstream_stages(
         calibration_sets[size] = run(
             materialize_calibration_set,
             label=None if size == calibration.calibration_size else f"materialize_calibration_set[{size}]",
-            dataset=dataset, params=calibration.model_copy(update={"calibration_size": size}), seed=seed,
-            columns=columns_of(sampling), source_fingerprint=calibration_source,
+            dataset=dataset,
+            params=calibration.model_copy(update={"calibration_size": size}),
+            seed=seed,
+            columns=columns_of(sampling),
+            source_fingerprint=calibration_source,
         )
     trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
     return dataset, calibration_sets, trained
@@ -163,13 +168,20 @@ def challenge_champion(
     if not export or not verdict.passed or challenger_accuracy is None:
         return None, artifacts
     promotion = run.effect(
-        compare_with_champion, export_url=export, dataset=dataset, challenger=artifacts["tflite"],
-        challenger_accuracy=challenger_accuracy, gate=gate, batch_size=batch_size,
+        compare_with_champion,
+        export_url=export,
+        dataset=dataset,
+        challenger=artifacts["tflite"],
+        challenger_accuracy=challenger_accuracy,
+        gate=gate,
+        batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
     if "report" in artifacts:
-        artifacts = {**artifacts, **run.effect(record_promotion_in_report, report=artifacts["report"],
-                                               promotion=promotion)}
+        artifacts = {
+            **artifacts,
+            **run.effect(record_promotion_in_report, report=artifacts["report"], promotion=promotion),
+        }
     return promotion, artifacts
 
 
@@ -187,12 +199,19 @@ def publish_if_promoted(
     if not export or promotion is None or not promotion.promote:
         return None, promotion
     try:
-        exported = run.effect(publish_export, export_url=export, run_id=run_id, artifacts=artifacts,
-                              manifest=manifest, compared_with=promotion.champion_version)
+        exported = run.effect(
+            publish_export,
+            export_url=export,
+            run_id=run_id,
+            artifacts=artifacts,
+            manifest=manifest,
+            compared_with=promotion.champion_version,
+        )
     except PointerMoved as lost:
         get_run_logger().warning("not published: %s", lost)
-        return None, promotion.model_copy(update={
-            "promote": False, "message": f"not published: {lost}; rerun to compare with the new exported model"})
+        return None, promotion.model_copy(
+            update={"promote": False, "message": f"not published: {lost}; rerun to compare with the new exported model"}
+        )
     return exported, promotion
 
 
@@ -200,14 +219,21 @@ def promotion_markdown(promotion: PromotionDecision) -> str:
     def pct(value: float | None) -> str:
         return "—" if value is None else f"{value:.2%}"
 
-    return "\n".join([
-        f"# {'promoted' if promotion.promote else 'not promoted'}", "", promotion.message, "",
-        f"| | accuracy ({promotion.comparison or 'this run'}) |", "|---|---|",
-        f"| new model (challenger) | {pct(promotion.challenger_accuracy)} |",
-        f"| exported model (champion{', ' + promotion.champion_version if promotion.champion_version else ''}) | "
-        f"{pct(promotion.champion_accuracy)} |",
-        "", f"Tolerance: {promotion.tolerance_pp} pp.",
-    ])
+    return "\n".join(
+        [
+            f"# {'promoted' if promotion.promote else 'not promoted'}",
+            "",
+            promotion.message,
+            "",
+            f"| | accuracy ({promotion.comparison or 'this run'}) |",
+            "|---|---|",
+            f"| new model (challenger) | {pct(promotion.challenger_accuracy)} |",
+            f"| exported model (champion{', ' + promotion.champion_version if promotion.champion_version else ''}) | "
+            f"{pct(promotion.champion_accuracy)} |",
+            "",
+            f"Tolerance: {promotion.tolerance_pp} pp.",
+        ]
+    )
 
 
 # Prefect persists a failed run's exception even with persist_result=False; JSON keeps it from being a pickle.
@@ -233,10 +259,15 @@ def ptq_pipeline(
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     # A deployment's form is filled by others: its locations and model are checked before anything is touched.
-    enforce_for_deployment_runs({
-        "store": store, "export": export, "sampling": sampling.model_dump(mode="json"),
-        "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
-    })
+    enforce_for_deployment_runs(
+        {
+            "store": store,
+            "export": export,
+            "sampling": sampling.model_dump(mode="json"),
+            "training": training.model_dump(mode="json"),
+            "calibration": calibration.model_dump(mode="json"),
+        }
+    )
     artifact_store = ArtifactStore(store)
     export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
     export_target = export_target_store.url if export_target_store else None
@@ -249,22 +280,40 @@ def ptq_pipeline(
         calibration_set = calibration_sets[calibration.calibration_size]
         converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
         validated = run(
-            validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation,
-            calibration=calibration_set, conversion=conversion,
+            validate_with_interpreter,
+            dataset=dataset,
+            trained=trained,
+            converted=converted,
+            params=validation,
+            calibration=calibration_set,
+            conversion=conversion,
         )
         verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
 
         repaired = None
         if verdict.status == "failed" and verdict.name == "accuracy_drop" and repair.applies_to(conversion):
             repaired = run(
-                repair_quantization, dataset=dataset, trained=trained, calibration=calibration_set, converted=converted,
-                validated=validated, conversion=conversion, max_accuracy_drop=gate.max_accuracy_drop, params=repair,
+                repair_quantization,
+                dataset=dataset,
+                trained=trained,
+                calibration=calibration_set,
+                converted=converted,
+                validated=validated,
+                conversion=conversion,
+                max_accuracy_drop=gate.max_accuracy_drop,
+                params=repair,
             )
             if repaired.succeeded:
                 converted = ConvertedModels(quantized=repaired.repaired, float_model=converted.float_model)
                 validated = run(
-                    validate_with_interpreter, label="validate_repaired_model", dataset=dataset, trained=trained,
-                    converted=converted, params=validation, calibration=calibration_set, conversion=conversion,
+                    validate_with_interpreter,
+                    label="validate_repaired_model",
+                    dataset=dataset,
+                    trained=trained,
+                    converted=converted,
+                    params=validation,
+                    calibration=calibration_set,
+                    conversion=conversion,
                     repair=repaired,
                 )
             verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops, repaired)
@@ -277,32 +326,56 @@ def ptq_pipeline(
             "tflite": converted.quantized,
             "tflite_float": converted.float_model,
             "report": validated.report,
-            **({"report_md": validated.report_md, "report_html": validated.report_html} if validated.report_html else {}),
+            **(
+                {"report_md": validated.report_md, "report_html": validated.report_html}
+                if validated.report_html
+                else {}
+            ),
             **({"tflite_unrepaired": repaired.unrepaired} if repaired is not None and repaired.succeeded else {}),
         }
         metrics = validated.model_dump(mode="json", exclude={"report", "report_md", "report_html"})
         if repaired is not None:
             metrics["repair"] = repaired.model_dump(mode="json", exclude={"repaired", "unrepaired"})
         parameters = {
-            "store": store, "seed": seed, "export": export,
-            **{name: value.model_dump(mode="json") for name, value in (
-                ("sampling", sampling), ("training", training), ("calibration", calibration),
-                ("conversion", conversion), ("validation", validation), ("gate", gate), ("repair", repair))},
+            "store": store,
+            "seed": seed,
+            "export": export,
+            **{
+                name: value.model_dump(mode="json")
+                for name, value in (
+                    ("sampling", sampling),
+                    ("training", training),
+                    ("calibration", calibration),
+                    ("conversion", conversion),
+                    ("validation", validation),
+                    ("gate", gate),
+                    ("repair", repair),
+                )
+            },
         }
         promotion, artifacts = challenge_champion(
             run, export, dataset, artifacts, verdict, validated.quantized_accuracy, gate, validation.batch_size
         )
         manifest = build_manifest(
-            run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
-            verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()},
+            run_id,
+            parameters,
+            artifact_store.url,
+            {k: v.model_dump() for k, v in artifacts.items()},
+            metrics,
+            verdict.model_dump(),
+            {k: v.model_dump() for k, v in run.records.items()},
             promotion=promotion.model_dump(mode="json") if promotion else None,
             split=dataset.split.model_dump() if dataset.split else None,
         )
         exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
-        manifest_uri = run.effect(write_run_manifest, manifest={
-            **manifest, "export": exported.model_dump(mode="json") if exported else None,
-            "promotion": promotion.model_dump(mode="json") if promotion else None,
-        })
+        manifest_uri = run.effect(
+            write_run_manifest,
+            manifest={
+                **manifest,
+                "export": exported.model_dump(mode="json") if exported else None,
+                "promotion": promotion.model_dump(mode="json") if promotion else None,
+            },
+        )
 
         summary = RunSummary(
             run_id=run_id,
@@ -321,7 +394,9 @@ def ptq_pipeline(
             create_markdown_artifact(promotion_markdown(promotion), key="ptq-promotion", description=promotion.message)
         if "report_html" in artifacts:
             create_link_artifact(
-                artifacts["report_html"].uri, link_text="validation report (HTML)", key="ptq-report",
+                artifacts["report_html"].uri,
+                link_text="validation report (HTML)",
+                key="ptq-report",
                 description="report.html: metrics per model, per-layer error, audit, plots",
             )
         if not verdict.passed:

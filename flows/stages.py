@@ -13,12 +13,12 @@ from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field
 
-from storage.results import result_storage_for
-from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
-from storage.tables import TensorTableError
-from tasks.artifacts import StageOutput
-from tasks.errors import PtqflowError, StageTimedOut
-from tasks.progress import report
+from ptqflow.storage.results import result_storage_for
+from ptqflow.storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
+from ptqflow.storage.tables import TensorTableError
+from ptqflow.tasks.artifacts import StageOutput
+from ptqflow.tasks.errors import PtqflowError, StageTimedOut
+from ptqflow.tasks.progress import report
 
 Output = TypeVar("Output", bound=StageOutput)
 
@@ -42,14 +42,16 @@ STORAGE_REFUSALS = {
 def storage_refusal(error: BaseException) -> str | None:
     """One line for a run that failed because the storage refused (full, read-only, locked by another run), or
     None for any other error."""
-    from flows.locks import LockNotAcquired
+    from ptqflow.flows.locks import LockNotAcquired
 
     if isinstance(error, LockNotAcquired):
         return str(error)
     if isinstance(error, OSError) and error.errno in STORAGE_REFUSALS:
         where = f" at {error.filename}" if error.filename else ""
-        return (f"{STORAGE_REFUSALS[error.errno]}{where} ({error.strerror}): free space or fix its permissions, or "
-                "point --store elsewhere; completed stages are reused on the rerun")
+        return (
+            f"{STORAGE_REFUSALS[error.errno]}{where} ({error.strerror}): free space or fix its permissions, or "
+            "point --store elsewhere; completed stages are reused on the rerun"
+        )
     return None
 
 
@@ -94,8 +96,9 @@ class StageRecord(BaseModel):
         "Prefect recorded it (not the wait for a worker), or None if Prefect's API could not say."
     )
     cache_key: str | None = Field(
-        None, description="The stage's cache key, which names its record under prefect-results/ (ptqflow gc keeps "
-        "the records of the runs it keeps); None in manifests written before it was recorded."
+        None,
+        description="The stage's cache key, which names its record under prefect-results/ (ptqflow gc keeps "
+        "the records of the runs it keeps); None in manifests written before it was recorded.",
     )
 
 
@@ -255,8 +258,9 @@ def finished_task_run_seconds(task_runs: dict[str, UUID]) -> dict[str, float] | 
             # In pages: the API refuses a limit above its default (200), and a large grid has more stages.
             for start in range(0, len(ids), TASK_RUNS_PER_READ):
                 page = ids[start : start + TASK_RUNS_PER_READ]
-                runs += client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)),
-                                              limit=len(page))
+                runs += client.read_task_runs(
+                    task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page)
+                )
     except httpx.HTTPError as error:
         get_run_logger().debug("no run times for the stages run on workers: %s", error)
         return None
@@ -281,7 +285,7 @@ class Submitted:
 def sweep_leftovers(held_locks: list[str], *stores: ArtifactStore | None) -> None:
     """With the stores' locks held (``held_locks`` from ``flows.locks.exclusive``), delete the temporary files of
     writers that were killed between writing and renaming, once older than the lock's lease."""
-    from flows.locks import LEASE_SECONDS
+    from ptqflow.flows.locks import LEASE_SECONDS
 
     if not held_locks:  # without the lock another run may be writing them right now
         return

@@ -20,15 +20,15 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.locks import exclusive
-from flows.trust import enforce_for_deployment_runs
-from flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
-from flows.stages import StageRecord, StageRunner, Submitted, sweep_leftovers
-from storage.store import ArtifactRef, ArtifactStore
-from tasks.artifacts import CalibrationSet, ConvertedModels, FloatOutputs, SampledDataset, TrainedModel
-from tasks.errors import AccuracyGateFailed, ConversionFailed
-from tasks.manifest import build_manifest, write_run_manifest
-from tasks.parameters import (
+from ptqflow.flows.locks import exclusive
+from ptqflow.flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
+from ptqflow.flows.stages import StageRecord, StageRunner, Submitted, sweep_leftovers
+from ptqflow.flows.trust import enforce_for_deployment_runs
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, FloatOutputs, SampledDataset, TrainedModel
+from ptqflow.tasks.errors import AccuracyGateFailed, ConversionFailed
+from ptqflow.tasks.manifest import build_manifest, write_run_manifest
+from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
     QuantizationScheme,
@@ -37,10 +37,10 @@ from tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
-from tasks.progress import report
-from tasks.promotion import PromotionDecision
-from tasks.publish import ExportRecord, export_store
-from tasks.sweep import (
+from ptqflow.tasks.progress import report
+from ptqflow.tasks.promotion import PromotionDecision
+from ptqflow.tasks.publish import ExportRecord, export_store
+from ptqflow.tasks.sweep import (
     FLOAT_REFERENCE,
     TABLE_HEADER,
     SweepConfiguration,
@@ -60,11 +60,11 @@ from tasks.sweep import (
     table_rows,
     write_sweep_report,
 )
-from tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
+from ptqflow.tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
 
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
-WORKER_PRELOAD = "flows.dask_worker"  # what the LocalCluster's workers run as they close
+WORKER_PRELOAD = "ptqflow.flows.dask_worker"  # what the LocalCluster's workers run as they close
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
@@ -83,8 +83,13 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
     env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "env": env,
-                        "preload": [WORKER_PRELOAD]},
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "env": env,
+            "preload": [WORKER_PRELOAD],
+        },
     )
 
 
@@ -156,8 +161,11 @@ def evaluate_grid(
     # on the interpreter's reference kernels, several times slower than int8 (7 s against 1 s for MobileNetV2).
     for configuration in sorted(grid, key=lambda c: c.conversion.scheme is not QuantizationScheme.int16x8):
         conversions[configuration.name] = run.submit(
-            quantize_configuration, label=f"convert[{configuration.name}]", trained=trained,
-            calibration=calibration_sets.get(configuration.calibration_size), params=configuration.conversion,
+            quantize_configuration,
+            label=f"convert[{configuration.name}]",
+            trained=trained,
+            calibration=calibration_sets.get(configuration.calibration_size),
+            params=configuration.conversion,
         )
     names = {submitted.future: name for name, submitted in conversions.items()}
     evaluations: dict[str, Submitted] = {}
@@ -171,8 +179,13 @@ def evaluate_grid(
             errors[name] = str(error)
             continue
         evaluations[name] = run.submit(
-            evaluate_configuration, label=f"evaluate[{name}]", dataset=dataset, reference=reference,
-            candidate=candidate, batch_size=batch_size, num_threads=latency_threads,
+            evaluate_configuration,
+            label=f"evaluate[{name}]",
+            dataset=dataset,
+            reference=reference,
+            candidate=candidate,
+            batch_size=batch_size,
+            num_threads=latency_threads,
         )
     total = len(evaluations)
     results = {}
@@ -192,7 +205,11 @@ def _no_pass(rows: Sequence[SweepRow], max_accuracy_drop: float) -> GateResult:
     closest = candidates[0] if candidates else None
     detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
     return GateResult(
-        name="sweep", status="failed", passed=False, observed_drop_pp=None, max_drop_pp=max_accuracy_drop,
+        name="sweep",
+        status="failed",
+        passed=False,
+        observed_drop_pp=None,
+        max_drop_pp=max_accuracy_drop,
         message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
         "raise --max-accuracy-drop, or drop --require-full-integer",
     )
@@ -212,8 +229,14 @@ def _summary_markdown(summary: SweepSummary, markdown: str) -> str:
 SWEEP_TIMEOUT_SECONDS = 12 * 3600.0
 
 
-@flow(name="ptq-sweep", persist_result=False, result_serializer="json", validate_parameters=True,
-      task_runner=dask_task_runner(), timeout_seconds=SWEEP_TIMEOUT_SECONDS)
+@flow(
+    name="ptq-sweep",
+    persist_result=False,
+    result_serializer="json",
+    validate_parameters=True,
+    task_runner=dask_task_runner(),
+    timeout_seconds=SWEEP_TIMEOUT_SECONDS,
+)
 def ptq_sweep(
     store: str = DEFAULT_STORE,
     seed: int = 0,
@@ -234,14 +257,21 @@ def ptq_sweep(
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
     # A deployment's form is filled by others: its locations and model are checked before anything is touched.
-    enforce_for_deployment_runs({
-        "store": store, "export": export, "sampling": sampling.model_dump(mode="json"),
-        "training": training.model_dump(mode="json"), "calibration": calibration.model_dump(mode="json"),
-    })
+    enforce_for_deployment_runs(
+        {
+            "store": store,
+            "export": export,
+            "sampling": sampling.model_dump(mode="json"),
+            "training": training.model_dump(mode="json"),
+            "calibration": calibration.model_dump(mode="json"),
+        }
+    )
     artifact_store = ArtifactStore(store)
     export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
     export_target = export_target_store.url if export_target_store else None
-    grid = select_configurations(sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations)
+    grid = select_configurations(
+        sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
+    )
     with exclusive(artifact_store.url, export_target) as held:
         sweep_leftovers(held, artifact_store, export_target_store)
         run = StageRunner(artifact_store)
@@ -254,70 +284,127 @@ def ptq_sweep(
         best = next((r for r in rows if r.passed), None)
         markdown = render_sweep_markdown(rows, sweep.rank_by, gate.max_accuracy_drop, best.name if best else None)
         document = {
-            "kind": "ptqflow.sweep_report", "report_version": 1, "rank_by": sweep.rank_by.value,
-            "max_accuracy_drop_pp": gate.max_accuracy_drop, "require_full_integer": sweep.require_full_integer,
-            "best": best.name if best else None, "rows": [r.model_dump(mode="json") for r in rows],
+            "kind": "ptqflow.sweep_report",
+            "report_version": 1,
+            "rank_by": sweep.rank_by.value,
+            "max_accuracy_drop_pp": gate.max_accuracy_drop,
+            "require_full_integer": sweep.require_full_integer,
+            "best": best.name if best else None,
+            "rows": [r.model_dump(mode="json") for r in rows],
         }
         sweep_report = run.effect(write_sweep_report, document=document, markdown=markdown)
 
-        artifacts = {"dataset": dataset.manifest, "model": trained.model, "sweep": sweep_report.table,
-                     "sweep_md": sweep_report.markdown, "sweep_plot": sweep_report.plot}
+        artifacts = {
+            "dataset": dataset.manifest,
+            "model": trained.model,
+            "sweep": sweep_report.table,
+            "sweep_md": sweep_report.markdown,
+            "sweep_plot": sweep_report.plot,
+        }
         metrics: dict[str, Any] = {"sweep": document["rows"], "best": document["best"]}
         verdict = _no_pass(rows, gate.max_accuracy_drop)
         if best is not None:
             # The chosen configuration gets the pipeline's full validation: three models, per-layer error, the
             # HTML report; what is exported is judged by it. Its models are the sweep's own, not converted again.
             chosen = next(c for c in grid if c.name == best.name)
-            calibration_set = calibration_sets.get(chosen.calibration_size) or calibration_sets[calibration.calibration_size]
+            calibration_set = (
+                calibration_sets.get(chosen.calibration_size) or calibration_sets[calibration.calibration_size]
+            )
             reference = next(r for r in rows if r.reference)
             converted = ConvertedModels(quantized=best.metrics.model, float_model=reference.metrics.model)
             validated = run(
-                validate_with_interpreter, dataset=dataset, trained=trained, converted=converted, params=validation,
-                calibration=calibration_set, conversion=chosen.conversion, float_outputs=float_outputs,
+                validate_with_interpreter,
+                dataset=dataset,
+                trained=trained,
+                converted=converted,
+                params=validation,
+                calibration=calibration_set,
+                conversion=chosen.conversion,
+                float_outputs=float_outputs,
             )
             verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, chosen.conversion.ops)
             artifacts.update(
-                calibration=calibration_set.table, tflite=converted.quantized, tflite_float=converted.float_model,
-                report=validated.report, report_md=validated.report_md, report_html=validated.report_html,
+                calibration=calibration_set.table,
+                tflite=converted.quantized,
+                tflite_float=converted.float_model,
+                report=validated.report,
+                report_md=validated.report_md,
+                report_html=validated.report_html,
             )
             metrics.update(validated.model_dump(mode="json", exclude={"report", "report_md", "report_html"}))
             verdict = verdict.model_copy(update={"message": f"best configuration {best.name}: {verdict.message}"})
 
         run_id = str(flow_run.get_id())
         parameters = {
-            "store": store, "seed": seed, "export": export,
-            **{name: value.model_dump(mode="json") for name, value in (
-                ("sampling", sampling), ("training", training), ("calibration", calibration),
-                ("validation", validation), ("gate", gate), ("sweep", sweep))},
+            "store": store,
+            "seed": seed,
+            "export": export,
+            **{
+                name: value.model_dump(mode="json")
+                for name, value in (
+                    ("sampling", sampling),
+                    ("training", training),
+                    ("calibration", calibration),
+                    ("validation", validation),
+                    ("gate", gate),
+                    ("sweep", sweep),
+                )
+            },
         }
         promotion, artifacts = challenge_champion(
             run, export, dataset, artifacts, verdict, metrics.get("quantized_accuracy"), gate, validation.batch_size
         )
         run.record_worker_seconds()
         manifest = build_manifest(
-            run_id, parameters, artifact_store.url, {k: v.model_dump() for k, v in artifacts.items()}, metrics,
-            verdict.model_dump(), {k: v.model_dump() for k, v in run.records.items()}, flow="ptq-sweep",
+            run_id,
+            parameters,
+            artifact_store.url,
+            {k: v.model_dump() for k, v in artifacts.items()},
+            metrics,
+            verdict.model_dump(),
+            {k: v.model_dump() for k, v in run.records.items()},
+            flow="ptq-sweep",
             promotion=promotion.model_dump(mode="json") if promotion else None,
             split=dataset.split.model_dump() if dataset.split else None,
         )
         exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
-        manifest_uri = run.effect(write_run_manifest, manifest={
-            **manifest, "export": exported.model_dump(mode="json") if exported else None,
-            "promotion": promotion.model_dump(mode="json") if promotion else None,
-        })
+        manifest_uri = run.effect(
+            write_run_manifest,
+            manifest={
+                **manifest,
+                "export": exported.model_dump(mode="json") if exported else None,
+                "promotion": promotion.model_dump(mode="json") if promotion else None,
+            },
+        )
         summary = SweepSummary(
-            run_id=run_id, status="passed" if verdict.passed else "failed", store=artifact_store.url,
-            best=best.name if best else None, rank_by=sweep.rank_by.value, rows=rows, report=sweep_report,
-            gate=verdict, artifacts=artifacts, tasks=run.records, manifest=manifest_uri, export=exported,
+            run_id=run_id,
+            status="passed" if verdict.passed else "failed",
+            store=artifact_store.url,
+            best=best.name if best else None,
+            rank_by=sweep.rank_by.value,
+            rows=rows,
+            report=sweep_report,
+            gate=verdict,
+            artifacts=artifacts,
+            tasks=run.records,
+            manifest=manifest_uri,
+            export=exported,
             promotion=promotion,
         )
         create_table_artifact(
-            [dict(zip(TABLE_HEADER, line)) for line in table_rows(rows)], key="ptq-sweep",
+            [dict(zip(TABLE_HEADER, line)) for line in table_rows(rows)],
+            key="ptq-sweep",
             description=f"{len(grid)} configurations ranked by {sweep.rank_by.value}; best: {summary.best or 'none'}",
         )
-        create_markdown_artifact(_summary_markdown(summary, markdown), key="ptq-sweep-summary", description=verdict.message)
-        create_link_artifact(sweep_report.plot.uri, link_text="sweep plot (PNG)", key="ptq-sweep-plot",
-                             description="size vs accuracy drop, and latency, per configuration")
+        create_markdown_artifact(
+            _summary_markdown(summary, markdown), key="ptq-sweep-summary", description=verdict.message
+        )
+        create_link_artifact(
+            sweep_report.plot.uri,
+            link_text="sweep plot (PNG)",
+            key="ptq-sweep-plot",
+            description="size vs accuracy drop, and latency, per configuration",
+        )
         if not verdict.passed:
             raise AccuracyGateFailed(verdict.message, summary)
         return summary

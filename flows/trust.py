@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from storage.store import StoreError, canonical_url
+from ptqflow.storage.store import StoreError, canonical_url
 
 ALLOWED_ROOTS_ENV = "PTQFLOW_ALLOWED_ROOTS"
 ALLOWED_MODELS_ENV = "PTQFLOW_ALLOWED_MODELS"
@@ -65,7 +65,8 @@ def allowed_roots(deployment_parameters: Mapping[str, Any]) -> list[str]:
     """The worker's PTQFLOW_ALLOWED_ROOTS, else every location in the deployment's saved parameters."""
     configured = os.environ.get(ALLOWED_ROOTS_ENV, "").strip()
     candidates: Iterable[str] = (
-        _split(configured) if configured
+        _split(configured)
+        if configured
         else (v for path in URL_PARAMETERS if isinstance(v := _value(deployment_parameters, path), str) and _is_url(v))
     )
     roots = []

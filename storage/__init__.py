@@ -1,5 +1,5 @@
 """Artifact storage: a content-addressed store over fsspec and the codecs for what goes in it."""
 
-from storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactRef, ArtifactStore, StoreError
+from ptqflow.storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactRef, ArtifactStore, StoreError
 
 __all__ = ["ArtifactCorrupted", "ArtifactMissing", "ArtifactRef", "ArtifactStore", "StoreError"]

@@ -25,7 +25,7 @@ from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
-from storage.store import ArtifactStore, safe_key, sha256_bytes
+from ptqflow.storage.store import ArtifactStore, safe_key, sha256_bytes
 
 RESULTS_KEY = "prefect-results"
 # Exactly what ``result_serializer="json"`` writes (Prefect's JSONSerializer with its defaults).
@@ -47,7 +47,7 @@ class UnsafeResultRecord(ValueError):
 
 def stage_output_classes() -> frozenset[str]:
     """Qualified names of the classes a ptqflow result may decode into: every loaded StageOutput subclass."""
-    from tasks.artifacts import StageOutput  # the stages' own types; storage knows nothing else of them
+    from ptqflow.tasks.artifacts import StageOutput  # the stages' own types; storage knows nothing else of them
 
     found, pending = set(), [StageOutput]
     while pending:
@@ -90,16 +90,18 @@ def check_result_record(content: bytes, where: str) -> bytes:
     except (ValueError, KeyError, TypeError):
         raise not_a_record from None
     if serializer != EXPECTED_SERIALIZER:
-        changed = sorted(k for k in EXPECTED_SERIALIZER.keys() | serializer.keys()
-                         if serializer.get(k) != EXPECTED_SERIALIZER.get(k))
+        changed = sorted(
+            k for k in EXPECTED_SERIALIZER.keys() | serializer.keys() if serializer.get(k) != EXPECTED_SERIALIZER.get(k)
+        )
         raise UnsafeResultRecord(
             f"{where} has serializer settings ptqflow never writes ({', '.join(changed)}); ignoring it"
         )
     allowed = stage_output_classes()
     foreign = sorted({name for name in _named_types(payload) if name not in allowed})
     if foreign:
-        raise UnsafeResultRecord(f"{where} names types outside ptqflow's stage outputs ({', '.join(foreign)}); "
-                                 "ignoring it")
+        raise UnsafeResultRecord(
+            f"{where} names types outside ptqflow's stage outputs ({', '.join(foreign)}); ignoring it"
+        )
     return content
 
 

@@ -105,10 +105,20 @@ _CONTAINER_AT_ACCOUNT = frozenset({"abfs", "abfss", "az", "adl"})
 
 SIGNED_URLS_ENV = "PTQFLOW_SIGNED_URLS"
 # Query parameters that make a URL a credential: S3 presigned, GCS signed, Azure SAS, and plain tokens.
-_SECRET_QUERY_KEYS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
-    "sig", "signature", "token", "access_token", "sas",
-})
+_SECRET_QUERY_KEYS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "sig",
+        "signature",
+        "token",
+        "access_token",
+        "sas",
+    }
+)
 
 
 def redact_url(url: str) -> str:
@@ -214,7 +224,9 @@ class ArtifactStore:
         self, url: str, storage_options: dict[str, Any] | None = None, options_env: str = STORE_OPTIONS_ENV
     ) -> None:
         check_url(url)
-        self.storage_options = dict(storage_options if storage_options is not None else storage_options_from_env(options_env))
+        self.storage_options = dict(
+            storage_options if storage_options is not None else storage_options_from_env(options_env)
+        )
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
         except (ValueError, ImportError) as error:  # an unknown protocol, or its backend not installed
@@ -246,7 +258,7 @@ class ArtifactStore:
         """
         blob = self._blob_path(ref.sha256, "")
         path = self.fs._strip_protocol(ref.uri)
-        suffix = path[len(blob):] if path.startswith(blob) else None
+        suffix = path[len(blob) :] if path.startswith(blob) else None
         if suffix is None or not _BLOB_SUFFIX.match(suffix):
             raise ForeignReference(
                 f"artifact {ref.uri} is not in the store {self.url} (a blob there is blobs/<sha256[:2]>/<sha256>"
@@ -266,7 +278,7 @@ class ArtifactStore:
         prefix = self._uri(self.root).rstrip("/") + "/"
         if not uri.startswith(prefix):
             raise StoreError(f"{uri} is not in the store {self.url}")
-        return uri[len(prefix):]
+        return uri[len(prefix) :]
 
     # -- writing ---------------------------------------------------------------------------------------
     def put_bytes(self, data: bytes, suffix: str = "") -> ArtifactRef:
@@ -407,7 +419,8 @@ class ArtifactStore:
         return ArtifactMissing(f"artifact {ref.uri} is missing from the store: rerun the pipeline to recompute it")
 
     def verify(self, ref: ArtifactRef) -> None:
-        """Raise ArtifactMissing or ArtifactCorrupted unless the blob matches its reference (streamed, bounded memory)."""
+        """Raise ArtifactMissing or ArtifactCorrupted unless the blob matches its reference (streamed, bounded
+        memory)."""
         path = self._path(ref)
         try:
             size = self.fs.size(path)

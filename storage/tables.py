@@ -66,17 +66,17 @@ class TensorTable:
 def _features_array(features: np.ndarray) -> pa.FixedSizeBinaryArray:
     flat = np.ascontiguousarray(features).reshape(len(features), -1)
     width = flat.shape[1] * flat.dtype.itemsize
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), len(flat), [None, pa.py_buffer(flat.view(np.uint8))]
-    )
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, pa.py_buffer(flat.view(np.uint8))])
 
 
 def to_arrow(table: TensorTable) -> pa.Table:
     meta = dict(table.metadata)
     meta.update(shape=list(table.sample_shape), dtype=table.features.dtype.name)
     schema = pa.schema(
-        [pa.field(FEATURES, pa.binary(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)),
-         pa.field(LABEL, pa.int64())],
+        [
+            pa.field(FEATURES, pa.binary(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)),
+            pa.field(LABEL, pa.int64()),
+        ],
         metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()},
     )
     return pa.Table.from_arrays(
@@ -116,11 +116,17 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
         shape, value_range, names = meta.get("shape"), meta.get("value_range"), meta.get("class_names")
-        if shape is not None and not (isinstance(shape, list) and shape and all(
-                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        if shape is not None and not (
+            isinstance(shape, list)
+            and shape
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
             raise ValueError(f"shape {shape!r} is not a list of positive integers")
-        if value_range is not None and not (isinstance(value_range, list) and len(value_range) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range)):
+        if value_range is not None and not (
+            isinstance(value_range, list)
+            and len(value_range) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range)
+        ):
             raise ValueError(f"value_range {value_range!r} is not [low, high]")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ValueError("class_names is not a list of strings")
@@ -159,7 +165,9 @@ def _checked_dtype(values: np.ndarray, columns: Columns) -> np.ndarray:
     return values
 
 
-def column_to_numpy(column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()) -> np.ndarray:
+def column_to_numpy(
+    column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()
+) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     name = columns.features

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.store import ArtifactRef
+from ptqflow.storage.store import ArtifactRef
 
 
 class StageOutput(BaseModel):
@@ -123,8 +123,9 @@ class ValidationResult(StageOutput):
     accuracy_drop_pp: float | None
     agreement: float | None
     rerun_max_difference: float | None = Field(
-        None, description="Largest output difference between two identical runs of the quantized model on the "
-        "first test batch; 0 when repeatable."
+        None,
+        description="Largest output difference between two identical runs of the quantized model on the "
+        "first test batch; 0 when repeatable.",
     )
     float_bytes: int
     quantized_bytes: int

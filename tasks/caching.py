@@ -25,11 +25,15 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
-from tasks.installation import tensorflow_distributions
+from ptqflow.tasks.installation import tensorflow_distributions
 
-PROJECT_PACKAGES = ("tasks", "storage")
+PROJECT_PACKAGES = ("ptqflow.tasks", "ptqflow.storage")
 # With whichever TensorFlow build provides the tensorflow package (tensorflow, tensorflow-cpu, tf-nightly, ...).
 VERSIONED_DISTRIBUTIONS = ("keras", "ai-edge-litert", "numpy", "pyarrow", "scikit-learn")
+
+
+def _in_project(name: str) -> bool:
+    return any(name == package or name.startswith(package + ".") for package in PROJECT_PACKAGES)
 
 
 def _module_imports(module: str, source: str) -> set[str]:
@@ -46,7 +50,7 @@ def _module_imports(module: str, source: str) -> set[str]:
                 parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{parent}.{base}" if base else parent
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        found.update(name for name in names if name.split(".")[0] in PROJECT_PACKAGES and _is_module(name))
+        found.update(name for name in names if _in_project(name) and _is_module(name))
     return found
 
 

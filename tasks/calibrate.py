@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 from prefect import get_run_logger, task
 
-from storage.store import ArtifactStore
-from storage.tables import Columns, TensorTable, read_parquet, write_parquet_bytes
-from tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
-from tasks.caching import StageCachePolicy
-from tasks.datasets import Draw, load_dataset, peek_dataset
-from tasks.errors import InvalidDataset
-from tasks.parameters import CalibrationParameters
-from tasks.sample import refuse_non_finite
-from tasks.stratify import draw_stratified
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import Columns, TensorTable, read_parquet, write_parquet_bytes
+from ptqflow.tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.datasets import Draw, load_dataset, peek_dataset
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.parameters import CalibrationParameters
+from ptqflow.tasks.sample import refuse_non_finite
+from ptqflow.tasks.stratify import draw_stratified
 
 
 def calibration_seed(seed: int) -> tuple[int, int]:
@@ -65,7 +65,10 @@ def materialize_calibration_set(
         check_matches_spec(peek_dataset(params.calibration_source, columns), dataset.spec, where)
         # Drawn while reading: a production sample of any size is never held whole.
         draw = Draw(
-            params.calibration_size, calibration_seed(seed), role="the calibration source", what="calibration set",
+            params.calibration_size,
+            calibration_seed(seed),
+            role="the calibration source",
+            what="calibration set",
             option="--calibration-size",
         )
         calibration = check_matches_spec(load_dataset(params.calibration_source, columns, draw), dataset.spec, where)

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prefect import get_run_logger, task
 
-from storage.keras_models import keras_model_from_bytes
-from storage.store import ArtifactStore
-from storage.tables import iter_feature_batches
-from tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
-from tasks.caching import StageCachePolicy
-from tasks.errors import ConversionFailed
-from tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
-from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
-from tasks.progress import report
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import iter_feature_batches
+from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
+from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
+from ptqflow.tasks.progress import report
 
 if TYPE_CHECKING:
     import keras
@@ -38,8 +38,12 @@ CalibrationBatches = Callable[[], Iterable[np.ndarray]]
 def tf_dtype(kind: TensorType):
     import tensorflow as tf
 
-    return {TensorType.float32: tf.float32, TensorType.uint8: tf.uint8, TensorType.int8: tf.int8,
-            TensorType.int16: tf.int16}[kind]
+    return {
+        TensorType.float32: tf.float32,
+        TensorType.uint8: tf.uint8,
+        TensorType.int8: tf.int8,
+        TensorType.int16: tf.int16,
+    }[kind]
 
 
 def _ops_sets(options: ConversionParameters):
@@ -92,7 +96,9 @@ def _explain(error: Exception, options: ConversionParameters) -> ConversionFaile
         detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
         problems.append(f"the converter stopped: {detail[:300]}")
     fixes.append("or replace it in the model" if fixes else "replace it in the model")
-    return ConversionFailed(f"conversion failed under --ops {options.ops.value}: {'; '.join(problems)}: {', '.join(fixes)}")
+    return ConversionFailed(
+        f"conversion failed under --ops {options.ops.value}: {'; '.join(problems)}: {', '.join(fixes)}"
+    )
 
 
 @contextlib.contextmanager
@@ -153,8 +159,10 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
         # attribute the converter no longer reads would silently give per-channel scales, so check it is there.
         if not hasattr(converter, "_experimental_disable_per_channel"):
             raise ConversionFailed(
-                missing_private_api("per-tensor weight scales (the converter's _experimental_disable_per_channel)",
-                                    f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+                missing_private_api(
+                    "per-tensor weight scales (the converter's _experimental_disable_per_channel)",
+                    f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}",
+                )
                 + "; or choose a per-channel scheme"
             )
         converter._experimental_disable_per_channel = True
@@ -196,7 +204,12 @@ def stored_calibration_batches(
     return batches
 
 
-@task(name="convert_to_tflite", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json")
+@task(
+    name="convert_to_tflite",
+    cache_policy=StageCachePolicy(module=__name__),
+    persist_result=True,
+    result_serializer="json",
+)
 def convert_to_tflite(
     store_url: str, trained: TrainedModel, calibration: CalibrationSet, params: ConversionParameters
 ) -> ConvertedModels:

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.store import StoreError, filesystem_for
-from storage.tables import (
+from ptqflow.storage.store import StoreError, filesystem_for
+from ptqflow.storage.tables import (
     Columns,
     TensorTable,
     TensorTableError,
@@ -37,9 +37,9 @@ from storage.tables import (
     labels_to_numpy,
     table_metadata,
 )
-from tasks.errors import InvalidDataset
-from tasks.limits import check_label_range, check_source_size, declared_sample_bytes
-from tasks.stratify import check_class_labels, draw_stratified
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.limits import check_label_range, check_source_size, declared_sample_bytes
+from ptqflow.tasks.stratify import check_class_labels, draw_stratified
 
 
 def _load_digits() -> TensorTable:
@@ -88,9 +88,15 @@ KERAS_DATASETS = {
     "mnist": KerasDataset("mnist", ((f"{_KERAS_STORE}mnist.npz", "mnist.npz"),), tuple(str(d) for d in range(10))),
     "fashion_mnist": KerasDataset(
         "fashion_mnist",
-        tuple((f"{_KERAS_STORE}{f}", f"fashion-mnist/{f}") for f in (
-            "train-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",
-            "t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")),
+        tuple(
+            (f"{_KERAS_STORE}{f}", f"fashion-mnist/{f}")
+            for f in (
+                "train-labels-idx1-ubyte.gz",
+                "train-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz",
+            )
+        ),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     ),
     "cifar10": KerasDataset(
@@ -220,8 +226,14 @@ def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
     listing = []
     for path in files:
         info = fs.info(path)
-        version = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "checksum", "mtime", "LastModified",
-                                                  "last_modified", "created") if info.get(k) is not None), "")
+        version = next(
+            (
+                str(info[k])
+                for k in ("ETag", "etag", "md5Hash", "checksum", "mtime", "LastModified", "last_modified", "created")
+                if info.get(k) is not None
+            ),
+            "",
+        )
         listing.append([path, info.get("size"), version or f"sha256:{_content_sha256(fs, path)}"])
     return hashlib.sha256(json.dumps(listing, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -259,7 +271,8 @@ def _with_source(loaded: TensorTable, url: str) -> TensorTable:
         # Raw uint8 values are pixels: scale by their type's range, not by what this sample happens to contain.
         features = loaded.features
         meta["value_range"] = (
-            [0.0, 255.0] if features.dtype == np.uint8 or not len(features)
+            [0.0, 255.0]
+            if features.dtype == np.uint8 or not len(features)
             else [float(np.nanmin(features)), float(np.nanmax(features))]
         )
     return TensorTable(loaded.features, loaded.labels, meta)
@@ -283,8 +296,9 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
     return rows, sample_bytes, largest
 
 
-def _check_survey(url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns,
-                  held_rows: int | None = None) -> int | None:
+def _check_survey(
+    url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, held_rows: int | None = None
+) -> int | None:
     """Refuse a source the limits do not allow, before its data is read; returns its bytes per sample."""
     rows, sample_bytes, largest = _survey(fs, files, columns)
     check_source_size(url, rows, sample_bytes, held_rows)
@@ -326,8 +340,13 @@ class Draw:
         if self.min_per_class:
             check_class_labels(labels)
         return draw_stratified(
-            labels, self.size, np.random.default_rng(list(self.seed)),
-            what=self.what, where=where, option=self.option, min_per_class=self.min_per_class,
+            labels,
+            self.size,
+            np.random.default_rng(list(self.seed)),
+            what=self.what,
+            where=where,
+            option=self.option,
+            min_per_class=self.min_per_class,
         )
 
 

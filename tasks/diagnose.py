@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
-from tasks.errors import ConversionFailed
-from tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
-from tasks.parameters import ConversionParameters, TensorType
+from ptqflow.tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
+from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
+from ptqflow.tasks.parameters import ConversionParameters, TensorType
 
 if TYPE_CHECKING:
     import keras
@@ -75,8 +75,9 @@ class RankingMargin:
 
     def __str__(self) -> str:
         first, second = self.first, self.second
-        sentence = (f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} "
-                    f"({second.op})")
+        sentence = (
+            f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} ({second.op})"
+        )
         if self.close:
             sentence += (
                 f"; a close call (within {CLOSE_RANKING_MARGIN - 1:.0%}): another processor can rank them the other "
@@ -90,7 +91,9 @@ def ranking_margin(ranked: Sequence[LayerError]) -> RankingMargin | None:
     return RankingMargin(ranked[0], ranked[1]) if len(ranked) >= 2 and ranked[1].badness > 0 else None
 
 
-def _typical_steps(float_values: Sequence[np.ndarray], quantized: Sequence[np.ndarray], scale: float, zero_point: int) -> float:
+def _typical_steps(
+    float_values: Sequence[np.ndarray], quantized: Sequence[np.ndarray], scale: float, zero_point: int
+) -> float:
     values = np.abs(np.concatenate([np.ravel(v) for v in float_values])) if len(float_values) else np.zeros(0)
     nonzero = values[values > 0]
     if not len(nonzero) or not scale:
@@ -123,8 +126,10 @@ def _debugger(
 
     if not hasattr(tf.lite.experimental, "QuantizationDebugger"):  # experimental: may move in a later release
         raise ConversionFailed(
-            missing_private_api("tf.lite.experimental.QuantizationDebugger (per-layer error and repair)",
-                                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+            missing_private_api(
+                "tf.lite.experimental.QuantizationDebugger (per-layer error and repair)",
+                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}",
+            )
         )
 
     def debug_dataset() -> Iterator[list[np.ndarray]]:
@@ -143,7 +148,10 @@ def _debugger(
 
 
 def layer_errors(
-    model: keras.Model, calibration_batches: CalibrationBatches, debug_features: np.ndarray, options: ConversionParameters
+    model: keras.Model,
+    calibration_batches: CalibrationBatches,
+    debug_features: np.ndarray,
+    options: ConversionParameters,
 ) -> list[LayerError]:
     """Pure function: every quantized layer's error for this conversion, worst first."""
     with native_output_silenced():
@@ -178,7 +186,7 @@ def layer_errors(
 def float_unit(quantized_tflite: bytes, tensor: str) -> list[str]:
     """What must stay float so that ``tensor`` is never quantized: the op that produces it and every op that
     consumes it (a float producer alone still hands its consumers a requantized tensor)."""
-    from tasks.validate import make_interpreter
+    from ptqflow.tasks.validate import make_interpreter
 
     interpreter = make_interpreter(quantized_tflite, 1)
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
@@ -207,8 +215,10 @@ def quantize_keeping_float(
         from tensorflow.lite.python.util import modify_model_io_type
     except ImportError:
         raise ConversionFailed(
-            missing_private_api("the converter's modify_model_io_type (integer I/O for a repaired model)",
-                                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}")
+            missing_private_api(
+                "the converter's modify_model_io_type (integer I/O for a repaired model)",
+                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}",
+            )
             + "; or repair with --input-type float32 --output-type float32"
         ) from None
 

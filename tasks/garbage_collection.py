@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from storage.results import RESULTS_KEY
-from storage.store import ArtifactRef, ArtifactStore, StoreError
-from tasks.manifest import RUNS_PREFIX, CorruptManifest, read_manifest
+from ptqflow.storage.results import RESULTS_KEY
+from ptqflow.storage.store import ArtifactRef, ArtifactStore, StoreError
+from ptqflow.tasks.manifest import RUNS_PREFIX, CorruptManifest, read_manifest
 
 
 class CollectionPlan(BaseModel):
@@ -61,8 +61,11 @@ def plan_collection(store: ArtifactStore, keep_runs: int, keep_days: float | Non
             notes.append(f"kept {key}: {error}")
     manifests.sort(key=lambda item: item[1].get("created_at", ""), reverse=True)
     cutoff = (now - timedelta(days=keep_days)).isoformat() if keep_days is not None else None
-    kept = [(key, m) for i, (key, m) in enumerate(manifests)
-            if i < keep_runs or (cutoff and m.get("created_at", "") >= cutoff)]
+    kept = [
+        (key, m)
+        for i, (key, m) in enumerate(manifests)
+        if i < keep_runs or (cutoff and m.get("created_at", "") >= cutoff)
+    ]
     kept_ids = {m["run_id"] for _, m in kept}
 
     live_blobs: set[str] = set()
@@ -99,8 +102,9 @@ def plan_collection(store: ArtifactStore, keep_runs: int, keep_days: float | Non
     delete += blob_keys
     freed = sum(_size(store, key) for key in delete)
     removed = [m["run_id"] for key, m in manifests if m["run_id"] not in kept_ids and key not in keep_keys]
-    return CollectionPlan(kept_runs=sorted(kept_ids), removed_runs=removed, delete=delete, freed_bytes=freed,
-                          notes=notes)
+    return CollectionPlan(
+        kept_runs=sorted(kept_ids), removed_runs=removed, delete=delete, freed_bytes=freed, notes=notes
+    )
 
 
 def _blob_keys(store: ArtifactStore) -> list[str]:

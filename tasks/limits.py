@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tasks.errors import InvalidDataset, InvalidModel
+from ptqflow.tasks.errors import InvalidDataset, InvalidModel
 
 GIB = 1 << 30
 
@@ -74,10 +74,12 @@ def check_source_size(where: str, rows: int, sample_bytes: int | None, held_rows
         raise InvalidDataset(MAX_SAMPLE_BYTES.refusal(f"{where} has samples of {sample_bytes:,} bytes"))
     held = (rows if held_rows is None else held_rows) * sample_bytes
     if held > MAX_DECODED_BYTES.value:
-        raise InvalidDataset(MAX_DECODED_BYTES.refusal(
-            f"{where} would decode to {held:,} bytes ({rows if held_rows is None else held_rows:,} samples of "
-            f"{sample_bytes:,} bytes); --sample-size draws fewer"
-        ))
+        raise InvalidDataset(
+            MAX_DECODED_BYTES.refusal(
+                f"{where} would decode to {held:,} bytes ({rows if held_rows is None else held_rows:,} samples of "
+                f"{sample_bytes:,} bytes); --sample-size draws fewer"
+            )
+        )
 
 
 def check_label_range(where: str, largest: int) -> None:

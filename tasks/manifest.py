@@ -17,8 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.store import ArtifactStore, StoreError, safe_key
-from tasks.caching import library_versions
+from ptqflow.storage.store import ArtifactStore, StoreError, safe_key
+from ptqflow.tasks.caching import library_versions
 
 RUNS_PREFIX = "runs"
 _SECRET_NAME = re.compile(r"secret|password|passwd|token|credential|access_key|key_id|sas|signature", re.I)

@@ -12,7 +12,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from storage.store import carries_credentials
+from ptqflow.storage.store import carries_credentials
 
 
 class TensorType(str, Enum):
@@ -73,7 +73,9 @@ class SamplingParameters(_Parameters):
         None, description="Train only on the source's files modified on or after this day (UTC), e.g. 2026-11-01."
     )
     window_days: int | None = Field(
-        None, ge=1, le=36_500,
+        None,
+        ge=1,
+        le=36_500,
         description="Train only on the source's files modified in the last N days before the run's date.",
     )
     feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
@@ -108,9 +110,14 @@ class SamplingParameters(_Parameters):
     def _file_selection_needs_files(self) -> SamplingParameters:
         if self.since is not None and self.window_days is not None:
             raise ValueError("give --since or --window-days, not both")
-        if (self.since is not None or self.window_days is not None) and "://" not in self.dataset \
-                and "/" not in self.dataset:
-            raise ValueError("--since and --window-days select the files of a Parquet source URL, not a built-in data set")
+        if (
+            (self.since is not None or self.window_days is not None)
+            and "://" not in self.dataset
+            and "/" not in self.dataset
+        ):
+            raise ValueError(
+                "--since and --window-days select the files of a Parquet source URL, not a built-in data set"
+            )
         return self
 
     @model_validator(mode="after")
@@ -206,15 +213,22 @@ class ValidationParameters(_Parameters):
 
 class GateParameters(_Parameters):
     max_accuracy_drop: float = Field(
-        1.0, ge=0.0, le=100.0, description="Largest accepted drop from float to quantized accuracy, in percentage points."
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Largest accepted drop from float to quantized accuracy, in percentage points.",
     )
     promotion_tolerance: float = Field(
-        0.0, ge=0.0, le=100.0,
+        0.0,
+        ge=0.0,
+        le=100.0,
         description="With an export: how many percentage points below the exported model (measured on the rows of "
         "this run's test split the exported model never trained on) a new model may be and still replace it.",
     )
     min_comparison_rows: int | None = Field(
-        None, ge=1, le=10_000_000,
+        None,
+        ge=1,
+        le=10_000_000,
         description="With an export: fewest test rows unseen by the exported model to compare on; with fewer, the "
         "new model is not promoted automatically. Default: 100, or half the test split if that is smaller.",
     )
@@ -260,7 +274,9 @@ class SweepParameters(_Parameters):
         False, description="Only a model with no float tensor (integer I/O too) can pass and be exported."
     )
     latency_threads: int = Field(
-        1, ge=1, le=256,
+        1,
+        ge=1,
+        le=256,
         description="Interpreter threads when measuring latency: 1 keeps parallel workers from competing for cores.",
     )
 

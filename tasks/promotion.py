@@ -25,14 +25,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key, sha256_bytes
-from storage.tables import read_parquet
-from tasks.artifacts import SampledDataset
-from tasks.parameters import GateParameters
-from tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
-from tasks.report import render_html, render_markdown
-from tasks.sample import SPLIT_SCHEME, split_positions
-from tasks.validate import accuracy, predict_tflite
+from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key, sha256_bytes
+from ptqflow.storage.tables import read_parquet
+from ptqflow.tasks.artifacts import SampledDataset
+from ptqflow.tasks.parameters import GateParameters
+from ptqflow.tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
+from ptqflow.tasks.report import render_html, render_markdown
+from ptqflow.tasks.sample import SPLIT_SCHEME, split_positions
+from ptqflow.tasks.validate import accuracy, predict_tflite
 
 
 class PromotionDecision(BaseModel):
@@ -51,37 +51,55 @@ class PromotionDecision(BaseModel):
     comparison: str | None = Field(None, description="Which rows were compared, in words.")
 
 
-def decide(challenger_accuracy: float | None, gate_passed: bool, tolerance_pp: float,
-           champion_accuracy: float | None = None, champion: dict[str, Any] | None = None,
-           compared_rows: int | None = None, comparison: str | None = None) -> PromotionDecision:
+def decide(
+    challenger_accuracy: float | None,
+    gate_passed: bool,
+    tolerance_pp: float,
+    champion_accuracy: float | None = None,
+    champion: dict[str, Any] | None = None,
+    compared_rows: int | None = None,
+    comparison: str | None = None,
+) -> PromotionDecision:
     """Pure: the promotion rule."""
     figures = {
-        "challenger_accuracy": challenger_accuracy, "champion_accuracy": champion_accuracy,
-        "champion_version": (champion or {}).get("version"), "champion_run_id": (champion or {}).get("run_id"),
-        "tolerance_pp": tolerance_pp, "compared_rows": compared_rows, "comparison": comparison,
+        "challenger_accuracy": challenger_accuracy,
+        "champion_accuracy": champion_accuracy,
+        "champion_version": (champion or {}).get("version"),
+        "champion_run_id": (champion or {}).get("run_id"),
+        "tolerance_pp": tolerance_pp,
+        "compared_rows": compared_rows,
+        "comparison": comparison,
     }
     if not gate_passed or challenger_accuracy is None:
         return PromotionDecision(promote=False, message="not promoted: the model did not pass its own gate", **figures)
     if champion is None:
         return PromotionDecision(promote=True, message="promoted: there is no exported model yet", **figures)
     gap_pp = round((champion_accuracy - challenger_accuracy) * 100, 6)
-    versus = (f"{challenger_accuracy:.2%} against {champion_accuracy:.2%} for the exported version "
-              f"{champion['version']} on {comparison}")
+    versus = (
+        f"{challenger_accuracy:.2%} against {champion_accuracy:.2%} for the exported version "
+        f"{champion['version']} on {comparison}"
+    )
     if gap_pp > tolerance_pp:
         return PromotionDecision(
-            promote=False, **figures,
+            promote=False,
+            **figures,
             message=f"not promoted: accuracy {versus}, {gap_pp:.2f} pp worse (tolerance {tolerance_pp} pp); the "
             "exported model stays (`ptqflow promote RUN_ID` overrides)",
         )
     return PromotionDecision(promote=True, message=f"promoted: accuracy {versus}", **figures)
 
 
-def not_comparable(challenger_accuracy: float, pointer: dict[str, Any], tolerance_pp: float, why: str,
-                   compared_rows: int | None = None) -> PromotionDecision:
+def not_comparable(
+    challenger_accuracy: float, pointer: dict[str, Any], tolerance_pp: float, why: str, compared_rows: int | None = None
+) -> PromotionDecision:
     """The decision when the champion cannot be measured fairly here: keep it, and say why and how to override."""
     return PromotionDecision(
-        promote=False, challenger_accuracy=challenger_accuracy, champion_version=pointer["version"],
-        champion_run_id=pointer.get("run_id"), tolerance_pp=tolerance_pp, compared_rows=compared_rows,
+        promote=False,
+        challenger_accuracy=challenger_accuracy,
+        champion_version=pointer["version"],
+        champion_run_id=pointer.get("run_id"),
+        tolerance_pp=tolerance_pp,
+        compared_rows=compared_rows,
         message=f"not promoted automatically: {why}; the exported version {pointer['version']} stays "
         "(`ptqflow promote RUN_ID` replaces it)",
     )
@@ -108,8 +126,13 @@ def champion_model(export: ArtifactStore, pointer: dict[str, Any]) -> bytes:
 
 @task(name="compare_with_champion", cache_policy=NO_CACHE, persist_result=False)
 def compare_with_champion(
-    store_url: str, export_url: str, dataset: SampledDataset, challenger: ArtifactRef, challenger_accuracy: float,
-    gate: GateParameters, batch_size: int = 256,
+    store_url: str,
+    export_url: str,
+    dataset: SampledDataset,
+    challenger: ArtifactRef,
+    challenger_accuracy: float,
+    gate: GateParameters,
+    batch_size: int = 256,
 ) -> PromotionDecision:
     """Evaluate the champion and the challenger (``challenger``, a model that passed its gate with
     ``challenger_accuracy`` on the whole test split) on the test rows the champion never trained on; decide.
@@ -130,7 +153,9 @@ def compare_with_champion(
         unseen = rows_unseen_by(champion_manifest, test.features)
     if unseen is None:
         return not_comparable(
-            challenger_accuracy, pointer, gate.promotion_tolerance,
+            challenger_accuracy,
+            pointer,
+            gate.promotion_tolerance,
             f"the exported version {pointer['version']} records no split rule ptqflow can replay (it was exported "
             "before splits were assigned by content), so the rows of this test split it trained on are unknown and "
             "its accuracy here could be inflated",
@@ -139,25 +164,40 @@ def compare_with_champion(
     compared = int(unseen.sum())
     if compared < needed:
         return not_comparable(
-            challenger_accuracy, pointer, gate.promotion_tolerance,
+            challenger_accuracy,
+            pointer,
+            gate.promotion_tolerance,
             f"only {compared} of the {len(test)} rows of this test split are provably unseen by the exported version "
             f"{pointer['version']} (its split used another seed or fractions), and a fair comparison needs "
-            f"{needed} (--min-comparison-rows)", compared_rows=compared,
+            f"{needed} (--min-comparison-rows)",
+            compared_rows=compared,
         )
     features, labels = test.features[unseen], test.labels[unseen]
     try:
         champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size)
     except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
         return not_comparable(
-            challenger_accuracy, pointer, gate.promotion_tolerance,
+            challenger_accuracy,
+            pointer,
+            gate.promotion_tolerance,
             f"the exported version cannot run on this test split ({str(error).splitlines()[0][:200]}), so the two "
             "cannot be compared",
         )
     challenger_outputs = predict_tflite(store.read_bytes(challenger), features, batch_size)
-    comparison = (f"the {compared} rows of this test split it never trained on" if compared < len(test)
-                  else f"all {compared} rows of this test split, none of which it trained on")
-    return decide(accuracy(challenger_outputs, labels), True, gate.promotion_tolerance,
-                  accuracy(champion_outputs, labels), pointer, compared, comparison)
+    comparison = (
+        f"the {compared} rows of this test split it never trained on"
+        if compared < len(test)
+        else f"all {compared} rows of this test split, none of which it trained on"
+    )
+    return decide(
+        accuracy(challenger_outputs, labels),
+        True,
+        gate.promotion_tolerance,
+        accuracy(champion_outputs, labels),
+        pointer,
+        compared,
+        comparison,
+    )
 
 
 @task(name="record_promotion_in_report", cache_policy=NO_CACHE, persist_result=False)
@@ -194,19 +234,29 @@ def point_latest_to(export: ArtifactStore, version: str, action: str) -> Pointer
     if not export.exists_named(recorded_key):
         raise StoreError(f"no published version {version!r} in {export.url}: `ptqflow runs` lists the runs")
     recorded = json.loads(export.read_named(recorded_key))
-    files = {name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
-             for name, ref in recorded["files"].items()}
+    files = {
+        name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+        for name, ref in recorded["files"].items()
+    }
     previous_bytes = export.read_named(POINTER) if export.exists_named(POINTER) else None
     previous = json.loads(previous_bytes) if previous_bytes else None
     now = datetime.now(timezone.utc)
-    pointer = json.dumps(
-        {
-            "kind": "ptqflow.export_pointer", "version": version, "run_id": recorded["run_id"],
-            "published_at": recorded["published_at"], "pointed_at": now.isoformat(timespec="seconds"),
-            "action": action, "files": {name: ref.model_dump() for name, ref in files.items()},
-        },
-        indent=2, sort_keys=True,
-    ).encode() + b"\n"
+    pointer = (
+        json.dumps(
+            {
+                "kind": "ptqflow.export_pointer",
+                "version": version,
+                "run_id": recorded["run_id"],
+                "published_at": recorded["published_at"],
+                "pointed_at": now.isoformat(timespec="seconds"),
+                "action": action,
+                "files": {name: ref.model_dump() for name, ref in files.items()},
+            },
+            indent=2,
+            sort_keys=True,
+        ).encode()
+        + b"\n"
+    )
     history = safe_key(f"history/{now:%Y%m%dT%H%M%S%fZ}-{action}-{version}.json")
     export.write_named(history, pointer, exclusive=True)
     try:
@@ -214,8 +264,12 @@ def point_latest_to(export: ArtifactStore, version: str, action: str) -> Pointer
     except ConcurrentUpdate as error:
         export.delete_named(history)  # this pointer never took effect: history/ records only those that did
         raise PointerMoved(f"{error}: nothing was changed; look at `ptqflow runs`, then retry") from None
-    return PointerMove(version=version, previous_version=previous["version"] if previous else None,
-                       pointer=export.uri_for(POINTER), history=export.uri_for(history))
+    return PointerMove(
+        version=version,
+        previous_version=previous["version"] if previous else None,
+        pointer=export.uri_for(POINTER),
+        history=export.uri_for(history),
+    )
 
 
 def version_of_run(export: ArtifactStore, run_id: str) -> str | None:
@@ -248,7 +302,11 @@ def promote(store: ArtifactStore, export: ArtifactStore, manifest: dict[str, Any
         artifacts = {name: ArtifactRef(**ref) for name, ref in manifest["artifacts"].items()}
         published = publish_run(store, export, manifest["run_id"], artifacts, manifest)
         if published.published:
-            return PointerMove(version=published.version, previous_version=previous["version"] if previous else None,
-                               pointer=published.pointer, history=export.uri_for(f"history/{published.version}.json"))
+            return PointerMove(
+                version=published.version,
+                previous_version=previous["version"] if previous else None,
+                pointer=published.pointer,
+                history=export.uri_for(f"history/{published.version}.json"),
+            )
         version = published.version  # its model files are already a published version's
     return point_latest_to(export, version, "promote")

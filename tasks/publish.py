@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from storage.store import (
+from ptqflow.storage.store import (
     EXPORT_OPTIONS_ENV,
     ArtifactMissing,
     ArtifactRef,
@@ -111,8 +111,12 @@ def _copy_verified(store: ArtifactStore, export: ArtifactStore, key: str, ref: A
 
 
 def publish_run(
-    store: ArtifactStore, export: ArtifactStore, run_id: str, artifacts: dict[str, ArtifactRef],
-    manifest: dict[str, Any], compared_with: str | None | bool = True,
+    store: ArtifactStore,
+    export: ArtifactStore,
+    run_id: str,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
+    compared_with: str | None | bool = True,
 ) -> ExportRecord:
     """Copy a run's artifacts and manifest to its version folder under ``export``, verify every copy, record the
     pointer in ``history/``, then move ``latest.json`` to it.
@@ -134,14 +138,19 @@ def publish_run(
     latest, latest_sha = _current_pointer(export)
     current_version = latest["version"] if latest else None
     own_version = _run_version(export, run_id)
-    if latest and current_version != own_version and all(
-        latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES
+    if (
+        latest
+        and current_version != own_version
+        and all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES)
     ):
         # Another run's model, byte for byte (a rerun on unchanged data): the devices already have these bytes.
-        files = {name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
-                 for name, ref in latest["files"].items()}
-        return ExportRecord(url=export.url, version=latest["version"], pointer=export.uri_for(POINTER), files=files,
-                            published=False)
+        files = {
+            name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+            for name, ref in latest["files"].items()
+        }
+        return ExportRecord(
+            url=export.url, version=latest["version"], pointer=export.uri_for(POINTER), files=files, published=False
+        )
     if compared_with is not True and current_version not in (compared_with, own_version):
         raise PointerMoved(
             f"{export.uri_for(POINTER)} now names {current_version or 'nothing'}, not {compared_with or 'nothing'}, "
@@ -151,13 +160,16 @@ def publish_run(
     now = datetime.now(timezone.utc)
     version = own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
     folder = f"versions/{version}"
-    files = {name: _copy_verified(store, export, f"{folder}/{filename}", artifacts[name])
-             for name, filename in EXPORT_FILES.items()}
+    files = {
+        name: _copy_verified(store, export, f"{folder}/{filename}", artifacts[name])
+        for name, filename in EXPORT_FILES.items()
+    }
     export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
     manifest_key = f"{folder}/{MANIFEST_FILE}"
     if not export.exists_named(manifest_key):  # an interrupted publish may have written it: writes are whole
-        export.write_named(manifest_key, json.dumps({**manifest, "export": export_info}, indent=2,
-                                                    sort_keys=True).encode() + b"\n")
+        export.write_named(
+            manifest_key, json.dumps({**manifest, "export": export_info}, indent=2, sort_keys=True).encode() + b"\n"
+        )
     manifest_bytes = export.read_named(manifest_key)
     files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
 
@@ -165,21 +177,25 @@ def publish_run(
     if export.exists_named(history_key):  # recorded by an interrupted publish: the pointer to write again
         pointer = export.read_named(history_key)
     else:
-        pointer = json.dumps(
-            {
-                "kind": "ptqflow.export_pointer",
-                "version": version,
-                "run_id": run_id,
-                "published_at": now.isoformat(timespec="seconds"),
-                "files": {name: ref.model_dump() for name, ref in files.items()},
-            },
-            indent=2,
-            sort_keys=True,
-        ).encode() + b"\n"
+        pointer = (
+            json.dumps(
+                {
+                    "kind": "ptqflow.export_pointer",
+                    "version": version,
+                    "run_id": run_id,
+                    "published_at": now.isoformat(timespec="seconds"),
+                    "files": {name: ref.model_dump() for name, ref in files.items()},
+                },
+                indent=2,
+                sort_keys=True,
+            ).encode()
+            + b"\n"
+        )
         export.write_named(history_key, pointer, exclusive=True)
     if current_version == version:  # already current: its copies are now verified (and repaired), nothing moves
-        return ExportRecord(url=export.url, version=version, pointer=export_info["pointer"], files=files,
-                            published=False)
+        return ExportRecord(
+            url=export.url, version=version, pointer=export_info["pointer"], files=files, published=False
+        )
     try:
         export.replace_named_if(POINTER, pointer, latest_sha)
     except ConcurrentUpdate as error:
@@ -190,7 +206,11 @@ def publish_run(
 
 @task(name="publish_export", cache_policy=NO_CACHE, persist_result=False)
 def publish_export(
-    store_url: str, export_url: str, run_id: str, artifacts: dict[str, ArtifactRef], manifest: dict[str, Any],
+    store_url: str,
+    export_url: str,
+    run_id: str,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
     compared_with: str | None,
 ) -> ExportRecord:
     return publish_run(ArtifactStore(store_url), export_store(export_url), run_id, artifacts, manifest, compared_with)

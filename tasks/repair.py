@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prefect import get_run_logger, task
 
-from storage.keras_models import keras_model_from_bytes
-from storage.store import ArtifactStore
-from storage.tables import iter_feature_batches, read_parquet
-from tasks.artifacts import (
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import iter_feature_batches, read_parquet
+from ptqflow.tasks.artifacts import (
     CalibrationSet,
     ConvertedModels,
     RepairResult,
@@ -26,18 +26,18 @@ from tasks.artifacts import (
     TrainedModel,
     ValidationResult,
 )
-from tasks.caching import StageCachePolicy
-from tasks.convert import CalibrationBatches
-from tasks.diagnose import (
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.convert import CalibrationBatches
+from ptqflow.tasks.diagnose import (
     LayerError,
     float_unit,
     keras_layer_of,
     quantize_keeping_float,
     ranking_margin,
 )
-from tasks.parameters import ConversionParameters, RepairParameters
-from tasks.progress import report
-from tasks.validate import accuracy, predict_keras, predict_tflite
+from ptqflow.tasks.parameters import ConversionParameters, RepairParameters
+from ptqflow.tasks.progress import report
+from ptqflow.tasks.validate import accuracy, predict_keras, predict_tflite
 
 if TYPE_CHECKING:
     import keras
@@ -75,19 +75,35 @@ def keep_worst_layers_float(
         float_tensors += [t for t in float_unit(quantized_tflite, layer.tensor) if t not in float_tensors]
         report("repair_quantization", f"keeping {len(steps) + 1} layer(s) in float: {layer.layer}")
         candidate = quantize_keeping_float(model, calibration_batches, debug_features, options, float_tensors)
-        drop = round((float_accuracy - accuracy(predict_tflite(candidate, validation_features), validation_labels))
-                     * 100, 6)
+        drop = round(
+            (float_accuracy - accuracy(predict_tflite(candidate, validation_features), validation_labels)) * 100, 6
+        )
         float_layers = tuple(dict.fromkeys(keras_layer_of(t, layer_names) for t in float_tensors))
-        steps.append(RepairStep(layer=layer.layer, float_layers=float_layers, float_tensors=tuple(float_tensors),
-                                validation_drop_pp=drop, quantized_bytes=len(candidate)))
-        if drop <= max_accuracy_drop:
-            return candidate, steps, (
-                f"repair kept {_kept(steps)} in float: validation drop {drop:.2f} pp, within {max_accuracy_drop} pp"
-                + order
+        steps.append(
+            RepairStep(
+                layer=layer.layer,
+                float_layers=float_layers,
+                float_tensors=tuple(float_tensors),
+                validation_drop_pp=drop,
+                quantized_bytes=len(candidate),
             )
-    return None, steps, (
-        f"repair kept {_kept(steps)} in float and the validation drop is still "
-        f"{steps[-1].validation_drop_pp:.2f} pp" + order
+        )
+        if drop <= max_accuracy_drop:
+            return (
+                candidate,
+                steps,
+                (
+                    f"repair kept {_kept(steps)} in float: validation drop {drop:.2f} pp, within {max_accuracy_drop} pp"
+                    + order
+                ),
+            )
+    return (
+        None,
+        steps,
+        (
+            f"repair kept {_kept(steps)} in float and the validation drop is still "
+            f"{steps[-1].validation_drop_pp:.2f} pp" + order
+        ),
     )
 
 
@@ -97,8 +113,12 @@ def _kept(steps: list[RepairStep]) -> str:
     return ", ".join(chosen) + (f" (with {', '.join(readers)}, which read its output)" if readers else "")
 
 
-@task(name="repair_quantization", cache_policy=StageCachePolicy(module=__name__), persist_result=True,
-      result_serializer="json")
+@task(
+    name="repair_quantization",
+    cache_policy=StageCachePolicy(module=__name__),
+    persist_result=True,
+    result_serializer="json",
+)
 def repair_quantization(
     store_url: str,
     dataset: SampledDataset,
@@ -123,8 +143,16 @@ def repair_quantization(
             yield from iter_feature_batches(f, conversion.calibration_batch_size)
 
     repaired, steps, message = keep_worst_layers_float(
-        model, calibration_batches, debug_features, conversion, store.read_bytes(converted.quantized), ranked,
-        validation.features, validation.labels, max_accuracy_drop, params.max_float_layers,
+        model,
+        calibration_batches,
+        debug_features,
+        conversion,
+        store.read_bytes(converted.quantized),
+        ranked,
+        validation.features,
+        validation.labels,
+        max_accuracy_drop,
+        params.max_float_layers,
     )
     get_run_logger().info(message)
     return RepairResult(

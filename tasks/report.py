@@ -29,36 +29,53 @@ def model_rows(metrics: dict[str, Any]) -> list[list[str]]:
             continue
         speed = m.get("speed", {})
         latency = speed.get("latency_ms", {})
-        rows.append([
-            label,
-            _pct(m["accuracy"]),
-            _pct(m["agreement_with_float"]),
-            _num(m["output_mae"], digits=5),
-            "—" if m["output_sqnr_db"] is None else f"{m['output_sqnr_db']:.1f} dB",
-            "—" if m["bytes"] is None else f"{m['bytes']:,} B",
-            _num(latency.get("p50"), " ms"),
-            _num(latency.get("p95"), " ms"),
-            _num(speed.get("throughput_per_s"), "/s", 0),
-        ])
+        rows.append(
+            [
+                label,
+                _pct(m["accuracy"]),
+                _pct(m["agreement_with_float"]),
+                _num(m["output_mae"], digits=5),
+                "—" if m["output_sqnr_db"] is None else f"{m['output_sqnr_db']:.1f} dB",
+                "—" if m["bytes"] is None else f"{m['bytes']:,} B",
+                _num(latency.get("p50"), " ms"),
+                _num(latency.get("p95"), " ms"),
+                _num(speed.get("throughput_per_s"), "/s", 0),
+            ]
+        )
     return rows
 
 
-MODEL_HEADER = ["model", "accuracy", "top-1 agreement", "output MAE", "SQNR", "size", "latency p50 (batch 1)",
-                "latency p95", "throughput"]
+MODEL_HEADER = [
+    "model",
+    "accuracy",
+    "top-1 agreement",
+    "output MAE",
+    "SQNR",
+    "size",
+    "latency p50 (batch 1)",
+    "latency p95",
+    "throughput",
+]
 LAYER_HEADER = ["layer", "op", "badness", "rmse / scale", "typical steps", "scale"]
 
 
 def layer_rows(metrics: dict[str, Any], count: int = 10) -> list[list[str]]:
     return [
-        [layer["layer"], layer["op"], f"{layer['badness']:.2f}", f"{layer['rmse_over_scale']:.3f}",
-         "n/a" if layer["typical_steps"] is None else f"{layer['typical_steps']:.3g}", f"{layer['scale']:.4g}"]
+        [
+            layer["layer"],
+            layer["op"],
+            f"{layer['badness']:.2f}",
+            f"{layer['rmse_over_scale']:.3f}",
+            "n/a" if layer["typical_steps"] is None else f"{layer['typical_steps']:.3g}",
+            f"{layer['scale']:.4g}",
+        ]
         for layer in metrics.get("layers", [])[:count]
     ]
 
 
 def ranking_line(metrics: dict[str, Any]) -> tuple[str, bool] | None:
     """The ranking margin of the two worst layers as a sentence, and whether it is a close call."""
-    from tasks.diagnose import LayerError, ranking_margin
+    from ptqflow.tasks.diagnose import LayerError, ranking_margin
 
     margin = ranking_margin([LayerError(**layer) for layer in metrics.get("layers", [])[:2]])
     if margin is None:
@@ -80,7 +97,8 @@ def _verdict(metrics: dict[str, Any]) -> str:
     integer = "full integer" if audit["full_integer"] else f"{len(audit['float_ops'])} ops with float tensors"
     unrepeatable = (
         f"**outputs differ by up to {metrics['rerun_max_difference']:.3g} between two runs on the same input**; "
-        if metrics.get("rerun_max_difference") else ""
+        if metrics.get("rerun_max_difference")
+        else ""
     )
     return unrepeatable + (
         f"Quantized accuracy {_pct(metrics['quantized_accuracy'])} against {_pct(metrics['float_accuracy'])} float "
@@ -135,7 +153,9 @@ def _promotion_lines(promotion: dict[str, Any] | None) -> list[str]:
     """The champion/challenger decision of the run that exported (or did not export) this model."""
     if not promotion:
         return []
-    champion = "exported model" + (f" (version {promotion['champion_version']})" if promotion.get("champion_version") else "")
+    champion = "exported model" + (
+        f" (version {promotion['champion_version']})" if promotion.get("champion_version") else ""
+    )
     return [
         f"- {promotion['message']}",
         f"- this model: {_pct(promotion['challenger_accuracy'])}; {champion}: {_pct(promotion['champion_accuracy'])} "
@@ -162,8 +182,10 @@ def render_markdown(document: dict[str, Any]) -> str:
         "",
         _markdown_table(
             ["class", *[MODEL_LABELS[k] for k in metrics.get("models", {})]],
-            [[name, *[_pct(m["per_class_accuracy"][name]) for m in metrics.get("models", {}).values()]]
-             for name in metrics["class_names"]],
+            [
+                [name, *[_pct(m["per_class_accuracy"][name]) for m in metrics.get("models", {}).values()]]
+                for name in metrics["class_names"]
+            ],
         ),
         "",
         "## Per-layer quantization error (QuantizationDebugger)",
@@ -186,10 +208,15 @@ def render_markdown(document: dict[str, Any]) -> str:
         parts += ["", "## Repair", "", *_repair_lines(metrics["repair"])]
     parts += ["", "## Confusion matrices", ""]
     for key, m in metrics.get("models", {}).items():
-        parts += [f"### {MODEL_LABELS[key]}", "", _markdown_table(
-            ["true \\ predicted", *metrics["class_names"]],
-            [[name, *[str(v) for v in row]] for name, row in zip(metrics["class_names"], m["confusion_matrix"])],
-        ), ""]
+        parts += [
+            f"### {MODEL_LABELS[key]}",
+            "",
+            _markdown_table(
+                ["true \\ predicted", *metrics["class_names"]],
+                [[name, *[str(v) for v in row]] for name, row in zip(metrics["class_names"], m["confusion_matrix"])],
+            ),
+            "",
+        ]
     return "\n".join(parts) + "\n"
 
 

@@ -10,15 +10,15 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.store import ArtifactStore
-from storage.tables import Columns, TensorTable, write_parquet_bytes
-from tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
-from tasks.caching import StageCachePolicy
-from tasks.datasets import Draw, load_dataset, source_fingerprint
-from tasks.errors import InvalidDataset
-from tasks.parameters import SamplingParameters
-from tasks.progress import report
-from tasks.stratify import MIN_PER_CLASS, check_class_labels
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import Columns, TensorTable, write_parquet_bytes
+from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.datasets import Draw, load_dataset, source_fingerprint
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.parameters import SamplingParameters
+from ptqflow.tasks.progress import report
+from ptqflow.tasks.stratify import MIN_PER_CLASS, check_class_labels
 
 SPLITS = ("train", "validation", "test")
 
@@ -36,7 +36,8 @@ def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
     salt = f"ptqflow:{SPLIT_SCHEME}:{seed}:{rows.dtype.str}:".encode()
     places = np.fromiter(
         (int.from_bytes(hashlib.sha256(salt + row.tobytes()).digest()[:8], "big") for row in rows),
-        dtype=np.float64, count=len(rows),
+        dtype=np.float64,
+        count=len(rows),
     )
     return places / 2.0**64
 
@@ -55,9 +56,11 @@ def hash_split(
     """
     places = split_positions(features, seed)
     order = np.argsort(places, kind="stable")  # a seeded order that interleaves the classes
-    bounds = {"test": (0.0, test_fraction),
-              "validation": (test_fraction, test_fraction + validation_fraction),
-              "train": (test_fraction + validation_fraction, 1.0)}
+    bounds = {
+        "test": (0.0, test_fraction),
+        "validation": (test_fraction, test_fraction + validation_fraction),
+        "train": (test_fraction + validation_fraction, 1.0),
+    }
     splits = {name: order[(places[order] >= low) & (places[order] < high)] for name, (low, high) in bounds.items()}
     for name, indices in splits.items():
         missing = np.setdiff1d(np.unique(labels), labels[indices])
@@ -135,10 +138,18 @@ def fingerprint_source(source: str | None, since: datetime | None = None) -> str
 
 # The resolved URL and file window are left out of the key: the fingerprint of the files they select is in it, so a
 # run on another day that selects the same files is a cache hit.
-@task(name="sample_dataset", cache_policy=StageCachePolicy(module=__name__, exclude=("source_url", "since")),
-      persist_result=True, result_serializer="json")
+@task(
+    name="sample_dataset",
+    cache_policy=StageCachePolicy(module=__name__, exclude=("source_url", "since")),
+    persist_result=True,
+    result_serializer="json",
+)
 def sample_dataset(
-    store_url: str, params: SamplingParameters, seed: int, source_fingerprint: str, source_url: str | None = None,
+    store_url: str,
+    params: SamplingParameters,
+    seed: int,
+    source_fingerprint: str,
+    source_url: str | None = None,
     since: datetime | None = None,
 ) -> SampledDataset:
     """Load the source (``source_url``: ``params.dataset`` with its date template filled in; ``since``: only files
@@ -161,8 +172,12 @@ def sample_dataset(
         report("sample_dataset", f"writing {name} split ({len(split)} samples)")
         refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
     counts = {name: len(split) for name, split in splits.items()}
-    rule = SplitRule(scheme=SPLIT_SCHEME, seed=seed, validation_fraction=params.validation_fraction,
-                     test_fraction=params.test_fraction)
+    rule = SplitRule(
+        scheme=SPLIT_SCHEME,
+        seed=seed,
+        validation_fraction=params.validation_fraction,
+        test_fraction=params.test_fraction,
+    )
     manifest = store.put_json(
         {
             "kind": "ptqflow.dataset",

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from tasks.errors import InvalidDataset
-from tasks.limits import check_label_range
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.limits import check_label_range
 
 MIN_PER_CLASS = 5  # a class with fewer cannot be spread over train, validation and test
 

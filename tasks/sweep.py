@@ -20,15 +20,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.keras_models import keras_model_from_bytes
-from storage.store import ArtifactRef, ArtifactStore
-from storage.tables import TensorTable, read_parquet, write_parquet_bytes
-from tasks.artifacts import CalibrationSet, FloatOutputs, SampledDataset, StageOutput, TrainedModel
-from tasks.caching import StageCachePolicy
-from tasks.convert import convert_float, quantize, stored_calibration_batches
-from tasks.errors import PtqflowError
-from tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
-from tasks.validate import (
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_bytes
+from ptqflow.tasks.artifacts import CalibrationSet, FloatOutputs, SampledDataset, StageOutput, TrainedModel
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
+from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
+from ptqflow.tasks.validate import (
     accuracy,
     audit_tensor_types,
     model_metrics,
@@ -62,30 +62,58 @@ def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> 
     base = base_calibration_size
     rows: list[tuple[str, str, dict[str, Any], int | None]] = [
         ("int8", "full int8, int8 I/O", {}, base),
-        *[(f"int8-cal{n}", "full int8, int8 I/O", {}, n)
-          for n in sorted(set(calibration_sizes)) if n != base],
+        *[(f"int8-cal{n}", "full int8, int8 I/O", {}, n) for n in sorted(set(calibration_sizes)) if n != base],
         ("int8-uint8-io", "full int8, uint8 I/O", {"input_type": u8, "output_type": u8}, base),
         ("int8-float-io", "full int8, float32 I/O", {"input_type": f32, "output_type": f32}, base),
         ("int8-per-tensor", "full int8, per-tensor weight scales", {"per_channel": False}, base),
         ("int8-fallback", "int8, float fallback (TFLITE_BUILTINS)", {"ops": builtins}, base),
-        ("int8-fallback-float-io", "int8, float fallback, float32 I/O",
-         {"ops": builtins, "input_type": f32, "output_type": f32}, base),
-        ("int16x8", "int16 activations, int8 weights, float32 I/O",
-         {"scheme": int16x8, "input_type": f32, "output_type": f32}, base),
-        ("int16x8-int16-io", "int16 activations, int8 weights, int16 I/O",
-         {"scheme": int16x8, "input_type": i16, "output_type": i16}, base),
-        ("int16x8-per-tensor", "int16x8, per-tensor weight scales",
-         {"scheme": int16x8, "input_type": f32, "output_type": f32, "per_channel": False}, base),
-        ("dynamic-range", "int8 weights, float activations",
-         {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32}, None),
-        ("dynamic-range-per-tensor", "dynamic range, per-tensor weight scales",
-         {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32, "per_channel": False}, None),
-        ("float16", "float16 weights",
-         {"scheme": QuantizationScheme.float16, "ops": builtins, "input_type": f32, "output_type": f32}, None),
+        (
+            "int8-fallback-float-io",
+            "int8, float fallback, float32 I/O",
+            {"ops": builtins, "input_type": f32, "output_type": f32},
+            base,
+        ),
+        (
+            "int16x8",
+            "int16 activations, int8 weights, float32 I/O",
+            {"scheme": int16x8, "input_type": f32, "output_type": f32},
+            base,
+        ),
+        (
+            "int16x8-int16-io",
+            "int16 activations, int8 weights, int16 I/O",
+            {"scheme": int16x8, "input_type": i16, "output_type": i16},
+            base,
+        ),
+        (
+            "int16x8-per-tensor",
+            "int16x8, per-tensor weight scales",
+            {"scheme": int16x8, "input_type": f32, "output_type": f32, "per_channel": False},
+            base,
+        ),
+        (
+            "dynamic-range",
+            "int8 weights, float activations",
+            {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32},
+            None,
+        ),
+        (
+            "dynamic-range-per-tensor",
+            "dynamic range, per-tensor weight scales",
+            {"scheme": dynamic, "ops": builtins, "input_type": f32, "output_type": f32, "per_channel": False},
+            None,
+        ),
+        (
+            "float16",
+            "float16 weights",
+            {"scheme": QuantizationScheme.float16, "ops": builtins, "input_type": f32, "output_type": f32},
+            None,
+        ),
     ]
     return [
-        SweepConfiguration(name=name, description=description, conversion=ConversionParameters(**options),
-                           calibration_size=size)
+        SweepConfiguration(
+            name=name, description=description, conversion=ConversionParameters(**options), calibration_size=size
+        )
         for name, description, options, size in rows
     ]
 
@@ -128,8 +156,8 @@ class ConfigurationMetrics(StageOutput):
     num_threads: int
     measured_on: str = Field(description="Host and process that measured it: latency belongs to that machine.")
     rerun_max_difference: float | None = Field(
-        None, description="Largest output difference between two identical runs on the first test batch; 0 when "
-        "repeatable."
+        None,
+        description="Largest output difference between two identical runs on the first test batch; 0 when repeatable.",
     )
     full_integer: bool
     float_tensors: int
@@ -139,21 +167,38 @@ class ConfigurationMetrics(StageOutput):
 
 
 def configuration_metrics(
-    reference: np.ndarray, model_bytes: bytes, features: np.ndarray, labels: np.ndarray, batch_size: int,
-    num_threads: int, class_names: list[str],
+    reference: np.ndarray,
+    model_bytes: bytes,
+    features: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    num_threads: int,
+    class_names: list[str],
 ) -> dict[str, Any]:
     """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``;
     ``reference`` is the float Keras model's outputs on ``features``."""
     audit = audit_tensor_types(model_bytes)
     common = {
-        "bytes": len(model_bytes), "num_threads": num_threads, "full_integer": audit.full_integer,
-        "float_tensors": len(audit.float_tensors), "input_type": audit.input_type, "output_type": audit.output_type,
-        "ops": audit.ops, "float_accuracy": accuracy(reference, labels),
+        "bytes": len(model_bytes),
+        "num_threads": num_threads,
+        "full_integer": audit.full_integer,
+        "float_tensors": len(audit.float_tensors),
+        "input_type": audit.input_type,
+        "output_type": audit.output_type,
+        "ops": audit.ops,
+        "float_accuracy": accuracy(reference, labels),
     }
     if audit.flex_ops:
         return {
-            **common, "validated": False, "accuracy": None, "accuracy_drop_pp": None, "agreement": None,
-            "output_sqnr_db": None, "latency_p50_ms": None, "latency_p95_ms": None, "throughput_per_s": None,
+            **common,
+            "validated": False,
+            "accuracy": None,
+            "accuracy_drop_pp": None,
+            "agreement": None,
+            "output_sqnr_db": None,
+            "latency_p50_ms": None,
+            "latency_p95_ms": None,
+            "throughput_per_s": None,
             "not_validated_reason": f"TensorFlow (Flex) ops {', '.join(audit.flex_ops)} cannot run in the LiteRT "
             "Interpreter",
         }
@@ -190,7 +235,8 @@ def quantize_configuration(
 
     batches = (
         stored_calibration_batches(store, calibration, params.calibration_batch_size, "quantize_configuration")
-        if calibration is not None else no_batches
+        if calibration is not None
+        else no_batches
     )
     started = time.perf_counter()
     model_bytes = quantize(model, batches, params)
@@ -224,7 +270,11 @@ def predict_float_outputs(
 
 @task(name="evaluate_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
 def evaluate_configuration(
-    store_url: str, dataset: SampledDataset, reference: FloatOutputs, candidate: CandidateModel, batch_size: int,
+    store_url: str,
+    dataset: SampledDataset,
+    reference: FloatOutputs,
+    candidate: CandidateModel,
+    batch_size: int,
     num_threads: int,
 ) -> ConfigurationMetrics:
     store = ArtifactStore(store_url)
@@ -233,12 +283,19 @@ def evaluate_configuration(
     with store.open(reference.outputs) as f:
         float_outputs = read_parquet(f).features
     metrics = configuration_metrics(
-        float_outputs, store.read_bytes(candidate.model), test.features, test.labels, batch_size, num_threads,
+        float_outputs,
+        store.read_bytes(candidate.model),
+        test.features,
+        test.labels,
+        batch_size,
+        num_threads,
         list(dataset.spec.class_names),
     )
     return ConfigurationMetrics(
-        model=candidate.model, conversion_seconds=candidate.conversion_seconds,
-        measured_on=f"{socket.gethostname()} pid {os.getpid()}", **metrics,
+        model=candidate.model,
+        conversion_seconds=candidate.conversion_seconds,
+        measured_on=f"{socket.gethostname()} pid {os.getpid()}",
+        **metrics,
     )
 
 
@@ -261,20 +318,35 @@ class SweepRow(BaseModel):
     rank: int | None = None
 
 
-def configuration_row(configuration: SweepConfiguration, metrics: ConfigurationMetrics | None,
-                      error: str | None = None) -> SweepRow:
+def configuration_row(
+    configuration: SweepConfiguration, metrics: ConfigurationMetrics | None, error: str | None = None
+) -> SweepRow:
     c = configuration.conversion
     return SweepRow(
-        name=configuration.name, description=configuration.description, scheme=c.scheme.value, ops=c.ops.value,
-        input_type=c.input_type.value, output_type=c.output_type.value, per_channel=c.per_channel,
-        calibration_size=configuration.calibration_size, metrics=metrics, error=error,
+        name=configuration.name,
+        description=configuration.description,
+        scheme=c.scheme.value,
+        ops=c.ops.value,
+        input_type=c.input_type.value,
+        output_type=c.output_type.value,
+        per_channel=c.per_channel,
+        calibration_size=configuration.calibration_size,
+        metrics=metrics,
+        error=error,
     )
 
 
 def reference_row(metrics: ConfigurationMetrics) -> SweepRow:
     return SweepRow(
-        name=FLOAT_REFERENCE, description="float .tflite, no optimizations (reference)", scheme=None, ops=None,
-        input_type="float32", output_type="float32", per_channel=None, calibration_size=None, reference=True,
+        name=FLOAT_REFERENCE,
+        description="float .tflite, no optimizations (reference)",
+        scheme=None,
+        ops=None,
+        input_type="float32",
+        output_type="float32",
+        per_channel=None,
+        calibration_size=None,
+        reference=True,
         metrics=metrics,
     )
 
@@ -288,8 +360,9 @@ def judge(row: SweepRow, max_accuracy_drop: float, require_full_integer: bool) -
     elif m is None or not m.validated or m.accuracy_drop_pp is None:
         verdict = f"not validated: {m.not_validated_reason if m else 'no metrics'}"
     elif m.rerun_max_difference:
-        verdict = (f"not repeatable: outputs differ by up to {m.rerun_max_difference:.3g} between two runs on the same "
-                   "input")
+        verdict = (
+            f"not repeatable: outputs differ by up to {m.rerun_max_difference:.3g} between two runs on the same input"
+        )
     elif m.accuracy_drop_pp > max_accuracy_drop:
         verdict = f"drop {m.accuracy_drop_pp:.2f} pp > {max_accuracy_drop} pp"
     elif require_full_integer and not m.full_integer:
@@ -306,8 +379,11 @@ def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:
     size = m.bytes if m else float("inf")
     latency = m.latency_p50_ms if m and m.latency_p50_ms is not None else float("inf")
     drop = m.accuracy_drop_pp if m and m.accuracy_drop_pp is not None else float("inf")
-    order = {RankBy.size: (size, latency, drop), RankBy.latency: (latency, size, drop),
-             RankBy.accuracy: (drop, size, latency)}[rank_by]
+    order = {
+        RankBy.size: (size, latency, drop),
+        RankBy.latency: (latency, size, drop),
+        RankBy.accuracy: (drop, size, latency),
+    }[rank_by]
     return (*order, row.name)
 
 
@@ -319,8 +395,19 @@ def rank(rows: Sequence[SweepRow], rank_by: RankBy) -> list[SweepRow]:
     return [r.model_copy(update={"rank": i}) for i, r in enumerate(passing, 1)] + rest
 
 
-TABLE_HEADER = ["rank", "configuration", "accuracy", "drop pp", "size", "x smaller", "p50 ms", "full int", "I/O",
-                "convert s", "verdict"]
+TABLE_HEADER = [
+    "rank",
+    "configuration",
+    "accuracy",
+    "drop pp",
+    "size",
+    "x smaller",
+    "p50 ms",
+    "full int",
+    "I/O",
+    "convert s",
+    "verdict",
+]
 
 
 def table_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
@@ -329,20 +416,25 @@ def table_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
     for r in rows:
         m = r.metrics
         smaller = f"{reference.bytes / m.bytes:.2f}" if m and reference else ""
-        lines.append([
-            str(r.rank or ""), r.name,
-            f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
-            f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
-            f"{m.bytes:,} B" if m else "—", smaller,
-            f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
-            ("yes" if m.full_integer else "no") if m else "—",
-            f"{r.input_type}/{r.output_type}", f"{m.conversion_seconds:.2f}" if m else "—", r.verdict,
-        ])
+        lines.append(
+            [
+                str(r.rank or ""),
+                r.name,
+                f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
+                f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
+                f"{m.bytes:,} B" if m else "—",
+                smaller,
+                f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
+                ("yes" if m.full_integer else "no") if m else "—",
+                f"{r.input_type}/{r.output_type}",
+                f"{m.conversion_seconds:.2f}" if m else "—",
+                r.verdict,
+            ]
+        )
     return lines
 
 
-def render_sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float,
-                          best: str | None) -> str:
+def render_sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float, best: str | None) -> str:
     lines = [
         "# ptqflow quantization sweep",
         "",
@@ -371,14 +463,22 @@ def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
     for r in measured:
         colour = "#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52"
         scatter.scatter(r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp, color=colour, s=40)
-        scatter.annotate(r.name, (r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp), fontsize=7,
-                         xytext=(4, 3), textcoords="offset points")
+        scatter.annotate(
+            r.name,
+            (r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     scatter.set_xlabel("model size (KiB)")
     scatter.set_ylabel("accuracy drop from float (pp)")
     scatter.set_title("size vs accuracy (green: passes the gate)")
     timed = [r for r in measured if r.metrics.latency_p50_ms is not None]
-    bars.barh([r.name for r in timed][::-1], [r.metrics.latency_p50_ms for r in timed][::-1],
-              color=["#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52" for r in timed][::-1])
+    bars.barh(
+        [r.name for r in timed][::-1],
+        [r.metrics.latency_p50_ms for r in timed][::-1],
+        color=["#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52" for r in timed][::-1],
+    )
     bars.set_xlabel("latency at batch 1, p50 (ms)")
     bars.set_title("latency")
     figure.tight_layout()

@@ -14,16 +14,16 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
-from storage.store import ArtifactStore, StoreError, filesystem_for
-from storage.tables import TensorTable, read_parquet
-from tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
-from tasks.caching import StageCachePolicy
-from tasks.datasets import files_fingerprint
-from tasks.errors import InvalidModel
-from tasks.limits import check_model_size
-from tasks.parameters import TrainingParameters
-from tasks.progress import report
+from ptqflow.storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+from ptqflow.storage.store import ArtifactStore, StoreError, filesystem_for
+from ptqflow.storage.tables import TensorTable, read_parquet
+from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.datasets import files_fingerprint
+from ptqflow.tasks.errors import InvalidModel
+from ptqflow.tasks.limits import check_model_size
+from ptqflow.tasks.parameters import TrainingParameters
+from ptqflow.tasks.progress import report
 
 if TYPE_CHECKING:
     import keras
@@ -201,7 +201,8 @@ def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str)
     """Raise InvalidModel unless ``model`` takes the samples' shape and has one output per class."""
     if tuple(model.input_shape[1:]) != tuple(spec.shape):
         raise InvalidModel(
-            f"{what} for input shape {list(model.input_shape[1:])}, but the samples have shape {list(spec.shape)}: {fix}"
+            f"{what} for input shape {list(model.input_shape[1:])}, "
+            f"but the samples have shape {list(spec.shape)}: {fix}"
         )
     if model.output_shape[-1] != spec.n_classes:
         raise InvalidModel(f"{what} with {model.output_shape[-1]} outputs for {spec.n_classes} classes: {fix}")
@@ -282,8 +283,12 @@ def train_float_model(
         validation = read_parquet(f)
     if params.model_url:
         data, model = load_trained_model(params.model_url, dataset.spec)
-        accuracy = float((np.asarray(model.predict(validation.features.astype(np.float32), verbose=0)).argmax(1)
-                          == validation.labels).mean())
+        accuracy = float(
+            (
+                np.asarray(model.predict(validation.features.astype(np.float32), verbose=0)).argmax(1)
+                == validation.labels
+            ).mean()
+        )
         ref = store.put_bytes(data, ".keras")
         get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
         return TrainedModel(model=ref, epochs_run=0, best_epoch=0, validation_accuracy=accuracy)
@@ -293,7 +298,9 @@ def train_float_model(
     ref = store.put_bytes(keras_model_to_bytes(model), ".keras")
     get_run_logger().info(
         "trained %d epochs (best %d), validation accuracy %.4f",
-        outcome.epochs_run, outcome.best_epoch, outcome.validation_accuracy,
+        outcome.epochs_run,
+        outcome.best_epoch,
+        outcome.validation_accuracy,
     )
     return TrainedModel(
         model=ref,

@@ -18,10 +18,10 @@ import numpy as np
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from storage.keras_models import keras_model_from_bytes
-from storage.store import ArtifactStore
-from storage.tables import read_parquet
-from tasks.artifacts import (
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import read_parquet
+from ptqflow.tasks.artifacts import (
     CalibrationSet,
     ConvertedModels,
     FloatOutputs,
@@ -31,11 +31,11 @@ from tasks.artifacts import (
     ValidationResult,
     WorstLayer,
 )
-from tasks.caching import StageCachePolicy
-from tasks.diagnose import LayerError, layer_errors
-from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, ValidationParameters
-from tasks.progress import report
-from tasks.report import REPORT_VERSION, render_html, render_markdown
+from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.diagnose import LayerError, layer_errors
+from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, ValidationParameters
+from ptqflow.tasks.progress import report
+from ptqflow.tasks.report import REPORT_VERSION, render_html, render_markdown
 
 if TYPE_CHECKING:
     import keras
@@ -182,8 +182,11 @@ def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
 
 def _percentiles(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000
-    return {"p50": round(float(np.percentile(ms, 50)), 4), "p95": round(float(np.percentile(ms, 95)), 4),
-            "runs": len(ms)}
+    return {
+        "p50": round(float(np.percentile(ms, 50)), 4),
+        "p95": round(float(np.percentile(ms, 95)), 4),
+        "runs": len(ms),
+    }
 
 
 def _timed(call: Callable[[], object], budget_seconds: float, most: int, least: int = 10) -> list[float]:
@@ -198,8 +201,9 @@ def _timed(call: Callable[[], object], budget_seconds: float, most: int, least: 
     return times
 
 
-def rerun_max_difference(model_bytes: bytes, features: np.ndarray, outputs: np.ndarray, batch_size: int,
-                         num_threads: int | None) -> float:
+def rerun_max_difference(
+    model_bytes: bytes, features: np.ndarray, outputs: np.ndarray, batch_size: int, num_threads: int | None
+) -> float:
     """The largest difference between ``outputs`` and a second run on the first batch of ``features``: some
     LiteRT kernels give different outputs for the same input from one invoke to the next (measured: MobileNetV2
     under dynamic range with per-tensor weights, on every op resolver), and such a model is not one to ship."""
@@ -207,8 +211,9 @@ def rerun_max_difference(model_bytes: bytes, features: np.ndarray, outputs: np.n
     return float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0
 
 
-def tflite_speed(model_bytes: bytes, features: np.ndarray, batch_size: int, num_threads: int,
-                 budget_seconds: float = 1.0) -> dict:
+def tflite_speed(
+    model_bytes: bytes, features: np.ndarray, batch_size: int, num_threads: int, budget_seconds: float = 1.0
+) -> dict:
     """Latency at batch 1 (p50, p95) and throughput at ``batch_size``, on this machine, with ``num_threads``."""
     interpreter = make_interpreter(model_bytes, num_threads)
     inp = interpreter.get_input_details()[0]
@@ -227,8 +232,11 @@ def tflite_speed(model_bytes: bytes, features: np.ndarray, batch_size: int, num_
     batch = min(batch_size, len(features)) if batch_dynamic else int(inp["shape"][0])
     prepared(batch)
     per_batch = _timed(interpreter.invoke, budget_seconds, most=50, least=3)
-    return {"latency_ms": latency, "throughput_per_s": round(batch / float(np.median(per_batch)), 1),
-            "throughput_batch": batch}
+    return {
+        "latency_ms": latency,
+        "throughput_per_s": round(batch / float(np.median(per_batch)), 1),
+        "throughput_batch": batch,
+    }
 
 
 def keras_speed(model: keras.Model, features: np.ndarray, batch_size: int, budget_seconds: float = 1.0) -> dict:
@@ -236,8 +244,11 @@ def keras_speed(model: keras.Model, features: np.ndarray, batch_size: int, budge
     batch = features[:batch_size].astype(np.float32)
     latency = _percentiles(_timed(lambda: model(one, training=False), budget_seconds, most=500))
     per_batch = _timed(lambda: model(batch, training=False), budget_seconds, most=50, least=3)
-    return {"latency_ms": latency, "throughput_per_s": round(len(batch) / float(np.median(per_batch)), 1),
-            "throughput_batch": len(batch)}
+    return {
+        "latency_ms": latency,
+        "throughput_per_s": round(len(batch) / float(np.median(per_batch)), 1),
+        "throughput_batch": len(batch),
+    }
 
 
 def model_metrics(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
@@ -266,10 +277,16 @@ def _audit_json(audit: TensorTypeAudit) -> dict:
         "flex_ops": list(audit.flex_ops),
         "dtypes": audit.dtypes,
         "ops": list(audit.ops),
-        "input": {"dtype": audit.input_type, "scale": audit.input_quantization[0],
-                  "zero_point": audit.input_quantization[1]},
-        "output": {"dtype": audit.output_type, "scale": audit.output_quantization[0],
-                   "zero_point": audit.output_quantization[1]},
+        "input": {
+            "dtype": audit.input_type,
+            "scale": audit.input_quantization[0],
+            "zero_point": audit.input_quantization[1],
+        },
+        "output": {
+            "dtype": audit.output_type,
+            "scale": audit.output_quantization[0],
+            "zero_point": audit.output_quantization[1],
+        },
     }
 
 
@@ -289,8 +306,11 @@ def evaluate_models(
 
     A model with TensorFlow (Flex) ops cannot run in the Python LiteRT Interpreter: it is reported as not
     validated, with its audit, never as a pass."""
+
     def progress(model_name):
-        return lambda done: report("validate_with_interpreter", f"{model_name}: {done}/{len(features)} samples", done, len(features))
+        return lambda done: report(
+            "validate_with_interpreter", f"{model_name}: {done}/{len(features)} samples", done, len(features)
+        )
 
     names = class_names or [str(i) for i in range(int(labels.max()) + 1)]
     num_threads = params.num_threads or os.cpu_count() or 1
@@ -317,7 +337,10 @@ def evaluate_models(
                 f"the model uses TensorFlow (Flex) ops ({', '.join(flex)}), which the Python LiteRT Interpreter "
                 "cannot run: validate it on a runtime linked with the Flex delegate, or replace those ops"
             ),
-            "tflite_float_accuracy": None, "quantized_accuracy": None, "accuracy_drop_pp": None, "agreement": None,
+            "tflite_float_accuracy": None,
+            "quantized_accuracy": None,
+            "accuracy_drop_pp": None,
+            "agreement": None,
             "rerun_max_difference": None,
             "models": {"float_keras": {**model_metrics(keras_out, keras_out, labels, names), "bytes": None}},
         }
@@ -355,6 +378,7 @@ def per_layer_errors(
     keras_model: keras.Model, calibration: np.ndarray, options: ConversionParameters, batch_size: int
 ) -> tuple[list[LayerError], str | None]:
     """The debugger's per-layer figures for this conversion, or why there are none."""
+
     def batches():
         for start in range(0, len(calibration), batch_size):
             yield calibration[start : start + batch_size]
@@ -434,7 +458,9 @@ def validate_with_interpreter(
     if metrics["validated"]:
         logger.info(
             "float %.4f, quantized %.4f (drop %.2f pp), full integer: %s",
-            metrics["float_accuracy"], metrics["quantized_accuracy"], metrics["accuracy_drop_pp"],
+            metrics["float_accuracy"],
+            metrics["quantized_accuracy"],
+            metrics["accuracy_drop_pp"],
             metrics["audit"]["full_integer"],
         )
     else:
@@ -451,14 +477,30 @@ def validate_with_interpreter(
             WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
             for layer in layers[:5]
         ),
-        **{k: metrics[k] for k in (
-            "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
-            "float_bytes", "quantized_bytes", "rerun_max_difference")},
+        **{
+            k: metrics[k]
+            for k in (
+                "float_accuracy",
+                "tflite_float_accuracy",
+                "quantized_accuracy",
+                "accuracy_drop_pp",
+                "agreement",
+                "float_bytes",
+                "quantized_bytes",
+                "rerun_max_difference",
+            )
+        },
     )
 
 
-def repair_cost(repair: RepairResult, store: ArtifactStore, features: np.ndarray, labels: np.ndarray,
-                params: ValidationParameters, metrics: dict) -> dict:
+def repair_cost(
+    repair: RepairResult,
+    store: ArtifactStore,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: ValidationParameters,
+    metrics: dict,
+) -> dict:
     """What keeping layers in float cost: size and latency of the repaired model against the fully quantized one."""
     num_threads = params.num_threads or os.cpu_count() or 1
     unrepaired = store.read_bytes(repair.unrepaired)
@@ -504,12 +546,19 @@ def check_accuracy_gate(
     it); after a repair, say what stayed float."""
     if not result.validated or result.accuracy_drop_pp is None:
         return GateResult(
-            name="accuracy_drop", status="not_validated", passed=False, observed_drop_pp=None,
-            max_drop_pp=max_accuracy_drop, message=f"not validated: {result.not_validated_reason}",
+            name="accuracy_drop",
+            status="not_validated",
+            passed=False,
+            observed_drop_pp=None,
+            max_drop_pp=max_accuracy_drop,
+            message=f"not validated: {result.not_validated_reason}",
         )
     if result.rerun_max_difference:
         return GateResult(
-            name="repeatable", status="failed", passed=False, observed_drop_pp=result.accuracy_drop_pp,
+            name="repeatable",
+            status="failed",
+            passed=False,
+            observed_drop_pp=result.accuracy_drop_pp,
             max_drop_pp=max_accuracy_drop,
             message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
             "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
@@ -522,7 +571,9 @@ def check_accuracy_gate(
     )
     repaired = repair is not None and repair.succeeded
     if passed:
-        message = f"accuracy gate passed{' after repair' if repaired else ''}: {observed}, within {max_accuracy_drop} pp"
+        message = (
+            f"accuracy gate passed{' after repair' if repaired else ''}: {observed}, within {max_accuracy_drop} pp"
+        )
         if repaired:
             message += f"; kept in float: {', '.join(repair.float_layers)}"
     else:

@@ -76,7 +76,10 @@ def prefect_server(tmp_path_factory):
     log = open(home / "server.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
     server = subprocess.Popen(
         [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     while True:
@@ -119,9 +122,9 @@ TEST_SEED = int(os.environ.get("PTQFLOW_TEST_SEED", "0"))
 
 @pytest.fixture(scope="session")
 def digits_splits():
-    from tasks.datasets import load_dataset
-    from tasks.parameters import SamplingParameters
-    from tasks.sample import feature_spec, split_dataset
+    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.parameters import SamplingParameters
+    from ptqflow.tasks.sample import feature_spec, split_dataset
 
     table = load_dataset("digits")
     return feature_spec(table), split_dataset(table, SamplingParameters(), seed=TEST_SEED)
@@ -130,11 +133,13 @@ def digits_splits():
 @pytest.fixture(scope="session")
 def trained_digits_model(digits_splits):
     """The default CNN trained briefly on digits (pure stage functions, no Prefect)."""
-    from tasks.parameters import TrainingParameters
-    from tasks.train import fit_default_model
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import fit_default_model
 
     spec, splits = digits_splits
-    model, _ = fit_default_model(spec, splits["train"], splits["validation"], TrainingParameters(epochs=8), seed=TEST_SEED)
+    model, _ = fit_default_model(
+        spec, splits["train"], splits["validation"], TrainingParameters(epochs=8), seed=TEST_SEED
+    )
     return model
 
 
@@ -148,7 +153,7 @@ def write_outlier_model(model, path) -> None:
     since ``dense``'s output range is taken by the constant and its other units round to zero. The head's weights
     keep their per-channel ranges (a zero row quantizes exactly), so no other layer is hurt: the per-layer
     debugger must rank ``dense`` first by a wide margin on any processor."""
-    from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+    from ptqflow.storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
 
     copy = keras_model_from_bytes(keras_model_to_bytes(model))
     dense, head = copy.get_layer("dense"), copy.get_layer("probabilities")

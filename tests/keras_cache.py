@@ -29,8 +29,13 @@ def write_mnist(datasets_dir: Path, n_train: int = 300, n_test: int = 100) -> tu
     labels = (np.arange(n_train + n_test) % 10).astype(np.uint8)
     images = images_by_class(labels, (28, 28))
     datasets_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(datasets_dir / "mnist.npz", x_train=images[:n_train], y_train=labels[:n_train],
-             x_test=images[n_train:], y_test=labels[n_train:])
+    np.savez(
+        datasets_dir / "mnist.npz",
+        x_train=images[:n_train],
+        y_train=labels[:n_train],
+        x_test=images[n_train:],
+        y_test=labels[n_train:],
+    )
     return images, labels
 
 
@@ -43,9 +48,11 @@ def write_fashion_mnist(datasets_dir: Path, n_train: int = 300, n_test: int = 10
     for part, rows in (("train", slice(0, n_train)), ("t10k", slice(n_train, None))):
         count = len(labels[rows])
         (folder / f"{part}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">II", 2049, count) + labels[rows].tobytes()))
+            gzip.compress(struct.pack(">II", 2049, count) + labels[rows].tobytes())
+        )
         (folder / f"{part}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">IIII", 2051, count, 28, 28) + images[rows].tobytes()))
+            gzip.compress(struct.pack(">IIII", 2051, count, 28, 28) + images[rows].tobytes())
+        )
     return images, labels
 
 

@@ -18,7 +18,14 @@ class _Marker:
 def planted_pickle_record(marker_path: str) -> bytes:
     payload = base64.b64encode(pickle.dumps(_Marker(marker_path))).decode()
     return json.dumps(
-        {"metadata": {"storage_key": "x", "expiration": None, "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
-                      "prefect_version": "3", "storage_block_id": None},
-         "result": payload}
+        {
+            "metadata": {
+                "storage_key": "x",
+                "expiration": None,
+                "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
+                "prefect_version": "3",
+                "storage_block_id": None,
+            },
+            "result": payload,
+        }
     ).encode()

@@ -1,4 +1,4 @@
-"""The README's Performance table is generated from benchmarks/results.json; the two must agree."""
+"""docs/performance.md's table is generated from benchmarks/results.json; the two must agree."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ RESULTS = ROOT / "benchmarks" / "results.json"
 def test_readme_table_is_the_one_results_json_generates():
     if not RESULTS.exists():
         pytest.fail("benchmarks/results.json is missing: run `python -m benchmarks` and commit its output")
-    assert table_in_readme(ROOT / "README.md") == render_table(load(RESULTS))
+    assert table_in_readme(ROOT / "docs" / "performance.md") == render_table(load(RESULTS))
 
 
 def test_every_result_reports_both_figures_and_the_machine():

@@ -14,8 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import free_port, ptqflow_executable, start_cli
 from pickle_probe import planted_pickle_record
+
+from conftest import free_port, ptqflow_executable, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +115,9 @@ def test_kill_9_of_a_run_holding_the_lock_never_blocks_the_next_run_without_a_se
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
     command = [ptqflow_executable(), "run", "--store", str(store), *FAST, "--verbose"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         lines = wait_for_line(process, f"{killed_in}: starting")
         time.sleep({"train_float_model": 1.5, "convert_to_tflite": 0.5}.get(killed_in, 0.05))
@@ -136,7 +138,7 @@ def test_kill_9_of_a_run_holding_the_lock_never_blocks_the_next_run_without_a_se
 def test_kill_9_of_a_run_holding_the_lock_on_a_prefect_server_frees_it_after_the_lease(prefect_server, tmp_path):
     """With a server, the killed holder's lease lapses (LEASE_SECONDS) and the server's lease service (every 15 s)
     frees the slot: the next run holds the lock within that bound plus its own start-up."""
-    from flows.locks import LEASE_SECONDS
+    from ptqflow.flows.locks import LEASE_SECONDS
 
     store = tmp_path / "store"
     process = start_cli(prefect_server, "run", "--store", str(store), *FAST, "--verbose")
@@ -163,8 +165,11 @@ def test_the_next_run_holding_the_lock_sweeps_what_killed_writers_left(cli, tmp_
     first = run_json(cli, "--store", str(store), "--export", str(export), *FAST)
     # What a writer killed between its write and its rename leaves: <name>.tmp-<uuid> beside the final name.
     blob = Path(first["artifacts"]["model"]["uri"].removeprefix("file://"))
-    leftovers = [blob.with_name(blob.name + ".tmp-5e1f"), store / "runs" / f"{first['run_id'][:8]}0.json.tmp-77aa",
-                 export / "versions" / f"{first['export']['version']}" / "model.tflite.tmp-0b0b"]
+    leftovers = [
+        blob.with_name(blob.name + ".tmp-5e1f"),
+        store / "runs" / f"{first['run_id'][:8]}0.json.tmp-77aa",
+        export / "versions" / f"{first['export']['version']}" / "model.tflite.tmp-0b0b",
+    ]
     young = store / "runs" / "ffffffff.json.tmp-c0de"  # a live writer's, for all this run knows
     for path in [*leftovers, young]:
         path.write_bytes(b"half a file")
@@ -209,7 +214,7 @@ def test_a_planted_pickle_in_the_result_storage_is_never_run(cli, tmp_path):
     store = tmp_path / "store"
     run_json(cli, "--store", str(store), *FAST)
     marker = tmp_path / "pwned"
-    [record] = (store / "prefect-results").glob("tasks.sample-*")
+    [record] = (store / "prefect-results").glob("ptqflow.tasks.sample-*")
     record.write_bytes(planted_pickle_record(str(marker)))
 
     rerun = run_json(cli, "--store", str(store), *FAST)
@@ -226,14 +231,19 @@ def plant_json_records(read, write, results: str, marker: Path, probe_dir: Path)
     """Replace three stages' cache records with JSON records that would run code if Prefect honoured them:
     a custom object_decoder (a shell command), a custom object_encoder, and a payload naming a class whose module
     creates ``marker`` when imported (from ``probe_dir``, on the rerun's PYTHONPATH)."""
-    from storage.results import EXPECTED_SERIALIZER
+    from ptqflow.storage.results import EXPECTED_SERIALIZER
 
     (probe_dir / "ptqflow_planted_probe.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Anything: ...\n")
     planted = {
-        "tasks.sample": ({**EXPECTED_SERIALIZER, "object_decoder": "subprocess.getoutput"},
-                         json.dumps({f"touch {marker}": 0})),
-        "tasks.calibrate": ({**EXPECTED_SERIALIZER, "object_encoder": "subprocess.getoutput"}, None),
-        "tasks.train": (EXPECTED_SERIALIZER, json.dumps({"__class__": "ptqflow_planted_probe.Anything", "data": {}})),
+        "ptqflow.tasks.sample": (
+            {**EXPECTED_SERIALIZER, "object_decoder": "subprocess.getoutput"},
+            json.dumps({f"touch {marker}": 0}),
+        ),
+        "ptqflow.tasks.calibrate": ({**EXPECTED_SERIALIZER, "object_encoder": "subprocess.getoutput"}, None),
+        "ptqflow.tasks.train": (
+            EXPECTED_SERIALIZER,
+            json.dumps({"__class__": "ptqflow_planted_probe.Anything", "data": {}}),
+        ),
     }
     files = {}
     for prefix, (serializer, result) in planted.items():
@@ -265,9 +275,12 @@ def test_planted_json_records_in_a_local_store_run_nothing_and_are_reported(cli,
     def read(path: str, whole: bool = False):
         return Path(path).read_text() if whole else [str(p) for p in Path(path).iterdir()]
 
-    files = plant_json_records(read, lambda path, data: Path(path).write_bytes(data),
-                               str(store / "prefect-results"), marker, tmp_path)
-    rerun = cli("run", "--store", str(store), *FAST, "--json", "--verbose", env={"PYTHONPATH": on_python_path(tmp_path)})
+    files = plant_json_records(
+        read, lambda path, data: Path(path).write_bytes(data), str(store / "prefect-results"), marker, tmp_path
+    )
+    rerun = cli(
+        "run", "--store", str(store), *FAST, "--json", "--verbose", env={"PYTHONPATH": on_python_path(tmp_path)}
+    )
     assert_planted_records_ran_nothing(rerun, files, marker)
 
 
@@ -294,7 +307,7 @@ def test_two_identical_runs_at_once_take_turns_and_share_one_set_of_blobs(prefec
     store = tmp_path / "store"
     processes = [start_cli(prefect_server, "run", "--store", str(store), *FAST, "--json") for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
+    for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-4000:]
     first, second = (json.loads(stdout) for stdout, _ in outputs)
     assert first["run_id"] != second["run_id"]
@@ -321,10 +334,15 @@ def flaky_s3():
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "flaky", "AWS_SECRET_ACCESS_KEY": "flaky", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint,
-           # Botocore's own retries (standard AWS configuration) on top of the pipeline's: keep the test short.
-           "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "flaky",
+        "AWS_SECRET_ACCESS_KEY": "flaky",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        # Botocore's own retries (standard AWS configuration) on top of the pipeline's: keep the test short.
+        "AWS_MAX_ATTEMPTS": "2",
+        "AWS_RETRY_MODE": "standard",
+    }
     servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
     servers[0].start()
 

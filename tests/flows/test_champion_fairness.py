@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.tables import read_parquet, write_parquet_bytes
-from tasks.datasets import load_dataset
+from ptqflow.storage.tables import read_parquet, write_parquet_bytes
+from ptqflow.tasks.datasets import load_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,9 @@ def test_two_seeds_into_one_export_compare_only_on_rows_both_held_out_or_refuse(
     # Asked to decide on fewer rows, it does: on those rows only, never on rows the champion trained on.
     third = run(cli, "--store", store, "--export", export, "--seed", "1", "--min-comparison-rows", "20")
     assert third["promotion"]["compared_rows"] == decision["compared_rows"]
-    assert f"the {decision['compared_rows']} rows of this test split it never trained on" in third["promotion"]["message"]
+    assert (
+        f"the {decision['compared_rows']} rows of this test split it never trained on" in third["promotion"]["message"]
+    )
 
 
 def test_a_source_that_grows_is_compared_on_its_whole_test_split_which_the_champion_never_saw(cli, tmp_path):
@@ -55,8 +57,7 @@ def test_a_source_that_grows_is_compared_on_its_whole_test_split_which_the_champ
     champion = run(cli, "--dataset", str(source), "--store", store, "--export", export)
 
     source.write_bytes(write_parquet_bytes(digits))  # a night's new rows appended
-    challenger = run(cli, "--dataset", str(source), "--store", store, "--export", export,
-                     "--promotion-tolerance", "3")
+    challenger = run(cli, "--dataset", str(source), "--store", store, "--export", export, "--promotion-tolerance", "3")
     test = split_rows(challenger, "test")
     assert not test & split_rows(champion, "train") and not test & split_rows(champion, "validation")
     assert split_rows(champion, "test") <= test  # every old test row is still a test row

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 
 import pytest
+
 from conftest import ptqflow_executable, write_outlier_model
 
 pytestmark = pytest.mark.slow
@@ -15,8 +16,13 @@ pytestmark = pytest.mark.slow
 JSON_KEYS = {"run_id", "status", "artifacts", "metrics", "tasks"}
 ARTIFACTS = {"dataset", "model", "calibration", "tflite", "tflite_float", "report", "report_md", "report_html"}
 METRICS = {
-    "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
-    "float_bytes", "quantized_bytes",
+    "float_accuracy",
+    "tflite_float_accuracy",
+    "quantized_accuracy",
+    "accuracy_drop_pp",
+    "agreement",
+    "float_bytes",
+    "quantized_bytes",
 }
 
 
@@ -41,7 +47,7 @@ def test_json_output_is_one_object_with_the_documented_keys(first_run):
     assert METRICS <= result["metrics"].keys()
     assert all(set(t) == {"cached", "seconds", "cache_key"} for t in result["tasks"].values())
     # Every stage persists its result, so each names its cache record (what `ptqflow gc` keeps).
-    assert all(t["cache_key"].startswith("tasks.") for t in result["tasks"].values())
+    assert all(t["cache_key"].startswith("ptqflow.tasks.") for t in result["tasks"].values())
     assert result["artifacts"]["tflite"]["uri"].endswith(".tflite")
 
 
@@ -66,9 +72,9 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
 
 def digits_train_rows() -> int:
     """How many rows the CLI's default split (seed 0) puts in digits' training split."""
-    from tasks.datasets import load_dataset
-    from tasks.parameters import SamplingParameters
-    from tasks.sample import split_dataset
+    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.parameters import SamplingParameters
+    from ptqflow.tasks.sample import split_dataset
 
     return len(split_dataset(load_dataset("digits"), SamplingParameters(), seed=0)["train"])
 
@@ -103,8 +109,18 @@ def test_help_lists_the_options_with_defaults():
         [ptqflow_executable(), "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
     )
     assert result.returncode == 0
-    for option in ("--dataset", "--store", "--seed", "--epochs", "--calibration-size", "--input-type",
-                   "--output-type", "--ops", "--max-accuracy-drop", "--json"):
+    for option in (
+        "--dataset",
+        "--store",
+        "--seed",
+        "--epochs",
+        "--calibration-size",
+        "--input-type",
+        "--output-type",
+        "--ops",
+        "--max-accuracy-drop",
+        "--json",
+    ):
         assert option in result.stdout
     assert "[default: 200]" in result.stdout
 
@@ -138,7 +154,10 @@ def test_a_corrupt_manifest_is_named_with_the_fix(cli, tmp_path):
     runs = tmp_path / "store" / "runs"
     runs.mkdir(parents=True)
     (runs / "0badc0de-0000-4000-8000-000000000000.json").write_text('{"kind": "ptqflow.run_manifest", "run_id": ')
-    for command in (["runs", "--store", str(tmp_path / "store")], ["show", "0badc0de", "--store", str(tmp_path / "store")]):
+    for command in (
+        ["runs", "--store", str(tmp_path / "store")],
+        ["show", "0badc0de", "--store", str(tmp_path / "store")],
+    ):
         result = cli(*command)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "0badc0de-0000-4000-8000-000000000000.json is not a readable run manifest" in result.stderr

@@ -7,7 +7,7 @@ import sys
 
 
 def test_a_closing_worker_freezes_the_garbage_collector():
-    from flows.dask_worker import dask_teardown
+    from ptqflow.flows.dask_worker import dask_teardown
 
     before = gc.get_freeze_count()
     try:
@@ -18,13 +18,13 @@ def test_a_closing_worker_freezes_the_garbage_collector():
 
 
 def _preloaded() -> bool:
-    return "flows.dask_worker" in sys.modules
+    return "ptqflow.flows.dask_worker" in sys.modules
 
 
 def test_the_sweeps_local_cluster_workers_load_the_preload():
     from distributed import Client, LocalCluster
 
-    from flows.sweep import dask_task_runner
+    from ptqflow.flows.sweep import dask_task_runner
 
     kwargs = {**dask_task_runner(workers=2).cluster_kwargs, "dashboard_address": None}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import prefect_executable, ptqflow_executable, stop_process_group
 
 # Runs here train and convert under whatever load the machine has: deadlines are generous, and so is the limit.
@@ -60,13 +61,22 @@ def deployment_runs(client: httpx.Client, deployment: str) -> list[dict]:
 
 
 def manifests(store: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*.json"))] if (store / "runs").exists() else []
+    return (
+        [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*.json"))]
+        if (store / "runs").exists()
+        else []
+    )
 
 
 def serve(prefect_server: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    return subprocess.Popen([ptqflow_executable(), "serve", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [ptqflow_executable(), "serve", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +100,10 @@ def test_a_run_triggered_as_the_ui_does_completes_with_its_artifacts(prefect_ser
         assert response.status_code == 201, response.text
         run = wait_for_run(prefect_server, response.json()["id"])
         assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
-        keys = {a["key"] for a in client.post("/artifacts/filter", json={
-            "artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()}
+        keys = {
+            a["key"]
+            for a in client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        }
     assert {"ptq-summary", "ptq-report"} <= keys
     [manifest] = [m for m in manifests(store) if m["run_id"] == run["id"]]
     assert manifest["parameters"]["calibration"]["calibration_size"] == 150
@@ -103,13 +115,15 @@ def test_a_run_triggered_as_the_ui_does_completes_with_its_artifacts(prefect_ser
 def test_invalid_parameters_are_refused_when_the_run_is_triggered(prefect_server, served):
     deployment, _ = served
     with api(prefect_server) as client:
-        response = client.post(f"/deployments/{deployment}/create_flow_run",
-                               json={"parameters": {"calibration": {"calibration_size": -5}}})
+        response = client.post(
+            f"/deployments/{deployment}/create_flow_run", json={"parameters": {"calibration": {"calibration_size": -5}}}
+        )
         assert response.status_code == 409
         assert "calibration.calibration_size" in response.json()["detail"]
         assert "-5 is less than the minimum of 1" in response.json()["detail"]
-        response = client.post(f"/deployments/{deployment}/create_flow_run",
-                               json={"parameters": {"conversion": {"ops": "everything"}}})
+        response = client.post(
+            f"/deployments/{deployment}/create_flow_run", json={"parameters": {"conversion": {"ops": "everything"}}}
+        )
         assert response.status_code == 409 and "conversion.ops" in response.json()["detail"]
 
 
@@ -129,18 +143,25 @@ def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touchin
         cases = {
             "store": ({"store": str(outside / "store")}, "PTQFLOW_ALLOWED_ROOTS"),
             "export": ({"export": f"file://{outside}/export"}, "PTQFLOW_ALLOWED_ROOTS"),
-            "sampling.dataset": (section("sampling", dataset="https://example.invalid/data.parquet"),
-                                 "PTQFLOW_ALLOWED_ROOTS"),
-            "training.model_url": (section("training", model_url=str(outside / "model.keras")), "PTQFLOW_ALLOWED_ROOTS"),
+            "sampling.dataset": (
+                section("sampling", dataset="https://example.invalid/data.parquet"),
+                "PTQFLOW_ALLOWED_ROOTS",
+            ),
+            "training.model_url": (
+                section("training", model_url=str(outside / "model.keras")),
+                "PTQFLOW_ALLOWED_ROOTS",
+            ),
             "calibration.calibration_source": (
                 section("calibration", calibration_source=str(outside / "calibration.parquet")),
-                "PTQFLOW_ALLOWED_ROOTS"),
+                "PTQFLOW_ALLOWED_ROOTS",
+            ),
             "training.model": (section("training", model="os:system"), "PTQFLOW_ALLOWED_MODELS"),
         }
         created = {}
         for name, (changes, _) in cases.items():
-            response = client.post(f"/deployments/{deployment}/create_flow_run",
-                                   json={"parameters": {**defaults, **changes}})
+            response = client.post(
+                f"/deployments/{deployment}/create_flow_run", json={"parameters": {**defaults, **changes}}
+            )
             assert response.status_code == 201, response.text
             created[name] = response.json()["id"]
     for name, run_id in created.items():
@@ -172,7 +193,8 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
             page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}/run"))
             field = page.locator(
                 "xpath=//span[starts-with(normalize-space(.), 'Calibration Size')]"
-                "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]//input"
+                "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"
+                "//input"
             )
             expect(field).to_have_value("200", timeout=ui_deadline_ms)  # the form is loaded with the defaults
             field.fill("120")
@@ -215,8 +237,8 @@ def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(pr
     trained on (the whole new test split: a row's split never changes) and replaces it."""
     import numpy as np
 
-    from storage.tables import write_parquet_bytes
-    from tasks.datasets import load_dataset
+    from ptqflow.storage.tables import write_parquet_bytes
+    from ptqflow.tasks.datasets import load_dataset
 
     digits = load_dataset("digits")
     data, store, export = tmp_path / "data", tmp_path / "store", tmp_path / "export"
@@ -231,10 +253,30 @@ def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(pr
     log = tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([ptqflow_executable(), "serve", "--name", "every-20s", "--store", str(store),
-                                    "--dataset", str(data), "--export", str(export), "--epochs", "3",
-                                    "--promotion-tolerance", "3", "--interval", "20"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                ptqflow_executable(),
+                "serve",
+                "--name",
+                "every-20s",
+                "--store",
+                str(store),
+                "--dataset",
+                str(data),
+                "--export",
+                str(export),
+                "--epochs",
+                "3",
+                "--promotion-tolerance",
+                "3",
+                "--interval",
+                "20",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_for(condition, what: str) -> list[dict]:
         # A cold run trains, converts and validates: about a minute idle, several under a parallel CPU load.
@@ -242,17 +284,24 @@ def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(pr
         runs: list[dict] = []
         with api(prefect_server) as client:
             while time.monotonic() < deadline:
-                runs = client.post("/flow_runs/filter", json={
-                    "flow_runs": {"deployment_id": {"any_": [deployment]}},
-                    "sort": "EXPECTED_START_TIME_ASC", "limit": 50}).json()
+                runs = client.post(
+                    "/flow_runs/filter",
+                    json={
+                        "flow_runs": {"deployment_id": {"any_": [deployment]}},
+                        "sort": "EXPECTED_START_TIME_ASC",
+                        "limit": 50,
+                    },
+                ).json()
                 failed = [r for r in runs if r["state"]["type"] in TERMINAL - {"COMPLETED"}]
                 assert not failed, failed[0]["state"]["message"]
                 if condition(runs):
                     return runs
                 time.sleep(2)
         states = [(r["expected_start_time"], r["state"]["name"]) for r in runs[:8]]
-        raise AssertionError(f"{what} within 10 minutes; runs: {states}; serve log: {log.read_text()[-3000:]} "
-                             "(the server's scheduler logs to PREFECT_HOME/server.log)")
+        raise AssertionError(
+            f"{what} within 10 minutes; runs: {states}; serve log: {log.read_text()[-3000:]} "
+            "(the server's scheduler logs to PREFECT_HOME/server.log)"
+        )
 
     def completed(runs: list[dict]) -> list[dict]:
         return [r for r in runs if r["state"]["type"] == "COMPLETED"]
@@ -287,10 +336,16 @@ def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(pr
 def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PWD": str(ROOT)}
     prefect = prefect_executable()
-    subprocess.run([prefect, "work-pool", "create", "ptqflow-process", "--type", "process"], env=env, cwd=ROOT,
-                   capture_output=True, check=False)  # already there on a rerun: fine
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [prefect, "work-pool", "create", "ptqflow-process", "--type", "process"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )  # already there on a rerun: fine
+    deployed = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     deployment = deployment_id(prefect_server, "ptq-pipeline/nightly", timeout=10)
     store = tmp_path / "store"
@@ -304,8 +359,14 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_p
         assert response.status_code == 201, response.text
     # The run's store is outside the deployment's own (./ptqflow-store): the worker allows it (flows/trust.py).
     worker_env = {**env, "PTQFLOW_ALLOWED_ROOTS": str(tmp_path)}
-    worker = subprocess.run([prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"], env=worker_env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    worker = subprocess.run(
+        [prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"],
+        env=worker_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     run = wait_for_run(prefect_server, response.json()["id"], timeout=60)
     assert run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
     assert [m["run_id"] for m in manifests(store)] == [run["id"]]

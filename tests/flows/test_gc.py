@@ -25,8 +25,8 @@ def files(root: Path) -> dict[str, int]:
 def interrupt_a_collection_halfway(store: Path) -> None:
     from datetime import datetime, timezone
 
-    from storage.store import ArtifactStore
-    from tasks.garbage_collection import apply_collection, plan_collection
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
 
     target = ArtifactStore(str(store))
     plan = plan_collection(target, keep_runs=2, keep_days=None, now=datetime.now(timezone.utc))
@@ -46,8 +46,10 @@ def interrupt_a_collection_halfway(store: Path) -> None:
 
 def test_gc_keeps_the_newest_runs_warm_frees_the_rest_and_leaves_exports_whole(cli, tmp_path):
     store, export = tmp_path / "store", tmp_path / "export"
-    runs = [run_json(cli, "--store", str(store), "--seed", str(seed), *(("--export", str(export)) if seed == 1 else ()))
-            for seed in range(5)]
+    runs = [
+        run_json(cli, "--store", str(store), "--seed", str(seed), *(("--export", str(export)) if seed == 1 else ()))
+        for seed in range(5)
+    ]
     before = files(store)
     dry = cli("gc", "--store", str(store), "--keep-runs", "2", "--dry-run")
     assert dry.returncode == 0 and "would free" in dry.stdout and files(store) == before

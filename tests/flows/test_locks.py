@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from flows.locks import LOCK_DIR, LockNotAcquired, exclusive
+from ptqflow.flows.locks import LOCK_DIR, LockNotAcquired, exclusive
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def hold_in_a_process(target: str, lock_dir: str) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import time
         from prefect.settings import PREFECT_API_URL, temporary_settings
-        from flows.locks import exclusive
+        from ptqflow.flows.locks import exclusive
         with temporary_settings(restore_defaults={{PREFECT_API_URL}}), exclusive({target!r}):
             print("holding", flush=True)
             time.sleep(600)

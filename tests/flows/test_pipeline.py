@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_outlier_model
 
-from storage.store import ArtifactStore
-from tasks.parameters import CalibrationParameters, TrainingParameters
-from tasks.validate import audit_tensor_types
+from conftest import write_outlier_model
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.parameters import CalibrationParameters, TrainingParameters
+from ptqflow.tasks.validate import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ STAGES = (
 
 
 def run_pipeline(store: str, **overrides):
-    from flows.pipeline import ptq_pipeline
+    from ptqflow.flows.pipeline import ptq_pipeline
 
     return ptq_pipeline(store=store, training=overrides.pop("training", TRAINING), **overrides)
 
@@ -129,15 +129,15 @@ def test_two_cold_runs_give_a_byte_identical_tflite(cold_run, tmp_path):
 def test_conversion_runs_in_a_separate_process_from_references_alone(cold_run, store_a, prefect_server, tmp_path):
     """Only references cross the process boundary: the conversion stage runs in a fresh interpreter (as it would
     on another machine) and its output is read back here by reference."""
-    from tasks.artifacts import ConvertedModels
+    from ptqflow.tasks.artifacts import ConvertedModels
 
     store = ArtifactStore(store_a)
     script = f"""
 import json, sys
-from storage.store import ArtifactRef
-from tasks.artifacts import CalibrationSet, TrainedModel
-from tasks.convert import convert_to_tflite
-from tasks.parameters import ConversionParameters
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.artifacts import CalibrationSet, TrainedModel
+from ptqflow.tasks.convert import convert_to_tflite
+from ptqflow.tasks.parameters import ConversionParameters
 trained = TrainedModel(model=ArtifactRef.model_validate_json(sys.argv[1]), epochs_run=0, best_epoch=0,
                        validation_accuracy=0.0)
 calibration = CalibrationSet(table=ArtifactRef.model_validate_json(sys.argv[2]), samples=200)
@@ -147,9 +147,17 @@ print("RESULT " + result.model_dump_json())
 """
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     completed = subprocess.run(
-        [sys.executable, "-c", script, cold_run.artifacts["model"].model_dump_json(),
-         cold_run.artifacts["calibration"].model_dump_json()],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            script,
+            cold_run.artifacts["model"].model_dump_json(),
+            cold_run.artifacts["calibration"].model_dump_json(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
@@ -160,8 +168,8 @@ print("RESULT " + result.model_dump_json())
 
 
 def test_gate_failure_fails_the_run_with_the_summary(prefect_server, tmp_path, trained_digits_model):
-    from flows.pipeline import ptq_pipeline
-    from tasks.errors import AccuracyGateFailed
+    from ptqflow.flows.pipeline import ptq_pipeline
+    from ptqflow.tasks.errors import AccuracyGateFailed
 
     model_file = tmp_path / "outlier.keras"
     write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
@@ -181,8 +189,8 @@ def test_a_failed_runs_exception_is_persisted_as_json_not_pickle(prefect_server,
     """Prefect persists a failed flow run's exception in its default result storage; it must not be a pickle."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-    from flows.pipeline import ptq_pipeline
-    from tasks.parameters import SamplingParameters
+    from ptqflow.flows.pipeline import ptq_pipeline
+    from ptqflow.tasks.parameters import SamplingParameters
 
     storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
     before = set(storage.iterdir()) if storage.exists() else set()
@@ -192,13 +200,13 @@ def test_a_failed_runs_exception_is_persisted_as_json_not_pickle(prefect_server,
     assert written, "expected Prefect to persist the failure"
     for path in written:
         record = json.loads(path.read_bytes())
-        assert record["__exc_type__"] == "tasks.errors.InvalidDataset"
+        assert record["__exc_type__"] == "ptqflow.tasks.errors.InvalidDataset"
 
 
 def test_unknown_dataset_fails_before_anything_is_written(prefect_server, tmp_path):
-    from flows.pipeline import ptq_pipeline
-    from tasks.errors import InvalidDataset
-    from tasks.parameters import SamplingParameters
+    from ptqflow.flows.pipeline import ptq_pipeline
+    from ptqflow.tasks.errors import InvalidDataset
+    from ptqflow.tasks.parameters import SamplingParameters
 
     store = tmp_path / "store"
     state = ptq_pipeline(store=str(store), sampling=SamplingParameters(dataset="imagenet"), return_state=True)

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactRef, ArtifactStore
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ def _write_digits_part(s3_endpoint: str, bucket: str, part: int, folder: str = "
     """One third of digits as a Parquet file under s3://<bucket>/<folder>/."""
     import numpy as np
 
-    from storage.tables import write_parquet_bytes
-    from tasks.datasets import load_dataset
+    from ptqflow.storage.tables import write_parquet_bytes
+    from ptqflow.tasks.datasets import load_dataset
 
     table = load_dataset("digits")
     rows = np.array_split(np.random.default_rng(0).permutation(len(table)), 3)[part]
@@ -100,8 +100,10 @@ def test_a_worse_model_is_not_promoted_and_the_run_completes(runs, s3_endpoint, 
     # The run's report records the decision too (the validation's own cached report does not change).
     report = json.loads(store.read_bytes(ArtifactRef(**manifest["artifacts"]["report"])))
     assert report["promotion"] == decision
-    assert f"## Promotion\n\n- {decision['message']}" in store.read_bytes(
-        ArtifactRef(**manifest["artifacts"]["report_md"])).decode()
+    assert (
+        f"## Promotion\n\n- {decision['message']}"
+        in store.read_bytes(ArtifactRef(**manifest["artifacts"]["report_md"])).decode()
+    )
     assert "<h2>Promotion</h2>" in store.read_bytes(ArtifactRef(**manifest["artifacts"]["report_html"])).decode()
 
 
@@ -116,7 +118,7 @@ def test_promote_waits_for_a_run_that_holds_the_export_lock(runs, cli, prefect_s
     import time
 
     from conftest import start_cli
-    from flows.locks import exclusive
+    from ptqflow.flows.locks import exclusive
 
     env, where, champion, _, _, _ = runs
     url = f"s3://{bucket}/locked-models"  # an export of its own: the other tests' pointers stay as they are

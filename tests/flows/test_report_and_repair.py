@@ -7,25 +7,29 @@ import asyncio
 import shutil
 
 import pytest
-from conftest import write_outlier_model
 
-from storage.store import ArtifactStore
-from tasks.parameters import ConversionParameters, TargetOps, TrainingParameters
-from tasks.validate import audit_tensor_types
+from conftest import write_outlier_model
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TrainingParameters
+from ptqflow.tasks.validate import audit_tensor_types
 
 pytestmark = [pytest.mark.slow, pytest.mark.smoke]
 
 
 @pytest.fixture(scope="module")
 def repaired_run(prefect_server, tmp_path_factory, trained_digits_model):
-    from flows.pipeline import ptq_pipeline
+    from ptqflow.flows.pipeline import ptq_pipeline
 
     folder = tmp_path_factory.mktemp("repair")
     model_file = folder / "outlier.keras"
     write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
     store = str(folder / "store")
-    summary = ptq_pipeline(store=store, training=TrainingParameters(model_url=str(model_file)),
-                           conversion=ConversionParameters(ops=TargetOps.builtins), export=str(folder / "export"))
+    summary = ptq_pipeline(
+        store=store,
+        training=TrainingParameters(model_url=str(model_file)),
+        conversion=ConversionParameters(ops=TargetOps.builtins),
+        export=str(folder / "export"),
+    )
     return summary, ArtifactStore(store), folder
 
 

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactRef, ArtifactStore
-from tasks.validate import audit_tensor_types
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.validate import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.store import ArtifactRef, ArtifactStore
-
 from conftest import free_port
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +41,18 @@ def write_rgb_parts(folder, parts: int, seed: int = 0, per_part: int = 300) -> N
 def test_rgb_images_from_a_parquet_directory(cli, tmp_path):
     data = tmp_path / "images"
     write_rgb_parts(data, parts=2)
-    args = ["--dataset", str(data), "--feature-column", "image", "--label-column", "class", "--epochs", "8",
-            "--store", str(tmp_path / "store")]
+    args = [
+        "--dataset",
+        str(data),
+        "--feature-column",
+        "image",
+        "--label-column",
+        "class",
+        "--epochs",
+        "8",
+        "--store",
+        str(tmp_path / "store"),
+    ]
     first = cli("run", *args, "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads(first.stdout)
@@ -62,10 +71,22 @@ def test_tabular_features_get_an_mlp(cli, tmp_path):
     labels = rng.integers(0, 3, 900)
     centers = rng.normal(0, 1.5, (3, 12))
     values = ((centers[labels] + rng.normal(0, 1.0, (900, 12))) * 10 + 50).astype(np.float32)
-    pq.write_table(pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 12),
-                             "label": pa.array(labels)}), str(tmp_path / "tabular.parquet"))
-    run = cli("run", "--dataset", str(tmp_path / "tabular.parquet"), "--epochs", "30", "--store",
-              str(tmp_path / "store"), "--json")
+    pq.write_table(
+        pa.table(
+            {"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 12), "label": pa.array(labels)}
+        ),
+        str(tmp_path / "tabular.parquet"),
+    )
+    run = cli(
+        "run",
+        "--dataset",
+        str(tmp_path / "tabular.parquet"),
+        "--epochs",
+        "30",
+        "--store",
+        str(tmp_path / "store"),
+        "--json",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     assert result["metrics"]["float_accuracy"] > 0.8
@@ -76,13 +97,21 @@ def test_tabular_features_get_an_mlp(cli, tmp_path):
     ("args", "message"),
     [
         (["--dataset", "/no/such/data.parquet"], "does not exist"),
-        (["--dataset", "s3://KEY:SECRET@bucket/data.parquet"], "invalid --dataset: the data set URL carries credentials"),
+        (
+            ["--dataset", "s3://KEY:SECRET@bucket/data.parquet"],
+            "invalid --dataset: the data set URL carries credentials",
+        ),
         (["--input-shape", "3,x"], "invalid --input-shape"),
         (["--model", "not a model"], "invalid --model"),
         (["--sample-size", "5"], "invalid --sample-size: Input should be greater than or equal to 10"),
-        (["--sample-size", "5000"], "sample of 5000 samples asked for, but the data set digits has only 1797: "
-                                    "pass --sample-size 1797 or less"),
-        (["--sample-size", "20"], "gives class 0 2 samples, but the splits need 5 per class: pass --sample-size 52 or more"),
+        (
+            ["--sample-size", "5000"],
+            "sample of 5000 samples asked for, but the data set digits has only 1797: pass --sample-size 1797 or less",
+        ),
+        (
+            ["--sample-size", "20"],
+            "gives class 0 2 samples, but the splits need 5 per class: pass --sample-size 52 or more",
+        ),
     ],
 )
 def test_bad_sources_fail_before_any_work(cli, tmp_path, args, message):
@@ -96,7 +125,7 @@ def test_bad_sources_fail_before_any_work(cli, tmp_path, args, message):
 def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path, trained_digits_model, digits_splits):
     import hashlib
 
-    from storage.keras_models import keras_model_to_bytes
+    from ptqflow.storage.keras_models import keras_model_to_bytes
 
     model_file = tmp_path / "model.keras"
     model_file.write_bytes(keras_model_to_bytes(trained_digits_model))
@@ -109,7 +138,7 @@ def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path,
     assert result["tasks"]["train_float_model"]["seconds"] < 30  # loaded, not trained
 
     # A different model at the same URL: the training stage takes it, and everything after it reruns.
-    from tasks.train import build_default_cnn
+    from ptqflow.tasks.train import build_default_cnn
 
     other = build_default_cnn(digits_splits[0])
     other.set_weights([w * 0.5 for w in trained_digits_model.get_weights()])
@@ -124,8 +153,19 @@ def test_calibration_from_another_parquet_source(cli, tmp_path):
     data, production = tmp_path / "images", tmp_path / "production"
     write_rgb_parts(data, parts=2)
     write_rgb_parts(production, parts=1, seed=7, per_part=120)
-    base = ["--dataset", str(data), "--feature-column", "image", "--label-column", "class", "--epochs", "6",
-            "--store", str(tmp_path / "store"), "--json"]
+    base = [
+        "--dataset",
+        str(data),
+        "--feature-column",
+        "image",
+        "--label-column",
+        "class",
+        "--epochs",
+        "6",
+        "--store",
+        str(tmp_path / "store"),
+        "--json",
+    ]
     own = json.loads(cli("run", *base).stdout)
     run = cli("run", *base, "--calibration-source", str(production), "--calibration-size", "100")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -143,10 +183,28 @@ def test_a_calibration_source_of_another_shape_is_refused(cli, tmp_path):
     data = tmp_path / "images"
     write_rgb_parts(data, parts=1)
     other = tmp_path / "other.parquet"
-    pq.write_table(pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((50, 8, 8, 3), np.uint8)),
-                             "class": pa.array(np.arange(50) % 4)}), str(other))
-    run = cli("run", "--dataset", str(data), "--feature-column", "image", "--label-column", "class",
-              "--calibration-source", str(other), "--store", str(tmp_path / "store"))
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((50, 8, 8, 3), np.uint8)),
+                "class": pa.array(np.arange(50) % 4),
+            }
+        ),
+        str(other),
+    )
+    run = cli(
+        "run",
+        "--dataset",
+        str(data),
+        "--feature-column",
+        "image",
+        "--label-column",
+        "class",
+        "--calibration-source",
+        str(other),
+        "--store",
+        str(tmp_path / "store"),
+    )
     assert run.returncode == 2
     assert "samples of shape [8, 8, 3], but the data set's are uint8 of shape [32, 32, 3]" in run.stderr
     assert not list((tmp_path / "store" / "blobs").rglob("*.keras"))  # refused before training
@@ -154,14 +212,24 @@ def test_a_calibration_source_of_another_shape_is_refused(cli, tmp_path):
 
 def test_a_keras_dataset_from_keras_cache_sampled_before_splitting(cli, tmp_path):
     import fsspec
-
     from keras_cache import write_fashion_mnist
 
     keras_home = tmp_path / "keras"
     write_fashion_mnist(keras_home / "datasets", n_train=600, n_test=200)
     offline = no_network(keras_home)
-    run = cli("run", "--dataset", "fashion_mnist", "--sample-size", "400", "--epochs", "6",
-              "--store", str(tmp_path / "store"), "--json", env=offline)
+    run = cli(
+        "run",
+        "--dataset",
+        "fashion_mnist",
+        "--sample-size",
+        "400",
+        "--epochs",
+        "6",
+        "--store",
+        str(tmp_path / "store"),
+        "--json",
+        env=offline,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     with fsspec.open(result["artifacts"]["dataset"]["uri"]) as f:
@@ -190,20 +258,38 @@ def test_a_source_url_with_the_run_date(cli, tmp_path):
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")  # (a run started across midnight UTC would miss it)
     (tmp_path / "events").mkdir()
     write_rgb_parts(tmp_path / "events" / today, parts=1)
-    args = ["--dataset", str(tmp_path / "events" / "{date:%Y-%m-%d}"), "--feature-column", "image",
-            "--label-column", "class", "--epochs", "2", "--calibration-size", "100", "--store", str(tmp_path / "store")]
+    args = [
+        "--dataset",
+        str(tmp_path / "events" / "{date:%Y-%m-%d}"),
+        "--feature-column",
+        "image",
+        "--label-column",
+        "class",
+        "--epochs",
+        "2",
+        "--calibration-size",
+        "100",
+        "--store",
+        str(tmp_path / "store"),
+    ]
     result = cli("run", *args, "--max-accuracy-drop", "100", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    dataset = json.loads(ArtifactStore(str(tmp_path / "store")).read_bytes(ArtifactRef(**summary["artifacts"]["dataset"])))
+    dataset = json.loads(
+        ArtifactStore(str(tmp_path / "store")).read_bytes(ArtifactRef(**summary["artifacts"]["dataset"]))
+    )
     assert dataset["source"] == str(tmp_path / "events" / today)
     manifest = json.loads((tmp_path / "store" / "runs" / f"{summary['run_id']}.json").read_text())
     assert manifest["parameters"]["sampling"]["dataset"].endswith("{date:%Y-%m-%d}")  # the template, as given
 
 
 def write_table(path, values: np.ndarray, labels: np.ndarray, metadata: bytes | None = None) -> str:
-    table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]),
-                      "label": pa.array(labels)})
+    table = pa.table(
+        {
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]),
+            "label": pa.array(labels),
+        }
+    )
     if metadata is not None:
         table = table.replace_schema_metadata({b"ptqflow": metadata})
     pq.write_table(table, str(path))
@@ -213,14 +299,29 @@ def write_table(path, values: np.ndarray, labels: np.ndarray, metadata: bytes | 
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: ["--dataset", write_table(p, np.full((300, 6), 7.0, np.float32), np.arange(300) % 3)],
-         "every value of every sample is 7 (value range [7, 7]): there is nothing to learn"),
-        (lambda p: ["--dataset", write_table(p, np.random.default_rng(0).random((300, 6), np.float32),
-                                             np.arange(300) % 3, b'{"shape": "six", "value_range": [0, 1]}')],
-         "the table's 'ptqflow' schema metadata is malformed (shape 'six' is not a list of positive integers)"),
-        (lambda p: ["--dataset", write_table(p, np.random.default_rng(0).random((300, 6), np.float32),
-                                             np.arange(300) % 3, b"{not json")],
-         "the table's 'ptqflow' schema metadata is malformed"),
+        (
+            lambda p: ["--dataset", write_table(p, np.full((300, 6), 7.0, np.float32), np.arange(300) % 3)],
+            "every value of every sample is 7 (value range [7, 7]): there is nothing to learn",
+        ),
+        (
+            lambda p: [
+                "--dataset",
+                write_table(
+                    p,
+                    np.random.default_rng(0).random((300, 6), np.float32),
+                    np.arange(300) % 3,
+                    b'{"shape": "six", "value_range": [0, 1]}',
+                ),
+            ],
+            "the table's 'ptqflow' schema metadata is malformed (shape 'six' is not a list of positive integers)",
+        ),
+        (
+            lambda p: [
+                "--dataset",
+                write_table(p, np.random.default_rng(0).random((300, 6), np.float32), np.arange(300) % 3, b"{not json"),
+            ],
+            "the table's 'ptqflow' schema metadata is malformed",
+        ),
         (lambda p: ["--input-shape", "\u00b2"], "invalid --input-shape '\u00b2'"),
     ],
     ids=["constant-features", "metadata-wrong-type", "metadata-not-json", "superscript-shape"],
@@ -238,8 +339,19 @@ def test_nan_in_a_calibration_source_is_refused_with_exit_2(cli, tmp_path):
     bad = rng.random((100, 6), np.float32) * 10
     bad[[4, 9], 2] = np.nan
     source = write_table(tmp_path / "calibration.parquet", bad, np.arange(100) % 3)
-    result = cli("run", "--store", str(tmp_path / "store"), "--dataset", data, "--calibration-source", source,
-                 "--calibration-size", "100", "--epochs", "2")  # all of it: the bad rows are drawn
+    result = cli(
+        "run",
+        "--store",
+        str(tmp_path / "store"),
+        "--dataset",
+        data,
+        "--calibration-source",
+        source,
+        "--calibration-size",
+        "100",
+        "--epochs",
+        "2",
+    )  # all of it: the bad rows are drawn
     assert result.returncode == 2, result.stderr[-2000:]
     assert "samples of the calibration source" in result.stderr and "have NaN or Inf values" in result.stderr
     assert "Traceback" not in result.stderr
@@ -255,8 +367,9 @@ def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[subprocess.Com
         "print(json.dumps([r.returncode, r.stdout, r.stderr, time.monotonic() - started,"
         " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(command)], env=env, capture_output=True, text=True, timeout=600
+    )
     code, stdout, stderr, seconds, rss = json.loads(out.stdout)
     return subprocess.CompletedProcess(command, code, stdout, stderr), seconds, rss
 
@@ -264,8 +377,12 @@ def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[subprocess.Com
 def write_rows(path, rows: int, label: int = 0) -> str:
     """A Parquet file of ``rows`` one-byte samples of one label, a few MB whatever ``rows`` (run-length encoded)."""
     chunk = min(rows, 10_000_000)
-    table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(chunk, np.uint8)), 1),
-                      "label": pa.array(np.full(chunk, label, np.int64))})
+    table = pa.table(
+        {
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(chunk, np.uint8)), 1),
+            "label": pa.array(np.full(chunk, label, np.int64)),
+        }
+    )
     with pq.ParquetWriter(str(path), table.schema, compression="zstd") as writer:
         for _ in range(rows // chunk):
             writer.write_table(table, row_group_size=chunk)
@@ -276,8 +393,10 @@ def write_rows(path, rows: int, label: int = 0) -> str:
     ("make", "message"),
     [
         (lambda p: write_rows(p, 100_000_000), "declares 100,000,000 rows, above the limit of 50,000,000 rows"),
-        (lambda p: write_table(p, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 10**10])),
-         "has a label of 10,000,000,000, above the limit of 100,000 classes"),
+        (
+            lambda p: write_table(p, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 10**10])),
+            "has a label of 10,000,000,000, above the limit of 100,000 classes",
+        ),
     ],
     ids=["1e8-rows-in-7-MB", "label-1e10"],
 )
@@ -291,22 +410,28 @@ def test_a_source_past_the_limits_is_refused_in_seconds_without_memory(tmp_path,
     assert baseline.returncode == 2
     for extra in ([], ["--sample-size", "1000"]):  # loaded whole, and drawn while reading
         result, seconds, rss = peak_rss_of(
-            [ptqflow_executable(), "run", "--dataset", data, "--store", store, *extra], env)
+            [ptqflow_executable(), "run", "--dataset", data, "--store", store, *extra], env
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr
         assert rss - baseline_rss < 500 << 20, (rss, baseline_rss)
         assert seconds < 120
-        print(f"{extra or 'whole'}: refused in {seconds:.1f} s, peak RSS {(rss - baseline_rss) >> 20} MB above baseline")
+        print(
+            f"{extra or 'whole'}: refused in {seconds:.1f} s, peak RSS {(rss - baseline_rss) >> 20} MB above baseline"
+        )
     assert not (tmp_path / "store" / "blobs").exists()
 
 
 def test_a_model_file_past_the_limit_is_refused_before_it_is_read(cli, tmp_path, trained_digits_model):
-    from storage.keras_models import keras_model_to_bytes
+    from ptqflow.storage.keras_models import keras_model_to_bytes
 
     model = tmp_path / "model.keras"
     model.write_bytes(keras_model_to_bytes(trained_digits_model))
-    result = cli("run", "--model-url", str(model), "--store", str(tmp_path / "store"),
-                 env={"PTQFLOW_MAX_MODEL_BYTES": "1000"})
+    result = cli(
+        "run", "--model-url", str(model), "--store", str(tmp_path / "store"), env={"PTQFLOW_MAX_MODEL_BYTES": "1000"}
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"is {model.stat().st_size:,} bytes, above the limit of 1,000 bytes in a model file: raise " \
-           "PTQFLOW_MAX_MODEL_BYTES" in result.stderr
+    assert (
+        f"is {model.stat().st_size:,} bytes, above the limit of 1,000 bytes in a model file: raise "
+        "PTQFLOW_MAX_MODEL_BYTES" in result.stderr
+    )

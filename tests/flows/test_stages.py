@@ -6,45 +6,61 @@ import errno
 
 import pytest
 
-from flows.stages import is_transient_error
-from storage.store import ArtifactCorrupted, UnsafeKey
-from storage.tables import TensorTableError
-from tasks.errors import ConversionFailed, InvalidDataset
+from ptqflow.flows.stages import is_transient_error
+from ptqflow.storage.store import ArtifactCorrupted, UnsafeKey
+from ptqflow.storage.tables import TensorTableError
+from ptqflow.tasks.errors import ConversionFailed, InvalidDataset
 
 
 class EndpointConnectionError(Exception):
     """Named like botocore's, which does not derive from OSError."""
 
 
-@pytest.mark.parametrize("error", [ConnectionResetError(), TimeoutError(), OSError(5, "I/O error"),
-                                   EndpointConnectionError("could not connect")])
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionResetError(), TimeoutError(), OSError(5, "I/O error"), EndpointConnectionError("could not connect")],
+)
 def test_network_and_storage_io_errors_are_retried(error):
     assert is_transient_error(error)
 
 
-@pytest.mark.parametrize("error", [InvalidDataset("x"), ConversionFailed("x"), ArtifactCorrupted("x"),
-                                   UnsafeKey("x"), TensorTableError("x"), FileNotFoundError("x"), ValueError("x"),
-                                   KeyError("x")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidDataset("x"),
+        ConversionFailed("x"),
+        ArtifactCorrupted("x"),
+        UnsafeKey("x"),
+        TensorTableError("x"),
+        FileNotFoundError("x"),
+        ValueError("x"),
+        KeyError("x"),
+    ],
+)
 def test_input_and_code_errors_are_not(error):
     assert not is_transient_error(error)
 
 
 @pytest.mark.parametrize(
     ("error", "line"),
-    [(OSError(errno.ENOSPC, "No space left on device", "/data/store/blobs/ab/x.tmp-1"),
-      "the storage is full at /data/store/blobs/ab/x.tmp-1 (No space left on device): free space"),
-     (OSError(errno.EROFS, "Read-only file system"), "the storage is read-only (Read-only file system)"),
-     (PermissionError(errno.EACCES, "Permission denied"), "the storage refuses writes (permission denied)")],
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/store/blobs/ab/x.tmp-1"),
+            "the storage is full at /data/store/blobs/ab/x.tmp-1 (No space left on device): free space",
+        ),
+        (OSError(errno.EROFS, "Read-only file system"), "the storage is read-only (Read-only file system)"),
+        (PermissionError(errno.EACCES, "Permission denied"), "the storage refuses writes (permission denied)"),
+    ],
 )
 def test_full_or_read_only_storage_is_said_so_and_not_retried(error, line):
-    from flows.stages import storage_refusal
+    from ptqflow.flows.stages import storage_refusal
 
     assert line in storage_refusal(error) and not is_transient_error(error)
 
 
 def test_a_lock_held_too_long_is_said_so_and_not_called_unreachable():
-    from flows.locks import LockNotAcquired
-    from flows.stages import storage_refusal
+    from ptqflow.flows.locks import LockNotAcquired
+    from ptqflow.flows.stages import storage_refusal
 
     error = LockNotAcquired("a run is using file:///s (held by pid 7): retry when it has finished")
     assert storage_refusal(error) == str(error) and not is_transient_error(error)
@@ -56,16 +72,17 @@ def test_a_stage_past_its_time_limit_fails_once_with_a_clear_error(prefect_serve
 
     from prefect import flow, task
 
-    from flows.stages import StageRunner
-    from storage.store import ArtifactStore
-    from tasks.artifacts import CalibrationSet
-    from tasks.caching import StageCachePolicy
-    from tasks.errors import StageTimedOut
+    from ptqflow.flows.stages import StageRunner
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.artifacts import CalibrationSet
+    from ptqflow.tasks.caching import StageCachePolicy
+    from ptqflow.tasks.errors import StageTimedOut
 
     attempts = []
 
-    @task(name="slow_stage", cache_policy=StageCachePolicy(module=__name__), persist_result=True,
-          result_serializer="json")
+    @task(
+        name="slow_stage", cache_policy=StageCachePolicy(module=__name__), persist_result=True, result_serializer="json"
+    )
     def slow_stage(store_url: str) -> CalibrationSet:
         attempts.append(1)
         for _ in range(300):  # Python steps, like training batches: the time limit stops it between them
@@ -90,13 +107,17 @@ def test_stages_run_on_a_task_runner_get_the_seconds_prefect_recorded(prefect_se
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.stages import StageRunner
-    from storage.store import ArtifactStore
-    from tasks.artifacts import CalibrationSet
-    from tasks.caching import StageCachePolicy
+    from ptqflow.flows.stages import StageRunner
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.artifacts import CalibrationSet
+    from ptqflow.tasks.caching import StageCachePolicy
 
-    @task(name="one_second_stage", cache_policy=StageCachePolicy(module=__name__), persist_result=True,
-          result_serializer="json")
+    @task(
+        name="one_second_stage",
+        cache_policy=StageCachePolicy(module=__name__),
+        persist_result=True,
+        result_serializer="json",
+    )
     def one_second_stage(store_url: str) -> CalibrationSet:
         time.sleep(1.0)
         return CalibrationSet(table=ArtifactStore(store_url).put_bytes(b"rows", ".parquet"), samples=1)

@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from storage.store import ArtifactRef, ArtifactStore
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,20 @@ def s3_sweep(cli, s3_endpoint):
     bucket = f"sweep-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint).mkdir(bucket)
     env = {"AWS_ENDPOINT_URL": s3_endpoint}
-    args = ("sweep", "--store", f"s3://{bucket}/store", "--export", f"s3://{bucket}/models", "--epochs", "3",
-            "--calibration-sizes", "50,200", "--workers", "2", "--json")
+    args = (
+        "sweep",
+        "--store",
+        f"s3://{bucket}/store",
+        "--export",
+        f"s3://{bucket}/models",
+        "--epochs",
+        "3",
+        "--calibration-sizes",
+        "50,200",
+        "--workers",
+        "2",
+        "--json",
+    )
     first = cli(*args, env=env)
     second = cli(*args, env=env)
     return bucket, first, second
@@ -85,8 +97,9 @@ def test_the_configurations_ran_in_the_dask_worker_processes(s3_sweep):
 def test_the_sweep_is_attached_to_its_prefect_run(s3_sweep, prefect_server):
     _, first, _ = s3_sweep
     summary = json.loads(first.stdout)
-    artifacts = httpx.post(f"{prefect_server}/artifacts/filter", json={
-        "artifacts": {"flow_run_id": {"any_": [summary["run_id"]]}}}).json()
+    artifacts = httpx.post(
+        f"{prefect_server}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [summary["run_id"]]}}}
+    ).json()
     by_key = {a["key"]: a for a in artifacts}
     table = by_key["ptq-sweep"]
     assert table["type"] == "table"
@@ -111,10 +124,22 @@ def test_a_rerun_reuses_every_stage_and_publishes_nothing_new(s3_sweep):
 def test_an_existing_cluster_is_used_through_dask_address(cli, tmp_path):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        result = cli("sweep", "--store", str(tmp_path / "store"), "--epochs", "2", "--configurations",
-                     "int8,float16", "--dask-address", cluster.scheduler_address, "--json")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        result = cli(
+            "sweep",
+            "--store",
+            str(tmp_path / "store"),
+            "--epochs",
+            "2",
+            "--configurations",
+            "int8,float16",
+            "--dask-address",
+            cluster.scheduler_address,
+            "--json",
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
         worker_pids = set(client.run(os.getpid).values())

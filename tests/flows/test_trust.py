@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from flows.trust import ALLOWED_MODELS_ENV, ALLOWED_ROOTS_ENV, RefusedParameter, check_run_parameters
+from ptqflow.flows.trust import ALLOWED_MODELS_ENV, ALLOWED_ROOTS_ENV, RefusedParameter, check_run_parameters
 
 SERVED_WITH = {"store": "/srv/ptqflow/store", "export": "s3://models/digits", "sampling": {"dataset": "digits"}}
 
 
 def run(**changes) -> dict:
-    return {"store": "/srv/ptqflow/store", "export": None, "sampling": {"dataset": "digits"},
-            "training": {"model": "auto", "model_url": None}, "calibration": {"calibration_source": None}} | changes
+    return {
+        "store": "/srv/ptqflow/store",
+        "export": None,
+        "sampling": {"dataset": "digits"},
+        "training": {"model": "auto", "model_url": None},
+        "calibration": {"calibration_source": None},
+    } | changes
 
 
 def test_the_locations_a_deployment_was_created_with_and_what_lies_under_them_are_allowed(monkeypatch):

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+from ptqflow.storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 

@@ -8,16 +8,23 @@ import os
 import pytest
 from pickle_probe import planted_pickle_record
 
-from storage.results import EXPECTED_SERIALIZER, JsonResultStorage, UnsafeResultRecord, check_result_record
+from ptqflow.storage.results import EXPECTED_SERIALIZER, JsonResultStorage, UnsafeResultRecord, check_result_record
 
-CALIBRATION_SET = {"__class__": "tasks.artifacts.CalibrationSet", "data": {"table": {
-    "uri": "file:///s/blobs/5b/" + "5b" * 32 + ".parquet", "sha256": "5b" * 32, "bytes": 6956}, "samples": 200}}
+CALIBRATION_SET = {
+    "__class__": "ptqflow.tasks.artifacts.CalibrationSet",
+    "data": {
+        "table": {"uri": "file:///s/blobs/5b/" + "5b" * 32 + ".parquet", "sha256": "5b" * 32, "bytes": 6956},
+        "samples": 200,
+    },
+}
 
 
 def json_record(result: object, **serializer: object) -> bytes:
     return json.dumps(
-        {"metadata": {"serializer": {**EXPECTED_SERIALIZER, **serializer}, "storage_key": "k", "expiration": None},
-         "result": json.dumps(result)}
+        {
+            "metadata": {"serializer": {**EXPECTED_SERIALIZER, **serializer}, "storage_key": "k", "expiration": None},
+            "result": json.dumps(result),
+        }
     ).encode()
 
 
@@ -29,7 +36,7 @@ def planted(tmp_path, record: bytes, key: str = "tasks.sample-abc") -> JsonResul
 
 def test_json_records_round_trip(tmp_path):
     storage = JsonResultStorage(store_url=str(tmp_path))
-    import tasks.artifacts  # noqa: F401 - the stage outputs are loaded wherever a stage runs
+    import ptqflow.tasks.artifacts  # noqa: F401 - the stage outputs are loaded wherever a stage runs
 
     storage.write_path("tasks.sample-abc", json_record(CALIBRATION_SET), _sync=True)
     assert json.loads(storage.read_path("tasks.sample-abc", _sync=True))["metadata"]["serializer"]["type"] == "json"
@@ -76,17 +83,27 @@ def test_keys_are_confined_to_the_results_folder(tmp_path):
     ("planted_record", "refusal"),
     [
         # Prefect rebuilds the serializer from the record, decoder included: this one would run a shell command.
-        (lambda marker: json_record({f"touch {marker}": 0}, object_decoder="subprocess.getoutput"),
-         "serializer settings ptqflow never writes (object_decoder)"),
-        (lambda marker: json_record(CALIBRATION_SET, object_encoder="subprocess.getoutput"),
-         "serializer settings ptqflow never writes (object_encoder)"),
-        (lambda marker: json_record(CALIBRATION_SET, loads_kwargs={"object_hook": "x"}),
-         "serializer settings ptqflow never writes (loads_kwargs)"),
+        (
+            lambda marker: json_record({f"touch {marker}": 0}, object_decoder="subprocess.getoutput"),
+            "serializer settings ptqflow never writes (object_decoder)",
+        ),
+        (
+            lambda marker: json_record(CALIBRATION_SET, object_encoder="subprocess.getoutput"),
+            "serializer settings ptqflow never writes (object_encoder)",
+        ),
+        (
+            lambda marker: json_record(CALIBRATION_SET, loads_kwargs={"object_hook": "x"}),
+            "serializer settings ptqflow never writes (loads_kwargs)",
+        ),
         # Prefect's own decoder imports whatever class a payload names.
-        (lambda marker: json_record({"__class__": "ptqflow_planted_probe.Anything", "data": {}}),
-         "names types outside ptqflow's stage outputs (ptqflow_planted_probe.Anything)"),
-        (lambda marker: json_record({"__exc_type__": "subprocess.Popen", "message": f"touch {marker}"}),
-         "names types outside ptqflow's stage outputs (subprocess.Popen)"),
+        (
+            lambda marker: json_record({"__class__": "ptqflow_planted_probe.Anything", "data": {}}),
+            "names types outside ptqflow's stage outputs (ptqflow_planted_probe.Anything)",
+        ),
+        (
+            lambda marker: json_record({"__exc_type__": "subprocess.Popen", "message": f"touch {marker}"}),
+            "names types outside ptqflow's stage outputs (subprocess.Popen)",
+        ),
     ],
     ids=["object_decoder", "object_encoder", "loads_kwargs", "foreign_class", "exception_type"],
 )

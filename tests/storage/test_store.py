@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from storage.store import (
+from ptqflow.storage.store import (
     ArtifactCorrupted,
     ArtifactMissing,
     ArtifactRef,
@@ -197,8 +197,20 @@ def test_quarantine_moves_a_bad_blob_aside(store):
 
 @pytest.mark.parametrize(
     "key",
-    ["../escape", "runs/../../etc/passwd", "/etc/passwd", "runs//x", "a b", "runs/.hidden", "ok/..", "", "x\x00y",
-     "runs/ünï", "runs/$(rm -rf)", "C:\\windows"],
+    [
+        "../escape",
+        "runs/../../etc/passwd",
+        "/etc/passwd",
+        "runs//x",
+        "a b",
+        "runs/.hidden",
+        "ok/..",
+        "",
+        "x\x00y",
+        "runs/ünï",
+        "runs/$(rm -rf)",
+        "C:\\windows",
+    ],
 )
 def test_keys_from_user_text_cannot_escape_the_root(store, key):
     with pytest.raises(UnsafeKey, match="cannot be used as a storage key"):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.tables import (
+from ptqflow.storage.tables import (
     TensorTable,
     TensorTableError,
     iter_feature_batches,
@@ -85,8 +85,12 @@ def test_missing_column_names_the_fix():
 
 
 def test_non_integer_labels_are_refused(table):
-    arrow = pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(table.features),
-                      "label": pa.array(table.labels.astype(float))})
+    arrow = pa.table(
+        {
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(table.features),
+            "label": pa.array(table.labels.astype(float)),
+        }
+    )
     sink = io.BytesIO()
     pq.write_table(arrow, sink)
     with pytest.raises(TensorTableError, match="integer class indices"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tasks.calibrate
-from storage.store import ArtifactRef
-from tasks import caching
-from tasks.caching import code_digest, stage_cache_key
-from tasks.parameters import CalibrationParameters
+import ptqflow.tasks.calibrate
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks import caching
+from ptqflow.tasks.caching import code_digest, stage_cache_key
+from ptqflow.tasks.parameters import CalibrationParameters
 
 
 def _ref(digest: str) -> ArtifactRef:
@@ -17,8 +17,13 @@ def _ref(digest: str) -> ArtifactRef:
 
 
 def test_calibration_stage_depends_on_the_helpers_it_calls():
-    imported = caching._module_imports("tasks.calibrate", open(tasks.calibrate.__file__).read())
-    assert {"tasks.stratify", "tasks.datasets", "storage.tables", "storage.store"} <= imported
+    imported = caching._module_imports("ptqflow.tasks.calibrate", open(ptqflow.tasks.calibrate.__file__).read())
+    assert {
+        "ptqflow.tasks.stratify",
+        "ptqflow.tasks.datasets",
+        "ptqflow.storage.tables",
+        "ptqflow.storage.store",
+    } <= imported
 
 
 def test_a_change_in_a_helper_module_changes_the_stage_digest(tmp_path, monkeypatch):
@@ -40,20 +45,22 @@ def test_a_change_in_a_helper_module_changes_the_stage_digest(tmp_path, monkeypa
 
 def test_key_changes_with_upstream_digest_and_parameters_only():
     inputs = {"store_url": "file:///s", "dataset": _ref("a" * 64), "params": CalibrationParameters(), "seed": 0}
-    key = stage_cache_key("tasks.calibrate", inputs)
-    assert key == stage_cache_key("tasks.calibrate", dict(inputs))
-    assert key != stage_cache_key("tasks.calibrate", {**inputs, "dataset": _ref("b" * 64)})
-    assert key != stage_cache_key("tasks.calibrate", {**inputs, "params": CalibrationParameters(calibration_size=50)})
-    assert key != stage_cache_key("tasks.convert", inputs)
+    key = stage_cache_key("ptqflow.tasks.calibrate", inputs)
+    assert key == stage_cache_key("ptqflow.tasks.calibrate", dict(inputs))
+    assert key != stage_cache_key("ptqflow.tasks.calibrate", {**inputs, "dataset": _ref("b" * 64)})
+    assert key != stage_cache_key(
+        "ptqflow.tasks.calibrate", {**inputs, "params": CalibrationParameters(calibration_size=50)}
+    )
+    assert key != stage_cache_key("ptqflow.tasks.convert", inputs)
 
 
 def test_library_versions_are_part_of_the_key(monkeypatch):
     inputs = {"seed": 0}
-    key = stage_cache_key("tasks.sample", inputs)
+    key = stage_cache_key("ptqflow.tasks.sample", inputs)
     monkeypatch.setattr(caching, "library_versions", lambda: {"tensorflow": "0.0.0"})
-    assert stage_cache_key("tasks.sample", inputs) != key
+    assert stage_cache_key("ptqflow.tasks.sample", inputs) != key
 
 
 def test_arrays_are_refused_as_stage_inputs():
     with pytest.raises(TypeError, match="pass artifact references"):
-        stage_cache_key("tasks.sample", {"features": np.zeros(3)})
+        stage_cache_key("ptqflow.tasks.sample", {"features": np.zeros(3)})

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.tables import TensorTable
-from tasks.calibrate import draw_calibration_set
-from tasks.errors import InvalidDataset
+from ptqflow.storage.tables import TensorTable
+from ptqflow.tasks.calibrate import draw_calibration_set
+from ptqflow.tasks.errors import InvalidDataset
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_the_stored_calibration_set_reads_in_pandas_polars_and_duckdb(tmp_path, 
     import polars as pl
     import pyarrow.parquet as pq
 
-    from storage.tables import write_parquet_bytes
+    from ptqflow.storage.tables import write_parquet_bytes
 
     rng = np.random.default_rng(0)
     features = (rng.random((60, 6, 6, 3)) * 255).astype(dtype)

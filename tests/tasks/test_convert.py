@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.convert import convert_float, quantize
-from tasks.errors import ConversionFailed
-from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
-from tasks.validate import audit_tensor_types, make_interpreter
+from ptqflow.tasks.convert import convert_float, quantize
+from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
+from ptqflow.tasks.validate import audit_tensor_types, make_interpreter
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -127,8 +127,9 @@ F32 = TensorType.float32
 
 
 def test_int16x8_keeps_int16_activations_and_int8_weights(trained_digits_model, calibration):
-    options = ConversionParameters(scheme=QuantizationScheme.int16x8, input_type=TensorType.int16,
-                                   output_type=TensorType.int16)
+    options = ConversionParameters(
+        scheme=QuantizationScheme.int16x8, input_type=TensorType.int16, output_type=TensorType.int16
+    )
     audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 64), options))
     assert audit.full_integer and audit.input_type == audit.output_type == "int16"
     assert {"int16", "int8"} <= set(audit.dtypes)
@@ -138,15 +139,17 @@ def test_dynamic_range_needs_no_calibration_and_keeps_float_activations(trained_
     def no_calibration():
         raise AssertionError("dynamic range quantization must not calibrate")
 
-    options = ConversionParameters(scheme=QuantizationScheme.dynamic_range, ops=TargetOps.builtins,
-                                   input_type=F32, output_type=F32)
+    options = ConversionParameters(
+        scheme=QuantizationScheme.dynamic_range, ops=TargetOps.builtins, input_type=F32, output_type=F32
+    )
     audit = audit_tensor_types(quantize(trained_digits_model, no_calibration, options))
     assert audit.input_type == "float32" and "int8" in audit.dtypes and not audit.full_integer
 
 
 def test_float16_stores_float16_weights(trained_digits_model):
-    options = ConversionParameters(scheme=QuantizationScheme.float16, ops=TargetOps.builtins,
-                                   input_type=F32, output_type=F32)
+    options = ConversionParameters(
+        scheme=QuantizationScheme.float16, ops=TargetOps.builtins, input_type=F32, output_type=F32
+    )
     model = quantize(trained_digits_model, lambda: iter(()), options)
     assert "float16" in audit_tensor_types(model).dtypes
     assert len(model) < len(convert_float(trained_digits_model)) * 0.6
@@ -165,8 +168,16 @@ def test_per_tensor_weights_give_a_smaller_model(trained_digits_model, calibrati
         ({"scheme": QuantizationScheme.int16x8, "input_type": TensorType.int8}, "float32 or int16"),
         ({"scheme": QuantizationScheme.float16, "ops": TargetOps.builtins}, "--input-type float32"),
         ({"scheme": QuantizationScheme.dynamic_range, "input_type": F32, "output_type": F32}, "--ops builtins"),
-        ({"scheme": QuantizationScheme.float16, "ops": TargetOps.builtins, "input_type": F32, "output_type": F32,
-          "per_channel": False}, "float16 has none"),
+        (
+            {
+                "scheme": QuantizationScheme.float16,
+                "ops": TargetOps.builtins,
+                "input_type": F32,
+                "output_type": F32,
+                "per_channel": False,
+            },
+            "float16 has none",
+        ),
     ],
 )
 def test_inconsistent_scheme_options_are_refused_with_the_fix(options, fragment):

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from storage.tables import Columns
 from keras_cache import sha256_of, write_cifar10, write_fashion_mnist, write_mnist
-from tasks.datasets import Draw, load_dataset, source_fingerprint
-from tasks.errors import InvalidDataset
-from tasks.sample import check_dataset
+
+from ptqflow.storage.tables import Columns
+from ptqflow.tasks.datasets import Draw, load_dataset, source_fingerprint
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.sample import check_dataset
 
 
 def images(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -31,8 +31,10 @@ def test_directory_of_fixed_shape_tensor_files_with_custom_columns(tmp_path):
     x, y = images()
     for part in range(2):
         sl = slice(part * 20, (part + 1) * 20)
-        write(tmp_path / f"part-{part}.parquet",
-              pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(x[sl]), "y": pa.array(y[sl])}))
+        write(
+            tmp_path / f"part-{part}.parquet",
+            pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(x[sl]), "y": pa.array(y[sl])}),
+        )
     (tmp_path / "README.txt").write_text("not parquet, ignored")
     table = load_dataset(str(tmp_path), Columns(features="image", label="y"))
     np.testing.assert_array_equal(table.features, x)
@@ -43,8 +45,15 @@ def test_directory_of_fixed_shape_tensor_files_with_custom_columns(tmp_path):
 def test_tabular_fixed_size_list_on_memory_filesystem():
     values = np.random.default_rng(0).normal(5, 2, (30, 7)).astype(np.float32)
     sink = io.BytesIO()
-    pq.write_table(pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 7),
-                             "label": pa.array(np.arange(30) % 3)}), sink)
+    pq.write_table(
+        pa.table(
+            {
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 7),
+                "label": pa.array(np.arange(30) % 3),
+            }
+        ),
+        sink,
+    )
     url = f"memory://sources-{uuid.uuid4().hex}/tab.parquet"
     fsspec.filesystem("memory").pipe(url, sink.getvalue())
     table = load_dataset(url)
@@ -69,12 +78,27 @@ def test_fixed_size_binary_without_metadata_needs_the_input_shape(tmp_path):
     [
         (lambda p: None, "does not exist: pass a Parquet file or directory URL"),
         (lambda p: p.write_bytes(b"PAR1 this is not parquet"), "is not a readable Parquet file"),
-        (lambda p: write(p, pa.table({"pixels": pa.array([[1, 2]] * 4, pa.list_(pa.uint8(), 2)),
-                                      "label": [0, 1, 0, 1]})), "no column\\(s\\) 'features'.*--feature-column"),
-        (lambda p: write(p, pa.table({"features": pa.array([[1.0, 2.0]] * 4, pa.list_(pa.float32(), 2)),
-                                      "label": [0.0, 1.0, 0.0, 1.0]})), "labels must be integer class indices"),
-        (lambda p: write(p, pa.table({"features": pa.array([[1.0, 2.0]] * 4, pa.list_(pa.float64(), 2)),
-                                      "label": [0, 1, 0, 1]})), "store them as uint8 \\(images\\) or float32"),
+        (
+            lambda p: write(
+                p, pa.table({"pixels": pa.array([[1, 2]] * 4, pa.list_(pa.uint8(), 2)), "label": [0, 1, 0, 1]})
+            ),
+            "no column\\(s\\) 'features'.*--feature-column",
+        ),
+        (
+            lambda p: write(
+                p,
+                pa.table(
+                    {"features": pa.array([[1.0, 2.0]] * 4, pa.list_(pa.float32(), 2)), "label": [0.0, 1.0, 0.0, 1.0]}
+                ),
+            ),
+            "labels must be integer class indices",
+        ),
+        (
+            lambda p: write(
+                p, pa.table({"features": pa.array([[1.0, 2.0]] * 4, pa.list_(pa.float64(), 2)), "label": [0, 1, 0, 1]})
+            ),
+            "store them as uint8 \\(images\\) or float32",
+        ),
     ],
     ids=["missing", "not-parquet", "missing-column", "float-labels", "float64-features"],
 )
@@ -95,7 +119,7 @@ def test_truncated_parquet_is_refused(tmp_path):
 
 
 def test_labels_with_gaps_are_refused():
-    from storage.tables import TensorTable
+    from ptqflow.storage.tables import TensorTable
 
     labels = np.repeat([0, 1, 5], 10)
     with pytest.raises(InvalidDataset, match="3 of 0..5 have no samples \\(2, 3, 4\\): remap"):
@@ -104,12 +128,16 @@ def test_labels_with_gaps_are_refused():
 
 def test_fingerprint_follows_the_content_not_the_url(tmp_path):
     x, y = images()
-    write(tmp_path / "a.parquet", pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
-                                            "label": pa.array(y)}))
+    write(
+        tmp_path / "a.parquet",
+        pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x), "label": pa.array(y)}),
+    )
     first = source_fingerprint(str(tmp_path))
     assert source_fingerprint(str(tmp_path)) == first
-    write(tmp_path / "b.parquet", pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
-                                            "label": pa.array(y)}))
+    write(
+        tmp_path / "b.parquet",
+        pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x), "label": pa.array(y)}),
+    )
     assert source_fingerprint(str(tmp_path)) != first
     assert source_fingerprint("digits") == "builtin:digits"
 
@@ -117,7 +145,7 @@ def test_fingerprint_follows_the_content_not_the_url(tmp_path):
 def test_without_version_info_the_fingerprint_hashes_the_content():
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from tasks.datasets import files_fingerprint
+    from ptqflow.tasks.datasets import files_fingerprint
 
     class NoVersions(MemoryFileSystem):
         def info(self, path, **kwargs):
@@ -133,6 +161,7 @@ def test_without_version_info_the_fingerprint_hashes_the_content():
 
 # --sample-size: a seeded, stratified draw made while reading, by row groups.
 
+
 def write_parts(folder, x, y, parts: int = 3, row_group_size: int = 7, layout: str = "tensor") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in enumerate(np.array_split(np.arange(len(y)), parts)):
@@ -140,10 +169,14 @@ def write_parts(folder, x, y, parts: int = 3, row_group_size: int = 7, layout: s
             column = pa.FixedShapeTensorArray.from_numpy_ndarray(x[rows])
         else:
             flat = np.ascontiguousarray(x[rows]).reshape(len(rows), -1)
-            column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(flat.shape[1]), len(rows),
-                                                          [None, pa.py_buffer(flat.tobytes())])
-        pq.write_table(pa.table({"features": column, "label": pa.array(y[rows])}),
-                       str(folder / f"part-{part}.parquet"), row_group_size=row_group_size)
+            column = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(flat.shape[1]), len(rows), [None, pa.py_buffer(flat.tobytes())]
+            )
+        pq.write_table(
+            pa.table({"features": column, "label": pa.array(y[rows])}),
+            str(folder / f"part-{part}.parquet"),
+            row_group_size=row_group_size,
+        )
 
 
 @pytest.mark.parametrize("layout", ["tensor", "binary"])
@@ -187,13 +220,16 @@ def test_sample_size_errors_name_the_fix(tmp_path):
     write_parts(tmp_path / "src", x, y)
     with pytest.raises(InvalidDataset, match="has only 200: pass --sample-size 200 or less"):
         load_dataset(str(tmp_path / "src"), Columns(), Draw(500, (0, 1), min_per_class=5))
-    with pytest.raises(InvalidDataset, match="gives class 3 1 samples, but the splits need 5 per class: pass --sample-size 100 or more"):
+    with pytest.raises(
+        InvalidDataset, match="gives class 3 1 samples, but the splits need 5 per class: pass --sample-size 100 or more"
+    ):
         load_dataset(str(tmp_path / "src"), Columns(), Draw(20, (0, 1), min_per_class=5))
     with pytest.raises(InvalidDataset, match="has only 1797: pass --sample-size 1797 or less"):
         load_dataset("digits", Columns(), Draw(5000, (0, 1), min_per_class=5))
 
 
 # keras.datasets: the real loaders, on files in Keras's cache format that the tests write.
+
 
 @pytest.fixture
 def keras_home(tmp_path, monkeypatch):
@@ -269,8 +305,11 @@ def test_cifar10_through_the_keras_loader(keras_home, published_hash_is):
 
 @pytest.mark.parametrize(
     ("name", "where"),
-    [("mnist", "mnist.npz"), ("fashion_mnist", "fashion-mnist/train-labels-idx1-ubyte.gz"),
-     ("cifar10", "cifar-10-batches-py-target_archive")],
+    [
+        ("mnist", "mnist.npz"),
+        ("fashion_mnist", "fashion-mnist/train-labels-idx1-ubyte.gz"),
+        ("cifar10", "cifar-10-batches-py-target_archive"),
+    ],
 )
 def test_offline_the_error_says_where_to_put_the_file(keras_home, name, where):
     with pytest.raises(InvalidDataset) as error:
@@ -294,15 +333,20 @@ def test_an_unreadable_keras_cache_file_is_named(keras_home):
 def test_a_date_template_is_filled_with_the_run_date():
     from datetime import datetime, timezone
 
-    from tasks.datasets import resolve_source
+    from ptqflow.tasks.datasets import resolve_source
 
     run = datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc)
     assert resolve_source("s3://b/events/{date}/", run) == ("s3://b/events/2026-11-27/", None)
-    assert resolve_source("s3://b/events/{date:%Y/%m/%d}/part.parquet", run)[0] == "s3://b/events/2026/11/27/part.parquet"
+    assert (
+        resolve_source("s3://b/events/{date:%Y/%m/%d}/part.parquet", run)[0] == "s3://b/events/2026/11/27/part.parquet"
+    )
     assert resolve_source("s3://b/events/", run, window_days=7) == (
-        "s3://b/events/", datetime(2026, 11, 20, tzinfo=timezone.utc))
+        "s3://b/events/",
+        datetime(2026, 11, 20, tzinfo=timezone.utc),
+    )
     assert resolve_source("s3://b/events/", run, since=datetime(2026, 11, 1).date())[1] == datetime(
-        2026, 11, 1, tzinfo=timezone.utc)
+        2026, 11, 1, tzinfo=timezone.utc
+    )
 
 
 def test_since_selects_the_files_modified_since(tmp_path):

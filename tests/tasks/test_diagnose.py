@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.keras_models import keras_model_from_bytes
-from tasks.convert import quantize
-from tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float, ranking_margin
-from tasks.parameters import ConversionParameters, TargetOps, TensorType
-from tasks.repair import keep_worst_layers_float
-from tasks.validate import accuracy, audit_tensor_types, predict_tflite
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.tasks.convert import quantize
+from ptqflow.tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float, ranking_margin
+from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TensorType
+from ptqflow.tasks.repair import keep_worst_layers_float
+from ptqflow.tasks.validate import accuracy, audit_tensor_types, predict_tflite
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -60,15 +60,24 @@ def test_keeping_the_worst_layer_float_repairs_the_model(outlier_model, calibrat
     assert accuracy(predict_tflite(quantized, splits["test"].features), splits["test"].labels) < 0.5
     ranked = layer_errors(outlier_model, batches_of(calibration), calibration, BUILTINS)
     repaired, steps, message = keep_worst_layers_float(
-        outlier_model, batches_of(calibration), calibration, BUILTINS, quantized, ranked,
-        splits["validation"].features, splits["validation"].labels, max_accuracy_drop=1.0, max_float_layers=4,
+        outlier_model,
+        batches_of(calibration),
+        calibration,
+        BUILTINS,
+        quantized,
+        ranked,
+        splits["validation"].features,
+        splits["validation"].labels,
+        max_accuracy_drop=1.0,
+        max_float_layers=4,
     )
     assert repaired is not None and len(steps) == 1
     # The outlier tensor must never be quantized: dense stays float and so does probabilities, which reads it.
     assert steps[0].float_layers == ("dense", "probabilities")
     assert message.startswith("repair kept dense (with probabilities, which read its output) in float")
-    float_accuracy = accuracy(outlier_model.predict(splits["test"].features.astype(np.float32), verbose=0),
-                              splits["test"].labels)
+    float_accuracy = accuracy(
+        outlier_model.predict(splits["test"].features.astype(np.float32), verbose=0), splits["test"].labels
+    )
     repaired_accuracy = accuracy(predict_tflite(repaired, splits["test"].features), splits["test"].labels)
     assert (float_accuracy - repaired_accuracy) * 100 <= 1.0
     audit = audit_tensor_types(repaired)
@@ -81,15 +90,24 @@ def test_repair_stops_at_the_limit_and_says_so(outlier_model, calibration, digit
     quantized = quantize(outlier_model, batches_of(calibration), BUILTINS)
     ranked = layer_errors(outlier_model, batches_of(calibration), calibration, BUILTINS)
     repaired, steps, message = keep_worst_layers_float(
-        outlier_model, batches_of(calibration), calibration, BUILTINS, quantized, ranked,
-        splits["validation"].features, splits["validation"].labels, max_accuracy_drop=-1.0, max_float_layers=2,
+        outlier_model,
+        batches_of(calibration),
+        calibration,
+        BUILTINS,
+        quantized,
+        ranked,
+        splits["validation"].features,
+        splits["validation"].labels,
+        max_accuracy_drop=-1.0,
+        max_float_layers=2,
     )
     assert repaired is None and len(steps) <= 2 and "and the validation drop is still" in message
 
 
 def test_float_io_is_kept_when_asked(outlier_model, calibration):
-    options = ConversionParameters(ops=TargetOps.builtins, input_type=TensorType.float32,
-                                   output_type=TensorType.float32)
+    options = ConversionParameters(
+        ops=TargetOps.builtins, input_type=TensorType.float32, output_type=TensorType.float32
+    )
     model = quantize_keeping_float(outlier_model, batches_of(calibration), calibration, options, [])
     audit = audit_tensor_types(model)
     assert audit.input_type == "float32" and audit.output_type == "float32"
@@ -97,21 +115,31 @@ def test_float_io_is_kept_when_asked(outlier_model, calibration):
 
 @pytest.mark.parametrize(
     ("tensor", "layer"),
-    [("ptqflow_cnn_1/dense_1/MatMul;ptqflow_cnn_1/dense_1/Relu", "dense"),
-     ("ptqflow_cnn_1/relu1_1/Relu;ptqflow_cnn_1/batch_norm1_1/batchnorm/add_1", "relu1"),
-     ("StatefulPartitionedCall_1:0", "model output"),
-     ("other/thing", "other/thing")],
+    [
+        ("ptqflow_cnn_1/dense_1/MatMul;ptqflow_cnn_1/dense_1/Relu", "dense"),
+        ("ptqflow_cnn_1/relu1_1/Relu;ptqflow_cnn_1/batch_norm1_1/batchnorm/add_1", "relu1"),
+        ("StatefulPartitionedCall_1:0", "model output"),
+        ("other/thing", "other/thing"),
+    ],
 )
 def test_tensor_names_map_to_keras_layers(tensor, layer):
     assert keras_layer_of(tensor, ["dense", "relu1", "batch_norm1", "probabilities"]) == layer
 
 
 def test_the_ranking_margin_says_when_another_processor_could_flip_the_order():
-    from tasks.diagnose import LayerError
+    from ptqflow.tasks.diagnose import LayerError
 
     def layer(name: str, badness: float) -> LayerError:
-        return LayerError(layer=name, op="FULLY_CONNECTED", tensor=name, scale=1.0, rmse_over_scale=0.3,
-                          mean_abs_error=0.0, typical_steps=None, badness=badness)
+        return LayerError(
+            layer=name,
+            op="FULLY_CONNECTED",
+            tensor=name,
+            scale=1.0,
+            rmse_over_scale=0.3,
+            mean_abs_error=0.0,
+            typical_steps=None,
+            badness=badness,
+        )
 
     clear = ranking_margin([layer("dense", 40.0), layer("probabilities", 2.0)])
     assert clear is not None and clear.ratio == 20.0 and not clear.close and "close call" not in str(clear)

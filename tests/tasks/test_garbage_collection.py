@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from storage.results import EXPECTED_SERIALIZER
-from storage.store import ArtifactStore
+from ptqflow.storage.results import EXPECTED_SERIALIZER
+from ptqflow.storage.store import ArtifactStore
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 
@@ -15,19 +15,31 @@ def add_run(store: ArtifactStore, run_id: str, day: int, blob: bytes, with_keys:
     """A run whose model is ``blob`` and whose one stage's cache record names a second blob."""
     model = store.put_bytes(blob, ".keras")
     extra = store.put_bytes(blob + b" report", ".json")
-    key = f"tasks.train-{run_id}"
-    record = {"metadata": {"serializer": EXPECTED_SERIALIZER}, "result": json.dumps(
-        {"__class__": "tasks.artifacts.TrainedModel", "data": {"model": model.model_dump(), "report": extra.model_dump()}})}
+    key = f"ptqflow.tasks.train-{run_id}"
+    record = {
+        "metadata": {"serializer": EXPECTED_SERIALIZER},
+        "result": json.dumps(
+            {
+                "__class__": "ptqflow.tasks.artifacts.TrainedModel",
+                "data": {"model": model.model_dump(), "report": extra.model_dump()},
+            }
+        ),
+    }
     store.write_named(f"prefect-results/{key}", json.dumps(record).encode())
     stage = {"cached": False, "seconds": 1.0, **({"cache_key": key} if with_keys else {})}
-    manifest = {"kind": "ptqflow.run_manifest", "run_id": run_id, "created_at": f"2026-11-{day:02d}T02:00:00+00:00",
-                "artifacts": {"model": model.model_dump()}, "tasks": {"train_float_model": stage}}
+    manifest = {
+        "kind": "ptqflow.run_manifest",
+        "run_id": run_id,
+        "created_at": f"2026-11-{day:02d}T02:00:00+00:00",
+        "artifacts": {"model": model.model_dump()},
+        "tasks": {"train_float_model": stage},
+    }
     store.write_named(f"runs/{run_id}.json", json.dumps(manifest).encode())
     return model.uri, extra.uri
 
 
 def test_only_what_the_kept_runs_reach_survives(tmp_path):
-    from tasks.garbage_collection import apply_collection, plan_collection
+    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
 
     store = ArtifactStore(str(tmp_path / "store"))
     old = add_run(store, "old", 1, b"old model")
@@ -37,11 +49,11 @@ def test_only_what_the_kept_runs_reach_survives(tmp_path):
     assert plan.delete[0] == "runs/old.json"  # the manifest goes first: an interrupted gc leaves no dangling run
     apply_collection(store, plan)
     assert all(store.fs.exists(uri) for uri in new) and not any(store.fs.exists(uri) for uri in old)
-    assert store.list_named("prefect-results") == ["prefect-results/tasks.train-new"]
+    assert store.list_named("prefect-results") == ["prefect-results/ptqflow.tasks.train-new"]
 
 
 def test_a_kept_run_from_before_cache_keys_keeps_every_record_and_what_it_names(tmp_path):
-    from tasks.garbage_collection import plan_collection
+    from ptqflow.tasks.garbage_collection import plan_collection
 
     store = ArtifactStore(str(tmp_path / "store"))
     old = add_run(store, "old", 1, b"old model")
@@ -54,7 +66,7 @@ def test_a_kept_run_from_before_cache_keys_keeps_every_record_and_what_it_names(
 
 
 def test_a_manifest_that_is_not_one_is_kept_and_said(tmp_path):
-    from tasks.garbage_collection import plan_collection
+    from ptqflow.tasks.garbage_collection import plan_collection
 
     store = ArtifactStore(str(tmp_path / "store"))
     add_run(store, "new", 2, b"new model")

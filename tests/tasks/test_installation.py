@@ -8,9 +8,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import ptqflow_executable
 
-from tasks.installation import (
+from conftest import ptqflow_executable
+from ptqflow.tasks.installation import (
     NEWEST_TENSORFLOW,
     OLDEST_TENSORFLOW,
     Distribution,
@@ -78,8 +78,12 @@ def test_two_builds_over_each_other_stop_the_cli_with_one_line_and_write_nothing
     assert not store.exists()
     # The Python API refuses too, with the same message, before TensorFlow is imported.
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys\ntry:\n import flows.pipeline\nexcept ImportError as e:\n"
-         " print(type(e).__name__, 'tensorflow' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys\ntry:\n import flows.pipeline\nexcept ImportError as e:\n"
+            " print(type(e).__name__, 'tensorflow' in sys.modules)",
+        ],
         env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
@@ -89,17 +93,20 @@ def test_two_builds_over_each_other_stop_the_cli_with_one_line_and_write_nothing
 
 
 def test_a_converter_without_the_private_per_tensor_switch_is_refused_not_silently_per_channel(monkeypatch):
-    from tasks import convert
-    from tasks.errors import ConversionFailed
-    from tasks.parameters import ConversionParameters
+    from ptqflow.tasks import convert
+    from ptqflow.tasks.errors import ConversionFailed
+    from ptqflow.tasks.parameters import ConversionParameters
 
     class ConverterWithoutTheSwitch:
         def __init__(self):
             self.target_spec = SimpleNamespace()
 
     monkeypatch.setattr(convert, "_converter", lambda model: ConverterWithoutTheSwitch())
-    with pytest.raises(ConversionFailed, match=r"per-tensor weight scales .* is missing from this installation "
-                                               r"\(tensorflow.*\); it works with TensorFlow 2.18 to 2.21.*per-channel"):
+    with pytest.raises(
+        ConversionFailed,
+        match=r"per-tensor weight scales .* is missing from this installation "
+        r"\(tensorflow.*\); it works with TensorFlow 2.18 to 2.21.*per-channel",
+    ):
         convert.quantization_converter(None, lambda: iter(()), ConversionParameters(per_channel=False))
 
 
@@ -108,8 +115,8 @@ def test_without_the_quantization_debugger_the_report_says_why_it_has_no_per_lay
     import numpy as np
     import tensorflow as tf
 
-    from tasks.parameters import ConversionParameters
-    from tasks.validate import per_layer_errors
+    from ptqflow.tasks.parameters import ConversionParameters
+    from ptqflow.tasks.validate import per_layer_errors
 
     monkeypatch.delattr(tf.lite.experimental, "QuantizationDebugger")
     inputs = keras.Input((4,))

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.errors import InvalidDataset
-from tasks.limits import MAX_DECODED_BYTES, MAX_ROWS, check_label_range, check_source_size, declared_sample_bytes
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.limits import (
+    MAX_DECODED_BYTES,
+    MAX_ROWS,
+    check_label_range,
+    check_source_size,
+    declared_sample_bytes,
+)
 
 
 def test_bytes_per_sample_come_from_the_type_alone():
@@ -18,8 +24,10 @@ def test_bytes_per_sample_come_from_the_type_alone():
 
 
 def test_a_source_past_a_limit_is_refused_naming_the_setting(monkeypatch):
-    with pytest.raises(InvalidDataset, match="declares 1,000,000,000 rows, above the limit of 50,000,000 rows in a "
-                                             "source: raise PTQFLOW_MAX_ROWS"):
+    with pytest.raises(
+        InvalidDataset,
+        match="declares 1,000,000,000 rows, above the limit of 50,000,000 rows in a source: raise PTQFLOW_MAX_ROWS",
+    ):
         check_source_size("s3://b/x.parquet", 10**9, 1)
     with pytest.raises(InvalidDataset, match="would decode to .* raise PTQFLOW_MAX_DECODED_BYTES"):
         check_source_size("s3://b/x.parquet", 10**6, 12_288)

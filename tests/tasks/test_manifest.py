@@ -4,19 +4,26 @@ import json
 
 import pytest
 
-from storage.store import ArtifactStore
-from tasks.manifest import build_manifest, find_manifest, list_manifests, scrub, write_run_manifest
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.manifest import build_manifest, find_manifest, list_manifests, scrub, write_run_manifest
 
 
 def test_scrub_removes_secrets_and_url_credentials():
-    cleaned = scrub({"store": "s3://key:secret@bucket/p", "aws_secret_access_key": "x", "nested": [{"token": "t"}],
-                     "seed": 0})
-    assert cleaned == {"store": "s3://bucket/p", "aws_secret_access_key": "***", "nested": [{"token": "***"}], "seed": 0}
+    cleaned = scrub(
+        {"store": "s3://key:secret@bucket/p", "aws_secret_access_key": "x", "nested": [{"token": "t"}], "seed": 0}
+    )
+    assert cleaned == {
+        "store": "s3://bucket/p",
+        "aws_secret_access_key": "***",
+        "nested": [{"token": "***"}],
+        "seed": 0,
+    }
 
 
 def _manifest(run_id: str, created: str = "2026-01-01T00:00:00+00:00") -> dict:
-    m = build_manifest(run_id, {"seed": 0}, "file:///s", {}, {"quantized_accuracy": 1.0, "accuracy_drop_pp": 0.0},
-                       {"passed": True}, {})
+    m = build_manifest(
+        run_id, {"seed": 0}, "file:///s", {}, {"quantized_accuracy": 1.0, "accuracy_drop_pp": 0.0}, {"passed": True}, {}
+    )
     return {**m, "created_at": created}
 
 

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactStore, StoreError
-from tasks.promotion import decide, point_latest_to, read_pointer, rollback
+from ptqflow.storage.store import ArtifactStore, StoreError
+from ptqflow.tasks.promotion import decide, point_latest_to, read_pointer, rollback
 
 CHAMPION = {"version": "20261126T020000Z-a", "run_id": "a"}
 
@@ -24,8 +24,13 @@ def test_a_model_that_failed_its_gate_is_never_promoted():
 
 @pytest.mark.parametrize(
     ("challenger", "champion", "tolerance", "promoted"),
-    [(0.95, 0.95, 0.0, True), (0.96, 0.95, 0.0, True), (0.949, 0.95, 0.0, False), (0.949, 0.95, 0.2, True),
-     (0.94, 0.95, 0.5, False)],
+    [
+        (0.95, 0.95, 0.0, True),
+        (0.96, 0.95, 0.0, True),
+        (0.949, 0.95, 0.0, False),
+        (0.949, 0.95, 0.2, True),
+        (0.94, 0.95, 0.5, False),
+    ],
 )
 def test_the_challenger_may_be_at_most_the_tolerance_below_the_champion(challenger, champion, tolerance, promoted):
     decision = decide(challenger, True, tolerance, champion, CHAMPION)
@@ -41,10 +46,21 @@ def _publish(export: ArtifactStore, version: str, payload: bytes) -> None:
     export.write_named(key, payload)
     import hashlib
 
-    pointer = json.dumps({"kind": "ptqflow.export_pointer", "version": version, "run_id": version[-1],
-                          "published_at": "2026-11-27T00:00:00+00:00",
-                          "files": {"tflite": {"uri": export.uri_for(key), "sha256": hashlib.sha256(payload).hexdigest(),
-                                               "bytes": len(payload)}}}).encode()
+    pointer = json.dumps(
+        {
+            "kind": "ptqflow.export_pointer",
+            "version": version,
+            "run_id": version[-1],
+            "published_at": "2026-11-27T00:00:00+00:00",
+            "files": {
+                "tflite": {
+                    "uri": export.uri_for(key),
+                    "sha256": hashlib.sha256(payload).hexdigest(),
+                    "bytes": len(payload),
+                }
+            },
+        }
+    ).encode()
     export.write_named(f"history/{version}.json", pointer, exclusive=True)
     export.write_named("latest.json", pointer)
 
@@ -76,8 +92,8 @@ def test_a_corrupt_version_is_not_pointed_at():
 def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testing():
     import numpy as np
 
-    from tasks.promotion import rows_unseen_by
-    from tasks.sample import SPLIT_SCHEME, hash_split
+    from ptqflow.tasks.promotion import rows_unseen_by
+    from ptqflow.tasks.sample import SPLIT_SCHEME, hash_split
 
     rows = np.random.default_rng(0).integers(0, 256, (2000, 64), dtype=np.uint8)
     labels = np.arange(2000) % 4
@@ -97,7 +113,7 @@ def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testi
 
 
 def test_the_rows_a_fair_comparison_needs():
-    from tasks.parameters import GateParameters
+    from ptqflow.tasks.parameters import GateParameters
 
     assert GateParameters().comparison_rows_needed(359) == 100
     assert GateParameters().comparison_rows_needed(120) == 60  # half a small test split

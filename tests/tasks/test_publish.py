@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from storage.store import ArtifactStore
-from tasks.publish import EXPORT_FILES, ExportCorrupted, PointerMoved, publish_run
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.publish import EXPORT_FILES, ExportCorrupted, PointerMoved, publish_run
 
 
 @pytest.fixture
@@ -139,8 +139,9 @@ def _fail_once(monkeypatch, export: ArtifactStore, method: str, when) -> None:
     monkeypatch.setattr(export, method, flaky)
 
 
-def _assert_pointer_on_a_complete_verified_version(export: ArtifactStore, store: ArtifactStore, artifacts: dict,
-                                                   run_id: str) -> None:
+def _assert_pointer_on_a_complete_verified_version(
+    export: ArtifactStore, store: ArtifactStore, artifacts: dict, run_id: str
+) -> None:
     latest = json.loads(export.read_named("latest.json"))
     assert latest["run_id"] == run_id
     for name, ref in latest["files"].items():
@@ -153,11 +154,13 @@ def _assert_pointer_on_a_complete_verified_version(export: ArtifactStore, store:
 
 @pytest.mark.parametrize(
     ("method", "failing"),
-    [("write_named", lambda key: key.endswith("/model.tflite")),  # the first copy
-     ("write_named", lambda key: key.endswith("/report.html")),  # the last copy
-     ("write_named", lambda key: key.endswith("/manifest.json")),
-     ("write_named", lambda key: key.startswith("history/")),
-     ("replace_named_if", lambda key: key == "latest.json")],  # the pointer
+    [
+        ("write_named", lambda key: key.endswith("/model.tflite")),  # the first copy
+        ("write_named", lambda key: key.endswith("/report.html")),  # the last copy
+        ("write_named", lambda key: key.endswith("/manifest.json")),
+        ("write_named", lambda key: key.startswith("history/")),
+        ("replace_named_if", lambda key: key == "latest.json"),
+    ],  # the pointer
     ids=["first-copy", "last-copy", "manifest", "history", "pointer"],
 )
 def test_a_publish_interrupted_at_any_write_is_finished_by_the_retry(store, export, monkeypatch, method, failing):
@@ -199,7 +202,9 @@ def test_a_writer_that_moves_the_pointer_during_a_publish_makes_it_lose(store, e
     def history_then_race(key, data, exclusive=False):
         result = original(key, data, exclusive)
         if key.startswith("history/") and key.endswith("-run-3.json"):  # just before run-3 moves the pointer
-            publish_run(store, other_writer, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=champion)
+            publish_run(
+                store, other_writer, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=champion
+            )
         return result
 
     monkeypatch.setattr(export, "write_named", history_then_race)
@@ -211,18 +216,21 @@ def test_a_writer_that_moves_the_pointer_during_a_publish_makes_it_lose(store, e
 
 
 def test_a_promote_racing_another_writer_changes_nothing(store, export, monkeypatch):
-    from tasks.promotion import point_latest_to
+    from ptqflow.tasks.promotion import point_latest_to
 
     first = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
-    second = publish_run(store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version)
+    second = publish_run(
+        store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version
+    )
     other_writer = ArtifactStore(export.url, storage_options=export.storage_options)
     original = export.write_named
 
     def history_then_race(key, data, exclusive=False):
         result = original(key, data, exclusive)
         if "-promote-" in key:
-            publish_run(store, other_writer, "run-3", _artifacts(store, "v3"), _manifest("run-3"),
-                        compared_with=second.version)
+            publish_run(
+                store, other_writer, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=second.version
+            )
         return result
 
     monkeypatch.setattr(export, "write_named", history_then_race)

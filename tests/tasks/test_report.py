@@ -7,46 +7,93 @@ import re
 
 import pytest
 
-from tasks.report import render_html, render_markdown
+from ptqflow.tasks.report import render_html, render_markdown
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
 
 def model(accuracy: float, bytes_: int | None) -> dict:
     return {
-        "accuracy": accuracy, "per_class_accuracy": {"cat": accuracy, "dog": None},
-        "confusion_matrix": [[9, 1], [0, 0]], "agreement_with_float": 0.9, "output_mae": 0.01,
-        "output_sqnr_db": 30.0, "bytes": bytes_,
-        "speed": {"latency_ms": {"p50": 0.5, "p95": 0.7, "runs": 100}, "throughput_per_s": 1000.0,
-                  "throughput_batch": 10},
+        "accuracy": accuracy,
+        "per_class_accuracy": {"cat": accuracy, "dog": None},
+        "confusion_matrix": [[9, 1], [0, 0]],
+        "agreement_with_float": 0.9,
+        "output_mae": 0.01,
+        "output_sqnr_db": 30.0,
+        "bytes": bytes_,
+        "speed": {
+            "latency_ms": {"p50": 0.5, "p95": 0.7, "runs": 100},
+            "throughput_per_s": 1000.0,
+            "throughput_batch": 10,
+        },
     }
 
 
 @pytest.fixture
 def document() -> dict:
-    return {"metrics": {
-        "validated": True, "not_validated_reason": None, "samples": 10, "class_names": ["cat", "dog"],
-        "float_accuracy": 0.9, "quantized_accuracy": 0.8, "accuracy_drop_pp": 10.0, "float_bytes": 400,
-        "quantized_bytes": 100, "num_threads": 2,
-        "models": {"float_keras": model(0.9, None), "float_tflite": model(0.9, 400),
-                   "quantized_tflite": model(0.8, 100)},
-        "layers": [{"layer": "dense", "op": "FULLY_CONNECTED", "tensor": "t", "scale": 20.0,
-                    "rmse_over_scale": 0.09, "mean_abs_error": 0.1, "typical_steps": 0.05, "badness": 20.0},
-                   {"layer": "model output", "op": "SOFTMAX", "tensor": "s", "scale": 0.0039,
-                    "rmse_over_scale": 0.3, "mean_abs_error": 0.0, "typical_steps": None, "badness": 1.04}],
-        "layers_unavailable": None,
-        "audit": {"full_integer": False, "float_tensors": ["x"], "float_ops": [{"op": "FULLY_CONNECTED",
-                  "output": "dense"}], "flex_ops": [], "dtypes": {"float32": 1, "int8": 5},
-                  "ops": ["FULLY_CONNECTED", "SOFTMAX"],
-                  "input": {"dtype": "int8", "scale": 0.06, "zero_point": -128},
-                  "output": {"dtype": "int8", "scale": 1 / 256, "zero_point": -128}},
-    }}
+    return {
+        "metrics": {
+            "validated": True,
+            "not_validated_reason": None,
+            "samples": 10,
+            "class_names": ["cat", "dog"],
+            "float_accuracy": 0.9,
+            "quantized_accuracy": 0.8,
+            "accuracy_drop_pp": 10.0,
+            "float_bytes": 400,
+            "quantized_bytes": 100,
+            "num_threads": 2,
+            "models": {
+                "float_keras": model(0.9, None),
+                "float_tflite": model(0.9, 400),
+                "quantized_tflite": model(0.8, 100),
+            },
+            "layers": [
+                {
+                    "layer": "dense",
+                    "op": "FULLY_CONNECTED",
+                    "tensor": "t",
+                    "scale": 20.0,
+                    "rmse_over_scale": 0.09,
+                    "mean_abs_error": 0.1,
+                    "typical_steps": 0.05,
+                    "badness": 20.0,
+                },
+                {
+                    "layer": "model output",
+                    "op": "SOFTMAX",
+                    "tensor": "s",
+                    "scale": 0.0039,
+                    "rmse_over_scale": 0.3,
+                    "mean_abs_error": 0.0,
+                    "typical_steps": None,
+                    "badness": 1.04,
+                },
+            ],
+            "layers_unavailable": None,
+            "audit": {
+                "full_integer": False,
+                "float_tensors": ["x"],
+                "float_ops": [{"op": "FULLY_CONNECTED", "output": "dense"}],
+                "flex_ops": [],
+                "dtypes": {"float32": 1, "int8": 5},
+                "ops": ["FULLY_CONNECTED", "SOFTMAX"],
+                "input": {"dtype": "int8", "scale": 0.06, "zero_point": -128},
+                "output": {"dtype": "int8", "scale": 1 / 256, "zero_point": -128},
+            },
+        }
+    }
 
 
 def test_markdown_has_every_section(document):
     text = render_markdown(document)
-    for heading in ("## Models (test split)", "## Per-class accuracy", "## Per-layer quantization error",
-                    "## Audit", "## Confusion matrices"):
+    for heading in (
+        "## Models (test split)",
+        "## Per-class accuracy",
+        "## Per-layer quantization error",
+        "## Audit",
+        "## Confusion matrices",
+    ):
         assert heading in text
     assert "| dense | FULLY_CONNECTED | 20.00 |" in text and "| n/a |" in text
     assert "**ops with float tensors**: FULLY_CONNECTED (dense)" in text
@@ -62,8 +109,13 @@ def test_html_is_self_contained_with_three_png_plots(document):
 
 
 def test_not_validated_is_said_plainly(document):
-    document["metrics"].update(validated=False, not_validated_reason="the model uses TensorFlow (Flex) ops",
-                               models={}, quantized_accuracy=None, accuracy_drop_pp=None)
+    document["metrics"].update(
+        validated=False,
+        not_validated_reason="the model uses TensorFlow (Flex) ops",
+        models={},
+        quantized_accuracy=None,
+        accuracy_drop_pp=None,
+    )
     assert "**Not validated**: the model uses TensorFlow (Flex) ops" in render_markdown(document)
     assert "Not validated: the model uses TensorFlow (Flex) ops" in render_html(document)
 
@@ -71,15 +123,22 @@ def test_not_validated_is_said_plainly(document):
 def test_the_champion_decision_is_in_both_renderings(document):
     assert "Promotion" not in render_markdown(document)  # a run without an export decided nothing
     document["promotion"] = {
-        "promote": False, "challenger_accuracy": 0.351, "champion_accuracy": 0.9805, "champion_version": "v1",
-        "champion_run_id": "r1", "tolerance_pp": 0.0, "compared_rows": 359,
+        "promote": False,
+        "challenger_accuracy": 0.351,
+        "champion_accuracy": 0.9805,
+        "champion_version": "v1",
+        "champion_run_id": "r1",
+        "tolerance_pp": 0.0,
+        "compared_rows": 359,
         "comparison": "all 359 rows of this test split, none of which it trained on",
         "message": "not promoted: accuracy 35.10% against 98.05% for the exported version v1 on all 359 rows ...",
     }
     text = render_markdown(document)
     assert "## Promotion\n\n- not promoted: accuracy 35.10% against 98.05%" in text
-    assert ("- this model: 35.10%; exported model (version v1): 98.05% (on all 359 rows of this test split, none of "
-            "which it trained on; tolerance 0.0 pp)") in text
+    assert (
+        "- this model: 35.10%; exported model (version v1): 98.05% (on all 359 rows of this test split, none of "
+        "which it trained on; tolerance 0.0 pp)"
+    ) in text
     page = render_html(document)
     assert "<h2>Promotion</h2>" in page and "this model: 35.10%; exported model (version v1): 98.05%" in page
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.tables import TensorTable
-from tasks.datasets import load_dataset
-from tasks.errors import InvalidDataset
-from tasks.parameters import SamplingParameters
-from tasks.sample import SPLIT_SCHEME, check_dataset, feature_spec, hash_split, split_dataset, split_positions
-from tasks.stratify import stratified_choice
+from ptqflow.storage.tables import TensorTable
+from ptqflow.tasks.datasets import load_dataset
+from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.parameters import SamplingParameters
+from ptqflow.tasks.sample import SPLIT_SCHEME, check_dataset, feature_spec, hash_split, split_dataset, split_positions
+from ptqflow.tasks.stratify import stratified_choice
 
 
 def test_digits_are_raw_uint8_values_with_their_range():
@@ -22,7 +22,9 @@ def test_digits_are_raw_uint8_values_with_their_range():
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(InvalidDataset, match="unknown data set .nope.: choose one of cifar10, digits, fashion_mnist, mnist"):
+    with pytest.raises(
+        InvalidDataset, match="unknown data set .nope.: choose one of cifar10, digits, fashion_mnist, mnist"
+    ):
         load_dataset("nope")
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.store import ArtifactRef
-from tasks.convert import convert_float, quantize
-from tasks.errors import PtqflowError
-from tasks.parameters import QuantizationScheme, RankBy
-from tasks.sweep import (
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.convert import convert_float, quantize
+from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.parameters import QuantizationScheme, RankBy
+from ptqflow.tasks.sweep import (
     ConfigurationMetrics,
     SweepConfiguration,
     configuration_metrics,
@@ -24,7 +24,7 @@ from tasks.sweep import (
     sweep_grid,
     table_rows,
 )
-from tasks.validate import accuracy, predict_tflite
+from ptqflow.tasks.validate import accuracy, predict_tflite
 
 
 def test_the_default_grid_covers_every_option_the_issue_names():
@@ -59,28 +59,44 @@ def test_configuration_metrics_measure_the_model_against_float(trained_digits_mo
     float_accuracy = accuracy(float_outputs, test.labels)
     quantized_outputs = predict_tflite(model, test.features)
     assert metrics["accuracy"] == accuracy(quantized_outputs, test.labels)
-    assert metrics["agreement"] == pytest.approx(
-        float((quantized_outputs.argmax(1) == float_outputs.argmax(1)).mean()))
+    assert metrics["agreement"] == pytest.approx(float((quantized_outputs.argmax(1) == float_outputs.argmax(1)).mean()))
     assert metrics["float_accuracy"] == pytest.approx(float_accuracy)
     assert metrics["accuracy_drop_pp"] == pytest.approx((float_accuracy - metrics["accuracy"]) * 100, abs=1e-4)
     assert metrics["full_integer"] and metrics["bytes"] == len(model)
     assert metrics["rerun_max_difference"] == 0.0  # int8 kernels give the same outputs every run
     assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p95_ms"]
 
-    reference = configuration_metrics(float_outputs, convert_float(trained_digits_model), test.features,
-                                      test.labels, 128, 1, list(spec.class_names))
+    reference = configuration_metrics(
+        float_outputs, convert_float(trained_digits_model), test.features, test.labels, 128, 1, list(spec.class_names)
+    )
     assert reference["accuracy_drop_pp"] == pytest.approx(0.0, abs=1e-6) and not reference["full_integer"]
 
 
-def _metrics(bytes_: int, drop: float, latency: float, full_integer: bool = True,
-             rerun_max_difference: float = 0.0) -> ConfigurationMetrics:
+def _metrics(
+    bytes_: int, drop: float, latency: float, full_integer: bool = True, rerun_max_difference: float = 0.0
+) -> ConfigurationMetrics:
     ref = ArtifactRef(uri="memory://x", sha256="0" * 64, bytes=bytes_)
     return ConfigurationMetrics(
-        model=ref, conversion_seconds=0.5, bytes=bytes_, validated=True, float_accuracy=0.95,
-        accuracy=0.95 - drop / 100, accuracy_drop_pp=drop, agreement=0.99, output_sqnr_db=30.0,
-        latency_p50_ms=latency, latency_p95_ms=latency * 1.2, throughput_per_s=1000.0, num_threads=1,
-        measured_on="test", full_integer=full_integer, float_tensors=0 if full_integer else 2,
-        input_type="int8", output_type="int8", ops=("FULLY_CONNECTED",), rerun_max_difference=rerun_max_difference,
+        model=ref,
+        conversion_seconds=0.5,
+        bytes=bytes_,
+        validated=True,
+        float_accuracy=0.95,
+        accuracy=0.95 - drop / 100,
+        accuracy_drop_pp=drop,
+        agreement=0.99,
+        output_sqnr_db=30.0,
+        latency_p50_ms=latency,
+        latency_p95_ms=latency * 1.2,
+        throughput_per_s=1000.0,
+        num_threads=1,
+        measured_on="test",
+        full_integer=full_integer,
+        float_tensors=0 if full_integer else 2,
+        input_type="int8",
+        output_type="int8",
+        ops=("FULLY_CONNECTED",),
+        rerun_max_difference=rerun_max_difference,
     )
 
 
@@ -96,8 +112,10 @@ def rows():
         configuration_row(grid["float16"], _metrics(150_000, 0.0, 0.010, full_integer=False)),
         configuration_row(grid["int8-uint8-io"], None, error="conversion failed under --ops int8: ..."),
         # Smallest and within the gate, but its outputs change from one run to the next.
-        configuration_row(grid["dynamic-range-per-tensor"], _metrics(70_000, 0.1, 0.020, full_integer=False,
-                                                                      rerun_max_difference=0.42)),
+        configuration_row(
+            grid["dynamic-range-per-tensor"],
+            _metrics(70_000, 0.1, 0.020, full_integer=False, rerun_max_difference=0.42),
+        ),
     ]
 
 
@@ -108,7 +126,8 @@ def test_the_gate_is_judged_per_configuration(rows):
     assert judged["float32"].verdict == "reference" and not judged["float32"].passed
     assert judged["int8-uint8-io"].verdict.startswith("no model: conversion failed")
     assert judged["dynamic-range-per-tensor"].verdict == (
-        "not repeatable: outputs differ by up to 0.42 between two runs on the same input")
+        "not repeatable: outputs differ by up to 0.42 between two runs on the same input"
+    )
     strict = {r.name: judge(r, 1.0, require_full_integer=True) for r in rows}
     assert [n for n, r in strict.items() if r.passed] == ["int8", "int8-per-tensor"]
     assert strict["int16x8"].verdict == "not full integer (2 float tensors)"
@@ -126,7 +145,7 @@ def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, o
     ranked = rank([judge(r, 1.0, False) for r in rows], rank_by)
     assert [r.name for r in ranked[: len(order)]] == order
     assert [r.rank for r in ranked[: len(order)]] == list(range(1, len(order) + 1))
-    rest = ranked[len(order):]
+    rest = ranked[len(order) :]
     assert rest[0].reference and all(r.rank is None for r in rest)
     # The smallest, dynamic-range-per-tensor, is not repeatable: never ranked, whatever rank_by says.
     assert [r.name for r in rest] == ["float32", "dynamic-range-per-tensor", "int8-cal50", "int8-uint8-io"]

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from tasks.parameters import TrainingParameters
-from tasks.train import build_default_cnn, seeded, train_model
+from ptqflow.tasks.parameters import TrainingParameters
+from ptqflow.tasks.train import build_default_cnn, seeded, train_model
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -81,14 +81,19 @@ def test_seeded_leaves_python_random_as_it_was_for_everyone_else():
 
 
 def _spec(shape, n_classes=3):
-    from tasks.artifacts import FeatureSpec
+    from ptqflow.tasks.artifacts import FeatureSpec
 
-    return FeatureSpec(shape=shape, dtype="float32", value_range=(0.0, 1.0), n_classes=n_classes,
-                       class_names=tuple(str(i) for i in range(n_classes)))
+    return FeatureSpec(
+        shape=shape,
+        dtype="float32",
+        value_range=(0.0, 1.0),
+        n_classes=n_classes,
+        class_names=tuple(str(i) for i in range(n_classes)),
+    )
 
 
 def test_auto_picks_an_mlp_for_tabular_and_a_cnn_for_images():
-    from tasks.train import build_model
+    from ptqflow.tasks.train import build_model
 
     features = np.random.default_rng(0).normal(10, 3, (50, 5)).astype(np.float32)
     mlp = build_model(_spec((5,)), "auto", features)
@@ -99,14 +104,14 @@ def test_auto_picks_an_mlp_for_tabular_and_a_cnn_for_images():
 
 
 def test_shapes_that_fit_no_default_model_say_what_to_pass():
-    from tasks.errors import InvalidModel
-    from tasks.train import build_model
+    from ptqflow.tasks.errors import InvalidModel
+    from ptqflow.tasks.train import build_model
 
     with pytest.raises(InvalidModel, match="pass --input-shape"):
         build_model(_spec((8, 8)), "auto", np.zeros((4, 8, 8), np.float32))
 
 
-USER_MODULE = '''
+USER_MODULE = """
 import keras
 
 def small(input_shape, n_classes):
@@ -121,7 +126,7 @@ def wrong_shape(input_shape, n_classes):
 def wrong_outputs(input_shape, n_classes):
     inputs = keras.Input(input_shape)
     return keras.Model(inputs, keras.layers.Dense(n_classes + 1)(keras.layers.Flatten()(inputs)))
-'''
+"""
 
 
 @pytest.fixture
@@ -133,8 +138,8 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_a_user_model_function_is_imported_and_checked(user_module):
-    from tasks.errors import InvalidModel
-    from tasks.train import build_model
+    from ptqflow.tasks.errors import InvalidModel
+    from ptqflow.tasks.train import build_model
 
     name, _ = user_module
     features = np.zeros((4, 6, 6, 3), np.float32)
@@ -148,8 +153,8 @@ def test_a_user_model_function_is_imported_and_checked(user_module):
 
 
 def test_the_user_models_source_is_part_of_the_training_cache_key(user_module):
-    from tasks.parameters import TrainingParameters
-    from tasks.train import train_float_model
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import train_float_model
 
     name, path = user_module
     policy = train_float_model.cache_policy
@@ -162,10 +167,10 @@ def test_the_user_models_source_is_part_of_the_training_cache_key(user_module):
 def test_a_trained_model_url_is_loaded_in_safe_mode_and_checked(tmp_path, digits_splits):
     import keras
 
-    from storage.keras_models import keras_model_to_bytes
-    from tasks.errors import InvalidModel
-    from tasks.parameters import TrainingParameters
-    from tasks.train import build_default_cnn, load_trained_model, model_url_fingerprint
+    from ptqflow.storage.keras_models import keras_model_to_bytes
+    from ptqflow.tasks.errors import InvalidModel
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import build_default_cnn, load_trained_model, model_url_fingerprint
 
     spec, _ = digits_splits
     good = tmp_path / "good.keras"
@@ -175,7 +180,9 @@ def test_a_trained_model_url_is_loaded_in_safe_mode_and_checked(tmp_path, digits
     assert model_url_fingerprint(str(good)) and model_url_fingerprint(None) == ""
 
     inputs = keras.Input((8, 8, 1))
-    unsafe = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs))))
+    unsafe = keras.Model(
+        inputs, keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs)))
+    )
     (tmp_path / "unsafe.keras").write_bytes(keras_model_to_bytes(unsafe))
     with pytest.raises(InvalidModel, match="not a loadable .keras model.*safe mode"):
         load_trained_model(str(tmp_path / "unsafe.keras"), spec)

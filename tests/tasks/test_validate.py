@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.store import ArtifactRef
-from tasks.artifacts import ValidationResult
-from tasks.convert import convert_float, quantize
-from tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType, ValidationParameters
-from tasks.validate import (
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.artifacts import ValidationResult
+from ptqflow.tasks.convert import convert_float, quantize
+from ptqflow.tasks.parameters import (
+    ConversionParameters,
+    QuantizationScheme,
+    TargetOps,
+    TensorType,
+    ValidationParameters,
+)
+from ptqflow.tasks.validate import (
     check_accuracy_gate,
     dequantize_output,
     evaluate_models,
@@ -91,7 +97,7 @@ def test_evaluation_reports_every_metric(models, trained_digits_model, test_spli
     assert metrics["rerun_max_difference"] == 0.0  # int8 kernels: the same outputs on every run
 
     n = len(test_split)
-    for name, model in metrics["models"].items():
+    for model in metrics["models"].values():
         matrix = np.array(model["confusion_matrix"])
         assert matrix.shape == (10, 10) and matrix.sum() == n
         assert model["accuracy"] == pytest.approx(np.trace(matrix) / n)
@@ -108,17 +114,23 @@ def test_evaluation_reports_every_metric(models, trained_digits_model, test_spli
     assert metrics["models"]["float_tflite"]["output_sqnr_db"] > quantized_model["output_sqnr_db"]
 
 
-
 def test_known_float_outputs_give_the_same_metrics_as_predicting_them(models, trained_digits_model, test_split):
     quantized, float_model = models
-    args = (trained_digits_model, float_model, quantized, test_split.features, test_split.labels,
-            ValidationParameters())
+    args = (
+        trained_digits_model,
+        float_model,
+        quantized,
+        test_split.features,
+        test_split.labels,
+        ValidationParameters(),
+    )
     predicted = evaluate_models(*args, measure_speed=False)
     float_outputs = predict_keras(trained_digits_model, test_split.features, ValidationParameters().batch_size)
     given = evaluate_models(*args, measure_speed=False, keras_outputs=float_outputs)
     assert given == predicted
     shuffled = evaluate_models(*args, measure_speed=False, keras_outputs=float_outputs[::-1])
     assert shuffled["float_accuracy"] != predicted["float_accuracy"]  # the given outputs are what is used
+
 
 def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_model, models, test_split):
     import tensorflow as tf
@@ -138,10 +150,23 @@ def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_
     assert "cannot run" in metrics["not_validated_reason"] and "FlexCumprod" in metrics["not_validated_reason"]
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
     result = ValidationResult(
-        report=ref, validated=False, not_validated_reason=metrics["not_validated_reason"],
-        **{k: metrics[k] for k in ("float_accuracy", "tflite_float_accuracy", "quantized_accuracy",
-                                   "accuracy_drop_pp", "agreement", "float_bytes", "quantized_bytes")},
-        full_integer=False, float_tensors=(),
+        report=ref,
+        validated=False,
+        not_validated_reason=metrics["not_validated_reason"],
+        **{
+            k: metrics[k]
+            for k in (
+                "float_accuracy",
+                "tflite_float_accuracy",
+                "quantized_accuracy",
+                "accuracy_drop_pp",
+                "agreement",
+                "float_bytes",
+                "quantized_bytes",
+            )
+        },
+        full_integer=False,
+        float_tensors=(),
     )
     verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
     assert verdict.status == "not_validated" and not verdict.passed
@@ -151,9 +176,16 @@ def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_
 def _result(float_accuracy: float, quantized_accuracy: float) -> ValidationResult:
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
     return ValidationResult(
-        report=ref, float_accuracy=float_accuracy, tflite_float_accuracy=float_accuracy,
-        quantized_accuracy=quantized_accuracy, accuracy_drop_pp=(float_accuracy - quantized_accuracy) * 100,
-        agreement=1.0, float_bytes=4, quantized_bytes=1, full_integer=True, float_tensors=(),
+        report=ref,
+        float_accuracy=float_accuracy,
+        tflite_float_accuracy=float_accuracy,
+        quantized_accuracy=quantized_accuracy,
+        accuracy_drop_pp=(float_accuracy - quantized_accuracy) * 100,
+        agreement=1.0,
+        float_bytes=4,
+        quantized_bytes=1,
+        full_integer=True,
+        float_tensors=(),
     )
 
 
@@ -174,23 +206,29 @@ def test_a_model_whose_outputs_change_between_runs_fails_whatever_its_accuracy()
     result = _result(0.99, 0.99).model_copy(update={"rerun_max_difference": 0.42})
     verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
     assert not verdict.passed and verdict.status == "failed" and verdict.name == "repeatable"
-    assert verdict.message.startswith("gate failed: the quantized model's outputs differ by up to 0.42 between two "
-                                      "runs on the same input")
+    assert verdict.message.startswith(
+        "gate failed: the quantized model's outputs differ by up to 0.42 between two runs on the same input"
+    )
     assert check_accuracy_gate(_result(0.99, 0.99).model_copy(update={"rerun_max_difference": 0.0}), 1.0).passed
 
 
 def test_with_int8_only_ops_the_gate_names_the_worst_layers_and_the_options_that_allow_repair():
-    from tasks.artifacts import WorstLayer
-    from tasks.parameters import TargetOps
+    from ptqflow.tasks.artifacts import WorstLayer
+    from ptqflow.tasks.parameters import TargetOps
 
-    result = _result(0.99, 0.10).model_copy(update={"worst_layers": (
-        WorstLayer(layer="dense", op="FULLY_CONNECTED", tensor="m/dense/MatMul", badness=21.8),
-        WorstLayer(layer="probabilities", op="FULLY_CONNECTED", tensor="m/probabilities/MatMul", badness=21.6),
-    )})
+    result = _result(0.99, 0.10).model_copy(
+        update={
+            "worst_layers": (
+                WorstLayer(layer="dense", op="FULLY_CONNECTED", tensor="m/dense/MatMul", badness=21.8),
+                WorstLayer(layer="probabilities", op="FULLY_CONNECTED", tensor="m/probabilities/MatMul", badness=21.6),
+            )
+        }
+    )
     verdict = check_accuracy_gate(result, max_accuracy_drop=1.0, ops=TargetOps.int8)
     assert "worst layers: dense (FULLY_CONNECTED, badness 21.8), probabilities" in verdict.message
     assert "--ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins" in (
-        verdict.message)
+        verdict.message
+    )
 
 
 def test_a_real_model_with_unrepeatable_outputs_is_caught_by_the_gate(test_split):
@@ -202,20 +240,41 @@ def test_a_real_model_with_unrepeatable_outputs_is_caught_by_the_gate(test_split
     inputs = keras.Input((32, 32, 3))
     backbone = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
     model = keras.Model(inputs, backbone(keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)))
-    options = ConversionParameters(scheme=QuantizationScheme.dynamic_range, ops=TargetOps.builtins,
-                                   input_type=TensorType.float32, output_type=TensorType.float32, per_channel=False)
+    options = ConversionParameters(
+        scheme=QuantizationScheme.dynamic_range,
+        ops=TargetOps.builtins,
+        input_type=TensorType.float32,
+        output_type=TensorType.float32,
+        per_channel=False,
+    )
     quantized = quantize(model, lambda: iter(()), options)
     images = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype(np.float32)
     first, second = predict_tflite(quantized, images, 64, 1), predict_tflite(quantized, images, 64, 1)
     if np.array_equal(first, second):
         pytest.skip("this LiteRT gives repeatable outputs for this model: nothing to catch")
     labels = np.arange(64) % 10
-    metrics = evaluate_models(model, convert_float(model), quantized, images, labels, ValidationParameters(),
-                              measure_speed=False)
+    metrics = evaluate_models(
+        model, convert_float(model), quantized, images, labels, ValidationParameters(), measure_speed=False
+    )
     assert metrics["rerun_max_difference"] > 0
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
-    result = ValidationResult(report=ref, full_integer=False, float_tensors=(), **{k: metrics[k] for k in (
-        "float_accuracy", "tflite_float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "agreement",
-        "float_bytes", "quantized_bytes", "rerun_max_difference")})
+    result = ValidationResult(
+        report=ref,
+        full_integer=False,
+        float_tensors=(),
+        **{
+            k: metrics[k]
+            for k in (
+                "float_accuracy",
+                "tflite_float_accuracy",
+                "quantized_accuracy",
+                "accuracy_drop_pp",
+                "agreement",
+                "float_bytes",
+                "quantized_bytes",
+                "rerun_max_difference",
+            )
+        },
+    )
     verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
     assert not verdict.passed and verdict.name == "repeatable"

@@ -1,0 +1,252 @@
+"""The Python API, ``ptqflow.run(...)`` and ``ptqflow.sweep(...)``: the command line's options as keyword arguments
+(Python names and values), returning the typed summary. The CLI builds its parameters here too.
+
+    >>> import ptqflow
+    >>> summary = ptqflow.run(epochs=3, store="./ptqflow-store")
+    >>> summary.status, summary.metrics["quantized_accuracy"]
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ptqflow.storage.store import hold_signed_url
+from ptqflow.tasks.parameters import (
+    CalibrationParameters,
+    ConversionParameters,
+    GateParameters,
+    QuantizationScheme,
+    RankBy,
+    RepairParameters,
+    SamplingParameters,
+    SweepParameters,
+    TargetOps,
+    TensorType,
+    TrainingParameters,
+)
+
+if TYPE_CHECKING:
+    from ptqflow.flows.pipeline import RunSummary
+    from ptqflow.flows.sweep import SweepSummary
+
+Model = TypeVar("Model", bound=BaseModel)
+DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
+
+
+class InvalidOption(ValueError):
+    """An option's value is refused; the message names the option as the command line spells it, and the fix."""
+
+
+def parameters(schema: type[Model], **given: Any) -> Model:
+    """``schema`` from the options given (None means "the default").
+
+    Raises:
+        InvalidOption: the first field the schema refuses, as ``--option-name``, with the schema's reason.
+    """
+    try:
+        return schema(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        what = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise InvalidOption(f"invalid {what}: {message}") from None
+
+
+def upstream_parameters(
+    *,
+    dataset: str | None = None,
+    feature_column: str | None = None,
+    label_column: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    sample_size: int | None = None,
+    since: date | None = None,
+    window_days: int | None = None,
+    epochs: int | None = None,
+    model: str | None = None,
+    model_url: str | None = None,
+    calibration_size: int | None = None,
+    calibration_source: str | None = None,
+) -> dict[str, Any]:
+    """The sampling, training and calibration parameters that ``run`` and ``sweep`` both take.
+
+    A signed URL (presigned S3, signed GCS, Azure SAS) enters them redacted: Prefect records parameters, and the
+    manifests, logs and exports repeat them; only the reader gets the secret back (storage.store)."""
+    dataset, model_url, calibration_source = (
+        hold_signed_url(url) if url else url for url in (dataset, model_url, calibration_source)
+    )
+    return {
+        "sampling": parameters(
+            SamplingParameters,
+            dataset=dataset,
+            feature_column=feature_column,
+            label_column=label_column,
+            input_shape=input_shape,
+            sample_size=sample_size,
+            since=since,
+            window_days=window_days,
+        ),
+        "training": parameters(TrainingParameters, epochs=epochs, model=model, model_url=model_url),
+        "calibration": parameters(
+            CalibrationParameters, calibration_size=calibration_size, calibration_source=calibration_source
+        ),
+    }
+
+
+def gate_parameters(
+    max_accuracy_drop: float | None = None,
+    promotion_tolerance: float | None = None,
+    min_comparison_rows: int | None = None,
+) -> GateParameters:
+    return parameters(
+        GateParameters,
+        max_accuracy_drop=max_accuracy_drop,
+        promotion_tolerance=promotion_tolerance,
+        min_comparison_rows=min_comparison_rows,
+    )
+
+
+def prefect_defaults() -> None:
+    # A fresh PREFECT_HOME's ephemeral server takes ~25 s to start on a small machine, past Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def finished(state: Any) -> Any:
+    """A finished flow run's summary, passed or failed at the gate; any other failure is raised."""
+    from ptqflow.tasks.errors import AccuracyGateFailed
+
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, AccuracyGateFailed) and error.summary is not None:
+        return error.summary
+    raise error
+
+
+def pipeline_arguments(
+    *,
+    store: str = DEFAULT_STORE,
+    seed: int = 0,
+    export: str | None = None,
+    input_type: TensorType | None = None,
+    output_type: TensorType | None = None,
+    ops: TargetOps | None = None,
+    scheme: QuantizationScheme | None = None,
+    per_channel: bool | None = None,
+    max_accuracy_drop: float | None = None,
+    promotion_tolerance: float | None = None,
+    min_comparison_rows: int | None = None,
+    repair: bool | None = None,
+    max_float_layers: int | None = None,
+    **upstream: Any,
+) -> dict[str, Any]:
+    """The ptq-pipeline flow's arguments from ``ptqflow run``'s options (``upstream``: those of
+    ``upstream_parameters``).
+
+    Raises:
+        InvalidOption: an option's value is refused.
+    """
+    return dict(
+        store=store,
+        seed=seed,
+        export=export,
+        **upstream_parameters(**upstream),
+        conversion=parameters(
+            ConversionParameters,
+            input_type=input_type,
+            output_type=output_type,
+            ops=ops,
+            scheme=scheme,
+            per_channel=per_channel,
+        ),
+        gate=gate_parameters(max_accuracy_drop, promotion_tolerance, min_comparison_rows),
+        repair=parameters(RepairParameters, enabled=repair, max_float_layers=max_float_layers),
+    )
+
+
+def run(**options: Any) -> RunSummary:
+    """Sample, train, calibrate, convert and validate, as ``ptqflow run`` does, with its options as keyword
+    arguments (``pipeline_arguments``). The summary's ``status`` is 'passed', 'failed' (the accuracy gate) or
+    'not_validated'.
+
+    Raises:
+        InvalidOption: an option's value is refused (before anything runs).
+        PtqflowError: the data, the model or the conversion cannot be used; the message says how to fix it.
+    """
+    from ptqflow.flows.pipeline import ptq_pipeline
+
+    arguments = pipeline_arguments(**options)
+    prefect_defaults()
+    summary: RunSummary = finished(ptq_pipeline(**arguments, return_state=True))
+    return summary
+
+
+def sweep_arguments(
+    *,
+    store: str = DEFAULT_STORE,
+    seed: int = 0,
+    export: str | None = None,
+    calibration_sizes: tuple[int, ...] | None = None,
+    configurations: tuple[str, ...] | None = None,
+    rank_by: RankBy | None = None,
+    require_full_integer: bool = False,
+    latency_threads: int | None = None,
+    max_accuracy_drop: float | None = None,
+    promotion_tolerance: float | None = None,
+    min_comparison_rows: int | None = None,
+    **upstream: Any,
+) -> dict[str, Any]:
+    """The ptq-sweep flow's arguments from ``ptqflow sweep``'s options.
+
+    Raises:
+        InvalidOption: an option's value is refused.
+        PtqflowError: a configuration name is not in the grid.
+    """
+    from ptqflow.tasks.sweep import select_configurations, sweep_grid
+
+    arguments = dict(
+        store=store,
+        seed=seed,
+        export=export,
+        **upstream_parameters(**upstream),
+        sweep=parameters(
+            SweepParameters,
+            calibration_sizes=calibration_sizes,
+            configurations=configurations,
+            rank_by=rank_by,
+            require_full_integer=require_full_integer,
+            latency_threads=latency_threads,
+        ),
+        gate=gate_parameters(max_accuracy_drop, promotion_tolerance, min_comparison_rows),
+    )
+    # An unknown configuration name is refused before a cluster starts.
+    select_configurations(
+        sweep_grid(arguments["calibration"].calibration_size, arguments["sweep"].calibration_sizes), configurations
+    )
+    return arguments
+
+
+def sweep(
+    *, dask_address: str | None = None, workers: int = 2, in_process: bool = False, **options: Any
+) -> SweepSummary:
+    """Convert one trained model under a grid of quantization configurations and rank them, as ``ptqflow sweep``
+    does (``sweep_arguments``): on a Dask LocalCluster of ``workers`` processes, the cluster at ``dask_address``,
+    or one configuration at a time ``in_process``.
+
+    Raises:
+        InvalidOption: an option's value is refused (before anything runs).
+        PtqflowError: the data, the model or a configuration name cannot be used.
+    """
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+
+    arguments = sweep_arguments(**options)
+    prefect_defaults()
+    runner = ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)
+    with shared_prefect_api():
+        summary: SweepSummary = finished(ptq_sweep.with_options(task_runner=runner)(**arguments, return_state=True))
+    return summary
