@@ -8,7 +8,9 @@ resized to a whole batch, so the Interpreter runs once per batch instead of once
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from ptqflow.tasks.artifacts import (
     WorstLayer,
 )
 from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.convert import native_output_silenced
 from ptqflow.tasks.diagnose import LayerError, layer_errors
 from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, ValidationParameters
 from ptqflow.tasks.progress import report
@@ -44,10 +47,25 @@ if TYPE_CHECKING:
 FLOAT_TYPES = ("float16", "float32", "float64")
 
 
+_first_interpreter = threading.Lock()  # one thread allocates the first interpreter silenced; the others wait
+_first_interpreter_done = False
+
+
 def make_interpreter(model_bytes: bytes, num_threads: int | None = None) -> Interpreter:
+    global _first_interpreter_done
     from ai_edge_litert.interpreter import Interpreter
 
-    return Interpreter(model_content=model_bytes, num_threads=num_threads or os.cpu_count() or 1)
+    interpreter = Interpreter(model_content=model_bytes, num_threads=num_threads or os.cpu_count() or 1)
+    if not _first_interpreter_done:
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on fd 2 from C++ when the first
+        # interpreter of a process allocates its tensors (once per process; no setting turns it off): that once,
+        # allocate with the output silenced. Allocating again later (after a resize) is what callers do anyway.
+        with _first_interpreter:
+            if not _first_interpreter_done:
+                with native_output_silenced(), contextlib.suppress(RuntimeError, ValueError):
+                    interpreter.allocate_tensors()  # a model it cannot run fails again, reported, where it is used
+                _first_interpreter_done = True
+    return interpreter
 
 
 def quantize_input(values: np.ndarray, detail: dict) -> np.ndarray:

@@ -199,8 +199,10 @@ def _on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 600) -
     return code, [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
 
 
+# Not anchored: a library's line written while the progress display is drawn lands in the middle of its line.
 FOREIGN_LINES = re.compile(
-    r"^[IWEF]\d{4} |absl::|oneDNN|cuda|Traceback|Warning:|\| (INFO|WARNING|ERROR|DEBUG) +\||^WARNING:"
+    r"[IWEF]\d{4} \d\d:\d\d:|absl::|oneDNN|cuda|Traceback|Warning:|\| (INFO|WARNING|ERROR|DEBUG) +\||"
+    r"(WARNING|INFO|ERROR): "
 )
 
 
