@@ -14,7 +14,7 @@ BATCH = 100  # ptqflow's streaming batch for this benchmark (the default is 64)
 
 
 def quantization_parameters(model_bytes: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from ptqflow.tasks.validate import make_interpreter
+    from ptqflow.tasks.interpreter import make_interpreter
 
     return {
         d["name"]: (d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"])

@@ -30,7 +30,7 @@ def mobilenet_v2_sized():
 
 
 def _timings(model_bytes: bytes, sample: np.ndarray, threads: int) -> dict:
-    from ptqflow.tasks.validate import make_interpreter, quantize_input
+    from ptqflow.tasks.interpreter import make_interpreter, quantize_input
 
     interpreter = make_interpreter(model_bytes, threads)
     inp = interpreter.get_input_details()[0]

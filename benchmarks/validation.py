@@ -14,8 +14,8 @@ SAMPLES = 10_000
 
 def run(repeats: int = 3) -> list[Result]:
     from ptqflow.tasks.convert import quantize
+    from ptqflow.tasks.interpreter import predict_tflite
     from ptqflow.tasks.parameters import ConversionParameters
-    from ptqflow.tasks.validate import predict_tflite
 
     model, splits = digits_model_and_splits()
     calibration = splits["train"].features[:200]

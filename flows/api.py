@@ -3,7 +3,7 @@
 
     >>> import ptqflow
     >>> summary = ptqflow.run(epochs=3, store="./ptqflow-store")
-    >>> summary.status, summary.metrics["quantized_accuracy"]
+    >>> summary.status, summary.metrics.quantized_accuracy
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ptqflow.storage.store import hold_signed_url
+from ptqflow.storage.store import DEFAULT_STORE, hold_signed_url
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
@@ -30,11 +30,9 @@ from ptqflow.tasks.parameters import (
 )
 
 if TYPE_CHECKING:
-    from ptqflow.flows.pipeline import RunSummary
-    from ptqflow.flows.sweep import SweepSummary
+    from ptqflow.tasks.outcome import RunSummary, SweepSummary
 
 Model = TypeVar("Model", bound=BaseModel)
-DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
 
 
 class InvalidOption(ValueError):
@@ -240,13 +238,20 @@ def sweep(
         InvalidOption: an option's value is refused (before anything runs).
         PtqflowError: the data, the model or a configuration name cannot be used.
     """
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+    from ptqflow.flows.sweep import ptq_sweep, shared_prefect_api
 
     arguments = sweep_arguments(**options)
     prefect_defaults()
-    runner = ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)
+    runner = sweep_task_runner(dask_address, workers, in_process)
     with shared_prefect_api():
         summary: SweepSummary = finished(ptq_sweep.with_options(task_runner=runner)(**arguments, return_state=True))
     return summary
+
+
+def sweep_task_runner(dask_address: str | None, workers: int, in_process: bool) -> Any:
+    """Where the sweep's stages run: one at a time in this process, or on Dask (``flows.sweep.dask_task_runner``)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from ptqflow.flows.sweep import dask_task_runner
+
+    return ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)

@@ -11,13 +11,13 @@ from uuid import UUID
 
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture
-from pydantic import BaseModel, Field
 
 from ptqflow.storage.results import result_storage_for
 from ptqflow.storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
 from ptqflow.storage.tables import TensorTableError
 from ptqflow.tasks.artifacts import StageOutput
 from ptqflow.tasks.errors import PtqflowError, StageTimedOut
+from ptqflow.tasks.outcome import StageRecord
 from ptqflow.tasks.progress import report
 
 Output = TypeVar("Output", bound=StageOutput)
@@ -87,19 +87,6 @@ def record_key(state: Any) -> str | None:
     data = getattr(state, "data", None)
     key = getattr(data, "storage_key", None) or getattr(getattr(data, "metadata", None), "storage_key", None)
     return str(key).rsplit("/", 1)[-1] if key else None
-
-
-class StageRecord(BaseModel):
-    cached: bool
-    seconds: float | None = Field(
-        description="Wall time in this flow; for a stage that ran on a task runner's worker, its run time there as "
-        "Prefect recorded it (not the wait for a worker), or None if Prefect's API could not say."
-    )
-    cache_key: str | None = Field(
-        None,
-        description="The stage's cache key, which names its record under prefect-results/ (ptqflow gc keeps "
-        "the records of the runs it keeps); None in manifests written before it was recorded.",
-    )
 
 
 # Guards against a runaway stage, far above any normal run: a scheduled run that never ends must fail and free the
@@ -188,7 +175,7 @@ class StageRunner:
         future = configured.submit(store_url=self.store.url, **inputs)
         return Submitted(name=name, stage=stage, configured=configured, inputs=inputs, future=future)
 
-    def collect(self, submitted: Submitted) -> Output:
+    def collect(self, submitted: Submitted) -> Any:  # the stage's output; Submitted does not carry its type
         """Wait for a submitted stage; the same checks as a stage run here. Its seconds are not the wait here
         (that includes the time it queued for a worker): ``record_worker_seconds`` fills them in later."""
         submitted.future.wait()

@@ -15,19 +15,22 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
 
-from ptqflow.flows.locks import exclusive
-from ptqflow.flows.pipeline import DEFAULT_STORE, challenge_champion, publish_if_promoted, upstream_stages
-from ptqflow.flows.stages import StageRecord, StageRunner, Submitted, sweep_leftovers
-from ptqflow.flows.trust import enforce_for_deployment_runs
-from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, FloatOutputs, SampledDataset, TrainedModel
-from ptqflow.tasks.errors import AccuracyGateFailed, ConversionFailed
-from ptqflow.tasks.manifest import build_manifest, write_run_manifest
+from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
+from ptqflow.flows.stages import StageRunner, Submitted
+from ptqflow.storage.store import DEFAULT_STORE
+from ptqflow.tasks.artifacts import (
+    CalibrationSet,
+    ConvertedModels,
+    FloatOutputs,
+    SampledDataset,
+    TrainedModel,
+    ValidationResult,
+)
+from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.gate import check_accuracy_gate, no_configuration_passed
+from ptqflow.tasks.outcome import SweepSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
@@ -38,13 +41,10 @@ from ptqflow.tasks.parameters import (
     ValidationParameters,
 )
 from ptqflow.tasks.progress import report
-from ptqflow.tasks.promotion import PromotionDecision
-from ptqflow.tasks.publish import ExportRecord, export_store
+from ptqflow.tasks.render import sweep_markdown
 from ptqflow.tasks.sweep import (
     FLOAT_REFERENCE,
-    TABLE_HEADER,
     SweepConfiguration,
-    SweepReport,
     SweepRow,
     configuration_row,
     convert_float_reference,
@@ -54,13 +54,11 @@ from ptqflow.tasks.sweep import (
     quantize_configuration,
     rank,
     reference_row,
-    render_sweep_markdown,
     select_configurations,
     sweep_grid,
-    table_rows,
     write_sweep_report,
 )
-from ptqflow.tasks.validate import GateResult, check_accuracy_gate, validate_with_interpreter
+from ptqflow.tasks.validate import validate_with_interpreter
 
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
@@ -122,24 +120,6 @@ def shared_prefect_api() -> Iterator[None]:
         server.stop()
 
 
-class SweepSummary(BaseModel):
-    """What a sweep produced; the CLI's ``--json`` output."""
-
-    run_id: str | None
-    status: str = Field(description="'passed' when a configuration passed the gate (and its full validation).")
-    store: str
-    best: str | None = Field(description="The best configuration that passed, by rank_by.")
-    rank_by: str
-    rows: list[SweepRow] = Field(description="Every configuration, ranked; the float reference included.")
-    report: SweepReport
-    gate: GateResult
-    artifacts: dict[str, ArtifactRef]
-    tasks: dict[str, StageRecord]
-    manifest: str
-    export: ExportRecord | None = None
-    promotion: PromotionDecision | None = None
-
-
 def evaluate_grid(
     run: StageRunner,
     grid: Sequence[SweepConfiguration],
@@ -164,7 +144,7 @@ def evaluate_grid(
             quantize_configuration,
             label=f"convert[{configuration.name}]",
             trained=trained,
-            calibration=calibration_sets.get(configuration.calibration_size),
+            calibration=calibration_sets[configuration.calibration_size] if configuration.calibration_size else None,
             params=configuration.conversion,
         )
     names = {submitted.future: name for name, submitted in conversions.items()}
@@ -200,31 +180,6 @@ def evaluate_grid(
     return rows, reference
 
 
-def _no_pass(rows: Sequence[SweepRow], max_accuracy_drop: float) -> GateResult:
-    candidates = [r for r in rows if not r.reference]
-    closest = candidates[0] if candidates else None
-    detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
-    return GateResult(
-        name="sweep",
-        status="failed",
-        passed=False,
-        observed_drop_pp=None,
-        max_drop_pp=max_accuracy_drop,
-        message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
-        "raise --max-accuracy-drop, or drop --require-full-integer",
-    )
-
-
-def _summary_markdown(summary: SweepSummary, markdown: str) -> str:
-    lines = [markdown, "", summary.gate.message, ""]
-    if summary.promotion is not None:
-        lines.append(summary.promotion.message)
-    if summary.export is not None:
-        lines.append(f"Exported as version `{summary.export.version}` to `{summary.export.url}`.")
-    lines += [f"Plot: `{summary.report.plot.uri}`", "", f"Manifest: `{summary.manifest}`"]
-    return "\n".join(lines)
-
-
 # The bound on the whole sweep, training included (stages on Dask workers cannot be stopped one by one).
 SWEEP_TIMEOUT_SECONDS = 12 * 3600.0
 
@@ -256,155 +211,92 @@ def ptq_sweep(
         seed: seeds sampling, training and calibration, as in ptq-pipeline (whose cached stages are reused).
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
-    # A deployment's form is filled by others: its locations and model are checked before anything is touched.
-    enforce_for_deployment_runs(
-        {
-            "store": store,
-            "export": export,
-            "sampling": sampling.model_dump(mode="json"),
-            "training": training.model_dump(mode="json"),
-            "calibration": calibration.model_dump(mode="json"),
-        }
-    )
-    artifact_store = ArtifactStore(store)
-    export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
-    export_target = export_target_store.url if export_target_store else None
+    parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )
-    with exclusive(artifact_store.url, export_target) as held:
-        sweep_leftovers(held, artifact_store, export_target_store)
-        run = StageRunner(artifact_store)
+    with guarded_run(store, export, sampling, training, calibration) as run:
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
-        dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sizes)
+        dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sorted(sizes))
         rows, float_outputs = evaluate_grid(
             run, grid, dataset, trained, calibration_sets, validation.batch_size, sweep.latency_threads
         )
         rows = rank([judge(r, gate.max_accuracy_drop, sweep.require_full_integer) for r in rows], sweep.rank_by)
         best = next((r for r in rows if r.passed), None)
-        markdown = render_sweep_markdown(rows, sweep.rank_by, gate.max_accuracy_drop, best.name if best else None)
-        document = {
-            "kind": "ptqflow.sweep_report",
-            "report_version": 1,
-            "rank_by": sweep.rank_by.value,
-            "max_accuracy_drop_pp": gate.max_accuracy_drop,
-            "require_full_integer": sweep.require_full_integer,
-            "best": best.name if best else None,
-            "rows": [r.model_dump(mode="json") for r in rows],
-        }
-        sweep_report = run.effect(write_sweep_report, document=document, markdown=markdown)
-
-        artifacts = {
-            "dataset": dataset.manifest,
-            "model": trained.model,
-            "sweep": sweep_report.table,
-            "sweep_md": sweep_report.markdown,
-            "sweep_plot": sweep_report.plot,
-        }
-        metrics: dict[str, Any] = {"sweep": document["rows"], "best": document["best"]}
-        verdict = _no_pass(rows, gate.max_accuracy_drop)
+        table = sweep_markdown(rows, sweep.rank_by, gate.max_accuracy_drop, best.name if best else None)
+        document = sweep_document(rows, sweep, gate, best)
+        sweep_report = run.effect(write_sweep_report, document=document, markdown=table)
+        artifacts = {"dataset": dataset.manifest, "model": trained.model, **sweep_report.artifacts()}
+        verdict = no_configuration_passed(rows, gate.max_accuracy_drop)
+        validated = None
         if best is not None:
-            # The chosen configuration gets the pipeline's full validation: three models, per-layer error, the
-            # HTML report; what is exported is judged by it. Its models are the sweep's own, not converted again.
-            chosen = next(c for c in grid if c.name == best.name)
-            calibration_set = (
-                calibration_sets.get(chosen.calibration_size) or calibration_sets[calibration.calibration_size]
-            )
-            reference = next(r for r in rows if r.reference)
-            converted = ConvertedModels(quantized=best.metrics.model, float_model=reference.metrics.model)
-            validated = run(
-                validate_with_interpreter,
-                dataset=dataset,
-                trained=trained,
-                converted=converted,
-                params=validation,
-                calibration=calibration_set,
-                conversion=chosen.conversion,
-                float_outputs=float_outputs,
+            validated, calibration_set, chosen = validate_best(
+                run, grid, rows, best, dataset, trained, calibration_sets, calibration, validation, float_outputs
             )
             verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, chosen.conversion.ops)
+            verdict = verdict.model_copy(update={"message": f"best configuration {best.name}: {verdict.message}"})
             artifacts.update(
                 calibration=calibration_set.table,
-                tflite=converted.quantized,
-                tflite_float=converted.float_model,
-                report=validated.report,
-                report_md=validated.report_md,
-                report_html=validated.report_html,
+                tflite=best.measured().model,
+                tflite_float=next(r for r in rows if r.reference).measured().model,
+                **validated.report_artifacts(),
             )
-            metrics.update(validated.model_dump(mode="json", exclude={"report", "report_md", "report_html"}))
-            verdict = verdict.model_copy(update={"message": f"best configuration {best.name}: {verdict.message}"})
-
-        run_id = str(flow_run.get_id())
-        parameters = {
-            "store": store,
-            "seed": seed,
-            "export": export,
-            **{
-                name: value.model_dump(mode="json")
-                for name, value in (
-                    ("sampling", sampling),
-                    ("training", training),
-                    ("calibration", calibration),
-                    ("validation", validation),
-                    ("gate", gate),
-                    ("sweep", sweep),
-                )
-            },
-        }
-        promotion, artifacts = challenge_champion(
-            run, export, dataset, artifacts, verdict, metrics.get("quantized_accuracy"), gate, validation.batch_size
-        )
-        run.record_worker_seconds()
-        manifest = build_manifest(
-            run_id,
-            parameters,
-            artifact_store.url,
-            {k: v.model_dump() for k, v in artifacts.items()},
-            metrics,
-            verdict.model_dump(),
-            {k: v.model_dump() for k, v in run.records.items()},
-            flow="ptq-sweep",
-            promotion=promotion.model_dump(mode="json") if promotion else None,
-            split=dataset.split.model_dump() if dataset.split else None,
-        )
-        exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
-        manifest_uri = run.effect(
-            write_run_manifest,
-            manifest={
-                **manifest,
-                "export": exported.model_dump(mode="json") if exported else None,
-                "promotion": promotion.model_dump(mode="json") if promotion else None,
-            },
-        )
+        metrics = {"sweep": document["rows"], "best": document["best"]}
+        if validated is not None:
+            metrics.update(validated.figures().model_dump(mode="json"))
+        outcome = finish_run(run, "ptq-sweep", parameters, dataset, artifacts, verdict, validated, metrics)
         summary = SweepSummary(
-            run_id=run_id,
-            status="passed" if verdict.passed else "failed",
-            store=artifact_store.url,
+            **dict(outcome),
             best=best.name if best else None,
             rank_by=sweep.rank_by.value,
             rows=rows,
             report=sweep_report,
-            gate=verdict,
-            artifacts=artifacts,
-            tasks=run.records,
-            manifest=manifest_uri,
-            export=exported,
-            promotion=promotion,
+            metrics=validated.figures() if validated else None,
         )
-        create_table_artifact(
-            [dict(zip(TABLE_HEADER, line)) for line in table_rows(rows)],
-            key="ptq-sweep",
-            description=f"{len(grid)} configurations ranked by {sweep.rank_by.value}; best: {summary.best or 'none'}",
-        )
-        create_markdown_artifact(
-            _summary_markdown(summary, markdown), key="ptq-sweep-summary", description=verdict.message
-        )
-        create_link_artifact(
-            sweep_report.plot.uri,
-            link_text="sweep plot (PNG)",
-            key="ptq-sweep-plot",
-            description="size vs accuracy drop, and latency, per configuration",
-        )
-        if not verdict.passed:
-            raise AccuracyGateFailed(verdict.message, summary)
+        announce(summary, table)
         return summary
+
+
+def sweep_document(
+    rows: Sequence[SweepRow], sweep: SweepParameters, gate: GateParameters, best: SweepRow | None
+) -> dict[str, Any]:
+    """sweep.json: every row, ranked, with what ranked and judged them."""
+    return {
+        "kind": "ptqflow.sweep_report",
+        "report_version": 1,
+        "rank_by": sweep.rank_by.value,
+        "max_accuracy_drop_pp": gate.max_accuracy_drop,
+        "require_full_integer": sweep.require_full_integer,
+        "best": best.name if best else None,
+        "rows": [r.model_dump(mode="json") for r in rows],
+    }
+
+
+def validate_best(
+    run: StageRunner,
+    grid: Sequence[SweepConfiguration],
+    rows: Sequence[SweepRow],
+    best: SweepRow,
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    calibration_sets: dict[int, CalibrationSet],
+    calibration: CalibrationParameters,
+    validation: ValidationParameters,
+    float_outputs: FloatOutputs,
+) -> tuple[ValidationResult, CalibrationSet, SweepConfiguration]:
+    """The pipeline's full validation of the best configuration (three models, per-layer error, the HTML report):
+    what is exported is judged by it. Its models are the sweep's own, not converted again."""
+    chosen = next(c for c in grid if c.name == best.name)
+    calibration_set = calibration_sets[chosen.calibration_size or calibration.calibration_size]
+    reference = next(r for r in rows if r.reference)
+    validated = run(
+        validate_with_interpreter,
+        dataset=dataset,
+        trained=trained,
+        converted=ConvertedModels(quantized=best.measured().model, float_model=reference.measured().model),
+        params=validation,
+        calibration=calibration_set,
+        conversion=chosen.conversion,
+        float_outputs=float_outputs,
+    )
+    return validated, calibration_set, chosen

@@ -5,7 +5,7 @@ The command line is ``ptqflow``; from Python, the same runs with the same option
     import ptqflow
 
     summary = ptqflow.run(epochs=3, store="./ptqflow-store")
-    print(summary.status, summary.metrics["quantized_accuracy"], summary.artifacts["tflite"].uri)
+    print(summary.status, summary.metrics.quantized_accuracy, summary.artifacts["tflite"].uri)
 
 ``ptqflow.run`` and ``ptqflow.sweep`` are ``ptqflow.flows.api.run`` and ``.sweep``. The stages live in
 ``ptqflow.tasks``, the flows in ``ptqflow.flows`` and the artifact store in ``ptqflow.storage``.

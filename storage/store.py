@@ -62,6 +62,10 @@ class ForeignReference(StoreError):
     """A reference whose URI is not the blob its digest names in this store (another store's, or tampered)."""
 
 
+# Where runs keep their artifacts unless told otherwise (the CLI, the API and the flows' default).
+DEFAULT_STORE = os.environ.get("PTQFLOW_STORE", "./ptqflow-store")
+
+
 class ArtifactRef(BaseModel):
     """A small, JSON-serialisable reference to one immutable artifact in the store."""
 

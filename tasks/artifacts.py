@@ -111,10 +111,11 @@ class RepairResult(StageOutput):
     message: str
 
 
-class ValidationResult(StageOutput):
-    report: ArtifactRef = Field(description="report.json: every metric, the dtype audit, per-layer error.")
-    report_md: ArtifactRef | None = Field(None, description="report.md, the same report for people.")
-    report_html: ArtifactRef | None = Field(None, description="report.html, self-contained with its PNG plots.")
+class ValidationFigures(BaseModel):
+    """The figures a run is judged by (the report has every other one)."""
+
+    model_config = ConfigDict(frozen=True)
+
     validated: bool = True
     not_validated_reason: str | None = None
     float_accuracy: float
@@ -132,3 +133,19 @@ class ValidationResult(StageOutput):
     full_integer: bool
     float_tensors: tuple[str, ...]
     worst_layers: tuple[WorstLayer, ...] = ()
+
+
+class ValidationResult(StageOutput, ValidationFigures):
+    """The validation stage's record: the report's files and the figures a run is judged by."""
+
+    report: ArtifactRef = Field(description="report.json: every metric, the dtype audit, per-layer error.")
+    report_md: ArtifactRef | None = Field(None, description="report.md, the same report for people.")
+    report_html: ArtifactRef | None = Field(None, description="report.html, self-contained with its PNG plots.")
+
+    def figures(self) -> ValidationFigures:
+        return ValidationFigures.model_validate(self.model_dump(include=set(ValidationFigures.model_fields)))
+
+    def report_artifacts(self) -> dict[str, ArtifactRef]:
+        """The report's files by the names runs record them under."""
+        views = {"report_md": self.report_md, "report_html": self.report_html}
+        return {"report": self.report, **{name: ref for name, ref in views.items() if ref is not None}}

@@ -410,6 +410,8 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: dat
                         batch_start += batch.num_rows
                 group_start += info.num_rows
         file_start += len(file_labels)
+    if features is None:  # no row was chosen: callers ask for at least one
+        raise TensorTableError(f"{url}: no rows to read")
     return _with_source(TensorTable(features, labels[chosen], metadata or {}), url)
 
 

@@ -20,16 +20,16 @@ import io
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from ptqflow.tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
 from ptqflow.tasks.errors import ConversionFailed
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
+from ptqflow.tasks.interpreter import make_interpreter
 from ptqflow.tasks.parameters import ConversionParameters, TensorType
+from ptqflow.tasks.validation_report import LayerError
 
 if TYPE_CHECKING:
     import keras
@@ -37,58 +37,6 @@ if TYPE_CHECKING:
 UNIFORM_ROUNDING_RMSE = 1 / math.sqrt(12)
 FIXED_RANGE_OPS = {"SOFTMAX", "LOGISTIC", "TANH", "LOG_SOFTMAX"}
 DEBUG_SAMPLES = 64  # the debugger runs one sample per invocation; 64 settle its statistics for small layers
-# Two layers whose badness is within this factor are a close call: the statistics behind badness come from
-# float calibration and a float reference whose rounding differs between processors (summation order, vector
-# width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
-# which keeps layers in float in ranking order, can then choose the other one first.
-CLOSE_RANKING_MARGIN = 1.1
-
-
-class LayerError(BaseModel):
-    """One quantized layer's error, in steps of its output tensor's scale (see the module's docstring)."""
-
-    layer: str
-    op: str
-    tensor: str
-    scale: float
-    rmse_over_scale: float
-    mean_abs_error: float
-    typical_steps: float | None = Field(description="None for ops whose output range is fixed (softmax).")
-    badness: float
-
-
-@dataclass(frozen=True)
-class RankingMargin:
-    """How clearly the worst layer leads the next one."""
-
-    first: LayerError
-    second: LayerError
-
-    @property
-    def ratio(self) -> float:
-        return self.first.badness / self.second.badness
-
-    @property
-    def close(self) -> bool:
-        """Another processor may rank the two the other way (see CLOSE_RANKING_MARGIN)."""
-        return self.ratio < CLOSE_RANKING_MARGIN
-
-    def __str__(self) -> str:
-        first, second = self.first, self.second
-        sentence = (
-            f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} ({second.op})"
-        )
-        if self.close:
-            sentence += (
-                f"; a close call (within {CLOSE_RANKING_MARGIN - 1:.0%}): another processor can rank them the other "
-                "way, and repair then keeps the other in float first"
-            )
-        return sentence
-
-
-def ranking_margin(ranked: Sequence[LayerError]) -> RankingMargin | None:
-    """The margin between the two worst layers of ``ranked`` (worst first); None with fewer than two."""
-    return RankingMargin(ranked[0], ranked[1]) if len(ranked) >= 2 and ranked[1].badness > 0 else None
 
 
 def _typical_steps(
@@ -186,15 +134,13 @@ def layer_errors(
 def float_unit(quantized_tflite: bytes, tensor: str) -> list[str]:
     """What must stay float so that ``tensor`` is never quantized: the op that produces it and every op that
     consumes it (a float producer alone still hands its consumers a requantized tensor)."""
-    from ptqflow.tasks.validate import make_interpreter
-
     interpreter = make_interpreter(quantized_tflite, 1)
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     index = next((i for i, name in names.items() if name == tensor), None)
     unit = [tensor]
     if index is None:
         return unit
-    for op in interpreter._get_ops_details():  # the Python Interpreter's only op listing (see validate.py)
+    for op in interpreter._get_ops_details():  # the Python Interpreter's only op listing (see tasks/interpreter.py)
         if index in list(op["inputs"]):
             unit += [names[o] for o in op["outputs"] if names.get(o) and names[o] not in unit]
     return unit

@@ -97,7 +97,7 @@ class SamplingParameters(_Parameters):
     @field_validator("dataset")
     @classmethod
     def _no_credentials_in_the_url(cls, dataset: str) -> str:
-        return refuse_credentials(dataset, "the data set URL")
+        return refuse_credentials(dataset, "the data set URL") or dataset
 
     @field_validator("input_shape")
     @classmethod

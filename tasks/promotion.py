@@ -23,32 +23,18 @@ from typing import Any
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key, sha256_bytes
 from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.artifacts import SampledDataset
+from ptqflow.tasks.interpreter import predict_tflite
+from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import GateParameters
 from ptqflow.tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
-from ptqflow.tasks.report import render_html, render_markdown
+from ptqflow.tasks.render import render_html, render_markdown
 from ptqflow.tasks.sample import SPLIT_SCHEME, split_positions
-from ptqflow.tasks.validate import accuracy, predict_tflite
-
-
-class PromotionDecision(BaseModel):
-    """Whether a run's model replaces the exported one, with both figures on the same rows."""
-
-    promote: bool
-    message: str
-    challenger_accuracy: float | None
-    champion_accuracy: float | None = None
-    champion_version: str | None = None
-    champion_run_id: str | None = None
-    tolerance_pp: float = Field(description="How many pp below the champion the challenger may be.")
-    compared_rows: int | None = Field(
-        None, description="Test rows both models were measured on: those the champion never trained on."
-    )
-    comparison: str | None = Field(None, description="Which rows were compared, in words.")
+from ptqflow.tasks.validation_report import PromotionDecision, ValidationReport
 
 
 def decide(
@@ -74,6 +60,8 @@ def decide(
         return PromotionDecision(promote=False, message="not promoted: the model did not pass its own gate", **figures)
     if champion is None:
         return PromotionDecision(promote=True, message="promoted: there is no exported model yet", **figures)
+    if champion_accuracy is None:
+        raise ValueError("an exported model to compare with needs its accuracy on the compared rows")
     gap_pp = round((champion_accuracy - challenger_accuracy) * 100, 6)
     versus = (
         f"{challenger_accuracy:.2%} against {champion_accuracy:.2%} for the exported version "
@@ -208,9 +196,9 @@ def record_promotion_in_report(
     validation's own report stays as it was: it is cached per model, and the same model may be judged against
     another champion in another run."""
     store = ArtifactStore(store_url)
-    document = {**json.loads(store.read_bytes(report)), "promotion": promotion.model_dump(mode="json")}
+    document = ValidationReport.model_validate(store.read_json(report)).model_copy(update={"promotion": promotion})
     return {
-        "report": store.put_json(document),
+        "report": store.put_json(document.model_dump(mode="json")),
         "report_md": store.put_bytes(render_markdown(document).encode(), ".md"),
         "report_html": store.put_bytes(render_html(document).encode(), ".html"),
     }

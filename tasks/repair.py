@@ -28,16 +28,12 @@ from ptqflow.tasks.artifacts import (
 )
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
-from ptqflow.tasks.diagnose import (
-    LayerError,
-    float_unit,
-    keras_layer_of,
-    quantize_keeping_float,
-    ranking_margin,
-)
+from ptqflow.tasks.diagnose import float_unit, keras_layer_of, quantize_keeping_float
+from ptqflow.tasks.interpreter import predict_keras, predict_tflite
+from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import ConversionParameters, RepairParameters
 from ptqflow.tasks.progress import report
-from ptqflow.tasks.validate import accuracy, predict_keras, predict_tflite
+from ptqflow.tasks.validation_report import LayerError, ValidationReport, ranking_margin
 
 if TYPE_CHECKING:
     import keras
@@ -132,7 +128,7 @@ def repair_quantization(
 ) -> RepairResult:
     store = ArtifactStore(store_url)
     model = keras_model_from_bytes(store.read_bytes(trained.model))
-    ranked = [LayerError(**layer) for layer in store.read_json(validated.report)["metrics"].get("layers", [])]
+    ranked = ValidationReport.model_validate(store.read_json(validated.report)).metrics.layers
     with store.open(dataset.validation) as f:
         validation = read_parquet(f)
     with store.open(calibration.table) as f:

@@ -27,16 +27,15 @@ from ptqflow.tasks.artifacts import CalibrationSet, FloatOutputs, SampledDataset
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
 from ptqflow.tasks.errors import PtqflowError
-from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
-from ptqflow.tasks.validate import (
-    accuracy,
+from ptqflow.tasks.interpreter import (
     audit_tensor_types,
-    model_metrics,
     predict_keras,
     predict_tflite,
     rerun_max_difference,
     tflite_speed,
 )
+from ptqflow.tasks.metrics import accuracy, model_metrics
+from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
 
 FLOAT_REFERENCE = "float32"
 # Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
@@ -178,15 +177,16 @@ def configuration_metrics(
     """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``;
     ``reference`` is the float Keras model's outputs on ``features``."""
     audit = audit_tensor_types(model_bytes)
+    float_accuracy = accuracy(reference, labels)
     common = {
         "bytes": len(model_bytes),
         "num_threads": num_threads,
         "full_integer": audit.full_integer,
         "float_tensors": len(audit.float_tensors),
-        "input_type": audit.input_type,
-        "output_type": audit.output_type,
-        "ops": audit.ops,
-        "float_accuracy": accuracy(reference, labels),
+        "input_type": audit.input.dtype,
+        "output_type": audit.output.dtype,
+        "ops": tuple(audit.ops),
+        "float_accuracy": float_accuracy,
     }
     if audit.flex_ops:
         return {
@@ -208,18 +208,18 @@ def configuration_metrics(
     return {
         **common,
         "validated": True,
-        "accuracy": metrics["accuracy"],
-        "accuracy_drop_pp": round((common["float_accuracy"] - metrics["accuracy"]) * 100, 6),
-        "agreement": metrics["agreement_with_float"],
-        "output_sqnr_db": metrics["output_sqnr_db"],
-        "latency_p50_ms": speed["latency_ms"]["p50"],
-        "latency_p95_ms": speed["latency_ms"]["p95"],
-        "throughput_per_s": speed["throughput_per_s"],
+        "accuracy": metrics.accuracy,
+        "accuracy_drop_pp": round((float_accuracy - metrics.accuracy) * 100, 6),
+        "agreement": metrics.agreement_with_float,
+        "output_sqnr_db": metrics.output_sqnr_db,
+        "latency_p50_ms": speed.latency_ms.p50,
+        "latency_p95_ms": speed.latency_ms.p95,
+        "throughput_per_s": speed.throughput_per_s,
         "rerun_max_difference": rerun_max_difference(model_bytes, features, outputs, batch_size, num_threads),
     }
 
 
-_STAGE_OPTIONS = {"persist_result": True, "result_serializer": "json"}
+_STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
 
 @task(name="quantize_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
@@ -317,6 +317,12 @@ class SweepRow(BaseModel):
     verdict: str = ""
     rank: int | None = None
 
+    def measured(self) -> ConfigurationMetrics:
+        """The figures of a row that was measured (every row that passed, and the float reference)."""
+        if self.metrics is None:
+            raise ValueError(f"configuration {self.name} produced no model: {self.error}")
+        return self.metrics
+
 
 def configuration_row(
     configuration: SweepConfiguration, metrics: ConfigurationMetrics | None, error: str | None = None
@@ -395,62 +401,6 @@ def rank(rows: Sequence[SweepRow], rank_by: RankBy) -> list[SweepRow]:
     return [r.model_copy(update={"rank": i}) for i, r in enumerate(passing, 1)] + rest
 
 
-TABLE_HEADER = [
-    "rank",
-    "configuration",
-    "accuracy",
-    "drop pp",
-    "size",
-    "x smaller",
-    "p50 ms",
-    "full int",
-    "I/O",
-    "convert s",
-    "verdict",
-]
-
-
-def table_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
-    reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
-    lines = []
-    for r in rows:
-        m = r.metrics
-        smaller = f"{reference.bytes / m.bytes:.2f}" if m and reference else ""
-        lines.append(
-            [
-                str(r.rank or ""),
-                r.name,
-                f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
-                f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
-                f"{m.bytes:,} B" if m else "—",
-                smaller,
-                f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
-                ("yes" if m.full_integer else "no") if m else "—",
-                f"{r.input_type}/{r.output_type}",
-                f"{m.conversion_seconds:.2f}" if m else "—",
-                r.verdict,
-            ]
-        )
-    return lines
-
-
-def render_sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float, best: str | None) -> str:
-    lines = [
-        "# ptqflow quantization sweep",
-        "",
-        f"{len([r for r in rows if not r.reference])} configurations on the test split; gate: at most "
-        f"{max_accuracy_drop} pp below float. Ranked by {rank_by.value} (then the other two of size, latency, "
-        "accuracy). Latency: batch 1, p50, on the worker that evaluated it.",
-        "",
-        f"**Best: {best}**" if best else "**No configuration passed the gate.**",
-        "",
-        "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "---|" * len(TABLE_HEADER),
-        *["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in table_rows(rows)],
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
     """PNG: size against accuracy drop (passing configurations in green), and latency per configuration."""
     import matplotlib
@@ -458,14 +408,14 @@ def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
     matplotlib.use("Agg")  # no display: a batch job
     from matplotlib import pyplot as plt
 
-    measured = [r for r in rows if r.metrics is not None and r.metrics.accuracy_drop_pp is not None]
+    measured = [(r, r.metrics) for r in rows if r.metrics is not None and r.metrics.accuracy_drop_pp is not None]
     figure, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in measured:
+    for r, m in measured:
         colour = "#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52"
-        scatter.scatter(r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp, color=colour, s=40)
+        scatter.scatter(m.bytes / 1024, m.accuracy_drop_pp, color=colour, s=40)
         scatter.annotate(
             r.name,
-            (r.metrics.bytes / 1024, r.metrics.accuracy_drop_pp),
+            (m.bytes / 1024, m.accuracy_drop_pp),
             fontsize=7,
             xytext=(4, 3),
             textcoords="offset points",
@@ -473,11 +423,11 @@ def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
     scatter.set_xlabel("model size (KiB)")
     scatter.set_ylabel("accuracy drop from float (pp)")
     scatter.set_title("size vs accuracy (green: passes the gate)")
-    timed = [r for r in measured if r.metrics.latency_p50_ms is not None]
+    timed = [(r, m) for r, m in measured if m.latency_p50_ms is not None]
     bars.barh(
-        [r.name for r in timed][::-1],
-        [r.metrics.latency_p50_ms for r in timed][::-1],
-        color=["#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52" for r in timed][::-1],
+        [r.name for r, _ in timed][::-1],
+        [m.latency_p50_ms for _, m in timed][::-1],
+        color=["#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52" for r, _ in timed][::-1],
     )
     bars.set_xlabel("latency at batch 1, p50 (ms)")
     bars.set_title("latency")
@@ -492,6 +442,10 @@ class SweepReport(BaseModel):
     table: ArtifactRef = Field(description="sweep.json: every row, ranked.")
     markdown: ArtifactRef = Field(description="sweep.md: the comparison table.")
     plot: ArtifactRef = Field(description="sweep.png: size vs accuracy drop, and latency.")
+
+    def artifacts(self) -> dict[str, ArtifactRef]:
+        """The sweep's files by the names runs record them under."""
+        return {"sweep": self.table, "sweep_md": self.markdown, "sweep_plot": self.plot}
 
 
 @task(name="write_sweep_report", cache_policy=NO_CACHE, persist_result=False)

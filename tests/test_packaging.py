@@ -30,10 +30,20 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 def test_the_wheel_adds_exactly_one_top_level_name(wheel):
     names = {name.split("/", 1)[0] for name in wheel.namelist() if ".dist-info/" not in name}
     assert names == {"ptqflow"}
-    packages = {name.rsplit("/", 1)[0] for name in wheel.namelist() if name.endswith("/__init__.py")}
-    assert packages == {"ptqflow", "ptqflow/flows", "ptqflow/tasks", "ptqflow/storage"}
     entry_points = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")))
     assert b"ptqflow = ptqflow.flows.entry:main" in entry_points
+
+
+def test_the_wheel_holds_every_module_of_the_source_tree(wheel):
+    """A subpackage missing from pyproject.toml's package list installs without error and fails at import."""
+    folders = {"ptqflow": ROOT / "ptqflow", **{f"ptqflow/{name}": ROOT / name for name in PROJECT_FOLDERS}}
+    expected = {
+        f"{package}/{path.relative_to(folder).as_posix()}"
+        for package, folder in folders.items()
+        for path in folder.rglob("*.py")
+    }
+    assert expected - set(wheel.namelist()) == set()
+    assert "ptqflow/flows/cli/__init__.py" in expected
 
 
 def test_no_installed_module_imports_a_project_folder_by_its_old_top_level_name(wheel):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_returns_the_typed_summary_of_a_passing_run(prefect_server, tmp_path):
-    from ptqflow.flows.pipeline import RunSummary
+    from ptqflow.tasks.outcome import RunSummary
 
     store = tmp_path / "store"
     summary = ptqflow.run(epochs=3, store=str(store), calibration_size=100, output_type=TensorType.int8)

@@ -219,3 +219,16 @@ def test_a_cold_run_on_a_terminal_shows_only_what_ptqflow_writes(prefect_server,
     # The same capture shows what --verbose lets through (Prefect's log lines), so the check above can fail.
     code, verbose = _on_a_terminal([ptqflow_executable(), "run", "--epochs", "2", "--store", store, "--verbose"], env)
     assert code == 0 and any(FOREIGN_LINES.search(line) for line in verbose)
+
+
+def test_serve_takes_every_option_of_run_that_shapes_a_run():
+    """One definition per option: a scheduled run and the UI's form start from the same options as `ptqflow run`
+    (only the console's --json and --verbose are run's own)."""
+    import typer.main
+
+    from ptqflow.flows.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    options = {name: {p.name for p in command.params} for name, command in commands.items()}
+    assert options["run"] - {"as_json", "verbose"} <= options["serve"]
+    assert {"dataset", "model_url", "calibration_size", "max_accuracy_drop"} <= options["sweep"]

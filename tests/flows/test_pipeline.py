@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_outlier_model
 from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.interpreter import audit_tensor_types
 from ptqflow.tasks.parameters import CalibrationParameters, TrainingParameters
-from ptqflow.tasks.validate import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,9 @@ def test_cold_run_gives_a_full_integer_int8_model_within_the_gate(cold_run, stor
     assert tuple(cold_run.tasks) == STAGES
     store = ArtifactStore(store_a)
     audit = audit_tensor_types(store.read_bytes(cold_run.artifacts["tflite"]))
-    assert audit.full_integer and audit.input_type == "int8" and audit.output_type == "int8"
-    assert cold_run.metrics["accuracy_drop_pp"] <= 1.0
-    assert cold_run.metrics["float_accuracy"] > 0.95
+    assert audit.full_integer and audit.input.dtype == "int8" and audit.output.dtype == "int8"
+    assert cold_run.metrics.accuracy_drop_pp <= 1.0
+    assert cold_run.metrics.float_accuracy > 0.95
     for ref in cold_run.artifacts.values():
         store.verify(ref)
 
@@ -61,7 +61,7 @@ def test_cold_run_gives_a_full_integer_int8_model_within_the_gate(cold_run, stor
 def test_report_and_dataset_manifest_are_stored(cold_run, store_a):
     store = ArtifactStore(store_a)
     report = store.read_json(cold_run.artifacts["report"])
-    assert report["metrics"]["quantized_accuracy"] == cold_run.metrics["quantized_accuracy"]
+    assert report["metrics"]["quantized_accuracy"] == cold_run.metrics.quantized_accuracy
     assert report["quantized_model"] == cold_run.artifacts["tflite"].model_dump()
     manifest = store.read_json(cold_run.artifacts["dataset"])
     assert set(manifest["splits"]) == {"train", "validation", "test"}
@@ -163,7 +163,7 @@ print("RESULT " + result.model_dump_json())
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
     converted = ConvertedModels.model_validate_json(line.removeprefix("RESULT "))
     audit = audit_tensor_types(store.read_bytes(converted.quantized))
-    assert audit.input_type == "uint8" and audit.full_integer
+    assert audit.input.dtype == "uint8" and audit.full_integer
     assert converted.quantized.sha256 != cold_run.artifacts["tflite"].sha256
 
 
@@ -180,7 +180,7 @@ def test_gate_failure_fails_the_run_with_the_summary(prefect_server, tmp_path, t
     error = state.result(raise_on_failure=False)
     assert isinstance(error, AccuracyGateFailed), error
     summary = error.summary
-    assert summary.metrics["float_accuracy"] > 0.9 and summary.metrics["accuracy_drop_pp"] > 1.0
+    assert summary.metrics.float_accuracy > 0.9 and summary.metrics.accuracy_drop_pp > 1.0
     assert summary.status == "failed" and not summary.gate.passed
     assert "accuracy gate failed" in str(error) and "--calibration-size" in str(error)
 

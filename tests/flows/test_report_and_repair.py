@@ -10,8 +10,8 @@ import pytest
 
 from conftest import write_outlier_model
 from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.interpreter import audit_tensor_types
 from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TrainingParameters
-from ptqflow.tasks.validate import audit_tensor_types
 
 pytestmark = [pytest.mark.slow, pytest.mark.smoke]
 
@@ -38,13 +38,13 @@ def test_repair_brings_the_outlier_model_back_within_the_gate(repaired_run):
     assert summary.status == "passed" and summary.gate.passed
     assert summary.gate.message.startswith("accuracy gate passed after repair")
     assert list(summary.tasks)[-2:] == ["repair_quantization", "validate_repaired_model"]
-    repair = summary.metrics["repair"]
-    assert repair["succeeded"] and repair["float_layers"] == ["dense", "probabilities"]
-    assert summary.metrics["accuracy_drop_pp"] <= 1.0
+    assert summary.repair is not None
+    assert summary.repair.succeeded and summary.repair.float_layers == ("dense", "probabilities")
+    assert summary.metrics.accuracy_drop_pp <= 1.0
     unrepaired = audit_tensor_types(store.read_bytes(summary.artifacts["tflite_unrepaired"]))
     repaired = audit_tensor_types(store.read_bytes(summary.artifacts["tflite"]))
     assert unrepaired.full_integer and not repaired.full_integer
-    assert {o["op"] for o in repaired.float_ops} >= {"FULLY_CONNECTED"}
+    assert {o.op for o in repaired.float_ops} >= {"FULLY_CONNECTED"}
 
 
 def test_the_report_names_the_offending_layer_and_what_repair_cost(repaired_run):

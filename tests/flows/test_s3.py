@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.tasks.validate import audit_tensor_types
+from ptqflow.tasks.interpreter import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 
 from ptqflow.tasks.convert import convert_float, quantize
 from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.interpreter import audit_tensor_types, make_interpreter
 from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
-from ptqflow.tasks.validate import audit_tensor_types, make_interpreter
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -31,13 +31,14 @@ def int8_model(trained_digits_model, calibration) -> bytes:
 def test_default_conversion_is_full_integer_with_int8_io(int8_model):
     audit = audit_tensor_types(int8_model)
     assert audit.full_integer, audit.float_tensors
-    assert audit.input_type == "int8" and audit.output_type == "int8"
+    assert audit.input.dtype == "int8" and audit.output.dtype == "int8"
     assert set(audit.dtypes) <= {"int8", "int32"}
 
 
 def test_input_scale_comes_from_the_raw_value_range(int8_model):
     # digits' raw values span 0..16: the input scale is ~16/255, nowhere near the 1/255 of the tutorial's mapping.
-    scale, zero_point = audit_tensor_types(int8_model).input_quantization
+    quantization = audit_tensor_types(int8_model).input
+    scale, zero_point = quantization.scale, quantization.zero_point
     assert scale == pytest.approx(16 / 255, rel=0.01)
     assert zero_point == -128
 
@@ -51,7 +52,7 @@ def test_batch_dimension_stays_dynamic(int8_model):
 def test_other_io_types(trained_digits_model, calibration, io_type):
     options = ConversionParameters(input_type=io_type, output_type=io_type)
     audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 100), options))
-    assert audit.input_type == audit.output_type == io_type.value
+    assert audit.input.dtype == audit.output.dtype == io_type.value
     if io_type is TensorType.float32:
         # float I/O: QUANTIZE/DEQUANTIZE at the edges, so the model is not full-integer.
         assert not audit.full_integer and {"QUANTIZE", "DEQUANTIZE"} <= set(audit.ops)
@@ -84,7 +85,7 @@ def test_batched_calibration_gives_the_quantization_of_one_sample_at_a_time(
 
 def test_float_model_has_float_io_and_no_quantization(trained_digits_model):
     audit = audit_tensor_types(convert_float(trained_digits_model))
-    assert audit.input_type == "float32" and "int8" not in audit.dtypes
+    assert audit.input.dtype == "float32" and "int8" not in audit.dtypes
 
 
 def test_an_op_without_a_builtin_kernel_names_the_op_and_the_fix():
@@ -117,7 +118,7 @@ def test_a_model_that_needs_flex_ops_cannot_be_calibrated_and_says_so():
     if Version(tf.__version__) < Version("2.20"):
         # The calibrator of TensorFlow 2.18 and 2.19 still links the Flex delegate: the model calibrates and keeps
         # its Flex op (validation then says it cannot run it: tests/tasks/test_validate.py).
-        assert audit_tensor_types(quantize(model, batches, options)).flex_ops == ("FlexErf",)
+        assert audit_tensor_types(quantize(model, batches, options)).flex_ops == ["FlexErf"]
         return
     with pytest.raises(ConversionFailed, match="needs TensorFlow \\(Flex\\) ops, which calibration cannot run"):
         quantize(model, batches, options)
@@ -131,7 +132,7 @@ def test_int16x8_keeps_int16_activations_and_int8_weights(trained_digits_model, 
         scheme=QuantizationScheme.int16x8, input_type=TensorType.int16, output_type=TensorType.int16
     )
     audit = audit_tensor_types(quantize(trained_digits_model, _batches(calibration, 64), options))
-    assert audit.full_integer and audit.input_type == audit.output_type == "int16"
+    assert audit.full_integer and audit.input.dtype == audit.output.dtype == "int16"
     assert {"int16", "int8"} <= set(audit.dtypes)
 
 
@@ -143,7 +144,7 @@ def test_dynamic_range_needs_no_calibration_and_keeps_float_activations(trained_
         scheme=QuantizationScheme.dynamic_range, ops=TargetOps.builtins, input_type=F32, output_type=F32
     )
     audit = audit_tensor_types(quantize(trained_digits_model, no_calibration, options))
-    assert audit.input_type == "float32" and "int8" in audit.dtypes and not audit.full_integer
+    assert audit.input.dtype == "float32" and "int8" in audit.dtypes and not audit.full_integer
 
 
 def test_float16_stores_float16_weights(trained_digits_model):

@@ -10,10 +10,12 @@ import pytest
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.tasks.convert import quantize
-from ptqflow.tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float, ranking_margin
+from ptqflow.tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float
+from ptqflow.tasks.interpreter import audit_tensor_types, predict_tflite
+from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TensorType
 from ptqflow.tasks.repair import keep_worst_layers_float
-from ptqflow.tasks.validate import accuracy, audit_tensor_types, predict_tflite
+from ptqflow.tasks.validation_report import LayerError, ranking_margin
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -81,7 +83,7 @@ def test_keeping_the_worst_layer_float_repairs_the_model(outlier_model, calibrat
     repaired_accuracy = accuracy(predict_tflite(repaired, splits["test"].features), splits["test"].labels)
     assert (float_accuracy - repaired_accuracy) * 100 <= 1.0
     audit = audit_tensor_types(repaired)
-    assert audit.input_type == "int8" and audit.output_type == "int8"  # the asked I/O survives repair
+    assert audit.input.dtype == "int8" and audit.output.dtype == "int8"  # the asked I/O survives repair
     assert not audit.full_integer and len(repaired) > len(quantized)
 
 
@@ -110,7 +112,7 @@ def test_float_io_is_kept_when_asked(outlier_model, calibration):
     )
     model = quantize_keeping_float(outlier_model, batches_of(calibration), calibration, options, [])
     audit = audit_tensor_types(model)
-    assert audit.input_type == "float32" and audit.output_type == "float32"
+    assert audit.input.dtype == "float32" and audit.output.dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -127,8 +129,6 @@ def test_tensor_names_map_to_keras_layers(tensor, layer):
 
 
 def test_the_ranking_margin_says_when_another_processor_could_flip_the_order():
-    from ptqflow.tasks.diagnose import LayerError
-
     def layer(name: str, badness: float) -> LayerError:
         return LayerError(
             layer=name,

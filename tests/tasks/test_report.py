@@ -1,4 +1,4 @@
-"""report.md and report.html, rendered from a validation document."""
+"""report.md and report.html, rendered from a validation report (parsed from its JSON form)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from ptqflow.tasks.report import render_html, render_markdown
+from ptqflow.tasks import render
+from ptqflow.tasks.validation_report import ValidationReport
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -29,9 +30,25 @@ def model(accuracy: float, bytes_: int | None) -> dict:
     }
 
 
+def render_markdown(document: dict) -> str:
+    return render.render_markdown(ValidationReport.model_validate(document))
+
+
+def render_html(document: dict) -> str:
+    return render.render_html(ValidationReport.model_validate(document))
+
+
+REF = {"uri": "memory://store/blob", "sha256": "0" * 64, "bytes": 1}
+
+
 @pytest.fixture
 def document() -> dict:
     return {
+        "dataset": REF,
+        "model": REF,
+        "quantized_model": REF,
+        "float_tflite": REF,
+        "conversion": None,
         "metrics": {
             "validated": True,
             "not_validated_reason": None,
@@ -40,8 +57,12 @@ def document() -> dict:
             "float_accuracy": 0.9,
             "quantized_accuracy": 0.8,
             "accuracy_drop_pp": 10.0,
+            "tflite_float_accuracy": 0.9,
+            "agreement": 0.9,
+            "rerun_max_difference": 0.0,
             "float_bytes": 400,
             "quantized_bytes": 100,
+            "size_ratio": 4.0,
             "num_threads": 2,
             "models": {
                 "float_keras": model(0.9, None),
@@ -81,7 +102,7 @@ def document() -> dict:
                 "input": {"dtype": "int8", "scale": 0.06, "zero_point": -128},
                 "output": {"dtype": "int8", "scale": 1 / 256, "zero_point": -128},
             },
-        }
+        },
     }
 
 
@@ -151,3 +172,35 @@ def test_the_ranking_margin_is_stated_and_a_close_call_is_flagged(document):
     text = render_markdown(document)
     assert "**Ranking margin: dense (FULLY_CONNECTED) is 1.05x as bad as model output (SOFTMAX); a close call" in text
     assert "<p class='bad'>Ranking margin: dense" in render_html(document)
+
+
+def test_the_runs_table_shows_each_runs_figures_and_a_dash_where_a_sweep_had_none():
+    from rich.console import Console
+
+    figures = {
+        "float_accuracy": 0.99,
+        "tflite_float_accuracy": 0.99,
+        "quantized_accuracy": 0.985,
+        "accuracy_drop_pp": 0.5,
+        "agreement": 0.99,
+        "float_bytes": 400,
+        "quantized_bytes": 100,
+        "full_integer": True,
+        "float_tensors": [],
+    }
+    common = {"store": "file:///s", "created_at": "2026-11-30T12:00:00+00:00", "export": None}
+    manifests = [
+        {**common, "run_id": "aaaaaaaa-1", "flow": "ptq-pipeline", "status": "passed", "metrics": figures},
+        {
+            **common,
+            "run_id": "bbbbbbbb-2",
+            "flow": "ptq-sweep",
+            "status": "failed",
+            "metrics": {"sweep": [], "best": None},
+        },
+    ]
+    console = Console(record=True, width=120)
+    render.print_runs(manifests, console)
+    lines = console.export_text().splitlines()
+    assert any("aaaaaaaa" in line and "98.50%" in line and "0.50" in line for line in lines)
+    assert any("bbbbbbbb" in line and line.count("—") == 2 for line in lines)

@@ -9,7 +9,10 @@ import pytest
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.convert import convert_float, quantize
 from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.interpreter import predict_tflite
+from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import QuantizationScheme, RankBy
+from ptqflow.tasks.render import sweep_markdown, sweep_rows
 from ptqflow.tasks.sweep import (
     ConfigurationMetrics,
     SweepConfiguration,
@@ -18,13 +21,10 @@ from ptqflow.tasks.sweep import (
     judge,
     rank,
     reference_row,
-    render_sweep_markdown,
     render_sweep_plot,
     select_configurations,
     sweep_grid,
-    table_rows,
 )
-from ptqflow.tasks.validate import accuracy, predict_tflite
 
 
 def test_the_default_grid_covers_every_option_the_issue_names():
@@ -153,11 +153,11 @@ def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, o
 
 def test_table_markdown_and_plot(rows):
     ranked = rank([judge(r, 1.0, False) for r in rows], RankBy.size)
-    lines = table_rows(ranked)
+    lines = sweep_rows(ranked)
     assert lines[0][:2] == ["1", "int8-per-tensor"] and lines[0][5] == f"{300_000 / 79_000:.2f}"
-    markdown = render_sweep_markdown(ranked, RankBy.size, 1.0, "int8-per-tensor")
+    markdown = sweep_markdown(ranked, RankBy.size, 1.0, "int8-per-tensor")
     assert "**Best: int8-per-tensor**" in markdown and all(r.name in markdown for r in rows)
-    assert render_sweep_markdown(ranked, RankBy.size, 1.0, None).count("No configuration passed") == 1
+    assert sweep_markdown(ranked, RankBy.size, 1.0, None).count("No configuration passed") == 1
     png = render_sweep_plot(ranked)
     assert png.startswith(b"\x89PNG") and png == render_sweep_plot(ranked)  # same figures, same bytes
 

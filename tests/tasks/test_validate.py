@@ -8,6 +8,8 @@ import pytest
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.artifacts import ValidationResult
 from ptqflow.tasks.convert import convert_float, quantize
+from ptqflow.tasks.gate import GateStatus, check_accuracy_gate
+from ptqflow.tasks.interpreter import dequantize_output, make_interpreter, predict_keras, predict_tflite, quantize_input
 from ptqflow.tasks.parameters import (
     ConversionParameters,
     QuantizationScheme,
@@ -15,15 +17,7 @@ from ptqflow.tasks.parameters import (
     TensorType,
     ValidationParameters,
 )
-from ptqflow.tasks.validate import (
-    check_accuracy_gate,
-    dequantize_output,
-    evaluate_models,
-    make_interpreter,
-    predict_keras,
-    predict_tflite,
-    quantize_input,
-)
+from ptqflow.tasks.validate import evaluate_models
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -84,34 +78,34 @@ def test_evaluation_reports_every_metric(models, trained_digits_model, test_spli
     metrics = evaluate_models(
         trained_digits_model, float_model, quantized, test_split.features, test_split.labels, ValidationParameters()
     )
-    assert metrics["samples"] == len(test_split)
-    assert metrics["tflite_float_accuracy"] == pytest.approx(metrics["float_accuracy"], abs=0.01)
-    assert metrics["accuracy_drop_pp"] == pytest.approx(
-        (metrics["float_accuracy"] - metrics["quantized_accuracy"]) * 100, abs=1e-6
+    assert metrics.samples == len(test_split)
+    assert metrics.tflite_float_accuracy == pytest.approx(metrics.float_accuracy, abs=0.01)
+    assert metrics.accuracy_drop_pp == pytest.approx(
+        (metrics.float_accuracy - metrics.quantized_accuracy) * 100, abs=1e-6
     )
-    assert metrics["quantized_bytes"] < metrics["float_bytes"] / 3
-    assert metrics["audit"]["full_integer"] and metrics["audit"]["input"]["dtype"] == "int8"
-    assert "CONV_2D" in metrics["audit"]["ops"]
-    assert metrics["audit"]["float_ops"] == [] and metrics["audit"]["flex_ops"] == []
-    assert metrics["validated"] and metrics["num_threads"] >= 1
-    assert metrics["rerun_max_difference"] == 0.0  # int8 kernels: the same outputs on every run
+    assert metrics.quantized_bytes < metrics.float_bytes / 3
+    assert metrics.audit.full_integer and metrics.audit.input.dtype == "int8"
+    assert "CONV_2D" in metrics.audit.ops
+    assert metrics.audit.float_ops == [] and metrics.audit.flex_ops == []
+    assert metrics.validated and metrics.num_threads >= 1
+    assert metrics.rerun_max_difference == 0.0  # int8 kernels: the same outputs on every run
 
     n = len(test_split)
-    for model in metrics["models"].values():
-        matrix = np.array(model["confusion_matrix"])
+    for model in metrics.models.values():
+        matrix = np.array(model.confusion_matrix)
         assert matrix.shape == (10, 10) and matrix.sum() == n
-        assert model["accuracy"] == pytest.approx(np.trace(matrix) / n)
+        assert model.accuracy == pytest.approx(np.trace(matrix) / n)
         row = matrix[3] / matrix[3].sum()
-        assert model["per_class_accuracy"]["3"] == pytest.approx(row[3], abs=1e-6)
-        speed = model["speed"]
-        assert 0 < speed["latency_ms"]["p50"] <= speed["latency_ms"]["p95"] and speed["latency_ms"]["runs"] >= 10
-        assert speed["throughput_per_s"] > 0
-    keras_model, quantized_model = metrics["models"]["float_keras"], metrics["models"]["quantized_tflite"]
-    assert keras_model["agreement_with_float"] == 1.0 and keras_model["output_sqnr_db"] is None
-    assert quantized_model["agreement_with_float"] == metrics["agreement"]
+        assert model.per_class_accuracy["3"] == pytest.approx(row[3], abs=1e-6)
+        speed = model.speed
+        assert 0 < speed.latency_ms.p50 <= speed.latency_ms.p95 and speed.latency_ms.runs >= 10
+        assert speed.throughput_per_s > 0
+    keras_model, quantized_model = metrics.models["float_keras"], metrics.models["quantized_tflite"]
+    assert keras_model.agreement_with_float == 1.0 and keras_model.output_sqnr_db is None
+    assert quantized_model.agreement_with_float == metrics.agreement
     # int8 outputs of a softmax: errors of about one step (1/256), so tens of dB, not a perfect copy.
-    assert 15 < quantized_model["output_sqnr_db"] < 80 and 0 < quantized_model["output_mae"] < 0.01
-    assert metrics["models"]["float_tflite"]["output_sqnr_db"] > quantized_model["output_sqnr_db"]
+    assert 15 < quantized_model.output_sqnr_db < 80 and 0 < quantized_model.output_mae < 0.01
+    assert metrics.models["float_tflite"].output_sqnr_db > quantized_model.output_sqnr_db
 
 
 def test_known_float_outputs_give_the_same_metrics_as_predicting_them(models, trained_digits_model, test_split):
@@ -129,7 +123,7 @@ def test_known_float_outputs_give_the_same_metrics_as_predicting_them(models, tr
     given = evaluate_models(*args, measure_speed=False, keras_outputs=float_outputs)
     assert given == predicted
     shuffled = evaluate_models(*args, measure_speed=False, keras_outputs=float_outputs[::-1])
-    assert shuffled["float_accuracy"] != predicted["float_accuracy"]  # the given outputs are what is used
+    assert shuffled.float_accuracy != predicted.float_accuracy  # the given outputs are what is used
 
 
 def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_model, models, test_split):
@@ -145,16 +139,16 @@ def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_
     metrics = evaluate_models(
         trained_digits_model, models[1], flex_model, test_split.features, test_split.labels, ValidationParameters()
     )
-    assert not metrics["validated"] and metrics["quantized_accuracy"] is None
-    assert metrics["audit"]["flex_ops"] == ["FlexCumprod"]
-    assert "cannot run" in metrics["not_validated_reason"] and "FlexCumprod" in metrics["not_validated_reason"]
+    assert not metrics.validated and metrics.quantized_accuracy is None
+    assert metrics.audit.flex_ops == ["FlexCumprod"]
+    assert "cannot run" in metrics.not_validated_reason and "FlexCumprod" in metrics.not_validated_reason
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
     result = ValidationResult(
         report=ref,
         validated=False,
-        not_validated_reason=metrics["not_validated_reason"],
+        not_validated_reason=metrics.not_validated_reason,
         **{
-            k: metrics[k]
+            k: getattr(metrics, k)
             for k in (
                 "float_accuracy",
                 "tflite_float_accuracy",
@@ -169,7 +163,7 @@ def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_
         float_tensors=(),
     )
     verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
-    assert verdict.status == "not_validated" and not verdict.passed
+    assert verdict.status is GateStatus.not_validated and not verdict.passed
     assert verdict.message.startswith("not validated: the model uses TensorFlow (Flex) ops")
 
 
@@ -196,7 +190,7 @@ def test_gate_passes_within_the_allowed_drop():
 
 def test_gate_fails_beyond_the_allowed_drop_and_says_what_to_try():
     verdict = check_accuracy_gate(_result(0.99, 0.95), max_accuracy_drop=1.0)
-    assert not verdict.passed and verdict.status == "failed"
+    assert not verdict.passed and verdict.status is GateStatus.failed
     assert verdict.observed_drop_pp == pytest.approx(4.0)
     assert "--calibration-size" in verdict.message and "--max-accuracy-drop" in verdict.message
     assert "--ops builtins --repair" in verdict.message
@@ -205,7 +199,7 @@ def test_gate_fails_beyond_the_allowed_drop_and_says_what_to_try():
 def test_a_model_whose_outputs_change_between_runs_fails_whatever_its_accuracy():
     result = _result(0.99, 0.99).model_copy(update={"rerun_max_difference": 0.42})
     verdict = check_accuracy_gate(result, max_accuracy_drop=100.0)
-    assert not verdict.passed and verdict.status == "failed" and verdict.name == "repeatable"
+    assert not verdict.passed and verdict.status is GateStatus.failed and verdict.name == "repeatable"
     assert verdict.message.startswith(
         "gate failed: the quantized model's outputs differ by up to 0.42 between two runs on the same input"
     )
@@ -256,14 +250,14 @@ def test_a_real_model_with_unrepeatable_outputs_is_caught_by_the_gate(test_split
     metrics = evaluate_models(
         model, convert_float(model), quantized, images, labels, ValidationParameters(), measure_speed=False
     )
-    assert metrics["rerun_max_difference"] > 0
+    assert metrics.rerun_max_difference > 0
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
     result = ValidationResult(
         report=ref,
         full_integer=False,
         float_tensors=(),
         **{
-            k: metrics[k]
+            k: getattr(metrics, k)
             for k in (
                 "float_accuracy",
                 "tflite_float_accuracy",

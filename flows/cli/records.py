@@ -1,0 +1,193 @@
+"""The commands over what runs left behind: ``runs``, ``show``, ``promote``, ``rollback`` and ``gc``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ptqflow.flows.cli.common import EXIT_INVALID_INPUT, EXIT_RUN_FAILED, err_console, fail
+from ptqflow.flows.cli.options import LockWaitOption, RequiredExportOption, StoreOption
+
+
+def _open_store(store: str):
+    from ptqflow.storage.store import ArtifactStore, StoreError
+
+    try:
+        return ArtifactStore(store)
+    except StoreError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+def runs(
+    store: StoreOption = "./ptqflow-store",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as a JSON list.")] = False,
+) -> None:
+    """List the complete runs in a store, newest first."""
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import list_manifests
+
+    try:
+        manifests = list_manifests(_open_store(store))
+    except StoreError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=as_json)
+    if as_json:
+        print(json.dumps(manifests))
+        return
+    if not manifests:
+        err_console.print(f"no complete runs in {store}")
+        return
+    from ptqflow.tasks.render import print_runs
+
+    print_runs(manifests, Console(width=None if err_console.is_terminal else 120))
+
+
+def show(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    store: StoreOption = "./ptqflow-store",
+) -> None:
+    """Print one run's manifest (JSON)."""
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import find_manifest
+
+    try:
+        manifest = find_manifest(_open_store(store), run_id)
+    except (LookupError, StoreError) as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _open_export(export: str):
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.publish import export_store
+
+    try:
+        return export_store(export)
+    except StoreError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+@contextmanager
+def _export_lock(export: Any, wait_seconds: float) -> Iterator[None]:
+    """Hold the export's lock, the one runs hold, so that a run cannot move latest.json in the middle of a
+    promote or rollback: through the Prefect server when PREFECT_API_URL is set, on this host otherwise (see
+    flows/locks.py)."""
+    import logging
+
+    from prefect.events.worker import EventsWorker
+
+    from ptqflow.flows.locks import LockNotAcquired, exclusive
+
+    try:
+        with ExitStack() as held:
+            try:
+                held.enter_context(exclusive(export.url, timeout_seconds=wait_seconds))
+            except LockNotAcquired as error:
+                fail(f"{error}, or wait longer with --wait (waited {wait_seconds:g} s)", EXIT_RUN_FAILED, as_json=False)
+            yield
+    finally:
+        # The lock's events are sent before the process exits; Prefect's worker would warn that some are pending.
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+        EventsWorker.drain_all(timeout=10)
+
+
+def _quiet_lock_service() -> None:
+    """Before Prefect is imported: its slot service logs a lock it gave up waiting for as an error of its own;
+    `_export_lock` says what happened in one line."""
+    os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
+
+
+def _moved(move: Any, what: str) -> None:
+    Console().print(
+        f"{what}: latest.json now points to {move.version} (was {move.previous_version or 'nothing'}); pointer "
+        f"recorded in {move.history}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def promote(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    export: RequiredExportOption,
+    store: StoreOption = "./ptqflow-store",
+    wait: LockWaitOption = 60.0,
+) -> None:
+    """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
+    the exported model said; the run must have passed its gate. Files are verified; history is kept."""
+    _quiet_lock_service()
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.manifest import find_manifest
+    from ptqflow.tasks.promotion import promote as promote_run
+    from ptqflow.tasks.publish import PointerMoved
+
+    try:
+        manifest = find_manifest(_open_store(store), run_id)
+        target = _open_export(export)
+        with _export_lock(target, wait):
+            _moved(promote_run(_open_store(store), target, manifest), f"promoted run {manifest['run_id']}")
+    except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile
+        fail(str(error), EXIT_RUN_FAILED, as_json=False)
+    except (LookupError, StoreError) as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+def rollback(export: RequiredExportOption, wait: LockWaitOption = 60.0) -> None:
+    """Point the export's latest.json back at the version published before the current one (verified; history
+    is kept)."""
+    _quiet_lock_service()
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.promotion import rollback as roll_back
+    from ptqflow.tasks.publish import PointerMoved
+
+    try:
+        target = _open_export(export)
+        with _export_lock(target, wait):
+            _moved(roll_back(target), "rolled back")
+    except PointerMoved as error:
+        fail(str(error), EXIT_RUN_FAILED, as_json=False)
+    except StoreError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+def gc(
+    store: StoreOption = "./ptqflow-store",
+    keep_runs: Annotated[int, typer.Option(help="Keep this many of the newest runs.", min=0)] = 10,
+    keep_days: Annotated[
+        float | None, typer.Option(help="Also keep every run younger than this many days.", min=0)
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+    wait: LockWaitOption = 60.0,
+) -> None:
+    """Delete what no kept run needs: older runs' manifests, cache records and blobs. A kept run reruns all from
+    cache; exports hold their own copies and are not touched. Takes the store's lock, so no running flow loses
+    anything."""
+    _quiet_lock_service()
+    from ptqflow.flows.locks import LockNotAcquired, exclusive
+    from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
+
+    target = _open_store(store)
+    try:
+        with exclusive(target.url, timeout_seconds=wait):
+            plan = plan_collection(target, keep_runs, keep_days, datetime.now(timezone.utc))
+            for note in plan.notes:
+                err_console.print(note, highlight=False, soft_wrap=True)
+            if not dry_run:
+                apply_collection(target, plan)
+    except LockNotAcquired as error:
+        fail(f"{error}, or wait longer with --wait (waited {wait:g} s)", EXIT_RUN_FAILED, as_json=False)
+    except StoreError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    verb = "would free" if dry_run else "freed"
+    Console().print(
+        f"{verb} {plan.freed_bytes:,} B: {len(plan.delete)} objects, {len(plan.removed_runs)} runs "
+        f"({', '.join(r[:8] for r in plan.removed_runs) or 'none'}); kept {len(plan.kept_runs)} runs",
+        highlight=False,
+        soft_wrap=True,
+    )

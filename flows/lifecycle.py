@@ -1,0 +1,272 @@
+"""What every flow does around its own stages: check a deployment's form and hold the store's lock before anything
+runs; sample, calibrate and train (the stages every conversion starts from); and end the same way, with the
+champion check, the manifest, the export and the Prefect artifacts."""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from ptqflow.flows.locks import exclusive
+from ptqflow.flows.stages import StageRunner, sweep_leftovers
+from ptqflow.flows.trust import enforce_for_deployment_runs
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.artifacts import CalibrationSet, SampledDataset, TrainedModel, ValidationResult
+from ptqflow.tasks.calibrate import materialize_calibration_set
+from ptqflow.tasks.datasets import is_builtin, resolve_source
+from ptqflow.tasks.errors import AccuracyGateFailed
+from ptqflow.tasks.gate import GateResult
+from ptqflow.tasks.manifest import build_manifest, write_run_manifest
+from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
+from ptqflow.tasks.parameters import CalibrationParameters, GateParameters, SamplingParameters, TrainingParameters
+from ptqflow.tasks.promotion import compare_with_champion, record_promotion_in_report
+from ptqflow.tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
+from ptqflow.tasks.render import (
+    SWEEP_HEADER,
+    promotion_markdown,
+    run_summary_markdown,
+    sweep_rows,
+    sweep_summary_markdown,
+)
+from ptqflow.tasks.sample import columns_of, fingerprint_source, sample_dataset
+from ptqflow.tasks.train import fingerprint_model, train_float_model
+from ptqflow.tasks.validation_report import PromotionDecision
+
+
+@contextmanager
+def guarded_run(
+    store: str,
+    export: str | None,
+    sampling: SamplingParameters,
+    training: TrainingParameters,
+    calibration: CalibrationParameters,
+) -> Iterator[StageRunner]:
+    """A stage runner on ``store`` while this run holds the store's and the export's lock (see flows/locks.py)."""
+    # A deployment's form is filled by others: its locations and model are checked before anything is touched.
+    enforce_for_deployment_runs(
+        {
+            "store": store,
+            "export": export,
+            "sampling": sampling.model_dump(mode="json"),
+            "training": training.model_dump(mode="json"),
+            "calibration": calibration.model_dump(mode="json"),
+        }
+    )
+    artifact_store = ArtifactStore(store)
+    export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
+    # One run at a time per store and export target (schedules, the UI, deployments).
+    with exclusive(artifact_store.url, export_target_store.url if export_target_store else None) as held:
+        sweep_leftovers(held, artifact_store, export_target_store)
+        yield StageRunner(artifact_store)
+
+
+def run_date() -> datetime:
+    """When this flow run was scheduled for (now, for a run started by hand), in UTC."""
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.astimezone(timezone.utc) if scheduled else datetime.now(timezone.utc)
+
+
+def upstream_stages(
+    run: StageRunner,
+    seed: int,
+    sampling: SamplingParameters,
+    training: TrainingParameters,
+    calibration: CalibrationParameters,
+    more_calibration_sizes: Sequence[int] = (),
+) -> tuple[SampledDataset, dict[int, CalibrationSet], TrainedModel]:
+    """Sample, draw the calibration set (one per size), train: what every conversion starts from."""
+    # The run's date fills a {date} template and places a --window-days window: a scheduled run's date is the time
+    # it was scheduled for, so a late or retried nightly run still reads its own day.
+    source_url, since = (
+        resolve_source(sampling.dataset, run_date(), sampling.since, sampling.window_days)
+        if not is_builtin(sampling.dataset)
+        else (None, None)
+    )
+    # What the inputs hold now (listings, no reads): part of the cache keys, and a bad URL fails here, first.
+    source = run.retrying(fingerprint_source)(source_url or sampling.dataset, since)
+    calibration_source = run.retrying(fingerprint_source)(calibration.calibration_source)
+    model_file = run.retrying(fingerprint_model)(training)
+
+    dataset = run(
+        sample_dataset, params=sampling, seed=seed, source_fingerprint=source, source_url=source_url, since=since
+    )
+    # Calibration needs only the data, so it runs before training: a calibration set that cannot be drawn
+    # fails the run in seconds, not after the model has trained.
+    calibration_sets = {}
+    for size in [calibration.calibration_size, *sorted(set(more_calibration_sizes) - {calibration.calibration_size})]:
+        calibration_sets[size] = run(
+            materialize_calibration_set,
+            label=None if size == calibration.calibration_size else f"materialize_calibration_set[{size}]",
+            dataset=dataset,
+            params=calibration.model_copy(update={"calibration_size": size}),
+            seed=seed,
+            columns=columns_of(sampling),
+            source_fingerprint=calibration_source,
+        )
+    trained = run(train_float_model, dataset=dataset, params=training, seed=seed, model_fingerprint=model_file)
+    return dataset, calibration_sets, trained
+
+
+def challenge_champion(
+    run: StageRunner,
+    export: str | None,
+    dataset: SampledDataset,
+    artifacts: dict[str, ArtifactRef],
+    verdict: GateResult,
+    challenger_accuracy: float | None,
+    gate: GateParameters,
+    batch_size: int,
+) -> tuple[PromotionDecision | None, dict[str, ArtifactRef]]:
+    """With an export target and a passing gate: compare with the exported model (champion) on this test split
+    (see tasks/promotion.py). Returns the decision and the run's artifacts, whose report now records it."""
+    if not export or not verdict.passed or challenger_accuracy is None:
+        return None, artifacts
+    promotion = run.effect(
+        compare_with_champion,
+        export_url=export,
+        dataset=dataset,
+        challenger=artifacts["tflite"],
+        challenger_accuracy=challenger_accuracy,
+        gate=gate,
+        batch_size=batch_size,
+    )
+    get_run_logger().info(promotion.message)
+    if "report" in artifacts:
+        artifacts = {
+            **artifacts,
+            **run.effect(record_promotion_in_report, report=artifacts["report"], promotion=promotion),
+        }
+    return promotion, artifacts
+
+
+def publish_if_promoted(
+    run: StageRunner,
+    export: str | None,
+    run_id: str,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
+    promotion: PromotionDecision | None,
+) -> tuple[ExportRecord | None, PromotionDecision | None]:
+    """Publish the run (a new version folder, then latest.json) when the champion check promoted it, provided
+    latest.json still names the champion it was compared with. Returns the export and the final decision: a run
+    that lost that race to another writer says so and is not published."""
+    if not export or promotion is None or not promotion.promote:
+        return None, promotion
+    try:
+        exported = run.effect(
+            publish_export,
+            export_url=export,
+            run_id=run_id,
+            artifacts=artifacts,
+            manifest=manifest,
+            compared_with=promotion.champion_version,
+        )
+    except PointerMoved as lost:
+        get_run_logger().warning("not published: %s", lost)
+        return None, promotion.model_copy(
+            update={"promote": False, "message": f"not published: {lost}; rerun to compare with the new exported model"}
+        )
+    return exported, promotion
+
+
+def finish_run(
+    run: StageRunner,
+    flow: str,
+    parameters: dict[str, Any],
+    dataset: SampledDataset,
+    artifacts: dict[str, ArtifactRef],
+    verdict: GateResult,
+    validated: ValidationResult | None,
+    metrics: dict[str, Any],
+) -> RunOutcome:
+    """Compare with the exported model, write the manifest, publish when promoted. ``parameters``: the flow's
+    parameters by name (``export``, ``gate`` and ``validation`` among them); ``metrics``: what the manifest
+    records."""
+    export, gate = parameters["export"], parameters["gate"]
+    run_id = str(flow_run.get_id())
+    promotion, artifacts = challenge_champion(
+        run,
+        export,
+        dataset,
+        artifacts,
+        verdict,
+        validated.quantized_accuracy if validated else None,
+        gate,
+        parameters["validation"].batch_size,
+    )
+    run.record_worker_seconds()
+    manifest = build_manifest(
+        run_id,
+        {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in parameters.items()},
+        run.store.url,
+        {k: v.model_dump() for k, v in artifacts.items()},
+        metrics,
+        verdict.model_dump(mode="json"),
+        {k: v.model_dump() for k, v in run.records.items()},
+        flow=flow,
+        promotion=promotion.model_dump(mode="json") if promotion else None,
+        split=dataset.split.model_dump() if dataset.split else None,
+    )
+    exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
+    manifest_uri = run.effect(
+        write_run_manifest,
+        manifest={
+            **manifest,
+            "export": exported.model_dump(mode="json") if exported else None,
+            "promotion": promotion.model_dump(mode="json") if promotion else None,
+        },
+    )
+    return RunOutcome(
+        run_id=run_id,
+        status=verdict.status,
+        store=run.store.url,
+        artifacts=artifacts,
+        tasks=run.records,
+        gate=verdict,
+        manifest=manifest_uri,
+        export=exported,
+        promotion=promotion,
+    )
+
+
+def announce(summary: RunSummary | SweepSummary, sweep_table: str | None = None) -> None:
+    """Show the outcome in the Prefect UI (markdown, table and link artifacts); a run that failed its gate then
+    fails, carrying its summary (the CLI prints it and exits 1)."""
+    if isinstance(summary, SweepSummary):
+        create_table_artifact(
+            [dict(zip(SWEEP_HEADER, line)) for line in sweep_rows(summary.rows)],
+            key="ptq-sweep",
+            description=f"{len(summary.rows) - 1} configurations ranked by {summary.rank_by}; best: "
+            f"{summary.best or 'none'}",
+        )
+        create_markdown_artifact(
+            sweep_summary_markdown(summary, sweep_table or ""),
+            key="ptq-sweep-summary",
+            description=summary.gate.message,
+        )
+        create_link_artifact(
+            summary.report.plot.uri,
+            link_text="sweep plot (PNG)",
+            key="ptq-sweep-plot",
+            description="size vs accuracy drop, and latency, per configuration",
+        )
+    else:
+        create_markdown_artifact(run_summary_markdown(summary), key="ptq-summary", description=summary.gate.message)
+    if summary.promotion is not None:
+        create_markdown_artifact(
+            promotion_markdown(summary.promotion), key="ptq-promotion", description=summary.promotion.message
+        )
+    if "report_html" in summary.artifacts:
+        create_link_artifact(
+            summary.artifacts["report_html"].uri,
+            link_text="validation report (HTML)",
+            key="ptq-report",
+            description="report.html: metrics per model, per-layer error, audit, plots",
+        )
+    if not summary.gate.passed:
+        raise AccuracyGateFailed(summary.gate.message, summary)

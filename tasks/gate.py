@@ -1,0 +1,126 @@
+"""The accuracy gate: a validation's figures against the run's thresholds, as a ``GateResult`` whose message
+says what failed and what would help."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from ptqflow.tasks.artifacts import RepairResult, ValidationFigures, WorstLayer
+from ptqflow.tasks.parameters import TargetOps
+from ptqflow.tasks.sweep import SweepRow
+
+
+class GateStatus(str, Enum):
+    passed = "passed"
+    failed = "failed"
+    not_validated = "not_validated"  # the model could not be run here: never a pass
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class GateResult(BaseModel):
+    """The accuracy gate: a named check with its threshold and observation, reported whether it passes or not."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="The check that decided: accuracy_drop, repeatable or sweep.")
+    status: GateStatus
+    observed_drop_pp: float | None
+    max_drop_pp: float
+    message: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def passed(self) -> bool:
+        return self.status is GateStatus.passed
+
+
+def describe_layers(layers: Sequence[WorstLayer], count: int = 3) -> str:
+    """``layer (op, badness b)`` for the worst ``count`` layers."""
+    return ", ".join(f"{w.layer} ({w.op}, badness {w.badness:.1f})" for w in layers[:count])
+
+
+def check_accuracy_gate(
+    result: ValidationFigures,
+    max_accuracy_drop: float,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
+    """Judge a validation: pass within ``max_accuracy_drop``; on failure name the worst layers and what would help
+    (with ``--ops int8`` no layer can stay float, so repair is impossible and the message says which options allow
+    it); after a repair, say what stayed float."""
+    if not result.validated or result.accuracy_drop_pp is None:
+        return GateResult(
+            name="accuracy_drop",
+            status=GateStatus.not_validated,
+            observed_drop_pp=None,
+            max_drop_pp=max_accuracy_drop,
+            message=f"not validated: {result.not_validated_reason}",
+        )
+    if result.rerun_max_difference:
+        return GateResult(
+            name="repeatable",
+            status=GateStatus.failed,
+            observed_drop_pp=result.accuracy_drop_pp,
+            max_drop_pp=max_accuracy_drop,
+            message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
+            "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
+            "another way, e.g. with per-channel weights or full integer (`ptqflow sweep` compares them)",
+        )
+    passed = result.accuracy_drop_pp <= max_accuracy_drop
+    observed = (
+        f"quantized accuracy {result.quantized_accuracy:.2%} is {result.accuracy_drop_pp:.2f} pp below float "
+        f"({result.float_accuracy:.2%})"
+    )
+    repaired = repair is not None and repair.succeeded
+    if passed:
+        message = (
+            f"accuracy gate passed{' after repair' if repaired else ''}: {observed}, within {max_accuracy_drop} pp"
+        )
+        if repair is not None and repair.succeeded:
+            message += f"; kept in float: {', '.join(repair.float_layers)}"
+    else:
+        message = f"accuracy gate failed: {observed}, more than the {max_accuracy_drop} pp allowed"
+        if result.worst_layers:
+            message += f"; worst layers: {describe_layers(result.worst_layers)}"
+        if ops is TargetOps.int8:
+            message += (
+                "; --ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins "
+                "(repair then keeps the worst layers in float), calibrate on more samples (--calibration-size), "
+                "or raise --max-accuracy-drop"
+            )
+        elif repair is not None:
+            message += (
+                f"; {repair.message}: allow more float layers (--max-float-layers), calibrate on more samples "
+                "(--calibration-size), or raise --max-accuracy-drop"
+            )
+        else:
+            message += (
+                ": calibrate on more samples (--calibration-size), keep the worst layers in float (--ops builtins "
+                "--repair), or raise --max-accuracy-drop"
+            )
+    return GateResult(
+        name="accuracy_drop",
+        status=GateStatus.passed if passed else GateStatus.failed,
+        observed_drop_pp=result.accuracy_drop_pp,
+        max_drop_pp=max_accuracy_drop,
+        message=message,
+    )
+
+
+def no_configuration_passed(rows: Sequence[SweepRow], max_accuracy_drop: float) -> GateResult:
+    """The sweep's verdict when no configuration of ``rows`` (ranked) passed: it names the closest one."""
+    closest = next((r for r in rows if not r.reference), None)
+    detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
+    return GateResult(
+        name="sweep",
+        status=GateStatus.failed,
+        observed_drop_pp=None,
+        max_drop_pp=max_accuracy_drop,
+        message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
+        "raise --max-accuracy-drop, or drop --require-full-integer",
+    )

@@ -1,0 +1,572 @@
+"""Every view of a run, drawn from its typed outcome: ``report.md`` and the self-contained ``report.html`` (plots
+embedded as PNG) from a ``ValidationReport``; the Prefect markdown artifacts and the console tables from a
+``RunSummary`` or ``SweepSummary``. Pure functions: nothing here reads a store or decides anything."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ptqflow.tasks.artifacts import ValidationFigures
+from ptqflow.tasks.gate import describe_layers
+from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
+from ptqflow.tasks.parameters import RankBy
+from ptqflow.tasks.sweep import SweepRow
+from ptqflow.tasks.validation_report import (
+    LayerError,
+    ModelKind,
+    PromotionDecision,
+    RepairCost,
+    TypeAudit,
+    ValidationMetrics,
+    ValidationReport,
+    ranking_margin,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+MISSING = "—"  # every view shows a figure that was not measured the same way
+
+
+def percent(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2%}"
+
+
+def number(value: float | None, unit: str = "", digits: int = 3) -> str:
+    return MISSING if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def size(value: int | None) -> str:
+    return MISSING if value is None else f"{value:,} B"
+
+
+# --- report.md and report.html --------------------------------------------------------------------------------
+
+MODEL_HEADER = [
+    "model",
+    "accuracy",
+    "top-1 agreement",
+    "output MAE",
+    "SQNR",
+    "size",
+    "latency p50 (batch 1)",
+    "latency p95",
+    "throughput",
+]
+LAYER_HEADER = ["layer", "op", "badness", "rmse / scale", "typical steps", "scale"]
+
+
+def model_rows(metrics: ValidationMetrics) -> list[list[str]]:
+    rows = []
+    for kind in ModelKind:
+        m = metrics.models.get(kind)
+        if m is None:
+            rows.append([kind.label, "not run", "", "", "", "", "", "", ""])
+            continue
+        speed = m.speed
+        rows.append(
+            [
+                kind.label,
+                percent(m.accuracy),
+                percent(m.agreement_with_float),
+                number(m.output_mae, digits=5),
+                MISSING if m.output_sqnr_db is None else f"{m.output_sqnr_db:.1f} dB",
+                size(m.bytes),
+                number(speed.latency_ms.p50 if speed else None, " ms"),
+                number(speed.latency_ms.p95 if speed else None, " ms"),
+                number(speed.throughput_per_s if speed else None, "/s", 0),
+            ]
+        )
+    return rows
+
+
+def layer_rows(layers: Sequence[LayerError], count: int = 10) -> list[list[str]]:
+    return [
+        [
+            layer.layer,
+            layer.op,
+            f"{layer.badness:.2f}",
+            f"{layer.rmse_over_scale:.3f}",
+            "n/a" if layer.typical_steps is None else f"{layer.typical_steps:.3g}",
+            f"{layer.scale:.4g}",
+        ]
+        for layer in layers[:count]
+    ]
+
+
+def ranking_line(layers: Sequence[LayerError]) -> tuple[str, bool] | None:
+    """The ranking margin of the two worst layers as a sentence, and whether it is a close call."""
+    margin = ranking_margin(layers[:2])
+    if margin is None:
+        return None
+    sentence = str(margin)
+    return sentence[0].upper() + sentence[1:] + ".", margin.close
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _verdict(metrics: ValidationMetrics) -> str:
+    if not metrics.validated:
+        return f"**Not validated**: {metrics.not_validated_reason}"
+    audit = metrics.audit
+    integer = "full integer" if audit.full_integer else f"{len(audit.float_ops)} ops with float tensors"
+    unrepeatable = (
+        f"**outputs differ by up to {metrics.rerun_max_difference:.3g} between two runs on the same input**; "
+        if metrics.rerun_max_difference
+        else ""
+    )
+    return unrepeatable + (
+        f"Quantized accuracy {percent(metrics.quantized_accuracy)} against {percent(metrics.float_accuracy)} float "
+        f"(drop {number(metrics.accuracy_drop_pp, digits=2)} pp) on {metrics.samples:,} test samples; {integer}; "
+        f"{metrics.quantized_bytes:,} B against {metrics.float_bytes:,} B float; "
+        f"{metrics.num_threads} interpreter thread(s)."
+    )
+
+
+def _audit_lines(audit: TypeAudit) -> list[str]:
+    lines = [
+        f"- ops: {', '.join(audit.ops)}",
+        f"- tensor types: {', '.join(f'{k} x{v}' for k, v in audit.dtypes.items())}",
+        f"- input {audit.input.dtype} (scale {audit.input.scale:.6g}, zero point {audit.input.zero_point}), output "
+        f"{audit.output.dtype} (scale {audit.output.scale:.6g}, zero point {audit.output.zero_point})",
+    ]
+    if audit.flex_ops:
+        lines.append(f"- **TensorFlow (Flex) ops**: {', '.join(audit.flex_ops)}")
+    if audit.float_ops:
+        shown = ", ".join(f"{o.op} ({o.output})" for o in audit.float_ops[:10])
+        lines.append(f"- **ops with float tensors**: {shown}")
+    else:
+        lines.append("- no float tensor: full integer")
+    return lines
+
+
+def _repair_lines(repair: RepairCost) -> list[str]:
+    lines = [f"- {repair.message}"]
+    for i, step in enumerate(repair.steps, 1):
+        lines.append(
+            f"- step {i}: {', '.join(step.float_layers)} in float: validation drop {step.validation_drop_pp:.2f} pp, "
+            f"{step.quantized_bytes:,} B"
+        )
+    if repair.succeeded:
+        lines.append(
+            f"- test accuracy {percent(repair.repaired_accuracy)} repaired, against "
+            f"{percent(repair.unrepaired_accuracy)} fully quantized"
+        )
+        lines.append(
+            f"- cost: {repair.repaired_bytes:,} B against {repair.unrepaired_bytes:,} B fully quantized; "
+            f"latency p50 {number(repair.repaired_latency_ms_p50, ' ms')} against "
+            f"{number(repair.unrepaired_latency_ms_p50, ' ms')}"
+        )
+    return lines
+
+
+def _promotion_lines(promotion: PromotionDecision) -> list[str]:
+    """The champion/challenger decision of the run that exported (or did not export) this model."""
+    champion = "exported model" + (f" (version {promotion.champion_version})" if promotion.champion_version else "")
+    return [
+        f"- {promotion.message}",
+        f"- this model: {percent(promotion.challenger_accuracy)}; {champion}: {percent(promotion.champion_accuracy)} "
+        f"(on {promotion.comparison or 'the same test rows'}; tolerance {promotion.tolerance_pp} pp)",
+    ]
+
+
+def render_markdown(report: ValidationReport) -> str:
+    metrics = report.metrics
+    parts = [
+        "# ptqflow validation report",
+        "",
+        _verdict(metrics),
+        "",
+        *(["## Promotion", "", *_promotion_lines(report.promotion), ""] if report.promotion else []),
+        "## Models (test split)",
+        "",
+        markdown_table(MODEL_HEADER, model_rows(metrics)),
+        "",
+        "Agreement, MAE and SQNR compare each model's outputs with the float Keras model's.",
+        "",
+        "## Per-class accuracy",
+        "",
+        markdown_table(
+            ["class", *[kind.label for kind in metrics.models]],
+            [
+                [name, *[percent(m.per_class_accuracy.get(name)) for m in metrics.models.values()]]
+                for name in metrics.class_names
+            ],
+        ),
+        "",
+        "## Per-layer quantization error (QuantizationDebugger)",
+        "",
+    ]
+    if metrics.layers:
+        parts += [
+            "Of the fully quantized conversion, worst first. badness = max(rmse/scale x sqrt(12), 1 / typical "
+            "steps): 1 is plain rounding; a large value names a layer whose error or lost resolution hurts the "
+            "model. Typical steps: the median non-zero activation in quantization steps (below 1, the layer's "
+            "range is taken by outliers).",
+            "",
+            markdown_table(LAYER_HEADER, layer_rows(metrics.layers)),
+            *(["", f"**{margin[0]}**" if margin[1] else margin[0]] if (margin := ranking_line(metrics.layers)) else []),
+        ]
+    else:
+        parts.append(f"Not available: {metrics.layers_unavailable}")
+    parts += ["", "## Audit", "", *_audit_lines(metrics.audit)]
+    if metrics.repair:
+        parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
+    parts += ["", "## Confusion matrices", ""]
+    for kind, m in metrics.models.items():
+        parts += [
+            f"### {kind.label}",
+            "",
+            markdown_table(
+                ["true \\ predicted", *metrics.class_names],
+                [[name, *[str(v) for v in row]] for name, row in zip(metrics.class_names, m.confusion_matrix)],
+            ),
+            "",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    # No timestamp or software tag: the same figures give the same bytes.
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def plots(metrics: ValidationMetrics) -> dict[str, str]:
+    """Base64 PNGs: accuracy per model, confusion matrices, per-layer error."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a batch job
+    from matplotlib import pyplot as plt
+
+    images = {}
+    models = metrics.models
+    figure, axis = plt.subplots(figsize=(5, 3))
+    labels = [kind.label for kind in models]
+    values = [m.accuracy * 100 for m in models.values()]
+    axis.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52"][: len(values)])
+    low = max(0.0, min(values) - 5) if values else 0
+    axis.set_ylim(low, 100)
+    axis.set_ylabel("test accuracy (%)")
+    for i, v in enumerate(values):
+        axis.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+    images["accuracy"] = _png(figure)
+    plt.close(figure)
+
+    if models:
+        figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.8), squeeze=False)
+        for axis, (kind, m) in zip(axes[0], models.items()):
+            axis.imshow(m.confusion_matrix, cmap="Blues")
+            axis.set_title(kind.label)
+            axis.set_xlabel("predicted")
+            axis.set_ylabel("true")
+            ticks = range(len(metrics.class_names))
+            axis.set_xticks(ticks, metrics.class_names, rotation=90, fontsize=7)
+            axis.set_yticks(ticks, metrics.class_names, fontsize=7)
+        images["confusion"] = _png(figure)
+        plt.close(figure)
+
+    layers = metrics.layers[:15]
+    if layers:
+        figure, axis = plt.subplots(figsize=(6, 0.35 * len(layers) + 1))
+        names = [f"{layer.layer} ({layer.op})" for layer in layers][::-1]
+        badness = [layer.badness for layer in layers][::-1]
+        axis.barh(names, badness, color=["#c44e52" if b > 2 else "#8c8c8c" for b in badness])
+        axis.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        axis.set_xscale("log")
+        axis.set_xlabel("badness (1 = plain rounding; log scale)")
+        images["layers"] = _png(figure)
+        plt.close(figure)
+    return images
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}.bad{color:#b00}img{max-width:100%}"
+)
+
+
+def render_html(report: ValidationReport) -> str:
+    metrics = report.metrics
+    images = plots(metrics) if metrics.models else {}
+
+    def image(key: str, alt: str) -> str:
+        return f'<img alt="{alt}" src="data:image/png;base64,{images[key]}">' if key in images else ""
+
+    def bullets(lines: list[str]) -> str:
+        return "<ul>" + "".join(f"<li>{html.escape(line[2:].replace('**', ''))}</li>" for line in lines) + "</ul>"
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>ptqflow validation report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>ptqflow validation report</h1>",
+        f"<p class='{'' if metrics.validated else 'bad'}'>{html.escape(_verdict(metrics).replace('**', ''))}</p>",
+    ]
+    if report.promotion:
+        parts += ["<h2>Promotion</h2>", bullets(_promotion_lines(report.promotion))]
+    parts += [
+        "<h2>Models (test split)</h2>",
+        _html_table(MODEL_HEADER, model_rows(metrics)),
+        image("accuracy", "accuracy per model"),
+        "<h2>Per-layer quantization error</h2>",
+    ]
+    if metrics.layers:
+        parts += [_html_table(LAYER_HEADER, layer_rows(metrics.layers)), image("layers", "per-layer error")]
+        if margin := ranking_line(metrics.layers):
+            sentence, close = margin
+            parts.append(f"<p class='{'bad' if close else ''}'>{html.escape(sentence)}</p>")
+    else:
+        parts.append(f"<p>Not available: {html.escape(str(metrics.layers_unavailable))}</p>")
+    parts += ["<h2>Audit</h2>", bullets(_audit_lines(metrics.audit))]
+    if metrics.repair:
+        parts += ["<h2>Repair</h2>", bullets(_repair_lines(metrics.repair))]
+    if images.get("confusion"):
+        parts += ["<h2>Confusion matrices</h2>", image("confusion", "confusion matrices")]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --- the sweep's table ----------------------------------------------------------------------------------------
+
+SWEEP_HEADER = [
+    "rank",
+    "configuration",
+    "accuracy",
+    "drop pp",
+    "size",
+    "x smaller",
+    "p50 ms",
+    "full int",
+    "I/O",
+    "convert s",
+    "verdict",
+]
+
+
+def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
+    reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
+    lines = []
+    for r in rows:
+        m = r.metrics
+        smaller = f"{reference.bytes / m.bytes:.2f}" if m and reference else ""
+        lines.append(
+            [
+                str(r.rank or ""),
+                r.name,
+                f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
+                f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
+                f"{m.bytes:,} B" if m else "—",
+                smaller,
+                f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
+                ("yes" if m.full_integer else "no") if m else "—",
+                f"{r.input_type}/{r.output_type}",
+                f"{m.conversion_seconds:.2f}" if m else "—",
+                r.verdict,
+            ]
+        )
+    return lines
+
+
+def sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float, best: str | None) -> str:
+    lines = [
+        "# ptqflow quantization sweep",
+        "",
+        f"{len([r for r in rows if not r.reference])} configurations on the test split; gate: at most "
+        f"{max_accuracy_drop} pp below float. Ranked by {rank_by.value} (then the other two of size, latency, "
+        "accuracy). Latency: batch 1, p50, on the worker that evaluated it.",
+        "",
+        f"**Best: {best}**" if best else "**No configuration passed the gate.**",
+        "",
+        "| " + " | ".join(SWEEP_HEADER) + " |",
+        "|" + "---|" * len(SWEEP_HEADER),
+        *["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in sweep_rows(rows)],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- Prefect markdown artifacts -------------------------------------------------------------------------------
+
+
+def _outcome_lines(summary: RunOutcome) -> list[str]:
+    """Where the run's results are, and what became of its export."""
+    lines = [f"Manifest: `{summary.manifest}`"]
+    if summary.export is not None:
+        lines.append(f"Exported as version `{summary.export.version}` to `{summary.export.url}`.")
+    if summary.promotion is not None:
+        lines.append(summary.promotion.message)
+    return lines
+
+
+def run_summary_markdown(summary: RunSummary) -> str:
+    m = summary.metrics
+    rows = [
+        ["accuracy", percent(m.float_accuracy), percent(m.tflite_float_accuracy), percent(m.quantized_accuracy)],
+        ["size", "", size(m.float_bytes), size(m.quantized_bytes)],
+    ]
+    stages = [[name, "yes" if r.cached else "no", number(r.seconds, digits=1)] for name, r in summary.tasks.items()]
+    drop = "not measured" if m.accuracy_drop_pp is None else f"**{m.accuracy_drop_pp:.2f} pp**"
+    report = summary.artifacts.get("report_html")
+    return "\n".join(
+        [
+            f"# ptq-pipeline: {summary.status.value}",
+            "",
+            summary.gate.message,
+            "",
+            markdown_table(["", *[kind.label for kind in ModelKind]], rows),
+            "",
+            f"Accuracy drop: {drop}; top-1 agreement {percent(m.agreement)}; "
+            f"full integer: {'yes' if m.full_integer else 'no'}.",
+            "",
+            *([f"Worst layers: {describe_layers(m.worst_layers, 5)}", ""] if m.worst_layers else []),
+            f"Quantized model: `{summary.artifacts['tflite'].uri}`",
+            "",
+            *([f"Report: `{report.uri}` (also `report.md`, `report.json`)", ""] if report else []),
+            *_outcome_lines(summary),
+            "",
+            markdown_table(["stage", "cached", "seconds"], stages),
+        ]
+    )
+
+
+def sweep_summary_markdown(summary: SweepSummary, table: str) -> str:
+    return "\n".join(
+        [table, "", summary.gate.message, "", f"Plot: `{summary.report.plot.uri}`", "", *_outcome_lines(summary)]
+    )
+
+
+def promotion_markdown(promotion: PromotionDecision) -> str:
+    champion = "exported model (champion" + (f", {promotion.champion_version}" if promotion.champion_version else "")
+    return "\n".join(
+        [
+            f"# {'promoted' if promotion.promote else 'not promoted'}",
+            "",
+            promotion.message,
+            "",
+            markdown_table(
+                ["", f"accuracy ({promotion.comparison or 'this run'})"],
+                [
+                    ["new model (challenger)", percent(promotion.challenger_accuracy)],
+                    [champion + ")", percent(promotion.champion_accuracy)],
+                ],
+            ),
+            "",
+            f"Tolerance: {promotion.tolerance_pp} pp.",
+        ]
+    )
+
+
+# --- the console ----------------------------------------------------------------------------------------------
+
+
+def _print_ending(summary: RunOutcome, console: Console) -> None:
+    if summary.promotion is not None:
+        colour = "green" if summary.promotion.promote else "yellow"
+        console.print(f"[{colour}]{summary.promotion.message}[/]", highlight=False, soft_wrap=True)
+    if summary.export is not None:
+        what = "published" if summary.export.published else "already published"
+        console.print(
+            f"{what}: version {summary.export.version}, pointer {summary.export.pointer}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(f"run id: {summary.run_id} (manifest {summary.manifest})", highlight=False, soft_wrap=True)
+
+
+def _print_gate(summary: RunOutcome, console: Console) -> None:
+    colour = "green" if summary.gate.passed else "red"
+    console.print(f"[{colour}]{summary.gate.message}[/]", highlight=False)
+
+
+def print_run_summary(summary: RunSummary, console: Console) -> None:
+    from rich.table import Table
+
+    m = summary.metrics
+    stages = Table(title="Stages", title_justify="left")
+    stages.add_column("stage")
+    stages.add_column("result")
+    stages.add_column("seconds", justify="right")
+    for name, record in summary.tasks.items():
+        stages.add_row(name, "cached" if record.cached else "computed", number(record.seconds, digits=1))
+    models = Table(title="Models (test split)", title_justify="left")
+    for column in ("model", "accuracy", "size"):
+        models.add_column(column, justify="right" if column != "model" else "left")
+    models.add_row(ModelKind.float_keras.label, percent(m.float_accuracy), "")
+    models.add_row(ModelKind.float_tflite.label, percent(m.tflite_float_accuracy), size(m.float_bytes))
+    models.add_row(ModelKind.quantized_tflite.label, percent(m.quantized_accuracy), size(m.quantized_bytes))
+    console.print(stages)
+    console.print(models)
+    if m.accuracy_drop_pp is not None:
+        console.print(
+            f"drop {m.accuracy_drop_pp:.2f} pp, top-1 agreement {percent(m.agreement)}, full integer: "
+            f"{'yes' if m.full_integer else f'no ({len(m.float_tensors)} float tensors)'}"
+        )
+    _print_gate(summary, console)
+    console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
+    if "report_html" in summary.artifacts:
+        console.print(f"report: {summary.artifacts['report_html'].uri}", highlight=False, soft_wrap=True)
+    _print_ending(summary, console)
+
+
+def print_sweep_summary(summary: SweepSummary, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Configurations (test split), ranked by {summary.rank_by}", title_justify="left")
+    for column in SWEEP_HEADER:
+        table.add_column(column, justify="left" if column in ("configuration", "I/O", "verdict") else "right")
+    for line in sweep_rows(summary.rows):
+        table.add_row(*line)
+    console.print(table)
+    _print_gate(summary, console)
+    console.print(
+        f"table: {summary.report.markdown.uri}\nplot: {summary.report.plot.uri}", highlight=False, soft_wrap=True
+    )
+    if "tflite" in summary.artifacts:
+        console.print(f"best model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
+    _print_ending(summary, console)
+
+
+def _figures(manifest: dict[str, Any]) -> ValidationFigures | None:
+    """A manifest's validation figures; None for a sweep where nothing passed (it has none)."""
+    try:
+        return ValidationFigures.model_validate(manifest.get("metrics") or {})
+    except ValidationError:
+        return None
+
+
+def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
+    """``ptqflow runs``: one line per run manifest (as stored), newest first."""
+    from rich.table import Table
+
+    table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
+    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "drop pp", "exported"):
+        table.add_column(column, no_wrap=True)
+    for manifest in manifests:
+        figures = _figures(manifest)
+        table.add_row(
+            manifest["run_id"][:8],
+            manifest.get("flow", "ptq-pipeline"),
+            manifest["created_at"].replace("T", " ")[:19],
+            manifest["status"],
+            percent(figures.quantized_accuracy if figures else None),
+            number(figures.accuracy_drop_pp if figures else None, digits=2),
+            (manifest.get("export") or {}).get("version", "")[:16],
+        )
+    console.print(table)

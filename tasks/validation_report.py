@@ -1,0 +1,218 @@
+"""The validation report as types: what ``report.json`` holds, read and written through these models only.
+
+The validation stage builds a ``ValidationReport``; the gate (``tasks.gate``), the renderers (``tasks.render``),
+promotion and the flows read its fields. JSON is its serialisation (``model_dump_json`` / ``model_validate_json``),
+never a dict read back by string keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.artifacts import RepairStep
+
+# Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
+REPORT_VERSION = 2
+# Two layers whose badness is within this factor are a close call: the statistics behind badness come from
+# float calibration and a float reference whose rounding differs between processors (summation order, vector
+# width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
+# which keeps layers in float in ranking order, can then choose the other one first.
+CLOSE_RANKING_MARGIN = 1.1
+
+
+class ModelKind(str, Enum):
+    """The three models a validation compares, in the order every table shows them."""
+
+    float_keras = "float_keras"
+    float_tflite = "float_tflite"
+    quantized_tflite = "quantized_tflite"
+
+    @property
+    def label(self) -> str:
+        return {"float_keras": "float Keras", "float_tflite": "float .tflite", "quantized_tflite": "quantized .tflite"}[
+            self.value
+        ]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class LatencyPercentiles(Frozen):
+    p50: float = Field(description="Milliseconds, batch 1.")
+    p95: float
+    runs: int
+
+
+class Speed(Frozen):
+    """Measured on the machine that validated, with its interpreter thread count."""
+
+    latency_ms: LatencyPercentiles
+    throughput_per_s: float
+    throughput_batch: int
+
+
+class ModelMetrics(Frozen):
+    """One model on the test split; agreement, MAE and SQNR are against the float Keras model's outputs."""
+
+    accuracy: float
+    per_class_accuracy: dict[str, float | None] = Field(description="None for a class with no test row.")
+    confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
+    agreement_with_float: float
+    output_mae: float
+    output_sqnr_db: float | None = Field(description="None when the outputs equal the float model's exactly.")
+    bytes: int | None = Field(description="The .tflite file's size; None for the Keras model.")
+    speed: Speed | None = None
+
+
+class TensorQuantization(Frozen):
+    dtype: str
+    scale: float
+    zero_point: int
+
+
+class FloatOp(Frozen):
+    op: str
+    output: str = Field(description="The op's first output tensor.")
+
+
+class TypeAudit(Frozen):
+    """Element types inside the quantized ``.tflite``: a full-integer model has no float tensor at all."""
+
+    full_integer: bool
+    float_tensors: list[str]
+    float_ops: list[FloatOp]
+    flex_ops: list[str]
+    dtypes: dict[str, int]
+    ops: list[str]
+    input: TensorQuantization
+    output: TensorQuantization
+
+
+class LayerError(Frozen):
+    """One quantized layer's error, in steps of its output tensor's scale (see ``tasks.diagnose``)."""
+
+    layer: str
+    op: str
+    tensor: str
+    scale: float
+    rmse_over_scale: float
+    mean_abs_error: float
+    typical_steps: float | None = Field(description="None for ops whose output range is fixed (softmax).")
+    badness: float
+
+
+@dataclass(frozen=True)
+class RankingMargin:
+    """How clearly the worst layer leads the next one."""
+
+    first: LayerError
+    second: LayerError
+
+    @property
+    def ratio(self) -> float:
+        return self.first.badness / self.second.badness
+
+    @property
+    def close(self) -> bool:
+        """Another processor may rank the two the other way (see CLOSE_RANKING_MARGIN)."""
+        return self.ratio < CLOSE_RANKING_MARGIN
+
+    def __str__(self) -> str:
+        first, second = self.first, self.second
+        sentence = (
+            f"ranking margin: {first.layer} ({first.op}) is {self.ratio:.2f}x as bad as {second.layer} ({second.op})"
+        )
+        if self.close:
+            sentence += (
+                f"; a close call (within {CLOSE_RANKING_MARGIN - 1:.0%}): another processor can rank them the other "
+                "way, and repair then keeps the other in float first"
+            )
+        return sentence
+
+
+def ranking_margin(ranked: Sequence[LayerError]) -> RankingMargin | None:
+    """The margin between the two worst layers of ``ranked`` (worst first); None with fewer than two."""
+    return RankingMargin(ranked[0], ranked[1]) if len(ranked) >= 2 and ranked[1].badness > 0 else None
+
+
+class RepairCost(Frozen):
+    """What repair kept in float and what that cost, measured on the test split against the fully quantized
+    model."""
+
+    succeeded: bool
+    float_layers: list[str]
+    steps: list[RepairStep]
+    message: str
+    unrepaired_accuracy: float
+    repaired_accuracy: float | None
+    unrepaired_model: ArtifactRef
+    unrepaired_bytes: int
+    repaired_bytes: int
+    unrepaired_latency_ms_p50: float
+    repaired_latency_ms_p50: float | None
+
+
+class ValidationMetrics(Frozen):
+    """Every figure of one validation. ``validated`` False: the model could not run here (``models`` then holds
+    the float Keras model only, and every quantized figure is None)."""
+
+    samples: int
+    class_names: list[str]
+    float_accuracy: float
+    float_bytes: int
+    quantized_bytes: int
+    size_ratio: float
+    num_threads: int
+    audit: TypeAudit
+    validated: bool
+    not_validated_reason: str | None
+    tflite_float_accuracy: float | None
+    quantized_accuracy: float | None
+    accuracy_drop_pp: float | None
+    agreement: float | None
+    rerun_max_difference: float | None = Field(
+        description="Largest output difference between two identical runs of the quantized model on the first test "
+        "batch; 0 when repeatable."
+    )
+    models: dict[ModelKind, ModelMetrics]
+    layers: list[LayerError] = Field(default_factory=list, description="Per-layer error, worst first.")
+    layers_unavailable: str | None = Field(None, description="Why there are no per-layer figures.")
+    repair: RepairCost | None = None
+
+
+class PromotionDecision(BaseModel):
+    """Whether a run's model replaces the exported one, with both figures on the same rows (``tasks.promotion``);
+    the report of the run that decided records it."""
+
+    promote: bool
+    message: str
+    challenger_accuracy: float | None
+    champion_accuracy: float | None = None
+    champion_version: str | None = None
+    champion_run_id: str | None = None
+    tolerance_pp: float = Field(description="How many pp below the champion the challenger may be.")
+    compared_rows: int | None = Field(
+        None, description="Test rows both models were measured on: those the champion never trained on."
+    )
+    comparison: str | None = Field(None, description="Which rows were compared, in words.")
+
+
+class ValidationReport(Frozen):
+    """``report.json``: what was validated (references) and every figure."""
+
+    kind: Literal["ptqflow.validation_report"] = "ptqflow.validation_report"
+    report_version: int = REPORT_VERSION
+    dataset: ArtifactRef
+    model: ArtifactRef
+    quantized_model: ArtifactRef
+    float_tflite: ArtifactRef
+    conversion: dict[str, object] | None = Field(description="The conversion parameters, as the run recorded them.")
+    metrics: ValidationMetrics
+    promotion: PromotionDecision | None = None
