@@ -66,6 +66,8 @@ def upstream_parameters(
     epochs: int | None = None,
     model: str | None = None,
     model_url: str | None = None,
+    input_scale: float | None = None,
+    input_offset: float | None = None,
     calibration_size: int | None = None,
     calibration_source: str | None = None,
 ) -> dict[str, Any]:
@@ -87,7 +89,14 @@ def upstream_parameters(
             since=since,
             window_days=window_days,
         ),
-        "training": parameters(TrainingParameters, epochs=epochs, model=model, model_url=model_url),
+        "training": parameters(
+            TrainingParameters,
+            epochs=epochs,
+            model=model,
+            model_url=model_url,
+            input_scale=input_scale,
+            input_offset=input_offset,
+        ),
         "calibration": parameters(
             CalibrationParameters, calibration_size=calibration_size, calibration_source=calibration_source
         ),

@@ -19,7 +19,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,15 +49,34 @@ def _typical_steps(
     return float(np.median(nonzero) / scale)
 
 
-def keras_layer_of(tensor_name: str, layer_names: Sequence[str]) -> str:
-    """The Keras layer a converted tensor comes from: the converter names tensors ``model/layer_N/Op;...``."""
+def layer_names(model: keras.Model) -> tuple[list[str], set[str]]:
+    """Every layer's name, those inside nested models too (a model behind ``--input-scale`` is one), and the
+    names of the nested models themselves."""
+    import keras
+
+    names: list[str] = []
+    nested: set[str] = set()
+    for layer in model.layers:
+        names.append(layer.name)
+        if isinstance(layer, keras.Model):
+            nested.add(layer.name)
+            inner, inner_nested = layer_names(layer)
+            names += inner
+            nested |= inner_nested
+    return names, nested
+
+
+def keras_layer_of(tensor_name: str, layer_names: Sequence[str], nested: Collection[str] = ()) -> str:
+    """The Keras layer a converted tensor comes from: the converter names tensors ``model/layer_N/Op;...``, and
+    ``model/inner_N/layer_N/Op`` inside a nested model (``nested``: such models' names)."""
     for part in tensor_name.split(";"):
-        for scope in part.split("/")[1:2]:
+        for scope in part.split("/")[1:]:
             candidate = re.sub(r"_\d+$", "", scope)
-            if candidate in layer_names:
-                return candidate
-            if scope in layer_names:
-                return scope
+            name = candidate if candidate in layer_names else scope if scope in layer_names else None
+            if name is None:
+                break
+            if name not in nested:
+                return name
     # The model's output tensor is named after the traced function, not a layer.
     return "model output" if tensor_name.startswith("StatefulPartitionedCall") else tensor_name.split(";")[0]
 
@@ -108,7 +127,7 @@ def layer_errors(
         dump = io.StringIO()
         debugger.layer_statistics_dump(dump)
     dump.seek(0)
-    names = [layer.name for layer in model.layers]
+    names, nested = layer_names(model)
     errors = []
     for row in csv.DictReader(dump):
         scale = float(row["scale"])
@@ -118,7 +137,7 @@ def layer_errors(
         steps = math.inf if row["op_name"] in FIXED_RANGE_OPS else float(row["typical_steps"])
         errors.append(
             LayerError(
-                layer=keras_layer_of(row["tensor_name"], names),
+                layer=keras_layer_of(row["tensor_name"], names, nested),
                 op=row["op_name"],
                 tensor=row["tensor_name"],
                 scale=scale,

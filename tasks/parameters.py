@@ -7,6 +7,7 @@ cache key; fields that only change how the gate judges a result (``max_accuracy_
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from enum import Enum
 
@@ -137,8 +138,16 @@ class TrainingParameters(_Parameters):
         "model for (input_shape, n_classes).",
     )
     model_url: str | None = Field(
-        None, description="fsspec URL of a trained .keras model to quantize instead of training one."
+        None,
+        description="fsspec URL of a trained model to quantize instead of training one: .keras or legacy .h5 "
+        "(loaded with Keras safe mode: no Lambda layers), or a SavedModel directory.",
     )
+    input_scale: float | None = Field(
+        None,
+        description="With --model-url: the model's own input normalisation, raw * input_scale + input_offset (e.g. "
+        "0.00784313725 with offset -1 for x/127.5 - 1). The .tflite then takes the raw values.",
+    )
+    input_offset: float = Field(0.0, description="With --input-scale: added after scaling (see --input-scale).")
     epochs: int = Field(60, ge=1, le=10_000, description="Maximum training epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, le=65_536, description="Training batch size.")
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0, description="Adam learning rate.")
@@ -150,6 +159,27 @@ class TrainingParameters(_Parameters):
     @classmethod
     def _no_credentials_in_the_model_url(cls, url: str | None) -> str | None:
         return refuse_credentials(url, "the model URL")
+
+    @field_validator("input_scale")
+    @classmethod
+    def _a_scale_that_keeps_the_input(cls, scale: float | None) -> float | None:
+        if scale is not None and (scale == 0 or not math.isfinite(scale)):
+            raise ValueError(
+                f"{scale} maps every input to one value: give the scale the model was trained with, e.g. "
+                "0.00392156863 for x/255"
+            )
+        return scale
+
+    @model_validator(mode="after")
+    def _normalisation_describes_a_given_model(self) -> TrainingParameters:
+        if self.input_offset != 0 and self.input_scale is None:
+            raise ValueError("--input-offset needs --input-scale (use --input-scale 1 for an offset alone)")
+        if self.input_scale is not None and not self.model_url:
+            raise ValueError(
+                "--input-scale describes the input of a trained model: give it with --model-url (a model ptqflow "
+                "trains scales raw values itself)"
+            )
+        return self
 
 
 class CalibrationParameters(_Parameters):

@@ -43,6 +43,15 @@ EXPORT_FILES = {
     "report_md": "report.md",
     "report_html": "report.html",
 }
+
+
+def export_file_name(name: str, ref: ArtifactRef) -> str:
+    """The file an artifact is exported as: the float model keeps its format (a packed SavedModel is a zip)."""
+    if name == "model" and ref.uri.endswith(".zip"):
+        return "model.savedmodel.zip"
+    return EXPORT_FILES[name]
+
+
 # What devices and users load. A run whose files these are, byte for byte, is the current version even when its
 # report differs (the report records timings, so two runs of one model never give the same report).
 MODEL_FILES = ("tflite", "tflite_float", "model", "calibration")
@@ -161,8 +170,8 @@ def publish_run(
     version = own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
     folder = f"versions/{version}"
     files = {
-        name: _copy_verified(store, export, f"{folder}/{filename}", artifacts[name])
-        for name, filename in EXPORT_FILES.items()
+        name: _copy_verified(store, export, f"{folder}/{export_file_name(name, artifacts[name])}", artifacts[name])
+        for name in EXPORT_FILES
     }
     export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
     manifest_key = f"{folder}/{MANIFEST_FILE}"

@@ -28,7 +28,7 @@ from ptqflow.tasks.artifacts import (
 )
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
-from ptqflow.tasks.diagnose import float_unit, keras_layer_of, quantize_keeping_float
+from ptqflow.tasks.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
 from ptqflow.tasks.interpreter import predict_keras, predict_tflite
 from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import ConversionParameters, RepairParameters
@@ -62,7 +62,7 @@ def keep_worst_layers_float(
         return None, [], "repair found no layer worse than plain rounding to keep in float"
     margin = ranking_margin(ranked)
     order = f" ({margin})" if margin else ""
-    layer_names = [layer.name for layer in model.layers]
+    names, nested = layer_names(model)
     float_tensors: list[str] = []
     steps: list[RepairStep] = []
     for layer in candidates:
@@ -74,7 +74,7 @@ def keep_worst_layers_float(
         drop = round(
             (float_accuracy - accuracy(predict_tflite(candidate, validation_features), validation_labels)) * 100, 6
         )
-        float_layers = tuple(dict.fromkeys(keras_layer_of(t, layer_names) for t in float_tensors))
+        float_layers = tuple(dict.fromkeys(keras_layer_of(t, names, nested) for t in float_tensors))
         steps.append(
             RepairStep(
                 layer=layer.layer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import posixpath
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,16 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ptqflow.storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+from ptqflow.storage.keras_models import (
+    SAVED_MODEL_PROTO,
+    UnsafeSavedModel,
+    UnsupportedModelFile,
+    keras_model_to_bytes,
+    model_file_format,
+    pack_saved_model,
+    user_model_from_bytes,
+    with_normalisation_record,
+)
 from ptqflow.storage.store import ArtifactStore, StoreError, filesystem_for
 from ptqflow.storage.tables import TensorTable, read_parquet
 from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
@@ -209,42 +219,80 @@ def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str)
     return model
 
 
-def _model_file(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def _model_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """The model's file, or every file of a SavedModel directory."""
     try:
         fs, path = filesystem_for(url)
     except StoreError as error:
         raise InvalidModel(f"cannot open --model-url: {error}") from None
+    root = path.rstrip("/")
+    if fs.isdir(root) and fs.isfile(f"{root}/{SAVED_MODEL_PROTO}"):
+        return fs, root, sorted(fs.find(root))
     if not fs.isfile(path):
-        raise InvalidModel(f"--model-url {url} does not exist: pass the URL of a .keras file")
-    return fs, path
+        raise InvalidModel(
+            f"--model-url {url} does not exist: pass the URL of a .keras or .h5 file, or of a SavedModel directory"
+        )
+    return fs, path, [path]
 
 
 def model_url_fingerprint(url: str | None) -> str:
-    """What the model file holds now (size and version, no read): part of the training stage's cache key."""
+    """What the model files hold now (sizes and versions, no read): part of the training stage's cache key."""
     if not url:
         return ""
-    fs, path = _model_file(url)
-    return files_fingerprint(fs, [path])
+    fs, _, files = _model_files(url)
+    return files_fingerprint(fs, files)
 
 
-def load_trained_model(url: str, spec: FeatureSpec) -> tuple[bytes, keras.Model]:
-    """Read and load a trained ``.keras`` model with Keras safe mode on (no Lambda layers or arbitrary code).
+def _read_model(url: str) -> bytes:
+    """The model file's bytes, or a SavedModel directory packed as one zip; its size checked before reading."""
+    fs, root, files = _model_files(url)
+    check_model_size(url, sum(fs.size(path) for path in files))
+    if files == [root]:
+        return fs.cat_file(root)
+    return pack_saved_model((posixpath.relpath(path, root), fs.cat_file(path)) for path in files)
+
+
+def with_input_normalisation(model: keras.Model, scale: float, offset: float) -> keras.Model:
+    """``model`` behind a Rescaling layer from raw values to what it was trained on (``raw * scale + offset``):
+    the converted model takes raw values, and the converter folds the rescaling into the first layer's weights
+    where it can (see docs/data-and-models.md for why here rather than in the input's quantization)."""
+    import keras
+
+    raw = keras.Input(model.input_shape[1:], name="raw_input")
+    normalised = keras.layers.Rescaling(scale, offset, name="input_normalisation")(raw)
+    return keras.Model(raw, model(normalised), name=f"{model.name}_on_raw_input")
+
+
+def load_trained_model(
+    url: str, spec: FeatureSpec, input_scale: float | None = None, input_offset: float = 0.0
+) -> tuple[bytes, keras.Model]:
+    """Read and load a trained model (``.keras`` or legacy ``.h5``) with Keras safe mode on (no Lambda layers or
+    arbitrary code); with ``input_scale``, behind its input normalisation. Returns the ``.keras`` bytes to store
+    (the file itself when it is a ``.keras`` used as it is) and the model.
 
     Raises:
         InvalidModel: missing, unloadable, unsafe, or not fitting the data.
     """
-    fs, path = _model_file(url)
-    check_model_size(url, fs.size(path))  # before reading it whole
-    data = fs.cat_file(path)
+    data = _read_model(url)
     try:
-        model = keras_model_from_bytes(data)
+        if input_scale is not None and model_file_format(data) == "saved_model":
+            data = with_normalisation_record(data, input_scale, input_offset)
+        model, kind = user_model_from_bytes(data)
+    except UnsupportedModelFile as error:
+        raise InvalidModel(f"--model-url {url} is {error}: save the model with model.save('x.keras')") from None
+    except UnsafeSavedModel as error:
+        raise InvalidModel(f"--model-url {url} is refused: {error}") from None
     except Exception as error:  # zip, h5, config and safe-mode errors all mean "cannot use this file"
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise InvalidModel(
-            f"--model-url {url} is not a loadable .keras model ({detail}): save it with model.save('x.keras'); "
+            f"--model-url {url} is not a loadable model ({detail}): save it with model.save('x.keras'); "
             "Lambda layers and custom objects are refused (Keras safe mode)"
         ) from None
-    return data, check_model_fits(model, spec, f"--model-url {url} is a model", "export a model for this data")
+    if input_scale is not None and kind != "saved_model":  # a SavedModel carries its normalisation in its zip
+        model = with_input_normalisation(model, input_scale, input_offset)
+    model = check_model_fits(model, spec, f"--model-url {url} is a model", "export a model for this data")
+    converted = kind == "h5" or (kind == "keras" and input_scale is not None)
+    return (keras_model_to_bytes(model) if converted else data), model
 
 
 def fit_default_model(
@@ -282,14 +330,14 @@ def train_float_model(
     with store.open(dataset.validation) as f:
         validation = read_parquet(f)
     if params.model_url:
-        data, model = load_trained_model(params.model_url, dataset.spec)
+        data, model = load_trained_model(params.model_url, dataset.spec, params.input_scale, params.input_offset)
         accuracy = float(
             (
                 np.asarray(model.predict(validation.features.astype(np.float32), verbose=0)).argmax(1)
                 == validation.labels
             ).mean()
         )
-        ref = store.put_bytes(data, ".keras")
+        ref = store.put_bytes(data, ".zip" if model_file_format(data) == "saved_model" else ".keras")
         get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
         return TrainedModel(model=ref, epochs_run=0, best_epoch=0, validation_accuracy=accuracy)
     with store.open(dataset.train) as f:

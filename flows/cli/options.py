@@ -43,6 +43,8 @@ SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help
 WindowDaysOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "window_days"))]
 ModelOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model"))]
 ModelUrlOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model_url"))]
+InputScaleOption = Annotated[float | None, typer.Option(help=help_for(TrainingParameters, "input_scale"))]
+InputOffsetOption = Annotated[float | None, typer.Option(help=help_for(TrainingParameters, "input_offset"))]
 RunStoreOption = Annotated[
     str,
     typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
@@ -94,6 +96,8 @@ def upstream(
     window_days: WindowDaysOption = None,
     model: ModelOption = None,
     model_url: ModelUrlOption = None,
+    input_scale: InputScaleOption = None,
+    input_offset: InputOffsetOption = None,
     epochs: EpochsOption = None,
     calibration_size: CalibrationSizeOption = None,
     calibration_source: CalibrationSourceOption = None,

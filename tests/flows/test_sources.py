@@ -149,6 +149,53 @@ def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path,
     assert second["artifacts"]["model"]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
+def test_a_legacy_h5_model_with_its_own_input_normalisation_takes_camera_bytes(cli, tmp_path):
+    """A model trained on x/127.5 - 1, saved as legacy .h5: with --input-scale/--input-offset and uint8 input it is
+    validated on the same raw images as its float self, and loses at most 1 pp."""
+    import keras
+
+    write_rgb_parts(tmp_path / "images", parts=2)
+    table = pq.read_table(str(tmp_path / "images"))
+    raw = table.column("image").combine_chunks().to_numpy_ndarray().astype(np.float32)
+    labels = table.column("class").to_numpy()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    hidden = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv")(inputs)
+    hidden = keras.layers.Dense(16, activation="relu", name="dense")(keras.layers.Flatten(name="flat")(hidden))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="probabilities")(hidden))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(raw / 127.5 - 1, labels, epochs=8, batch_size=32, verbose=0)
+    # Fed raw bytes instead, the model is lost: the normalisation is what makes it work.
+    assert (model.predict(raw, verbose=0).argmax(1) == labels).mean() < 0.9
+    model.save(tmp_path / "model.h5")
+
+    args = ["--dataset", str(tmp_path / "images"), "--feature-column", "image", "--label-column", "class"]
+    args += ["--model-url", str(tmp_path / "model.h5")]
+    args += ["--input-scale", "0.00784313725", "--input-offset", "-1", "--input-type", "uint8"]
+    result = cli("run", *args, "--store", str(tmp_path / "store"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["metrics"]["float_accuracy"] > 0.95  # the float model, on the raw test images
+    assert summary["metrics"]["accuracy_drop_pp"] <= 1.0 and summary["metrics"]["full_integer"]
+    report = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["report"]))
+    assert report["metrics"]["audit"]["input"]["dtype"] == "uint8"
+    assert {layer["layer"] for layer in report["metrics"]["layers"]} & {"conv", "dense", "probabilities"}
+
+
+def test_a_savedmodel_directory_runs_end_to_end_and_is_exported_as_it_came(cli, tmp_path, trained_digits_model):
+    trained_digits_model.export(str(tmp_path / "saved"))
+    args = ["--model-url", str(tmp_path / "saved"), "--store", str(tmp_path / "store")]
+    args += ["--export", str(tmp_path / "export"), "--json"]
+    first = cli("run", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout)
+    assert summary["metrics"]["full_integer"] and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    assert summary["metrics"]["float_accuracy"] > 0.9 and summary["artifacts"]["model"]["uri"].endswith(".zip")
+    assert summary["export"]["files"]["model"]["uri"].endswith("/model.savedmodel.zip")
+    again = json.loads(cli("run", *args).stdout)
+    assert again["tasks"]["train_float_model"]["cached"] and again["tasks"]["convert_to_tflite"]["cached"]
+
+
 def test_calibration_from_another_parquet_source(cli, tmp_path):
     data, production = tmp_path / "images", tmp_path / "production"
     write_rgb_parts(data, parts=2)

@@ -5,7 +5,14 @@ import time
 import numpy as np
 import pytest
 
-from ptqflow.storage.keras_models import keras_model_from_bytes, keras_model_to_bytes
+from ptqflow.storage.keras_models import (
+    UnsafeSavedModel,
+    UnsupportedModelFile,
+    keras_model_from_bytes,
+    keras_model_to_bytes,
+    pack_saved_model,
+    user_model_from_bytes,
+)
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -76,3 +83,77 @@ def test_a_layer_naming_a_module_outside_keras_is_refused_without_importing_it(t
     with pytest.raises(Exception) as refused:
         keras_model_from_bytes(_with_config(keras_model_to_bytes(_model()), custom_object))
     assert not marker.exists(), f"the planted module was imported ({refused.value})"
+
+
+def test_a_legacy_h5_model_loads_and_predicts_the_same(tmp_path):
+    model = _model()
+    model.save(tmp_path / "model.h5")
+    loaded, kind = user_model_from_bytes((tmp_path / "model.h5").read_bytes())
+    assert kind == "h5"
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    assert user_model_from_bytes(keras_model_to_bytes(model))[1] == "keras"
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_lambda_layer_is_refused_in_each_format(tmp_path, suffix):
+    import keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    model.save(tmp_path / f"lambda{suffix}")
+    with pytest.raises(ValueError, match="(?i)lambda|safe_mode"):
+        user_model_from_bytes((tmp_path / f"lambda{suffix}").read_bytes())
+
+
+@pytest.mark.parametrize("data", [b"not a model at all", b"PK\x05\x06" + b"\x00" * 18])
+def test_bytes_in_neither_format_are_refused_by_their_content(data):
+    with pytest.raises(UnsupportedModelFile, match="neither a .keras archive nor a legacy HDF5"):
+        user_model_from_bytes(data)
+
+
+def _packed(directory) -> bytes:
+    return pack_saved_model(
+        (path.relative_to(directory).as_posix(), path.read_bytes()) for path in directory.rglob("*") if path.is_file()
+    )
+
+
+def test_a_packed_savedmodel_loads_as_a_model_that_predicts_the_same(tmp_path):
+    model = _model()
+    model.export(str(tmp_path / "saved"))
+    loaded, kind = user_model_from_bytes(_packed(tmp_path / "saved"))
+    assert kind == "saved_model" and loaded.input_shape == (None, 4)
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
+
+
+def test_a_savedmodel_whose_serving_signature_writes_files_is_refused_before_it_runs(tmp_path):
+    import tensorflow as tf
+
+    target = tmp_path / "written.txt"
+
+    class Writer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            tf.io.write_file(str(target), "from the model")
+            return {"output_0": x * 2.0}
+
+    writer = Writer()
+    tf.saved_model.save(writer, str(tmp_path / "writer"), signatures={"serving_default": writer.serve})
+    with pytest.raises(UnsafeSavedModel, match="runs WriteFile"):
+        user_model_from_bytes(_packed(tmp_path / "writer"))
+    assert not target.exists()
+
+
+def test_a_packed_savedmodel_naming_a_path_outside_itself_is_refused(tmp_path):
+    model = _model()
+    model.export(str(tmp_path / "saved"))
+    import io
+    import zipfile
+
+    out = io.BytesIO(_packed(tmp_path / "saved"))
+    with zipfile.ZipFile(out, "a") as archive:
+        archive.writestr("../escaped.txt", b"x")
+    with pytest.raises(UnsafeSavedModel, match="outside itself"):
+        user_model_from_bytes(out.getvalue())
+    assert not (tmp_path / "escaped.txt").exists()

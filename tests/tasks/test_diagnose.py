@@ -146,3 +146,10 @@ def test_the_ranking_margin_says_when_another_processor_could_flip_the_order():
     close = ranking_margin([layer("dense", 2.1), layer("probabilities", 2.0)])
     assert close is not None and close.close and "another processor can rank them the other way" in str(close)
     assert ranking_margin([layer("dense", 2.0)]) is None
+
+
+def test_a_tensor_inside_a_nested_model_is_named_after_its_own_layer():
+    names = ["raw_input", "input_normalisation", "inner", "c1", "d"]
+    tensor = "functional_1/inner_1/c1_1/Relu;functional_1/inner_1/c1_1/convolution"
+    assert keras_layer_of(tensor, names, nested={"inner"}) == "c1"
+    assert keras_layer_of(tensor, names) == "inner"  # without knowing it is a model, the path stops there

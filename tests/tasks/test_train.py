@@ -184,7 +184,7 @@ def test_a_trained_model_url_is_loaded_in_safe_mode_and_checked(tmp_path, digits
         inputs, keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs)))
     )
     (tmp_path / "unsafe.keras").write_bytes(keras_model_to_bytes(unsafe))
-    with pytest.raises(InvalidModel, match="not a loadable .keras model.*safe mode"):
+    with pytest.raises(InvalidModel, match="not a loadable model.*safe mode"):
         load_trained_model(str(tmp_path / "unsafe.keras"), spec)
 
     other = keras.Input((4,))
@@ -195,3 +195,62 @@ def test_a_trained_model_url_is_loaded_in_safe_mode_and_checked(tmp_path, digits
         load_trained_model(str(tmp_path / "missing.keras"), spec)
     with pytest.raises(ValueError, match="carries credentials"):
         TrainingParameters(model_url="s3://key:secret@bucket/m.keras")
+
+
+def test_the_models_own_input_normalisation_is_folded_in_front_of_it(tmp_path, digits_splits):
+    """A model trained on x/8 - 1 takes raw values behind the normalisation, saved as legacy .h5 or .keras."""
+    import keras
+
+    from ptqflow.tasks.diagnose import layer_names
+    from ptqflow.tasks.train import load_trained_model
+
+    spec, splits = digits_splits
+    raw = splits["test"].features[:64].astype(np.float32)
+    inputs = keras.Input(spec.shape)
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(keras.layers.Flatten(name="flat")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="head")(hidden), name="inner")
+    model.save(tmp_path / "model.h5")
+    data, wrapped = load_trained_model(str(tmp_path / "model.h5"), spec, input_scale=0.125, input_offset=-1.0)
+    np.testing.assert_allclose(wrapped.predict(raw, verbose=0), model.predict(raw * 0.125 - 1, verbose=0), atol=1e-6)
+    assert data.startswith(b"PK")  # stored as .keras, whatever the format brought
+    names, nested = layer_names(wrapped)
+    assert {"input_normalisation", "inner", "hidden", "head"} <= set(names) and nested == {"inner"}
+
+
+def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits_splits, trained_digits_model):
+    from ptqflow.storage.keras_models import keras_model_from_bytes, model_file_format
+    from ptqflow.tasks.train import load_trained_model, model_url_fingerprint
+
+    spec, splits = digits_splits
+    raw = splits["test"].features[:32].astype(np.float32)
+    trained_digits_model.export(str(tmp_path / "saved"))
+    data, model = load_trained_model(str(tmp_path / "saved"), spec)
+    assert model_file_format(data) == "saved_model"
+    expected = trained_digits_model.predict(raw, verbose=0)
+    np.testing.assert_allclose(model.predict(raw, verbose=0), expected, atol=1e-5)
+    # What the store holds loads again (another stage, another process) to the same model.
+    np.testing.assert_allclose(keras_model_from_bytes(data).predict(raw, verbose=0), expected, atol=1e-5)
+    assert load_trained_model(str(tmp_path / "saved"), spec)[0] == data  # same directory, same bytes
+    before = model_url_fingerprint(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "assets" / "note.txt").write_text("changed")
+    assert model_url_fingerprint(str(tmp_path / "saved")) != before
+
+    _, scaled = load_trained_model(str(tmp_path / "saved"), spec, input_scale=2.0, input_offset=1.0)
+    np.testing.assert_allclose(
+        scaled.predict(raw, verbose=0), trained_digits_model.predict(raw * 2 + 1, verbose=0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"model_url": "m.keras", "input_scale": 0.0}, "maps every input to one value"),
+        ({"input_scale": 0.5}, "give it with --model-url"),
+        ({"model_url": "m.keras", "input_offset": -1.0}, "--input-offset needs --input-scale"),
+    ],
+)
+def test_input_normalisation_that_cannot_be_right_is_refused(given, message):
+    from ptqflow.tasks.parameters import TrainingParameters
+
+    with pytest.raises(ValueError, match=message):
+        TrainingParameters(**given)
