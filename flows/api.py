@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ptqflow.storage.store import DEFAULT_STORE, hold_signed_url
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
+    ColorMode,
     ConversionParameters,
     GateParameters,
     QuantizationScheme,
@@ -60,6 +61,8 @@ def upstream_parameters(
     feature_column: str | None = None,
     label_column: str | None = None,
     input_shape: tuple[int, ...] | None = None,
+    image_size: tuple[int, int] | None = None,
+    color_mode: ColorMode | None = None,
     sample_size: int | None = None,
     since: date | None = None,
     window_days: int | None = None,
@@ -85,6 +88,8 @@ def upstream_parameters(
             feature_column=feature_column,
             label_column=label_column,
             input_shape=input_shape,
+            image_size=image_size,
+            color_mode=color_mode,
             sample_size=sample_size,
             since=since,
             window_days=window_days,

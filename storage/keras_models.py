@@ -104,8 +104,9 @@ def model_file_format(data: bytes) -> str:
 
 
 def user_model_from_bytes(data: bytes) -> tuple[keras.Model, str]:
-    """Load a model file a user brings, with Keras safe mode on (no Lambda layer or arbitrary code is
-    deserialised, in either format). Returns the model and its format."""
+    """Load a model a user brings: ``.keras`` or ``.h5`` with Keras safe mode on (no Lambda layer or arbitrary code
+    is deserialised in either), or a packed SavedModel whose ops were checked (``saved_model_from_zip``). Returns
+    the model and its format."""
     import keras
 
     kind = model_file_format(data)

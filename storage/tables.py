@@ -145,6 +145,9 @@ class Columns:
     features: str = FEATURES
     label: str = LABEL
     shape: tuple[int, ...] | None = None
+    # Image folders only: the size every image is resized to (height, width), and rgb or grayscale.
+    image_size: tuple[int, int] | None = None
+    color_mode: str | None = None
 
 
 def _shape_for(count: int, meta: dict[str, Any], columns: Columns) -> tuple[int, ...]:

@@ -38,6 +38,7 @@ from ptqflow.storage.tables import (
     table_metadata,
 )
 from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.images import ImageFolder, decode_images, image_metadata, is_image_folder, list_image_folder
 from ptqflow.tasks.limits import check_label_range, check_source_size, declared_sample_bytes
 from ptqflow.tasks.stratify import check_class_labels, draw_stratified
 
@@ -212,11 +213,32 @@ def resolve_source(
     return url, None if since is None else datetime.combine(since, time(), timezone.utc)
 
 
+def _image_folder(url: str, since: datetime | None = None) -> ImageFolder | None:
+    """The source as an image folder, listed; None when it is not one (a Parquet file or directory, or a name)."""
+    if "://" not in url and "/" not in url and not os.path.exists(url):
+        return None
+    try:
+        fs, path = filesystem_for(url)
+    except StoreError:
+        return None  # _parquet_files says what is wrong with it
+    if not is_image_folder(fs, path):
+        return None
+    folder = list_image_folder(fs, path, url, since, modified_at)
+    if not folder.paths:
+        raise InvalidDataset(
+            f"no image under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or move "
+            "--since back"
+        )
+    return folder
+
+
 def source_fingerprint(name: str, since: datetime | None = None) -> str:
     """What the source holds now, cheaply: for a URL, each file's path, size and ETag / checksum / mtime (as the
     backend offers). Part of the sampling stage's cache key, so new or changed files mean a new sample."""
     if is_builtin(name):
         return f"builtin:{name}"
+    if (folder := _image_folder(name, since)) is not None:
+        return files_fingerprint(folder.fs, list(folder.paths))
     return files_fingerprint(*_parquet_files(name, since))
 
 
@@ -419,6 +441,8 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     """The source's first sample (one row group read at most): enough to check its shape and type cheaply."""
     if is_builtin(name):
         return load_dataset(name, columns).take(np.arange(1))
+    if (folder := _image_folder(name)) is not None:
+        return _read_images(folder, np.arange(1), columns)
     fs, files = _parquet_files(name)
     with _reading(fs, files[0], columns) as parquet:
         for batch in parquet.iter_batches(batch_size=1, columns=[columns.features, columns.label]):
@@ -442,6 +466,21 @@ def load_dataset(
     if is_builtin(name):
         table = BUILTIN_DATASETS[name]()
         return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}"))
+    if (folder := _image_folder(name, since)) is not None:
+        check_source_size(name, len(folder.paths), None, draw.size if draw else None)
+        check_label_range(name, len(folder.class_names) - 1)
+        chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(folder.labels, f"{draw.role} {name}")
+        return _read_images(folder, chosen, columns)
     if draw is None:
         return _read_parquet_source(name, columns, since)
     return _draw_from_parquet_source(name, columns, draw, since)
+
+
+def _read_images(folder: ImageFolder, chosen: np.ndarray, columns: Columns) -> TensorTable:
+    def within_limits(sample_shape: tuple[int, ...]) -> None:
+        check_source_size(folder.url, len(folder.paths), int(np.prod(sample_shape)), len(chosen))
+
+    features = decode_images(folder, chosen, columns, before_allocating=within_limits)
+    return _with_source(
+        TensorTable(features, folder.labels[chosen], image_metadata(folder, features.shape[1:])), folder.url
+    )

@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ptqflow.storage.store import carries_credentials
 
 
+class ColorMode(str, Enum):
+    rgb = "rgb"
+    grayscale = "grayscale"
+
+
 class TensorType(str, Enum):
     """Element type of the converted model's input or output tensor."""
 
@@ -84,6 +89,14 @@ class SamplingParameters(_Parameters):
     input_shape: tuple[int, ...] | None = Field(
         None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
     )
+    image_size: tuple[int, int] | None = Field(
+        None,
+        description="Image folders: resize every image to H,W (e.g. 64,64). [default: the images' own size, which "
+        "must then be one]",
+    )
+    color_mode: ColorMode | None = Field(
+        None, description="Image folders: decode as rgb or grayscale. [default: the images' own mode]"
+    )
     sample_size: int | None = Field(
         None,
         ge=10,
@@ -99,6 +112,13 @@ class SamplingParameters(_Parameters):
     @classmethod
     def _no_credentials_in_the_url(cls, dataset: str) -> str:
         return refuse_credentials(dataset, "the data set URL") or dataset
+
+    @field_validator("image_size")
+    @classmethod
+    def _an_image_size(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is not None and not all(1 <= d <= 8192 for d in size):
+            raise ValueError("give the height and width in pixels, each 1 to 8192, e.g. 64,64")
+        return size
 
     @field_validator("input_shape")
     @classmethod

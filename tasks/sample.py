@@ -126,7 +126,13 @@ def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> 
 
 
 def columns_of(params: SamplingParameters) -> Columns:
-    return Columns(features=params.feature_column, label=params.label_column, shape=params.input_shape)
+    return Columns(
+        features=params.feature_column,
+        label=params.label_column,
+        shape=params.input_shape,
+        image_size=params.image_size,
+        color_mode=params.color_mode.value if params.color_mode else None,
+    )
 
 
 @task(name="fingerprint_source", cache_policy=NO_CACHE, persist_result=False)

@@ -266,9 +266,11 @@ def with_input_normalisation(model: keras.Model, scale: float, offset: float) ->
 def load_trained_model(
     url: str, spec: FeatureSpec, input_scale: float | None = None, input_offset: float = 0.0
 ) -> tuple[bytes, keras.Model]:
-    """Read and load a trained model (``.keras`` or legacy ``.h5``) with Keras safe mode on (no Lambda layers or
-    arbitrary code); with ``input_scale``, behind its input normalisation. Returns the ``.keras`` bytes to store
-    (the file itself when it is a ``.keras`` used as it is) and the model.
+    """Read and load a trained model: ``.keras`` or legacy ``.h5`` with Keras safe mode on (no Lambda layers or
+    arbitrary code), or a SavedModel directory (packed, its ops checked: ``storage.keras_models``); with
+    ``input_scale``, behind its input normalisation. Returns the bytes to store (the file itself when it is a
+    ``.keras`` used as it is, ``.keras`` bytes for an ``.h5`` or a normalised model, the packed SavedModel) and the
+    model.
 
     Raises:
         InvalidModel: missing, unloadable, unsafe, or not fitting the data.

@@ -194,3 +194,19 @@ def s3_endpoint():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def write_image_folder(root, per_class: int = 12, size=(16, 16), mode: str = "RGB", suffix: str = ".png") -> None:
+    """``root/<class>/<n><suffix>``: three classes, a bright square in a class-specific corner, on noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["circle", "square", "triangle"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (*size, 3)).astype(np.uint8)
+            y, x = [(0, 0), (0, size[1] // 2), (size[0] // 2, 0)][label]
+            pixels[y : y + size[0] // 2, x : x + size[1] // 2] = 230
+            image = Image.fromarray(pixels).convert(mode)
+            image.save(root / name / f"{i:03d}{suffix}")

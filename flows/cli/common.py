@@ -71,14 +71,16 @@ def refused_options(as_json: bool) -> Iterator[None]:
         fail(str(error), EXIT_INVALID_INPUT, as_json)
 
 
-def shape(text: str | None, as_json: bool) -> tuple[int, ...] | None:
+def shape(
+    text: str | None, as_json: bool, option: str = "--input-shape", example: str = "32,32,3"
+) -> tuple[int, ...] | None:
     if text is None:
         return None
     parts = [part.strip() for part in text.replace("x", ",").split(",")]
     if all(part.isascii() and part.isdigit() for part in parts):  # not "²", which str.isdigit accepts
         return tuple(int(part) for part in parts)
     fail(
-        f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 32,32,3",
+        f"invalid {option} {text!r}: give positive integers separated by commas, e.g. {example}",
         EXIT_INVALID_INPUT,
         as_json,
     )

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
+    ColorMode,
     ConversionParameters,
     GateParameters,
     QuantizationScheme,
@@ -38,6 +39,10 @@ LabelColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingPar
 InputShapeOption = Annotated[
     str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
 ]
+ImageSizeOption = Annotated[
+    str | None, typer.Option(help=help_for(SamplingParameters, "image_size").split(" \\[")[0] + " [default: none]")
+]
+ColorModeOption = Annotated[ColorMode | None, typer.Option(help=help_for(SamplingParameters, "color_mode"))]
 SampleSizeOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "sample_size"))]
 SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help=help_for(SamplingParameters, "since"))]
 WindowDaysOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "window_days"))]
@@ -91,6 +96,8 @@ def upstream(
     feature_column: FeatureColumnOption = None,
     label_column: LabelColumnOption = None,
     input_shape: InputShapeOption = None,
+    image_size: ImageSizeOption = None,
+    color_mode: ColorModeOption = None,
     sample_size: SampleSizeOption = None,
     since: SinceOption = None,
     window_days: WindowDaysOption = None,

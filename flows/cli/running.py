@@ -44,6 +44,7 @@ def _upstream_arguments(given: dict[str, Any], as_json: bool) -> dict[str, Any]:
     return {
         **given,
         "input_shape": shape(given["input_shape"], as_json),
+        "image_size": shape(given["image_size"], as_json, "--image-size", "64,64"),
         "since": given["since"].date() if given["since"] else None,
     }
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port
+from conftest import free_port, write_image_folder
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -194,6 +194,23 @@ def test_a_savedmodel_directory_runs_end_to_end_and_is_exported_as_it_came(cli, 
     assert summary["export"]["files"]["model"]["uri"].endswith("/model.savedmodel.zip")
     again = json.loads(cli("run", *args).stdout)
     assert again["tasks"]["train_float_model"]["cached"] and again["tasks"]["convert_to_tflite"]["cached"]
+
+
+def test_an_image_folder_runs_end_to_end_and_a_broken_image_is_named(cli, tmp_path):
+    write_image_folder(tmp_path / "images", per_class=60, suffix=".jpg")
+    args = ["--dataset", str(tmp_path / "images"), "--epochs", "10", "--calibration-size", "60"]
+    result = cli("run", *args, "--store", str(tmp_path / "store"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["metrics"]["float_accuracy"] > 0.9 and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    dataset = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
+    assert dataset["spec"]["class_names"] == ["circle", "square", "triangle"]
+    assert dataset["spec"]["shape"] == [16, 16, 3]
+
+    (tmp_path / "images" / "square" / "007.jpg").write_bytes(b"truncated")
+    broken = cli("run", *args, "--store", str(tmp_path / "other"))
+    assert broken.returncode == 2 and "square/007.jpg cannot be decoded" in broken.stderr
+    assert "Traceback" not in broken.stderr and not (tmp_path / "other" / "blobs").exists()
 
 
 def test_calibration_from_another_parquet_source(cli, tmp_path):

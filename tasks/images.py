@@ -1,0 +1,150 @@
+"""Image folders as a data source: ``URL/<class>/<image>`` (the Keras ``image_dataset_from_directory`` layout), at
+any fsspec URL. Class names are the folder names, sorted; labels their positions.
+
+Only the listing is read to draw a sample (labels come from the paths), then only the drawn files are fetched and
+decoded, by a pool of threads (Pillow releases the GIL while it decodes), straight into one uint8 array.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+import fsspec
+import numpy as np
+
+from ptqflow.storage.tables import Columns
+from ptqflow.tasks.errors import InvalidDataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+CHANNELS = {"rgb": 3, "grayscale": 1}
+PILLOW_MODES = {"rgb": "RGB", "grayscale": "L"}
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A listed image folder: every image's path and label, and the class names."""
+
+    fs: fsspec.AbstractFileSystem
+    url: str
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def is_image_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A directory whose files include images and no Parquet file."""
+    if not fs.isdir(path):
+        return False
+    files = fs.find(path)
+    return any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and not any(f.endswith(".parquet") for f in files)
+
+
+def list_image_folder(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    url: str,
+    since: datetime | None = None,
+    modified_at: Callable[[fsspec.AbstractFileSystem, str], datetime] | None = None,
+) -> ImageFolder:
+    """Every image under ``path``'s class folders (with ``since``, those ``modified_at`` since), sorted by path.
+
+    Raises:
+        InvalidDataset: an image outside a class folder, or a class folder without images.
+    """
+    root = path.rstrip("/")
+    folders = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
+    images = sorted(f for f in fs.find(root) if f.lower().endswith(IMAGE_SUFFIXES))
+    stray = [f for f in images if "/" not in posixpath.relpath(f, root)]
+    if stray:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(stray[0])} is not in a class folder: put each image in a folder named after its "
+            f"class ({url}/<class>/<image>)"
+        )
+    by_class = {name: [f for f in images if posixpath.relpath(f, root).split("/", 1)[0] == name] for name in folders}
+    empty = [name for name, files in by_class.items() if not files]
+    if empty:
+        raise InvalidDataset(
+            f"class folder {url.rstrip('/')}/{empty[0]} has no images ({', '.join(IMAGE_SUFFIXES)}): add some, or "
+            "remove the folder"
+        )
+    if since is not None and modified_at is not None:
+        by_class = {name: [f for f in files if modified_at(fs, f) >= since] for name, files in by_class.items()}
+    class_names = tuple(by_class)
+    paths = [f for name in class_names for f in by_class[name]]
+    labels = np.array([i for i, name in enumerate(class_names) for _ in by_class[name]], np.int64)
+    order = np.argsort(np.array(paths, dtype=object), kind="stable")
+    return ImageFolder(fs, url, tuple(paths[i] for i in order), labels[order], class_names)
+
+
+def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(fs.cat_file(path))) as image:
+            image.load()
+            mode = PILLOW_MODES[columns.color_mode] if columns.color_mode else _own_mode(image.mode)
+            image = image.convert(mode) if image.mode != mode else image
+            if columns.image_size:
+                height, width = columns.image_size
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(path)} cannot be decoded as an image ({type(error).__name__}): replace or remove it"
+        ) from None
+    return pixels[..., np.newaxis] if pixels.ndim == 2 else pixels
+
+
+def _own_mode(mode: str) -> str:
+    """Grey images stay grey, every other mode (palette, RGBA, CMYK, ...) is decoded as RGB."""
+    return "L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"
+
+
+def decode_images(
+    folder: ImageFolder,
+    chosen: np.ndarray,
+    columns: Columns,
+    threads: int | None = None,
+    before_allocating: Callable[[tuple[int, ...]], None] | None = None,
+) -> np.ndarray:
+    """The images at positions ``chosen`` of ``folder``, decoded in parallel into one ``(n, H, W, C)`` uint8 array;
+    ``before_allocating`` sees one image's shape (from the first one decoded) before the array is allocated.
+
+    Raises:
+        InvalidDataset: an image that cannot be decoded (named), or images of different sizes or colour modes
+            without ``--image-size`` / ``--color-mode``.
+    """
+    paths = [folder.paths[i] for i in chosen]
+    if not paths:
+        raise InvalidDataset(f"no images to read under {folder.url}")
+    first = _decode(folder.fs, paths[0], columns)
+    if before_allocating is not None:
+        before_allocating(first.shape)
+    images = np.empty((len(paths), *first.shape), np.uint8)
+    images[0] = first
+
+    def place(position: int) -> None:
+        pixels = _decode(folder.fs, paths[position], columns)
+        if pixels.shape != first.shape:
+            height, width, channels = pixels.shape
+            raise InvalidDataset(
+                f"images of different sizes or colour modes: {folder.fs.unstrip_protocol(paths[0])} is "
+                f"{first.shape[0]}x{first.shape[1]}x{first.shape[2]}, {folder.fs.unstrip_protocol(paths[position])} "
+                f"is {height}x{width}x{channels}: pass --image-size H,W (and --color-mode rgb|grayscale)"
+            )
+        images[position] = pixels
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 1) * 2)) as pool:
+        list(pool.map(place, range(1, len(paths))))
+    return images
+
+
+def image_metadata(folder: ImageFolder, sample_shape: Sequence[int]) -> dict:
+    return {"class_names": list(folder.class_names), "value_range": [0.0, 255.0], "shape": list(sample_shape)}

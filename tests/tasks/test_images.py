@@ -1,0 +1,89 @@
+"""Image folders as a source: listing, labels from folder names, parallel decoding, and the errors that name the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_image_folder
+from ptqflow.storage.tables import Columns
+from ptqflow.tasks.datasets import Draw, load_dataset, peek_dataset, source_fingerprint
+from ptqflow.tasks.errors import InvalidDataset
+
+
+def test_a_folder_of_class_folders_is_a_labelled_table(tmp_path):
+    write_image_folder(tmp_path / "images")
+    table = load_dataset(str(tmp_path / "images"))
+    assert table.features.shape == (36, 16, 16, 3) and table.features.dtype == np.uint8
+    assert table.metadata["class_names"] == ["circle", "square", "triangle"]
+    assert np.bincount(table.labels).tolist() == [12, 12, 12]
+    # The label is the folder the image came from: the bright corner says which.
+    bright = table.features.reshape(36, 2, 8, 2, 8, 3).mean(axis=(2, 4, 5))
+    corners = [(0, 0), (0, 1), (1, 0)]
+    assert all(bright[i][corners[label]] > 150 for i, label in enumerate(table.labels))
+    assert peek_dataset(str(tmp_path / "images")).features.shape == (1, 16, 16, 3)
+
+
+def test_a_draw_decodes_only_the_drawn_images(tmp_path, monkeypatch):
+    import ptqflow.tasks.images as images
+
+    write_image_folder(tmp_path / "images", per_class=20)
+    decoded = []
+    real = images._decode
+    monkeypatch.setattr(images, "_decode", lambda fs, path, columns: decoded.append(path) or real(fs, path, columns))
+    table = load_dataset(str(tmp_path / "images"), draw=Draw(size=15, seed=(1,)))
+    assert len(table) == 15 and len(decoded) == 15 and np.bincount(table.labels).tolist() == [5, 5, 5]
+
+
+def test_size_and_colour_mode_are_what_the_options_say(tmp_path):
+    write_image_folder(tmp_path / "images", suffix=".jpg")
+    grey = load_dataset(str(tmp_path / "images"), Columns(image_size=(8, 12), color_mode="grayscale"))
+    assert grey.features.shape == (36, 8, 12, 1)
+    write_image_folder(tmp_path / "grey", mode="L")
+    assert load_dataset(str(tmp_path / "grey")).features.shape == (36, 16, 16, 1)  # the images' own mode
+
+
+def test_new_images_change_the_fingerprint(tmp_path):
+    write_image_folder(tmp_path / "images")
+    before = source_fingerprint(str(tmp_path / "images"))
+    assert source_fingerprint(str(tmp_path / "images")) == before
+    write_image_folder(tmp_path / "images", per_class=13)
+    assert source_fingerprint(str(tmp_path / "images")) != before
+
+
+def test_images_of_different_sizes_need_image_size(tmp_path):
+    write_image_folder(tmp_path / "images")
+    write_image_folder(tmp_path / "more", size=(20, 20))
+    (tmp_path / "more" / "circle" / "000.png").rename(tmp_path / "images" / "circle" / "big.png")
+    with pytest.raises(InvalidDataset, match=r"images of different sizes.*16x16x3.*20x20x3.*pass --image-size H,W"):
+        load_dataset(str(tmp_path / "images"))
+    assert load_dataset(str(tmp_path / "images"), Columns(image_size=(16, 16))).features.shape == (37, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda root: (root / "square" / "005.png").write_bytes(b"not a png"), r"square/005.png cannot be decoded"),
+        (lambda root: (root / "empty").mkdir(), r"class folder .*/empty has no images"),
+        (lambda root: (root / "stray.png").write_bytes((root / "circle" / "000.png").read_bytes()), "class folder"),
+    ],
+)
+def test_bad_folders_say_which_file_and_what_to_do(tmp_path, spoil, message):
+    write_image_folder(tmp_path / "images")
+    spoil(tmp_path / "images")
+    with pytest.raises(InvalidDataset, match=message):
+        load_dataset(str(tmp_path / "images"))
+
+
+def test_a_draw_too_large_to_hold_is_refused_after_one_image(tmp_path, monkeypatch):
+    import ptqflow.tasks.images as images
+
+    write_image_folder(tmp_path / "images")
+    decoded = []
+    real = images._decode
+    monkeypatch.setattr(images, "_decode", lambda fs, path, columns: decoded.append(path) or real(fs, path, columns))
+    monkeypatch.setenv("PTQFLOW_MAX_DECODED_BYTES", str(16 * 16 * 3 * 10))  # ten images
+    with pytest.raises(InvalidDataset, match="PTQFLOW_MAX_DECODED_BYTES"):
+        load_dataset(str(tmp_path / "images"))
+    assert len(decoded) == 1
+    assert len(load_dataset(str(tmp_path / "images"), draw=Draw(size=9, seed=(0,)))) == 9
