@@ -14,10 +14,11 @@ than fixed-size binary, which maps to a numpy array with no copy.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
@@ -148,6 +149,59 @@ class Columns:
     # Image folders only: the size every image is resized to (height, width), and rgb or grayscale.
     image_size: tuple[int, int] | None = None
     color_mode: str | None = None
+    # Wide tables: one numeric column per feature, by name or glob ("f_*"); resolve_columns expands the globs.
+    wide: tuple[str, ...] | None = None
+
+    def feature_names(self) -> list[str]:
+        return list(self.wide) if self.wide else [self.features]
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
+    """The columns as this schema names them. ``wide`` globs expand to the matching columns, in schema order; a
+    table with the label but no features column is wide too, with every numeric column but the label.
+
+    Raises:
+        TensorTableError: a name or glob that matches no column, or a feature column that is not numeric.
+    """
+    if columns.wide:
+        unmatched = [p for p in columns.wide if not any(fnmatch.fnmatchcase(n, p) for n in schema.names)]
+        if unmatched:
+            raise TensorTableError(
+                f"--feature-columns {unmatched[0]!r} matches no column (the table has {', '.join(schema.names)})"
+            )
+        names = [n for n in schema.names if n != columns.label and any(fnmatch.fnmatchcase(n, p) for p in columns.wide)]
+    elif columns.features not in schema.names and columns.label in schema.names:
+        names = [n for n in schema.names if n != columns.label and _numeric(schema.field(n).type)]
+        if not names:
+            return columns  # check_columns says the features column is missing
+    else:
+        return columns
+    for name in names:
+        if not _numeric(schema.field(name).type):
+            raise TensorTableError(
+                f"feature column {name!r} has type {schema.field(name).type}, not a number: leave it out of "
+                "--feature-columns (or encode it as numbers)"
+            )
+    return replace(columns, wide=tuple(names))
+
+
+def features_to_numpy(
+    data: pa.Table | pa.RecordBatch, meta: dict[str, Any], columns: Columns = Columns()
+) -> np.ndarray:
+    """The samples of ``data``: its features column, or a wide table's columns side by side as float32."""
+    if not columns.wide:
+        return column_to_numpy(data.column(columns.features), meta, columns)
+    stacked = np.empty((data.num_rows, len(columns.wide)), np.float32)
+    for i, name in enumerate(columns.wide):
+        column = data.column(name)
+        if column.null_count:
+            raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
+        stacked[:, i] = column.to_numpy(zero_copy_only=False)
+    return stacked
 
 
 def _shape_for(count: int, meta: dict[str, Any], columns: Columns) -> tuple[int, ...]:
@@ -213,7 +267,7 @@ def labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Colum
 
 
 def check_columns(schema: pa.Schema, columns: Columns = Columns()) -> None:
-    missing = [c for c in (columns.features, columns.label) if c not in schema.names]
+    missing = [c for c in (*columns.feature_names(), columns.label) if c not in schema.names]
     if missing:
         raise TensorTableError(
             f"table has no column(s) {', '.join(repr(c) for c in missing)} (it has {', '.join(schema.names)}): "
@@ -225,7 +279,7 @@ def arrow_to_tensor_table(table: pa.Table, columns: Columns = Columns()) -> Tens
     check_columns(table.schema, columns)
     meta = table_metadata(table.schema)
     return TensorTable(
-        column_to_numpy(table.column(columns.features), meta, columns),
+        features_to_numpy(table, meta, columns),
         labels_to_numpy(table.column(columns.label), columns),
         meta,
     )

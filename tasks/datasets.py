@@ -33,8 +33,9 @@ from ptqflow.storage.tables import (
     TensorTableError,
     arrow_to_tensor_table,
     check_columns,
-    column_to_numpy,
+    features_to_numpy,
     labels_to_numpy,
+    resolve_columns,
     table_metadata,
 )
 from ptqflow.tasks.errors import InvalidDataset
@@ -150,6 +151,115 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_DATASETS
 
 
+def _csv_files(url: str, since: datetime | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]] | None:
+    """The CSV files of a source URL (a ``.csv`` file, or a directory holding ``*.csv`` and no Parquet file),
+    sorted; None when the source is not CSV."""
+    if "://" not in url and "/" not in url and not os.path.exists(url):
+        return None
+    try:
+        fs, path = filesystem_for(url)
+    except StoreError:
+        return None  # _parquet_files says what is wrong with it
+    if fs.isfile(path):
+        files = [path] if path.lower().endswith(".csv") else []
+    elif fs.isdir(path):
+        found = fs.find(path)
+        files = (
+            [] if any(p.endswith(".parquet") for p in found) else sorted(p for p in found if p.lower().endswith(".csv"))
+        )
+    else:
+        return None
+    if not files:
+        return None
+    if since is not None:
+        files = [p for p in files if modified_at(fs, p) >= since]
+        if not files:
+            raise InvalidDataset(
+                f"no .csv file under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or "
+                "move --since back"
+            )
+    return fs, files
+
+
+def _csv_batches(fs: fsspec.AbstractFileSystem, path: str, names: list[str]) -> Iterator[pa.RecordBatch]:
+    """The named columns of one CSV file, streamed in blocks; a file that cannot be parsed is named."""
+    from pyarrow import csv
+
+    try:
+        with fs.open(path, "rb") as f:
+            yield from csv.open_csv(f, convert_options=csv.ConvertOptions(include_columns=names))
+    except (pa.ArrowException, OSError) as error:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(path)} is not a readable CSV file with columns {', '.join(names)} "
+            f"({str(error).splitlines()[0][:200]}): fix or remove it"
+        ) from None
+
+
+def _read_csv_source(
+    url: str,
+    files: tuple[fsspec.AbstractFileSystem, list[str]],
+    columns: Columns,
+    draw: Draw | None,
+    first_only: bool = False,
+) -> TensorTable:
+    """A wide table in CSV: one pass for the labels, then one for the drawn rows' feature columns, block by block
+    (a CSV has no row groups to skip, but nothing is held whole)."""
+    from pyarrow import csv
+
+    fs, paths = files
+    try:
+        with fs.open(paths[0], "rb") as f:
+            schema = csv.open_csv(f).schema
+        columns = resolve_columns(schema, columns)
+        check_columns(schema, columns)
+    except TensorTableError as error:
+        raise InvalidDataset(f"{fs.unstrip_protocol(paths[0])}: {error}") from None
+    except (pa.ArrowException, OSError) as error:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(paths[0])} is not a readable CSV file ({str(error).splitlines()[0][:200]}): fix it"
+        ) from None
+    if not columns.wide:
+        raise InvalidDataset(
+            f"{url} is CSV, which holds one value per column: name the feature columns with --feature-columns "
+            "(names or globs, e.g. f_*)"
+        )
+    try:
+        labels_per_file = [
+            np.concatenate(
+                [labels_to_numpy(b.column(0), columns) for b in _csv_batches(fs, p, [columns.label])]
+                or [np.zeros(0, np.int64)]
+            )
+            for p in paths
+        ]
+    except TensorTableError as error:
+        raise InvalidDataset(f"{url}: {error}") from None
+    labels = np.concatenate(labels_per_file)
+    if not len(labels):
+        raise InvalidDataset(f"the data set {url} is empty: point it at a table with samples")
+    if first_only:
+        chosen = np.arange(1)
+    else:
+        chosen = np.arange(len(labels)) if draw is None else draw.indices(labels, f"{draw.role} {url}")
+    check_source_size(url, len(labels), 4 * len(columns.wide), len(chosen))
+    check_label_range(url, int(labels.max()))
+    by_position = np.argsort(chosen, kind="stable")
+    wanted = chosen[by_position]
+    features = np.empty((len(chosen), len(columns.wide)), np.float32)
+    filled, start = 0, 0
+    for path in paths:
+        for batch in _csv_batches(fs, path, list(columns.wide)):
+            lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+            if lo < hi:
+                try:
+                    values = features_to_numpy(batch.take(pa.array(wanted[lo:hi] - start)), {}, columns)
+                except TensorTableError as error:
+                    raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+                features[by_position[filled : filled + len(values)]] = values
+                filled += len(values)
+            start += batch.num_rows
+    return _with_source(TensorTable(features, labels[chosen], {}), url)
+
+
 def _parquet_files(url: str, since: datetime | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files of a source URL (a file, or every ``*.parquet`` below a directory, sorted); with
     ``since``, only those modified at or after it."""
@@ -239,6 +349,8 @@ def source_fingerprint(name: str, since: datetime | None = None) -> str:
         return f"builtin:{name}"
     if (folder := _image_folder(name, since)) is not None:
         return files_fingerprint(folder.fs, list(folder.paths))
+    if (csv_files := _csv_files(name, since)) is not None:
+        return files_fingerprint(*csv_files)
     return files_fingerprint(*_parquet_files(name, since))
 
 
@@ -286,6 +398,18 @@ def _reading(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> Iter
         ) from None
 
 
+def _resolved(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -> Columns:
+    """The columns as the source's first file names them (a wide table's globs expanded): its footer only."""
+    try:
+        with fs.open(files[0], "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        return resolve_columns(schema, columns)
+    except TensorTableError as error:
+        raise InvalidDataset(f"{fs.unstrip_protocol(files[0])}: {error}") from None
+    except (pa.ArrowException, OSError):
+        return columns  # _reading says what is wrong with the file
+
+
 def _with_source(loaded: TensorTable, url: str) -> TensorTable:
     meta = dict(loaded.metadata)
     meta["source"] = url
@@ -308,7 +432,9 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
         with _reading(fs, path, columns) as parquet:
             rows += parquet.metadata.num_rows
             schema = parquet.schema_arrow
-            sample_bytes = declared_sample_bytes(schema.field(columns.features).type)
+            sample_bytes = (
+                4 * len(columns.wide) if columns.wide else declared_sample_bytes(schema.field(columns.features).type)
+            )
             label_index = parquet.schema_arrow.get_field_index(columns.label)
             for group in range(parquet.num_row_groups):
                 column = parquet.metadata.row_group(group).column(label_index)
@@ -331,11 +457,12 @@ def _check_survey(
 
 def _read_parquet_source(url: str, columns: Columns, since: datetime | None = None) -> TensorTable:
     fs, files = _parquet_files(url, since)
+    columns = _resolved(fs, files, columns)
     _check_survey(url, fs, files, columns)
     tables = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
-            tables.append(parquet.read(columns=[columns.features, columns.label]))
+            tables.append(parquet.read(columns=[*columns.feature_names(), columns.label]))
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid:
@@ -380,6 +507,7 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: dat
     """Two passes: every file's label column (8 bytes a row), then, in batches of about ``BATCH_BYTES``, only the
     row groups holding drawn rows; a source of any size is never held whole."""
     fs, files = _parquet_files(url, since)
+    columns = _resolved(fs, files, columns)
     sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
     labels_per_file = []
     for path in files:
@@ -413,12 +541,14 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: dat
                     # From the schema, not from the file's own account of its size, which may be false.
                     rows = max(1, BATCH_BYTES // sample_bytes) if sample_bytes else UNKNOWN_SIZE_BATCH_ROWS
                     batch_start = 0
-                    for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=[columns.features]):
+                    for batch in parquet.iter_batches(
+                        batch_size=rows, row_groups=[group], columns=columns.feature_names()
+                    ):
                         a, b = np.searchsorted(in_group, [batch_start, batch_start + batch.num_rows])
                         if a < b:
-                            taken = batch.column(0).take(pa.array(in_group[a:b] - batch_start))
+                            taken = batch.take(pa.array(in_group[a:b] - batch_start))
                             try:
-                                values = column_to_numpy(taken, meta, columns)
+                                values = features_to_numpy(taken, meta, columns)
                             except TensorTableError as error:
                                 raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
                             if features is None:
@@ -443,9 +573,12 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
         return load_dataset(name, columns).take(np.arange(1))
     if (folder := _image_folder(name)) is not None:
         return _read_images(folder, np.arange(1), columns)
+    if (csv_files := _csv_files(name)) is not None:
+        return _read_csv_source(name, csv_files, columns, None, first_only=True)
     fs, files = _parquet_files(name)
+    columns = _resolved(fs, files, columns)
     with _reading(fs, files[0], columns) as parquet:
-        for batch in parquet.iter_batches(batch_size=1, columns=[columns.features, columns.label]):
+        for batch in parquet.iter_batches(batch_size=1, columns=[*columns.feature_names(), columns.label]):
             try:
                 return _with_source(arrow_to_tensor_table(pa.Table.from_batches([batch]), columns), name)
             except TensorTableError as error:
@@ -471,6 +604,8 @@ def load_dataset(
         check_label_range(name, len(folder.class_names) - 1)
         chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(folder.labels, f"{draw.role} {name}")
         return _read_images(folder, chosen, columns)
+    if (csv_files := _csv_files(name, since)) is not None:
+        return _read_csv_source(name, csv_files, columns, draw)
     if draw is None:
         return _read_parquet_source(name, columns, since)
     return _draw_from_parquet_source(name, columns, draw, since)

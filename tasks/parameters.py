@@ -85,17 +85,22 @@ class SamplingParameters(_Parameters):
         description="Train only on the source's files modified in the last N days before the run's date.",
     )
     feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
+    feature_columns: str | None = Field(
+        None,
+        description="Wide tables: the columns holding one numeric feature each, as names or globs separated by "
+        "commas (e.g. f_*); a table with the label but no --feature-column column uses every numeric column but "
+        "the label.",
+    )
     label_column: str = Field("label", min_length=1, description="Column holding integer class indices.")
     input_shape: tuple[int, ...] | None = Field(
         None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
     )
     image_size: tuple[int, int] | None = Field(
         None,
-        description="Image folders: resize every image to H,W (e.g. 64,64). [default: the images' own size, which "
-        "must then be one]",
+        description="Image folders: resize every image to H,W (e.g. 64,64); without it every image must have one size.",
     )
     color_mode: ColorMode | None = Field(
-        None, description="Image folders: decode as rgb or grayscale. [default: the images' own mode]"
+        None, description="Image folders: decode as rgb or grayscale; without it, the images' own mode."
     )
     sample_size: int | None = Field(
         None,

@@ -130,6 +130,9 @@ def columns_of(params: SamplingParameters) -> Columns:
         features=params.feature_column,
         label=params.label_column,
         shape=params.input_shape,
+        wide=tuple(c.strip() for c in params.feature_columns.split(",") if c.strip())
+        if params.feature_columns
+        else None,
         image_size=params.image_size,
         color_mode=params.color_mode.value if params.color_mode else None,
     )

@@ -35,13 +35,12 @@ def help_for(schema: type[BaseModel], field: str) -> str:
 
 DatasetOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "dataset"))]
 FeatureColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_column"))]
+FeatureColumnsOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_columns"))]
 LabelColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "label_column"))]
 InputShapeOption = Annotated[
     str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
 ]
-ImageSizeOption = Annotated[
-    str | None, typer.Option(help=help_for(SamplingParameters, "image_size").split(" \\[")[0] + " [default: none]")
-]
+ImageSizeOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "image_size"))]
 ColorModeOption = Annotated[ColorMode | None, typer.Option(help=help_for(SamplingParameters, "color_mode"))]
 SampleSizeOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "sample_size"))]
 SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help=help_for(SamplingParameters, "since"))]
@@ -94,6 +93,7 @@ LockWaitOption = Annotated[
 def upstream(
     dataset: DatasetOption = None,
     feature_column: FeatureColumnOption = None,
+    feature_columns: FeatureColumnsOption = None,
     label_column: LabelColumnOption = None,
     input_shape: InputShapeOption = None,
     image_size: ImageSizeOption = None,

@@ -213,6 +213,25 @@ def test_an_image_folder_runs_end_to_end_and_a_broken_image_is_named(cli, tmp_pa
     assert "Traceback" not in broken.stderr and not (tmp_path / "other" / "blobs").exists()
 
 
+def test_a_wide_table_runs_end_to_end_and_a_text_column_is_refused(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 900)
+    columns = {f"f_{i}": pa.array((rng.normal(size=900) + 2 * labels * (i < 3)).astype(np.float32)) for i in range(8)}
+    columns["note"] = pa.array(["x"] * 900)
+    pq.write_table(pa.table({**columns, "label": pa.array(labels)}), str(tmp_path / "wide.parquet"))
+    args = ["--dataset", str(tmp_path / "wide.parquet"), "--epochs", "20", "--json"]
+    result = cli("run", *args, "--feature-columns", "f_*", "--store", str(tmp_path / "store"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["metrics"]["float_accuracy"] > 0.85 and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    dataset = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
+    assert dataset["spec"]["shape"] == [8]
+
+    refused = cli("run", *args, "--feature-columns", "f_0,note", "--store", str(tmp_path / "other"))
+    assert refused.returncode == 2 and "feature column 'note' has type string, not a number" in refused.stderr
+    assert not (tmp_path / "other" / "blobs").exists()
+
+
 def test_calibration_from_another_parquet_source(cli, tmp_path):
     data, production = tmp_path / "images", tmp_path / "production"
     write_rgb_parts(data, parts=2)

@@ -366,3 +366,63 @@ def test_since_selects_the_files_modified_since(tmp_path):
     assert source_fingerprint(str(tmp_path), since) == recent
     with pytest.raises(InvalidDataset, match="modified since 2030-01-01.*widen --window-days"):
         load_dataset(str(tmp_path), since=datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+
+def write_wide_table(path, rows: int = 300, seed: int = 0) -> np.ndarray:
+    """One numeric column per feature (f_0 .. f_5, mixed int and float), an unrelated string column, the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, rows)
+    features = rng.normal(size=(rows, 6)) + labels[:, None]
+    columns = {f"f_{i}": pa.array(features[:, i].astype(np.float64 if i % 2 else np.float32)) for i in range(6)}
+    columns["f_5"] = pa.array(np.round(features[:, 5] * 10).astype(np.int32))
+    columns["note"] = pa.array([f"row {i}" for i in range(rows)])
+    columns["label"] = pa.array(labels)
+    pq.write_table(pa.table(columns), str(path), row_group_size=64)
+    return features
+
+
+def test_a_wide_table_is_read_column_by_column_as_float32(tmp_path):
+    features = write_wide_table(tmp_path / "wide.parquet")
+    table = load_dataset(str(tmp_path / "wide.parquet"))  # no features column: every numeric one but the label
+    assert table.features.shape == (300, 6) and table.features.dtype == np.float32
+    np.testing.assert_allclose(table.features[:, :5], features[:, :5], rtol=1e-6)
+    np.testing.assert_array_equal(table.features[:, 5], np.round(features[:, 5] * 10))
+    picked = load_dataset(str(tmp_path / "wide.parquet"), Columns(wide=("f_1", "f_3*")))
+    np.testing.assert_allclose(picked.features, features[:, [1, 3]], rtol=1e-6)
+    drawn = load_dataset(str(tmp_path / "wide.parquet"), Columns(wide=("f_*",)), Draw(size=60, seed=(2,)))
+    assert drawn.features.shape == (60, 6)
+    rows = {tuple(np.round(r, 4)) for r in table.features}
+    assert all(tuple(np.round(r, 4)) in rows for r in drawn.features)  # drawn rows are the table's own rows
+
+
+@pytest.mark.parametrize(
+    "wide, message",
+    [(("f_*", "g_*"), "--feature-columns 'g_\\*' matches no column"), (("f_0", "note"), "'note' has type string")],
+)
+def test_wide_columns_that_cannot_be_features_are_refused(tmp_path, wide, message):
+    write_wide_table(tmp_path / "wide.parquet")
+    with pytest.raises(InvalidDataset, match=message):
+        load_dataset(str(tmp_path / "wide.parquet"), Columns(wide=wide))
+
+
+def test_a_wide_csv_is_read_in_blocks_and_drawn_like_parquet(tmp_path):
+    import pyarrow.csv as csv
+
+    features = write_wide_table(tmp_path / "wide.parquet", rows=500)
+    table = pq.read_table(str(tmp_path / "wide.parquet"))
+    (tmp_path / "parts").mkdir()
+    csv.write_csv(table.slice(0, 200), str(tmp_path / "parts" / "a.csv"))
+    csv.write_csv(table.slice(200), str(tmp_path / "parts" / "b.csv"))
+    whole = load_dataset(str(tmp_path / "parts"), Columns(wide=("f_0", "f_1", "f_2")))
+    np.testing.assert_allclose(whole.features, features[:, :3], rtol=1e-6)
+    np.testing.assert_array_equal(whole.labels, table.column("label").to_numpy())
+    default = load_dataset(str(tmp_path / "parts" / "a.csv"))  # every numeric column but the label
+    assert default.features.shape == (200, 6)
+    drawn = load_dataset(str(tmp_path / "parts"), Columns(wide=("f_*",)), Draw(size=50, seed=(3,)))
+    rows = {tuple(np.round(r, 4)) for r in load_dataset(str(tmp_path / "parts"), Columns(wide=("f_*",))).features}
+    assert len(drawn) == 50 and all(tuple(np.round(r, 4)) in rows for r in drawn.features)
+    assert source_fingerprint(str(tmp_path / "parts"))
+    with pytest.raises(InvalidDataset, match="'note' has type string"):
+        load_dataset(str(tmp_path / "parts"), Columns(wide=("f_0", "note")))
+    with pytest.raises(InvalidDataset, match="holds one value per column: name the feature columns"):
+        load_dataset(str(tmp_path / "parts"), Columns(features="note"))
