@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -100,6 +101,15 @@ def write_parquet_bytes(table: TensorTable, row_group_size: int | None = None) -
     rows = row_group_size or rows_per_group(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)
     pq.write_table(to_arrow(table), sink, row_group_size=rows, compression="zstd")
     return sink.getvalue()
+
+
+def source_metadata(schema: pa.Schema, columns: Columns) -> dict[str, Any]:
+    """``table_metadata``, with the class names of a Hugging Face ``ClassLabel`` label column when ptqflow's own
+    metadata gives none."""
+    meta = table_metadata(schema)
+    if "class_names" not in meta and (names := huggingface_class_names(schema, columns.label)):
+        meta = {**meta, "class_names": names}
+    return meta
 
 
 def table_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -251,9 +261,69 @@ def column_to_numpy(
     if pa.types.is_fixed_size_list(kind):
         values = column.flatten().to_numpy(zero_copy_only=False)
         return _checked_dtype(values.reshape(len(column), *_shape_for(kind.list_size, meta, columns)), columns)
+    encoded = _encoded_images(column)
+    if encoded is not None:
+        return _decoded(encoded, columns)
     raise TensorTableError(
         f"column '{name}' has type {kind}: store samples as fixed_shape_tensor, fixed-size list or fixed-size binary"
     )
+
+
+def _encoded_images(column: pa.Array) -> pa.Array | None:
+    """The image bytes of a column of encoded images: binary, or the Hugging Face ``Image`` struct (bytes, path)."""
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return column
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        field = column.field("bytes")
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            return field
+    return None
+
+
+def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
+    """Decode a column of encoded images, on a thread pool (Pillow releases the GIL), into one uint8 array."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ptqflow.storage.images import UndecodableImage, decode_image
+
+    name = columns.features
+    if encoded.null_count:
+        raise TensorTableError(
+            f"column '{name}' has {encoded.null_count} rows without image bytes (a path alone is not read): embed the "
+            "images (datasets' to_parquet does)"
+        )
+
+    def decode(row: int) -> np.ndarray:
+        try:
+            return decode_image(encoded[row].as_py(), columns.image_size, columns.color_mode)
+        except UndecodableImage as error:
+            raise TensorTableError(
+                f"column '{name}' row {row} cannot be decoded as an image ({error}): replace or remove it"
+            ) from None
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        images = list(pool.map(decode, range(len(encoded))))
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise TensorTableError(
+            f"column '{name}' holds images of different sizes or colour modes ({', '.join(sorted(map(str, shapes)))}): "
+            "pass --image-size H,W (and --color-mode rgb|grayscale)"
+        )
+    return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
+
+
+def huggingface_class_names(schema: pa.Schema, label: str) -> list[str] | None:
+    """The class names a Hugging Face ``datasets`` Parquet file records for its ``ClassLabel`` column ``label``."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        features = json.loads(raw)["info"]["features"]
+        names = features[label]["names"] if features[label].get("_type") == "ClassLabel" else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # someone else's metadata: the labels still work, named by their numbers
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Columns()) -> np.ndarray:
@@ -277,7 +347,7 @@ def check_columns(schema: pa.Schema, columns: Columns = Columns()) -> None:
 
 def arrow_to_tensor_table(table: pa.Table, columns: Columns = Columns()) -> TensorTable:
     check_columns(table.schema, columns)
-    meta = table_metadata(table.schema)
+    meta = source_metadata(table.schema, columns)
     return TensorTable(
         features_to_numpy(table, meta, columns),
         labels_to_numpy(table.column(columns.label), columns),

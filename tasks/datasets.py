@@ -36,7 +36,7 @@ from ptqflow.storage.tables import (
     features_to_numpy,
     labels_to_numpy,
     resolve_columns,
-    table_metadata,
+    source_metadata,
 )
 from ptqflow.tasks.errors import InvalidDataset
 from ptqflow.tasks.images import ImageFolder, decode_images, image_metadata, is_image_folder, list_image_folder
@@ -470,7 +470,7 @@ def _read_parquet_source(url: str, columns: Columns, since: datetime | None = No
     try:
         return _with_source(arrow_to_tensor_table(table, columns), url)
     except TensorTableError as error:
-        raise InvalidDataset(str(error)) from None
+        raise InvalidDataset(f"{url}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -530,7 +530,7 @@ def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: dat
     file_start = 0
     for path, file_labels in zip(files, labels_per_file):
         with _reading(fs, path, columns) as parquet:
-            meta = table_metadata(parquet.schema_arrow)
+            meta = source_metadata(parquet.schema_arrow, columns)
             metadata = meta if metadata is None else metadata
             group_start = file_start
             for group in range(parquet.num_row_groups):

@@ -7,7 +7,6 @@ decoded, by a pool of threads (Pillow releases the GIL while it decodes), straig
 
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 from collections.abc import Callable, Sequence
@@ -18,12 +17,11 @@ from datetime import datetime
 import fsspec
 import numpy as np
 
+from ptqflow.storage.images import UndecodableImage, decode_image
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.errors import InvalidDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-CHANNELS = {"rgb": 3, "grayscale": 1}
-PILLOW_MODES = {"rgb": "RGB", "grayscale": "L"}
 
 
 @dataclass(frozen=True)
@@ -83,28 +81,12 @@ def list_image_folder(
 
 
 def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(fs.cat_file(path))) as image:
-            image.load()
-            mode = PILLOW_MODES[columns.color_mode] if columns.color_mode else _own_mode(image.mode)
-            image = image.convert(mode) if image.mode != mode else image
-            if columns.image_size:
-                height, width = columns.image_size
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return decode_image(fs.cat_file(path), columns.image_size, columns.color_mode)
+    except UndecodableImage as error:
         raise InvalidDataset(
-            f"{fs.unstrip_protocol(path)} cannot be decoded as an image ({type(error).__name__}): replace or remove it"
+            f"{fs.unstrip_protocol(path)} cannot be decoded as an image ({error}): replace or remove it"
         ) from None
-    return pixels[..., np.newaxis] if pixels.ndim == 2 else pixels
-
-
-def _own_mode(mode: str) -> str:
-    """Grey images stay grey, every other mode (palette, RGBA, CMYK, ...) is decoded as RGB."""
-    return "L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"
 
 
 def decode_images(

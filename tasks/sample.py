@@ -108,7 +108,9 @@ def refuse_non_finite(table: TensorTable, where: str) -> None:
 def feature_spec(table: TensorTable) -> FeatureSpec:
     n_classes = int(table.labels.max()) + 1
     lo, hi = value_range(table)
-    names = table.metadata.get("class_names") or [str(i) for i in range(n_classes)]
+    # Declared names (a Hugging Face ClassLabel may name classes this sample lacks) are kept for the labels seen.
+    declared = list(table.metadata.get("class_names") or [])[:n_classes]
+    names = declared + [str(i) for i in range(len(declared), n_classes)]
     return FeatureSpec(
         shape=table.sample_shape,
         dtype=table.features.dtype.name,

@@ -210,3 +210,34 @@ def write_image_folder(root, per_class: int = 12, size=(16, 16), mode: str = "RG
             pixels[y : y + size[0] // 2, x : x + size[1] // 2] = 230
             image = Image.fromarray(pixels).convert(mode)
             image.save(root / name / f"{i:03d}{suffix}")
+
+
+def write_huggingface_images(path, rows: int = 90, sizes=((12, 12),), corrupt_row: int | None = None):
+    """A Parquet file in the layout Hugging Face ``datasets`` writes for an ``Image`` column and a ``ClassLabel``
+    label: a struct of (bytes, path), and the class names in the ``huggingface`` schema metadata."""
+    import io
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, rows)
+    encoded = []
+    for i, label in enumerate(labels):
+        height, width = sizes[i % len(sizes)]
+        noise = rng.integers(-12, 12, (height, width, 3))
+        pixels = np.clip(40 + 80 * int(label) + noise, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        encoded.append(b"broken" if i == corrupt_row else buffer.getvalue())
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(encoded)], type=image_type)
+    features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog", "fox", "owl"], "_type": "ClassLabel"}}
+    schema = pa.schema([("image", image_type), ("label", pa.int64())]).with_metadata(
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    )
+    pq.write_table(pa.table([images, pa.array(labels)], schema=schema), str(path), row_group_size=32)
+    return labels

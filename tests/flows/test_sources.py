@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, write_image_folder
+from conftest import free_port, write_huggingface_images, write_image_folder
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -230,6 +230,27 @@ def test_a_wide_table_runs_end_to_end_and_a_text_column_is_refused(cli, tmp_path
     refused = cli("run", *args, "--feature-columns", "f_0,note", "--store", str(tmp_path / "other"))
     assert refused.returncode == 2 and "feature column 'note' has type string, not a number" in refused.stderr
     assert not (tmp_path / "other" / "blobs").exists()
+
+
+def test_hugging_face_image_parquet_runs_end_to_end_with_its_class_names(cli, tmp_path):
+    (tmp_path / "data").mkdir()
+    write_huggingface_images(tmp_path / "data" / "train-00000-of-00001.parquet", rows=300)
+    args = [
+        "--dataset",
+        str(tmp_path / "data"),
+        "--feature-column",
+        "image",
+        "--epochs",
+        "10",
+        "--calibration-size",
+        "100",
+    ]
+    result = cli("run", *args, "--store", str(tmp_path / "store"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["metrics"]["float_accuracy"] > 0.95 and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    dataset = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
+    assert dataset["spec"]["class_names"] == ["cat", "dog", "fox"]
 
 
 def test_calibration_from_another_parquet_source(cli, tmp_path):

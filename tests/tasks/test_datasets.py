@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from keras_cache import sha256_of, write_cifar10, write_fashion_mnist, write_mnist
 
+from conftest import write_huggingface_images
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.datasets import Draw, load_dataset, source_fingerprint
 from ptqflow.tasks.errors import InvalidDataset
@@ -426,3 +427,28 @@ def test_a_wide_csv_is_read_in_blocks_and_drawn_like_parquet(tmp_path):
         load_dataset(str(tmp_path / "parts"), Columns(wide=("f_0", "note")))
     with pytest.raises(InvalidDataset, match="holds one value per column: name the feature columns"):
         load_dataset(str(tmp_path / "parts"), Columns(features="note"))
+
+
+def test_hugging_face_image_parquet_is_decoded_with_its_class_names(tmp_path):
+    (tmp_path / "data").mkdir()
+    labels = write_huggingface_images(tmp_path / "data" / "train-00000-of-00001.parquet")
+    table = load_dataset(str(tmp_path / "data"), Columns(features="image"))
+    assert table.features.shape == (90, 12, 12, 3) and table.features.dtype == np.uint8
+    np.testing.assert_allclose(table.features.mean(axis=(1, 2, 3)), 40 + 80 * labels, atol=3)
+    assert table.metadata["class_names"] == ["cat", "dog", "fox", "owl"]
+    from ptqflow.tasks.sample import feature_spec
+
+    assert feature_spec(table).class_names == ("cat", "dog", "fox")  # the names of the classes it holds
+    drawn = load_dataset(str(tmp_path / "data"), Columns(features="image", color_mode="grayscale"), Draw(30, (1,)))
+    assert drawn.features.shape == (30, 12, 12, 1)
+
+
+def test_hugging_face_images_that_cannot_be_used_are_named(tmp_path):
+    write_huggingface_images(tmp_path / "broken.parquet", corrupt_row=17)
+    with pytest.raises(InvalidDataset, match="broken.parquet: column 'image' row 17 cannot be decoded"):
+        load_dataset(str(tmp_path / "broken.parquet"), Columns(features="image"))
+    write_huggingface_images(tmp_path / "mixed.parquet", sizes=((12, 12), (10, 14)))
+    with pytest.raises(InvalidDataset, match="images of different sizes.*pass --image-size"):
+        load_dataset(str(tmp_path / "mixed.parquet"), Columns(features="image"))
+    resized = load_dataset(str(tmp_path / "mixed.parquet"), Columns(features="image", image_size=(8, 8)))
+    assert resized.features.shape == (90, 8, 8, 3)

@@ -87,3 +87,12 @@ def test_a_draw_too_large_to_hold_is_refused_after_one_image(tmp_path, monkeypat
         load_dataset(str(tmp_path / "images"))
     assert len(decoded) == 1
     assert len(load_dataset(str(tmp_path / "images"), draw=Draw(size=9, seed=(0,)))) == 9
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_without_decoding_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    write_image_folder(tmp_path / "images")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 16 // 4)  # every 16x16 image is then "too large"
+    with pytest.raises(InvalidDataset, match="cannot be decoded as an image \\(more pixels than Pillow decodes"):
+        load_dataset(str(tmp_path / "images"))
