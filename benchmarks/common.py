@@ -107,3 +107,20 @@ def digits_model_and_splits(epochs: int = 8):
         feature_spec(table), splits["train"], splits["validation"], TrainingParameters(epochs=epochs), seed=0
     )
     return model, splits
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def json_from_fresh_process(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process (its memory is its own) and read the JSON object it prints
+    last."""
+    import json
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])

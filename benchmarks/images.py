@@ -7,13 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-from benchmarks.common import Result, median_seconds
+from benchmarks.common import Result, json_from_fresh_process, median_seconds, rss_bytes
 
 IMAGES = 20_000
 CLASSES = 10
@@ -37,11 +35,6 @@ def write_folder(root: str) -> None:
         Image.fromarray(pixels).save(os.path.join(root, f"class_{k}", f"{n:05d}.jpg"), quality=90)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _peak_rss_bytes() -> int:
     with open("/proc/self/status", encoding="utf-8") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -52,7 +45,7 @@ def hold(root: str, mode: str) -> dict:
     from ptqflow.tasks.calibrate import calibration_seed
     from ptqflow.tasks.datasets import Draw, load_dataset
 
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     # The process's peak so far is the imports' (TensorFlow's is far above this work's): reset it (Linux), so the
     # peak read afterwards is this work's.
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
@@ -60,16 +53,6 @@ def hold(root: str, mode: str) -> dict:
     draw = Draw(DRAW, calibration_seed(0), what="calibration set") if mode == "draw" else None
     table = load_dataset(root, draw=draw)
     return {"mode": mode, "images": len(table), "above_baseline": _peak_rss_bytes() - baseline}
-
-
-def _hold_in_subprocess(root: str, mode: str) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.images", "--hold", root, "--mode", mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def run(repeats: int = 3) -> list[Result]:
@@ -81,7 +64,7 @@ def run(repeats: int = 3) -> list[Result]:
         root = os.path.join(tmp, "images")
         write_folder(root)
         fs, path = filesystem_for(root)
-        folder = list_image_folder(fs, path, root)
+        folder = list_image_folder(fs, path, root, sorted(fs.find(path)))
         everything = np.arange(len(folder.paths))
 
         def decode(threads: int | None):
@@ -89,8 +72,8 @@ def run(repeats: int = 3) -> list[Result]:
 
         one, one_runs = median_seconds(decode(1), repeats, warmup=1)
         pool, pool_runs = median_seconds(decode(None), repeats, warmup=1)
-        drawn = _hold_in_subprocess(root, "draw")
-        whole = _hold_in_subprocess(root, "whole")
+        drawn = json_from_fresh_process("benchmarks.images", "--hold", root, "--mode", "draw")
+        whole = json_from_fresh_process("benchmarks.images", "--hold", root, "--mode", "whole")
 
     ours_rate, baseline_rate = IMAGES / pool, IMAGES / one
     throughput = Result(

@@ -9,24 +9,17 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-from benchmarks.common import Result
+from benchmarks.common import Result, json_from_fresh_process, rss_bytes
 
 SOURCE_BYTES = 2 * 2**30
 SHAPE = (256, 256, 3)  # large samples: 2 GB is ~11,000 of them, so calibration stays quick
 BATCH = 64
 CALIBRATION_SIZE = 1000
 LIMIT_BYTES = 2**30
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def write_source(path: str, total_bytes: int = SOURCE_BYTES) -> int:
@@ -70,7 +63,7 @@ def calibrate(path: str, mode: str) -> dict:
     from ptqflow.tasks.parameters import ConversionParameters
 
     model = _tiny_model()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     if mode == "stream":
         from ptqflow.storage.tables import write_parquet_bytes
         from ptqflow.tasks.calibrate import calibration_seed
@@ -101,23 +94,13 @@ def calibrate(path: str, mode: str) -> dict:
     return {"mode": mode, "baseline_rss": baseline, "peak_rss": peak, "above_baseline": peak - baseline}
 
 
-def _measure_in_subprocess(path: str, mode: str) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--calibrate", path, "--mode", mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def run(repeats: int = 1) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
         path = os.path.join(tmp, "calibration-source.parquet")
         count = write_source(path)
         file_bytes = os.path.getsize(path)
-        ours = _measure_in_subprocess(path, "stream")
-        whole = _measure_in_subprocess(path, "whole")
+        ours = json_from_fresh_process("benchmarks.memory", "--calibrate", path, "--mode", "stream")
+        whole = json_from_fresh_process("benchmarks.memory", "--calibrate", path, "--mode", "whole")
     gib = 2**30
     return [
         Result(

@@ -7,15 +7,9 @@ import functools
 from prefect import flow
 
 from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
-from ptqflow.flows.stages import StageRunner
 from ptqflow.storage.store import DEFAULT_STORE
 from ptqflow.tasks.artifacts import (
-    CalibrationSet,
     ConvertedModels,
-    RepairResult,
-    SampledDataset,
-    TrainedModel,
-    ValidationResult,
 )
 from ptqflow.tasks.convert import convert_to_tflite
 from ptqflow.tasks.gate import GateStatus, check_accuracy_gate
@@ -73,8 +67,16 @@ def ptq_pipeline(
         verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
         repaired = None
         if verdict.status is GateStatus.failed and verdict.name == "accuracy_drop" and repair.applies_to(conversion):
-            repaired = repair_stage(
-                run, dataset, trained, calibration_set, converted, validated, conversion, gate, repair
+            repaired = run(
+                repair_quantization,
+                dataset=dataset,
+                trained=trained,
+                calibration=calibration_set,
+                converted=converted,
+                validated=validated,
+                conversion=conversion,
+                max_accuracy_drop=gate.max_accuracy_drop,
+                params=repair,
             )
             if repaired.succeeded:
                 converted = ConvertedModels(quantized=repaired.repaired, float_model=converted.float_model)
@@ -97,27 +99,3 @@ def ptq_pipeline(
         summary = RunSummary(**dict(outcome), metrics=validated.figures(), repair=repaired)
         announce(summary)
         return summary
-
-
-def repair_stage(  # the stage's inputs, named; it runs only when the gate fails and repair applies
-    run: StageRunner,
-    dataset: SampledDataset,
-    trained: TrainedModel,
-    calibration: CalibrationSet,
-    converted: ConvertedModels,
-    validated: ValidationResult,
-    conversion: ConversionParameters,
-    gate: GateParameters,
-    params: RepairParameters,
-) -> RepairResult:
-    return run(
-        repair_quantization,
-        dataset=dataset,
-        trained=trained,
-        calibration=calibration,
-        converted=converted,
-        validated=validated,
-        conversion=conversion,
-        max_accuracy_drop=gate.max_accuracy_drop,
-        params=params,
-    )

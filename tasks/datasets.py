@@ -151,34 +151,58 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_DATASETS
 
 
-def _csv_files(url: str, since: datetime | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]] | None:
-    """The CSV files of a source URL (a ``.csv`` file, or a directory holding ``*.csv`` and no Parquet file),
-    sorted; None when the source is not CSV."""
+@dataclass(frozen=True)
+class Listing:
+    """A source URL listed once (every file below a directory, or the file itself): whether it is an image folder,
+    CSV or Parquet is read from this, so a remote directory is not listed again for each question."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    files: tuple[str, ...]
+    is_dir: bool
+
+
+def list_source(url: str) -> Listing | None:
+    """None for a name that is not a path, or a URL that does not open or exist (``_parquet_files`` says why)."""
     if "://" not in url and "/" not in url and not os.path.exists(url):
         return None
     try:
         fs, path = filesystem_for(url)
     except StoreError:
-        return None  # _parquet_files says what is wrong with it
-    if fs.isfile(path):
-        files = [path] if path.lower().endswith(".csv") else []
-    elif fs.isdir(path):
-        found = fs.find(path)
-        files = (
-            [] if any(p.endswith(".parquet") for p in found) else sorted(p for p in found if p.lower().endswith(".csv"))
-        )
-    else:
         return None
+    if fs.isdir(path):
+        return Listing(fs, path.rstrip("/"), tuple(sorted(fs.find(path))), True)
+    if fs.isfile(path):
+        return Listing(fs, path, (path,), False)
+    return None
+
+
+def _modified_since(
+    fs: fsspec.AbstractFileSystem, files: list[str], since: datetime | None, url: str, kind: str
+) -> list[str]:
+    """``files`` modified at or after ``since`` (all of them without it); none is an error with the fix."""
+    if since is None:
+        return files
+    recent = [p for p in files if modified_at(fs, p) >= since]
+    if not recent:
+        raise InvalidDataset(
+            f"no {kind} under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or move "
+            "--since back"
+        )
+    return recent
+
+
+def _csv_files(
+    url: str, since: datetime | None, listing: Listing | None
+) -> tuple[fsspec.AbstractFileSystem, list[str]] | None:
+    """The CSV files of a source (a ``.csv`` file, or a directory holding ``*.csv`` and no Parquet file), sorted;
+    None when the source is not CSV."""
+    if listing is None or any(p.endswith(".parquet") for p in listing.files):
+        return None
+    files = [p for p in listing.files if p.lower().endswith(".csv")]
     if not files:
         return None
-    if since is not None:
-        files = [p for p in files if modified_at(fs, p) >= since]
-        if not files:
-            raise InvalidDataset(
-                f"no .csv file under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or "
-                "move --since back"
-            )
-    return fs, files
+    return listing.fs, _modified_since(listing.fs, files, since, url, ".csv file")
 
 
 def _csv_batches(fs: fsspec.AbstractFileSystem, path: str, names: list[str]) -> Iterator[pa.RecordBatch]:
@@ -260,9 +284,16 @@ def _read_csv_source(
     return _with_source(TensorTable(features, labels[chosen], {}), url)
 
 
-def _parquet_files(url: str, since: datetime | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The Parquet files of a source URL (a file, or every ``*.parquet`` below a directory, sorted); with
-    ``since``, only those modified at or after it."""
+def _parquet_files(
+    url: str, since: datetime | None = None, listing: Listing | None = None
+) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The Parquet files of a source URL (a file, or every ``*.parquet`` below a directory, sorted; from
+    ``listing`` when the source was listed already); with ``since``, only those modified at or after it."""
+    if listing is not None:
+        files = [p for p in listing.files if p.endswith(".parquet")] if listing.is_dir else list(listing.files)
+        if not files:
+            raise InvalidDataset(f"no .parquet files under {url!r}: point --dataset at a Parquet file or directory")
+        return listing.fs, _modified_since(listing.fs, files, since, url, ".parquet file")
     looks_like_path = "://" in url or "/" in url or url.endswith(".parquet") or os.path.exists(url)
     if not looks_like_path:
         raise InvalidDataset(
@@ -281,14 +312,7 @@ def _parquet_files(url: str, since: datetime | None = None) -> tuple[fsspec.Abst
     files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
     if not files:
         raise InvalidDataset(f"no .parquet files under {url!r}: point --dataset at a Parquet file or directory")
-    if since is not None:
-        files = [p for p in files if modified_at(fs, p) >= since]
-        if not files:
-            raise InvalidDataset(
-                f"no .parquet file under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days "
-                "or move --since back"
-            )
-    return fs, files
+    return fs, _modified_since(fs, files, since, url, ".parquet file")
 
 
 def modified_at(fs: fsspec.AbstractFileSystem, path: str) -> datetime:
@@ -323,17 +347,11 @@ def resolve_source(
     return url, None if since is None else datetime.combine(since, time(), timezone.utc)
 
 
-def _image_folder(url: str, since: datetime | None = None) -> ImageFolder | None:
-    """The source as an image folder, listed; None when it is not one (a Parquet file or directory, or a name)."""
-    if "://" not in url and "/" not in url and not os.path.exists(url):
+def _image_folder(url: str, since: datetime | None, listing: Listing | None) -> ImageFolder | None:
+    """The source as an image folder; None when it is not one (a Parquet or CSV source, or a name)."""
+    if listing is None or not listing.is_dir or not is_image_folder(listing.files):
         return None
-    try:
-        fs, path = filesystem_for(url)
-    except StoreError:
-        return None  # _parquet_files says what is wrong with it
-    if not is_image_folder(fs, path):
-        return None
-    folder = list_image_folder(fs, path, url, since, modified_at)
+    folder = list_image_folder(listing.fs, listing.path, url, listing.files, since, modified_at)
     if not folder.paths:
         raise InvalidDataset(
             f"no image under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or move "
@@ -347,11 +365,12 @@ def source_fingerprint(name: str, since: datetime | None = None) -> str:
     backend offers). Part of the sampling stage's cache key, so new or changed files mean a new sample."""
     if is_builtin(name):
         return f"builtin:{name}"
-    if (folder := _image_folder(name, since)) is not None:
+    listing = list_source(name)
+    if (folder := _image_folder(name, since, listing)) is not None:
         return files_fingerprint(folder.fs, list(folder.paths))
-    if (csv_files := _csv_files(name, since)) is not None:
+    if (csv_files := _csv_files(name, since, listing)) is not None:
         return files_fingerprint(*csv_files)
-    return files_fingerprint(*_parquet_files(name, since))
+    return files_fingerprint(*_parquet_files(name, since, listing))
 
 
 def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
@@ -455,8 +474,10 @@ def _check_survey(
     return sample_bytes
 
 
-def _read_parquet_source(url: str, columns: Columns, since: datetime | None = None) -> TensorTable:
-    fs, files = _parquet_files(url, since)
+def _read_parquet_source(
+    url: str, columns: Columns, since: datetime | None = None, listing: Listing | None = None
+) -> TensorTable:
+    fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
     _check_survey(url, fs, files, columns)
     tables = []
@@ -503,10 +524,12 @@ BATCH_BYTES = 16 << 20
 UNKNOWN_SIZE_BATCH_ROWS = 1024  # samples of a type with no fixed size (variable lists, binary): read few at once
 
 
-def _draw_from_parquet_source(url: str, columns: Columns, draw: Draw, since: datetime | None = None) -> TensorTable:
+def _draw_from_parquet_source(
+    url: str, columns: Columns, draw: Draw, since: datetime | None = None, listing: Listing | None = None
+) -> TensorTable:
     """Two passes: every file's label column (8 bytes a row), then, in batches of about ``BATCH_BYTES``, only the
     row groups holding drawn rows; a source of any size is never held whole."""
-    fs, files = _parquet_files(url, since)
+    fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
     sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
     labels_per_file = []
@@ -571,11 +594,12 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     """The source's first sample (one row group read at most): enough to check its shape and type cheaply."""
     if is_builtin(name):
         return load_dataset(name, columns).take(np.arange(1))
-    if (folder := _image_folder(name)) is not None:
+    listing = list_source(name)
+    if (folder := _image_folder(name, None, listing)) is not None:
         return _read_images(folder, np.arange(1), columns)
-    if (csv_files := _csv_files(name)) is not None:
+    if (csv_files := _csv_files(name, None, listing)) is not None:
         return _read_csv_source(name, csv_files, columns, None, first_only=True)
-    fs, files = _parquet_files(name)
+    fs, files = _parquet_files(name, None, listing)
     columns = _resolved(fs, files, columns)
     with _reading(fs, files[0], columns) as parquet:
         for batch in parquet.iter_batches(batch_size=1, columns=[*columns.feature_names(), columns.label]):
@@ -599,16 +623,17 @@ def load_dataset(
     if is_builtin(name):
         table = BUILTIN_DATASETS[name]()
         return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}"))
-    if (folder := _image_folder(name, since)) is not None:
+    listing = list_source(name)
+    if (folder := _image_folder(name, since, listing)) is not None:
         check_source_size(name, len(folder.paths), None, draw.size if draw else None)
         check_label_range(name, len(folder.class_names) - 1)
         chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(folder.labels, f"{draw.role} {name}")
         return _read_images(folder, chosen, columns)
-    if (csv_files := _csv_files(name, since)) is not None:
+    if (csv_files := _csv_files(name, since, listing)) is not None:
         return _read_csv_source(name, csv_files, columns, draw)
     if draw is None:
-        return _read_parquet_source(name, columns, since)
-    return _draw_from_parquet_source(name, columns, draw, since)
+        return _read_parquet_source(name, columns, since, listing)
+    return _draw_from_parquet_source(name, columns, draw, since, listing)
 
 
 def _read_images(folder: ImageFolder, chosen: np.ndarray, columns: Columns) -> TensorTable:

@@ -35,11 +35,8 @@ class ImageFolder:
     class_names: tuple[str, ...]
 
 
-def is_image_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """A directory whose files include images and no Parquet file."""
-    if not fs.isdir(path):
-        return False
-    files = fs.find(path)
+def is_image_folder(files: Sequence[str]) -> bool:
+    """A directory listing (every file below it) that holds images and no Parquet file."""
     return any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and not any(f.endswith(".parquet") for f in files)
 
 
@@ -47,17 +44,19 @@ def list_image_folder(
     fs: fsspec.AbstractFileSystem,
     path: str,
     url: str,
+    files: Sequence[str],
     since: datetime | None = None,
     modified_at: Callable[[fsspec.AbstractFileSystem, str], datetime] | None = None,
 ) -> ImageFolder:
-    """Every image under ``path``'s class folders (with ``since``, those ``modified_at`` since), sorted by path.
+    """Every image under ``path``'s class folders (``files``: every file below it, as listed; with ``since``, the
+    images ``modified_at`` since), sorted by path.
 
     Raises:
         InvalidDataset: an image outside a class folder, or a class folder without images.
     """
     root = path.rstrip("/")
     folders = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
-    images = sorted(f for f in fs.find(root) if f.lower().endswith(IMAGE_SUFFIXES))
+    images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     stray = [f for f in images if "/" not in posixpath.relpath(f, root)]
     if stray:
         raise InvalidDataset(
