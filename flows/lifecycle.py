@@ -189,6 +189,8 @@ def finish_run(
     records."""
     export, gate = parameters["export"], parameters["gate"]
     run_id = str(flow_run.get_id())
+    if dataset.seen_rows is not None:  # exported beside the model: what a later run's champion check reads
+        artifacts = {**artifacts, "seen_rows": dataset.seen_rows}
     promotion, artifacts = challenge_champion(
         run,
         export,
@@ -210,7 +212,7 @@ def finish_run(
         {k: v.model_dump() for k, v in run.records.items()},
         flow=flow,
         promotion=promotion.model_dump(mode="json") if promotion else None,
-        split=dataset.split.model_dump() if dataset.split else None,
+        split={**dataset.split.model_dump(), "samples": dataset.counts} if dataset.split else None,
     )
     exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
     manifest_uri = run.effect(

@@ -38,11 +38,13 @@ class TensorTableError(ValueError):
 
 @dataclass(frozen=True)
 class TensorTable:
-    """Samples in memory: ``features`` of shape ``(n, *shape)`` and int64 ``labels`` of shape ``(n,)``."""
+    """Samples in memory: ``features`` of shape ``(n, *shape)`` and int64 ``labels`` of shape ``(n,)``;
+    ``splits``, when the source gives its own, each row's split (an index into ``tasks.splits.SPLITS``)."""
 
     features: np.ndarray
     labels: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+    splits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.features.dtype.name not in SUPPORTED_DTYPES:
@@ -62,7 +64,12 @@ class TensorTable:
         return len(self.labels)
 
     def take(self, indices: np.ndarray) -> TensorTable:
-        return TensorTable(self.features[indices], self.labels[indices], dict(self.metadata))
+        return TensorTable(
+            self.features[indices],
+            self.labels[indices],
+            dict(self.metadata),
+            None if self.splits is None else self.splits[indices],
+        )
 
 
 def _features_array(features: np.ndarray) -> pa.FixedSizeBinaryArray:
@@ -161,6 +168,9 @@ class Columns:
     color_mode: str | None = None
     # Wide tables: one numeric column per feature, by name or glob ("f_*"); resolve_columns expands the globs.
     wide: tuple[str, ...] | None = None
+    # The column naming each row's split (train / validation / test); None ignores the splits a source gives
+    # (this column, and folders or files named after splits): --splits resplit.
+    split: str | None = "split"
 
     def feature_names(self) -> list[str]:
         return list(self.wide) if self.wide else [self.features]
@@ -183,9 +193,13 @@ def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
             raise TensorTableError(
                 f"--feature-columns {unmatched[0]!r} matches no column (the table has {', '.join(schema.names)})"
             )
-        names = [n for n in schema.names if n != columns.label and any(fnmatch.fnmatchcase(n, p) for p in columns.wide)]
+        names = [
+            n
+            for n in schema.names
+            if n not in (columns.label, columns.split) and any(fnmatch.fnmatchcase(n, p) for p in columns.wide)
+        ]
     elif columns.features not in schema.names and columns.label in schema.names:
-        names = [n for n in schema.names if n != columns.label and _numeric(schema.field(n).type)]
+        names = [n for n in schema.names if n not in (columns.label, columns.split) and _numeric(schema.field(n).type)]
         if not names:
             return columns  # check_columns says the features column is missing
     else:

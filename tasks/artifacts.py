@@ -40,10 +40,16 @@ class SplitRule(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    scheme: str = Field(description="The assignment rule's name (tasks.sample.SPLIT_SCHEME).")
+    scheme: str = Field(
+        description="The assignment rule's name: tasks.sample.SPLIT_SCHEME (by content hash) or GIVEN_SCHEME (the "
+        "source's own splits; a split it lacks is carved from its train rows by content hash)."
+    )
     seed: int
     validation_fraction: float
     test_fraction: float
+    given: dict[str, str] | None = Field(
+        None, description="GIVEN_SCHEME: where each given split came from (folders, files or the split column)."
+    )
 
 
 class SampledDataset(StageOutput):
@@ -54,6 +60,11 @@ class SampledDataset(StageOutput):
     spec: FeatureSpec
     counts: dict[str, int]
     split: SplitRule | None = Field(None, description="None in records from before splits were assigned by content.")
+    seen_rows: ArtifactRef | None = Field(
+        None,
+        description="Given splits only: the content digests of the train and validation rows (tasks.sample."
+        "row_digests), which a later run's champion check needs, since no rule can replay an owner's split.",
+    )
 
 
 class FloatOutputs(StageOutput):

@@ -70,6 +70,7 @@ def materialize_calibration_set(
             role="the calibration source",
             what="calibration set",
             option="--calibration-size",
+            outside_test_split=True,
         )
         calibration = check_matches_spec(load_dataset(params.calibration_source, columns, draw), dataset.spec, where)
         refuse_non_finite(calibration, where)

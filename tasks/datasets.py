@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
 import re
 import sys
 import tempfile
@@ -41,7 +42,17 @@ from ptqflow.storage.tables import (
 from ptqflow.tasks.errors import InvalidDataset
 from ptqflow.tasks.images import ImageFolder, decode_images, image_metadata, is_image_folder, list_image_folder
 from ptqflow.tasks.limits import check_label_range, check_source_size, declared_sample_bytes
+from ptqflow.tasks.splits import (
+    SPLITS,
+    codes_of_column,
+    origin_of_column,
+    origin_of_files,
+    split_codes,
+    splits_of_files,
+)
 from ptqflow.tasks.stratify import check_class_labels, draw_stratified
+
+SPLIT_ORIGIN = "split_origin"  # metadata: where each given split came from
 
 
 def _load_digits() -> TensorTable:
@@ -110,8 +121,8 @@ KERAS_DATASETS = {
 
 
 def _load_keras_dataset(name: str) -> TensorTable:
-    """The real ``keras.datasets`` loader (downloads once, then reads Keras's cache); train and test parts are
-    joined, because ptqflow draws its own seeded, stratified splits."""
+    """The real ``keras.datasets`` loader (downloads once, then reads Keras's cache); its train and test parts are
+    the given splits (``--splits resplit`` pools them)."""
     import importlib
 
     dataset = KERAS_DATASETS[name]
@@ -138,7 +149,16 @@ def _load_keras_dataset(name: str) -> TensorTable:
     return TensorTable(
         np.ascontiguousarray(features, dtype=np.uint8),
         labels,
-        {"source": name, "value_range": [0.0, 255.0], "class_names": list(dataset.class_names)},
+        {
+            "source": name,
+            "value_range": [0.0, 255.0],
+            "class_names": list(dataset.class_names),
+            SPLIT_ORIGIN: {
+                "train": f"keras.datasets.{dataset.module} train part",
+                "test": f"keras.datasets.{dataset.module} test part",
+            },
+        },
+        split_codes(["train"] * len(y_train) + ["test"] * len(y_test)),
     )
 
 
@@ -224,6 +244,7 @@ def _read_csv_source(
     files: tuple[fsspec.AbstractFileSystem, list[str]],
     columns: Columns,
     draw: Draw | None,
+    root: str,
     first_only: bool = False,
 ) -> TensorTable:
     """A wide table in CSV: one pass for the labels, then one for the drawn rows' feature columns, block by block
@@ -247,23 +268,29 @@ def _read_csv_source(
             f"{url} is CSV, which holds one value per column: name the feature columns with --feature-columns "
             "(names or globs, e.g. f_*)"
         )
-    try:
-        labels_per_file = [
-            np.concatenate(
-                [labels_to_numpy(b.column(0), columns) for b in _csv_batches(fs, p, [columns.label])]
-                or [np.zeros(0, np.int64)]
+    given = _GivenSplits.of(url, fs, paths, columns, root)
+    split_column = given.wanted(schema)
+    labels_per_file = []
+    for path in paths:
+        batches = list(_csv_batches(fs, path, [columns.label, *split_column]))
+        try:
+            labels_per_file.append(
+                np.concatenate([labels_to_numpy(b.column(0), columns) for b in batches] or [np.zeros(0, np.int64)])
             )
-            for p in paths
-        ]
-    except TensorTableError as error:
-        raise InvalidDataset(f"{url}: {error}") from None
+        except TensorTableError as error:
+            raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+        column = (
+            pa.chunked_array([b.column(1) for b in batches] or [pa.array([], pa.string())]) if split_column else None
+        )
+        given.add(path, len(labels_per_file[-1]), column)
     labels = np.concatenate(labels_per_file)
     if not len(labels):
         raise InvalidDataset(f"the data set {url} is empty: point it at a table with samples")
+    codes, origin = given.result()
     if first_only:
         chosen = np.arange(1)
     else:
-        chosen = np.arange(len(labels)) if draw is None else draw.indices(labels, f"{draw.role} {url}")
+        chosen = np.arange(len(labels)) if draw is None else draw.indices(labels, f"{draw.role} {url}", codes)
     check_source_size(url, len(labels), 4 * len(columns.wide), len(chosen))
     check_label_range(url, int(labels.max()))
     by_position = np.argsort(chosen, kind="stable")
@@ -281,7 +308,8 @@ def _read_csv_source(
                 features[by_position[filled : filled + len(values)]] = values
                 filled += len(values)
             start += batch.num_rows
-    return _with_source(TensorTable(features, labels[chosen], {}), url)
+    read = TensorTable(features, labels[chosen], {})
+    return _with_source(_with_given_splits(read, None if codes is None else codes[chosen], origin), url)
 
 
 def _parquet_files(
@@ -347,11 +375,13 @@ def resolve_source(
     return url, None if since is None else datetime.combine(since, time(), timezone.utc)
 
 
-def _image_folder(url: str, since: datetime | None, listing: Listing | None) -> ImageFolder | None:
+def _image_folder(
+    url: str, since: datetime | None, listing: Listing | None, given_splits: bool = True
+) -> ImageFolder | None:
     """The source as an image folder; None when it is not one (a Parquet or CSV source, or a name)."""
     if listing is None or not listing.is_dir or not is_image_folder(listing.files):
         return None
-    folder = list_image_folder(listing.fs, listing.path, url, listing.files, since, modified_at)
+    folder = list_image_folder(listing.fs, listing.path, url, listing.files, since, modified_at, given_splits)
     if not folder.paths:
         raise InvalidDataset(
             f"no image under {url!r} was modified since {since:%Y-%m-%d %H:%M} UTC: widen --window-days or move "
@@ -440,7 +470,77 @@ def _with_source(loaded: TensorTable, url: str) -> TensorTable:
             if features.dtype == np.uint8 or not len(features)
             else [float(np.nanmin(features)), float(np.nanmax(features))]
         )
-    return TensorTable(loaded.features, loaded.labels, meta)
+    return TensorTable(loaded.features, loaded.labels, meta, loaded.splits)
+
+
+def _without_given_splits(table: TensorTable) -> TensorTable:
+    meta = {k: v for k, v in table.metadata.items() if k != SPLIT_ORIGIN}
+    return TensorTable(table.features, table.labels, meta)
+
+
+def _with_given_splits(table: TensorTable, codes: np.ndarray | None, origin: dict[str, str]) -> TensorTable:
+    if codes is None:
+        return table
+    return TensorTable(table.features, table.labels, {**table.metadata, SPLIT_ORIGIN: origin}, codes)
+
+
+def _root(listing: Listing | None, files: list[str]) -> str:
+    """The folder a source's file paths are read below (for the splits their folders or names give)."""
+    return listing.path if listing is not None and listing.is_dir else posixpath.dirname(files[0])
+
+
+@dataclass
+class _GivenSplits:
+    """Each row's given split, gathered while a source is read file by file: from the file's split column, else
+    from its path (``tasks.splits.split_of_path``)."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    column: str | None  # None: --splits resplit, nothing is gathered
+    file_splits: dict[str, str] | None
+    root: str
+
+    def __post_init__(self) -> None:
+        self.codes: list[np.ndarray | None] = []
+        self.paths: list[str] = []
+        self.any_column = False
+
+    @classmethod
+    def of(cls, url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, root: str) -> _GivenSplits:
+        names = splits_of_files(files, root, url) if columns.split else None
+        return cls(url, fs, columns.split, dict(zip(files, names)) if names else None, root)
+
+    def wanted(self, schema: pa.Schema) -> list[str]:
+        """The split column to read with the labels, when this file has one."""
+        return [self.column] if self.column and self.column in schema.names else []
+
+    def add(self, path: str, rows: int, column: pa.ChunkedArray | pa.Array | None) -> None:
+        self.paths.append(path)
+        if column is not None:
+            self.codes.append(codes_of_column(column, self.fs.unstrip_protocol(path)))
+            self.any_column = True
+        elif self.file_splits:
+            self.codes.append(split_codes([self.file_splits[path]]).repeat(rows))
+        else:
+            self.codes.append(None)
+
+    def result(self) -> tuple[np.ndarray | None, dict[str, str]]:
+        """Every row's split code and where each split came from; (None, {}) when the source holds out nothing."""
+        given = [c for c in self.codes if c is not None]
+        if not given:
+            return None, {}
+        if len(given) < len(self.codes):
+            bare = next(p for p, c in zip(self.paths, self.codes) if c is None)
+            raise InvalidDataset(
+                f"{self.fs.unstrip_protocol(bare)} has no {self.column!r} column, while other files of {self.url} "
+                "do: give every file the column, or pass --splits resplit to ignore it"
+            )
+        codes = np.concatenate(given)
+        if not (codes != SPLITS.index("train")).any():
+            return None, {}
+        if self.any_column or not self.file_splits:
+            return codes, origin_of_column(codes)
+        return codes, origin_of_files(self.paths, self.root, [self.file_splits[p] for p in self.paths])
 
 
 def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -> tuple[int, int | None, int | None]:
@@ -480,18 +580,24 @@ def _read_parquet_source(
     fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
     _check_survey(url, fs, files, columns)
+    given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     tables = []
+    wanted = [*columns.feature_names(), columns.label]
     for path in files:
         with _reading(fs, path, columns) as parquet:
-            tables.append(parquet.read(columns=[*columns.feature_names(), columns.label]))
+            split_column = given.wanted(parquet.schema_arrow)
+            read = parquet.read(columns=wanted + split_column)
+            given.add(path, read.num_rows, read.column(split_column[0]) if split_column else None)
+            tables.append(read.select(wanted))
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid:
         raise InvalidDataset(f"the Parquet files under {url!r} have different schemas: give them one schema") from None
     try:
-        return _with_source(arrow_to_tensor_table(table, columns), url)
+        loaded = arrow_to_tensor_table(table, columns)
     except TensorTableError as error:
         raise InvalidDataset(f"{url}: {error}") from None
+    return _with_source(_with_given_splits(loaded, *given.result()), url)
 
 
 @dataclass(frozen=True)
@@ -505,19 +611,28 @@ class Draw:
     what: str = "sample"
     option: str = "--sample-size"
     min_per_class: int = 0
+    # A calibration draw: never from a test split the source gives (it stays unseen until validation).
+    outside_test_split: bool = False
 
-    def indices(self, labels: np.ndarray, where: str) -> np.ndarray:
+    def indices(self, labels: np.ndarray, where: str, splits: np.ndarray | None = None) -> np.ndarray:
+        """Positions in ``labels`` of the drawn rows; ``splits``: each row's given split, if any."""
+        pool = np.arange(len(labels))
+        if self.outside_test_split and splits is not None:
+            pool = np.flatnonzero(splits != SPLITS.index("test"))
+            where = f"{where} (outside its test split)"
         if self.min_per_class:
-            check_class_labels(labels)
-        return draw_stratified(
-            labels,
-            self.size,
-            np.random.default_rng(list(self.seed)),
-            what=self.what,
-            where=where,
-            option=self.option,
-            min_per_class=self.min_per_class,
-        )
+            check_class_labels(labels[pool])
+        return pool[
+            draw_stratified(
+                labels[pool],
+                self.size,
+                np.random.default_rng(list(self.seed)),
+                what=self.what,
+                where=where,
+                option=self.option,
+                min_per_class=self.min_per_class,
+            )
+        ]
 
 
 BATCH_BYTES = 16 << 20
@@ -532,17 +647,22 @@ def _draw_from_parquet_source(
     fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
     sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
+    given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     labels_per_file = []
     for path in files:
         with _reading(fs, path, columns) as parquet:
+            split_column = given.wanted(parquet.schema_arrow)
+            read = parquet.read(columns=[columns.label, *split_column])
             try:
-                labels_per_file.append(labels_to_numpy(parquet.read(columns=[columns.label]).column(0), columns))
+                labels_per_file.append(labels_to_numpy(read.column(0), columns))
             except TensorTableError as error:
                 raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
+            given.add(path, read.num_rows, read.column(1) if split_column else None)
     labels = np.concatenate(labels_per_file) if labels_per_file else np.zeros(0, np.int64)
     if not len(labels):
         raise InvalidDataset(f"{draw.role} {url} is empty: point it at a table with samples")
-    chosen = draw.indices(labels, f"{draw.role} {url}")
+    codes, origin = given.result()
+    chosen = draw.indices(labels, f"{draw.role} {url}", codes)
     # Rows are read in file order (sorted) and written straight to their place in the draw's order (classes
     # interleaved, as an in-memory draw gives them): one array of the sample's size, no concatenation copies.
     by_position = np.argsort(chosen, kind="stable")
@@ -587,7 +707,8 @@ def _draw_from_parquet_source(
         file_start += len(file_labels)
     if features is None:  # no row was chosen: callers ask for at least one
         raise TensorTableError(f"{url}: no rows to read")
-    return _with_source(TensorTable(features, labels[chosen], metadata or {}), url)
+    drawn = TensorTable(features, labels[chosen], metadata or {})
+    return _with_source(_with_given_splits(drawn, None if codes is None else codes[chosen], origin), url)
 
 
 def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
@@ -595,10 +716,10 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     if is_builtin(name):
         return load_dataset(name, columns).take(np.arange(1))
     listing = list_source(name)
-    if (folder := _image_folder(name, None, listing)) is not None:
+    if (folder := _image_folder(name, None, listing, columns.split is not None)) is not None:
         return _read_images(folder, np.arange(1), columns)
     if (csv_files := _csv_files(name, None, listing)) is not None:
-        return _read_csv_source(name, csv_files, columns, None, first_only=True)
+        return _read_csv_source(name, csv_files, columns, None, _root(listing, csv_files[1]), first_only=True)
     fs, files = _parquet_files(name, None, listing)
     columns = _resolved(fs, files, columns)
     with _reading(fs, files[0], columns) as parquet:
@@ -622,15 +743,21 @@ def load_dataset(
     """
     if is_builtin(name):
         table = BUILTIN_DATASETS[name]()
-        return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}"))
+        if columns.split is None:
+            table = _without_given_splits(table)
+        return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}", table.splits))
     listing = list_source(name)
-    if (folder := _image_folder(name, since, listing)) is not None:
+    if (folder := _image_folder(name, since, listing, columns.split is not None)) is not None:
         check_source_size(name, len(folder.paths), None, draw.size if draw else None)
         check_label_range(name, len(folder.class_names) - 1)
-        chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(folder.labels, f"{draw.role} {name}")
+        chosen = (
+            np.arange(len(folder.paths))
+            if draw is None
+            else draw.indices(folder.labels, f"{draw.role} {name}", folder.splits)
+        )
         return _read_images(folder, chosen, columns)
     if (csv_files := _csv_files(name, since, listing)) is not None:
-        return _read_csv_source(name, csv_files, columns, draw)
+        return _read_csv_source(name, csv_files, columns, draw, _root(listing, csv_files[1]))
     if draw is None:
         return _read_parquet_source(name, columns, since, listing)
     return _draw_from_parquet_source(name, columns, draw, since, listing)
@@ -641,6 +768,6 @@ def _read_images(folder: ImageFolder, chosen: np.ndarray, columns: Columns) -> T
         check_source_size(folder.url, len(folder.paths), int(np.prod(sample_shape)), len(chosen))
 
     features = decode_images(folder, chosen, columns, before_allocating=within_limits)
-    return _with_source(
-        TensorTable(features, folder.labels[chosen], image_metadata(folder, features.shape[1:])), folder.url
-    )
+    read = TensorTable(features, folder.labels[chosen], image_metadata(folder, features.shape[1:]))
+    codes = None if folder.splits is None else folder.splits[chosen]
+    return _with_source(_with_given_splits(read, codes, folder.split_origin), folder.url)

@@ -11,7 +11,7 @@ import os
 import posixpath
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import fsspec
@@ -20,24 +20,53 @@ import numpy as np
 from ptqflow.storage.images import UndecodableImage, decode_image
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.splits import SPLITS, split_codes, split_named
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """A listed image folder: every image's path and label, and the class names."""
+    """A listed image folder: every image's path and label, and the class names; ``splits`` (codes into
+    ``tasks.splits.SPLITS``) when the folder is ``URL/<split>/<class>/<image>``."""
 
     fs: fsspec.AbstractFileSystem
     url: str
     paths: tuple[str, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    splits: np.ndarray | None = None
+    split_origin: dict[str, str] = field(default_factory=dict)
 
 
 def is_image_folder(files: Sequence[str]) -> bool:
     """A directory listing (every file below it) that holds images and no Parquet file."""
     return any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and not any(f.endswith(".parquet") for f in files)
+
+
+def _subfolders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
+
+
+def _class_folders(
+    fs: fsspec.AbstractFileSystem, root: str, shown: str, images: list[str], folders: list[str]
+) -> dict[str, list[str]]:
+    """The images of each class folder directly below ``root`` (``shown``: its URL in errors), refusing strays
+    and empty classes."""
+    stray = [f for f in images if "/" not in posixpath.relpath(f, root)]
+    if stray:
+        raise InvalidDataset(
+            f"{fs.unstrip_protocol(stray[0])} is not in a class folder: put each image in a folder named after its "
+            f"class ({shown}/<class>/<image>)"
+        )
+    by_class = {name: [f for f in images if posixpath.relpath(f, root).split("/", 1)[0] == name] for name in folders}
+    empty = [name for name, files in by_class.items() if not files]
+    if empty:
+        raise InvalidDataset(
+            f"class folder {shown}/{empty[0]} has no images ({', '.join(IMAGE_SUFFIXES)}): add some, or remove "
+            "the folder"
+        )
+    return by_class
 
 
 def list_image_folder(
@@ -47,36 +76,59 @@ def list_image_folder(
     files: Sequence[str],
     since: datetime | None = None,
     modified_at: Callable[[fsspec.AbstractFileSystem, str], datetime] | None = None,
+    given_splits: bool = True,
 ) -> ImageFolder:
     """Every image under ``path``'s class folders (``files``: every file below it, as listed; with ``since``, the
-    images ``modified_at`` since), sorted by path.
+    images ``modified_at`` since), sorted by path. When every folder below ``path`` names a split (train,
+    validation, test, ...) and ``given_splits``, the classes are the folders below those, and each image keeps its
+    split; with ``given_splits`` False such a folder is one source whose classes are the folders below the splits.
 
     Raises:
         InvalidDataset: an image outside a class folder, or a class folder without images.
     """
     root = path.rstrip("/")
-    folders = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    stray = [f for f in images if "/" not in posixpath.relpath(f, root)]
-    if stray:
-        raise InvalidDataset(
-            f"{fs.unstrip_protocol(stray[0])} is not in a class folder: put each image in a folder named after its "
-            f"class ({url}/<class>/<image>)"
-        )
-    by_class = {name: [f for f in images if posixpath.relpath(f, root).split("/", 1)[0] == name] for name in folders}
-    empty = [name for name, files in by_class.items() if not files]
-    if empty:
-        raise InvalidDataset(
-            f"class folder {url.rstrip('/')}/{empty[0]} has no images ({', '.join(IMAGE_SUFFIXES)}): add some, or "
-            "remove the folder"
-        )
+    top = _subfolders(fs, root)
+    split_folders = [name for name in top if split_named(name)] if top else []
+    nested = all(posixpath.relpath(f, root).count("/") >= 2 for f in images)  # <split>/<class>/<image>
+    if split_folders and len(split_folders) == len(top) and nested:
+        by_split = {
+            name: _class_folders(
+                fs,
+                f"{root}/{name}",
+                f"{url.rstrip('/')}/{name}",
+                [f for f in images if posixpath.relpath(f, root).split("/", 1)[0] == name],
+                _subfolders(fs, f"{root}/{name}"),
+            )
+            for name in split_folders
+        }
+        class_names = tuple(sorted({c for classes in by_split.values() for c in classes}))
+        rows = [
+            (f, class_names.index(c), split_named(name))
+            for name, classes in by_split.items()
+            for c, found in classes.items()
+            for f in found
+        ]
+        splits_given = given_splits and {split for _, _, split in rows} != {"train"}
+    else:
+        by_class = _class_folders(fs, root, url.rstrip("/"), images, top)
+        class_names = tuple(by_class)
+        rows = [(f, i, None) for i, name in enumerate(class_names) for f in by_class[name]]
+        splits_given = False
     if since is not None and modified_at is not None:
-        by_class = {name: [f for f in files if modified_at(fs, f) >= since] for name, files in by_class.items()}
-    class_names = tuple(by_class)
-    paths = [f for name in class_names for f in by_class[name]]
-    labels = np.array([i for i, name in enumerate(class_names) for _ in by_class[name]], np.int64)
-    order = np.argsort(np.array(paths, dtype=object), kind="stable")
-    return ImageFolder(fs, url, tuple(paths[i] for i in order), labels[order], class_names)
+        rows = [row for row in rows if modified_at(fs, row[0]) >= since]
+    rows.sort(key=lambda row: row[0])
+    paths = tuple(f for f, _, _ in rows)
+    labels = np.array([label for _, label, _ in rows], np.int64)
+    if not splits_given:
+        return ImageFolder(fs, url, paths, labels, class_names)
+    names = [str(split) for _, _, split in rows]
+    origin = {
+        split: ", ".join(f"folder {name}/" for name in split_folders if split_named(name) == split)
+        for split in SPLITS
+        if split in names
+    }
+    return ImageFolder(fs, url, paths, labels, class_names, split_codes(names), origin)
 
 
 def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> np.ndarray:

@@ -21,6 +21,13 @@ class ColorMode(str, Enum):
     grayscale = "grayscale"
 
 
+class SplitMode(str, Enum):
+    """Whether the splits a source gives are used (``tasks.splits``)."""
+
+    auto = "auto"
+    resplit = "resplit"
+
+
 class TensorType(str, Enum):
     """Element type of the converted model's input or output tensor."""
 
@@ -112,6 +119,12 @@ class SamplingParameters(_Parameters):
         0.15, gt=0.0, lt=0.5, description="Share of the samples held out for early stopping."
     )
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of the samples held out for testing.")
+    splits: SplitMode = Field(
+        SplitMode.auto,
+        description="auto: use the splits the source gives (train / validation / test folders or file names, "
+        "Hugging Face's train-00000-of-00001.parquet, a split column, a keras.datasets test part), carving a "
+        "missing validation or test split from its train rows; resplit: pool them and split by content hash.",
+    )
 
     @field_validator("dataset")
     @classmethod

@@ -3,12 +3,14 @@
 Before a run publishes, the model ``latest.json`` points to (the champion) is read back from the export, checked
 against its recorded sha256, and evaluated with the LiteRT Interpreter beside the new model (the challenger) on the
 rows of the new run's test split that the champion never trained on: those its own split rule (recorded in its
-run manifest: scheme, seed, fractions) put in its test split. A row's split depends only on its content (see
-``tasks.sample.hash_split``), so with the same seed and fractions that is the whole test split, however the data
-grew; with another seed it is the rows both runs held out. When fewer rows than ``min_comparison_rows`` remain, or
-the champion's rule is unknown (exported before that rule existed), the comparison cannot be fair and the new
-model is not promoted automatically. The challenger is promoted when it passed its own gate and its accuracy on
-those rows is at most ``promotion_tolerance`` percentage points below the champion's.
+run manifest: scheme, seed, fractions) put in its test split, or, when its splits were the source's own, those
+whose digests are not among the train and validation rows it exported (``seen_rows.parquet``). A row's hash split
+depends only on its content (see ``tasks.sample.hash_split``), so with the same seed and fractions that is the
+whole test split, however the data grew; with another seed it is the rows both runs held out. When fewer rows than
+``min_comparison_rows`` remain, or the champion's rule is unknown (exported before that rule existed), the
+comparison cannot be fair and the new model is not promoted automatically. The challenger is promoted when it
+passed its own gate and its accuracy on those rows is at most ``promotion_tolerance`` percentage points below the
+champion's.
 
 By hand: ``promote`` points ``latest.json`` at a run (publishing it first if it never was), ``rollback`` at the
 version published before the current one. Every pointer ever written stays in ``history/``.
@@ -16,7 +18,9 @@ version published before the current one. Every pointer ever written stays in ``
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,7 +37,7 @@ from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import GateParameters
 from ptqflow.tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
 from ptqflow.tasks.render import render_html, render_markdown
-from ptqflow.tasks.sample import SPLIT_SCHEME, split_positions
+from ptqflow.tasks.sample import GIVEN_SCHEME, SPLIT_SCHEME, read_seen_rows, row_digests, split_positions
 from ptqflow.tasks.validation_report import PromotionDecision, ValidationReport
 
 
@@ -93,13 +97,22 @@ def not_comparable(
     )
 
 
-def rows_unseen_by(champion_manifest: dict[str, Any], test_features: np.ndarray) -> np.ndarray | None:
-    """Which test rows the champion's own split rule (``split`` in its run manifest) held out as its test rows,
-    never trained or validated on; None when its rule is not one ptqflow can replay."""
+def rows_unseen_by(
+    champion_manifest: dict[str, Any], test_features: np.ndarray, seen_rows: Callable[[], np.ndarray] | None = None
+) -> np.ndarray | None:
+    """Which test rows the champion never trained or validated on: those its own split rule (``split`` in its run
+    manifest) held out as its test rows, or, when its splits were the source's own, those whose digests are not
+    among its ``seen_rows`` (read only then); None when neither can tell."""
     rule = champion_manifest.get("split") or {}
-    if rule.get("scheme") != SPLIT_SCHEME:
-        return None
-    return split_positions(test_features, int(rule["seed"])) < float(rule["test_fraction"])
+    if rule.get("scheme") == SPLIT_SCHEME:
+        return split_positions(test_features, int(rule["seed"])) < float(rule["test_fraction"])
+    if rule.get("scheme") == GIVEN_SCHEME and seen_rows is not None:
+        return ~np.isin(row_digests(test_features), seen_rows())
+    return None
+
+
+def _exported_seen_rows(export: ArtifactStore, ref: dict[str, Any]) -> np.ndarray:
+    return read_seen_rows(read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"]))
 
 
 def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
@@ -138,15 +151,17 @@ def compare_with_champion(
         champion_manifest = json.loads(
             read_verified(export, export.key_of(manifest_ref["uri"]), manifest_ref["sha256"], manifest_ref["bytes"])
         )
-        unseen = rows_unseen_by(champion_manifest, test.features)
+        seen_ref = pointer["files"].get("seen_rows")
+        seen_rows = functools.partial(_exported_seen_rows, export, seen_ref) if seen_ref else None
+        unseen = rows_unseen_by(champion_manifest, test.features, seen_rows)
     if unseen is None:
         return not_comparable(
             challenger_accuracy,
             pointer,
             gate.promotion_tolerance,
             f"the exported version {pointer['version']} records no split rule ptqflow can replay (it was exported "
-            "before splits were assigned by content), so the rows of this test split it trained on are unknown and "
-            "its accuracy here could be inflated",
+            "before splits were assigned by content, or without the digests of the rows its given splits trained "
+            "on), so the rows of this test split it trained on are unknown and its accuracy here could be inflated",
         )
     needed = gate.comparison_rows_needed(len(test))
     compared = int(unseen.sum())
@@ -156,8 +171,8 @@ def compare_with_champion(
             pointer,
             gate.promotion_tolerance,
             f"only {compared} of the {len(test)} rows of this test split are provably unseen by the exported version "
-            f"{pointer['version']} (its split used another seed or fractions), and a fair comparison needs "
-            f"{needed} (--min-comparison-rows)",
+            f"{pointer['version']} (its split used another seed, fractions or given splits), and a fair comparison "
+            f"needs {needed} (--min-comparison-rows)",
             compared_rows=compared,
         )
     features, labels = test.features[unseen], test.labels[unseen]

@@ -3,7 +3,7 @@
 Layout under the export URL::
 
     versions/<UTC time>-<run id>/model.tflite, model_float.tflite, model.keras, calibration.parquet,
-                                 report.json, manifest.json
+                                 report.json, manifest.json (and seen_rows.parquet for given splits)
     latest.json                  the pointer: which version is current, with every file's sha256
     history/<UTC time>-<run id>.json   every pointer ever written, oldest first by name
 
@@ -43,13 +43,16 @@ EXPORT_FILES = {
     "report_md": "report.md",
     "report_html": "report.html",
 }
+# Exported when a run has them: the digests of the rows a model trained on, when its splits were the source's own
+# (a later run's champion check reads them; see tasks.promotion.rows_unseen_by).
+OPTIONAL_EXPORT_FILES = {"seen_rows": "seen_rows.parquet"}
 
 
 def export_file_name(name: str, ref: ArtifactRef) -> str:
     """The file an artifact is exported as: the float model keeps its format (a packed SavedModel is a zip)."""
     if name == "model" and ref.uri.endswith(".zip"):
         return "model.savedmodel.zip"
-    return EXPORT_FILES[name]
+    return EXPORT_FILES.get(name) or OPTIONAL_EXPORT_FILES[name]
 
 
 # What devices and users load. A run whose files these are, byte for byte, is the current version even when its
@@ -171,7 +174,7 @@ def publish_run(
     folder = f"versions/{version}"
     files = {
         name: _copy_verified(store, export, f"{folder}/{export_file_name(name, artifacts[name])}", artifacts[name])
-        for name in EXPORT_FILES
+        for name in [*EXPORT_FILES, *(n for n in OPTIONAL_EXPORT_FILES if n in artifacts)]
     }
     export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
     manifest_key = f"{folder}/{MANIFEST_FILE}"

@@ -1,5 +1,6 @@
-"""Stage 1, sample_dataset: train / validation / test splits of the source, as Parquet. A row's split is a seeded
-hash of its content, so it stays in its split however the data grows (see ``hash_split``)."""
+"""Stage 1, sample_dataset: train / validation / test splits of the source, as Parquet. A source that gives its own
+splits (``tasks.splits``) is split as given (``given_split``); otherwise a row's split is a seeded hash of its
+content, so it stays in its split however the data grows (``hash_split``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import hashlib
 from datetime import datetime
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,18 +17,20 @@ from ptqflow.storage.store import ArtifactStore
 from ptqflow.storage.tables import Columns, TensorTable, write_parquet_bytes
 from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
 from ptqflow.tasks.caching import StageCachePolicy
-from ptqflow.tasks.datasets import Draw, load_dataset, source_fingerprint
+from ptqflow.tasks.datasets import SPLIT_ORIGIN, Draw, load_dataset, source_fingerprint
 from ptqflow.tasks.errors import InvalidDataset
-from ptqflow.tasks.parameters import SamplingParameters
+from ptqflow.tasks.parameters import SamplingParameters, SplitMode
 from ptqflow.tasks.progress import report
+from ptqflow.tasks.splits import SPLIT_COLUMN, SPLITS
 from ptqflow.tasks.stratify import MIN_PER_CLASS, check_class_labels
-
-SPLITS = ("train", "validation", "test")
-
 
 # How rows are assigned to splits; recorded in dataset.json so that a later run can tell which of its rows an
 # exported model trained on. Changing the rule means a new name here.
 SPLIT_SCHEME = "sha256-row-v1"
+# The source's own splits, with a split it lacks carved from its train rows by SPLIT_SCHEME's positions. No rule can
+# replay an owner's split, so such a run stores its train and validation rows' digests (``row_digests``).
+GIVEN_SCHEME = "given+sha256-row-v1"
+SEEN_ROWS_COLUMN = "row_digest"
 
 
 def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
@@ -40,6 +45,83 @@ def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
         count=len(rows),
     )
     return places / 2.0**64
+
+
+def row_digests(features: np.ndarray) -> np.ndarray:
+    """Each row's identity, whatever split rule or seed placed it: the first 8 bytes of sha256(dtype, row bytes),
+    as uint64 (two distinct rows share one with probability about n^2 / 2^65)."""
+    rows = np.ascontiguousarray(features).reshape(len(features), -1)
+    salt = f"ptqflow:row-v1:{rows.dtype.str}:".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(salt + row.tobytes()).digest()[:8], "big") for row in rows),
+        dtype=np.uint64,
+        count=len(rows),
+    )
+
+
+def seen_rows_bytes(features: np.ndarray) -> bytes:
+    """The sorted, distinct digests of rows a model trained or validated on, as a one-column Parquet file."""
+    digests = np.unique(row_digests(features))
+    table = pa.table({SEEN_ROWS_COLUMN: pa.array(digests, pa.uint64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_seen_rows(data: bytes) -> np.ndarray:
+    """The digests ``seen_rows_bytes`` wrote."""
+    table = pq.read_table(pa.BufferReader(data), columns=[SEEN_ROWS_COLUMN])
+    return table.column(0).to_numpy().astype(np.uint64, copy=False)
+
+
+def given_split(
+    features: np.ndarray,
+    labels: np.ndarray,
+    given: np.ndarray,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Index sets for the three splits as the source gives them (``given``: each row's split code); a validation
+    or test split it lacks is carved from its train rows by the same content positions as ``hash_split``. Each
+    split's rows come in the seeded order of their positions, so classes are interleaved.
+
+    Raises:
+        InvalidDataset: no train split, a class with no train rows, or a carved split left empty.
+    """
+    places = split_positions(features, seed)
+    rows = {name: np.flatnonzero(given == code) for code, name in enumerate(SPLITS)}
+    if not len(rows["train"]):
+        held = " and ".join(name for name in SPLITS if len(rows[name]))
+        raise InvalidDataset(
+            f"the source gives its {held} split but no train split: add the training rows (a train/ folder, "
+            "train-*.parquet files or split = 'train'), or pass --splits resplit"
+        )
+    train = rows["train"]
+    position = places[train]
+    carve_test = 0.0 if len(rows["test"]) else test_fraction
+    carve_validation = 0.0 if len(rows["validation"]) else validation_fraction
+    splits = {
+        "train": train[position >= carve_test + carve_validation],
+        "validation": rows["validation"]
+        if len(rows["validation"])
+        else train[(position >= carve_test) & (position < carve_test + carve_validation)],
+        "test": rows["test"] if len(rows["test"]) else train[position < carve_test],
+    }
+    for name in ("validation", "test"):
+        if not len(splits[name]):
+            raise InvalidDataset(
+                f"the {name} split carved from the given train split ({len(train)} rows) is empty: add rows, give "
+                f"a {name} split, or pass --splits resplit"
+            )
+    missing = np.setdiff1d(np.unique(labels), labels[splits["train"]])
+    if len(missing):
+        cls = int(missing[0])
+        raise InvalidDataset(
+            f"class {cls} has {int((labels == cls).sum())} samples but none in the train split (the source's own "
+            "splits are used): add training samples of that class, or pass --splits resplit"
+        )
+    return {name: indices[np.argsort(places[indices], kind="stable")] for name, indices in splits.items()}
 
 
 def hash_split(
@@ -120,10 +202,24 @@ def feature_spec(table: TensorTable) -> FeatureSpec:
     )
 
 
-def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> dict[str, TensorTable]:
-    """Pure stage function: the three stratified splits of ``table``."""
+def split_rows(table: TensorTable, params: SamplingParameters, seed: int) -> tuple[dict[str, np.ndarray], SplitRule]:
+    """Pure stage function: the row indices of the three splits of ``table``, and the rule that chose them (the
+    source's own splits with ``--splits auto`` when it gives them, else stratified by content hash)."""
     check_dataset(table)
-    indices = hash_split(table.features, table.labels, params.validation_fraction, params.test_fraction, seed)
+    fractions = {"validation_fraction": params.validation_fraction, "test_fraction": params.test_fraction}
+    if table.splits is not None and params.splits is SplitMode.auto:
+        indices = given_split(table.features, table.labels, table.splits, seed=seed, **fractions)
+        origin = dict(table.metadata.get(SPLIT_ORIGIN) or {})
+        for name in SPLITS:
+            origin.setdefault(name, f"carved from the given train split by {SPLIT_SCHEME}")
+        return indices, SplitRule(scheme=GIVEN_SCHEME, seed=seed, given=origin, **fractions)
+    indices = hash_split(table.features, table.labels, seed=seed, **fractions)
+    return indices, SplitRule(scheme=SPLIT_SCHEME, seed=seed, **fractions)
+
+
+def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> dict[str, TensorTable]:
+    """The three splits of ``table`` (``split_rows``), as tables."""
+    indices, _ = split_rows(table, params, seed)
     return {name: table.take(indices[name]) for name in SPLITS}
 
 
@@ -137,6 +233,7 @@ def columns_of(params: SamplingParameters) -> Columns:
         else None,
         image_size=params.image_size,
         color_mode=params.color_mode.value if params.color_mode else None,
+        split=SPLIT_COLUMN if params.splits is SplitMode.auto else None,
     )
 
 
@@ -176,19 +273,18 @@ def sample_dataset(
         report("sample_dataset", f"drawing {params.sample_size} samples from {source}")
         draw = Draw(params.sample_size, (seed, 1), min_per_class=MIN_PER_CLASS)
     table = load_dataset(source, columns_of(params), draw, since)
-    splits = split_dataset(table, params, seed)
+    indices, rule = split_rows(table, params, seed)
+    splits = {name: table.take(indices[name]) for name in SPLITS}
     spec = feature_spec(table)
     refs = {}
     for name, split in splits.items():
         report("sample_dataset", f"writing {name} split ({len(split)} samples)")
         refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
     counts = {name: len(split) for name, split in splits.items()}
-    rule = SplitRule(
-        scheme=SPLIT_SCHEME,
-        seed=seed,
-        validation_fraction=params.validation_fraction,
-        test_fraction=params.test_fraction,
-    )
+    seen_rows = None
+    if rule.scheme == GIVEN_SCHEME:
+        seen = np.concatenate([indices["train"], indices["validation"]])
+        seen_rows = store.put_bytes(seen_rows_bytes(table.features[seen]), ".parquet")
     manifest = store.put_json(
         {
             "kind": "ptqflow.dataset",
@@ -199,7 +295,8 @@ def sample_dataset(
             "split": rule.model_dump(),
             "spec": spec.model_dump(mode="json"),
             "splits": {name: {**refs[name].model_dump(), "samples": counts[name]} for name in SPLITS},
+            "seen_rows": seen_rows.model_dump() if seen_rows else None,
         }
     )
-    get_run_logger().info("sampled %s: %s", source, counts)
-    return SampledDataset(manifest=manifest, spec=spec, counts=counts, split=rule, **refs)
+    get_run_logger().info("sampled %s (%s): %s", source, rule.scheme, counts)
+    return SampledDataset(manifest=manifest, spec=spec, counts=counts, split=rule, seen_rows=seen_rows, **refs)

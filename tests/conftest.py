@@ -196,12 +196,14 @@ def s3_endpoint():
                 os.environ[key] = value
 
 
-def write_image_folder(root, per_class: int = 12, size=(16, 16), mode: str = "RGB", suffix: str = ".png") -> None:
+def write_image_folder(
+    root, per_class: int = 12, size=(16, 16), mode: str = "RGB", suffix: str = ".png", seed: int = 0
+) -> None:
     """``root/<class>/<n><suffix>``: three classes, a bright square in a class-specific corner, on noise."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for label, name in enumerate(["circle", "square", "triangle"]):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
@@ -212,7 +214,9 @@ def write_image_folder(root, per_class: int = 12, size=(16, 16), mode: str = "RG
             image.save(root / name / f"{i:03d}{suffix}")
 
 
-def write_huggingface_images(path, rows: int = 90, sizes=((12, 12),), corrupt_row: int | None = None):
+def write_huggingface_images(
+    path, rows: int = 90, sizes=((12, 12),), corrupt_row: int | None = None, seed: int = 0, split: list | None = None
+):
     """A Parquet file in the layout Hugging Face ``datasets`` writes for an ``Image`` column and a ``ClassLabel``
     label: a struct of (bytes, path), and the class names in the ``huggingface`` schema metadata."""
     import io
@@ -223,7 +227,7 @@ def write_huggingface_images(path, rows: int = 90, sizes=((12, 12),), corrupt_ro
     import pyarrow.parquet as pq
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, rows)
     encoded = []
     for i, label in enumerate(labels):
@@ -236,8 +240,10 @@ def write_huggingface_images(path, rows: int = 90, sizes=((12, 12),), corrupt_ro
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     images = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(encoded)], type=image_type)
     features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog", "fox", "owl"], "_type": "ClassLabel"}}
-    schema = pa.schema([("image", image_type), ("label", pa.int64())]).with_metadata(
-        {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
-    )
-    pq.write_table(pa.table([images, pa.array(labels)], schema=schema), str(path), row_group_size=32)
+    fields, columns = [("image", image_type), ("label", pa.int64())], [images, pa.array(labels)]
+    if split is not None:  # a "split" column: each row's split name
+        fields.append(("split", pa.string()))
+        columns.append(pa.array(split, pa.string()))
+    schema = pa.schema(fields).with_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    pq.write_table(pa.table(columns, schema=schema), str(path), row_group_size=32)
     return labels

@@ -20,6 +20,7 @@ from ptqflow.tasks.parameters import (
     QuantizationScheme,
     RepairParameters,
     SamplingParameters,
+    SplitMode,
     TargetOps,
     TensorType,
     TrainingParameters,
@@ -42,6 +43,7 @@ InputShapeOption = Annotated[
 ]
 ImageSizeOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "image_size"))]
 ColorModeOption = Annotated[ColorMode | None, typer.Option(help=help_for(SamplingParameters, "color_mode"))]
+SplitsOption = Annotated[SplitMode | None, typer.Option(help=help_for(SamplingParameters, "splits"))]
 SampleSizeOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "sample_size"))]
 SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help=help_for(SamplingParameters, "since"))]
 WindowDaysOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "window_days"))]
@@ -98,6 +100,7 @@ def upstream(
     input_shape: InputShapeOption = None,
     image_size: ImageSizeOption = None,
     color_mode: ColorModeOption = None,
+    splits: SplitsOption = None,
     sample_size: SampleSizeOption = None,
     since: SinceOption = None,
     window_days: WindowDaysOption = None,

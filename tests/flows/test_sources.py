@@ -196,20 +196,38 @@ def test_a_savedmodel_directory_runs_end_to_end_and_is_exported_as_it_came(cli, 
     assert again["tasks"]["train_float_model"]["cached"] and again["tasks"]["convert_to_tflite"]["cached"]
 
 
-def test_an_image_folder_runs_end_to_end_and_a_broken_image_is_named(cli, tmp_path):
-    write_image_folder(tmp_path / "images", per_class=60, suffix=".jpg")
-    args = ["--dataset", str(tmp_path / "images"), "--epochs", "10", "--calibration-size", "60"]
-    result = cli("run", *args, "--store", str(tmp_path / "store"), "--json")
+def test_an_image_folder_with_its_own_splits_runs_end_to_end_and_a_broken_image_is_named(cli, tmp_path):
+    write_image_folder(tmp_path / "images" / "train", per_class=60, suffix=".jpg")
+    write_image_folder(tmp_path / "images" / "test", per_class=20, suffix=".jpg", seed=1)
+    args = ["--dataset", str(tmp_path / "images"), "--epochs", "10", "--calibration-size", "60", "--json"]
+    exported = ["--store", str(tmp_path / "store"), "--export", str(tmp_path / "export")]
+    result = cli("run", *args, *exported)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["metrics"]["float_accuracy"] > 0.9 and summary["metrics"]["accuracy_drop_pp"] <= 1.0
-    dataset = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
+    store = ArtifactStore(str(tmp_path / "store"))
+    dataset = store.read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
     assert dataset["spec"]["class_names"] == ["circle", "square", "triangle"]
     assert dataset["spec"]["shape"] == [16, 16, 3]
+    # The owner's test folder is the test split, whole; validation is carved from the train folder.
+    assert dataset["splits"]["test"]["samples"] == 60
+    assert dataset["splits"]["train"]["samples"] + dataset["splits"]["validation"]["samples"] == 180
+    assert dataset["split"]["given"]["test"] == "folder test/"
+    report = store.read_json(ArtifactRef(**summary["artifacts"]["report"]))
+    assert report["metrics"]["samples"] == 60
 
-    (tmp_path / "images" / "square" / "007.jpg").write_bytes(b"truncated")
+    # Unchanged data: every stage is a cache hit, and the exported model is compared on the whole test folder,
+    # which its recorded row digests prove it never trained on.
+    again = json.loads(cli("run", *args, *exported).stdout)
+    assert all(task["cached"] for task in again["tasks"].values())
+    assert again["promotion"]["compared_rows"] == 60
+    assert (tmp_path / "export" / "versions").exists() and list(
+        (tmp_path / "export").glob("versions/*/seen_rows.parquet")
+    )
+
+    (tmp_path / "images" / "train" / "square" / "007.jpg").write_bytes(b"truncated")
     broken = cli("run", *args, "--store", str(tmp_path / "other"))
-    assert broken.returncode == 2 and "square/007.jpg cannot be decoded" in broken.stderr
+    assert broken.returncode == 2 and "train/square/007.jpg cannot be decoded" in broken.stderr
     assert "Traceback" not in broken.stderr and not (tmp_path / "other" / "blobs").exists()
 
 
@@ -235,6 +253,7 @@ def test_a_wide_table_runs_end_to_end_and_a_text_column_is_refused(cli, tmp_path
 def test_hugging_face_image_parquet_runs_end_to_end_with_its_class_names(cli, tmp_path):
     (tmp_path / "data").mkdir()
     write_huggingface_images(tmp_path / "data" / "train-00000-of-00001.parquet", rows=300)
+    write_huggingface_images(tmp_path / "data" / "test-00000-of-00001.parquet", rows=90, seed=1)
     args = [
         "--dataset",
         str(tmp_path / "data"),
@@ -251,6 +270,8 @@ def test_hugging_face_image_parquet_runs_end_to_end_with_its_class_names(cli, tm
     assert summary["metrics"]["float_accuracy"] > 0.95 and summary["metrics"]["accuracy_drop_pp"] <= 1.0
     dataset = ArtifactStore(str(tmp_path / "store")).read_json(ArtifactRef(**summary["artifacts"]["dataset"]))
     assert dataset["spec"]["class_names"] == ["cat", "dog", "fox"]
+    assert dataset["splits"]["test"]["samples"] == 90  # the test file, as given
+    assert dataset["split"]["given"]["test"] == "1 file: test-00000-of-00001.parquet"
 
 
 def test_calibration_from_another_parquet_source(cli, tmp_path):
@@ -341,6 +362,7 @@ def test_a_keras_dataset_from_keras_cache_sampled_before_splitting(cli, tmp_path
     assert sampled["sample_size"] == 400
     assert sum(split["samples"] for split in sampled["splits"].values()) == 400
     assert sampled["spec"]["shape"] == [28, 28, 1] and sampled["spec"]["class_names"][9] == "Ankle boot"
+    assert sampled["split"]["given"]["test"] == "keras.datasets.fashion_mnist test part"
     assert result["metrics"]["accuracy_drop_pp"] <= 1.0 and result["metrics"]["full_integer"]
 
 

@@ -281,6 +281,8 @@ def test_fashion_mnist_through_the_keras_loader(keras_home):
     np.testing.assert_array_equal(table.features[..., 0], images_written)
     np.testing.assert_array_equal(table.labels, labels_written)
     assert table.metadata["class_names"][0] == "T-shirt/top" and table.metadata["value_range"] == [0.0, 255.0]
+    assert table.splits.tolist() == [0] * 300 + [2] * 100  # Keras's own train and test parts
+    assert load_dataset("fashion_mnist", Columns(split=None)).splits is None  # --splits resplit
 
 
 def test_mnist_through_the_keras_loader(keras_home, published_hash_is):
@@ -452,3 +454,48 @@ def test_hugging_face_images_that_cannot_be_used_are_named(tmp_path):
         load_dataset(str(tmp_path / "mixed.parquet"), Columns(features="image"))
     resized = load_dataset(str(tmp_path / "mixed.parquet"), Columns(features="image", image_size=(8, 8)))
     assert resized.features.shape == (90, 8, 8, 3)
+
+
+def test_hugging_face_split_files_give_each_row_its_split(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_huggingface_images(tmp_path / "data" / "train-00000-of-00001.parquet", rows=60)
+    write_huggingface_images(tmp_path / "data" / "test-00000-of-00001.parquet", rows=20, seed=1)
+    whole = load_dataset(str(tmp_path), Columns(features="image"))
+    assert whole.splits.tolist() == [2] * 20 + [0] * 60  # files in name order: test before train
+    assert whole.metadata["split_origin"]["test"] == "1 file: data/test-00000-of-00001.parquet"
+    drawn = load_dataset(str(tmp_path), Columns(features="image"), Draw(40, (0,)))
+    assert len(drawn.splits) == 40 and set(drawn.splits.tolist()) == {0, 2}
+    calibration = Draw(30, (0,), outside_test_split=True)  # a calibration draw never takes held-out rows
+    assert load_dataset(str(tmp_path), Columns(features="image"), calibration).splits.tolist() == [0] * 30
+    assert load_dataset(str(tmp_path), Columns(features="image", split=None)).splits is None
+
+
+def test_a_split_column_gives_each_row_its_split_in_parquet_and_csv(tmp_path):
+    import pyarrow.csv as csv
+
+    split = ["train"] * 50 + ["valid"] * 10 + ["test"] * 20
+    write_huggingface_images(tmp_path / "rows.parquet", rows=80, split=split)
+    table = load_dataset(str(tmp_path / "rows.parquet"), Columns(features="image"))
+    assert table.splits.tolist() == [0] * 50 + [1] * 10 + [2] * 20
+    wide = pa.table({"f_0": np.arange(80.0), "f_1": np.ones(80), "label": np.arange(80) % 2, "split": split})
+    csv.write_csv(wide, str(tmp_path / "wide.csv"))
+    read = load_dataset(str(tmp_path / "wide.csv"), Columns(wide=("f_*",)))
+    assert read.features.shape == (80, 2) and read.splits.tolist() == table.splits.tolist()
+    assert load_dataset(str(tmp_path / "wide.csv"), Columns(wide=("f_*",)), Draw(20, (1,))).splits is not None
+    pq.write_table(wide, str(tmp_path / "wide.parquet"))
+    assert load_dataset(str(tmp_path / "wide.parquet")).features.shape == (80, 2)  # the split is no feature
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"train.parquet": ["train"] * 30, "extra.parquet": None}, "extra.parquet has no 'split' column, while other"),
+        ({"rows.parquet": ["train"] * 20 + ["dev"] * 10}, "holds 'dev', which is none of train, validation"),
+    ],
+)
+def test_given_splits_that_cannot_be_told_apart_are_refused_with_the_fix(tmp_path, files, message):
+    for name, split in files.items():
+        write_huggingface_images(tmp_path / name, rows=30, split=split)
+    with pytest.raises(InvalidDataset, match=message) as refused:
+        load_dataset(str(tmp_path), Columns(features="image"))
+    assert "--splits resplit" in str(refused.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import write_image_folder
 from ptqflow.storage.tables import Columns
@@ -96,3 +97,29 @@ def test_an_image_declaring_too_many_pixels_is_refused_without_decoding_it(tmp_p
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 16 // 4)  # every 16x16 image is then "too large"
     with pytest.raises(InvalidDataset, match="cannot be decoded as an image \\(more pixels than Pillow decodes"):
         load_dataset(str(tmp_path / "images"))
+
+
+def test_split_folders_above_the_class_folders_give_each_image_its_split(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    write_image_folder(tmp_path / "val", per_class=2, seed=1)
+    write_image_folder(tmp_path / "test", per_class=3, seed=2)
+    table = load_dataset(str(tmp_path))
+    assert table.metadata["class_names"] == ["circle", "square", "triangle"] and len(table) == 33
+    assert np.bincount(table.splits).tolist() == [18, 6, 9]
+    assert table.metadata["split_origin"] == {
+        "train": "folder train/",
+        "validation": "folder val/",
+        "test": "folder test/",
+    }
+    pooled = load_dataset(str(tmp_path), Columns(split=None))  # --splits resplit: one source, the same classes
+    assert pooled.splits is None and pooled.metadata["class_names"] == ["circle", "square", "triangle"]
+    np.testing.assert_array_equal(pooled.labels, table.labels)
+
+
+def test_class_folders_named_like_splits_are_classes(tmp_path):
+    for name in ("train", "test"):  # images directly in them: these are classes, not splits
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    table = load_dataset(str(tmp_path))
+    assert table.splits is None and table.metadata["class_names"] == ["test", "train"]

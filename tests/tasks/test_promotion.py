@@ -112,6 +112,21 @@ def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testi
     assert rows_unseen_by({"seed": 0}, rows) is None
 
 
+def test_the_rows_unseen_by_a_champion_of_given_splits_are_those_it_never_trained_on():
+    import numpy as np
+
+    from ptqflow.tasks.promotion import rows_unseen_by
+    from ptqflow.tasks.sample import GIVEN_SCHEME, read_seen_rows, seen_rows_bytes
+
+    rows = np.random.default_rng(0).integers(0, 256, (300, 64), dtype=np.uint8)
+    champion = {"split": {"scheme": GIVEN_SCHEME, "seed": 0, "validation_fraction": 0.15, "test_fraction": 0.2}}
+    seen = read_seen_rows(seen_rows_bytes(rows[:200]))  # the champion trained and validated on the first 200
+    # The owner moved 50 of those rows into the test split since: only the other 100 are a fair comparison.
+    unseen = rows_unseen_by(champion, rows[150:], lambda: seen)
+    assert unseen.tolist() == [False] * 50 + [True] * 100
+    assert rows_unseen_by(champion, rows[150:]) is None  # its digests were not exported: nothing is proven
+
+
 def test_the_rows_a_fair_comparison_needs():
     from ptqflow.tasks.parameters import GateParameters
 

@@ -8,8 +8,20 @@ import pytest
 from ptqflow.storage.tables import TensorTable
 from ptqflow.tasks.datasets import load_dataset
 from ptqflow.tasks.errors import InvalidDataset
-from ptqflow.tasks.parameters import SamplingParameters
-from ptqflow.tasks.sample import SPLIT_SCHEME, check_dataset, feature_spec, hash_split, split_dataset, split_positions
+from ptqflow.tasks.parameters import SamplingParameters, SplitMode
+from ptqflow.tasks.sample import (
+    GIVEN_SCHEME,
+    SPLIT_SCHEME,
+    check_dataset,
+    feature_spec,
+    hash_split,
+    read_seen_rows,
+    row_digests,
+    seen_rows_bytes,
+    split_dataset,
+    split_positions,
+    split_rows,
+)
 from ptqflow.tasks.stratify import stratified_choice
 
 
@@ -140,3 +152,64 @@ def test_bad_data_sets_are_refused_with_a_fix(features, labels, message):
 def test_fractions_must_leave_training_data():
     with pytest.raises(ValueError, match="below 0.8"):
         SamplingParameters(validation_fraction=0.45, test_fraction=0.45)
+
+
+def given_table(train: int, validation: int, test: int, seed: int = 0) -> TensorTable:
+    """Distinct rows of 3 classes with the given split sizes, classes in turn within each split."""
+    n = train + validation + test
+    codes = np.repeat(np.array([0, 1, 2], np.int8), [train, validation, test])
+    return TensorTable(distinct_rows(n, seed), np.arange(n) % 3, {"value_range": [0.0, 255.0]}, codes)
+
+
+def test_a_given_test_split_is_kept_whole_and_a_missing_validation_split_is_carved_from_train():
+    table = given_table(train=300, validation=0, test=90)
+    indices, rule = split_rows(table, SamplingParameters(validation_fraction=0.2), seed=0)
+    assert sorted(indices["test"].tolist()) == list(range(300, 390))
+    assert set(indices["validation"]) | set(indices["train"]) == set(range(300))
+    assert not set(indices["validation"]) & set(indices["train"])
+    assert 40 <= len(indices["validation"]) <= 80  # about 20% of 300
+    assert rule.scheme == GIVEN_SCHEME and rule.given["validation"].startswith("carved from the given train split")
+
+    resplit, rule = split_rows(table, SamplingParameters(splits=SplitMode.resplit), seed=0)
+    assert rule.scheme == SPLIT_SCHEME and rule.given is None
+    assert set(resplit["test"]) & set(range(300))  # pooled: training rows reach the test split
+
+
+def test_given_splits_hold_their_rows_as_the_data_grows():
+    small, grown = given_table(300, 30, 60), given_table(300, 30, 60)
+    extra = given_table(30, 0, 0, seed=9)
+    grown = TensorTable(
+        np.concatenate([extra.features, grown.features]),
+        np.concatenate([extra.labels, grown.labels]),
+        grown.metadata,
+        np.concatenate([extra.splits, grown.splits]),
+    )
+    before, _ = split_rows(small, SamplingParameters(), seed=0)
+    after, _ = split_rows(grown, SamplingParameters(), seed=0)
+    assert sorted((after["test"] - 30).tolist()) == sorted(before["test"].tolist())
+    assert set((after["train"][after["train"] >= 30] - 30).tolist()) == set(before["train"].tolist())
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (given_table(0, 0, 60), "gives its test split but no train split: add the training rows"),
+        (
+            TensorTable(distinct_rows(90), np.repeat([0, 1, 2], 30), {}, np.repeat(np.int8([0, 2, 2]), 30)),
+            "class 1 has 30 samples but none in the train split",
+        ),
+    ],
+)
+def test_given_splits_that_cannot_train_are_refused_with_the_fix(table, message):
+    with pytest.raises(InvalidDataset, match=message) as refused:
+        split_rows(table, SamplingParameters(), seed=0)
+    assert "--splits resplit" in str(refused.value)
+
+
+def test_seen_row_digests_round_trip_and_ignore_order_and_duplicates():
+    rows = distinct_rows(50)
+    digests = row_digests(rows)
+    assert digests.dtype == np.uint64 and len(np.unique(digests)) == 50
+    stored = read_seen_rows(seen_rows_bytes(np.concatenate([rows[::-1], rows[:5]])))
+    assert stored.tolist() == sorted(digests.tolist())
+    assert np.isin(row_digests(rows[:3]), stored).all() and not np.isin(row_digests(distinct_rows(3, 7)), stored).any()
