@@ -158,6 +158,8 @@ def pipeline_arguments(
     min_comparison_rows: int | None = None,
     repair: bool | None = None,
     max_float_layers: int | None = None,
+    storage_block: str | None = None,
+    export_block: str | None = None,
     **upstream: Any,
 ) -> dict[str, Any]:
     """The ptq-pipeline flow's arguments from ``ptqflow run``'s options (``upstream``: those of
@@ -170,6 +172,8 @@ def pipeline_arguments(
         store=store,
         seed=seed,
         export=export,
+        storage_block=storage_block,
+        export_block=export_block,
         **upstream_parameters(**upstream),
         conversion=parameters(
             ConversionParameters,
@@ -214,6 +218,8 @@ def sweep_arguments(
     max_accuracy_drop: float | None = None,
     promotion_tolerance: float | None = None,
     min_comparison_rows: int | None = None,
+    storage_block: str | None = None,
+    export_block: str | None = None,
     **upstream: Any,
 ) -> dict[str, Any]:
     """The ptq-sweep flow's arguments from ``ptqflow sweep``'s options.
@@ -227,6 +233,8 @@ def sweep_arguments(
     arguments = dict(
         store=store,
         seed=seed,
+        storage_block=storage_block,
+        export_block=export_block,
         export=export,
         **upstream_parameters(**upstream),
         sweep=parameters(

@@ -2,6 +2,7 @@
 runs; sample, calibrate and train (the stages every conversion starts from); and end the same way, with the
 champion check, the manifest, the export and the Prefect artifacts."""
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -12,10 +13,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from ptqflow.flows.events import emit_run_events
 from ptqflow.flows.locks import exclusive
 from ptqflow.flows.stages import StageRunner, sweep_leftovers
 from ptqflow.flows.trust import enforce_for_deployment_runs
-from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.storage.credentials import options_from_block
+from ptqflow.storage.store import BLOCK_ENV, EXPORT_OPTIONS_ENV, STORE_OPTIONS_ENV, ArtifactRef, ArtifactStore
 from ptqflow.tasks.artifacts import CalibrationSet, SampledDataset, TrainedModel, ValidationResult
 from ptqflow.tasks.calibrate import materialize_calibration_set
 from ptqflow.tasks.datasets import is_builtin, resolve_source
@@ -45,8 +48,12 @@ def guarded_run(
     sampling: SamplingParameters,
     training: TrainingParameters,
     calibration: CalibrationParameters,
+    storage_block: str | None = None,
+    export_block: str | None = None,
 ) -> Iterator[StageRunner]:
-    """A stage runner on ``store`` while this run holds the store's and the export's lock (see flows/locks.py)."""
+    """A stage runner on ``store`` while this run holds the store's and the export's lock (see flows/locks.py);
+    with ``storage_block`` / ``export_block``, their credentials open the store and the export (see
+    ``storage.credentials``)."""
     # A deployment's form is filled by others: its locations and model are checked before anything is touched.
     enforce_for_deployment_runs(
         {
@@ -57,12 +64,34 @@ def guarded_run(
             "calibration": calibration.model_dump(mode="json"),
         }
     )
-    artifact_store = ArtifactStore(store)
-    export_target_store = export_store(export) if export else None  # a bad export URL fails now, not after training
-    # One run at a time per store and export target (schedules, the UI, deployments).
-    with exclusive(artifact_store.url, export_target_store.url if export_target_store else None) as held:
-        sweep_leftovers(held, artifact_store, export_target_store)
-        yield StageRunner(artifact_store)
+    with credentials_from_blocks(storage_block, export_block):
+        artifact_store = ArtifactStore(store)
+        export_target_store = export_store(export) if export else None  # a bad export URL fails now
+        # One run at a time per store and export target (schedules, the UI, deployments).
+        with exclusive(artifact_store.url, export_target_store.url if export_target_store else None) as held:
+            sweep_leftovers(held, artifact_store, export_target_store)
+            yield StageRunner(artifact_store)
+
+
+@contextmanager
+def credentials_from_blocks(storage_block: str | None, export_block: str | None) -> Iterator[None]:
+    """For the run's duration, name the blocks whose credentials open the store and the export, in the variables
+    every process of the run reads (``storage.store.BLOCK_ENV``; the sweep's local Dask workers inherit them): a
+    block's values are read where they are used, never passed around. A block that cannot be read fails now."""
+    named = {BLOCK_ENV[STORE_OPTIONS_ENV]: storage_block, BLOCK_ENV[EXPORT_OPTIONS_ENV]: export_block}
+    before = {variable: os.environ.get(variable) for variable in named}
+    for variable, block in named.items():
+        if block:
+            options_from_block(block)
+            os.environ[variable] = block
+    try:
+        yield
+    finally:
+        for variable, value in before.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def run_date() -> datetime:
@@ -236,9 +265,10 @@ def finish_run(
     )
 
 
-def announce(summary: RunSummary | SweepSummary, sweep_table: str | None = None) -> None:
-    """Show the outcome in the Prefect UI (markdown, table and link artifacts); a run that failed its gate then
-    fails, carrying its summary (the CLI prints it and exits 1)."""
+def announce(summary: RunSummary | SweepSummary, parameters: dict[str, Any], sweep_table: str | None = None) -> None:
+    """Show the outcome in the Prefect UI (markdown, table and link artifacts) and emit its events
+    (``flows.events``); a run that failed its gate then fails, carrying its summary (the CLI prints it and exits
+    1). ``parameters``: the flow's, by name."""
     if isinstance(summary, SweepSummary):
         create_table_artifact(
             [dict(zip(SWEEP_HEADER, line)) for line in sweep_rows(summary.rows)],
@@ -270,5 +300,6 @@ def announce(summary: RunSummary | SweepSummary, sweep_table: str | None = None)
             key="ptq-report",
             description="report.html: metrics per model, per-layer error, audit, plots",
         )
+    emit_run_events(summary, parameters["sampling"].dataset, parameters["export"])
     if not summary.gate.passed:
         raise AccuracyGateFailed(summary.gate.message, summary)

@@ -39,6 +39,8 @@ def ptq_pipeline(
     validation: ValidationParameters = ValidationParameters(),
     gate: GateParameters = GateParameters(),
     export: str | None = None,
+    storage_block: str | None = None,
+    export_block: str | None = None,
     repair: RepairParameters = RepairParameters(),
 ) -> RunSummary:
     """Sample, train, calibrate, convert and validate; fail when the quantized model loses more accuracy than
@@ -50,7 +52,7 @@ def ptq_pipeline(
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
-    with guarded_run(store, export, sampling, training, calibration) as run:
+    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block) as run:
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)
         calibration_set = calibration_sets[calibration.calibration_size]
         converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)
@@ -97,5 +99,5 @@ def ptq_pipeline(
             metrics["repair"] = repaired.model_dump(mode="json", exclude={"repaired", "unrepaired"})
         outcome = finish_run(run, "ptq-pipeline", parameters, dataset, artifacts, verdict, validated, metrics)
         summary = RunSummary(**dict(outcome), metrics=validated.figures(), repair=repaired)
-        announce(summary)
+        announce(summary, parameters)
         return summary

@@ -55,6 +55,27 @@ def storage_refusal(error: BaseException) -> str | None:
     return None
 
 
+# What the storage backends raise when they find no credentials at all (botocore, google-auth, azure-identity).
+NO_CREDENTIALS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "DefaultCredentialsError",
+    "CredentialUnavailableError",
+}
+
+
+def missing_credentials(error: BaseException) -> str | None:
+    """One line for a run that failed because the storage backend found no credentials, with where to give them;
+    None for any other error."""
+    if type(error).__name__ not in NO_CREDENTIALS:
+        return None
+    return (
+        f"no credentials for the storage ({type(error).__name__}: {str(error).splitlines()[0][:200]}): set the "
+        "backend's own (AWS_ACCESS_KEY_ID / a profile, GOOGLE_APPLICATION_CREDENTIALS, ...), "
+        "PTQFLOW_STORAGE_OPTIONS, or name a Prefect block with --storage-block / --export-block"
+    )
+
+
 def is_transient_error(error: BaseException) -> bool:
     """True for errors a retry may fix (network and storage I/O), False for problems with input or code, and
     for a stage stopped at its time limit (it would only run as long again)."""

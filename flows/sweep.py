@@ -202,6 +202,8 @@ def ptq_sweep(
     gate: GateParameters = GateParameters(),
     sweep: SweepParameters = SweepParameters(),
     export: str | None = None,
+    storage_block: str | None = None,
+    export_block: str | None = None,
 ) -> SweepSummary:
     """Convert one trained model under every configuration of the sweep, evaluate and rank them; validate the best
     that passes the gate in full, and publish it to ``export``.
@@ -215,7 +217,7 @@ def ptq_sweep(
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )
-    with guarded_run(store, export, sampling, training, calibration) as run:
+    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block) as run:
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sorted(sizes))
         rows, float_outputs = evaluate_grid(
@@ -253,7 +255,7 @@ def ptq_sweep(
             report=sweep_report,
             metrics=validated.figures() if validated else None,
         )
-        announce(summary, table)
+        announce(summary, parameters, table)
         return summary
 
 

@@ -29,6 +29,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
+from ptqflow.storage.credentials import options_from_block
+from ptqflow.storage.errors import StoreError as StoreError  # re-exported: callers catch the store's errors here
+
 _CHUNK = 1 << 20
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BLOB_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")  # what put_bytes is given: "", ".json", ".tflite", ...
@@ -36,10 +39,8 @@ _BLOB_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")  # what put_bytes is give
 TEMPORARY_MARK = ".tmp-"  # <name>.tmp-<uuid>: a local write in progress, renamed into place when complete
 STORE_OPTIONS_ENV = "PTQFLOW_STORAGE_OPTIONS"
 EXPORT_OPTIONS_ENV = "PTQFLOW_EXPORT_STORAGE_OPTIONS"
-
-
-class StoreError(Exception):
-    """Base class for artifact store errors; the message says how to fix the problem."""
+# The Prefect block (storage.credentials) that replaces each variable's options for a run: its name only.
+BLOCK_ENV = {STORE_OPTIONS_ENV: "PTQFLOW_STORAGE_BLOCK", EXPORT_OPTIONS_ENV: "PTQFLOW_EXPORT_STORAGE_BLOCK"}
 
 
 class ArtifactMissing(StoreError):
@@ -180,7 +181,11 @@ def check_url(url: str) -> str:
 
 
 def storage_options_from_env(variable: str) -> dict[str, Any]:
-    """``storage_options`` for fsspec from a JSON object in ``variable`` (never echoed: it may hold secrets)."""
+    """``storage_options`` for fsspec: from the Prefect block named in ``variable``'s block variable (``BLOCK_ENV``)
+    when one is set, else from a JSON object in ``variable`` (never echoed: it may hold secrets)."""
+    block = os.environ.get(BLOCK_ENV.get(variable, ""), "").strip()
+    if block:
+        return options_from_block(block)
     raw = os.environ.get(variable, "").strip()
     if not raw:
         return {}

@@ -148,6 +148,8 @@ def train_model(
     )
     val_loss = history.history["val_loss"]
     best = int(np.argmin(val_loss))
+    if len(val_loss) < params.epochs:  # early stopping ended it: the stage is done all the same
+        report("train_float_model", f"stopped early after {len(val_loss)} epochs", params.epochs, params.epochs)
     return TrainingOutcome(
         epochs_run=len(val_loss), best_epoch=best + 1, validation_accuracy=float(history.history["val_accuracy"][best])
     )

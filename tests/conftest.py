@@ -247,3 +247,28 @@ def write_huggingface_images(
     schema = pa.schema(fields).with_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
     pq.write_table(pa.table(columns, schema=schema), str(path), row_group_size=32)
     return labels
+
+
+def ptqflow_events(client, since) -> list:
+    """Every ``ptqflow.*`` event the Prefect server received since ``since``, oldest first."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    until = datetime.now(timezone.utc) + timedelta(minutes=1)
+    named = EventNameFilter(prefix=["ptqflow."])
+    window = EventOccurredFilter(since=since, until=until)
+    page = client.read_events(filter=EventFilter(event=named, occurred=window), limit=50)  # the server's largest page
+    events = list(page.events)
+    while page.next_page:
+        page = client.read_events_page(page.next_page)
+        events += page.events
+    return sorted(events, key=lambda e: e.occurred)
+
+
+def wait_for(find, count: int = 1, seconds: float = 60) -> list:
+    """Call ``find`` until it returns at least ``count`` items (events reach the server asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while len(found := list(find())) < count and time.monotonic() < deadline:
+        time.sleep(1)
+    return found

@@ -140,7 +140,13 @@ def outcome(state: Any, as_json: bool) -> tuple[Any, int]:
     """A finished flow run's summary and exit code (0 passed, 1 failed at the gate); a run that failed without a
     summary ends the command with one line and the exit code for its cause."""
     from ptqflow.flows.api import finished
-    from ptqflow.flows.stages import STORAGE_RETRY_DELAYS_SECONDS, USER_ERRORS, is_transient_error, storage_refusal
+    from ptqflow.flows.stages import (
+        STORAGE_RETRY_DELAYS_SECONDS,
+        USER_ERRORS,
+        is_transient_error,
+        missing_credentials,
+        storage_refusal,
+    )
 
     try:
         summary = finished(state)
@@ -149,6 +155,8 @@ def outcome(state: Any, as_json: bool) -> tuple[Any, int]:
     except Exception as error:
         if (refusal := storage_refusal(error)) is not None:
             fail(refusal, EXIT_RUN_FAILED, as_json)
+        if (no_credentials := missing_credentials(error)) is not None:
+            fail(no_credentials, EXIT_INVALID_INPUT, as_json)
         if is_transient_error(error):
             fail(
                 f"storage unreachable after {len(STORAGE_RETRY_DELAYS_SECONDS) + 1} attempts "

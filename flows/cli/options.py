@@ -143,6 +143,22 @@ def gate(
     """The accuracy gate and the champion check."""
 
 
+def credentials(
+    storage_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Prefect block holding the store's credentials: a Secret block's name (JSON of fsspec storage "
+            "options), or with prefect-aws aws-credentials/NAME or s3-bucket/NAME. Its values are never printed or "
+            "stored."
+        ),
+    ] = None,
+    export_block: Annotated[
+        str | None, typer.Option(help="Prefect block holding the export target's credentials (as --storage-block).")
+    ] = None,
+) -> None:
+    """Credentials from Prefect blocks, by name."""
+
+
 def takes(*groups: Callable[..., None]) -> Callable[[Command], Command]:
     """Give a command every option of ``groups``; it is called with one keyword argument per group (named after
     the group) holding that group's options as given."""

@@ -121,16 +121,20 @@ def promote(
     """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
     the exported model said; the run must have passed its gate. Files are verified; history is kept."""
     _quiet_lock_service()
+    from ptqflow.flows.events import MODEL_PROMOTED, emit_pointer_moved
     from ptqflow.storage.store import StoreError
     from ptqflow.tasks.manifest import find_manifest
     from ptqflow.tasks.promotion import promote as promote_run
+    from ptqflow.tasks.promotion import read_pointer
     from ptqflow.tasks.publish import PointerMoved
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
         target = _open_export(export)
         with _export_lock(target, wait):
-            _moved(promote_run(_open_store(store), target, manifest), f"promoted run {manifest['run_id']}")
+            move = promote_run(_open_store(store), target, manifest)
+        _moved(move, f"promoted run {manifest['run_id']}")
+        emit_pointer_moved(MODEL_PROMOTED, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except (LookupError, StoreError) as error:
@@ -141,14 +145,18 @@ def rollback(export: RequiredExportOption, wait: LockWaitOption = 60.0) -> None:
     """Point the export's latest.json back at the version published before the current one (verified; history
     is kept)."""
     _quiet_lock_service()
+    from ptqflow.flows.events import EXPORT_ROLLED_BACK, emit_pointer_moved
     from ptqflow.storage.store import StoreError
+    from ptqflow.tasks.promotion import read_pointer
     from ptqflow.tasks.promotion import rollback as roll_back
     from ptqflow.tasks.publish import PointerMoved
 
     try:
         target = _open_export(export)
         with _export_lock(target, wait):
-            _moved(roll_back(target), "rolled back")
+            move = roll_back(target)
+        _moved(move, "rolled back")
+        emit_pointer_moved(EXPORT_ROLLED_BACK, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:

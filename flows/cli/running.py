@@ -31,6 +31,7 @@ from ptqflow.flows.cli.options import (
     StoreOption,
     VerboseOption,
     conversion,
+    credentials,
     gate,
     help_for,
     takes,
@@ -49,7 +50,7 @@ def _upstream_arguments(given: dict[str, Any], as_json: bool) -> dict[str, Any]:
     }
 
 
-@takes(upstream, conversion, gate)
+@takes(upstream, conversion, gate, credentials)
 def run(
     store: RunStoreOption = "./ptqflow-store",
     seed: SeedOption = 0,
@@ -60,11 +61,18 @@ def run(
     upstream: dict[str, Any],
     conversion: dict[str, Any],
     gate: dict[str, Any],
+    credentials: dict[str, Any],
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
     with refused_options(as_json):
         arguments = pipeline_arguments(
-            store=store, export=export, seed=seed, **conversion, **gate, **_upstream_arguments(upstream, as_json)
+            store=store,
+            export=export,
+            seed=seed,
+            **conversion,
+            **gate,
+            **credentials,
+            **_upstream_arguments(upstream, as_json),
         )
     prepare_environment(verbose)
     import_tensorflow_quietly(verbose)
@@ -99,7 +107,7 @@ def check_dask_scheduler(address: str, as_json: bool) -> None:
         )
 
 
-@takes(upstream, gate)
+@takes(upstream, gate, credentials)
 def sweep(
     store: RunStoreOption = "./ptqflow-store",
     seed: SeedOption = 0,
@@ -138,6 +146,7 @@ def sweep(
     *,
     upstream: dict[str, Any],
     gate: dict[str, Any],
+    credentials: dict[str, Any],
 ) -> None:
     """Convert one trained model under a grid of quantization configurations on Dask, rank them (accuracy drop,
     size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
@@ -158,6 +167,7 @@ def sweep(
                 require_full_integer=require_full_integer,
                 latency_threads=latency_threads,
                 **gate,
+                **credentials,
                 **_upstream_arguments(upstream, as_json),
             )
         except PtqflowError as error:
@@ -191,7 +201,7 @@ def sweep(
     raise typer.Exit(code)
 
 
-@takes(upstream, conversion, gate)
+@takes(upstream, conversion, gate, credentials)
 def serve(
     cron: Annotated[
         str | None, typer.Option(help="Cron schedule (server time zone UTC unless --timezone), e.g. '0 2 * * *'.")
@@ -205,21 +215,36 @@ def serve(
     seed: SeedOption = 0,
     export: ExportOption = None,
     limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
+    on_event: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also run when this Prefect event arrives (repeatable), e.g. ptqflow.data.arrived, emitted with "
+            "`prefect event emit ptqflow.data.arrived --resource-id ptqflow.dataset.URL`."
+        ),
+    ] = None,
     *,
     upstream: dict[str, Any],
     conversion: dict[str, Any],
     gate: dict[str, Any],
+    credentials: dict[str, Any],
 ) -> None:
     """Serve the ptq-pipeline flow on a schedule from this process (no work pool needed): it also runs what is
     triggered from the Prefect UI ("Run" on the deployment), whose form starts from these options. Stop with
     Ctrl-C."""
     with refused_options(as_json=False):
         arguments = pipeline_arguments(
-            store=store, export=export, seed=seed, **conversion, **gate, **_upstream_arguments(upstream, False)
+            store=store,
+            export=export,
+            seed=seed,
+            **conversion,
+            **gate,
+            **credentials,
+            **_upstream_arguments(upstream, False),
         )
     parameters = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in arguments.items()}
     prepare_environment(verbose=True)
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes, TriggerTypes
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -240,4 +265,14 @@ def serve(
         )
     except ValueError as error:
         fail(f"invalid schedule: {str(error).splitlines()[-1]}", EXIT_INVALID_INPUT, as_json=False)
-    ptq_pipeline.serve(name=name, schedules=[schedule], parameters=parameters, limit=limit, print_starting_message=True)
+    triggers: list[DeploymentTriggerTypes | TriggerTypes] = [
+        DeploymentEventTrigger(expect={event}, posture="Reactive", threshold=1) for event in on_event or ()
+    ]
+    ptq_pipeline.serve(
+        name=name,
+        schedules=[schedule],
+        triggers=triggers,
+        parameters=parameters,
+        limit=limit,
+        print_starting_message=True,
+    )

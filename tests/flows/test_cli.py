@@ -6,10 +6,11 @@ import json
 import os
 import re
 import subprocess
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import ptqflow_executable, write_outlier_model
+from conftest import ptqflow_events, ptqflow_executable, wait_for, write_outlier_model
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,9 @@ def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, cli, store
 
 
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
+    from prefect.client.orchestration import get_client
+
+    since = datetime.now(timezone.utc) - timedelta(seconds=5)
     model_file = tmp_path / "outlier.keras"
     write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
     failed = cli("run", "--store", store, "--model-url", str(model_file), "--json")
@@ -68,6 +72,12 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
     result = json.loads(failed.stdout)
     assert result["status"] == "failed" and result["metrics"]["accuracy_drop_pp"] > 1.0
     assert "Traceback" not in failed.stderr
+    with get_client(sync_client=True) as client:  # automations can react to it: an event with the reason
+        events = wait_for(
+            lambda: [e for e in ptqflow_events(client, since) if e.payload.get("run_id") == result["run_id"]]
+        )
+    assert [e.event for e in events] == ["ptqflow.gate.failed"]
+    assert events[0].payload["message"] == result["gate"]["message"] and events[0].payload["status"] == "failed"
 
 
 def digits_train_rows() -> int:

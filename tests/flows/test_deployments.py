@@ -82,7 +82,11 @@ def serve(prefect_server: str, *args: str) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def served(prefect_server, tmp_path_factory):
     store = tmp_path_factory.mktemp("served") / "store"
-    process = serve(prefect_server, "--name", "served", "--store", str(store), "--epochs", "4", "--cron", "0 2 * * *")
+    process = serve(
+        prefect_server,
+        *("--name", "served", "--store", str(store), "--epochs", "4", "--cron", "0 2 * * *"),
+        *("--on-event", "ptqflow.data.arrived"),
+    )
     try:
         yield deployment_id(prefect_server, "ptq-pipeline/served"), store
     finally:
@@ -110,6 +114,22 @@ def test_a_run_triggered_as_the_ui_does_completes_with_its_artifacts(prefect_ser
     assert manifest["gate"]["passed"]
     for artifact in manifest["artifacts"].values():
         assert Path(artifact["uri"].removeprefix("file://")).stat().st_size == artifact["bytes"]
+
+
+def test_data_announced_by_an_event_starts_a_run_of_the_served_flow(prefect_server, served):
+    deployment, store = served
+    with api(prefect_server) as client:
+        before = {run["id"] for run in deployment_runs(client, deployment)}
+    announce = [prefect_executable(), "event", "emit", "ptqflow.data.arrived"]
+    announce += ["--resource-id", "ptqflow.dataset.digits"]
+    subprocess.run(announce, env={**os.environ, "PREFECT_API_URL": prefect_server}, check=True, capture_output=True)
+    deadline, started = time.monotonic() + 120, []
+    with api(prefect_server) as client:
+        while not started and time.monotonic() < deadline:
+            started = [run for run in deployment_runs(client, deployment) if run["id"] not in before]
+            time.sleep(1)
+    assert started, "the event trigger started no run"
+    assert wait_for_run(prefect_server, started[0]["id"])["state"]["type"] == "COMPLETED"
 
 
 def test_invalid_parameters_are_refused_when_the_run_is_triggered(prefect_server, served):
