@@ -15,7 +15,7 @@ def _figure(value: float, unit: str) -> str:
         return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
     if unit == "ms":
         return f"{value:.3f} ms" if value < 1 else f"{value:.2f} ms"
-    if unit == "samples/s":
+    if unit in ("samples/s", "images/s"):
         return f"{value:,.0f}/s"
     return f"{value:.2f} {unit}"
 
