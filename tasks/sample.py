@@ -47,21 +47,24 @@ def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
     return places / 2.0**64
 
 
-def row_digests(features: np.ndarray) -> np.ndarray:
-    """Each row's identity, whatever split rule or seed placed it: the first 8 bytes of sha256(dtype, row bytes),
-    as uint64 (two distinct rows share one with probability about n^2 / 2^65)."""
-    rows = np.ascontiguousarray(features).reshape(len(features), -1)
-    salt = f"ptqflow:row-v1:{rows.dtype.str}:".encode()
+def row_digests(features: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each row's identity (of ``rows`` only, when given; read in place, not copied), whatever split rule or seed
+    placed it: the first 8 bytes of sha256(dtype, row bytes), as uint64 (two distinct rows share one with
+    probability about n^2 / 2^65)."""
+    flat = np.ascontiguousarray(features).reshape(len(features), -1)
+    chosen = range(len(flat)) if rows is None else rows
+    salt = f"ptqflow:row-v1:{flat.dtype.str}:".encode()
     return np.fromiter(
-        (int.from_bytes(hashlib.sha256(salt + row.tobytes()).digest()[:8], "big") for row in rows),
+        (int.from_bytes(hashlib.sha256(salt + flat[i].tobytes()).digest()[:8], "big") for i in chosen),
         dtype=np.uint64,
-        count=len(rows),
+        count=len(chosen),
     )
 
 
-def seen_rows_bytes(features: np.ndarray) -> bytes:
-    """The sorted, distinct digests of rows a model trained or validated on, as a one-column Parquet file."""
-    digests = np.unique(row_digests(features))
+def seen_rows_bytes(features: np.ndarray, rows: np.ndarray | None = None) -> bytes:
+    """The sorted, distinct digests of the rows a model trained or validated on (``rows`` of ``features``), as a
+    one-column Parquet file."""
+    digests = np.unique(row_digests(features, rows))
     table = pa.table({SEEN_ROWS_COLUMN: pa.array(digests, pa.uint64())})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -284,7 +287,7 @@ def sample_dataset(
     seen_rows = None
     if rule.scheme == GIVEN_SCHEME:
         seen = np.concatenate([indices["train"], indices["validation"]])
-        seen_rows = store.put_bytes(seen_rows_bytes(table.features[seen]), ".parquet")
+        seen_rows = store.put_bytes(seen_rows_bytes(table.features, seen), ".parquet")
     manifest = store.put_json(
         {
             "kind": "ptqflow.dataset",

@@ -213,3 +213,5 @@ def test_seen_row_digests_round_trip_and_ignore_order_and_duplicates():
     stored = read_seen_rows(seen_rows_bytes(np.concatenate([rows[::-1], rows[:5]])))
     assert stored.tolist() == sorted(digests.tolist())
     assert np.isin(row_digests(rows[:3]), stored).all() and not np.isin(row_digests(distinct_rows(3, 7)), stored).any()
+    some = np.array([7, 3, 41])  # the rows of a split, read in place: the same digests as the copied rows'
+    assert row_digests(rows, some).tolist() == row_digests(rows[some]).tolist()
