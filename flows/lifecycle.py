@@ -80,11 +80,11 @@ def credentials_from_blocks(storage_block: str | None, export_block: str | None)
     block's values are read where they are used, never passed around. A block that cannot be read fails now."""
     named = {BLOCK_ENV[STORE_OPTIONS_ENV]: storage_block, BLOCK_ENV[EXPORT_OPTIONS_ENV]: export_block}
     before = {variable: os.environ.get(variable) for variable in named}
-    for variable, block in named.items():
-        if block:
-            options_from_block(block)
-            os.environ[variable] = block
     try:
+        for variable, block in named.items():
+            if block:
+                options_from_block(block)
+                os.environ[variable] = block
         yield
     finally:
         for variable, value in before.items():
