@@ -33,32 +33,32 @@ GIVEN_SCHEME = "given+sha256-row-v1"
 SEEN_ROWS_COLUMN = "row_digest"
 
 
+def _row_hashes(features: np.ndarray, salt: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The first 8 bytes of sha256(salt, dtype, row bytes) of each row (of ``rows`` only, read in place), as
+    uint64."""
+    flat = np.ascontiguousarray(features).reshape(len(features), -1)
+    chosen = range(len(flat)) if rows is None else rows
+    prefix = f"{salt}:{flat.dtype.str}:".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(prefix + flat[i].tobytes()).digest()[:8], "big") for i in chosen),
+        dtype=np.uint64,
+        count=len(chosen),
+    )
+
+
 def split_positions(features: np.ndarray, seed: int) -> np.ndarray:
     """Each row's place in [0, 1): the first 8 bytes of sha256(scheme, seed, dtype, row bytes). It depends on the
     row's own content only, so it never changes when rows are added, removed or reordered, and identical rows
     share it."""
-    rows = np.ascontiguousarray(features).reshape(len(features), -1)
-    salt = f"ptqflow:{SPLIT_SCHEME}:{seed}:{rows.dtype.str}:".encode()
-    places = np.fromiter(
-        (int.from_bytes(hashlib.sha256(salt + row.tobytes()).digest()[:8], "big") for row in rows),
-        dtype=np.float64,
-        count=len(rows),
-    )
-    return places / 2.0**64
+    # uint64 to float64 rounds to nearest, as Python's int to float does: the places are those of SPLIT_SCHEME.
+    return _row_hashes(features, f"ptqflow:{SPLIT_SCHEME}:{seed}") / 2.0**64
 
 
 def row_digests(features: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """Each row's identity (of ``rows`` only, when given; read in place, not copied), whatever split rule or seed
     placed it: the first 8 bytes of sha256(dtype, row bytes), as uint64 (two distinct rows share one with
     probability about n^2 / 2^65)."""
-    flat = np.ascontiguousarray(features).reshape(len(features), -1)
-    chosen = range(len(flat)) if rows is None else rows
-    salt = f"ptqflow:row-v1:{flat.dtype.str}:".encode()
-    return np.fromiter(
-        (int.from_bytes(hashlib.sha256(salt + flat[i].tobytes()).digest()[:8], "big") for i in chosen),
-        dtype=np.uint64,
-        count=len(chosen),
-    )
+    return _row_hashes(features, "ptqflow:row-v1", rows)
 
 
 def seen_rows_bytes(features: np.ndarray, rows: np.ndarray | None = None) -> bytes:

@@ -98,9 +98,8 @@ def codes_of_column(column: pa.Array | pa.ChunkedArray, where: str) -> np.ndarra
                 "those rows' split, or pass --splits resplit to ignore the column"
             )
         codes[value] = SPLITS.index(split)
-    lookup = pa.array(list(codes), column.type)
-    positions = pc.index_in(column, value_set=lookup).to_numpy(zero_copy_only=False)
-    return np.array([codes[v] for v in lookup.to_pylist()], np.int8)[positions]
+    positions = pc.index_in(column, value_set=pa.array(list(codes), column.type)).to_numpy(zero_copy_only=False)
+    return np.array(list(codes.values()), np.int8)[positions]
 
 
 def origin_of_files(files: Sequence[str], root: str, names: Sequence[str]) -> dict[str, str]:
