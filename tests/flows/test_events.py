@@ -50,9 +50,13 @@ def test_runs_promotions_and_rollbacks_emit_events_an_automation_can_react_to(cl
                 )
             )
             assert runs, "the automation did not start the roll-out deployment"
-            events = wait_for(lambda: [e for e in ptqflow_events(client, since) if e.resource.id == model_id])
+            # Both events of this run: the automation may fire before the server has stored the second one.
+            events = wait_for(
+                lambda: [e for e in ptqflow_events(client, since) if e.payload.get("run_id") == summary["run_id"]], 2
+            )
         names = [e.event for e in events]
         assert names == ["ptqflow.gate.passed", "ptqflow.model.promoted"]
+        assert all(e.resource.id == model_id for e in events)
         gate, promoted = events
         assert gate.payload["run_id"] == summary["run_id"] and gate.payload["status"] == "passed"
         assert gate.payload["metrics"]["quantized_accuracy"] == summary["metrics"]["quantized_accuracy"]
@@ -80,9 +84,14 @@ def test_runs_promotions_and_rollbacks_emit_events_an_automation_can_react_to(cl
         assert cli("promote", second["run_id"], "--store", store, "--export", export).returncode == 0
         assert cli("rollback", "--export", export).returncode == 0
         with get_client(sync_client=True) as client:
-            moved = wait_for(lambda: [e for e in ptqflow_events(client, since) if e.payload.get("by") == "hand"], 2)
+            moved = wait_for(lambda: [e for e in ptqflow_events(client, since) if by_hand_to(e, export)], 2)
         assert [e.event for e in moved] == ["ptqflow.model.promoted", "ptqflow.export.rolled-back"]
         assert moved[0].resource.id == f"ptqflow.model.{second['artifacts']['tflite']['sha256']}"
         assert moved[1].resource.id == model_id and moved[1].payload["version"] == summary["export"]["version"]
     finally:
         automation.delete()
+
+
+def by_hand_to(event, export: str) -> bool:
+    """A promote or rollback by hand of this test's export (other tests may move their own exports meanwhile)."""
+    return event.payload.get("by") == "hand" and any(r.id == f"ptqflow.export.{export}" for r in event.related)
