@@ -20,6 +20,7 @@ from ptqflow.tasks.parameters import (
     ColorMode,
     ConversionParameters,
     GateParameters,
+    ModelTask,
     QuantizationScheme,
     RankBy,
     RepairParameters,
@@ -59,6 +60,7 @@ def parameters(schema: type[Model], **given: Any) -> Model:
 def upstream_parameters(
     *,
     dataset: str | None = None,
+    task: ModelTask | None = None,
     feature_column: str | None = None,
     feature_columns: str | None = None,
     label_column: str | None = None,
@@ -88,6 +90,7 @@ def upstream_parameters(
         "sampling": parameters(
             SamplingParameters,
             dataset=dataset,
+            task=task,
             feature_column=feature_column,
             feature_columns=feature_columns,
             label_column=label_column,
@@ -117,12 +120,18 @@ def gate_parameters(
     max_accuracy_drop: float | None = None,
     promotion_tolerance: float | None = None,
     min_comparison_rows: int | None = None,
+    max_error_increase: float | None = None,
+    min_sqnr: float | None = None,
+    min_agreement: float | None = None,
 ) -> GateParameters:
     return parameters(
         GateParameters,
         max_accuracy_drop=max_accuracy_drop,
         promotion_tolerance=promotion_tolerance,
         min_comparison_rows=min_comparison_rows,
+        max_error_increase=max_error_increase,
+        min_sqnr=min_sqnr,
+        min_agreement=min_agreement,
     )
 
 
@@ -156,6 +165,9 @@ def pipeline_arguments(
     max_accuracy_drop: float | None = None,
     promotion_tolerance: float | None = None,
     min_comparison_rows: int | None = None,
+    max_error_increase: float | None = None,
+    min_sqnr: float | None = None,
+    min_agreement: float | None = None,
     repair: bool | None = None,
     max_float_layers: int | None = None,
     storage_block: str | None = None,
@@ -183,7 +195,9 @@ def pipeline_arguments(
             scheme=scheme,
             per_channel=per_channel,
         ),
-        gate=gate_parameters(max_accuracy_drop, promotion_tolerance, min_comparison_rows),
+        gate=gate_parameters(
+            max_accuracy_drop, promotion_tolerance, min_comparison_rows, max_error_increase, min_sqnr, min_agreement
+        ),
         repair=parameters(RepairParameters, enabled=repair, max_float_layers=max_float_layers),
     )
 
@@ -218,6 +232,9 @@ def sweep_arguments(
     max_accuracy_drop: float | None = None,
     promotion_tolerance: float | None = None,
     min_comparison_rows: int | None = None,
+    max_error_increase: float | None = None,
+    min_sqnr: float | None = None,
+    min_agreement: float | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
     **upstream: Any,
@@ -245,7 +262,9 @@ def sweep_arguments(
             require_full_integer=require_full_integer,
             latency_threads=latency_threads,
         ),
-        gate=gate_parameters(max_accuracy_drop, promotion_tolerance, min_comparison_rows),
+        gate=gate_parameters(
+            max_accuracy_drop, promotion_tolerance, min_comparison_rows, max_error_increase, min_sqnr, min_agreement
+        ),
     )
     # An unknown configuration name is refused before a cluster starts.
     select_configurations(

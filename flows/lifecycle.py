@@ -26,7 +26,13 @@ from ptqflow.tasks.errors import AccuracyGateFailed
 from ptqflow.tasks.gate import GateResult
 from ptqflow.tasks.manifest import build_manifest, write_run_manifest
 from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.parameters import CalibrationParameters, GateParameters, SamplingParameters, TrainingParameters
+from ptqflow.tasks.parameters import (
+    CalibrationParameters,
+    GateParameters,
+    ModelTask,
+    SamplingParameters,
+    TrainingParameters,
+)
 from ptqflow.tasks.promotion import compare_with_champion, record_promotion_in_report
 from ptqflow.tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
 from ptqflow.tasks.render import (
@@ -37,7 +43,7 @@ from ptqflow.tasks.render import (
     sweep_summary_markdown,
 )
 from ptqflow.tasks.sample import columns_of, fingerprint_source, sample_dataset
-from ptqflow.tasks.train import fingerprint_model, train_float_model
+from ptqflow.tasks.train import check_trainable, fingerprint_model, train_float_model
 from ptqflow.tasks.validation_report import PromotionDecision
 
 
@@ -64,6 +70,7 @@ def guarded_run(
             "calibration": calibration.model_dump(mode="json"),
         }
     )
+    check_trainable(sampling.task, training)
     with credentials_from_blocks(storage_block, export_block):
         artifact_store = ArtifactStore(store)
         export_target_store = export_store(export) if export else None  # a bad export URL fails now
@@ -147,20 +154,20 @@ def challenge_champion(
     dataset: SampledDataset,
     artifacts: dict[str, ArtifactRef],
     verdict: GateResult,
-    challenger_accuracy: float | None,
+    challenger_figure: float | None,
     gate: GateParameters,
     batch_size: int,
 ) -> tuple[PromotionDecision | None, dict[str, ArtifactRef]]:
     """With an export target and a passing gate: compare with the exported model (champion) on this test split
     (see tasks/promotion.py). Returns the decision and the run's artifacts, whose report now records it."""
-    if not export or not verdict.passed or challenger_accuracy is None:
+    if not export or not verdict.passed:
         return None, artifacts
     promotion = run.effect(
         compare_with_champion,
         export_url=export,
         dataset=dataset,
         challenger=artifacts["tflite"],
-        challenger_accuracy=challenger_accuracy,
+        challenger_figure=challenger_figure,
         gate=gate,
         batch_size=batch_size,
     )
@@ -226,7 +233,9 @@ def finish_run(
         dataset,
         artifacts,
         verdict,
-        validated.quantized_accuracy if validated else None,
+        (validated.quantized_mae if dataset.spec.task is ModelTask.regression else validated.quantized_accuracy)
+        if validated
+        else None,
         gate,
         parameters["validation"].batch_size,
     )

@@ -12,7 +12,7 @@ from ptqflow.tasks.artifacts import (
     ConvertedModels,
 )
 from ptqflow.tasks.convert import convert_to_tflite
-from ptqflow.tasks.gate import GateStatus, check_accuracy_gate
+from ptqflow.tasks.gate import GateStatus, check_gate
 from ptqflow.tasks.outcome import RunSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
@@ -43,8 +43,9 @@ def ptq_pipeline(
     export_block: str | None = None,
     repair: RepairParameters = RepairParameters(),
 ) -> RunSummary:
-    """Sample, train, calibrate, convert and validate; fail when the quantized model loses more accuracy than
-    ``gate.max_accuracy_drop`` allows; publish a passing run to ``export``; record the run in a manifest.
+    """Sample, train, calibrate, convert and validate; fail when the quantized model is less faithful than the
+    gate allows (``tasks.fidelity``: accuracy drop, MAE rise, or SQNR against the float model, by task); publish a
+    passing run to ``export``; record the run in a manifest.
 
     Args:
         store: fsspec URL of the artifact store (a local folder, s3://bucket/prefix, ...).
@@ -66,7 +67,7 @@ def ptq_pipeline(
             conversion=conversion,
         )
         validated = validate(converted=converted)
-        verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops)
+        verdict = check_gate(validated, gate, conversion.ops)
         repaired = None
         if verdict.status is GateStatus.failed and verdict.name == "accuracy_drop" and repair.applies_to(conversion):
             repaired = run(
@@ -83,7 +84,7 @@ def ptq_pipeline(
             if repaired.succeeded:
                 converted = ConvertedModels(quantized=repaired.repaired, float_model=converted.float_model)
                 validated = validate(label="validate_repaired_model", converted=converted, repair=repaired)
-            verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, conversion.ops, repaired)
+            verdict = check_gate(validated, gate, conversion.ops, repaired)
 
         artifacts = {
             "dataset": dataset.manifest,

@@ -28,12 +28,13 @@ from ptqflow.tasks.artifacts import (
     TrainedModel,
     ValidationResult,
 )
-from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.errors import ConversionFailed, InvalidModel
 from ptqflow.tasks.gate import check_accuracy_gate, no_configuration_passed
 from ptqflow.tasks.outcome import SweepSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
+    ModelTask,
     QuantizationScheme,
     SamplingParameters,
     SweepParameters,
@@ -214,6 +215,11 @@ def ptq_sweep(
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
     parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
+    if sampling.task is not ModelTask.classification:
+        raise InvalidModel(
+            f"ptqflow sweep ranks classifiers by accuracy so far, not --task {sampling.task.value} models: run each "
+            "configuration with `ptqflow run` (--scheme, --per-channel/--per-tensor, --calibration-size)"
+        )
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )

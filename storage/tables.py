@@ -3,9 +3,10 @@
 Layout written (measured by ``benchmarks/tensor_layout.py``; see README "Tensor tables"):
 
 * ``features``: ``fixed_size_binary(prod(shape) * itemsize)``, one sample's raw values per row, C order;
-* ``label``: ``int64``;
-* schema metadata key ``ptqflow`` (JSON): ``{"shape": [...], "dtype": "uint8"|"float32", ...}`` plus whatever the
-  writer adds about the data set (value range, number of classes, class names, source).
+* ``label``: ``int64`` class indices; for regression targets a ``fixed_size_list<float32>[k]``; absent for unlabeled
+  data;
+* schema metadata key ``ptqflow`` (JSON): ``{"shape": [...], "dtype": "uint8"|"float32", "targets": "classes"|
+  "values"|"none", ...}`` plus whatever the writer adds about the data set (value range, class names, source).
 
 Arrow's canonical ``fixed_shape_tensor`` extension type (a fixed-size list underneath) is accepted on read, as is
 a plain fixed-size list with the shape in the metadata, but it is an order of magnitude slower to write and read
@@ -30,6 +31,9 @@ FEATURES = "features"
 LABEL = "label"
 METADATA_KEY = b"ptqflow"
 SUPPORTED_DTYPES = ("uint8", "float32")
+# What a table's labels are: integer class indices, numeric targets (regression), or nothing (unlabeled data, for
+# which the float model's own outputs are the reference).
+TARGET_KINDS = ("classes", "values", "none")
 
 
 class TensorTableError(ValueError):
@@ -38,8 +42,9 @@ class TensorTableError(ValueError):
 
 @dataclass(frozen=True)
 class TensorTable:
-    """Samples in memory: ``features`` of shape ``(n, *shape)`` and int64 ``labels`` of shape ``(n,)``;
-    ``splits``, when the source gives its own, each row's split (an index into ``tasks.splits.SPLITS``)."""
+    """Samples in memory: ``features`` of shape ``(n, *shape)`` and their ``labels``: int64 class indices of shape
+    ``(n,)``, float32 targets of shape ``(n, k)``, or none, shape ``(n, 0)``; ``splits``, when the source gives its
+    own, each row's split (an index into ``tasks.splits.SPLITS``)."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -60,6 +65,11 @@ class TensorTable:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.features.shape[1:])
 
+    @property
+    def targets(self) -> str:
+        """Which of ``TARGET_KINDS`` the labels are."""
+        return target_kind(self.labels)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -72,6 +82,24 @@ class TensorTable:
         )
 
 
+def target_kind(labels: np.ndarray) -> str:
+    if labels.ndim == 1:
+        return "classes"
+    return "values" if labels.shape[1] else "none"
+
+
+def no_labels(rows: int) -> np.ndarray:
+    """The labels of unlabeled data: none per row."""
+    return np.zeros((rows, 0), np.float32)
+
+
+def _labels_array(labels: np.ndarray) -> pa.Array:
+    if labels.ndim == 1:
+        return pa.array(labels.astype(np.int64), pa.int64())
+    values = pa.array(np.ascontiguousarray(labels, np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, labels.shape[1])
+
+
 def _features_array(features: np.ndarray) -> pa.FixedSizeBinaryArray:
     flat = np.ascontiguousarray(features).reshape(len(features), -1)
     width = flat.shape[1] * flat.dtype.itemsize
@@ -80,17 +108,16 @@ def _features_array(features: np.ndarray) -> pa.FixedSizeBinaryArray:
 
 def to_arrow(table: TensorTable) -> pa.Table:
     meta = dict(table.metadata)
-    meta.update(shape=list(table.sample_shape), dtype=table.features.dtype.name)
+    meta.update(shape=list(table.sample_shape), dtype=table.features.dtype.name, targets=table.targets)
+    arrays = [_features_array(table.features)]
+    if table.targets != "none":
+        arrays.append(_labels_array(table.labels))
+    names = [FEATURES, LABEL][: len(arrays)]
     schema = pa.schema(
-        [
-            pa.field(FEATURES, pa.binary(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)),
-            pa.field(LABEL, pa.int64()),
-        ],
+        [pa.field(name, array.type) for name, array in zip(names, arrays)],
         metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()},
     )
-    return pa.Table.from_arrays(
-        [_features_array(table.features), pa.array(table.labels.astype(np.int64), pa.int64())], schema=schema
-    )
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 ROW_GROUP_BYTES = 32 << 20
@@ -134,6 +161,8 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
         shape, value_range, names = meta.get("shape"), meta.get("value_range"), meta.get("class_names")
+        if meta.get("targets", "classes") not in TARGET_KINDS:
+            raise ValueError(f"targets {meta.get('targets')!r} is none of {', '.join(TARGET_KINDS)}")
         if shape is not None and not (
             isinstance(shape, list)
             and shape
@@ -171,9 +200,20 @@ class Columns:
     # The column naming each row's split (train / validation / test); None ignores the splits a source gives
     # (this column, and folders or files named after splits): --splits resplit.
     split: str | None = "split"
+    # What the label column holds (one of TARGET_KINDS; "none" reads no label column even if there is one); None:
+    # what the table's metadata says, else classes.
+    targets: str | None = None
 
     def feature_names(self) -> list[str]:
         return list(self.wide) if self.wide else [self.features]
+
+    def label_names(self) -> list[str]:
+        """The label column to read: none for unlabeled data."""
+        return [] if self.targets == "none" else [self.label]
+
+    def with_targets_of(self, meta: dict[str, Any]) -> Columns:
+        """These columns, with ``targets`` from a table's metadata when they do not say."""
+        return self if self.targets is not None else replace(self, targets=meta.get("targets", "classes"))
 
 
 def _numeric(kind: pa.DataType) -> bool:
@@ -198,7 +238,7 @@ def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
             for n in schema.names
             if n not in (columns.label, columns.split) and any(fnmatch.fnmatchcase(n, p) for p in columns.wide)
         ]
-    elif columns.features not in schema.names and columns.label in schema.names:
+    elif columns.features not in schema.names and (columns.label in schema.names or columns.targets == "none"):
         names = [n for n in schema.names if n not in (columns.label, columns.split) and _numeric(schema.field(n).type)]
         if not names:
             return columns  # check_columns says the features column is missing
@@ -341,32 +381,54 @@ def huggingface_class_names(schema: pa.Schema, label: str) -> list[str] | None:
 
 
 def labels_to_numpy(column: pa.ChunkedArray | pa.Array, columns: Columns = Columns()) -> np.ndarray:
-    if not pa.types.is_integer(column.type):
-        raise TensorTableError(
-            f"column '{columns.label}' has type {column.type}: labels must be integer class indices 0..n-1"
-        )
+    """A label column as ``columns.targets`` says: int64 class indices, or float32 targets of shape (n, k) from a
+    number or a fixed-size list of numbers per row."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if column.null_count:
         raise TensorTableError(f"column '{columns.label}' has {column.null_count} null rows: drop them from the source")
+    kind = column.type
+    if columns.targets == "values":
+        if _numeric(kind):
+            return column.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 1)
+        if pa.types.is_fixed_size_list(kind) and _numeric(kind.value_type):
+            flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            return flat.reshape(len(column), kind.list_size)
+        raise TensorTableError(
+            f"column '{columns.label}' has type {kind}: regression targets must be numbers, or a fixed-size list of "
+            "numbers per row"
+        )
+    if not pa.types.is_integer(kind):
+        fix = "; numeric targets need --task regression" if _numeric(kind) else ""
+        raise TensorTableError(
+            f"column '{columns.label}' has type {kind}: labels must be integer class indices 0..n-1{fix}"
+        )
     return column.to_numpy().astype(np.int64, copy=False)
 
 
 def check_columns(schema: pa.Schema, columns: Columns = Columns()) -> None:
-    missing = [c for c in (*columns.feature_names(), columns.label) if c not in schema.names]
+    missing = [c for c in (*columns.feature_names(), *columns.label_names()) if c not in schema.names]
     if missing:
+        fix = "name them with --feature-column and --label-column"
+        if columns.label in missing and columns.targets != "values":
+            fix += " (or, for a model whose float outputs are the reference, --task unlabeled)"
         raise TensorTableError(
-            f"table has no column(s) {', '.join(repr(c) for c in missing)} (it has {', '.join(schema.names)}): "
-            "name them with --feature-column and --label-column"
+            f"table has no column(s) {', '.join(repr(c) for c in missing)} (it has {', '.join(schema.names)}): {fix}"
         )
 
 
+def read_labels(data: pa.Table | pa.RecordBatch, columns: Columns) -> np.ndarray:
+    """The labels of ``data`` as ``columns.targets`` says (none for unlabeled data)."""
+    if columns.targets == "none":
+        return no_labels(data.num_rows)
+    return labels_to_numpy(data.column(columns.label), columns)
+
+
 def arrow_to_tensor_table(table: pa.Table, columns: Columns = Columns()) -> TensorTable:
-    check_columns(table.schema, columns)
     meta = source_metadata(table.schema, columns)
-    return TensorTable(
-        features_to_numpy(table, meta, columns),
-        labels_to_numpy(table.column(columns.label), columns),
-        meta,
-    )
+    columns = columns.with_targets_of(meta)
+    check_columns(table.schema, columns)
+    return TensorTable(features_to_numpy(table, meta, columns), read_labels(table, columns), meta)
 
 
 def read_parquet(source: IO[bytes] | bytes, columns: Columns = Columns()) -> TensorTable:
@@ -383,7 +445,7 @@ def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndar
     # 1 GiB of RSS); a buffered stream keeps a streaming reader to about one row group.
     parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
     schema = parquet.schema_arrow
-    check_columns(schema)
     meta = table_metadata(schema)
+    check_columns(schema, Columns().with_targets_of(meta))
     for batch in parquet.iter_batches(batch_size=batch_size, columns=[FEATURES]):
         yield column_to_numpy(batch.column(0), meta)

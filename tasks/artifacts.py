@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.parameters import ModelTask
 
 
 class StageOutput(BaseModel):
@@ -24,7 +25,8 @@ class StageOutput(BaseModel):
 
 
 class FeatureSpec(BaseModel):
-    """What the model's input looks like: one sample's shape and raw dtype, and the raw value range."""
+    """What the model's input looks like (one sample's shape and raw dtype, the raw value range) and what its
+    output is judged against: ``n_classes`` classes, or ``n_targets`` regression targets, or (unlabeled) nothing."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -33,6 +35,8 @@ class FeatureSpec(BaseModel):
     value_range: tuple[float, float]
     n_classes: int
     class_names: tuple[str, ...]
+    task: ModelTask = ModelTask.classification
+    n_targets: int = Field(0, description="--task regression: the number of numeric targets per sample.")
 
 
 class SplitRule(BaseModel):
@@ -77,7 +81,8 @@ class TrainedModel(StageOutput):
     model: ArtifactRef = Field(description="The float Keras model (.keras).")
     epochs_run: int
     best_epoch: int
-    validation_accuracy: float
+    validation_accuracy: float | None = Field(description="Classification: the float model's validation accuracy.")
+    validation_mae: float | None = Field(None, description="Regression: the float model's validation MAE.")
 
 
 class CalibrationSet(StageOutput):
@@ -129,11 +134,21 @@ class ValidationFigures(BaseModel):
 
     validated: bool = True
     not_validated_reason: str | None = None
-    float_accuracy: float
+    task: ModelTask = ModelTask.classification
+    float_accuracy: float | None = Field(description="Classification only, as are the other accuracies.")
     tflite_float_accuracy: float | None
     quantized_accuracy: float | None
     accuracy_drop_pp: float | None
-    agreement: float | None
+    agreement: float | None = Field(description="Share of test samples whose top-1 class is the float model's.")
+    float_mae: float | None = Field(None, description="Regression: the float model's MAE against the targets.")
+    tflite_float_mae: float | None = Field(None, description="Regression: the float .tflite model's MAE.")
+    quantized_mae: float | None = Field(None, description="Regression: the quantized model's MAE.")
+    mae_increase_pct: float | None = Field(
+        None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
+    )
+    sqnr_db: float | None = Field(
+        None, description="The quantized outputs' SQNR against the float model's, in dB (None when identical)."
+    )
     rerun_max_difference: float | None = Field(
         None,
         description="Largest output difference between two identical runs of the quantized model on the "

@@ -35,7 +35,8 @@ from ptqflow.storage.tables import (
     arrow_to_tensor_table,
     check_columns,
     features_to_numpy,
-    labels_to_numpy,
+    no_labels,
+    read_labels,
     resolve_columns,
     source_metadata,
 )
@@ -272,11 +273,9 @@ def _read_csv_source(
     split_column = given.wanted(schema)
     labels_per_file = []
     for path in paths:
-        batches = list(_csv_batches(fs, path, [columns.label, *split_column]))
+        batches = list(_csv_batches(fs, path, [*_label_or_row_column(columns), *split_column]))
         try:
-            labels_per_file.append(
-                np.concatenate([labels_to_numpy(b.column(0), columns) for b in batches] or [np.zeros(0, np.int64)])
-            )
+            labels_per_file.append(np.concatenate([read_labels(b, columns) for b in batches] or [_no_rows(columns)]))
         except TensorTableError as error:
             raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
         column = (
@@ -292,7 +291,8 @@ def _read_csv_source(
     else:
         chosen = np.arange(len(labels)) if draw is None else draw.indices(labels, f"{draw.role} {url}", codes)
     check_source_size(url, len(labels), 4 * len(columns.wide), len(chosen))
-    check_label_range(url, int(labels.max()))
+    if labels.ndim == 1:
+        check_label_range(url, int(labels.max()))
     by_position = np.argsort(chosen, kind="stable")
     wanted = chosen[by_position]
     features = np.empty((len(chosen), len(columns.wide)), np.float32)
@@ -555,7 +555,7 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
                 4 * len(columns.wide) if columns.wide else declared_sample_bytes(schema.field(columns.features).type)
             )
             label_index = parquet.schema_arrow.get_field_index(columns.label)
-            for group in range(parquet.num_row_groups):
+            for group in range(parquet.num_row_groups if columns.targets == "classes" and label_index >= 0 else 0):
                 column = parquet.metadata.row_group(group).column(label_index)
                 stats = column.statistics
                 if stats is not None and stats.has_min_max and isinstance(stats.max, int):
@@ -582,7 +582,7 @@ def _read_parquet_source(
     _check_survey(url, fs, files, columns)
     given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     tables = []
-    wanted = [*columns.feature_names(), columns.label]
+    wanted = [*columns.feature_names(), *columns.label_names()]
     for path in files:
         with _reading(fs, path, columns) as parquet:
             split_column = given.wanted(parquet.schema_arrow)
@@ -598,6 +598,19 @@ def _read_parquet_source(
     except TensorTableError as error:
         raise InvalidDataset(f"{url}: {error}") from None
     return _with_source(_with_given_splits(loaded, *given.result()), url)
+
+
+def _label_or_row_column(columns: Columns) -> list[str]:
+    """The column a first pass over a source reads: the labels, or, for unlabeled data, one feature column (only
+    to count the rows)."""
+    return columns.label_names() or columns.feature_names()[:1]
+
+
+def _no_rows(columns: Columns) -> np.ndarray:
+    """The labels of no rows, shaped as ``columns.targets`` says."""
+    if columns.targets == "none":
+        return no_labels(0)
+    return np.zeros((0, 1), np.float32) if columns.targets == "values" else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -652,13 +665,13 @@ def _draw_from_parquet_source(
     for path in files:
         with _reading(fs, path, columns) as parquet:
             split_column = given.wanted(parquet.schema_arrow)
-            read = parquet.read(columns=[columns.label, *split_column])
+            read = parquet.read(columns=[*_label_or_row_column(columns), *split_column])
             try:
-                labels_per_file.append(labels_to_numpy(read.column(0), columns))
+                labels_per_file.append(read_labels(read, columns))
             except TensorTableError as error:
                 raise InvalidDataset(f"{fs.unstrip_protocol(path)}: {error}") from None
             given.add(path, read.num_rows, read.column(1) if split_column else None)
-    labels = np.concatenate(labels_per_file) if labels_per_file else np.zeros(0, np.int64)
+    labels = np.concatenate(labels_per_file) if labels_per_file else _no_rows(columns)
     if not len(labels):
         raise InvalidDataset(f"{draw.role} {url} is empty: point it at a table with samples")
     codes, origin = given.result()
@@ -723,7 +736,7 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     fs, files = _parquet_files(name, None, listing)
     columns = _resolved(fs, files, columns)
     with _reading(fs, files[0], columns) as parquet:
-        for batch in parquet.iter_batches(batch_size=1, columns=[*columns.feature_names(), columns.label]):
+        for batch in parquet.iter_batches(batch_size=1, columns=[*columns.feature_names(), *columns.label_names()]):
             try:
                 return _with_source(arrow_to_tensor_table(pa.Table.from_batches([batch]), columns), name)
             except TensorTableError as error:
@@ -742,7 +755,7 @@ def load_dataset(
             source cannot give.
     """
     if is_builtin(name):
-        table = BUILTIN_DATASETS[name]()
+        table = _class_labels_as_asked(BUILTIN_DATASETS[name](), columns, name)
         if columns.split is None:
             table = _without_given_splits(table)
         return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}", table.splits))
@@ -750,17 +763,31 @@ def load_dataset(
     if (folder := _image_folder(name, since, listing, columns.split is not None)) is not None:
         check_source_size(name, len(folder.paths), None, draw.size if draw else None)
         check_label_range(name, len(folder.class_names) - 1)
-        chosen = (
-            np.arange(len(folder.paths))
-            if draw is None
-            else draw.indices(folder.labels, f"{draw.role} {name}", folder.splits)
-        )
-        return _read_images(folder, chosen, columns)
+        labels = _class_labels_for(folder.labels, columns, name)
+        where = name if draw is None else f"{draw.role} {name}"
+        chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(labels, where, folder.splits)
+        return _class_labels_as_asked(_read_images(folder, chosen, columns), columns, name)
     if (csv_files := _csv_files(name, since, listing)) is not None:
         return _read_csv_source(name, csv_files, columns, draw, _root(listing, csv_files[1]))
     if draw is None:
         return _read_parquet_source(name, columns, since, listing)
     return _draw_from_parquet_source(name, columns, draw, since, listing)
+
+
+def _class_labels_for(labels: np.ndarray, columns: Columns, name: str) -> np.ndarray:
+    """The class labels of a source that gives classes (a built-in data set, an image folder's class folders), for
+    the task: unlabeled drops them; regression finds no targets in them."""
+    if columns.targets == "values":
+        raise InvalidDataset(
+            f"{name} labels its samples with classes, not numeric targets: use --task classification, or give a "
+            "table whose --label-column holds the targets"
+        )
+    return no_labels(len(labels)) if columns.targets == "none" else labels
+
+
+def _class_labels_as_asked(table: TensorTable, columns: Columns, name: str) -> TensorTable:
+    labels = _class_labels_for(table.labels, columns, name)
+    return table if labels is table.labels else TensorTable(table.features, labels, table.metadata, table.splits)
 
 
 def _read_images(folder: ImageFolder, chosen: np.ndarray, columns: Columns) -> TensorTable:

@@ -9,7 +9,8 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ptqflow.tasks.artifacts import RepairResult, ValidationFigures, WorstLayer
-from ptqflow.tasks.parameters import TargetOps
+from ptqflow.tasks.fidelity import judge
+from ptqflow.tasks.parameters import GateParameters, ModelTask, TargetOps
 from ptqflow.tasks.sweep import SweepRow
 
 
@@ -27,7 +28,10 @@ class GateResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(description="The check that decided: accuracy_drop, repeatable or sweep.")
+    name: str = Field(
+        description="The check that decided: accuracy_drop (classification), error_increase (regression), "
+        "float_fidelity (unlabeled), repeatable or sweep."
+    )
     status: GateStatus
     observed_drop_pp: float | None
     max_drop_pp: float
@@ -42,6 +46,18 @@ class GateResult(BaseModel):
 def describe_layers(layers: Sequence[WorstLayer], count: int = 3) -> str:
     """``layer (op, badness b)`` for the worst ``count`` layers."""
     return ", ".join(f"{w.layer} ({w.op}, badness {w.badness:.1f})" for w in layers[:count])
+
+
+def not_repeatable(result: ValidationFigures, max_accuracy_drop: float) -> GateResult:
+    return GateResult(
+        name="repeatable",
+        status=GateStatus.failed,
+        observed_drop_pp=result.accuracy_drop_pp,
+        max_drop_pp=max_accuracy_drop,
+        message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
+        "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
+        "another way, e.g. with per-channel weights or full integer (`ptqflow sweep` compares them)",
+    )
 
 
 def check_accuracy_gate(
@@ -62,15 +78,7 @@ def check_accuracy_gate(
             message=f"not validated: {result.not_validated_reason}",
         )
     if result.rerun_max_difference:
-        return GateResult(
-            name="repeatable",
-            status=GateStatus.failed,
-            observed_drop_pp=result.accuracy_drop_pp,
-            max_drop_pp=max_accuracy_drop,
-            message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
-            "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
-            "another way, e.g. with per-channel weights or full integer (`ptqflow sweep` compares them)",
-        )
+        return not_repeatable(result, max_accuracy_drop)
     passed = result.accuracy_drop_pp <= max_accuracy_drop
     observed = (
         f"quantized accuracy {result.quantized_accuracy:.2%} is {result.accuracy_drop_pp:.2f} pp below float "
@@ -108,6 +116,47 @@ def check_accuracy_gate(
         status=GateStatus.passed if passed else GateStatus.failed,
         observed_drop_pp=result.accuracy_drop_pp,
         max_drop_pp=max_accuracy_drop,
+        message=message,
+    )
+
+
+def check_gate(
+    result: ValidationFigures,
+    gate: GateParameters,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
+    """Judge a validation by its task's figure (``tasks.fidelity``): the accuracy drop for classification, the
+    MAE rise for regression, SQNR and agreement against the float model for unlabeled data."""
+    if result.task is ModelTask.classification:
+        return check_accuracy_gate(result, gate.max_accuracy_drop, ops, repair)
+    name = "error_increase" if result.task is ModelTask.regression else "float_fidelity"
+    verdict = judge(result, gate) if result.validated else None
+    if verdict is None:
+        return GateResult(
+            name=name,
+            status=GateStatus.not_validated,
+            observed_drop_pp=None,
+            max_drop_pp=gate.max_accuracy_drop,
+            message=f"not validated: {result.not_validated_reason}",
+        )
+    if result.rerun_max_difference:
+        return not_repeatable(result, gate.max_accuracy_drop)
+    if verdict.passed:
+        message = f"gate passed: {verdict.observed}; the gate asks {verdict.limit}"
+    else:
+        message = (
+            f"gate failed: {verdict.observed}; the gate asks {verdict.limit}: calibrate on more samples "
+            f"(--calibration-size), try int16 activations (--scheme int16x8 --input-type float32 --output-type "
+            f"float32), or relax {verdict.option}"
+        )
+        if result.worst_layers:
+            message += f"; worst layers: {describe_layers(result.worst_layers)}"
+    return GateResult(
+        name=name,
+        status=GateStatus.passed if verdict.passed else GateStatus.failed,
+        observed_drop_pp=None,
+        max_drop_pp=gate.max_accuracy_drop,
         message=message,
     )
 

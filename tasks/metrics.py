@@ -10,7 +10,29 @@ from ptqflow.tasks.validation_report import ModelMetrics, Speed
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose top-1 class is the label: for softmax, logits and sigmoid scores alike."""
     return float((probabilities.argmax(axis=1) == labels).mean())
+
+
+def mean_absolute_error(outputs: np.ndarray, targets: np.ndarray) -> float:
+    return round(float(np.mean(np.abs(outputs.astype(np.float64) - targets))), 9)
+
+
+def root_mean_squared_error(outputs: np.ndarray, targets: np.ndarray) -> float:
+    return round(float(np.sqrt(np.mean((outputs.astype(np.float64) - targets) ** 2))), 9)
+
+
+def increase_pct(reference: float, value: float) -> float:
+    """How much larger ``value`` is than ``reference``, in percent of it (an error that was 0 and grew: inf)."""
+    if reference == 0:
+        return 0.0 if value == 0 else float("inf")
+    return round((value - reference) / reference * 100, 6)
+
+
+def class_scores(outputs: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the outputs are class scores whose top-1 can agree or not: class labels, or (unlabeled) more than
+    one value per sample."""
+    return labels.ndim == 1 or (labels.shape[1] == 0 and outputs.ndim == 2 and outputs.shape[1] > 1)
 
 
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -33,7 +55,30 @@ def model_metrics(
     model_bytes: int | None = None,
     speed: Speed | None = None,
 ) -> ModelMetrics:
-    """Accuracy, per-class accuracy, confusion matrix, and agreement and output error against the float model."""
+    """Against the labels: accuracy, per-class accuracy and confusion matrix for class labels, MAE and RMSE for
+    regression targets, nothing for unlabeled rows. Against the float model: agreement (class scores), output
+    error and SQNR."""
+    against_float = {
+        "agreement_with_float": float((outputs.argmax(axis=1) == reference.argmax(axis=1)).mean())
+        if class_scores(outputs, labels)
+        else None,
+        "output_mae": mean_absolute_error(outputs, reference),
+        "output_max_abs_error": round(float(np.max(np.abs(outputs.astype(np.float64) - reference))), 9)
+        if outputs.size
+        else 0.0,
+        "output_sqnr_db": sqnr_db(reference, outputs),
+        "bytes": model_bytes,
+        "speed": speed,
+    }
+    if labels.ndim == 2:
+        if not labels.shape[1]:
+            return ModelMetrics(accuracy=None, **against_float)
+        return ModelMetrics(
+            accuracy=None,
+            mae=mean_absolute_error(outputs, labels),
+            rmse=root_mean_squared_error(outputs, labels),
+            **against_float,
+        )
     predicted = outputs.argmax(axis=1)
     matrix = confusion_matrix(predicted, labels, len(class_names))
     per_class = {
@@ -44,9 +89,5 @@ def model_metrics(
         accuracy=accuracy(outputs, labels),
         per_class_accuracy=per_class,
         confusion_matrix=matrix.tolist(),
-        agreement_with_float=float((predicted == reference.argmax(axis=1)).mean()),
-        output_mae=round(float(np.mean(np.abs(outputs - reference))), 9),
-        output_sqnr_db=sqnr_db(reference, outputs),
-        bytes=model_bytes,
-        speed=speed,
+        **against_float,
     )

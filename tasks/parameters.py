@@ -21,6 +21,21 @@ class ColorMode(str, Enum):
     grayscale = "grayscale"
 
 
+class ModelTask(str, Enum):
+    """What the model's outputs are judged against (``tasks.fidelity``): ``classification``, class labels
+    (softmax, logits or sigmoid scores; argmax); ``regression``, numeric targets (MAE, RMSE); ``unlabeled``, no
+    labels: the float model's own outputs are the reference (SQNR, error, top-1 agreement)."""
+
+    classification = "classification"
+    regression = "regression"
+    unlabeled = "unlabeled"
+
+    @property
+    def targets(self) -> str:
+        """What its label column holds (``storage.tables.TARGET_KINDS``)."""
+        return {"classification": "classes", "regression": "values", "unlabeled": "none"}[self.value]
+
+
 class SplitMode(str, Enum):
     """Whether the splits a source gives are used (``tasks.splits``)."""
 
@@ -98,7 +113,14 @@ class SamplingParameters(_Parameters):
         "commas (e.g. f_*); a table with the label but no --feature-column column uses every numeric column but "
         "the label.",
     )
-    label_column: str = Field("label", min_length=1, description="Column holding integer class indices.")
+    task: ModelTask = Field(
+        ModelTask.classification,
+        description="classification (integer class labels), regression (numeric targets: a number or a fixed-size "
+        "list of numbers per row) or unlabeled (no labels needed: a given model's float outputs are the reference).",
+    )
+    label_column: str = Field(
+        "label", min_length=1, description="Column holding integer class indices, or the regression targets."
+    )
     input_shape: tuple[int, ...] | None = Field(
         None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
     )
@@ -301,6 +323,28 @@ class GateParameters(_Parameters):
         "new model is not promoted automatically. Default: 100, or half the test split if that is smaller.",
     )
 
+    max_error_increase: float = Field(
+        5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="--task regression: largest accepted rise of the quantized model's MAE over the float model's, "
+        "in percent of the float MAE.",
+    )
+    min_sqnr: float = Field(
+        20.0,
+        ge=-100.0,
+        le=200.0,
+        description="--task unlabeled: smallest accepted signal-to-quantization-noise ratio of the quantized outputs "
+        "against the float model's, in dB.",
+    )
+    min_agreement: float = Field(
+        0.98,
+        ge=0.0,
+        le=1.0,
+        description="--task unlabeled, for class-score outputs: smallest accepted share of samples whose top-1 class "
+        "is the float model's.",
+    )
+
     def comparison_rows_needed(self, test_rows: int) -> int:
         return self.min_comparison_rows if self.min_comparison_rows is not None else min(100, -(-test_rows // 2))
 
@@ -337,7 +381,11 @@ class SweepParameters(_Parameters):
         min_length=1,
         description="Calibration sizes tried with full int8 (the base calibration size is always one of them).",
     )
-    rank_by: RankBy = Field(RankBy.size, description="size, latency or accuracy: what the best configuration has.")
+    rank_by: RankBy = Field(
+        RankBy.size,
+        description="size, latency or accuracy (the task's own metric: accuracy, MAE or SQNR): what the best "
+        "configuration has.",
+    )
     require_full_integer: bool = Field(
         False, description="Only a model with no float tensor (integer I/O too) can pass and be exported."
     )

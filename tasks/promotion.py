@@ -33,8 +33,8 @@ from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, 
 from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.artifacts import SampledDataset
 from ptqflow.tasks.interpreter import predict_tflite
-from ptqflow.tasks.metrics import accuracy
-from ptqflow.tasks.parameters import GateParameters
+from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error
+from ptqflow.tasks.parameters import GateParameters, ModelTask
 from ptqflow.tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
 from ptqflow.tasks.render import render_html, render_markdown
 from ptqflow.tasks.sample import GIVEN_SCHEME, SPLIT_SCHEME, read_seen_rows, row_digests, split_positions
@@ -81,13 +81,72 @@ def decide(
     return PromotionDecision(promote=True, message=f"promoted: accuracy {versus}", **figures)
 
 
+def decide_on_error(
+    challenger_mae: float,
+    tolerance_pct: float,
+    champion_mae: float,
+    champion: dict[str, Any],
+    compared_rows: int,
+    comparison: str,
+) -> PromotionDecision:
+    """Pure: the promotion rule for regression, on the MAE of both models on the same rows: promoted when the
+    challenger's is at most ``tolerance_pct`` percent above the champion's."""
+    figures = {
+        "metric": "mae",
+        "challenger_accuracy": None,
+        "challenger_mae": challenger_mae,
+        "champion_mae": champion_mae,
+        "champion_version": champion.get("version"),
+        "champion_run_id": champion.get("run_id"),
+        "tolerance_pp": tolerance_pct,
+        "compared_rows": compared_rows,
+        "comparison": comparison,
+    }
+    rise = increase_pct(champion_mae, challenger_mae)
+    versus = (
+        f"MAE {challenger_mae:.4g} against {champion_mae:.4g} for the exported version {champion['version']} on "
+        f"{comparison}"
+    )
+    if rise > tolerance_pct:
+        return PromotionDecision(
+            promote=False,
+            **figures,
+            message=f"not promoted: {versus}, {rise:.2f}% worse (tolerance {tolerance_pct}%); the exported model "
+            "stays (`ptqflow promote RUN_ID` overrides)",
+        )
+    return PromotionDecision(promote=True, message=f"promoted: {versus}", **figures)
+
+
+def promoted_without_labels(pointer: dict[str, Any] | None, tolerance: float) -> PromotionDecision:
+    """Unlabeled data: there are no labels to compare two models on; a model that passed its own gate against its
+    own float model replaces the exported one."""
+    replaced = f"; it replaces the exported version {pointer['version']}" if pointer else ""
+    return PromotionDecision(
+        promote=True,
+        metric="none",
+        challenger_accuracy=None,
+        champion_version=(pointer or {}).get("version"),
+        champion_run_id=(pointer or {}).get("run_id"),
+        tolerance_pp=tolerance,
+        message="promoted: unlabeled data has no labels to compare it with the exported model on, and it passed its "
+        f"own gate against its float model{replaced}",
+    )
+
+
 def not_comparable(
-    challenger_accuracy: float, pointer: dict[str, Any], tolerance_pp: float, why: str, compared_rows: int | None = None
+    challenger_figure: float | None,
+    pointer: dict[str, Any],
+    tolerance_pp: float,
+    why: str,
+    compared_rows: int | None = None,
+    metric: str = "accuracy",
 ) -> PromotionDecision:
     """The decision when the champion cannot be measured fairly here: keep it, and say why and how to override."""
     return PromotionDecision(
         promote=False,
-        challenger_accuracy=challenger_accuracy,
+        metric=metric,
+        challenger_accuracy=challenger_figure if metric == "accuracy" else None,
+        challenger_mae=challenger_figure if metric == "mae" else None,
         champion_version=pointer["version"],
         champion_run_id=pointer.get("run_id"),
         tolerance_pp=tolerance_pp,
@@ -131,17 +190,31 @@ def compare_with_champion(
     export_url: str,
     dataset: SampledDataset,
     challenger: ArtifactRef,
-    challenger_accuracy: float,
+    challenger_figure: float | None,
     gate: GateParameters,
     batch_size: int = 256,
 ) -> PromotionDecision:
     """Evaluate the champion and the challenger (``challenger``, a model that passed its gate with
-    ``challenger_accuracy`` on the whole test split) on the test rows the champion never trained on; decide.
-    Never cached: the champion changes under it."""
+    ``challenger_figure``, its accuracy or MAE, on the whole test split) on the test rows the champion never trained
+    on; decide. Never cached: the champion changes under it."""
     export = export_store(export_url)
     pointer = read_pointer(export)
+    task = dataset.spec.task
+    if task is ModelTask.unlabeled:
+        return promoted_without_labels(pointer, gate.promotion_tolerance)
+    metric = "mae" if task is ModelTask.regression else "accuracy"
     if pointer is None:
-        return decide(challenger_accuracy, True, gate.promotion_tolerance)
+        if task is ModelTask.regression:
+            return PromotionDecision(
+                promote=True,
+                metric="mae",
+                challenger_accuracy=None,
+                challenger_mae=challenger_figure,
+                tolerance_pp=gate.promotion_tolerance,
+                message="promoted: there is no exported model yet",
+            )
+        return decide(challenger_figure, True, gate.promotion_tolerance)
+    not_fair = functools.partial(not_comparable, challenger_figure, pointer, gate.promotion_tolerance, metric=metric)
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
@@ -155,10 +228,7 @@ def compare_with_champion(
         seen_rows = functools.partial(_exported_seen_rows, export, seen_ref) if seen_ref else None
         unseen = rows_unseen_by(champion_manifest, test.features, seen_rows)
     if unseen is None:
-        return not_comparable(
-            challenger_accuracy,
-            pointer,
-            gate.promotion_tolerance,
+        return not_fair(
             f"the exported version {pointer['version']} records no split rule ptqflow can replay (it was exported "
             "before splits were assigned by content, or without the digests of the rows its given splits trained "
             "on), so the rows of this test split it trained on are unknown and its accuracy here could be inflated",
@@ -166,10 +236,7 @@ def compare_with_champion(
     needed = gate.comparison_rows_needed(len(test))
     compared = int(unseen.sum())
     if compared < needed:
-        return not_comparable(
-            challenger_accuracy,
-            pointer,
-            gate.promotion_tolerance,
+        return not_fair(
             f"only {compared} of the {len(test)} rows of this test split are provably unseen by the exported version "
             f"{pointer['version']} (its split used another seed, fractions or given splits), and a fair comparison "
             f"needs {needed} (--min-comparison-rows)",
@@ -179,10 +246,7 @@ def compare_with_champion(
     try:
         champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size)
     except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
-        return not_comparable(
-            challenger_accuracy,
-            pointer,
-            gate.promotion_tolerance,
+        return not_fair(
             f"the exported version cannot run on this test split ({str(error).splitlines()[0][:200]}), so the two "
             "cannot be compared",
         )
@@ -192,6 +256,20 @@ def compare_with_champion(
         if compared < len(test)
         else f"all {compared} rows of this test split, none of which it trained on"
     )
+    if task is ModelTask.regression:
+        if champion_outputs.shape != labels.shape:
+            return not_fair(
+                f"the exported version gives {champion_outputs.shape[1:]} outputs per row for "
+                f"{labels.shape[1]} targets, so the two cannot be compared"
+            )
+        return decide_on_error(
+            mean_absolute_error(challenger_outputs, labels),
+            gate.promotion_tolerance,
+            mean_absolute_error(champion_outputs, labels),
+            pointer,
+            compared,
+            comparison,
+        )
     return decide(
         accuracy(challenger_outputs, labels),
         True,

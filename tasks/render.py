@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ptqflow.tasks.artifacts import ValidationFigures
+from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.gate import describe_layers
 from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.parameters import RankBy
+from ptqflow.tasks.parameters import ModelTask, RankBy
 from ptqflow.tasks.sweep import SweepRow
 from ptqflow.tasks.validation_report import (
     LayerError,
     ModelKind,
+    ModelMetrics,
     PromotionDecision,
     RepairCost,
     TypeAudit,
@@ -50,7 +52,7 @@ def size(value: int | None) -> str:
 
 MODEL_HEADER = [
     "model",
-    "accuracy",
+    "accuracy",  # the task's figure against the labels: model_header
     "top-1 agreement",
     "output MAE",
     "SQNR",
@@ -60,6 +62,25 @@ MODEL_HEADER = [
     "throughput",
 ]
 LAYER_HEADER = ["layer", "op", "badness", "rmse / scale", "typical steps", "scale"]
+
+
+LABEL_FIGURE = {ModelTask.classification: "accuracy", ModelTask.regression: "MAE (targets)", ModelTask.unlabeled: ""}
+
+
+def model_header(task: ModelTask) -> list[str]:
+    header = [*MODEL_HEADER]
+    header[1] = LABEL_FIGURE[task] or "max abs error"
+    return header
+
+
+def label_figure(m: ModelMetrics, task: ModelTask) -> str:
+    """A model's figure against the labels (accuracy, MAE), or for unlabeled data its largest error against the
+    float model."""
+    if task is ModelTask.regression:
+        return number(m.mae, digits=5)
+    if task is ModelTask.unlabeled:
+        return number(m.output_max_abs_error, digits=5)
+    return percent(m.accuracy)
 
 
 def model_rows(metrics: ValidationMetrics) -> list[list[str]]:
@@ -73,7 +94,7 @@ def model_rows(metrics: ValidationMetrics) -> list[list[str]]:
         rows.append(
             [
                 kind.label,
-                percent(m.accuracy),
+                label_figure(m, metrics.task),
                 percent(m.agreement_with_float),
                 number(m.output_mae, digits=5),
                 MISSING if m.output_sqnr_db is None else f"{m.output_sqnr_db:.1f} dB",
@@ -125,9 +146,9 @@ def _verdict(metrics: ValidationMetrics) -> str:
         if metrics.rerun_max_difference
         else ""
     )
+    observed = fidelity_in_words(metrics)
     return unrepeatable + (
-        f"Quantized accuracy {percent(metrics.quantized_accuracy)} against {percent(metrics.float_accuracy)} float "
-        f"(drop {number(metrics.accuracy_drop_pp, digits=2)} pp) on {metrics.samples:,} test samples; {integer}; "
+        f"{observed[0].upper()}{observed[1:]} on {metrics.samples:,} test samples; {integer}; "
         f"{metrics.quantized_bytes:,} B against {metrics.float_bytes:,} B float; "
         f"{metrics.num_threads} interpreter thread(s)."
     )
@@ -173,10 +194,14 @@ def _repair_lines(repair: RepairCost) -> list[str]:
 def _promotion_lines(promotion: PromotionDecision) -> list[str]:
     """The champion/challenger decision of the run that exported (or did not export) this model."""
     champion = "exported model" + (f" (version {promotion.champion_version})" if promotion.champion_version else "")
+    if promotion.metric == "none":
+        return [f"- {promotion.message}"]
+    challenger, champion_figure = promotion_figures(promotion)
+    figures = f"{'MAE ' if promotion.metric == 'mae' else ''}{challenger}; {champion}: {champion_figure}"
+    tolerance = f"{promotion.tolerance_pp}{'%' if promotion.metric == 'mae' else ' pp'}"
     return [
         f"- {promotion.message}",
-        f"- this model: {percent(promotion.challenger_accuracy)}; {champion}: {percent(promotion.champion_accuracy)} "
-        f"(on {promotion.comparison or 'the same test rows'}; tolerance {promotion.tolerance_pp} pp)",
+        f"- this model: {figures} (on {promotion.comparison or 'the same test rows'}; tolerance {tolerance})",
     ]
 
 
@@ -190,20 +215,25 @@ def render_markdown(report: ValidationReport) -> str:
         *(["## Promotion", "", *_promotion_lines(report.promotion), ""] if report.promotion else []),
         "## Models (test split)",
         "",
-        markdown_table(MODEL_HEADER, model_rows(metrics)),
+        markdown_table(model_header(metrics.task), model_rows(metrics)),
         "",
-        "Agreement, MAE and SQNR compare each model's outputs with the float Keras model's.",
+        "Agreement, output MAE and SQNR compare each model's outputs with the float Keras model's.",
         "",
-        "## Per-class accuracy",
-        "",
-        markdown_table(
-            ["class", *[kind.label for kind in metrics.models]],
-            [
-                [name, *[percent(m.per_class_accuracy.get(name)) for m in metrics.models.values()]]
-                for name in metrics.class_names
-            ],
-        ),
-        "",
+    ]
+    if metrics.class_names:
+        parts += [
+            "## Per-class accuracy",
+            "",
+            markdown_table(
+                ["class", *[kind.label for kind in metrics.models]],
+                [
+                    [name, *[percent(m.per_class_accuracy.get(name)) for m in metrics.models.values()]]
+                    for name in metrics.class_names
+                ],
+            ),
+            "",
+        ]
+    parts += [
         "## Per-layer quantization error (QuantizationDebugger)",
         "",
     ]
@@ -222,8 +252,8 @@ def render_markdown(report: ValidationReport) -> str:
     parts += ["", "## Audit", "", *_audit_lines(metrics.audit)]
     if metrics.repair:
         parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
-    parts += ["", "## Confusion matrices", ""]
-    for kind, m in metrics.models.items():
+    parts += ["", "## Confusion matrices", ""] if metrics.class_names else []
+    for kind, m in metrics.models.items() if metrics.class_names else ():
         parts += [
             f"### {kind.label}",
             "",
@@ -252,19 +282,29 @@ def plots(metrics: ValidationMetrics) -> dict[str, str]:
 
     images = {}
     models = metrics.models
-    figure, axis = plt.subplots(figsize=(5, 3))
     labels = [kind.label for kind in models]
-    values = [m.accuracy * 100 for m in models.values()]
-    axis.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52"][: len(values)])
-    low = max(0.0, min(values) - 5) if values else 0
-    axis.set_ylim(low, 100)
-    axis.set_ylabel("test accuracy (%)")
-    for i, v in enumerate(values):
-        axis.text(i, v, f"{v:.2f}", ha="center", va="bottom")
-    images["accuracy"] = _png(figure)
-    plt.close(figure)
+    if metrics.task is ModelTask.classification:
+        figure, axis = plt.subplots(figsize=(5, 3))
+        values = [(m.accuracy or 0.0) * 100 for m in models.values()]
+        axis.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52"][: len(values)])
+        low = max(0.0, min(values) - 5) if values else 0
+        axis.set_ylim(low, 100)
+        axis.set_ylabel("test accuracy (%)")
+        for i, v in enumerate(values):
+            axis.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+        images["accuracy"] = _png(figure)
+        plt.close(figure)
+    elif metrics.task is ModelTask.regression:
+        figure, axis = plt.subplots(figsize=(5, 3))
+        values = [m.mae or 0.0 for m in models.values()]
+        axis.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52"][: len(values)])
+        axis.set_ylabel("test MAE (targets)")
+        for i, v in enumerate(values):
+            axis.text(i, v, f"{v:.4g}", ha="center", va="bottom")
+        images["accuracy"] = _png(figure)
+        plt.close(figure)
 
-    if models:
+    if models and metrics.class_names:
         figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.8), squeeze=False)
         for axis, (kind, m) in zip(axes[0], models.items()):
             axis.imshow(m.confusion_matrix, cmap="Blues")
@@ -324,8 +364,8 @@ def render_html(report: ValidationReport) -> str:
         parts += ["<h2>Promotion</h2>", bullets(_promotion_lines(report.promotion))]
     parts += [
         "<h2>Models (test split)</h2>",
-        _html_table(MODEL_HEADER, model_rows(metrics)),
-        image("accuracy", "accuracy per model"),
+        _html_table(model_header(metrics.task), model_rows(metrics)),
+        image("accuracy", f"{LABEL_FIGURE[metrics.task]} per model"),
         "<h2>Per-layer quantization error</h2>",
     ]
     if metrics.layers:
@@ -418,11 +458,24 @@ def _outcome_lines(summary: RunOutcome) -> list[str]:
 def run_summary_markdown(summary: RunSummary) -> str:
     m = summary.metrics
     rows = [
-        ["accuracy", percent(m.float_accuracy), percent(m.tflite_float_accuracy), percent(m.quantized_accuracy)],
         ["size", "", size(m.float_bytes), size(m.quantized_bytes)],
     ]
+    if m.task is ModelTask.classification:
+        rows.insert(
+            0,
+            ["accuracy", percent(m.float_accuracy), percent(m.tflite_float_accuracy), percent(m.quantized_accuracy)],
+        )
+    elif m.task is ModelTask.regression:
+        rows.insert(
+            0,
+            [
+                "MAE",
+                number(m.float_mae, digits=5),
+                number(m.tflite_float_mae, digits=5),
+                number(m.quantized_mae, digits=5),
+            ],
+        )
     stages = [[name, "yes" if r.cached else "no", number(r.seconds, digits=1)] for name, r in summary.tasks.items()]
-    drop = "not measured" if m.accuracy_drop_pp is None else f"**{m.accuracy_drop_pp:.2f} pp**"
     report = summary.artifacts.get("report_html")
     return "\n".join(
         [
@@ -432,8 +485,8 @@ def run_summary_markdown(summary: RunSummary) -> str:
             "",
             markdown_table(["", *[kind.label for kind in ModelKind]], rows),
             "",
-            f"Accuracy drop: {drop}; top-1 agreement {percent(m.agreement)}; "
-            f"full integer: {'yes' if m.full_integer else 'no'}.",
+            f"{fidelity_figures(m) if m.validated else 'Not validated'}; full integer: "
+            f"{'yes' if m.full_integer else 'no'}.",
             "",
             *([f"Worst layers: {describe_layers(m.worst_layers, 5)}", ""] if m.worst_layers else []),
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
@@ -452,6 +505,13 @@ def sweep_summary_markdown(summary: SweepSummary, table: str) -> str:
     )
 
 
+def promotion_figures(promotion: PromotionDecision) -> tuple[str, str]:
+    """The challenger's and the champion's figure on the compared rows."""
+    if promotion.metric == "mae":
+        return number(promotion.challenger_mae, digits=5), number(promotion.champion_mae, digits=5)
+    return percent(promotion.challenger_accuracy), percent(promotion.champion_accuracy)
+
+
 def promotion_markdown(promotion: PromotionDecision) -> str:
     champion = "exported model (champion" + (f", {promotion.champion_version}" if promotion.champion_version else "")
     return "\n".join(
@@ -460,15 +520,21 @@ def promotion_markdown(promotion: PromotionDecision) -> str:
             "",
             promotion.message,
             "",
-            markdown_table(
-                ["", f"accuracy ({promotion.comparison or 'this run'})"],
+            *(
                 [
-                    ["new model (challenger)", percent(promotion.challenger_accuracy)],
-                    [champion + ")", percent(promotion.champion_accuracy)],
-                ],
+                    markdown_table(
+                        ["", f"{promotion.metric} ({promotion.comparison or 'this run'})"],
+                        [
+                            ["new model (challenger)", promotion_figures(promotion)[0]],
+                            [champion + ")", promotion_figures(promotion)[1]],
+                        ],
+                    ),
+                    "",
+                    f"Tolerance: {promotion.tolerance_pp} {'%' if promotion.metric == 'mae' else 'pp'}.",
+                ]
+                if promotion.metric != "none"
+                else []
             ),
-            "",
-            f"Tolerance: {promotion.tolerance_pp} pp.",
         ]
     )
 
@@ -506,18 +572,25 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
     for name, record in summary.tasks.items():
         stages.add_row(name, "cached" if record.cached else "computed", number(record.seconds, digits=1))
     models = Table(title="Models (test split)", title_justify="left")
-    for column in ("model", "accuracy", "size"):
+    figure = {ModelTask.classification: "accuracy", ModelTask.regression: "MAE"}.get(m.task)
+    for column in ("model", *([figure] if figure else []), "size"):
         models.add_column(column, justify="right" if column != "model" else "left")
-    models.add_row(ModelKind.float_keras.label, percent(m.float_accuracy), "")
-    models.add_row(ModelKind.float_tflite.label, percent(m.tflite_float_accuracy), size(m.float_bytes))
-    models.add_row(ModelKind.quantized_tflite.label, percent(m.quantized_accuracy), size(m.quantized_bytes))
+    if m.task is ModelTask.regression:
+        figures = [
+            number(m.float_mae, digits=5),
+            number(m.tflite_float_mae, digits=5),
+            number(m.quantized_mae, digits=5),
+        ]
+    else:
+        figures = [percent(m.float_accuracy), percent(m.tflite_float_accuracy), percent(m.quantized_accuracy)]
+    sizes = ["", size(m.float_bytes), size(m.quantized_bytes)]
+    for kind, value, bytes_ in zip(ModelKind, figures, sizes):
+        models.add_row(kind.label, *([value] if figure else []), bytes_)
     console.print(stages)
     console.print(models)
-    if m.accuracy_drop_pp is not None:
-        console.print(
-            f"drop {m.accuracy_drop_pp:.2f} pp, top-1 agreement {percent(m.agreement)}, full integer: "
-            f"{'yes' if m.full_integer else f'no ({len(m.float_tensors)} float tensors)'}"
-        )
+    if m.validated:
+        integer = "yes" if m.full_integer else f"no ({len(m.float_tensors)} float tensors)"
+        console.print(f"{fidelity_figures(m)}; full integer: {integer}", highlight=False)
     _print_gate(summary, console)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
     if "report_html" in summary.artifacts:
@@ -551,12 +624,34 @@ def _figures(manifest: dict[str, Any]) -> ValidationFigures | None:
         return None
 
 
+def fidelity_figures(m: ValidationFigures) -> str:
+    """The task's figures in words, with the agreement and SQNR against the float model where they add to them."""
+    words = fidelity_in_words(m)
+    if m.task is ModelTask.classification:
+        words += f"; top-1 agreement {percent(m.agreement)}"
+    if m.task is not ModelTask.unlabeled:
+        words += f"; SQNR against float {number(m.sqnr_db, ' dB', 1)}"
+    return words
+
+
+def run_figures(figures: ValidationFigures | None) -> tuple[str, str]:
+    """A run's quantized figure and what quantizing lost, by its task: accuracy and drop (pp), MAE and its rise
+    (%), or SQNR against the float model."""
+    if figures is None:
+        return MISSING, MISSING
+    if figures.task is ModelTask.regression:
+        return f"MAE {number(figures.quantized_mae, digits=4)}", number(figures.mae_increase_pct, "%", 2)
+    if figures.task is ModelTask.unlabeled:
+        return number(figures.sqnr_db, " dB", 1), MISSING
+    return percent(figures.quantized_accuracy), number(figures.accuracy_drop_pp, " pp", 2)
+
+
 def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
     """``ptqflow runs``: one line per run manifest (as stored), newest first."""
     from rich.table import Table
 
     table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
-    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "drop pp", "exported"):
+    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "loss", "exported"):
         table.add_column(column, no_wrap=True)
     for manifest in manifests:
         figures = _figures(manifest)
@@ -565,8 +660,7 @@ def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
             manifest.get("flow", "ptq-pipeline"),
             manifest["created_at"].replace("T", " ")[:19],
             manifest["status"],
-            percent(figures.quantized_accuracy if figures else None),
-            number(figures.accuracy_drop_pp if figures else None, digits=2),
+            *run_figures(figures),
             (manifest.get("export") or {}).get("version", "")[:16],
         )
     console.print(table)

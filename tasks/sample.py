@@ -19,10 +19,10 @@ from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import SPLIT_ORIGIN, Draw, load_dataset, source_fingerprint
 from ptqflow.tasks.errors import InvalidDataset
-from ptqflow.tasks.parameters import SamplingParameters, SplitMode
+from ptqflow.tasks.parameters import ModelTask, SamplingParameters, SplitMode
 from ptqflow.tasks.progress import report
 from ptqflow.tasks.splits import SPLIT_COLUMN, SPLITS
-from ptqflow.tasks.stratify import MIN_PER_CLASS, check_class_labels
+from ptqflow.tasks.stratify import MIN_PER_CLASS, check_class_labels, strata
 
 # How rows are assigned to splits; recorded in dataset.json so that a later run can tell which of its rows an
 # exported model trained on. Changing the rule means a new name here.
@@ -117,6 +117,7 @@ def given_split(
                 f"the {name} split carved from the given train split ({len(train)} rows) is empty: add rows, give "
                 f"a {name} split, or pass --splits resplit"
             )
+    labels = strata(labels)
     missing = np.setdiff1d(np.unique(labels), labels[splits["train"]])
     if len(missing):
         cls = int(missing[0])
@@ -147,6 +148,7 @@ def hash_split(
         "train": (test_fraction + validation_fraction, 1.0),
     }
     splits = {name: order[(places[order] >= low) & (places[order] < high)] for name, (low, high) in bounds.items()}
+    labels = strata(labels)
     for name, indices in splits.items():
         missing = np.setdiff1d(np.unique(labels), labels[indices])
         if len(missing):
@@ -181,6 +183,13 @@ def value_range(table: TensorTable) -> tuple[float, float]:
 
 def refuse_non_finite(table: TensorTable, where: str) -> None:
     """Raise InvalidDataset naming the first rows when any sample holds NaN or Inf."""
+    if table.labels.dtype.kind == "f" and table.labels.size:
+        bad = ~np.isfinite(table.labels).all(axis=1)
+        if bad.any():
+            rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:5])
+            raise InvalidDataset(
+                f"{int(bad.sum())} targets of {where} are NaN or Inf (rows {rows}): drop those rows from the source"
+            )
     if table.features.dtype.kind == "f":
         bad = ~np.isfinite(table.features.reshape(len(table), -1)).all(axis=1)
         if bad.any():
@@ -190,9 +199,19 @@ def refuse_non_finite(table: TensorTable, where: str) -> None:
             )
 
 
-def feature_spec(table: TensorTable) -> FeatureSpec:
-    n_classes = int(table.labels.max()) + 1
+def feature_spec(table: TensorTable, task: ModelTask = ModelTask.classification) -> FeatureSpec:
     lo, hi = value_range(table)
+    if task is not ModelTask.classification:
+        return FeatureSpec(
+            shape=table.sample_shape,
+            dtype=table.features.dtype.name,
+            value_range=(float(lo), float(hi)),
+            n_classes=0,
+            class_names=(),
+            task=task,
+            n_targets=int(table.labels.shape[1]) if task is ModelTask.regression else 0,
+        )
+    n_classes = int(table.labels.max()) + 1
     # Declared names (a Hugging Face ClassLabel may name classes this sample lacks) are kept for the labels seen.
     declared = list(table.metadata.get("class_names") or [])[:n_classes]
     names = declared + [str(i) for i in range(len(declared), n_classes)]
@@ -237,6 +256,7 @@ def columns_of(params: SamplingParameters) -> Columns:
         image_size=params.image_size,
         color_mode=params.color_mode.value if params.color_mode else None,
         split=SPLIT_COLUMN if params.splits is SplitMode.auto else None,
+        targets=params.task.targets,
     )
 
 
@@ -278,7 +298,7 @@ def sample_dataset(
     table = load_dataset(source, columns_of(params), draw, since)
     indices, rule = split_rows(table, params, seed)
     splits = {name: table.take(indices[name]) for name in SPLITS}
-    spec = feature_spec(table)
+    spec = feature_spec(table, params.task)
     refs = {}
     for name, split in splits.items():
         report("sample_dataset", f"writing {name} split ({len(split)} samples)")

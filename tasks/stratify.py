@@ -12,8 +12,17 @@ from ptqflow.tasks.limits import check_label_range
 MIN_PER_CLASS = 5  # a class with fewer cannot be spread over train, validation and test
 
 
+def strata(labels: np.ndarray) -> np.ndarray:
+    """What draws and splits are stratified by: each row's class; one stratum for regression targets and for
+    unlabeled rows, whose draws are uniform."""
+    return labels if labels.ndim == 1 else np.zeros(len(labels), np.int64)
+
+
 def check_class_labels(labels: np.ndarray) -> None:
-    """Refuse labels a stratified split cannot use: one class, negative or non-consecutive indices, rare classes."""
+    """Refuse labels a stratified split cannot use: one class, negative or non-consecutive indices, rare classes.
+    Regression targets and unlabeled rows have no classes to check."""
+    if labels.ndim != 1:
+        return
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
         raise InvalidDataset("every sample has the same label: a classifier needs at least two classes")
@@ -38,6 +47,7 @@ def stratified_choice(labels: np.ndarray, size: int, rng: np.random.Generator) -
     """Indices of ``size`` samples with each class represented in proportion (largest-remainder rounding).
 
     The result is sorted by a random permutation, so classes are interleaved."""
+    labels = strata(labels)
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * (size / len(labels))
     take = np.floor(exact).astype(int)
@@ -72,6 +82,7 @@ def draw_stratified(
             "or less"
         )
     chosen = stratified_choice(labels, size, rng)
+    labels = strata(labels)
     if min_per_class:
         classes, counts = np.unique(labels, return_counts=True)
         drawn = np.bincount(np.searchsorted(classes, labels[chosen]), minlength=len(classes))

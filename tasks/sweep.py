@@ -204,6 +204,8 @@ def configuration_metrics(
         }
     outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
     metrics = model_metrics(outputs, reference, labels, class_names)
+    if metrics.accuracy is None:  # flows.sweep refuses every task but classification
+        raise ValueError("the sweep measures classifiers only: these labels are not class indices")
     speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
     return {
         **common,

@@ -32,7 +32,8 @@ from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import files_fingerprint
 from ptqflow.tasks.errors import InvalidModel
 from ptqflow.tasks.limits import check_model_size
-from ptqflow.tasks.parameters import TrainingParameters
+from ptqflow.tasks.metrics import accuracy, mean_absolute_error
+from ptqflow.tasks.parameters import ModelTask, TrainingParameters
 from ptqflow.tasks.progress import report
 
 if TYPE_CHECKING:
@@ -98,15 +99,32 @@ def build_default_cnn(spec: FeatureSpec) -> keras.Model:
     x = keras.layers.Dropout(0.3, name="dropout1")(x)
     x = keras.layers.Dense(64, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(0.3, name="dropout2")(x)
-    outputs = keras.layers.Dense(spec.n_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="ptqflow_cnn")
+    return keras.Model(inputs, output_head(spec, x), name="ptqflow_cnn")
+
+
+def output_head(spec: FeatureSpec, x: keras.KerasTensor) -> keras.KerasTensor:
+    """The last layer for the task: a softmax over the classes, or one linear unit per regression target."""
+    import keras
+
+    if spec.task is ModelTask.regression:
+        return keras.layers.Dense(spec.n_targets, name="targets")(x)
+    return keras.layers.Dense(spec.n_classes, activation="softmax", name="probabilities")(x)
+
+
+def check_trainable(task: ModelTask, params: TrainingParameters) -> None:
+    """Refuse, before anything runs, a run that would have to train a model without labels."""
+    if task is ModelTask.unlabeled and not params.model_url:
+        raise InvalidModel(
+            "--task unlabeled has no labels to train on: pass the trained model to quantize with --model-url"
+        )
 
 
 @dataclass(frozen=True)
 class TrainingOutcome:
     epochs_run: int
     best_epoch: int
-    validation_accuracy: float
+    validation_accuracy: float | None
+    validation_mae: float | None = None
 
 
 def train_model(
@@ -118,20 +136,23 @@ def train_model(
     """Pure stage function: fit ``model`` in place with early stopping on validation loss (best weights kept)."""
     import keras
 
+    regression = train[1].ndim == 2
+    metric = "mae" if regression else "accuracy"
+
     class _EpochProgress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             report(
                 "train_float_model",
-                f"epoch {epoch + 1}/{params.epochs} val_accuracy {logs.get('val_accuracy', float('nan')):.4f}",
+                f"epoch {epoch + 1}/{params.epochs} val_{metric} {logs.get(f'val_{metric}', float('nan')):.4f}",
                 epoch + 1,
                 params.epochs,
             )
 
     model.compile(
         optimizer=keras.optimizers.Adam(params.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss="mse" if regression else "sparse_categorical_crossentropy",
+        metrics=[metric],
     )
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
@@ -150,8 +171,12 @@ def train_model(
     best = int(np.argmin(val_loss))
     if len(val_loss) < params.epochs:  # early stopping ended it: the stage is done all the same
         report("train_float_model", f"stopped early after {len(val_loss)} epochs", params.epochs, params.epochs)
+    figure = float(history.history[f"val_{metric}"][best])
     return TrainingOutcome(
-        epochs_run=len(val_loss), best_epoch=best + 1, validation_accuracy=float(history.history["val_accuracy"][best])
+        epochs_run=len(val_loss),
+        best_epoch=best + 1,
+        validation_accuracy=None if regression else figure,
+        validation_mae=figure if regression else None,
     )
 
 
@@ -165,8 +190,7 @@ def build_default_mlp(spec: FeatureSpec, train_features: np.ndarray) -> keras.Mo
     x = keras.layers.Normalization(mean=values.mean(axis=0), variance=values.var(axis=0), name="standardise")(inputs)
     x = keras.layers.Dense(64, activation="relu", name="dense1")(x)
     x = keras.layers.Dense(64, activation="relu", name="dense2")(x)
-    outputs = keras.layers.Dense(spec.n_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="ptqflow_mlp")
+    return keras.Model(inputs, output_head(spec, x), name="ptqflow_mlp")
 
 
 def user_model_module(model: str) -> str | None:
@@ -203,21 +227,31 @@ def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> ke
         raise InvalidModel(
             f"cannot import model function {model!r} ({error}): put {module_name} on PYTHONPATH or fix the name"
         ) from None
-    built = function(tuple(spec.shape), spec.n_classes)
+    built = function(tuple(spec.shape), spec.n_targets if spec.task is ModelTask.regression else spec.n_classes)
     if not isinstance(built, keras.Model):
         raise InvalidModel(f"{model} returned {type(built).__name__}, not a keras.Model")
     return check_model_fits(built, spec, f"{model} builds a model", "build the model from its arguments")
 
 
 def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str) -> keras.Model:
-    """Raise InvalidModel unless ``model`` takes the samples' shape and has one output per class."""
+    """Raise InvalidModel unless ``model`` takes the samples' shape and has one output (of one value per class,
+    or per regression target; any width for unlabeled data)."""
+    if len(model.inputs) != 1:
+        raise InvalidModel(f"{what} with {len(model.inputs)} inputs; ptqflow feeds models one input so far: {fix}")
     if tuple(model.input_shape[1:]) != tuple(spec.shape):
         raise InvalidModel(
             f"{what} for input shape {list(model.input_shape[1:])}, "
             f"but the samples have shape {list(spec.shape)}: {fix}"
         )
-    if model.output_shape[-1] != spec.n_classes:
-        raise InvalidModel(f"{what} with {model.output_shape[-1]} outputs for {spec.n_classes} classes: {fix}")
+    if len(model.outputs) != 1:
+        raise InvalidModel(
+            f"{what} with {len(model.outputs)} outputs; ptqflow validates models with one output so far: {fix}"
+        )
+    width = model.output_shape[-1]
+    if spec.task is ModelTask.regression and width != spec.n_targets:
+        raise InvalidModel(f"{what} with {width} outputs for {spec.n_targets} regression targets: {fix}")
+    if spec.task is ModelTask.classification and width != spec.n_classes:
+        raise InvalidModel(f"{what} with {width} outputs for {spec.n_classes} classes: {fix}")
     return model
 
 
@@ -335,28 +369,30 @@ def train_float_model(
         validation = read_parquet(f)
     if params.model_url:
         data, model = load_trained_model(params.model_url, dataset.spec, params.input_scale, params.input_offset)
-        accuracy = float(
-            (
-                np.asarray(model.predict(validation.features.astype(np.float32), verbose=0)).argmax(1)
-                == validation.labels
-            ).mean()
-        )
+        outputs = np.asarray(model.predict(validation.features.astype(np.float32), verbose=0))
         ref = store.put_bytes(data, ".zip" if model_file_format(data) == "saved_model" else ".keras")
         get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
-        return TrainedModel(model=ref, epochs_run=0, best_epoch=0, validation_accuracy=accuracy)
+        return TrainedModel(
+            model=ref,
+            epochs_run=0,
+            best_epoch=0,
+            validation_accuracy=accuracy(outputs, validation.labels) if dataset.spec.n_classes else None,
+            validation_mae=mean_absolute_error(outputs, validation.labels) if dataset.spec.n_targets else None,
+        )
     with store.open(dataset.train) as f:
         train = read_parquet(f)
     model, outcome = fit_default_model(dataset.spec, train, validation, params, seed)
     ref = store.put_bytes(keras_model_to_bytes(model), ".keras")
-    get_run_logger().info(
-        "trained %d epochs (best %d), validation accuracy %.4f",
-        outcome.epochs_run,
-        outcome.best_epoch,
-        outcome.validation_accuracy,
+    figure = (
+        f"accuracy {outcome.validation_accuracy:.4f}"
+        if outcome.validation_accuracy is not None
+        else f"MAE {outcome.validation_mae:.4g}"
     )
+    get_run_logger().info("trained %d epochs (best %d), validation %s", outcome.epochs_run, outcome.best_epoch, figure)
     return TrainedModel(
         model=ref,
         epochs_run=outcome.epochs_run,
         best_epoch=outcome.best_epoch,
         validation_accuracy=outcome.validation_accuracy,
+        validation_mae=outcome.validation_mae,
     )

@@ -27,6 +27,7 @@ from ptqflow.tasks.artifacts import (
 )
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.diagnose import layer_errors
+from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
     keras_speed,
@@ -35,8 +36,8 @@ from ptqflow.tasks.interpreter import (
     rerun_max_difference,
     tflite_speed,
 )
-from ptqflow.tasks.metrics import accuracy, model_metrics
-from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, ValidationParameters
+from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics
+from ptqflow.tasks.parameters import ConversionParameters, ModelTask, QuantizationScheme, ValidationParameters
 from ptqflow.tasks.progress import report
 from ptqflow.tasks.render import render_html, render_markdown
 from ptqflow.tasks.validation_report import (
@@ -62,6 +63,7 @@ def evaluate_models(
     class_names: list[str] | None = None,
     measure_speed: bool = True,
     keras_outputs: np.ndarray | None = None,
+    task: ModelTask = ModelTask.classification,
 ) -> ValidationMetrics:
     """Pure stage function: every figure of the validation report but the per-layer ones. ``keras_outputs``, the
     float Keras model's outputs on ``features`` when they are known already, saves predicting them again.
@@ -74,16 +76,20 @@ def evaluate_models(
             "validate_with_interpreter", f"{model_name}: {done}/{len(features)} samples", done, len(features)
         )
 
-    names = class_names or [str(i) for i in range(int(labels.max()) + 1)]
+    classification = task is ModelTask.classification
+    names = (class_names or [str(i) for i in range(int(labels.max()) + 1)]) if classification else []
     num_threads = params.num_threads or os.cpu_count() or 1
     audit = audit_tensor_types(quantized_tflite)
     float_audit = audit_tensor_types(float_tflite)
     keras_out = predict_keras(keras_model, features, params.batch_size) if keras_outputs is None else keras_outputs
-    float_accuracy = accuracy(keras_out, labels)
+    float_accuracy = accuracy(keras_out, labels) if classification else None
+    float_mae = mean_absolute_error(keras_out, labels) if task is ModelTask.regression else None
     common = ValidationMetrics(
         samples=int(len(labels)),
+        task=task,
         class_names=names,
         float_accuracy=float_accuracy,
+        float_mae=float_mae,
         float_bytes=len(float_tflite),
         quantized_bytes=len(quantized_tflite),
         size_ratio=round(len(float_tflite) / len(quantized_tflite), 4),
@@ -137,8 +143,16 @@ def evaluate_models(
             "validated": True,
             "tflite_float_accuracy": models[ModelKind.float_tflite].accuracy,
             "quantized_accuracy": quantized.accuracy,
-            "accuracy_drop_pp": round((float_accuracy - quantized.accuracy) * 100, 6),
+            "accuracy_drop_pp": round((float_accuracy - quantized.accuracy) * 100, 6)
+            if float_accuracy is not None and quantized.accuracy is not None
+            else None,
             "agreement": quantized.agreement_with_float,
+            "tflite_float_mae": models[ModelKind.float_tflite].mae,
+            "quantized_mae": quantized.mae,
+            "mae_increase_pct": increase_pct(float_mae, quantized.mae)
+            if float_mae is not None and quantized.mae is not None
+            else None,
+            "sqnr_db": quantized.output_sqnr_db,
             "rerun_max_difference": rerun_max_difference(
                 quantized_tflite, features, quant_out, params.batch_size, params.num_threads
             ),
@@ -200,6 +214,7 @@ def validate_with_interpreter(
         params,
         class_names=list(dataset.spec.class_names),
         keras_outputs=keras_outputs,
+        task=dataset.spec.task,
     )
     layers: list[LayerError] = []
     layers_unavailable: str | None = "no calibration set given"
@@ -229,13 +244,7 @@ def validate_with_interpreter(
     html_ref = store.put_bytes(render_html(document).encode(), ".html")
     logger = get_run_logger()
     if metrics.validated:
-        logger.info(
-            "float %.4f, quantized %.4f (drop %.2f pp), full integer: %s",
-            metrics.float_accuracy,
-            metrics.quantized_accuracy,
-            metrics.accuracy_drop_pp,
-            metrics.audit.full_integer,
-        )
+        logger.info("%s; full integer: %s", fidelity_in_words(metrics), metrics.audit.full_integer)
     else:
         logger.warning("not validated: %s", metrics.not_validated_reason)
     return ValidationResult(
@@ -250,11 +259,17 @@ def validate_with_interpreter(
             WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
             for layer in layers[:5]
         ),
+        task=metrics.task,
         float_accuracy=metrics.float_accuracy,
         tflite_float_accuracy=metrics.tflite_float_accuracy,
         quantized_accuracy=metrics.quantized_accuracy,
         accuracy_drop_pp=metrics.accuracy_drop_pp,
         agreement=metrics.agreement,
+        float_mae=metrics.float_mae,
+        tflite_float_mae=metrics.tflite_float_mae,
+        quantized_mae=metrics.quantized_mae,
+        mae_increase_pct=metrics.mae_increase_pct,
+        sqnr_db=metrics.sqnr_db,
         float_bytes=metrics.float_bytes,
         quantized_bytes=metrics.quantized_bytes,
         rerun_max_difference=metrics.rerun_max_difference,

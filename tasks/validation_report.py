@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.artifacts import RepairStep
+from ptqflow.tasks.parameters import ModelTask
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
 REPORT_VERSION = 2
@@ -59,13 +60,24 @@ class Speed(Frozen):
 
 
 class ModelMetrics(Frozen):
-    """One model on the test split; agreement, MAE and SQNR are against the float Keras model's outputs."""
+    """One model on the test split. Against the labels: accuracy (classification), or MAE and RMSE (regression).
+    Against the float Keras model's outputs: agreement, output MAE, largest error and SQNR."""
 
-    accuracy: float
-    per_class_accuracy: dict[str, float | None] = Field(description="None for a class with no test row.")
-    confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
-    agreement_with_float: float
+    accuracy: float | None = Field(description="Classification only.")
+    per_class_accuracy: dict[str, float | None] = Field(
+        default_factory=dict, description="Classification only; None for a class with no test row."
+    )
+    confusion_matrix: list[list[int]] = Field(
+        default_factory=list, description="Classification only. Rows: true class; columns: predicted class."
+    )
+    mae: float | None = Field(None, description="Regression only: mean absolute error against the targets.")
+    rmse: float | None = Field(None, description="Regression only: root mean squared error against the targets.")
+    agreement_with_float: float | None = Field(
+        description="Share of samples whose top-1 class is the float model's; None for outputs that are not class "
+        "scores (regression, one-value outputs)."
+    )
     output_mae: float
+    output_max_abs_error: float | None = Field(None, description="Largest absolute difference from the float outputs.")
     output_sqnr_db: float | None = Field(description="None when the outputs equal the float model's exactly.")
     bytes: int | None = Field(description="The .tflite file's size; None for the Keras model.")
     speed: Speed | None = None
@@ -164,8 +176,9 @@ class ValidationMetrics(Frozen):
     the float Keras model only, and every quantized figure is None)."""
 
     samples: int
+    task: ModelTask = ModelTask.classification
     class_names: list[str]
-    float_accuracy: float
+    float_accuracy: float | None = Field(description="Classification only.")
     float_bytes: int
     quantized_bytes: int
     size_ratio: float
@@ -177,6 +190,15 @@ class ValidationMetrics(Frozen):
     quantized_accuracy: float | None
     accuracy_drop_pp: float | None
     agreement: float | None
+    float_mae: float | None = Field(None, description="Regression: the float Keras model's MAE against the targets.")
+    tflite_float_mae: float | None = Field(None, description="Regression: the float .tflite model's MAE.")
+    quantized_mae: float | None = Field(None, description="Regression: the quantized model's MAE.")
+    mae_increase_pct: float | None = Field(
+        None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
+    )
+    sqnr_db: float | None = Field(
+        None, description="The quantized outputs' SQNR against the float model's, in dB (None when identical)."
+    )
     rerun_max_difference: float | None = Field(
         description="Largest output difference between two identical runs of the quantized model on the first test "
         "batch; 0 when repeatable."
@@ -193,11 +215,21 @@ class PromotionDecision(BaseModel):
 
     promote: bool
     message: str
+    metric: Literal["accuracy", "mae", "none"] = Field(
+        "accuracy",
+        description="What the two were compared by: accuracy (classification), MAE (regression), or nothing "
+        "(unlabeled data: no labels to compare two models on; a model that passes its own gate replaces the other).",
+    )
     challenger_accuracy: float | None
     champion_accuracy: float | None = None
+    challenger_mae: float | None = None
+    champion_mae: float | None = None
     champion_version: str | None = None
     champion_run_id: str | None = None
-    tolerance_pp: float = Field(description="How many pp below the champion the challenger may be.")
+    tolerance_pp: float = Field(
+        description="How many pp below the champion the challenger may be (regression: how many percent above the "
+        "champion's MAE)."
+    )
     compared_rows: int | None = Field(
         None, description="Test rows both models were measured on: those the champion never trained on."
     )

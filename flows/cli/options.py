@@ -17,6 +17,7 @@ from ptqflow.tasks.parameters import (
     ColorMode,
     ConversionParameters,
     GateParameters,
+    ModelTask,
     QuantizationScheme,
     RepairParameters,
     SamplingParameters,
@@ -37,6 +38,7 @@ def help_for(schema: type[BaseModel], field: str) -> str:
 DatasetOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "dataset"))]
 FeatureColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_column"))]
 FeatureColumnsOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_columns"))]
+TaskOption = Annotated[ModelTask | None, typer.Option(help=help_for(SamplingParameters, "task"))]
 LabelColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "label_column"))]
 InputShapeOption = Annotated[
     str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
@@ -64,6 +66,9 @@ CalibrationSourceOption = Annotated[
 MaxAccuracyDropOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "max_accuracy_drop"))]
 PromotionToleranceOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "promotion_tolerance"))]
 MinComparisonRowsOption = Annotated[int | None, typer.Option(help=help_for(GateParameters, "min_comparison_rows"))]
+MaxErrorIncreaseOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "max_error_increase"))]
+MinSqnrOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_sqnr"))]
+MinAgreementOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_agreement"))]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show Prefect's and TensorFlow's logs on the console.")
@@ -94,6 +99,7 @@ LockWaitOption = Annotated[
 # as one dict per group, keyed by the group's name. The functions only carry the signatures.
 def upstream(
     dataset: DatasetOption = None,
+    task: TaskOption = None,
     feature_column: FeatureColumnOption = None,
     feature_columns: FeatureColumnsOption = None,
     label_column: LabelColumnOption = None,
@@ -139,8 +145,11 @@ def gate(
     max_accuracy_drop: MaxAccuracyDropOption = None,
     promotion_tolerance: PromotionToleranceOption = None,
     min_comparison_rows: MinComparisonRowsOption = None,
+    max_error_increase: MaxErrorIncreaseOption = None,
+    min_sqnr: MinSqnrOption = None,
+    min_agreement: MinAgreementOption = None,
 ) -> None:
-    """The accuracy gate and the champion check."""
+    """The gate (by task) and the champion check."""
 
 
 def credentials(

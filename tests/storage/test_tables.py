@@ -100,3 +100,19 @@ def test_non_integer_labels_are_refused(table):
 def test_unsupported_dtype_is_refused():
     with pytest.raises(TensorTableError, match="uint8, float32"):
         TensorTable(np.zeros((2, 3), np.int16), np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("targets", [1, 3, 0])
+def test_regression_targets_and_unlabeled_rows_round_trip(targets):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 5)).astype(np.float32)
+    labels = rng.normal(size=(40, targets)).astype(np.float32)
+    data = write_parquet_bytes(TensorTable(features, labels))
+    back = read_parquet(data)  # what the table is comes from its metadata: no columns to name
+    assert back.targets == ("none" if targets == 0 else "values")
+    np.testing.assert_array_equal(back.labels, labels)
+    np.testing.assert_array_equal(back.features, features)
+    schema = pq.read_schema(io.BytesIO(data))
+    assert ("label" in schema.names) is bool(targets)
+    streamed = np.concatenate(list(iter_feature_batches(io.BytesIO(data), 16)))
+    np.testing.assert_array_equal(streamed, features)

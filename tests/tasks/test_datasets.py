@@ -499,3 +499,63 @@ def test_given_splits_that_cannot_be_told_apart_are_refused_with_the_fix(tmp_pat
     with pytest.raises(InvalidDataset, match=message) as refused:
         load_dataset(str(tmp_path), Columns(features="image"))
     assert "--splits resplit" in str(refused.value)
+
+
+def write_regression_table(path, rows: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four numeric features and two numeric targets: ``y`` (a number) and ``both`` (a list of two)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (rows, 4)).astype(np.float32)
+    y = np.stack([np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2], x[:, 0] - x[:, 3]], axis=1).astype(np.float32)
+    columns = {f"x{i}": pa.array(x[:, i]) for i in range(4)}
+    columns["y"] = pa.array(y[:, 0].astype(np.float64))
+    columns["both"] = pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), 2)
+    pq.write_table(pa.table(columns), str(path), row_group_size=64)
+    return x, y
+
+
+@pytest.mark.parametrize("drawn", [False, True])
+def test_regression_targets_are_read_as_float_rows_from_a_number_or_a_list(tmp_path, drawn):
+    x, y = write_regression_table(tmp_path / "r.parquet")
+    draw = Draw(size=100, seed=(1,)) if drawn else None
+    one = load_dataset(str(tmp_path / "r.parquet"), Columns(label="y", wide=("x*",), targets="values"), draw)
+    two = load_dataset(str(tmp_path / "r.parquet"), Columns(label="both", wide=("x*",), targets="values"), draw)
+    assert one.labels.shape == (100 if drawn else 400, 1) and one.labels.dtype == np.float32
+    assert two.labels.shape == (len(one), 2) and one.features.shape == (len(one), 4)
+    by_row = {tuple(np.round(r, 5)): t for r, t in zip(x, y)}
+    for features, targets in zip(two.features, two.labels):  # each row keeps its own targets
+        np.testing.assert_allclose(by_row[tuple(np.round(features, 5))], targets, rtol=1e-6)
+    np.testing.assert_allclose(one.labels[:, 0], two.labels[:, 0], rtol=1e-6)
+
+
+def test_unlabeled_data_needs_no_label_column_and_ignores_one_it_has(tmp_path):
+    x, _ = write_regression_table(tmp_path / "r.parquet")
+    pq.write_table(pq.read_table(str(tmp_path / "r.parquet")).drop_columns(["y", "both"]), str(tmp_path / "x.parquet"))
+    for source, draw in [("x.parquet", None), ("x.parquet", Draw(size=50, seed=(1,))), ("r.parquet", None)]:
+        table = load_dataset(str(tmp_path / source), Columns(wide=("x*",), targets="none"), draw)
+        assert table.labels.shape == (len(table), 0) and table.features.shape[1] == 4
+    default = load_dataset(str(tmp_path / "x.parquet"), Columns(targets="none"))  # every numeric column
+    np.testing.assert_allclose(default.features, x, rtol=1e-6)
+    digits = load_dataset("digits", Columns(targets="none"))
+    assert digits.labels.shape == (1797, 0)
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        (Columns(label="y", wide=("x*",)), "labels must be integer class indices 0..n-1; numeric targets need --task"),
+        (Columns(label="nothing", wide=("x*",)), "no column.*'nothing'.*or, for a model whose float outputs are the"),
+        (Columns(label="x0", wide=("x1",), targets="values"), None),
+    ],
+)
+def test_labels_that_do_not_fit_the_task_say_which_task_fits(tmp_path, columns, message):
+    write_regression_table(tmp_path / "r.parquet")
+    if message is None:
+        assert load_dataset(str(tmp_path / "r.parquet"), columns).labels.shape == (400, 1)
+        return
+    with pytest.raises(InvalidDataset, match=message):
+        load_dataset(str(tmp_path / "r.parquet"), columns)
+
+
+def test_class_labelled_sources_have_no_regression_targets(tmp_path):
+    with pytest.raises(InvalidDataset, match="digits labels its samples with classes, not numeric targets"):
+        load_dataset("digits", Columns(targets="values"))

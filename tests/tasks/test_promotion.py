@@ -133,3 +133,16 @@ def test_the_rows_a_fair_comparison_needs():
     assert GateParameters().comparison_rows_needed(359) == 100
     assert GateParameters().comparison_rows_needed(120) == 60  # half a small test split
     assert GateParameters(min_comparison_rows=30).comparison_rows_needed(359) == 30
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "tolerance", "promoted"),
+    [(0.100, 0.100, 0.0, True), (0.095, 0.100, 0.0, True), (0.101, 0.100, 0.0, False), (0.101, 0.100, 2.0, True)],
+)
+def test_a_regression_challenger_may_have_at_most_the_tolerance_more_error(challenger, champion, tolerance, promoted):
+    from ptqflow.tasks.promotion import decide_on_error
+
+    decision = decide_on_error(challenger, tolerance, champion, CHAMPION, 80, "the 80 rows")
+    assert decision.promote is promoted and decision.metric == "mae"
+    assert decision.challenger_mae == challenger and decision.champion_mae == champion
+    assert f"MAE {challenger:.4g} against {champion:.4g}" in decision.message

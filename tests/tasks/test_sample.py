@@ -215,3 +215,26 @@ def test_seen_row_digests_round_trip_and_ignore_order_and_duplicates():
     assert np.isin(row_digests(rows[:3]), stored).all() and not np.isin(row_digests(distinct_rows(3, 7)), stored).any()
     some = np.array([7, 3, 41])  # the rows of a split, read in place: the same digests as the copied rows'
     assert row_digests(rows, some).tolist() == row_digests(rows[some]).tolist()
+
+
+@pytest.mark.parametrize("targets", [2, 0])
+def test_regression_and_unlabeled_rows_split_by_content_alone(targets):
+    from ptqflow.tasks.parameters import ModelTask
+
+    rng = np.random.default_rng(0)
+    table = TensorTable(
+        rng.normal(size=(500, 3)).astype(np.float32), rng.normal(size=(500, targets)).astype(np.float32)
+    )
+    indices, _ = split_rows(table, SamplingParameters(), seed=0)
+    assert sorted(np.concatenate(list(indices.values())).tolist()) == list(range(500))
+    assert 60 < len(indices["test"]) < 140  # a fifth, up to hash noise: no class to stratify by
+    task = ModelTask.regression if targets else ModelTask.unlabeled
+    spec = feature_spec(table, task)
+    assert spec.task is task and spec.n_targets == targets and spec.n_classes == 0 and spec.class_names == ()
+
+
+def test_targets_that_are_not_finite_are_refused_naming_the_rows():
+    labels = np.zeros((50, 1), np.float32)
+    labels[[3, 7]] = np.nan
+    with pytest.raises(InvalidDataset, match=r"2 targets of the data set are NaN or Inf \(rows 3, 7\)"):
+        check_dataset(TensorTable(np.arange(100, dtype=np.float32).reshape(50, 2), labels))

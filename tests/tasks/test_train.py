@@ -254,3 +254,62 @@ def test_input_normalisation_that_cannot_be_right_is_refused(given, message):
 
     with pytest.raises(ValueError, match=message):
         TrainingParameters(**given)
+
+
+def test_a_regression_model_has_one_linear_output_per_target_and_learns_them():
+    import keras
+
+    from ptqflow.tasks.artifacts import FeatureSpec
+    from ptqflow.tasks.parameters import ModelTask, TrainingParameters
+    from ptqflow.tasks.train import build_model, seeded, train_model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (600, 3)).astype(np.float32)
+    y = np.stack([x[:, 0] + 2 * x[:, 1], x[:, 2] ** 2], axis=1).astype(np.float32)
+    spec = FeatureSpec(
+        shape=(3,),
+        dtype="float32",
+        value_range=(-1, 1),
+        n_classes=0,
+        class_names=(),
+        task=ModelTask.regression,
+        n_targets=2,
+    )
+    with seeded(0):
+        model = build_model(spec, "auto", x)
+        outcome = train_model(model, (x[:500], y[:500]), (x[500:], y[500:]), TrainingParameters(epochs=40))
+    assert model.output_shape == (None, 2) and model.layers[-1].activation is keras.activations.linear
+    assert outcome.validation_accuracy is None and outcome.validation_mae < 0.1  # targets spread over about [-3, 3]
+
+
+def test_models_that_do_not_fit_the_task_are_refused_with_the_reason():
+    import keras
+
+    from ptqflow.tasks.artifacts import FeatureSpec
+    from ptqflow.tasks.errors import InvalidModel
+    from ptqflow.tasks.parameters import ModelTask, TrainingParameters
+    from ptqflow.tasks.train import check_model_fits, check_trainable
+
+    def spec(task, n_classes=0, n_targets=0):
+        return FeatureSpec(
+            shape=(4,),
+            dtype="float32",
+            value_range=(0, 1),
+            n_classes=n_classes,
+            class_names=(),
+            task=task,
+            n_targets=n_targets,
+        )
+
+    inputs = keras.Input((4,))
+    three = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    check_model_fits(three, spec(ModelTask.unlabeled), "it is a model", "fix")  # any width: no labels to match
+    check_model_fits(three, spec(ModelTask.classification, n_classes=3), "it is a model", "fix")  # logits too
+    with pytest.raises(InvalidModel, match="with 3 outputs for 1 regression targets: fix"):
+        check_model_fits(three, spec(ModelTask.regression, n_targets=1), "it is a model", "fix")
+    two_heads = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)])
+    with pytest.raises(InvalidModel, match="with 2 outputs; ptqflow validates models with one output so far"):
+        check_model_fits(two_heads, spec(ModelTask.unlabeled), "it is a model", "fix")
+    with pytest.raises(InvalidModel, match="--task unlabeled has no labels to train on: pass .* --model-url"):
+        check_trainable(ModelTask.unlabeled, TrainingParameters())
+    check_trainable(ModelTask.unlabeled, TrainingParameters(model_url="/m.keras"))
