@@ -36,11 +36,12 @@ from ptqflow.tasks.parameters import (
 from ptqflow.tasks.promotion import compare_with_champion, record_promotion_in_report
 from ptqflow.tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
 from ptqflow.tasks.render import (
-    SWEEP_HEADER,
     promotion_markdown,
     run_summary_markdown,
+    sweep_header,
     sweep_rows,
     sweep_summary_markdown,
+    sweep_task,
 )
 from ptqflow.tasks.sample import columns_of, fingerprint_source, sample_dataset
 from ptqflow.tasks.train import check_trainable, fingerprint_model, train_float_model
@@ -280,7 +281,7 @@ def announce(summary: RunSummary | SweepSummary, parameters: dict[str, Any], swe
     1). ``parameters``: the flow's, by name."""
     if isinstance(summary, SweepSummary):
         create_table_artifact(
-            [dict(zip(SWEEP_HEADER, line)) for line in sweep_rows(summary.rows)],
+            [dict(zip(sweep_header(sweep_task(summary.rows)), line)) for line in sweep_rows(summary.rows)],
             key="ptq-sweep",
             description=f"{len(summary.rows) - 1} configurations ranked by {summary.rank_by}; best: "
             f"{summary.best or 'none'}",

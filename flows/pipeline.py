@@ -12,7 +12,7 @@ from ptqflow.tasks.artifacts import (
     ConvertedModels,
 )
 from ptqflow.tasks.convert import convert_to_tflite
-from ptqflow.tasks.gate import GateStatus, check_gate
+from ptqflow.tasks.gate import FIDELITY_GATES, GateStatus, check_gate
 from ptqflow.tasks.outcome import RunSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
@@ -69,7 +69,7 @@ def ptq_pipeline(
         validated = validate(converted=converted)
         verdict = check_gate(validated, gate, conversion.ops)
         repaired = None
-        if verdict.status is GateStatus.failed and verdict.name == "accuracy_drop" and repair.applies_to(conversion):
+        if verdict.status is GateStatus.failed and verdict.name in FIDELITY_GATES and repair.applies_to(conversion):
             repaired = run(
                 repair_quantization,
                 dataset=dataset,
@@ -78,7 +78,7 @@ def ptq_pipeline(
                 converted=converted,
                 validated=validated,
                 conversion=conversion,
-                max_accuracy_drop=gate.max_accuracy_drop,
+                gate=gate.thresholds_only(),
                 params=repair,
             )
             if repaired.succeeded:

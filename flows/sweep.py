@@ -28,13 +28,12 @@ from ptqflow.tasks.artifacts import (
     TrainedModel,
     ValidationResult,
 )
-from ptqflow.tasks.errors import ConversionFailed, InvalidModel
-from ptqflow.tasks.gate import check_accuracy_gate, no_configuration_passed
+from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.gate import check_gate, no_configuration_passed
 from ptqflow.tasks.outcome import SweepSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
-    ModelTask,
     QuantizationScheme,
     SamplingParameters,
     SweepParameters,
@@ -167,6 +166,7 @@ def evaluate_grid(
             candidate=candidate,
             batch_size=batch_size,
             num_threads=latency_threads,
+            outputs=trained.outputs,
         )
     total = len(evaluations)
     results = {}
@@ -215,11 +215,6 @@ def ptq_sweep(
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
     parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
-    if sampling.task is not ModelTask.classification:
-        raise InvalidModel(
-            f"ptqflow sweep ranks classifiers by accuracy so far, not --task {sampling.task.value} models: run each "
-            "configuration with `ptqflow run` (--scheme, --per-channel/--per-tensor, --calibration-size)"
-        )
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )
@@ -229,19 +224,19 @@ def ptq_sweep(
         rows, float_outputs = evaluate_grid(
             run, grid, dataset, trained, calibration_sets, validation.batch_size, sweep.latency_threads
         )
-        rows = rank([judge(r, gate.max_accuracy_drop, sweep.require_full_integer) for r in rows], sweep.rank_by)
+        rows = rank([judge(r, gate, sweep.require_full_integer) for r in rows], sweep.rank_by)
         best = next((r for r in rows if r.passed), None)
-        table = sweep_markdown(rows, sweep.rank_by, gate.max_accuracy_drop, best.name if best else None)
+        table = sweep_markdown(rows, sweep.rank_by, gate, sampling.task, best.name if best else None)
         document = sweep_document(rows, sweep, gate, best)
         sweep_report = run.effect(write_sweep_report, document=document, markdown=table)
         artifacts = {"dataset": dataset.manifest, "model": trained.model, **sweep_report.artifacts()}
-        verdict = no_configuration_passed(rows, gate.max_accuracy_drop)
+        verdict = no_configuration_passed(rows, gate, sampling.task)
         validated = None
         if best is not None:
             validated, calibration_set, chosen = validate_best(
                 run, grid, rows, best, dataset, trained, calibration_sets, calibration, validation, float_outputs
             )
-            verdict = check_accuracy_gate(validated, gate.max_accuracy_drop, chosen.conversion.ops)
+            verdict = check_gate(validated, gate, chosen.conversion.ops)
             verdict = verdict.model_copy(update={"message": f"best configuration {best.name}: {verdict.message}"})
             artifacts.update(
                 calibration=calibration_set.table,
@@ -274,6 +269,7 @@ def sweep_document(
         "report_version": 1,
         "rank_by": sweep.rank_by.value,
         "max_accuracy_drop_pp": gate.max_accuracy_drop,
+        "gate": gate.model_dump(mode="json"),
         "require_full_integer": sweep.require_full_integer,
         "best": best.name if best else None,
         "rows": [r.model_dump(mode="json") for r in rows],

@@ -77,12 +77,25 @@ class FloatOutputs(StageOutput):
     )
 
 
+class ModelOutput(BaseModel):
+    """One output of the float model (``tasks.outputs``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shape: tuple[int, ...] = Field(description="One sample's shape.")
+    class_scores: bool = Field(description="Produced by a softmax or sigmoid: its top-1 class can agree or not.")
+
+
 class TrainedModel(StageOutput):
     model: ArtifactRef = Field(description="The float Keras model (.keras).")
     epochs_run: int
     best_epoch: int
     validation_accuracy: float | None = Field(description="Classification: the float model's validation accuracy.")
     validation_mae: float | None = Field(None, description="Regression: the float model's validation MAE.")
+    outputs: tuple[ModelOutput, ...] = Field(
+        (), description="The model's outputs in order (empty in records from before they were recorded: one output)."
+    )
 
 
 class CalibrationSet(StageOutput):
@@ -112,7 +125,8 @@ class RepairStep(BaseModel):
     layer: str = Field(description="The layer this step added (with the layers that read its output).")
     float_layers: tuple[str, ...] = Field(description="Every layer in float after this step.")
     float_tensors: tuple[str, ...]
-    validation_drop_pp: float
+    validation_drop_pp: float | None = Field(description="Classification: the accuracy drop on the validation split.")
+    validation: str = Field("", description="The task's judged figure on the validation split, in words.")
     quantized_bytes: int
 
 
@@ -125,6 +139,17 @@ class RepairResult(StageOutput):
     float_layers: tuple[str, ...]
     steps: tuple[RepairStep, ...]
     message: str
+
+
+class OutputFigures(BaseModel):
+    """One output of the quantized model against the float model's (``validation_report.OutputMetrics``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sqnr_db: float | None = Field(description="None when it equals the float model's exactly.")
+    mae: float
+    max_abs_error: float
+    agreement: float | None = Field(description="Top-1 agreement; None for an output that is not class scores.")
 
 
 class ValidationFigures(BaseModel):
@@ -147,7 +172,12 @@ class ValidationFigures(BaseModel):
         None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
     )
     sqnr_db: float | None = Field(
-        None, description="The quantized outputs' SQNR against the float model's, in dB (None when identical)."
+        None,
+        description="The quantized outputs' SQNR against the float model's, in dB, of its worst output (None when "
+        "identical).",
+    )
+    outputs: dict[str, OutputFigures] = Field(
+        default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
     )
     rerun_max_difference: float | None = Field(
         None,

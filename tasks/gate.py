@@ -9,7 +9,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ptqflow.tasks.artifacts import RepairResult, ValidationFigures, WorstLayer
-from ptqflow.tasks.fidelity import judge
+from ptqflow.tasks.fidelity import judge_fidelity
 from ptqflow.tasks.parameters import GateParameters, ModelTask, TargetOps
 from ptqflow.tasks.sweep import SweepRow
 
@@ -120,6 +120,9 @@ def check_accuracy_gate(
     )
 
 
+FIDELITY_GATES = ("accuracy_drop", "error_increase", "float_fidelity")  # the gates repair can help pass
+
+
 def check_gate(
     result: ValidationFigures,
     gate: GateParameters,
@@ -131,7 +134,7 @@ def check_gate(
     if result.task is ModelTask.classification:
         return check_accuracy_gate(result, gate.max_accuracy_drop, ops, repair)
     name = "error_increase" if result.task is ModelTask.regression else "float_fidelity"
-    verdict = judge(result, gate) if result.validated else None
+    verdict = judge_fidelity(result, gate) if result.validated else None
     if verdict is None:
         return GateResult(
             name=name,
@@ -142,16 +145,25 @@ def check_gate(
         )
     if result.rerun_max_difference:
         return not_repeatable(result, gate.max_accuracy_drop)
+    repaired = repair is not None and repair.succeeded
     if verdict.passed:
-        message = f"gate passed: {verdict.observed}; the gate asks {verdict.limit}"
+        message = f"gate passed{' after repair' if repaired else ''}: {verdict.observed}; the gate asks {verdict.limit}"
+        if repair is not None and repair.succeeded:
+            message += f"; kept in float: {', '.join(repair.float_layers)}"
     else:
-        message = (
-            f"gate failed: {verdict.observed}; the gate asks {verdict.limit}: calibrate on more samples "
-            f"(--calibration-size), try int16 activations (--scheme int16x8 --input-type float32 --output-type "
-            f"float32), or relax {verdict.option}"
-        )
+        message = f"gate failed: {verdict.observed}; the gate asks {verdict.limit}"
         if result.worst_layers:
             message += f"; worst layers: {describe_layers(result.worst_layers)}"
+        if repair is not None:
+            message += f"; {repair.message}: allow more float layers (--max-float-layers),"
+        elif ops is TargetOps.int8:
+            message += "; --ops int8 cannot keep a layer in float (--ops builtins can, with repair):"
+        else:
+            message += ": keep the worst layers in float (--ops builtins --repair),"
+        message += (
+            " calibrate on more samples (--calibration-size), try int16 activations (--scheme int16x8 --input-type "
+            f"float32 --output-type float32), or relax {verdict.option}"
+        )
     return GateResult(
         name=name,
         status=GateStatus.passed if verdict.passed else GateStatus.failed,
@@ -161,7 +173,16 @@ def check_gate(
     )
 
 
-def no_configuration_passed(rows: Sequence[SweepRow], max_accuracy_drop: float) -> GateResult:
+GATE_OPTION = {
+    ModelTask.classification: "raise --max-accuracy-drop",
+    ModelTask.regression: "raise --max-error-increase",
+    ModelTask.unlabeled: "lower --min-sqnr (or --min-agreement)",
+}
+
+
+def no_configuration_passed(
+    rows: Sequence[SweepRow], gate: GateParameters, task: ModelTask = ModelTask.classification
+) -> GateResult:
     """The sweep's verdict when no configuration of ``rows`` (ranked) passed: it names the closest one."""
     closest = next((r for r in rows if not r.reference), None)
     detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
@@ -169,7 +190,7 @@ def no_configuration_passed(rows: Sequence[SweepRow], max_accuracy_drop: float) 
         name="sweep",
         status=GateStatus.failed,
         observed_drop_pp=None,
-        max_drop_pp=max_accuracy_drop,
+        max_drop_pp=gate.max_accuracy_drop,
         message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
-        "raise --max-accuracy-drop, or drop --require-full-integer",
+        f"{GATE_OPTION[task]}, or drop --require-full-integer",
     )

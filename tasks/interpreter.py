@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptqflow.tasks.convert import native_output_silenced
+from ptqflow.tasks.outputs import flatten_outputs, tflite_output_order
 from ptqflow.tasks.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
 
 if TYPE_CHECKING:
@@ -74,8 +75,10 @@ def predict_tflite(
     num_threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Dequantized outputs of a ``.tflite`` model for raw ``features``, evaluated in batches."""
+    """Dequantized outputs of a ``.tflite`` model for raw ``features``, evaluated in batches; a model with several
+    outputs gives them side by side, flattened, in the Keras model's order (``tasks.outputs``)."""
     interpreter = make_interpreter(model_bytes, num_threads)
+    order = tflite_output_order(interpreter)
     inp = interpreter.get_input_details()[0]
     batch_dynamic = int(inp["shape_signature"][0]) == -1
     step = batch_size if batch_dynamic else int(inp["shape"][0])
@@ -91,10 +94,12 @@ def predict_tflite(
             interpreter.allocate_tensors()
             allocated_for = len(batch)
             inp = interpreter.get_input_details()[0]
-            out = interpreter.get_output_details()[0]
+            by_index = {d["index"]: d for d in interpreter.get_output_details()}
+            outs = [by_index[i] for i in order]
         interpreter.set_tensor(inp["index"], quantize_input(batch, inp))
         interpreter.invoke()
-        result = dequantize_output(interpreter.get_tensor(out["index"]), out)
+        results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
+        result = results[0] if len(results) == 1 else flatten_outputs(results)
         outputs.append(result[: min(step, len(features) - start)])
         if on_batch:
             on_batch(min(start + step, len(features)))
@@ -102,7 +107,9 @@ def predict_tflite(
 
 
 def predict_keras(model: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.asarray(model.predict(features.astype(np.float32), batch_size=batch_size, verbose=0))
+    """The model's outputs; several side by side, flattened, in its order (as ``predict_tflite`` gives them)."""
+    outputs = model.predict(features.astype(np.float32), batch_size=batch_size, verbose=0)
+    return flatten_outputs(list(outputs)) if isinstance(outputs, (list, tuple)) else np.asarray(outputs)
 
 
 def audit_tensor_types(model_bytes: bytes) -> TypeAudit:

@@ -6,6 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ptqflow.tasks.artifacts import ModelOutput, OutputFigures
+from ptqflow.tasks.fidelity import TaskFigures
+from ptqflow.tasks.outputs import split_outputs
+from ptqflow.tasks.parameters import ModelTask
 from ptqflow.tasks.validation_report import ModelMetrics, Speed
 
 
@@ -29,10 +33,72 @@ def increase_pct(reference: float, value: float) -> float:
     return round((value - reference) / reference * 100, 6)
 
 
-def class_scores(outputs: np.ndarray, labels: np.ndarray) -> bool:
-    """Whether the outputs are class scores whose top-1 can agree or not: class labels, or (unlabeled) more than
-    one value per sample."""
-    return labels.ndim == 1 or (labels.shape[1] == 0 and outputs.ndim == 2 and outputs.shape[1] > 1)
+def output_metrics(
+    outputs: np.ndarray, reference: np.ndarray, layout: tuple[ModelOutput, ...] = ()
+) -> dict[str, OutputFigures]:
+    """Each output (``tasks.outputs``) against the float model's: SQNR, MAE, largest error, and top-1 agreement
+    for class scores. Without a layout (records from before outputs were recorded): one output, class scores when
+    it has more than one value per sample."""
+    if not layout:
+        width = int(np.prod(outputs.shape[1:])) if outputs.ndim > 1 else 1
+        layout = (ModelOutput(name="output", shape=tuple(outputs.shape[1:]), class_scores=width > 1),)
+    ours, theirs = split_outputs(outputs, layout), split_outputs(reference, layout)
+    figures = {}
+    for output in layout:
+        mine, float_ = ours[output.name], theirs[output.name]
+        figures[output.name] = OutputFigures(
+            sqnr_db=sqnr_db(float_, mine),
+            mae=mean_absolute_error(mine, float_),
+            max_abs_error=round(float(np.max(np.abs(mine.astype(np.float64) - float_))), 9) if mine.size else 0.0,
+            agreement=float((mine.argmax(axis=1) == float_.argmax(axis=1)).mean())
+            if output.class_scores and mine.shape[1] > 1
+            else None,
+        )
+    return figures
+
+
+def task_figures(
+    task: ModelTask,
+    reference: np.ndarray,
+    outputs: np.ndarray,
+    labels: np.ndarray,
+    layout: tuple[ModelOutput, ...] = (),
+) -> TaskFigures:
+    """What the task's gate judges of ``outputs`` against the float model's ``reference`` (and the labels):
+    accuracy and its drop, MAE and its rise, or SQNR and agreement of the worst output."""
+    if task is ModelTask.classification:
+        float_accuracy, quantized = accuracy(reference, labels), accuracy(outputs, labels)
+        return TaskFigures(
+            task=task,
+            float_accuracy=float_accuracy,
+            quantized_accuracy=quantized,
+            accuracy_drop_pp=round((float_accuracy - quantized) * 100, 6),
+            agreement=float((outputs.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        )
+    if task is ModelTask.regression:
+        float_mae, quantized_mae = mean_absolute_error(reference, labels), mean_absolute_error(outputs, labels)
+        return TaskFigures(
+            task=task,
+            float_mae=float_mae,
+            quantized_mae=quantized_mae,
+            mae_increase_pct=increase_pct(float_mae, quantized_mae),
+            sqnr_db=sqnr_db(reference, outputs),
+        )
+    per_output = output_metrics(outputs, reference, layout)
+    return TaskFigures(
+        task=task, sqnr_db=worst_sqnr(per_output), agreement=worst_agreement(per_output), outputs=per_output
+    )
+
+
+def worst_sqnr(outputs: dict[str, OutputFigures]) -> float | None:
+    """The lowest SQNR of the outputs (None, meaning identical, only when every output is identical)."""
+    measured = [o.sqnr_db for o in outputs.values() if o.sqnr_db is not None]
+    return min(measured) if measured else None
+
+
+def worst_agreement(outputs: dict[str, OutputFigures]) -> float | None:
+    measured = [o.agreement for o in outputs.values() if o.agreement is not None]
+    return min(measured) if measured else None
 
 
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -54,14 +120,19 @@ def model_metrics(
     class_names: Sequence[str],
     model_bytes: int | None = None,
     speed: Speed | None = None,
+    layout: tuple[ModelOutput, ...] = (),
 ) -> ModelMetrics:
     """Against the labels: accuracy, per-class accuracy and confusion matrix for class labels, MAE and RMSE for
     regression targets, nothing for unlabeled rows. Against the float model: agreement (class scores), output
-    error and SQNR."""
+    error and SQNR, of all outputs together and of each (``layout``)."""
+    if not layout and labels.ndim == 2 and labels.shape[1]:  # regression targets are not class scores
+        layout = (ModelOutput(name="output", shape=tuple(outputs.shape[1:]), class_scores=False),)
+    per_output = output_metrics(outputs, reference, layout)
     against_float = {
         "agreement_with_float": float((outputs.argmax(axis=1) == reference.argmax(axis=1)).mean())
-        if class_scores(outputs, labels)
-        else None,
+        if labels.ndim == 1
+        else worst_agreement(per_output),
+        "outputs": per_output,
         "output_mae": mean_absolute_error(outputs, reference),
         "output_max_abs_error": round(float(np.max(np.abs(outputs.astype(np.float64) - reference))), 9)
         if outputs.size

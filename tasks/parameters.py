@@ -345,6 +345,16 @@ class GateParameters(_Parameters):
         "is the float model's.",
     )
 
+    def thresholds_only(self) -> GateParameters:
+        """These thresholds with the champion check's settings at their defaults: what repair is keyed on, so that
+        a new promotion tolerance does not repeat a repair."""
+        return GateParameters(
+            max_accuracy_drop=self.max_accuracy_drop,
+            max_error_increase=self.max_error_increase,
+            min_sqnr=self.min_sqnr,
+            min_agreement=self.min_agreement,
+        )
+
     def comparison_rows_needed(self, test_rows: int) -> int:
         return self.min_comparison_rows if self.min_comparison_rows is not None else min(100, -(-test_rows // 2))
 

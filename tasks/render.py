@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ptqflow.tasks.artifacts import ValidationFigures
-from ptqflow.tasks.fidelity import fidelity_in_words
+from ptqflow.tasks.fidelity import fidelity_in_words, gate_in_words
 from ptqflow.tasks.gate import describe_layers
 from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.parameters import ModelTask, RankBy
-from ptqflow.tasks.sweep import SweepRow
+from ptqflow.tasks.parameters import GateParameters, ModelTask, RankBy
+from ptqflow.tasks.sweep import ConfigurationMetrics, SweepRow
 from ptqflow.tasks.validation_report import (
     LayerError,
     ModelKind,
@@ -107,6 +107,23 @@ def model_rows(metrics: ValidationMetrics) -> list[list[str]]:
     return rows
 
 
+OUTPUT_HEADER = ["output", "SQNR", "MAE", "max abs error", "top-1 agreement"]
+
+
+def output_rows(metrics: ValidationMetrics) -> list[list[str]]:
+    """The quantized model's outputs, each against the float model's (shown for models with several)."""
+    return [
+        [
+            name,
+            MISSING if o.sqnr_db is None else f"{o.sqnr_db:.1f} dB",
+            number(o.mae, digits=5),
+            number(o.max_abs_error, digits=5),
+            percent(o.agreement),
+        ]
+        for name, o in metrics.outputs.items()
+    ]
+
+
 def layer_rows(layers: Sequence[LayerError], count: int = 10) -> list[list[str]]:
     return [
         [
@@ -175,13 +192,13 @@ def _repair_lines(repair: RepairCost) -> list[str]:
     lines = [f"- {repair.message}"]
     for i, step in enumerate(repair.steps, 1):
         lines.append(
-            f"- step {i}: {', '.join(step.float_layers)} in float: validation drop {step.validation_drop_pp:.2f} pp, "
+            f"- step {i}: {', '.join(step.float_layers)} in float: validation {step.validation}, "
             f"{step.quantized_bytes:,} B"
         )
     if repair.succeeded:
         lines.append(
-            f"- test accuracy {percent(repair.repaired_accuracy)} repaired, against "
-            f"{percent(repair.unrepaired_accuracy)} fully quantized"
+            f"- on the test split, repaired: {repair.repaired_fidelity or percent(repair.repaired_accuracy)}; fully "
+            f"quantized: {repair.unrepaired_fidelity or percent(repair.unrepaired_accuracy)}"
         )
         lines.append(
             f"- cost: {repair.repaired_bytes:,} B against {repair.unrepaired_bytes:,} B fully quantized; "
@@ -220,6 +237,13 @@ def render_markdown(report: ValidationReport) -> str:
         "Agreement, output MAE and SQNR compare each model's outputs with the float Keras model's.",
         "",
     ]
+    if len(metrics.outputs) > 1:
+        parts += [
+            "## Outputs (quantized .tflite against float Keras)",
+            "",
+            markdown_table(OUTPUT_HEADER, output_rows(metrics)),
+            "",
+        ]
     if metrics.class_names:
         parts += [
             "## Per-class accuracy",
@@ -366,6 +390,13 @@ def render_html(report: ValidationReport) -> str:
         "<h2>Models (test split)</h2>",
         _html_table(model_header(metrics.task), model_rows(metrics)),
         image("accuracy", f"{LABEL_FIGURE[metrics.task]} per model"),
+    ]
+    if len(metrics.outputs) > 1:
+        parts += [
+            "<h2>Outputs (quantized .tflite against float Keras)</h2>",
+            _html_table(OUTPUT_HEADER, output_rows(metrics)),
+        ]
+    parts += [
         "<h2>Per-layer quantization error</h2>",
     ]
     if metrics.layers:
@@ -401,6 +432,34 @@ SWEEP_HEADER = [
 ]
 
 
+SWEEP_FIGURES = {
+    ModelTask.classification: ("accuracy", "drop pp"),
+    ModelTask.regression: ("MAE", "MAE rise %"),
+    ModelTask.unlabeled: ("SQNR dB", "agreement"),
+}
+
+
+def sweep_header(task: ModelTask) -> list[str]:
+    """The sweep table's columns: the task's figure and what quantizing cost by it stand third and fourth."""
+    header = [*SWEEP_HEADER]
+    header[2:4] = SWEEP_FIGURES[task]
+    return header
+
+
+def sweep_task(rows: Sequence[SweepRow]) -> ModelTask:
+    return next((r.metrics.task for r in rows if r.metrics is not None), ModelTask.classification)
+
+
+def _sweep_figures(m: ConfigurationMetrics | None) -> list[str]:
+    if m is None or not m.validated:
+        return [MISSING, MISSING]
+    if m.task is ModelTask.regression:
+        return [number(m.mae, digits=5), number(m.mae_increase_pct, digits=2)]
+    if m.task is ModelTask.unlabeled:
+        return [number(m.output_sqnr_db, digits=1), percent(m.agreement)]
+    return [percent(m.accuracy), number(m.accuracy_drop_pp, digits=2)]
+
+
 def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
     reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
     lines = []
@@ -411,8 +470,7 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
             [
                 str(r.rank or ""),
                 r.name,
-                f"{m.accuracy:.2%}" if m and m.accuracy is not None else "—",
-                f"{m.accuracy_drop_pp:.2f}" if m and m.accuracy_drop_pp is not None else "—",
+                *_sweep_figures(m),
                 f"{m.bytes:,} B" if m else "—",
                 smaller,
                 f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
@@ -425,18 +483,22 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
     return lines
 
 
-def sweep_markdown(rows: Sequence[SweepRow], rank_by: RankBy, max_accuracy_drop: float, best: str | None) -> str:
+def sweep_markdown(
+    rows: Sequence[SweepRow], rank_by: RankBy, gate: GateParameters, task: ModelTask, best: str | None
+) -> str:
+    header = sweep_header(task)
     lines = [
         "# ptqflow quantization sweep",
         "",
-        f"{len([r for r in rows if not r.reference])} configurations on the test split; gate: at most "
-        f"{max_accuracy_drop} pp below float. Ranked by {rank_by.value} (then the other two of size, latency, "
-        "accuracy). Latency: batch 1, p50, on the worker that evaluated it.",
+        f"{len([r for r in rows if not r.reference])} configurations on the test split; gate: "
+        f"{gate_in_words(task, gate)}. "
+        f"Ranked by {rank_by.value} (then the other two of size, latency, accuracy; accuracy is the task's own "
+        "figure). Latency: batch 1, p50, on the worker that evaluated it.",
         "",
         f"**Best: {best}**" if best else "**No configuration passed the gate.**",
         "",
-        "| " + " | ".join(SWEEP_HEADER) + " |",
-        "|" + "---|" * len(SWEEP_HEADER),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
         *["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in sweep_rows(rows)],
     ]
     return "\n".join(lines) + "\n"
@@ -602,7 +664,7 @@ def print_sweep_summary(summary: SweepSummary, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"Configurations (test split), ranked by {summary.rank_by}", title_justify="left")
-    for column in SWEEP_HEADER:
+    for column in sweep_header(sweep_task(summary.rows)):
         table.add_column(column, justify="left" if column in ("configuration", "I/O", "verdict") else "right")
     for line in sweep_rows(summary.rows):
         table.add_row(*line)
@@ -637,13 +699,15 @@ def fidelity_figures(m: ValidationFigures) -> str:
 def run_figures(figures: ValidationFigures | None) -> tuple[str, str]:
     """A run's quantized figure and what quantizing lost, by its task: accuracy and drop (pp), MAE and its rise
     (%), or SQNR against the float model."""
-    if figures is None:
+    if figures is None or not figures.validated:
         return MISSING, MISSING
     if figures.task is ModelTask.regression:
-        return f"MAE {number(figures.quantized_mae, digits=4)}", number(figures.mae_increase_pct, "%", 2)
+        rise = MISSING if figures.mae_increase_pct is None else f"MAE +{figures.mae_increase_pct:.2f}%"
+        return f"MAE {number(figures.quantized_mae, digits=4)}", rise
     if figures.task is ModelTask.unlabeled:
-        return number(figures.sqnr_db, " dB", 1), MISSING
-    return percent(figures.quantized_accuracy), number(figures.accuracy_drop_pp, " pp", 2)
+        return percent(figures.agreement), f"SQNR {number(figures.sqnr_db, ' dB', 1)}"
+    drop = MISSING if figures.accuracy_drop_pp is None else f"-{figures.accuracy_drop_pp:.2f} pp"
+    return percent(figures.quantized_accuracy), drop
 
 
 def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
@@ -651,7 +715,7 @@ def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
-    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "loss", "exported"):
+    for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "vs float", "exported"):
         table.add_column(column, no_wrap=True)
     for manifest in manifests:
         figures = _figures(manifest)

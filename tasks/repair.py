@@ -1,5 +1,6 @@
-"""Repair after a failed gate: keep the worst layers in float, one more at a time, until the quantized model's
-drop on the validation split is within the gate or the limit of float layers is reached.
+"""Repair after a failed gate: keep the worst layers in float, one more at a time, until the quantized model passes
+its task's gate on the validation split (accuracy drop, MAE rise, or SQNR against float) or the limit of float
+layers is reached.
 
 The choice is made on the validation split, not the test split, so the gate's final verdict (on the test split,
 by the validation stage) is not tuned on the data that judges it. Only ``--ops builtins`` allows it: with
@@ -29,9 +30,11 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
 from ptqflow.tasks.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
+from ptqflow.tasks.fidelity import judge_fidelity
 from ptqflow.tasks.interpreter import predict_keras, predict_tflite
-from ptqflow.tasks.metrics import accuracy
-from ptqflow.tasks.parameters import ConversionParameters, RepairParameters
+from ptqflow.tasks.metrics import task_figures
+from ptqflow.tasks.outputs import model_outputs
+from ptqflow.tasks.parameters import ConversionParameters, GateParameters, ModelTask, RepairParameters
 from ptqflow.tasks.progress import report
 from ptqflow.tasks.validation_report import LayerError, ValidationReport, ranking_margin
 
@@ -50,13 +53,16 @@ def keep_worst_layers_float(
     ranked: list[LayerError],
     validation_features: np.ndarray,
     validation_labels: np.ndarray,
-    max_accuracy_drop: float,
+    gate: GateParameters,
     max_float_layers: int,
+    task: ModelTask = ModelTask.classification,
 ) -> tuple[bytes | None, list[RepairStep], str]:
     """Pure function: the first selectively quantized model, keeping 1, 2, ... of the ``ranked`` layers in float
-    (each with its output's consumers, so that its output is never requantized), whose validation drop is within
-    ``max_accuracy_drop``; None if none within ``max_float_layers``. Returns the model, every step, and a message."""
-    float_accuracy = accuracy(predict_keras(model, validation_features), validation_labels)
+    (each with its output's consumers, so that its output is never requantized), that passes the task's gate on the
+    validation split (``tasks.fidelity``); None if none within ``max_float_layers``. Returns the model, every
+    step, and a message."""
+    float_outputs = predict_keras(model, validation_features)
+    layout = model_outputs(model)
     candidates = [layer for layer in ranked if layer.badness > WORSE_THAN_ROUNDING][:max_float_layers]
     if not candidates:
         return None, [], "repair found no layer worse than plain rounding to keep in float"
@@ -71,35 +77,34 @@ def keep_worst_layers_float(
         float_tensors += [t for t in float_unit(quantized_tflite, layer.tensor) if t not in float_tensors]
         report("repair_quantization", f"keeping {len(steps) + 1} layer(s) in float: {layer.layer}")
         candidate = quantize_keeping_float(model, calibration_batches, debug_features, options, float_tensors)
-        drop = round(
-            (float_accuracy - accuracy(predict_tflite(candidate, validation_features), validation_labels)) * 100, 6
+        figures = task_figures(
+            task, float_outputs, predict_tflite(candidate, validation_features), validation_labels, layout
         )
+        verdict = judge_fidelity(figures, gate)
+        if verdict is None:  # the figures are computed just above: never missing
+            raise ValueError(f"no {task.value} figures for a repair candidate")
         float_layers = tuple(dict.fromkeys(keras_layer_of(t, names, nested) for t in float_tensors))
         steps.append(
             RepairStep(
                 layer=layer.layer,
                 float_layers=float_layers,
                 float_tensors=tuple(float_tensors),
-                validation_drop_pp=drop,
+                validation_drop_pp=figures.accuracy_drop_pp,
+                validation=verdict.figure,
                 quantized_bytes=len(candidate),
             )
         )
-        if drop <= max_accuracy_drop:
+        if verdict.passed:
             return (
                 candidate,
                 steps,
-                (
-                    f"repair kept {_kept(steps)} in float: validation drop {drop:.2f} pp, within {max_accuracy_drop} pp"
-                    + order
-                ),
+                f"repair kept {_kept(steps)} in float: validation {verdict.figure}, within the gate ({verdict.limit})"
+                + order,
             )
     return (
         None,
         steps,
-        (
-            f"repair kept {_kept(steps)} in float and the validation drop is still "
-            f"{steps[-1].validation_drop_pp:.2f} pp" + order
-        ),
+        f"repair kept {_kept(steps)} in float and the validation figure is still {steps[-1].validation}" + order,
     )
 
 
@@ -123,7 +128,7 @@ def repair_quantization(
     converted: ConvertedModels,
     validated: ValidationResult,
     conversion: ConversionParameters,
-    max_accuracy_drop: float,
+    gate: GateParameters,
     params: RepairParameters,
 ) -> RepairResult:
     store = ArtifactStore(store_url)
@@ -147,8 +152,9 @@ def repair_quantization(
         ranked,
         validation.features,
         validation.labels,
-        max_accuracy_drop,
+        gate,
         params.max_float_layers,
+        dataset.spec.task,
     )
     get_run_logger().info(message)
     return RepairResult(

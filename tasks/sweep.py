@@ -9,6 +9,7 @@ per-layer debugger, no HTML report): the configuration the sweep picks is valida
 from __future__ import annotations
 
 import io
+import math
 import os
 import socket
 import time
@@ -23,10 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_bytes
-from ptqflow.tasks.artifacts import CalibrationSet, FloatOutputs, SampledDataset, StageOutput, TrainedModel
+from ptqflow.tasks.artifacts import (
+    CalibrationSet,
+    FloatOutputs,
+    ModelOutput,
+    SampledDataset,
+    StageOutput,
+    TrainedModel,
+)
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
 from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.fidelity import LOSS_LABEL, TaskFigures, fidelity_loss, judge_fidelity
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
     predict_keras,
@@ -34,8 +43,16 @@ from ptqflow.tasks.interpreter import (
     rerun_max_difference,
     tflite_speed,
 )
-from ptqflow.tasks.metrics import accuracy, model_metrics
-from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, RankBy, TargetOps, TensorType
+from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics, worst_sqnr
+from ptqflow.tasks.parameters import (
+    ConversionParameters,
+    GateParameters,
+    ModelTask,
+    QuantizationScheme,
+    RankBy,
+    TargetOps,
+    TensorType,
+)
 
 FLOAT_REFERENCE = "float32"
 # Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
@@ -144,10 +161,14 @@ class ConfigurationMetrics(StageOutput):
     bytes: int
     validated: bool
     not_validated_reason: str | None = None
-    float_accuracy: float
+    task: ModelTask = ModelTask.classification
+    float_accuracy: float | None = Field(description="Classification only, as are accuracy and its drop.")
     accuracy: float | None
     accuracy_drop_pp: float | None
     agreement: float | None
+    float_mae: float | None = Field(None, description="Regression: the float Keras model's MAE.")
+    mae: float | None = Field(None, description="Regression: this model's MAE against the targets.")
+    mae_increase_pct: float | None = Field(None, description="Regression: its MAE's rise over float, in percent.")
     output_sqnr_db: float | None
     latency_p50_ms: float | None
     latency_p95_ms: float | None
@@ -164,6 +185,20 @@ class ConfigurationMetrics(StageOutput):
     output_type: str
     ops: tuple[str, ...]
 
+    def figures(self) -> TaskFigures:
+        """The figures its task's gate reads (``tasks.fidelity``)."""
+        return TaskFigures(
+            task=self.task,
+            float_accuracy=self.float_accuracy,
+            quantized_accuracy=self.accuracy,
+            accuracy_drop_pp=self.accuracy_drop_pp,
+            agreement=self.agreement,
+            float_mae=self.float_mae,
+            quantized_mae=self.mae,
+            mae_increase_pct=self.mae_increase_pct,
+            sqnr_db=self.output_sqnr_db,
+        )
+
 
 def configuration_metrics(
     reference: np.ndarray,
@@ -173,12 +208,17 @@ def configuration_metrics(
     batch_size: int,
     num_threads: int,
     class_names: list[str],
+    task: ModelTask = ModelTask.classification,
+    layout: tuple[ModelOutput, ...] = (),
 ) -> dict[str, Any]:
-    """Pure: accuracy, agreement with float, output error, latency and the dtype audit of one ``.tflite``;
-    ``reference`` is the float Keras model's outputs on ``features``."""
+    """Pure: the task's figures (accuracy, or MAE against the targets), agreement with float, output error, latency
+    and the dtype audit of one ``.tflite``; ``reference`` is the float Keras model's outputs on ``features``."""
     audit = audit_tensor_types(model_bytes)
-    float_accuracy = accuracy(reference, labels)
+    float_accuracy = accuracy(reference, labels) if task is ModelTask.classification else None
+    float_mae = mean_absolute_error(reference, labels) if task is ModelTask.regression else None
     common = {
+        "task": task,
+        "float_mae": float_mae,
         "bytes": len(model_bytes),
         "num_threads": num_threads,
         "full_integer": audit.full_integer,
@@ -203,17 +243,21 @@ def configuration_metrics(
             "Interpreter",
         }
     outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
-    metrics = model_metrics(outputs, reference, labels, class_names)
-    if metrics.accuracy is None:  # flows.sweep refuses every task but classification
-        raise ValueError("the sweep measures classifiers only: these labels are not class indices")
+    metrics = model_metrics(outputs, reference, labels, class_names, layout=layout)
     speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
     return {
         **common,
         "validated": True,
         "accuracy": metrics.accuracy,
-        "accuracy_drop_pp": round((float_accuracy - metrics.accuracy) * 100, 6),
+        "accuracy_drop_pp": round((float_accuracy - metrics.accuracy) * 100, 6)
+        if float_accuracy is not None and metrics.accuracy is not None
+        else None,
+        "mae": metrics.mae,
+        "mae_increase_pct": increase_pct(float_mae, metrics.mae)
+        if float_mae is not None and metrics.mae is not None
+        else None,
         "agreement": metrics.agreement_with_float,
-        "output_sqnr_db": metrics.output_sqnr_db,
+        "output_sqnr_db": worst_sqnr(metrics.outputs),
         "latency_p50_ms": speed.latency_ms.p50,
         "latency_p95_ms": speed.latency_ms.p95,
         "throughput_per_s": speed.throughput_per_s,
@@ -278,7 +322,9 @@ def evaluate_configuration(
     candidate: CandidateModel,
     batch_size: int,
     num_threads: int,
+    outputs: tuple[ModelOutput, ...] = (),
 ) -> ConfigurationMetrics:
+    """One configuration's figures; ``outputs``: the float model's (``TrainedModel.outputs``)."""
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
@@ -292,6 +338,8 @@ def evaluate_configuration(
         batch_size,
         num_threads,
         list(dataset.spec.class_names),
+        dataset.spec.task,
+        outputs,
     )
     return ConfigurationMetrics(
         model=candidate.model,
@@ -359,20 +407,21 @@ def reference_row(metrics: ConfigurationMetrics) -> SweepRow:
     )
 
 
-def judge(row: SweepRow, max_accuracy_drop: float, require_full_integer: bool) -> SweepRow:
-    """The gate for one configuration: validated, repeatable, within the accuracy drop, and full integer if
-    required."""
+def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> SweepRow:
+    """The gate for one configuration: validated, repeatable, within its task's gate (``tasks.fidelity``), and
+    full integer if required."""
     m = row.metrics
+    fidelity = judge_fidelity(m.figures(), gate) if m is not None and m.validated else None
     if row.error is not None:
         verdict = f"no model: {row.error}"
-    elif m is None or not m.validated or m.accuracy_drop_pp is None:
+    elif m is None or fidelity is None:
         verdict = f"not validated: {m.not_validated_reason if m else 'no metrics'}"
     elif m.rerun_max_difference:
         verdict = (
             f"not repeatable: outputs differ by up to {m.rerun_max_difference:.3g} between two runs on the same input"
         )
-    elif m.accuracy_drop_pp > max_accuracy_drop:
-        verdict = f"drop {m.accuracy_drop_pp:.2f} pp > {max_accuracy_drop} pp"
+    elif not fidelity.passed:
+        verdict = fidelity.short
     elif require_full_integer and not m.full_integer:
         verdict = f"not full integer ({m.float_tensors} float tensors)"
     elif row.reference:
@@ -386,7 +435,8 @@ def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:
     m = row.metrics
     size = m.bytes if m else float("inf")
     latency = m.latency_p50_ms if m and m.latency_p50_ms is not None else float("inf")
-    drop = m.accuracy_drop_pp if m and m.accuracy_drop_pp is not None else float("inf")
+    loss = fidelity_loss(m.figures()) if m and m.validated else None
+    drop = float("inf") if loss is None else loss
     order = {
         RankBy.size: (size, latency, drop),
         RankBy.latency: (latency, size, drop),
@@ -396,36 +446,46 @@ def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:
 
 
 def rank(rows: Sequence[SweepRow], rank_by: RankBy) -> list[SweepRow]:
-    """Passing configurations first, best first by ``rank_by`` (the other two break ties), numbered; then the
-    float reference and the failing ones, least accuracy lost first."""
+    """Passing configurations first, best first by ``rank_by`` (the other two break ties; accuracy is the task's
+    own figure, ``tasks.fidelity.fidelity_loss``), numbered; then the float reference and the failing ones, least
+    lost first."""
     passing = sorted((r for r in rows if r.passed), key=lambda r: _sort_key(r, rank_by))
     rest = sorted((r for r in rows if not r.passed), key=lambda r: (not r.reference, _sort_key(r, RankBy.accuracy)))
     return [r.model_copy(update={"rank": i}) for i, r in enumerate(passing, 1)] + rest
 
 
 def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
-    """PNG: size against accuracy drop (passing configurations in green), and latency per configuration."""
+    """PNG: size against what quantizing cost by the task's figure (passing configurations in green), and latency
+    per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a batch job
     from matplotlib import pyplot as plt
 
-    measured = [(r, r.metrics) for r in rows if r.metrics is not None and r.metrics.accuracy_drop_pp is not None]
+    measured = [
+        (r, m, loss)
+        for r in rows
+        if (m := r.metrics) is not None
+        and m.validated
+        and (loss := fidelity_loss(m.figures())) is not None
+        and math.isfinite(loss)
+    ]
+    task = measured[0][1].task if measured else ModelTask.classification
     figure, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 5))
-    for r, m in measured:
+    for r, m, loss in measured:
         colour = "#8c8c8c" if r.reference else "#55a868" if r.passed else "#c44e52"
-        scatter.scatter(m.bytes / 1024, m.accuracy_drop_pp, color=colour, s=40)
+        scatter.scatter(m.bytes / 1024, loss, color=colour, s=40)
         scatter.annotate(
             r.name,
-            (m.bytes / 1024, m.accuracy_drop_pp),
+            (m.bytes / 1024, loss),
             fontsize=7,
             xytext=(4, 3),
             textcoords="offset points",
         )
     scatter.set_xlabel("model size (KiB)")
-    scatter.set_ylabel("accuracy drop from float (pp)")
-    scatter.set_title("size vs accuracy (green: passes the gate)")
-    timed = [(r, m) for r, m in measured if m.latency_p50_ms is not None]
+    scatter.set_ylabel(LOSS_LABEL[task])
+    scatter.set_title("size vs fidelity (green: passes the gate)")
+    timed = [(r, m) for r, m, _ in measured if m.latency_p50_ms is not None]
     bars.barh(
         [r.name for r, _ in timed][::-1],
         [m.latency_p50_ms for _, m in timed][::-1],

@@ -31,8 +31,10 @@ from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import files_fingerprint
 from ptqflow.tasks.errors import InvalidModel
+from ptqflow.tasks.interpreter import predict_keras
 from ptqflow.tasks.limits import check_model_size
 from ptqflow.tasks.metrics import accuracy, mean_absolute_error
+from ptqflow.tasks.outputs import model_outputs
 from ptqflow.tasks.parameters import ModelTask, TrainingParameters
 from ptqflow.tasks.progress import report
 
@@ -244,8 +246,11 @@ def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str)
             f"but the samples have shape {list(spec.shape)}: {fix}"
         )
     if len(model.outputs) != 1:
+        if spec.task is ModelTask.unlabeled:
+            return model  # each output is compared with the float model's own
         raise InvalidModel(
-            f"{what} with {len(model.outputs)} outputs; ptqflow validates models with one output so far: {fix}"
+            f"{what} with {len(model.outputs)} outputs: --task {spec.task.value} compares one output with the labels; "
+            "validate a model with several outputs against its float self with --task unlabeled"
         )
     width = model.output_shape[-1]
     if spec.task is ModelTask.regression and width != spec.n_targets:
@@ -369,7 +374,7 @@ def train_float_model(
         validation = read_parquet(f)
     if params.model_url:
         data, model = load_trained_model(params.model_url, dataset.spec, params.input_scale, params.input_offset)
-        outputs = np.asarray(model.predict(validation.features.astype(np.float32), verbose=0))
+        outputs = predict_keras(model, validation.features)
         ref = store.put_bytes(data, ".zip" if model_file_format(data) == "saved_model" else ".keras")
         get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
         return TrainedModel(
@@ -378,6 +383,7 @@ def train_float_model(
             best_epoch=0,
             validation_accuracy=accuracy(outputs, validation.labels) if dataset.spec.n_classes else None,
             validation_mae=mean_absolute_error(outputs, validation.labels) if dataset.spec.n_targets else None,
+            outputs=model_outputs(model),
         )
     with store.open(dataset.train) as f:
         train = read_parquet(f)
@@ -395,4 +401,5 @@ def train_float_model(
         best_epoch=outcome.best_epoch,
         validation_accuracy=outcome.validation_accuracy,
         validation_mae=outcome.validation_mae,
+        outputs=model_outputs(model),
     )

@@ -36,7 +36,15 @@ from ptqflow.tasks.interpreter import (
     rerun_max_difference,
     tflite_speed,
 )
-from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics
+from ptqflow.tasks.metrics import (
+    accuracy,
+    increase_pct,
+    mean_absolute_error,
+    model_metrics,
+    task_figures,
+    worst_sqnr,
+)
+from ptqflow.tasks.outputs import model_outputs
 from ptqflow.tasks.parameters import ConversionParameters, ModelTask, QuantizationScheme, ValidationParameters
 from ptqflow.tasks.progress import report
 from ptqflow.tasks.render import render_html, render_markdown
@@ -82,6 +90,7 @@ def evaluate_models(
     audit = audit_tensor_types(quantized_tflite)
     float_audit = audit_tensor_types(float_tflite)
     keras_out = predict_keras(keras_model, features, params.batch_size) if keras_outputs is None else keras_outputs
+    layout = model_outputs(keras_model)
     float_accuracy = accuracy(keras_out, labels) if classification else None
     float_mae = mean_absolute_error(keras_out, labels) if task is ModelTask.regression else None
     common = ValidationMetrics(
@@ -102,7 +111,7 @@ def evaluate_models(
         accuracy_drop_pp=None,
         agreement=None,
         rerun_max_difference=None,
-        models={ModelKind.float_keras: model_metrics(keras_out, keras_out, labels, names)},
+        models={ModelKind.float_keras: model_metrics(keras_out, keras_out, labels, names, layout=layout)},
     )
     flex = sorted(set(audit.flex_ops) | set(float_audit.flex_ops))
     if flex:
@@ -128,13 +137,13 @@ def evaluate_models(
         }
     models = {
         ModelKind.float_keras: model_metrics(
-            keras_out, keras_out, labels, names, None, speeds.get(ModelKind.float_keras)
+            keras_out, keras_out, labels, names, None, speeds.get(ModelKind.float_keras), layout
         ),
         ModelKind.float_tflite: model_metrics(
-            float_out, keras_out, labels, names, len(float_tflite), speeds.get(ModelKind.float_tflite)
+            float_out, keras_out, labels, names, len(float_tflite), speeds.get(ModelKind.float_tflite), layout
         ),
         ModelKind.quantized_tflite: model_metrics(
-            quant_out, keras_out, labels, names, len(quantized_tflite), speeds.get(ModelKind.quantized_tflite)
+            quant_out, keras_out, labels, names, len(quantized_tflite), speeds.get(ModelKind.quantized_tflite), layout
         ),
     }
     quantized = models[ModelKind.quantized_tflite]
@@ -152,7 +161,8 @@ def evaluate_models(
             "mae_increase_pct": increase_pct(float_mae, quantized.mae)
             if float_mae is not None and quantized.mae is not None
             else None,
-            "sqnr_db": quantized.output_sqnr_db,
+            "sqnr_db": worst_sqnr(quantized.outputs),
+            "outputs": quantized.outputs,
             "rerun_max_difference": rerun_max_difference(
                 quantized_tflite, features, quant_out, params.batch_size, params.num_threads
             ),
@@ -228,7 +238,7 @@ def validate_with_interpreter(
     metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
     if repair is not None:
         metrics = metrics.model_copy(
-            update={"repair": repair_cost(repair, store, test.features, test.labels, params, metrics)}
+            update={"repair": repair_cost(repair, store, keras_model, test.features, test.labels, params, metrics)}
         )
     document = ValidationReport(
         dataset=dataset.manifest,
@@ -270,6 +280,7 @@ def validate_with_interpreter(
         quantized_mae=metrics.quantized_mae,
         mae_increase_pct=metrics.mae_increase_pct,
         sqnr_db=metrics.sqnr_db,
+        outputs=metrics.outputs,
         float_bytes=metrics.float_bytes,
         quantized_bytes=metrics.quantized_bytes,
         rerun_max_difference=metrics.rerun_max_difference,
@@ -279,20 +290,31 @@ def validate_with_interpreter(
 def repair_cost(
     repair: RepairResult,
     store: ArtifactStore,
+    keras_model: keras.Model,
     features: np.ndarray,
     labels: np.ndarray,
     params: ValidationParameters,
     metrics: ValidationMetrics,
 ) -> RepairCost:
-    """What keeping layers in float cost: size and latency of the repaired model against the fully quantized one."""
+    """What keeping layers in float cost and gained: the task's figure, size and latency of the repaired model
+    against the fully quantized one, on the test split."""
     num_threads = params.num_threads or os.cpu_count() or 1
     unrepaired = store.read_bytes(repair.unrepaired)
     unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads)
     repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
+    unrepaired_figures = task_figures(
+        metrics.task,
+        predict_keras(keras_model, features, params.batch_size),
+        predict_tflite(unrepaired, features, params.batch_size, num_threads),
+        labels,
+        model_outputs(keras_model),
+    )
     return RepairCost(
         **repair.model_dump(mode="json", exclude={"repaired", "unrepaired"}),
-        unrepaired_accuracy=accuracy(predict_tflite(unrepaired, features, params.batch_size, num_threads), labels),
+        unrepaired_accuracy=unrepaired_figures.quantized_accuracy,
         repaired_accuracy=metrics.quantized_accuracy,
+        unrepaired_fidelity=fidelity_in_words(unrepaired_figures),
+        repaired_fidelity=fidelity_in_words(metrics),
         unrepaired_model=repair.unrepaired,
         unrepaired_bytes=len(unrepaired),
         repaired_bytes=metrics.quantized_bytes,

@@ -15,11 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.artifacts import RepairStep
+from ptqflow.tasks.artifacts import OutputFigures, RepairStep
 from ptqflow.tasks.parameters import ModelTask
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
-REPORT_VERSION = 2
+REPORT_VERSION = 3  # 3: the task's figures; accuracies null for tasks without classes
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -79,6 +79,9 @@ class ModelMetrics(Frozen):
     output_mae: float
     output_max_abs_error: float | None = Field(None, description="Largest absolute difference from the float outputs.")
     output_sqnr_db: float | None = Field(description="None when the outputs equal the float model's exactly.")
+    outputs: dict[str, OutputFigures] = Field(
+        default_factory=dict, description="Each output by name, against the float model's (one for most models)."
+    )
     bytes: int | None = Field(description="The .tflite file's size; None for the Keras model.")
     speed: Speed | None = None
 
@@ -162,8 +165,10 @@ class RepairCost(Frozen):
     float_layers: list[str]
     steps: list[RepairStep]
     message: str
-    unrepaired_accuracy: float
+    unrepaired_accuracy: float | None = Field(description="Classification: the fully quantized model's accuracy.")
     repaired_accuracy: float | None
+    unrepaired_fidelity: str = Field("", description="The fully quantized model's judged figure, in words.")
+    repaired_fidelity: str = Field("", description="The repaired model's judged figure, in words.")
     unrepaired_model: ArtifactRef
     unrepaired_bytes: int
     repaired_bytes: int
@@ -197,7 +202,12 @@ class ValidationMetrics(Frozen):
         None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
     )
     sqnr_db: float | None = Field(
-        None, description="The quantized outputs' SQNR against the float model's, in dB (None when identical)."
+        None,
+        description="The quantized outputs' SQNR against the float model's, in dB, of its worst output (None when "
+        "identical).",
+    )
+    outputs: dict[str, OutputFigures] = Field(
+        default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
     )
     rerun_max_difference: float | None = Field(
         description="Largest output difference between two identical runs of the quantized model on the first test "

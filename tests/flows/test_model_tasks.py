@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_outlier_model
+
 pytestmark = pytest.mark.slow
 
 
@@ -22,11 +24,19 @@ def write_noisy_function(path, rows: int = 2000, seed: int = 0) -> None:
     pq.write_table(pa.table({**{f"x{i}": x[:, i] for i in range(4)}, "y": y.astype(np.float32)}), str(path))
 
 
-def test_a_regression_model_is_trained_gated_and_promoted_on_its_mae(cli, tmp_path):
-    write_noisy_function(tmp_path / "function.parquet")
-    store, export = str(tmp_path / "store"), str(tmp_path / "export")
-    args = ["--dataset", str(tmp_path / "function.parquet"), "--task", "regression", "--label-column", "y"]
-    args += ["--epochs", "30", "--store", store, "--export", export, "--json"]
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory):
+    """One data set and store for the regression run and sweep: the sweep reuses the run's trained model."""
+    folder = tmp_path_factory.mktemp("regression")
+    write_noisy_function(folder / "function.parquet")
+    data = ["--dataset", str(folder / "function.parquet"), "--task", "regression", "--label-column", "y"]
+    return folder, [*data, "--epochs", "30", "--store", str(folder / "store")]
+
+
+def test_a_regression_model_is_trained_gated_and_promoted_on_its_mae(cli, regression):
+    folder, upstream = regression
+    store = str(folder / "store")
+    args = [*upstream, "--export", str(folder / "export"), "--json"]
     first = cli("run", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads(first.stdout)
@@ -83,6 +93,75 @@ def test_unlabeled_data_gates_a_given_model_on_its_fidelity_to_the_float_model(c
     assert failed["status"] == "failed" and "--min-sqnr" in failed["gate"]["message"]
 
 
+def write_two_output_model(path) -> None:
+    """A digits model with two heads, in that order: ``box`` (four numbers per image, linear) and ``scores``
+    (softmax over the ten digits)."""
+    import keras
+
+    from ptqflow.tasks.datasets import load_dataset
+
+    table = load_dataset("digits")
+    x = table.features.astype(np.float32)
+    keras.utils.set_random_seed(0)
+    pixels = keras.Input((8, 8, 1), name="pixels")
+    h = keras.layers.Rescaling(1 / 16)(pixels)
+    h = keras.layers.Conv2D(16, 3, activation="relu", padding="same")(h)
+    h = keras.layers.Dense(32, activation="relu")(keras.layers.Flatten()(h))
+    box = keras.layers.Dense(4, name="box")(h)
+    scores = keras.layers.Dense(10, activation="softmax", name="scores")(h)
+    model = keras.Model(pixels, [box, scores])
+    targets = np.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :4].mean((1, 2, 3)), x[:, 4:].mean((1, 2, 3))], 1)
+    model.compile("adam", ["mse", "sparse_categorical_crossentropy"])
+    model.fit(x, [targets / 16, table.labels], epochs=15, verbose=0)
+    model.save(path)
+
+
+def test_every_output_of_a_two_output_model_is_validated_by_name(cli, tmp_path):
+    write_two_output_model(tmp_path / "two_heads.keras")
+    args = ["--task", "unlabeled", "--model-url", str(tmp_path / "two_heads.keras")]
+    args += ["--store", str(tmp_path / "store"), "--json"]
+    run = cli("run", *args, "--min-sqnr", "10")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads(run.stdout)["metrics"]
+    outputs = metrics["outputs"]
+    assert list(outputs) == ["box", "scores"]  # the Keras model's order and names, whatever the .tflite's order
+    assert outputs["scores"]["agreement"] >= 0.98 and outputs["box"]["agreement"] is None  # a box has no top-1
+    assert metrics["sqnr_db"] == min(o["sqnr_db"] for o in outputs.values())
+    assert outputs["scores"]["max_abs_error"] < 0.1 and outputs["box"]["mae"] > 0
+
+    # The gate holds every output to it, and names the one that fails it; nothing but the gate is run again.
+    strict_bar = (outputs["box"]["sqnr_db"] + outputs["scores"]["sqnr_db"]) / 2
+    strict = cli("run", *args, "--min-sqnr", f"{strict_bar:.2f}")
+    assert strict.returncode == 1
+    failed = json.loads(strict.stdout)
+    worst = min(outputs, key=lambda name: outputs[name]["sqnr_db"])
+    assert f"(worst of 2 outputs: {worst})" in failed["gate"]["message"]
+    assert all(stage["cached"] for stage in failed["tasks"].values())
+    markdown = open(failed["artifacts"]["report_md"]["uri"].removeprefix("file://")).read()
+    assert "## Outputs (quantized .tflite against float Keras)" in markdown and "| scores |" in markdown
+
+    # Two outputs and class labels: one output is compared with the labels, so the run is refused.
+    labelled = cli("run", "--model-url", str(tmp_path / "two_heads.keras"), "--store", str(tmp_path / "other"))
+    assert labelled.returncode == 2 and "validate a model with several outputs against its float self" in (
+        labelled.stderr
+    )
+
+
+def test_repair_brings_an_unlabeled_model_back_within_its_fidelity_gate(cli, tmp_path, trained_digits_model):
+    write_outlier_model(trained_digits_model, tmp_path / "outlier.keras")  # only its dense layer collapses in int8
+    args = ["--task", "unlabeled", "--model-url", str(tmp_path / "outlier.keras"), "--ops", "builtins"]
+    run = cli("run", *args, "--store", str(tmp_path / "store"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["repair"]["succeeded"] and "dense" in summary["repair"]["float_layers"]
+    assert summary["repair"]["steps"][-1]["validation"].startswith("SQNR ")  # judged by the task's own figure
+    assert summary["gate"]["message"].startswith("gate passed after repair: quantized outputs at")
+    assert summary["metrics"]["sqnr_db"] >= 20 and summary["metrics"]["agreement"] >= 0.98
+    report = json.loads(open(summary["artifacts"]["report"]["uri"].removeprefix("file://")).read())
+    cost = report["metrics"]["repair"]
+    assert cost["unrepaired_accuracy"] is None and cost["unrepaired_fidelity"].startswith("quantized outputs at")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -102,19 +181,30 @@ def test_data_or_models_that_do_not_fit_the_task_are_one_line_and_exit_2(cli, tm
     assert not (tmp_path / "store" / "blobs").exists()
 
 
-def test_the_sweep_says_it_ranks_classifiers_only(cli, tmp_path):
-    write_noisy_function(tmp_path / "function.parquet", rows=200)
+def test_a_regression_sweep_ranks_configurations_by_their_mae_and_exports_the_best(cli, regression):
+    folder, upstream = regression
     result = cli(
         "sweep",
         "--in-process",
-        "--dataset",
-        str(tmp_path / "function.parquet"),
-        "--task",
-        "regression",
-        "--label-column",
-        "y",
-        "--store",
-        str(tmp_path / "store"),
+        *upstream,
+        "--configurations",
+        "int8,int8-per-tensor,int16x8,float16",
+        "--calibration-sizes",
+        "200",
+        "--rank-by",
+        "accuracy",
+        "--export",
+        str(folder / "sweep-export"),
+        "--json",
     )
-    assert result.returncode == 2 and "ptqflow sweep ranks classifiers by accuracy so far" in result.stderr
-    assert not (tmp_path / "store" / "blobs").exists()
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    rows = [r for r in summary["rows"] if not r["reference"]]
+    assert all(r["metrics"]["task"] == "regression" and r["metrics"]["mae"] > 0 for r in rows)
+    ranked = [r for r in rows if r["passed"]]
+    rises = [r["metrics"]["mae_increase_pct"] for r in ranked]
+    assert ranked and rises == sorted(rises)  # ranked by the task's own figure
+    assert summary["best"] == ranked[0]["name"] and summary["metrics"]["task"] == "regression"
+    assert summary["export"] is not None and summary["promotion"]["metric"] == "mae"
+    table = open(summary["report"]["markdown"]["uri"].removeprefix("file://")).read()
+    assert "| MAE | MAE rise % |" in table

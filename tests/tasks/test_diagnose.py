@@ -13,7 +13,7 @@ from ptqflow.tasks.convert import quantize
 from ptqflow.tasks.diagnose import keras_layer_of, layer_errors, quantize_keeping_float
 from ptqflow.tasks.interpreter import audit_tensor_types, predict_tflite
 from ptqflow.tasks.metrics import accuracy
-from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TensorType
+from ptqflow.tasks.parameters import ConversionParameters, GateParameters, TargetOps, TensorType
 from ptqflow.tasks.repair import keep_worst_layers_float
 from ptqflow.tasks.validation_report import LayerError, ranking_margin
 
@@ -70,13 +70,14 @@ def test_keeping_the_worst_layer_float_repairs_the_model(outlier_model, calibrat
         ranked,
         splits["validation"].features,
         splits["validation"].labels,
-        max_accuracy_drop=1.0,
+        gate=GateParameters(max_accuracy_drop=1.0),
         max_float_layers=4,
     )
     assert repaired is not None and len(steps) == 1
     # The outlier tensor must never be quantized: dense stays float and so does probabilities, which reads it.
     assert steps[0].float_layers == ("dense", "probabilities")
-    assert message.startswith("repair kept dense (with probabilities, which read its output) in float")
+    assert message.startswith("repair kept dense (with probabilities, which read its output) in float: validation drop")
+    assert steps[0].validation.startswith("drop ") and steps[0].validation_drop_pp <= 1.0
     float_accuracy = accuracy(
         outlier_model.predict(splits["test"].features.astype(np.float32), verbose=0), splits["test"].labels
     )
@@ -100,10 +101,10 @@ def test_repair_stops_at_the_limit_and_says_so(outlier_model, calibration, digit
         ranked,
         splits["validation"].features,
         splits["validation"].labels,
-        max_accuracy_drop=-1.0,
+        gate=GateParameters.model_construct(max_accuracy_drop=-1.0),  # a gate no model passes
         max_float_layers=2,
     )
-    assert repaired is None and len(steps) <= 2 and "and the validation drop is still" in message
+    assert repaired is None and len(steps) <= 2 and "and the validation figure is still drop" in message
 
 
 def test_float_io_is_kept_when_asked(outlier_model, calibration):

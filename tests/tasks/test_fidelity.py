@@ -96,3 +96,30 @@ def test_unlabeled_class_scores_are_compared_top1_with_the_float_model():
 def test_the_error_increase_is_relative_to_the_float_error():
     assert increase_pct(0.2, 0.21) == pytest.approx(5.0)
     assert increase_pct(0.0, 0.0) == 0.0 and increase_pct(0.0, 0.1) == float("inf")
+
+
+def test_a_failed_regression_gate_says_how_repair_and_int16_could_help():
+    from ptqflow.storage.store import ArtifactRef
+    from ptqflow.tasks.artifacts import RepairResult
+    from ptqflow.tasks.parameters import TargetOps
+
+    result = figures(ModelTask.regression, float_mae=0.1, quantized_mae=0.12, mae_increase_pct=20.0)
+    plain = check_gate(result, GateParameters())
+    assert "keep the worst layers in float (--ops builtins --repair)" in plain.message
+    int8_only = check_gate(result, GateParameters(), ops=TargetOps.int8)
+    assert "--ops int8 cannot keep a layer in float" in int8_only.message
+    ref = ArtifactRef(uri="memory://m", sha256="0" * 64, bytes=1)
+    repaired = RepairResult(
+        repaired=ref, unrepaired=ref, succeeded=True, float_layers=("dense",), steps=(), message="repair kept dense"
+    )
+    after = check_gate(result.model_copy(update={"mae_increase_pct": 1.0}), GateParameters(), repair=repaired)
+    assert (
+        after.passed
+        and after.message.startswith("gate passed after repair:")
+        and "kept in float: dense" in (after.message)
+    )
+
+
+def test_repair_is_keyed_on_the_thresholds_alone():
+    gate = GateParameters(max_error_increase=3.0, promotion_tolerance=2.0, min_comparison_rows=50)
+    assert gate.thresholds_only() == GateParameters(max_error_increase=3.0)

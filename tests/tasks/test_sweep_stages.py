@@ -11,7 +11,7 @@ from ptqflow.tasks.convert import convert_float, quantize
 from ptqflow.tasks.errors import PtqflowError
 from ptqflow.tasks.interpreter import predict_tflite
 from ptqflow.tasks.metrics import accuracy
-from ptqflow.tasks.parameters import QuantizationScheme, RankBy
+from ptqflow.tasks.parameters import GateParameters, ModelTask, QuantizationScheme, RankBy
 from ptqflow.tasks.render import sweep_markdown, sweep_rows
 from ptqflow.tasks.sweep import (
     ConfigurationMetrics,
@@ -72,6 +72,9 @@ def test_configuration_metrics_measure_the_model_against_float(trained_digits_mo
     assert reference["accuracy_drop_pp"] == pytest.approx(0.0, abs=1e-6) and not reference["full_integer"]
 
 
+GATE = GateParameters(max_accuracy_drop=1.0)
+
+
 def _metrics(
     bytes_: int, drop: float, latency: float, full_integer: bool = True, rerun_max_difference: float = 0.0
 ) -> ConfigurationMetrics:
@@ -120,7 +123,7 @@ def rows():
 
 
 def test_the_gate_is_judged_per_configuration(rows):
-    judged = {r.name: judge(r, 1.0, require_full_integer=False) for r in rows}
+    judged = {r.name: judge(r, GATE, require_full_integer=False) for r in rows}
     assert [n for n, r in judged.items() if r.passed] == ["int8", "int8-per-tensor", "int16x8", "float16"]
     assert judged["int8-cal50"].verdict == "drop 2.50 pp > 1.0 pp"
     assert judged["float32"].verdict == "reference" and not judged["float32"].passed
@@ -128,7 +131,7 @@ def test_the_gate_is_judged_per_configuration(rows):
     assert judged["dynamic-range-per-tensor"].verdict == (
         "not repeatable: outputs differ by up to 0.42 between two runs on the same input"
     )
-    strict = {r.name: judge(r, 1.0, require_full_integer=True) for r in rows}
+    strict = {r.name: judge(r, GATE, require_full_integer=True) for r in rows}
     assert [n for n, r in strict.items() if r.passed] == ["int8", "int8-per-tensor"]
     assert strict["int16x8"].verdict == "not full integer (2 float tensors)"
 
@@ -142,7 +145,7 @@ def test_the_gate_is_judged_per_configuration(rows):
     ],
 )
 def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, order):
-    ranked = rank([judge(r, 1.0, False) for r in rows], rank_by)
+    ranked = rank([judge(r, GATE, False) for r in rows], rank_by)
     assert [r.name for r in ranked[: len(order)]] == order
     assert [r.rank for r in ranked[: len(order)]] == list(range(1, len(order) + 1))
     rest = ranked[len(order) :]
@@ -152,12 +155,14 @@ def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, o
 
 
 def test_table_markdown_and_plot(rows):
-    ranked = rank([judge(r, 1.0, False) for r in rows], RankBy.size)
+    ranked = rank([judge(r, GATE, False) for r in rows], RankBy.size)
     lines = sweep_rows(ranked)
     assert lines[0][:2] == ["1", "int8-per-tensor"] and lines[0][5] == f"{300_000 / 79_000:.2f}"
-    markdown = sweep_markdown(ranked, RankBy.size, 1.0, "int8-per-tensor")
+    markdown = sweep_markdown(ranked, RankBy.size, GATE, ModelTask.classification, "int8-per-tensor")
     assert "**Best: int8-per-tensor**" in markdown and all(r.name in markdown for r in rows)
-    assert sweep_markdown(ranked, RankBy.size, 1.0, None).count("No configuration passed") == 1
+    assert (
+        sweep_markdown(ranked, RankBy.size, GATE, ModelTask.classification, None).count("No configuration passed") == 1
+    )
     png = render_sweep_plot(ranked)
     assert png.startswith(b"\x89PNG") and png == render_sweep_plot(ranked)  # same figures, same bytes
 
@@ -165,3 +170,37 @@ def test_table_markdown_and_plot(rows):
 def test_a_sweep_configuration_is_plain_json():
     configuration = sweep_grid(200, (200,))[0]
     assert SweepConfiguration.model_validate_json(configuration.model_dump_json()) == configuration
+
+
+def _regression_metrics(bytes_: int, rise: float) -> ConfigurationMetrics:
+    return _metrics(bytes_, 0.0, 0.01).model_copy(
+        update={
+            "task": ModelTask.regression,
+            "float_accuracy": None,
+            "accuracy": None,
+            "accuracy_drop_pp": None,
+            "agreement": None,
+            "float_mae": 0.1,
+            "mae": 0.1 * (1 + rise / 100),
+            "mae_increase_pct": rise,
+        }
+    )
+
+
+def test_regression_configurations_are_judged_and_ranked_by_their_mae_rise():
+    grid = {c.name: c for c in sweep_grid(200, (50, 200))}
+    rows = [
+        configuration_row(grid["int8"], _regression_metrics(10_000, 3.0)),
+        configuration_row(grid["int8-cal50"], _regression_metrics(10_000, 7.0)),
+        configuration_row(grid["int16x8"], _regression_metrics(14_000, 0.5)),
+    ]
+    judged = [judge(r, GateParameters(max_error_increase=5.0), False) for r in rows]
+    assert [r.passed for r in judged] == [True, False, True]
+    assert judged[1].verdict == "MAE +7.00% > 5.0%"
+    ranked = rank(judged, RankBy.accuracy)
+    assert [r.name for r in ranked] == ["int16x8", "int8", "int8-cal50"]  # the least MAE rise first
+    lines = sweep_rows(ranked)
+    assert lines[0][2:4] == ["0.10050", "0.50"]  # MAE, and its rise in percent
+    markdown = sweep_markdown(ranked, RankBy.accuracy, GateParameters(), ModelTask.regression, "int16x8")
+    assert "| MAE | MAE rise % |" in markdown and "a quantized MAE at most 5.0% above float" in markdown
+    assert render_sweep_plot(ranked).startswith(b"\x89PNG")

@@ -308,8 +308,12 @@ def test_models_that_do_not_fit_the_task_are_refused_with_the_reason():
     with pytest.raises(InvalidModel, match="with 3 outputs for 1 regression targets: fix"):
         check_model_fits(three, spec(ModelTask.regression, n_targets=1), "it is a model", "fix")
     two_heads = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)])
-    with pytest.raises(InvalidModel, match="with 2 outputs; ptqflow validates models with one output so far"):
-        check_model_fits(two_heads, spec(ModelTask.unlabeled), "it is a model", "fix")
+    check_model_fits(two_heads, spec(ModelTask.unlabeled), "it is a model", "fix")  # each output against float
+    with pytest.raises(InvalidModel, match="with 2 outputs: --task regression compares one output with the labels"):
+        check_model_fits(two_heads, spec(ModelTask.regression, n_targets=1), "it is a model", "fix")
+    two_inputs = keras.Model([inputs, keras.Input((4,))], keras.layers.Dense(1)(inputs))
+    with pytest.raises(InvalidModel, match="with 2 inputs; ptqflow feeds models one input so far"):
+        check_model_fits(two_inputs, spec(ModelTask.unlabeled), "it is a model", "fix")
     with pytest.raises(InvalidModel, match="--task unlabeled has no labels to train on: pass .* --model-url"):
         check_trainable(ModelTask.unlabeled, TrainingParameters())
     check_trainable(ModelTask.unlabeled, TrainingParameters(model_url="/m.keras"))
