@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from ptqflow.storage.store import DEFAULT_STORE, hold_signed_url
 from ptqflow.tasks.parameters import (
+    CalibrationMethod,
     CalibrationParameters,
     ColorMode,
     ConversionParameters,
@@ -162,6 +163,8 @@ def pipeline_arguments(
     ops: TargetOps | None = None,
     scheme: QuantizationScheme | None = None,
     per_channel: bool | None = None,
+    calibration_method: CalibrationMethod | None = None,
+    percentile: float | None = None,
     max_accuracy_drop: float | None = None,
     promotion_tolerance: float | None = None,
     min_comparison_rows: int | None = None,
@@ -194,6 +197,8 @@ def pipeline_arguments(
             ops=ops,
             scheme=scheme,
             per_channel=per_channel,
+            calibration_method=calibration_method,
+            percentile=percentile,
         ),
         gate=gate_parameters(
             max_accuracy_drop, promotion_tolerance, min_comparison_rows, max_error_increase, min_sqnr, min_agreement

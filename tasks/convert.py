@@ -26,7 +26,14 @@ from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, TrainedMode
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.errors import ConversionFailed
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
-from ptqflow.tasks.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
+from ptqflow.tasks.parameters import (
+    DEFAULT_PERCENTILE,
+    CalibrationMethod,
+    ConversionParameters,
+    QuantizationScheme,
+    TargetOps,
+    TensorType,
+)
 from ptqflow.tasks.progress import report
 
 if TYPE_CHECKING:
@@ -180,7 +187,50 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
     Raises:
         ConversionFailed: the converter refused; the message names the ops and the options that would work.
     """
-    return _convert(quantization_converter(model, calibration_batches, options), options)
+    if options.calibration_method is CalibrationMethod.minmax:
+        return _convert(quantization_converter(model, calibration_batches, options), options)
+    return quantize_with_ranges(model, calibration_batches, options)
+
+
+def quantize_with_ranges(
+    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
+) -> bytes:
+    """The converter's own steps, with ``options.calibration_method`` choosing each activation's range in between:
+    calibrate only (the converter records each activation's min/max), choose the ranges from each activation's
+    histogram over the calibration set (``tasks.ranges``), then the converter's own quantizer. With min/max ranges
+    this gives the normal conversion's model, output for output (a test checks it)."""
+    from ptqflow.tasks.ranges import activation_histograms, choose_range, with_ranges
+
+    try:
+        from tensorflow.lite.python.lite import _mlir_quantize
+    except ImportError:
+        raise ConversionFailed(
+            missing_private_api(
+                "the converter's quantizer (tensorflow.lite.python.lite._mlir_quantize)",
+                f"TensorFlow {OLDEST_TENSORFLOW} to {NEWEST_TENSORFLOW}",
+            )
+            + "; or use --calibration-method minmax"
+        ) from None
+    converter = quantization_converter(model, calibration_batches, options)
+    converter._experimental_calibrate_only = True
+    calibrated = _convert(converter, options)
+    report("convert_to_tflite", f"choosing activation ranges ({options.calibration_method.value})")
+    histograms = activation_histograms(calibrated, calibration_batches())
+    ranges = {
+        index: choose_range(hist, options.calibration_method, options.percentile or DEFAULT_PERCENTILE)
+        for index, hist in histograms.items()
+    }
+    with native_output_silenced():
+        try:
+            quantized = _mlir_quantize(
+                with_ranges(calibrated, ranges),
+                not options.per_channel,
+                input_data_type=tf_dtype(options.input_type),
+                output_data_type=tf_dtype(options.output_type),
+            )
+        except Exception as error:  # the quantizer's errors name the ops, as the converter's do
+            raise _explain(error, options) from error
+    return bytes(quantized)
 
 
 def convert_float(model: keras.Model) -> bytes:

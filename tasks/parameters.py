@@ -67,6 +67,19 @@ class QuantizationScheme(str, Enum):
         return self in (QuantizationScheme.full_integer, QuantizationScheme.int16x8)
 
 
+class CalibrationMethod(str, Enum):
+    """How each activation's range is chosen from the calibration data (``tasks.ranges``): ``minmax`` (the
+    converter's own), ``percentile``, ``mse`` or ``kl``."""
+
+    minmax = "minmax"
+    percentile = "percentile"
+    mse = "mse"
+    kl = "kl"
+
+
+DEFAULT_PERCENTILE = 99.99
+
+
 class TargetOps(str, Enum):
     """Which op sets the converter may use: ``int8`` = TFLITE_BUILTINS_INT8 (full integer or fail),
     ``builtins`` = TFLITE_BUILTINS (ops that cannot be quantized stay float),
@@ -273,6 +286,18 @@ class ConversionParameters(_Parameters):
     calibration_batch_size: int = Field(
         64, ge=1, le=65_536, description="Samples per calibration step, streamed from the calibration Parquet."
     )
+    calibration_method: CalibrationMethod = Field(
+        CalibrationMethod.minmax,
+        description="How each activation's range is chosen from the calibration data: minmax (the converter's), "
+        "percentile (the range holding --percentile of the values), mse (least quantization error) or kl (least "
+        "KL divergence). Full integer only.",
+    )
+    percentile: float | None = Field(
+        None,
+        gt=50.0,
+        le=100.0,
+        description="--calibration-method percentile: the share of values kept in range, in percent (default 99.99).",
+    )
 
     @model_validator(mode="after")
     def _consistent_with_the_scheme(self) -> ConversionParameters:
@@ -289,6 +314,16 @@ class ConversionParameters(_Parameters):
                 )
             if self.ops is TargetOps.int8:
                 raise ValueError(f"scheme {scheme} keeps float ops, which --ops int8 forbids: use --ops builtins")
+        if self.percentile is not None and self.calibration_method is not CalibrationMethod.percentile:
+            raise ValueError("--percentile applies to --calibration-method percentile")
+        if (
+            self.calibration_method is not CalibrationMethod.minmax
+            and self.scheme is not QuantizationScheme.full_integer
+        ):
+            raise ValueError(
+                f"--calibration-method {self.calibration_method.value} chooses int8 activation ranges: use it with "
+                "--scheme full_integer"
+            )
         if self.scheme is QuantizationScheme.float16 and not self.per_channel:
             raise ValueError("per-tensor scales apply to integer weights; scheme float16 has none: drop --per-tensor")
         return self

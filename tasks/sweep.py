@@ -45,6 +45,7 @@ from ptqflow.tasks.interpreter import (
 )
 from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics, worst_sqnr
 from ptqflow.tasks.parameters import (
+    CalibrationMethod,
     ConversionParameters,
     GateParameters,
     ModelTask,
@@ -82,6 +83,10 @@ def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> 
         ("int8-uint8-io", "full int8, uint8 I/O", {"input_type": u8, "output_type": u8}, base),
         ("int8-float-io", "full int8, float32 I/O", {"input_type": f32, "output_type": f32}, base),
         ("int8-per-tensor", "full int8, per-tensor weight scales", {"per_channel": False}, base),
+        *[
+            (f"int8-{m.value}", f"full int8, {m.value} activation ranges", {"calibration_method": m}, base)
+            for m in (CalibrationMethod.percentile, CalibrationMethod.mse, CalibrationMethod.kl)
+        ],
         ("int8-fallback", "int8, float fallback (TFLITE_BUILTINS)", {"ops": builtins}, base),
         (
             "int8-fallback-float-io",

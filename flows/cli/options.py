@@ -13,6 +13,7 @@ import typer
 from pydantic import BaseModel
 
 from ptqflow.tasks.parameters import (
+    CalibrationMethod,
     CalibrationParameters,
     ColorMode,
     ConversionParameters,
@@ -130,6 +131,10 @@ def conversion(
         bool | None,
         typer.Option("--per-channel/--per-tensor", help=help_for(ConversionParameters, "per_channel")),
     ] = None,
+    calibration_method: Annotated[
+        CalibrationMethod | None, typer.Option(help=help_for(ConversionParameters, "calibration_method"))
+    ] = None,
+    percentile: Annotated[float | None, typer.Option(help=help_for(ConversionParameters, "percentile"))] = None,
     repair: Annotated[
         bool | None,
         typer.Option(

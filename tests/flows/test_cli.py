@@ -61,6 +61,24 @@ def test_rerun_is_all_cached_and_prints_a_readable_summary(first_run, cli, store
     assert json.loads(first_run.stdout)["artifacts"]["tflite"]["uri"] in out.replace("\n", "")
 
 
+def test_another_calibration_method_reconverts_only_and_is_recorded(first_run, cli, store):
+    result = cli("run", "--store", store, "--epochs", "6", "--calibration-method", "mse", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    cached = {name: stage["cached"] for name, stage in summary["tasks"].items()}
+    assert cached == {
+        "sample_dataset": True,
+        "materialize_calibration_set": True,
+        "train_float_model": True,
+        "convert_to_tflite": False,
+        "validate_with_interpreter": False,
+    }
+    assert summary["metrics"]["full_integer"] and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    report = json.loads(open(summary["artifacts"]["report"]["uri"].removeprefix("file://")).read())
+    assert report["conversion"]["calibration_method"] == "mse"
+    assert summary["artifacts"]["tflite"]["sha256"] != json.loads(first_run.stdout)["artifacts"]["tflite"]["sha256"]
+
+
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
     from prefect.client.orchestration import get_client
 
