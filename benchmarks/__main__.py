@@ -20,7 +20,18 @@ from pathlib import Path
 from benchmarks.common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["calibration", "validation", "caching", "storage", "memory", "inference", "tensor_layout", "sweep", "images"]
+MODULES = [
+    "calibration",
+    "validation",
+    "caching",
+    "storage",
+    "memory",
+    "inference",
+    "tensor_layout",
+    "sweep",
+    "images",
+    "activation_ranges",
+]
 
 
 def _run_module(name: str, repeats: int) -> list[dict]:
