@@ -169,13 +169,18 @@ def with_normalisation_record(packed: bytes, scale: float, offset: float) -> byt
     return pack_saved_model([*files, (NORMALISATION_FILE, record)])
 
 
-def _extract(data: bytes, into: str, max_bytes: int) -> None:
+def _extract(data: bytes, into: str, max_bytes: int | None = None) -> None:
     """Unpack a stored SavedModel zip: every member stays inside ``into``, and the whole stays under
-    ``max_bytes`` (the store is not trusted: a crafted zip could name ../ paths or inflate without bound)."""
+    ``max_bytes`` (default: the model file limit, ``PTQFLOW_MAX_MODEL_BYTES``; the store is not trusted: a crafted
+    zip could name ../ paths or inflate without bound)."""
+    from ptqflow.tasks.limits import MAX_MODEL_BYTES  # the setting a user raises for a large model file
+
+    limit = MAX_MODEL_BYTES.value if max_bytes is None else max_bytes
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         members = archive.infolist()
-        if sum(m.file_size for m in members) > max_bytes:
-            raise UnsafeSavedModel(f"the packed SavedModel unpacks to more than {max_bytes:,} bytes")
+        unpacked = sum(m.file_size for m in members)
+        if unpacked > limit:
+            raise UnsafeSavedModel(MAX_MODEL_BYTES.refusal(f"the packed SavedModel unpacks to {unpacked:,} bytes"))
         for member in members:
             name = posixpath.normpath(member.filename)
             if member.filename.startswith("/") or name.startswith("..") or "\\" in member.filename:
@@ -269,7 +274,7 @@ def check_saved_model(directory: str) -> None:
         )
 
 
-def saved_model_from_zip(data: bytes, max_bytes: int = 4 << 30) -> keras.Model:
+def saved_model_from_zip(data: bytes, max_bytes: int | None = None) -> keras.Model:
     """A packed SavedModel as a Keras model (its serving signature in a ``TFSMLayer``), behind its recorded input
     normalisation if it has one. The unpacked files live as long as the model: the converter reads them again."""
     import keras

@@ -91,6 +91,24 @@ def list_image_folder(
     top = _subfolders(fs, root)
     split_folders = [name for name in top if split_named(name)] if top else []
     nested = all(posixpath.relpath(f, root).count("/") >= 2 for f in images)  # <split>/<class>/<image>
+    if given_splits and split_folders and len(split_folders) < len(top):
+        # Split folders holding class folders, beside folders that are not splits: read as classes, train/ would
+        # be one class of every training image. Refused: the layout is one or the other.
+        holding_classes = [
+            name
+            for name in split_folders
+            if any(
+                posixpath.relpath(f, root).startswith(f"{name}/") and posixpath.relpath(f, root).count("/") >= 2
+                for f in images
+            )
+        ]
+        if holding_classes:
+            others = [name for name in top if name not in split_folders]
+            raise InvalidDataset(
+                f"{url} mixes split folders holding class folders ({', '.join(f'{n}/' for n in holding_classes)}) "
+                f"with other folders ({', '.join(f'{n}/' for n in others[:3])}): put every class folder under the "
+                "split folders, or pass --splits resplit to read every top folder as a class"
+            )
     if split_folders and len(split_folders) == len(top) and nested:
         by_split = {
             name: _class_folders(

@@ -157,3 +157,16 @@ def test_a_packed_savedmodel_naming_a_path_outside_itself_is_refused(tmp_path):
     with pytest.raises(UnsafeSavedModel, match="outside itself"):
         user_model_from_bytes(out.getvalue())
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_packed_savedmodel_that_unpacks_past_the_model_limit_is_refused_naming_the_setting(tmp_path, monkeypatch):
+    model = _model()
+    model.export(str(tmp_path / "saved"))
+    packed = _packed(tmp_path / "saved")
+    monkeypatch.setenv("PTQFLOW_MAX_MODEL_BYTES", "1000")  # the file limit, raised or lowered, holds unpacked too
+    with pytest.raises(
+        UnsafeSavedModel, match="unpacks to [0-9,]+ bytes, above the limit of 1,000 .*PTQFLOW_MAX_MODEL"
+    ):
+        user_model_from_bytes(packed)
+    monkeypatch.setenv("PTQFLOW_MAX_MODEL_BYTES", str(10 << 30))
+    assert user_model_from_bytes(packed)[1] == "saved_model"

@@ -123,3 +123,14 @@ def test_class_folders_named_like_splits_are_classes(tmp_path):
             Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
     table = load_dataset(str(tmp_path))
     assert table.splits is None and table.metadata["class_names"] == ["test", "train"]
+
+
+def test_split_folders_beside_class_folders_are_refused_unless_every_top_folder_is_read_as_a_class(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    write_image_folder(tmp_path / "test", per_class=3, seed=2)
+    (tmp_path / "extra").mkdir()  # a class folder beside the splits: train/ would otherwise be read as a class
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "extra" / "0.png")
+    with pytest.raises(InvalidDataset, match=r"mixes split folders holding class folders \(test/, train/\) with other"):
+        load_dataset(str(tmp_path))
+    pooled = load_dataset(str(tmp_path), Columns(split=None))  # --splits resplit: every top folder is a class
+    assert pooled.metadata["class_names"] == ["extra", "test", "train"]
