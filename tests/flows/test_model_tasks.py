@@ -92,6 +92,26 @@ def test_unlabeled_data_gates_a_given_model_on_its_fidelity_to_the_float_model(c
     assert all(stage["cached"] for stage in failed["tasks"].values())
     assert failed["status"] == "failed" and "--min-sqnr" in failed["gate"]["message"]
 
+    # The sweep ranks configurations by their SQNR against the float model, reusing the cached stages.
+    sweep = cli(
+        "sweep",
+        "--in-process",
+        *args,
+        "--configurations",
+        "int8,int8-mse,float16",
+        "--calibration-sizes",
+        "200",
+        "--rank-by",
+        "accuracy",
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    swept = json.loads(sweep.stdout)
+    ranked = [r for r in swept["rows"] if r["passed"]]
+    assert ranked and all(r["metrics"]["task"] == "unlabeled" for r in ranked)
+    sqnrs = [r["metrics"]["output_sqnr_db"] or float("inf") for r in ranked]
+    assert sqnrs == sorted(sqnrs, reverse=True)  # the most faithful first
+    assert swept["tasks"]["train_float_model"]["cached"]
+
 
 def write_two_output_model(path) -> None:
     """A digits model with two heads, in that order: ``box`` (four numbers per image, linear) and ``scores``
