@@ -555,7 +555,8 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
                 4 * len(columns.wide) if columns.wide else declared_sample_bytes(schema.field(columns.features).type)
             )
             label_index = parquet.schema_arrow.get_field_index(columns.label)
-            for group in range(parquet.num_row_groups if columns.targets == "classes" and label_index >= 0 else 0):
+            classes = columns.targets in (None, "classes") and label_index >= 0
+            for group in range(parquet.num_row_groups if classes else 0):
                 column = parquet.metadata.row_group(group).column(label_index)
                 stats = column.statistics
                 if stats is not None and stats.has_min_max and isinstance(stats.max, int):
