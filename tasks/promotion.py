@@ -10,7 +10,8 @@ whole test split, however the data grew; with another seed it is the rows both r
 ``min_comparison_rows`` remain, or the champion's rule is unknown (exported before that rule existed), the
 comparison cannot be fair and the new model is not promoted automatically. The challenger is promoted when it
 passed its own gate and its accuracy on those rows is at most ``promotion_tolerance`` percentage points below the
-champion's.
+champion's. For regression the two are compared on their MAE (the tolerance is then in percent of the champion's);
+unlabeled data has no labels to compare two models on, so a model that passed its own gate is promoted.
 
 By hand: ``promote`` points ``latest.json`` at a run (publishing it first if it never was), ``rollback`` at the
 version published before the current one. Every pointer ever written stays in ``history/``.
