@@ -152,19 +152,13 @@ class OutputFigures(BaseModel):
     agreement: float | None = Field(description="Top-1 agreement; None for an output that is not class scores.")
 
 
-class ValidationFigures(BaseModel):
-    """The figures a run is judged by (the report has every other one)."""
+class FidelityFigures(BaseModel):
+    """The figures of the tasks other than classification (``tasks.fidelity``), in a run's figures and in the
+    report alike."""
 
     model_config = ConfigDict(frozen=True)
 
-    validated: bool = True
-    not_validated_reason: str | None = None
     task: ModelTask = ModelTask.classification
-    float_accuracy: float | None = Field(description="Classification only, as are the other accuracies.")
-    tflite_float_accuracy: float | None
-    quantized_accuracy: float | None
-    accuracy_drop_pp: float | None
-    agreement: float | None = Field(description="Share of test samples whose top-1 class is the float model's.")
     float_mae: float | None = Field(None, description="Regression: the float model's MAE against the targets.")
     tflite_float_mae: float | None = Field(None, description="Regression: the float .tflite model's MAE.")
     quantized_mae: float | None = Field(None, description="Regression: the quantized model's MAE.")
@@ -179,6 +173,18 @@ class ValidationFigures(BaseModel):
     outputs: dict[str, OutputFigures] = Field(
         default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
     )
+
+
+class ValidationFigures(FidelityFigures):
+    """The figures a run is judged by (the report has every other one)."""
+
+    validated: bool = True
+    not_validated_reason: str | None = None
+    float_accuracy: float | None = Field(description="Classification only, as are the other accuracies.")
+    tflite_float_accuracy: float | None
+    quantized_accuracy: float | None
+    accuracy_drop_pp: float | None
+    agreement: float | None = Field(description="Share of test samples whose top-1 class is the float model's.")
     rerun_max_difference: float | None = Field(
         None,
         description="Largest output difference between two identical runs of the quantized model on the "

@@ -48,6 +48,17 @@ def describe_layers(layers: Sequence[WorstLayer], count: int = 3) -> str:
     return ", ".join(f"{w.layer} ({w.op}, badness {w.badness:.1f})" for w in layers[:count])
 
 
+def not_validated(name: str, result: ValidationFigures, max_accuracy_drop: float) -> GateResult:
+    """The verdict on a model that could not run here: never a pass."""
+    return GateResult(
+        name=name,
+        status=GateStatus.not_validated,
+        observed_drop_pp=None,
+        max_drop_pp=max_accuracy_drop,
+        message=f"not validated: {result.not_validated_reason}",
+    )
+
+
 def not_repeatable(result: ValidationFigures, max_accuracy_drop: float) -> GateResult:
     return GateResult(
         name="repeatable",
@@ -70,13 +81,7 @@ def check_accuracy_gate(
     (with ``--ops int8`` no layer can stay float, so repair is impossible and the message says which options allow
     it); after a repair, say what stayed float."""
     if not result.validated or result.accuracy_drop_pp is None:
-        return GateResult(
-            name="accuracy_drop",
-            status=GateStatus.not_validated,
-            observed_drop_pp=None,
-            max_drop_pp=max_accuracy_drop,
-            message=f"not validated: {result.not_validated_reason}",
-        )
+        return not_validated("accuracy_drop", result, max_accuracy_drop)
     if result.rerun_max_difference:
         return not_repeatable(result, max_accuracy_drop)
     passed = result.accuracy_drop_pp <= max_accuracy_drop
@@ -136,13 +141,7 @@ def check_gate(
     name = "error_increase" if result.task is ModelTask.regression else "float_fidelity"
     verdict = judge_fidelity(result, gate) if result.validated else None
     if verdict is None:
-        return GateResult(
-            name=name,
-            status=GateStatus.not_validated,
-            observed_drop_pp=None,
-            max_drop_pp=gate.max_accuracy_drop,
-            message=f"not validated: {result.not_validated_reason}",
-        )
+        return not_validated(name, result, gate.max_accuracy_drop)
     if result.rerun_max_difference:
         return not_repeatable(result, gate.max_accuracy_drop)
     repaired = repair is not None and repair.succeeded

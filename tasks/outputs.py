@@ -34,9 +34,8 @@ def _origin(tensor: Any) -> tuple[str, bool]:
     operation, _, index = tensor._keras_history
     if isinstance(operation, keras.Model) and hasattr(operation, "outputs") and operation.outputs:
         return _origin(operation.outputs[index])
-    activation = getattr(operation, "activation", None)
-    name = getattr(activation, "__name__", "") or type(operation).__name__.lower()
-    return operation.name, name in CLASS_SCORE_ACTIVATIONS or isinstance(operation, keras.layers.Softmax)
+    activation = getattr(getattr(operation, "activation", None), "__name__", "")
+    return operation.name, activation in CLASS_SCORE_ACTIVATIONS or isinstance(operation, keras.layers.Softmax)
 
 
 def model_outputs(model: keras.Model) -> tuple[ModelOutput, ...]:

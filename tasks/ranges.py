@@ -131,7 +131,7 @@ def activation_histograms(calibrated: bytes, batches: Iterable[np.ndarray]) -> d
         interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=1)
     inp = interpreter.get_input_details()[0]
     dynamic = int(inp["shape_signature"][0]) == -1
-    step, allocated = None, None
+    allocated = None
     for batch in batches:
         step = len(batch) if dynamic else int(inp["shape"][0])
         for start in range(0, len(batch), step):

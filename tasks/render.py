@@ -576,6 +576,7 @@ def promotion_figures(promotion: PromotionDecision) -> tuple[str, str]:
 
 def promotion_markdown(promotion: PromotionDecision) -> str:
     champion = "exported model (champion" + (f", {promotion.champion_version}" if promotion.champion_version else "")
+    challenger, champion_figure = promotion_figures(promotion)
     return "\n".join(
         [
             f"# {'promoted' if promotion.promote else 'not promoted'}",
@@ -587,8 +588,8 @@ def promotion_markdown(promotion: PromotionDecision) -> str:
                     markdown_table(
                         ["", f"{promotion.metric} ({promotion.comparison or 'this run'})"],
                         [
-                            ["new model (challenger)", promotion_figures(promotion)[0]],
-                            [champion + ")", promotion_figures(promotion)[1]],
+                            ["new model (challenger)", challenger],
+                            [champion + ")", champion_figure],
                         ],
                     ),
                     "",

@@ -18,6 +18,7 @@ from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.artifacts import (
     CalibrationSet,
     ConvertedModels,
+    FidelityFigures,
     FloatOutputs,
     RepairResult,
     SampledDataset,
@@ -210,11 +211,12 @@ def validate_with_interpreter(
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
-    keras_outputs = None
+    keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
     if float_outputs is not None:
         with store.open(float_outputs.outputs) as f:
             keras_outputs = read_parquet(f).features
-    keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
+    else:  # predicted once here: the evaluation and a repair's cost both compare with them
+        keras_outputs = predict_keras(keras_model, test.features, params.batch_size)
     metrics = evaluate_models(
         keras_model,
         store.read_bytes(converted.float_model),
@@ -238,7 +240,11 @@ def validate_with_interpreter(
     metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
     if repair is not None:
         metrics = metrics.model_copy(
-            update={"repair": repair_cost(repair, store, keras_model, test.features, test.labels, params, metrics)}
+            update={
+                "repair": repair_cost(
+                    repair, store, keras_model, keras_outputs, test.features, test.labels, params, metrics
+                )
+            }
         )
     document = ValidationReport(
         dataset=dataset.manifest,
@@ -269,18 +275,12 @@ def validate_with_interpreter(
             WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
             for layer in layers[:5]
         ),
-        task=metrics.task,
+        **metrics.model_dump(include=set(FidelityFigures.model_fields)),
         float_accuracy=metrics.float_accuracy,
         tflite_float_accuracy=metrics.tflite_float_accuracy,
         quantized_accuracy=metrics.quantized_accuracy,
         accuracy_drop_pp=metrics.accuracy_drop_pp,
         agreement=metrics.agreement,
-        float_mae=metrics.float_mae,
-        tflite_float_mae=metrics.tflite_float_mae,
-        quantized_mae=metrics.quantized_mae,
-        mae_increase_pct=metrics.mae_increase_pct,
-        sqnr_db=metrics.sqnr_db,
-        outputs=metrics.outputs,
         float_bytes=metrics.float_bytes,
         quantized_bytes=metrics.quantized_bytes,
         rerun_max_difference=metrics.rerun_max_difference,
@@ -291,20 +291,21 @@ def repair_cost(
     repair: RepairResult,
     store: ArtifactStore,
     keras_model: keras.Model,
+    keras_outputs: np.ndarray,
     features: np.ndarray,
     labels: np.ndarray,
     params: ValidationParameters,
     metrics: ValidationMetrics,
 ) -> RepairCost:
     """What keeping layers in float cost and gained: the task's figure, size and latency of the repaired model
-    against the fully quantized one, on the test split."""
+    against the fully quantized one, on the test split (``keras_outputs``: the float model's there)."""
     num_threads = params.num_threads or os.cpu_count() or 1
     unrepaired = store.read_bytes(repair.unrepaired)
     unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads)
     repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
     unrepaired_figures = task_figures(
         metrics.task,
-        predict_keras(keras_model, features, params.batch_size),
+        keras_outputs,
         predict_tflite(unrepaired, features, params.batch_size, num_threads),
         labels,
         model_outputs(keras_model),

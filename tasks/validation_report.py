@@ -15,8 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.artifacts import OutputFigures, RepairStep
-from ptqflow.tasks.parameters import ModelTask
+from ptqflow.tasks.artifacts import FidelityFigures, OutputFigures, RepairStep
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
 REPORT_VERSION = 3  # 3: the task's figures; accuracies null for tasks without classes
@@ -176,12 +175,11 @@ class RepairCost(Frozen):
     repaired_latency_ms_p50: float | None
 
 
-class ValidationMetrics(Frozen):
+class ValidationMetrics(FidelityFigures):
     """Every figure of one validation. ``validated`` False: the model could not run here (``models`` then holds
     the float Keras model only, and every quantized figure is None)."""
 
     samples: int
-    task: ModelTask = ModelTask.classification
     class_names: list[str]
     float_accuracy: float | None = Field(description="Classification only.")
     float_bytes: int
@@ -195,20 +193,6 @@ class ValidationMetrics(Frozen):
     quantized_accuracy: float | None
     accuracy_drop_pp: float | None
     agreement: float | None
-    float_mae: float | None = Field(None, description="Regression: the float Keras model's MAE against the targets.")
-    tflite_float_mae: float | None = Field(None, description="Regression: the float .tflite model's MAE.")
-    quantized_mae: float | None = Field(None, description="Regression: the quantized model's MAE.")
-    mae_increase_pct: float | None = Field(
-        None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
-    )
-    sqnr_db: float | None = Field(
-        None,
-        description="The quantized outputs' SQNR against the float model's, in dB, of its worst output (None when "
-        "identical).",
-    )
-    outputs: dict[str, OutputFigures] = Field(
-        default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
-    )
     rerun_max_difference: float | None = Field(
         description="Largest output difference between two identical runs of the quantized model on the first test "
         "batch; 0 when repeatable."
