@@ -124,6 +124,8 @@ def gate_parameters(
     max_error_increase: float | None = None,
     min_sqnr: float | None = None,
     min_agreement: float | None = None,
+    ram_budget: str | int | None = None,
+    flash_budget: str | int | None = None,
 ) -> GateParameters:
     return parameters(
         GateParameters,
@@ -133,6 +135,8 @@ def gate_parameters(
         max_error_increase=max_error_increase,
         min_sqnr=min_sqnr,
         min_agreement=min_agreement,
+        ram_budget=ram_budget,
+        flash_budget=flash_budget,
     )
 
 
@@ -171,6 +175,8 @@ def pipeline_arguments(
     max_error_increase: float | None = None,
     min_sqnr: float | None = None,
     min_agreement: float | None = None,
+    ram_budget: str | int | None = None,
+    flash_budget: str | int | None = None,
     repair: bool | None = None,
     max_float_layers: int | None = None,
     storage_block: str | None = None,
@@ -201,7 +207,14 @@ def pipeline_arguments(
             percentile=percentile,
         ),
         gate=gate_parameters(
-            max_accuracy_drop, promotion_tolerance, min_comparison_rows, max_error_increase, min_sqnr, min_agreement
+            max_accuracy_drop=max_accuracy_drop,
+            promotion_tolerance=promotion_tolerance,
+            min_comparison_rows=min_comparison_rows,
+            max_error_increase=max_error_increase,
+            min_sqnr=min_sqnr,
+            min_agreement=min_agreement,
+            ram_budget=ram_budget,
+            flash_budget=flash_budget,
         ),
         repair=parameters(RepairParameters, enabled=repair, max_float_layers=max_float_layers),
     )
@@ -240,6 +253,8 @@ def sweep_arguments(
     max_error_increase: float | None = None,
     min_sqnr: float | None = None,
     min_agreement: float | None = None,
+    ram_budget: str | int | None = None,
+    flash_budget: str | int | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
     **upstream: Any,
@@ -268,7 +283,14 @@ def sweep_arguments(
             latency_threads=latency_threads,
         ),
         gate=gate_parameters(
-            max_accuracy_drop, promotion_tolerance, min_comparison_rows, max_error_increase, min_sqnr, min_agreement
+            max_accuracy_drop=max_accuracy_drop,
+            promotion_tolerance=promotion_tolerance,
+            min_comparison_rows=min_comparison_rows,
+            max_error_increase=max_error_increase,
+            min_sqnr=min_sqnr,
+            min_agreement=min_agreement,
+            ram_budget=ram_budget,
+            flash_budget=flash_budget,
         ),
     )
     # An unknown configuration name is refused before a cluster starts.

@@ -192,6 +192,9 @@ class ValidationFigures(FidelityFigures):
     )
     float_bytes: int
     quantized_bytes: int
+    arena_bytes: int | None = Field(
+        None, description="The quantized model's tensor arena, batch 1 (tasks.device); None in older records."
+    )
     full_integer: bool
     float_tensors: tuple[str, ...]
     worst_layers: tuple[WorstLayer, ...] = ()

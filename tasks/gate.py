@@ -9,6 +9,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ptqflow.tasks.artifacts import RepairResult, ValidationFigures, WorstLayer
+from ptqflow.tasks.device import over_budget
 from ptqflow.tasks.fidelity import judge_fidelity
 from ptqflow.tasks.parameters import GateParameters, ModelTask, TargetOps
 from ptqflow.tasks.sweep import SweepRow
@@ -30,7 +31,7 @@ class GateResult(BaseModel):
 
     name: str = Field(
         description="The check that decided: accuracy_drop (classification), error_increase (regression), "
-        "float_fidelity (unlabeled), repeatable or sweep."
+        "float_fidelity (unlabeled), repeatable, device_budget (--ram-budget, --flash-budget) or sweep."
     )
     status: GateStatus
     observed_drop_pp: float | None
@@ -134,6 +135,29 @@ def check_gate(
     ops: TargetOps | None = None,
     repair: RepairResult | None = None,
 ) -> GateResult:
+    """Judge a validation by its task's figure (``tasks.fidelity``), then, if it passes, by the device budgets
+    (``--ram-budget``, ``--flash-budget``): a model that does not fit fails as ``device_budget``."""
+    verdict = check_fidelity_gate(result, gate, ops, repair)
+    over = over_budget(result.quantized_bytes, result.arena_bytes, gate) if result.validated else None
+    if over is None:
+        return verdict
+    if not verdict.passed:
+        return verdict.model_copy(update={"message": f"{verdict.message}; and it does not fit the device: {over}"})
+    return verdict.model_copy(
+        update={
+            "name": "device_budget",
+            "status": GateStatus.failed,
+            "message": f"device budget failed: {over}; {verdict.message}",
+        }
+    )
+
+
+def check_fidelity_gate(
+    result: ValidationFigures,
+    gate: GateParameters,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
     """Judge a validation by its task's figure (``tasks.fidelity``): the accuracy drop for classification, the
     MAE rise for regression, SQNR and agreement against the float model for unlabeled data."""
     if result.task is ModelTask.classification:
@@ -185,11 +209,12 @@ def no_configuration_passed(
     """The sweep's verdict when no configuration of ``rows`` (ranked) passed: it names the closest one."""
     closest = next((r for r in rows if not r.reference), None)
     detail = f"; closest: {closest.name} ({closest.verdict})" if closest else ""
+    budgets = "raise the device budgets, " if gate.ram_budget is not None or gate.flash_budget is not None else ""
     return GateResult(
         name="sweep",
         status=GateStatus.failed,
         observed_drop_pp=None,
         max_drop_pp=gate.max_accuracy_drop,
         message=f"no configuration passed the gate{detail}: calibrate on more samples (--calibration-sizes), "
-        f"{GATE_OPTION[task]}, or drop --require-full-integer",
+        f"{GATE_OPTION[task]}, {budgets}or drop --require-full-integer",
     )

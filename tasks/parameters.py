@@ -11,7 +11,16 @@ import math
 from datetime import date
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ptqflow.storage.store import carries_credentials
 
@@ -379,6 +388,25 @@ class GateParameters(_Parameters):
         description="--task unlabeled, for class-score outputs: smallest accepted share of samples whose top-1 class "
         "is the float model's.",
     )
+
+    ram_budget: ByteSize | None = Field(
+        None,
+        description="Largest accepted tensor arena of the quantized model (peak RAM for its tensors, one sample at a "
+        "time, as planned from its execution plan), e.g. 256KiB; the report has the figure.",
+    )
+    flash_budget: ByteSize | None = Field(
+        None, description="Largest accepted size of the quantized .tflite file (what a device stores), e.g. 1MiB."
+    )
+
+    @field_validator("ram_budget", "flash_budget", mode="before")
+    @classmethod
+    def _a_size(cls, value: object) -> object:
+        if value is None:
+            return value
+        try:
+            return TypeAdapter(ByteSize).validate_python(value)
+        except ValidationError:
+            raise ValueError(f"{value!r} is not a size: give bytes or a unit, e.g. 262144, 256KiB or 1MB") from None
 
     def thresholds_only(self) -> GateParameters:
         """These thresholds with the champion check's settings at their defaults: what repair is keyed on, so that

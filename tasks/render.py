@@ -124,6 +124,53 @@ def output_rows(metrics: ValidationMetrics) -> list[list[str]]:
     ]
 
 
+DEVICE_HEADER = ["model", "flash (.tflite)", "weights", "tensor arena (plan)", "LiteRT arena (measured)", "peak live"]
+
+
+def kib(value: int | None) -> str:
+    return MISSING if value is None else f"{value / 1024:,.1f} KiB"
+
+
+def device_rows(metrics: ValidationMetrics) -> list[list[str]]:
+    return [
+        [
+            kind.label,
+            kib(d.flash_bytes),
+            kib(d.weight_bytes),
+            kib(d.arena_bytes),
+            kib(d.interpreter.arena_bytes if d.interpreter else None),
+            kib(d.peak_live_bytes),
+        ]
+        for kind, d in metrics.device.items()
+    ]
+
+
+def device_lines(metrics: ValidationMetrics) -> list[str]:
+    """How the planned arena compares with what LiteRT allocated, and what the figures leave out."""
+    lines = []
+    for kind, d in metrics.device.items():
+        check = d.interpreter
+        if check is None:
+            lines.append(f"- {kind.label}: not checked against the interpreter: {d.note or 'it could not allocate it'}")
+            continue
+        sentence = (
+            f"- {kind.label}: for the tensors LiteRT placed in its arena the plan gives {check.planned_bytes:,} B "
+            f"against its {check.arena_bytes:,} B"
+        )
+        if check.scratch_tensors:
+            sentence += (
+                f"; its kernels add {check.scratch_tensors} scratch tensor(s) (largest {check.largest_scratch_bytes:,}"
+                " B, e.g. im2col buffers of its optimized convolutions) that the model does not list"
+            )
+        if check.runtime_sized_tensors:
+            sentence += (
+                f"; {check.runtime_sized_tensors} tensor(s) have shapes known only at run time (LiteRT allocates them"
+                " apart; the plan counts them at batch 1)"
+            )
+        lines.append(sentence + (f"; {d.note}" if d.note else ""))
+    return lines
+
+
 def layer_rows(layers: Sequence[LayerError], count: int = 10) -> list[list[str]]:
     return [
         [
@@ -222,6 +269,13 @@ def _promotion_lines(promotion: PromotionDecision) -> list[str]:
     ]
 
 
+DEVICE_NOTE = (
+    "The tensor arena is planned from the execution plan as LiteRT's planner lays it out (tensors live from the "
+    "operator that writes them to the last that reads them, largest placed first); peak live is the most tensor "
+    "bytes live at one operator, which no planner can go below. A device's kernels may add scratch buffers."
+)
+
+
 def render_markdown(report: ValidationReport) -> str:
     metrics = report.metrics
     parts = [
@@ -274,6 +328,17 @@ def render_markdown(report: ValidationReport) -> str:
     else:
         parts.append(f"Not available: {metrics.layers_unavailable}")
     parts += ["", "## Audit", "", *_audit_lines(metrics.audit)]
+    if metrics.device:
+        parts += [
+            "",
+            "## Device footprint (one sample at a time)",
+            "",
+            markdown_table(DEVICE_HEADER, device_rows(metrics)),
+            "",
+            DEVICE_NOTE,
+            "",
+            *device_lines(metrics),
+        ]
     if metrics.repair:
         parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
     parts += ["", "## Confusion matrices", ""] if metrics.class_names else []
@@ -298,7 +363,7 @@ def _png(figure: Any) -> str:
 
 
 def plots(metrics: ValidationMetrics) -> dict[str, str]:
-    """Base64 PNGs: accuracy per model, confusion matrices, per-layer error."""
+    """Base64 PNGs: accuracy per model, confusion matrices, per-layer error, live tensor memory per operator."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a batch job
@@ -351,6 +416,23 @@ def plots(metrics: ValidationMetrics) -> dict[str, str]:
         axis.set_xscale("log")
         axis.set_xlabel("badness (1 = plain rounding; log scale)")
         images["layers"] = _png(figure)
+        plt.close(figure)
+
+    if metrics.device:
+        figure, axis = plt.subplots(figsize=(7, 3))
+        for (kind, d), color in zip(metrics.device.items(), ["#55a868", "#c44e52"]):
+            axis.step(
+                range(len(d.live_bytes)),
+                [b / 1024 for b in d.live_bytes],
+                where="mid",
+                color=color,
+                label=f"{kind.label} (arena {d.arena_bytes / 1024:,.1f} KiB)",
+            )
+            axis.axhline(d.arena_bytes / 1024, color=color, linewidth=0.8, linestyle="--")
+        axis.set_xlabel("operator (execution order)")
+        axis.set_ylabel("live tensors (KiB)")
+        axis.legend(fontsize=8)
+        images["memory"] = _png(figure)
         plt.close(figure)
     return images
 
@@ -407,6 +489,14 @@ def render_html(report: ValidationReport) -> str:
     else:
         parts.append(f"<p>Not available: {html.escape(str(metrics.layers_unavailable))}</p>")
     parts += ["<h2>Audit</h2>", bullets(_audit_lines(metrics.audit))]
+    if metrics.device:
+        parts += [
+            "<h2>Device footprint (one sample at a time)</h2>",
+            _html_table(DEVICE_HEADER, device_rows(metrics)),
+            f"<p>{html.escape(DEVICE_NOTE)}</p>",
+            bullets(device_lines(metrics)),
+            image("memory", "tensor memory live per operator"),
+        ]
     if metrics.repair:
         parts += ["<h2>Repair</h2>", bullets(_repair_lines(metrics.repair))]
     if images.get("confusion"):
@@ -548,7 +638,8 @@ def run_summary_markdown(summary: RunSummary) -> str:
             markdown_table(["", *[kind.label for kind in ModelKind]], rows),
             "",
             f"{fidelity_figures(m) if m.validated else 'Not validated'}; full integer: "
-            f"{'yes' if m.full_integer else 'no'}.",
+            f"{'yes' if m.full_integer else 'no'}"
+            + (f"; tensor arena {kib(m.arena_bytes)} (batch 1)." if m.arena_bytes is not None else "."),
             "",
             *([f"Worst layers: {describe_layers(m.worst_layers, 5)}", ""] if m.worst_layers else []),
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
@@ -653,7 +744,8 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
     console.print(models)
     if m.validated:
         integer = "yes" if m.full_integer else f"no ({len(m.float_tensors)} float tensors)"
-        console.print(f"{fidelity_figures(m)}; full integer: {integer}", highlight=False)
+        arena = f"; tensor arena {kib(m.arena_bytes)} (batch 1)" if m.arena_bytes is not None else ""
+        console.print(f"{fidelity_figures(m)}; full integer: {integer}{arena}", highlight=False)
     _print_gate(summary, console)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
     if "report_html" in summary.artifacts:

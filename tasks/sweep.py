@@ -34,6 +34,7 @@ from ptqflow.tasks.artifacts import (
 )
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
+from ptqflow.tasks.device import budget_problems, device_footprint
 from ptqflow.tasks.errors import PtqflowError
 from ptqflow.tasks.fidelity import LOSS_LABEL, TaskFigures, fidelity_loss, judge_fidelity
 from ptqflow.tasks.interpreter import (
@@ -164,6 +165,7 @@ class ConfigurationMetrics(StageOutput):
     model: ArtifactRef
     conversion_seconds: float
     bytes: int
+    arena_bytes: int | None = Field(None, description="Its tensor arena, batch 1 (tasks.device).")
     validated: bool
     not_validated_reason: str | None = None
     task: ModelTask = ModelTask.classification
@@ -225,6 +227,7 @@ def configuration_metrics(
         "task": task,
         "float_mae": float_mae,
         "bytes": len(model_bytes),
+        "arena_bytes": device_footprint(model_bytes).arena_bytes,
         "num_threads": num_threads,
         "full_integer": audit.full_integer,
         "float_tensors": len(audit.float_tensors),
@@ -413,8 +416,8 @@ def reference_row(metrics: ConfigurationMetrics) -> SweepRow:
 
 
 def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> SweepRow:
-    """The gate for one configuration: validated, repeatable, within its task's gate (``tasks.fidelity``), and
-    full integer if required."""
+    """The gate for one configuration: validated, repeatable, within its task's gate (``tasks.fidelity``), full
+    integer if required, and within the device budgets."""
     m = row.metrics
     fidelity = judge_fidelity(m.figures(), gate) if m is not None and m.validated else None
     if row.error is not None:
@@ -429,6 +432,8 @@ def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> Sw
         verdict = fidelity.short
     elif require_full_integer and not m.full_integer:
         verdict = f"not full integer ({m.float_tensors} float tensors)"
+    elif not row.reference and (problems := budget_problems(m.bytes, m.arena_bytes, gate)):
+        verdict = "does not fit: " + "; ".join(what for what, _ in problems)
     elif row.reference:
         verdict = "reference"
     else:

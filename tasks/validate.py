@@ -27,6 +27,7 @@ from ptqflow.tasks.artifacts import (
     WorstLayer,
 )
 from ptqflow.tasks.caching import StageCachePolicy
+from ptqflow.tasks.device import device_footprint
 from ptqflow.tasks.diagnose import layer_errors
 from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.interpreter import (
@@ -90,6 +91,10 @@ def evaluate_models(
     num_threads = params.num_threads or os.cpu_count() or 1
     audit = audit_tensor_types(quantized_tflite)
     float_audit = audit_tensor_types(float_tflite)
+    device = {
+        ModelKind.float_tflite: device_footprint(float_tflite),
+        ModelKind.quantized_tflite: device_footprint(quantized_tflite),
+    }
     keras_out = predict_keras(keras_model, features, params.batch_size) if keras_outputs is None else keras_outputs
     layout = model_outputs(keras_model)
     float_accuracy = accuracy(keras_out, labels) if classification else None
@@ -113,6 +118,7 @@ def evaluate_models(
         agreement=None,
         rerun_max_difference=None,
         models={ModelKind.float_keras: model_metrics(keras_out, keras_out, labels, names, layout=layout)},
+        device=device,
     )
     flex = sorted(set(audit.flex_ops) | set(float_audit.flex_ops))
     if flex:
@@ -283,6 +289,9 @@ def validate_with_interpreter(
         agreement=metrics.agreement,
         float_bytes=metrics.float_bytes,
         quantized_bytes=metrics.quantized_bytes,
+        arena_bytes=metrics.device[ModelKind.quantized_tflite].arena_bytes
+        if ModelKind.quantized_tflite in metrics.device
+        else None,
         rerun_max_difference=metrics.rerun_max_difference,
     )
 

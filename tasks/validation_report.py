@@ -18,7 +18,7 @@ from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.artifacts import FidelityFigures, OutputFigures, RepairStep
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
-REPORT_VERSION = 3  # 3: the task's figures; accuracies null for tasks without classes
+REPORT_VERSION = 4  # 3: the task's figures; accuracies null for tasks without classes. 4: device footprints
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -175,6 +175,47 @@ class RepairCost(Frozen):
     repaired_latency_ms_p50: float | None
 
 
+class ArenaCheck(Frozen):
+    """What the LiteRT Interpreter itself allocated for the model (built-in kernels, batch 1), beside the plan of
+    the same tensors (``tasks.device``)."""
+
+    arena_bytes: int = Field(
+        description="The span of the interpreter's read-write arena: the model's tensors and its kernels' scratch."
+    )
+    planned_bytes: int = Field(description="The plan of the model's tensors the interpreter put in that arena.")
+    scratch_tensors: int = Field(
+        0,
+        description="Scratch tensors of the interpreter's kernels in its arena (e.g. im2col buffers of optimized "
+        "convolutions), which the model does not list and a device's kernels may not need.",
+    )
+    largest_scratch_bytes: int = 0
+    persistent_tensors: int = Field(0, description="Tensors LiteRT keeps in its persistent arena, apart.")
+    runtime_sized_tensors: int = Field(
+        0, description="Tensors whose shape is known only at run time: the interpreter allocates them apart."
+    )
+
+    @property
+    def planned_share(self) -> float | None:
+        """The plan as a share of what the interpreter allocated (1.0: the same)."""
+        return self.planned_bytes / self.arena_bytes if self.arena_bytes else None
+
+
+class DeviceFootprint(Frozen):
+    """What one ``.tflite`` needs on a device running one sample at a time (``tasks.device``)."""
+
+    flash_bytes: int = Field(description="The .tflite file: what a device stores.")
+    weight_bytes: int = Field(description="Of that, the constant tensors (weights, biases, tables).")
+    arena_bytes: int = Field(
+        description="Peak RAM for tensors: the arena LiteRT's planner lays out from the execution plan (64-byte "
+        "aligned)."
+    )
+    peak_live_bytes: int = Field(description="The most tensor bytes live at one operator: no planner can use less.")
+    ops: list[str] = Field(description="The operators in execution order.")
+    live_bytes: list[int] = Field(description="Tensor bytes live while each operator runs.")
+    interpreter: ArenaCheck | None = Field(None, description="None when the interpreter cannot allocate the model.")
+    note: str | None = Field(None, description="What these figures leave out, if anything.")
+
+
 class ValidationMetrics(FidelityFigures):
     """Every figure of one validation. ``validated`` False: the model could not run here (``models`` then holds
     the float Keras model only, and every quantized figure is None)."""
@@ -201,6 +242,9 @@ class ValidationMetrics(FidelityFigures):
     layers: list[LayerError] = Field(default_factory=list, description="Per-layer error, worst first.")
     layers_unavailable: str | None = Field(None, description="Why there are no per-layer figures.")
     repair: RepairCost | None = None
+    device: dict[ModelKind, DeviceFootprint] = Field(
+        default_factory=dict, description="Flash and tensor-arena RAM of each .tflite (empty in older reports)."
+    )
 
 
 class PromotionDecision(BaseModel):

@@ -70,6 +70,8 @@ MinComparisonRowsOption = Annotated[int | None, typer.Option(help=help_for(GateP
 MaxErrorIncreaseOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "max_error_increase"))]
 MinSqnrOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_sqnr"))]
 MinAgreementOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_agreement"))]
+RamBudgetOption = Annotated[str | None, typer.Option(help=help_for(GateParameters, "ram_budget"))]
+FlashBudgetOption = Annotated[str | None, typer.Option(help=help_for(GateParameters, "flash_budget"))]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show Prefect's and TensorFlow's logs on the console.")
@@ -153,8 +155,10 @@ def gate(
     max_error_increase: MaxErrorIncreaseOption = None,
     min_sqnr: MinSqnrOption = None,
     min_agreement: MinAgreementOption = None,
+    ram_budget: RamBudgetOption = None,
+    flash_budget: FlashBudgetOption = None,
 ) -> None:
-    """The gate (by task) and the champion check."""
+    """The gate (by task), the device budgets and the champion check."""
 
 
 def credentials(

@@ -79,6 +79,24 @@ def test_another_calibration_method_reconverts_only_and_is_recorded(first_run, c
     assert summary["artifacts"]["tflite"]["sha256"] != json.loads(first_run.stdout)["artifacts"]["tflite"]["sha256"]
 
 
+def test_a_device_budget_is_judged_without_recomputing_and_fails_in_one_line(first_run, cli, store):
+    measured = json.loads(first_run.stdout)["metrics"]["arena_bytes"]
+    assert measured > 0
+    within = cli("run", "--store", store, "--epochs", "6", "--ram-budget", str(measured), "--json")
+    assert within.returncode == 0, within.stderr[-3000:]
+    over = cli("run", "--store", store, "--epochs", "6", "--ram-budget", str(measured - 1), "--json")
+    assert over.returncode == 1, over.stderr[-3000:]
+    result = json.loads(over.stdout)
+    assert all(stage["cached"] for stage in result["tasks"].values())  # a budget is the gate's, in no stage's key
+    assert result["gate"]["name"] == "device_budget" and result["status"] == "failed"
+    assert (
+        f"tensor arena needs {measured / 1024:,.1f} KiB ({measured:,} B), over --ram-budget"
+        in result["gate"]["message"]
+    )
+    report = json.loads(open(result["artifacts"]["report"]["uri"].removeprefix("file://")).read())
+    assert report["metrics"]["device"]["quantized_tflite"]["arena_bytes"] == measured
+
+
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
     from prefect.client.orchestration import get_client
 
@@ -116,6 +134,11 @@ DIGITS_TRAIN_ROWS = digits_train_rows()
         (["--dataset", "nope"], "unknown data set 'nope': choose one of cifar10, digits, fashion_mnist, mnist", set()),
         (["--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", set()),
         (["--calibration-size", "-5"], "invalid --calibration-size: Input should be greater than or equal to 1", set()),
+        (
+            ["--ram-budget", "lots"],
+            "invalid --ram-budget: 'lots' is not a size: give bytes or a unit, e.g. 262144, 256KiB or 1MB",
+            set(),
+        ),
         # The splits are complete artifacts; the check comes before training, so no model is written.
         (["--calibration-size", "5000"], f"pass --calibration-size {DIGITS_TRAIN_ROWS} or less", {".json", ".parquet"}),
     ],

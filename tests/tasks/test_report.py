@@ -129,6 +129,37 @@ def test_html_is_self_contained_with_three_png_plots(document):
     assert render_html(document) == page  # same document, same bytes
 
 
+def footprint(arena: int, scratch: int) -> dict:
+    return {
+        "flash_bytes": 100_000,
+        "weight_bytes": 90_000,
+        "arena_bytes": arena,
+        "peak_live_bytes": arena - 64,
+        "ops": ["CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED"],
+        "live_bytes": [arena - 64, arena // 2, 100],
+        "interpreter": {
+            "arena_bytes": arena + scratch,
+            "planned_bytes": arena,
+            "scratch_tensors": 1 if scratch else 0,
+            "largest_scratch_bytes": scratch,
+            "runtime_sized_tensors": 0,
+        },
+    }
+
+
+def test_the_device_footprint_is_a_table_a_sentence_per_model_and_a_plot(document):
+    document["metrics"]["device"] = {"float_tflite": footprint(40_960, 0), "quantized_tflite": footprint(10_240, 4608)}
+    text = render_markdown(document)
+    assert "## Device footprint (one sample at a time)" in text
+    assert "| quantized .tflite | 97.7 KiB | 87.9 KiB | 10.0 KiB | 14.5 KiB | 9.9 KiB |" in text
+    assert "the plan gives 10,240 B against its 14,848 B; its kernels add 1 scratch tensor(s) (largest 4,608 B" in text
+    float_line = next(line for line in text.splitlines() if line.startswith("- float .tflite:"))
+    assert float_line.endswith("the plan gives 40,960 B against its 40,960 B")  # no scratch, nothing to explain
+    page = render_html(document)
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4  # and live tensor memory per operator
+    assert 'alt="tensor memory live per operator"' in page
+
+
 def test_not_validated_is_said_plainly(document):
     document["metrics"].update(
         validated=False,

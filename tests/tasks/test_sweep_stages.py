@@ -8,6 +8,7 @@ import pytest
 
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.convert import convert_float, quantize
+from ptqflow.tasks.device import device_footprint
 from ptqflow.tasks.errors import PtqflowError
 from ptqflow.tasks.interpreter import predict_tflite
 from ptqflow.tasks.metrics import accuracy
@@ -63,6 +64,7 @@ def test_configuration_metrics_measure_the_model_against_float(trained_digits_mo
     assert metrics["float_accuracy"] == pytest.approx(float_accuracy)
     assert metrics["accuracy_drop_pp"] == pytest.approx((float_accuracy - metrics["accuracy"]) * 100, abs=1e-4)
     assert metrics["full_integer"] and metrics["bytes"] == len(model)
+    assert metrics["arena_bytes"] == device_footprint(model).arena_bytes > 0
     assert metrics["rerun_max_difference"] == 0.0  # int8 kernels give the same outputs every run
     assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p95_ms"]
 
@@ -134,6 +136,24 @@ def test_the_gate_is_judged_per_configuration(rows):
     strict = {r.name: judge(r, GATE, require_full_integer=True) for r in rows}
     assert [n for n, r in strict.items() if r.passed] == ["int8", "int8-per-tensor"]
     assert strict["int16x8"].verdict == "not full integer (2 float tensors)"
+
+
+def test_a_configuration_over_a_device_budget_does_not_pass(rows):
+    arenas = {"int8": 40_000, "int8-per-tensor": 40_000, "int16x8": 80_000, "float16": 160_000}
+    rows = [
+        r.model_copy(update={"metrics": r.metrics.model_copy(update={"arena_bytes": arenas.get(r.name, 160_000)})})
+        if r.metrics
+        else r
+        for r in rows
+    ]
+    budget = GateParameters(max_accuracy_drop=1.0, ram_budget="64KiB", flash_budget=86_000)
+    judged = {r.name: judge(r, budget, require_full_integer=False) for r in rows}
+    assert [n for n, r in judged.items() if r.passed] == ["int8", "int8-per-tensor"]
+    assert judged["int16x8"].verdict == (
+        "does not fit: its tensor arena needs 78.1 KiB (80,000 B), over --ram-budget 64.0 KiB (65,536 B); its .tflite "
+        "is 85.9 KiB (88,000 B), over --flash-budget 84.0 KiB (86,000 B)"
+    )
+    assert judged["float32"].verdict == "reference"  # the float reference is shown, never judged by the budgets
 
 
 @pytest.mark.parametrize(

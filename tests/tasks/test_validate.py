@@ -18,6 +18,7 @@ from ptqflow.tasks.parameters import (
     ValidationParameters,
 )
 from ptqflow.tasks.validate import evaluate_models
+from ptqflow.tasks.validation_report import ModelKind
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
 
@@ -142,6 +143,10 @@ def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_
     assert not metrics.validated and metrics.quantized_accuracy is None
     assert metrics.audit.flex_ops == ["FlexCumprod"]
     assert "cannot run" in metrics.not_validated_reason and "FlexCumprod" in metrics.not_validated_reason
+    # still planned from the model's file, but not checked against an interpreter that cannot allocate it
+    flex_footprint = metrics.device[ModelKind.quantized_tflite]
+    assert flex_footprint.interpreter is None and "FlexCumprod" in flex_footprint.ops
+    assert flex_footprint.note and flex_footprint.note.startswith("the LiteRT Interpreter cannot allocate this model")
     ref = ArtifactRef(uri="memory://x/r.json", sha256="0" * 64, bytes=1)
     result = ValidationResult(
         report=ref,
