@@ -98,7 +98,8 @@ def test_the_html_report_opens_in_a_browser_with_its_plots(repaired_run):
             page = browser.new_page()
             page.goto(summary.artifacts["report_html"].uri)
             loaded = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth)")
-            assert len(loaded) == 3 and all(width > 100 for width in loaded)
+            # accuracy per model, per-layer error, live tensor memory per operator, confusion matrices
+            assert len(loaded) == 4 and all(width > 100 for width in loaded)
             assert "dense" in page.inner_text("table:nth-of-type(2)")
             page.screenshot(path=str(folder / "report.png"), full_page=True)
         finally:
