@@ -24,6 +24,7 @@ from ptqflow.tasks.parameters import (
     ModelTask,
     QuantizationScheme,
     RankBy,
+    RegistryParameters,
     RepairParameters,
     SamplingParameters,
     SplitMode,
@@ -181,6 +182,8 @@ def pipeline_arguments(
     max_float_layers: int | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
+    mlflow_uri: str | None = None,
+    registered_model: str | None = None,
     **upstream: Any,
 ) -> dict[str, Any]:
     """The ptq-pipeline flow's arguments from ``ptqflow run``'s options (``upstream``: those of
@@ -195,6 +198,7 @@ def pipeline_arguments(
         export=export,
         storage_block=storage_block,
         export_block=export_block,
+        registry=parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model),
         **upstream_parameters(**upstream),
         conversion=parameters(
             ConversionParameters,
@@ -257,6 +261,8 @@ def sweep_arguments(
     flash_budget: str | int | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
+    mlflow_uri: str | None = None,
+    registered_model: str | None = None,
     **upstream: Any,
 ) -> dict[str, Any]:
     """The ptq-sweep flow's arguments from ``ptqflow sweep``'s options.
@@ -272,6 +278,7 @@ def sweep_arguments(
         seed=seed,
         storage_block=storage_block,
         export_block=export_block,
+        registry=parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model),
         export=export,
         **upstream_parameters(**upstream),
         sweep=parameters(

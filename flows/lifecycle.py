@@ -15,6 +15,13 @@ from pydantic import BaseModel
 
 from ptqflow.flows.events import emit_run_events
 from ptqflow.flows.locks import exclusive
+from ptqflow.flows.registry import (
+    RegistryOutOfLine,
+    check_reachable,
+    out_of_line,
+    record_in_mlflow,
+    registered_model_name,
+)
 from ptqflow.flows.stages import StageRunner, sweep_leftovers
 from ptqflow.flows.trust import enforce_for_deployment_runs
 from ptqflow.storage.credentials import options_from_block
@@ -25,11 +32,12 @@ from ptqflow.tasks.datasets import is_builtin, resolve_source
 from ptqflow.tasks.errors import AccuracyGateFailed
 from ptqflow.tasks.gate import GateResult
 from ptqflow.tasks.manifest import build_manifest, write_run_manifest
-from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
+from ptqflow.tasks.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
 from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
     ModelTask,
+    RegistryParameters,
     SamplingParameters,
     TrainingParameters,
 )
@@ -57,10 +65,11 @@ def guarded_run(
     calibration: CalibrationParameters,
     storage_block: str | None = None,
     export_block: str | None = None,
+    registry: RegistryParameters | None = None,
 ) -> Iterator[StageRunner]:
     """A stage runner on ``store`` while this run holds the store's and the export's lock (see flows/locks.py);
     with ``storage_block`` / ``export_block``, their credentials open the store and the export (see
-    ``storage.credentials``)."""
+    ``storage.credentials``); with ``registry``'s MLflow, once it answers."""
     # A deployment's form is filled by others: its locations and model are checked before anything is touched.
     enforce_for_deployment_runs(
         {
@@ -69,9 +78,12 @@ def guarded_run(
             "sampling": sampling.model_dump(mode="json"),
             "training": training.model_dump(mode="json"),
             "calibration": calibration.model_dump(mode="json"),
+            "registry": registry.model_dump(mode="json") if registry else None,
         }
     )
     check_trainable(sampling.task, training)
+    if registry is not None:
+        check_reachable(registry)
     with credentials_from_blocks(storage_block, export_block):
         artifact_store = ArtifactStore(store)
         export_target_store = export_store(export) if export else None  # a bad export URL fails now
@@ -272,7 +284,40 @@ def finish_run(
         manifest=manifest_uri,
         export=exported,
         promotion=promotion,
+        registry=record_run_in_mlflow(run, parameters, run_id, verdict, metrics, artifacts),
     )
+
+
+def record_run_in_mlflow(
+    run: StageRunner,
+    parameters: dict[str, Any],
+    run_id: str,
+    verdict: GateResult,
+    metrics: dict[str, Any],
+    artifacts: dict[str, ArtifactRef],
+) -> RegistryRecord | None:
+    """With ``--mlflow-uri``: the run as an MLflow run and, with an export, the registry's champion in line with
+    its latest.json (``flows.registry``). Raises RegistryOutOfLine, naming the command that repairs it."""
+    registry: RegistryParameters | None = parameters.get("registry")
+    if registry is None or registry.mlflow_uri is None:
+        return None
+    name = registered_model_name(registry, parameters["sampling"].dataset)
+    try:
+        record: RegistryRecord = run.effect(
+            record_in_mlflow,
+            registry=registry,
+            name=name,
+            run_id=run_id,
+            status=verdict.status.value,
+            parameters={k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in parameters.items()},
+            metrics=metrics,
+            artifacts=artifacts,
+            export_url=parameters["export"],
+        )
+    except Exception as error:
+        raise RegistryOutOfLine(out_of_line(error, registry, name, parameters["export"], run_id)) from None
+    get_run_logger().info("MLflow: %s", record.model_dump_json())
+    return record
 
 
 def announce(summary: RunSummary | SweepSummary, parameters: dict[str, Any], sweep_table: str | None = None) -> None:

@@ -18,6 +18,7 @@ from ptqflow.tasks.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
+    RegistryParameters,
     RepairParameters,
     SamplingParameters,
     TrainingParameters,
@@ -41,6 +42,7 @@ def ptq_pipeline(
     export: str | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
+    registry: RegistryParameters = RegistryParameters(),
     repair: RepairParameters = RepairParameters(),
 ) -> RunSummary:
     """Sample, train, calibrate, convert and validate; fail when the quantized model is less faithful than the
@@ -53,7 +55,7 @@ def ptq_pipeline(
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
-    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block) as run:
+    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block, registry) as run:
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)
         calibration_set = calibration_sets[calibration.calibration_size]
         converted = run(convert_to_tflite, trained=trained, calibration=calibration_set, params=conversion)

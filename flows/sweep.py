@@ -35,6 +35,7 @@ from ptqflow.tasks.parameters import (
     CalibrationParameters,
     GateParameters,
     QuantizationScheme,
+    RegistryParameters,
     SamplingParameters,
     SweepParameters,
     TrainingParameters,
@@ -205,6 +206,7 @@ def ptq_sweep(
     export: str | None = None,
     storage_block: str | None = None,
     export_block: str | None = None,
+    registry: RegistryParameters = RegistryParameters(),
 ) -> SweepSummary:
     """Convert one trained model under every configuration of the sweep, evaluate and rank them; validate the best
     that passes the gate in full, and publish it to ``export``.
@@ -218,7 +220,7 @@ def ptq_sweep(
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )
-    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block) as run:
+    with guarded_run(store, export, sampling, training, calibration, storage_block, export_block, registry) as run:
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sorted(sizes))
         rows, float_outputs = evaluate_grid(

@@ -8,7 +8,9 @@ So a run of a deployment accepts:
   ``PTQFLOW_ALLOWED_ROOTS`` (URL prefixes separated by commas or whitespace); without it, the locations the
   deployment was created with (its saved default parameters, which trigger rights cannot change);
 * model functions (``module:function``) only from ``PTQFLOW_ALLOWED_MODELS`` on the worker, besides the
-  built-in models: importing a module runs its code.
+  built-in models: importing a module runs its code;
+* an MLflow tracking URI only if it is the deployment's own (its saved parameters) or the worker's
+  ``MLFLOW_TRACKING_URI``: a run sends its models and reports there.
 
 A refused parameter fails the run before anything is read or written, naming the setting that would allow it.
 """
@@ -24,6 +26,7 @@ from ptqflow.storage.store import StoreError, canonical_url
 
 ALLOWED_ROOTS_ENV = "PTQFLOW_ALLOWED_ROOTS"
 ALLOWED_MODELS_ENV = "PTQFLOW_ALLOWED_MODELS"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 BUILTIN_MODELS = frozenset({"auto", "cnn", "mlp"})
 # Where each URL parameter sits in the flow's parameters (the same names in the form and in the CLI's JSON).
 URL_PARAMETERS = (
@@ -102,6 +105,14 @@ def check_run_parameters(parameters: Mapping[str, Any], deployment_parameters: M
                 f"{name} {url} is outside the locations this deployment may use ({', '.join(roots) or 'none'}): "
                 f"add a root to {ALLOWED_ROOTS_ENV} on the worker, or run it from the CLI"
             )
+    tracking = _value(parameters, ("registry", "mlflow_uri"))
+    trusted = {_value(deployment_parameters, ("registry", "mlflow_uri")), os.environ.get(TRACKING_URI_ENV)} - {None}
+    if isinstance(tracking, str) and tracking not in trusted:
+        known = ", ".join(sorted(trusted)) or "none"
+        raise RefusedParameter(
+            f"registry.mlflow_uri {tracking!r} is not this deployment's MLflow server ({known}): save it in the "
+            f"deployment's parameters or set {TRACKING_URI_ENV} on the worker, or run it from the CLI"
+        )
     model = _value(parameters, ("training", "model"))
     allowed_models = BUILTIN_MODELS | set(_split(os.environ.get(ALLOWED_MODELS_ENV, "")))
     if isinstance(model, str) and model not in allowed_models:

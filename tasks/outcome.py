@@ -26,6 +26,19 @@ class StageRecord(BaseModel):
     )
 
 
+class RegistryRecord(BaseModel):
+    """What a command did in MLflow (``flows.registry``)."""
+
+    tracking_uri: str
+    registered_model: str
+    mlflow_run_id: str | None = Field(None, description="The MLflow run that records this ptqflow run.")
+    champion_version: str | None = Field(
+        None, description="The registered version the champion alias names now: the export's latest.json model."
+    )
+    previous_champion_version: str | None = None
+    champion_run_id: str | None = Field(None, description="The ptqflow run of that version.")
+
+
 class RunOutcome(BaseModel):
     """What every run ends with, whichever flow ran it."""
 
@@ -40,6 +53,7 @@ class RunOutcome(BaseModel):
     promotion: PromotionDecision | None = Field(
         None, description="With an export: whether the model replaced the exported one, and both accuracies."
     )
+    registry: RegistryRecord | None = Field(None, description="With --mlflow-uri: what was recorded in MLflow.")
 
 
 class RunSummary(RunOutcome):

@@ -8,6 +8,7 @@ cache key; fields that only change how the gate judges a result (``max_accuracy_
 from __future__ import annotations
 
 import math
+import re
 from datetime import date
 from enum import Enum
 
@@ -420,6 +421,34 @@ class GateParameters(_Parameters):
 
     def comparison_rows_needed(self, test_rows: int) -> int:
         return self.min_comparison_rows if self.min_comparison_rows is not None else min(100, -(-test_rows // 2))
+
+
+class RegistryParameters(_Parameters):
+    """MLflow: where a run is recorded, and which registered model its promoted version joins (``flows.registry``)."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, or MLFLOW_TRACKING_URI): each run is logged there, and a "
+        "promoted one is registered with the champion alias. Credentials come from MLflow's own variables "
+        "(MLFLOW_TRACKING_TOKEN, ...), never from the URI.",
+    )
+    registered_model: str | None = Field(
+        None,
+        description="The registered model's name. Default: ptqflow- and the data set's name.",
+        max_length=200,
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_secret(cls, value: str | None) -> str | None:
+        return refuse_credentials(value, "--mlflow-uri")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _a_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", value):
+            raise ValueError(f"{value!r} is not a model name: use letters, digits, '.', '_' and '-'")
+        return value
 
 
 class RepairParameters(_Parameters):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ptqflow.tasks.artifacts import ValidationFigures
 from ptqflow.tasks.fidelity import fidelity_in_words, gate_in_words
 from ptqflow.tasks.gate import describe_layers
-from ptqflow.tasks.outcome import RunOutcome, RunSummary, SweepSummary
+from ptqflow.tasks.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
 from ptqflow.tasks.parameters import GateParameters, ModelTask, RankBy
 from ptqflow.tasks.sweep import ConfigurationMetrics, SweepRow
 from ptqflow.tasks.validation_report import (
@@ -604,7 +604,19 @@ def _outcome_lines(summary: RunOutcome) -> list[str]:
         lines.append(f"Exported as version `{summary.export.version}` to `{summary.export.url}`.")
     if summary.promotion is not None:
         lines.append(summary.promotion.message)
+    if summary.registry is not None:
+        lines.append(registry_line(summary.registry))
     return lines
+
+
+def registry_line(record: RegistryRecord) -> str:
+    line = f"MLflow: run {record.mlflow_run_id} in {record.registered_model}"
+    if record.champion_version is not None:
+        moved = record.champion_version != record.previous_champion_version
+        line += f"; version {record.champion_version} has the champion alias" + (
+            f" (was {record.previous_champion_version or 'none'})" if moved else ""
+        )
+    return line
 
 
 def run_summary_markdown(summary: RunSummary) -> str:
@@ -707,6 +719,8 @@ def _print_ending(summary: RunOutcome, console: Console) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if summary.registry is not None:
+        console.print(registry_line(summary.registry), highlight=False, soft_wrap=True)
     console.print(f"run id: {summary.run_id} (manifest {summary.manifest})", highlight=False, soft_wrap=True)
 
 

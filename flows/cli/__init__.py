@@ -31,6 +31,7 @@ for command in (
     records.show,
     records.promote,
     records.rollback,
+    records.sync_registry,
     records.gc,
     running.serve,
 ):

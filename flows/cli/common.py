@@ -140,6 +140,7 @@ def outcome(state: Any, as_json: bool) -> tuple[Any, int]:
     """A finished flow run's summary and exit code (0 passed, 1 failed at the gate); a run that failed without a
     summary ends the command with one line and the exit code for its cause."""
     from ptqflow.flows.api import finished
+    from ptqflow.flows.registry import RegistryOutOfLine
     from ptqflow.flows.stages import (
         STORAGE_RETRY_DELAYS_SECONDS,
         USER_ERRORS,
@@ -152,6 +153,8 @@ def outcome(state: Any, as_json: bool) -> tuple[Any, int]:
         summary = finished(state)
     except USER_ERRORS as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json)
+    except RegistryOutOfLine as error:
+        fail(str(error), EXIT_RUN_FAILED, as_json)
     except Exception as error:
         if (refusal := storage_refusal(error)) is not None:
             fail(refusal, EXIT_RUN_FAILED, as_json)

@@ -20,6 +20,7 @@ from ptqflow.tasks.parameters import (
     GateParameters,
     ModelTask,
     QuantizationScheme,
+    RegistryParameters,
     RepairParameters,
     SamplingParameters,
     SplitMode,
@@ -175,6 +176,16 @@ def credentials(
     ] = None,
 ) -> None:
     """Credentials from Prefect blocks, by name."""
+
+
+MlflowUriOption = Annotated[
+    str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help=help_for(RegistryParameters, "mlflow_uri"))
+]
+RegisteredModelOption = Annotated[str | None, typer.Option(help=help_for(RegistryParameters, "registered_model"))]
+
+
+def registry(mlflow_uri: MlflowUriOption = None, registered_model: RegisteredModelOption = None) -> None:
+    """MLflow: where runs are recorded and the champion registered."""
 
 
 def takes(*groups: Callable[..., None]) -> Callable[[Command], Command]:

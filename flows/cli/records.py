@@ -1,4 +1,5 @@
-"""The commands over what runs left behind: ``runs``, ``show``, ``promote``, ``rollback`` and ``gc``."""
+"""The commands over what runs left behind: ``runs``, ``show``, ``promote``, ``rollback``, ``sync-registry`` and
+``gc``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import typer
 from rich.console import Console
 
 from ptqflow.flows.cli.common import EXIT_INVALID_INPUT, EXIT_RUN_FAILED, err_console, fail
-from ptqflow.flows.cli.options import LockWaitOption, RequiredExportOption, StoreOption
+from ptqflow.flows.cli.options import (
+    LockWaitOption,
+    MlflowUriOption,
+    RegisteredModelOption,
+    RequiredExportOption,
+    StoreOption,
+)
 
 
 def _open_store(store: str):
@@ -112,14 +119,50 @@ def _moved(move: Any, what: str) -> None:
     )
 
 
+def _follow_in_mlflow(mlflow_uri: str | None, registered_model: str | None, target: Any) -> None:
+    """With MLflow: move the registry's champion alias to what latest.json now names."""
+    if mlflow_uri is None:
+        return
+    from ptqflow.flows.api import InvalidOption, parameters
+    from ptqflow.flows.registry import RegistryError, sync_with_export
+    from ptqflow.tasks.parameters import RegistryParameters
+
+    try:
+        registry = parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model)
+    except InvalidOption as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    try:
+        record = sync_with_export(registry, target)
+    except RegistryError as error:
+        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    except Exception as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        fail(
+            f"MLflow at {mlflow_uri} failed ({type(error).__name__}: {detail}): latest.json is as this command left "
+            f"it; once MLflow answers, run `ptqflow sync-registry --export {target.url} --mlflow-uri {mlflow_uri}` "
+            "to move the champion alias too",
+            EXIT_RUN_FAILED,
+            as_json=False,
+        )
+    Console().print(
+        f"MLflow: {record.registered_model} version {record.champion_version} has the champion alias (was "
+        f"{record.previous_champion_version or 'none'})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def promote(
     run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
     export: RequiredExportOption,
     store: StoreOption = "./ptqflow-store",
     wait: LockWaitOption = 60.0,
+    mlflow_uri: MlflowUriOption = None,
+    registered_model: RegisteredModelOption = None,
 ) -> None:
     """Point the export's latest.json at a run (publishing it first if it never was), whatever the comparison with
-    the exported model said; the run must have passed its gate. Files are verified; history is kept."""
+    the exported model said; the run must have passed its gate. Files are verified; history is kept. With MLflow,
+    the champion alias follows."""
     _quiet_lock_service()
     from ptqflow.flows.events import MODEL_PROMOTED, emit_pointer_moved
     from ptqflow.storage.store import StoreError
@@ -133,7 +176,8 @@ def promote(
         target = _open_export(export)
         with _export_lock(target, wait):
             move = promote_run(_open_store(store), target, manifest)
-        _moved(move, f"promoted run {manifest['run_id']}")
+            _moved(move, f"promoted run {manifest['run_id']}")
+            _follow_in_mlflow(mlflow_uri, registered_model, target)
         emit_pointer_moved(MODEL_PROMOTED, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
@@ -141,9 +185,14 @@ def promote(
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
 
 
-def rollback(export: RequiredExportOption, wait: LockWaitOption = 60.0) -> None:
+def rollback(
+    export: RequiredExportOption,
+    wait: LockWaitOption = 60.0,
+    mlflow_uri: MlflowUriOption = None,
+    registered_model: RegisteredModelOption = None,
+) -> None:
     """Point the export's latest.json back at the version published before the current one (verified; history
-    is kept)."""
+    is kept). With MLflow, the champion alias follows."""
     _quiet_lock_service()
     from ptqflow.flows.events import EXPORT_ROLLED_BACK, emit_pointer_moved
     from ptqflow.storage.store import StoreError
@@ -155,12 +204,30 @@ def rollback(export: RequiredExportOption, wait: LockWaitOption = 60.0) -> None:
         target = _open_export(export)
         with _export_lock(target, wait):
             move = roll_back(target)
-        _moved(move, "rolled back")
+            _moved(move, "rolled back")
+            _follow_in_mlflow(mlflow_uri, registered_model, target)
         emit_pointer_moved(EXPORT_ROLLED_BACK, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+
+
+def sync_registry(
+    export: RequiredExportOption,
+    mlflow_uri: Annotated[
+        str,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
+    ],
+    registered_model: RegisteredModelOption = None,
+    wait: LockWaitOption = 60.0,
+) -> None:
+    """Move MLflow's champion alias to the version the export's latest.json names, registering it from the
+    export's files if the registry lacks it (after a command that could not reach MLflow)."""
+    _quiet_lock_service()
+    target = _open_export(export)
+    with _export_lock(target, wait):
+        _follow_in_mlflow(mlflow_uri, registered_model, target)
 
 
 def gc(

@@ -34,6 +34,7 @@ from ptqflow.flows.cli.options import (
     credentials,
     gate,
     help_for,
+    registry,
     takes,
     upstream,
 )
@@ -50,7 +51,7 @@ def _upstream_arguments(given: dict[str, Any], as_json: bool) -> dict[str, Any]:
     }
 
 
-@takes(upstream, conversion, gate, credentials)
+@takes(upstream, conversion, gate, credentials, registry)
 def run(
     store: RunStoreOption = "./ptqflow-store",
     seed: SeedOption = 0,
@@ -62,6 +63,7 @@ def run(
     conversion: dict[str, Any],
     gate: dict[str, Any],
     credentials: dict[str, Any],
+    registry: dict[str, Any],
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
     with refused_options(as_json):
@@ -72,6 +74,7 @@ def run(
             **conversion,
             **gate,
             **credentials,
+            **registry,
             **_upstream_arguments(upstream, as_json),
         )
     prepare_environment(verbose)
@@ -107,7 +110,7 @@ def check_dask_scheduler(address: str, as_json: bool) -> None:
         )
 
 
-@takes(upstream, gate, credentials)
+@takes(upstream, gate, credentials, registry)
 def sweep(
     store: RunStoreOption = "./ptqflow-store",
     seed: SeedOption = 0,
@@ -147,6 +150,7 @@ def sweep(
     upstream: dict[str, Any],
     gate: dict[str, Any],
     credentials: dict[str, Any],
+    registry: dict[str, Any],
 ) -> None:
     """Convert one trained model under a grid of quantization configurations on Dask, rank them (accuracy drop,
     size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
@@ -168,6 +172,7 @@ def sweep(
                 latency_threads=latency_threads,
                 **gate,
                 **credentials,
+                **registry,
                 **_upstream_arguments(upstream, as_json),
             )
         except PtqflowError as error:
@@ -201,7 +206,7 @@ def sweep(
     raise typer.Exit(code)
 
 
-@takes(upstream, conversion, gate, credentials)
+@takes(upstream, conversion, gate, credentials, registry)
 def serve(
     cron: Annotated[
         str | None, typer.Option(help="Cron schedule (server time zone UTC unless --timezone), e.g. '0 2 * * *'.")
@@ -227,6 +232,7 @@ def serve(
     conversion: dict[str, Any],
     gate: dict[str, Any],
     credentials: dict[str, Any],
+    registry: dict[str, Any],
 ) -> None:
     """Serve the ptq-pipeline flow on a schedule from this process (no work pool needed): it also runs what is
     triggered from the Prefect UI ("Run" on the deployment), whose form starts from these options. Stop with
@@ -239,6 +245,7 @@ def serve(
             **conversion,
             **gate,
             **credentials,
+            **registry,
             **_upstream_arguments(upstream, False),
         )
     parameters = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in arguments.items()}

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ptqflow.flows.trust import ALLOWED_MODELS_ENV, ALLOWED_ROOTS_ENV, RefusedParameter, check_run_parameters
+from ptqflow.flows.trust import (
+    ALLOWED_MODELS_ENV,
+    ALLOWED_ROOTS_ENV,
+    TRACKING_URI_ENV,
+    RefusedParameter,
+    check_run_parameters,
+)
 
 SERVED_WITH = {"store": "/srv/ptqflow/store", "export": "s3://models/digits", "sampling": {"dataset": "digits"}}
 
@@ -58,3 +64,16 @@ def test_model_functions_need_the_workers_allowlist(monkeypatch):
         check_run_parameters(run(training={"model": "os:system", "model_url": None}), SERVED_WITH)
     monkeypatch.setenv(ALLOWED_MODELS_ENV, "mypackage.models:small_cnn")
     check_run_parameters(run(training={"model": "mypackage.models:small_cnn", "model_url": None}), SERVED_WITH)
+
+
+def test_an_mlflow_server_must_be_the_deployments_own_or_the_workers(monkeypatch):
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+    served = {**SERVED_WITH, "registry": {"mlflow_uri": "http://mlflow.internal:5000"}}
+    check_run_parameters(run(registry={"mlflow_uri": "http://mlflow.internal:5000"}), served)
+    check_run_parameters(run(registry={"mlflow_uri": None}), served)  # not recording is always allowed
+    with pytest.raises(RefusedParameter, match=f"registry.mlflow_uri 'http://attacker:5000'.*{TRACKING_URI_ENV}"):
+        check_run_parameters(run(registry={"mlflow_uri": "http://attacker:5000"}), served)
+    with pytest.raises(RefusedParameter, match=r"\(none\)"):  # a deployment served without MLflow
+        check_run_parameters(run(registry={"mlflow_uri": "http://mlflow.internal:5000"}), SERVED_WITH)
+    monkeypatch.setenv(TRACKING_URI_ENV, "http://mlflow.internal:5000")
+    check_run_parameters(run(registry={"mlflow_uri": "http://mlflow.internal:5000"}), SERVED_WITH)
