@@ -37,7 +37,15 @@ if TYPE_CHECKING:
 CHAMPION_ALIAS = "champion"
 RUN_TAG = "ptqflow.run_id"  # on MLflow runs and model versions: the ptqflow run they belong to
 VERSION_TAG = "ptqflow.export_version"
-REPORT_FILES = ("report", "report_md", "report_html")
+REPORT_FILES = {"report": "report.json", "report_md": "report.md", "report_html": "report.html"}
+# What a registered version holds, by the export's labels (the float model's name depends on its format).
+REGISTERED_FILES = {
+    "tflite": "model.tflite",
+    "report": "report.json",
+    "report_html": "report.html",
+    "manifest": "manifest.json",
+}
+SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 TAGGED_FIGURES = ("float_accuracy", "quantized_accuracy", "accuracy_drop_pp", "quantized_mae", "sqnr_db")
 
 
@@ -141,21 +149,26 @@ def _champion(client: MlflowClient, name: str) -> Any:
         return None
 
 
+def _model_file(ref: Mapping[str, Any]) -> str:
+    return "model.savedmodel.zip" if str(ref["uri"]).endswith(".zip") else "model.keras"
+
+
 def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: Mapping[str, Any]) -> Any:
     """A new version of ``name`` from the export's files of the version ``pointer`` names: the int8 .tflite, the
     float model, the report and the manifest, each checked against its sha256 first."""
+    exported = pointer["files"]
+    names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
     files = {
-        key.rsplit("/", 1)[-1]: read_verified(export, key, ref["sha256"], ref["bytes"])
-        for label, ref in pointer["files"].items()
-        if label in ("tflite", "model", "report", "report_html", "manifest")
-        for key in [export.key_of(ref["uri"])]
+        names[label]: read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+        for label, ref in exported.items()
+        if label in names
     }
     manifest = json.loads(files["manifest.json"]) if "manifest.json" in files else {}
     mlflow_run = _mlflow_run(client, name, pointer["run_id"])
     with tempfile.TemporaryDirectory() as folder:
         _write(Path(folder), files)
         client.log_artifacts(mlflow_run, folder, "model")
-    tflite = pointer["files"]["tflite"]
+    tflite = exported["tflite"]
     figures = numeric_figures(manifest.get("metrics", {}))
     tags = {
         RUN_TAG: pointer["run_id"],
@@ -187,6 +200,8 @@ def follow_export(client: MlflowClient, tracking_uri: str, name: str, export: Ar
     pointer = read_pointer(export)
     if pointer is None:
         return record
+    if not SAFE_RUN_ID.fullmatch(str(pointer.get("run_id", ""))):  # the export is not trusted: no filter injection
+        raise RegistryError(f"{export.url}'s latest.json names no valid run id: republish with `ptqflow promote`")
     versions = client.search_model_versions(f"name = '{name}' and tags.`{RUN_TAG}` = '{pointer['run_id']}'")
     version = versions[0] if versions else _register(client, name, export, pointer)
     if previous is None or previous.version != version.version:
@@ -219,11 +234,7 @@ def record_in_mlflow(
     """Log the run to MLflow; with an export, bring the registry's champion in line with ``latest.json``."""
     assert registry.mlflow_uri is not None
     store = ArtifactStore(store_url)
-    files = {
-        f"report{ref.uri[ref.uri.rfind('.') :]}": store.read_bytes(ref)
-        for label, ref in artifacts.items()
-        if label in REPORT_FILES
-    }
+    files = {REPORT_FILES[label]: store.read_bytes(ref) for label, ref in artifacts.items() if label in REPORT_FILES}
     with mlflow_client(registry.mlflow_uri) as client:
         mlflow_run = log_run(client, name, run_id, status, parameters, metrics, files)
         if export_url is None:

@@ -148,7 +148,7 @@ REFUSED_OP_MARKERS = (
 
 
 class UnsafeSavedModel(ValueError):
-    """A SavedModel that cannot be loaded safely, or is not one single-input, single-output model."""
+    """A SavedModel that cannot be loaded safely, or is not a single-input model."""
 
 
 def pack_saved_model(files: Iterable[tuple[str, bytes]]) -> bytes:
@@ -292,13 +292,14 @@ def saved_model_from_zip(data: bytes, max_bytes: int | None = None) -> keras.Mod
                 record = json.load(f)
             x = keras.layers.Rescaling(float(record["scale"]), float(record["offset"]), name="input_normalisation")(x)
         outputs = layer(x)
-        if isinstance(outputs, dict):
-            if len(outputs) != 1:
-                raise UnsafeSavedModel(
-                    f"the SavedModel has {len(outputs)} outputs ({', '.join(sorted(outputs))}): ptqflow validates "
-                    "single-output models"
-                )
+        if isinstance(outputs, dict) and len(outputs) == 1:
             outputs = next(iter(outputs.values()))
+        elif isinstance(outputs, dict):
+            from ptqflow.tasks.outputs import signature_order
+
+            # Several outputs, in the signature's order, each named after its signature key (a TFSMLayer keeps no
+            # layer per output to name them by).
+            outputs = [keras.layers.Identity(name=name)(outputs[name]) for name in signature_order(outputs)]
         model = keras.Model(raw, outputs, name="saved_model")
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)

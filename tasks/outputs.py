@@ -14,6 +14,7 @@ follows.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,9 +77,15 @@ def flatten_outputs(outputs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(o).reshape(len(o), -1) for o in outputs], axis=1)
 
 
-def _signature_position(name: str) -> tuple[int, str]:
-    match = re.fullmatch(r"output_(\d+)", name)
-    return (int(match.group(1)), "") if match else (1 << 30, name)
+def signature_order(names: Iterable[str]) -> list[str]:
+    """A serving signature's output names in the model's order: ``output_0``, ``output_1``, ... by number (as Keras
+    and the converter name a list of outputs), then named outputs (a dict's keys) by name."""
+
+    def position(name: str) -> tuple[int, str]:
+        match = re.fullmatch(r"output_(\d+)", name)
+        return (int(match.group(1)), "") if match else (1 << 30, name)
+
+    return sorted(names, key=position)
 
 
 def tflite_output_order(interpreter: Any) -> list[int]:
@@ -98,4 +105,4 @@ def tflite_output_order(interpreter: Any) -> list[int]:
             "model (ptqflow does), whose serving signature orders them"
         )
     named = next(iter(signatures.values()))["outputs"]
-    return [named[name] for name in sorted(named, key=_signature_position)]
+    return [named[name] for name in signature_order(named)]

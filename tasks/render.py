@@ -514,6 +514,7 @@ SWEEP_HEADER = [
     "drop pp",
     "size",
     "x smaller",
+    "arena",  # the tensor arena, batch 1 (tasks.device)
     "p50 ms",
     "full int",
     "I/O",
@@ -563,6 +564,7 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
                 *_sweep_figures(m),
                 f"{m.bytes:,} B" if m else "—",
                 smaller,
+                kib(m.arena_bytes if m else None),
                 f"{m.latency_p50_ms:.3f}" if m and m.latency_p50_ms is not None else "—",
                 ("yes" if m.full_integer else "no") if m else "—",
                 f"{r.input_type}/{r.output_type}",

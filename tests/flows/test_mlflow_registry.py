@@ -170,3 +170,14 @@ def test_registry_options_are_checked_before_anything_runs(cli, tmp_path, option
     result = cli("run", "--store", str(tmp_path / "store"), "--mlflow-uri", "http://127.0.0.1:9", option, value)
     assert result.returncode == 2 and message in result.stderr
     assert "secret" not in result.stderr
+
+
+def test_a_crafted_run_id_in_the_export_is_refused_not_put_in_a_registry_query(mlflow_server, tmp_path):
+    from ptqflow.flows.registry import RegistryError, sync_with_export
+    from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.parameters import RegistryParameters
+
+    (tmp_path / "latest.json").write_text(json.dumps({"version": "v", "run_id": "x' or name != '", "files": {}}))
+    registry = RegistryParameters(mlflow_uri=mlflow_server, registered_model="crafted")
+    with pytest.raises(RegistryError, match="names no valid run id"):
+        sync_with_export(registry, ArtifactStore(str(tmp_path)))

@@ -113,9 +113,10 @@ def test_unlabeled_data_gates_a_given_model_on_its_fidelity_to_the_float_model(c
     assert swept["tasks"]["train_float_model"]["cached"]
 
 
-def write_two_output_model(path) -> None:
+def write_two_output_model(path, saved_model: bool = False) -> None:
     """A digits model with two heads, in that order: ``box`` (four numbers per image, linear) and ``scores``
-    (softmax over the ten digits)."""
+    (softmax over the ten digits); as a ``.keras`` file, or ``saved_model`` as a SavedModel directory
+    (``model.export``)."""
     import keras
 
     from ptqflow.tasks.datasets import load_dataset
@@ -133,7 +134,10 @@ def write_two_output_model(path) -> None:
     targets = np.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :4].mean((1, 2, 3)), x[:, 4:].mean((1, 2, 3))], 1)
     model.compile("adam", ["mse", "sparse_categorical_crossentropy"])
     model.fit(x, [targets / 16, table.labels], epochs=15, verbose=0)
-    model.save(path)
+    if saved_model:
+        model.export(str(path), verbose=False)
+    else:
+        model.save(path)
 
 
 def test_every_output_of_a_two_output_model_is_validated_by_name(cli, tmp_path):
@@ -165,6 +169,23 @@ def test_every_output_of_a_two_output_model_is_validated_by_name(cli, tmp_path):
     assert labelled.returncode == 2 and "validate a model with several outputs against its float self" in (
         labelled.stderr
     )
+
+
+def test_a_saved_model_with_two_outputs_is_validated_output_by_output(cli, tmp_path):
+    """The SavedModel's serving signature names its outputs output_0, output_1 (model.export): they are validated
+    in that order, under those names, each against the same output of the .tflite."""
+    write_two_output_model(tmp_path / "two_heads", saved_model=True)
+    args = ["--task", "unlabeled", "--model-url", str(tmp_path / "two_heads"), "--store", str(tmp_path / "store")]
+    run = cli("run", *args, "--min-sqnr", "10", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = json.loads(run.stdout)["metrics"]["outputs"]
+    assert list(outputs) == ["output_0", "output_1"]
+    # Matched right: the box against the box, the scores against the scores (a swap would not even fit: 4 and 10
+    # values per sample), each close to its float self.
+    assert all(o["sqnr_db"] >= 10 for o in outputs.values())
+    assert outputs["output_1"]["max_abs_error"] < 0.1  # probabilities
+    # A SavedModel's graph does not say which output holds class scores: compared by value, not by top-1.
+    assert all(o["agreement"] is None for o in outputs.values())
 
 
 def test_repair_brings_an_unlabeled_model_back_within_its_fidelity_gate(cli, tmp_path, trained_digits_model):

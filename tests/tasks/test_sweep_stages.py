@@ -149,6 +149,8 @@ def test_a_configuration_over_a_device_budget_does_not_pass(rows):
     budget = GateParameters(max_accuracy_drop=1.0, ram_budget="64KiB", flash_budget=86_000)
     judged = {r.name: judge(r, budget, require_full_integer=False) for r in rows}
     assert [n for n, r in judged.items() if r.passed] == ["int8", "int8-per-tensor"]
+    table = {line[1]: line for line in sweep_rows(rank(list(judged.values()), RankBy.size))}
+    assert table["int16x8"][6] == "78.1 KiB"  # the arena column, beside size
     assert judged["int16x8"].verdict == (
         "does not fit: its tensor arena needs 78.1 KiB (80,000 B), over --ram-budget 64.0 KiB (65,536 B); its .tflite "
         "is 85.9 KiB (88,000 B), over --flash-budget 84.0 KiB (86,000 B)"
