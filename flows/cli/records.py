@@ -119,30 +119,37 @@ def _moved(move: Any, what: str) -> None:
     )
 
 
-def _follow_in_mlflow(mlflow_uri: str | None, registered_model: str | None, target: Any) -> None:
-    """With MLflow: move the registry's champion alias to what latest.json now names."""
+def _registry(mlflow_uri: str | None, registered_model: str | None) -> Any:
+    """The MLflow options, checked (and MLflow asked whether it answers) before anything moves: the registry and
+    latest.json are kept in line only if both can be written."""
     if mlflow_uri is None:
-        return
+        return None
     from ptqflow.flows.api import InvalidOption, parameters
-    from ptqflow.flows.registry import RegistryError, sync_with_export
+    from ptqflow.flows.registry import RegistryError, check_reachable
     from ptqflow.tasks.parameters import RegistryParameters
 
     try:
         registry = parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model)
-    except InvalidOption as error:
+        check_reachable(registry)
+    except (InvalidOption, RegistryError) as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    return registry
+
+
+def _follow_in_mlflow(registry: Any, target: Any) -> str | None:
+    """With MLflow: move the registry's champion alias to what latest.json now names. Returns why it could not."""
+    if registry is None:
+        return None
+    from ptqflow.flows.registry import sync_with_export
+
     try:
         record = sync_with_export(registry, target)
-    except RegistryError as error:
-        fail(str(error), EXIT_INVALID_INPUT, as_json=False)
     except Exception as error:
         detail = str(error).splitlines()[0][:200] if str(error) else ""
-        fail(
-            f"MLflow at {mlflow_uri} failed ({type(error).__name__}: {detail}): latest.json is as this command left "
-            f"it; once MLflow answers, run `ptqflow sync-registry --export {target.url} --mlflow-uri {mlflow_uri}` "
-            "to move the champion alias too",
-            EXIT_RUN_FAILED,
-            as_json=False,
+        return (
+            f"MLflow at {registry.mlflow_uri} failed ({type(error).__name__}: {detail}): latest.json is as this "
+            f"command left it; once MLflow answers, run `ptqflow sync-registry --export {target.url} --mlflow-uri "
+            f"{registry.mlflow_uri}` to move the champion alias too"
         )
     Console().print(
         f"MLflow: {record.registered_model} version {record.champion_version} has the champion alias (was "
@@ -150,6 +157,7 @@ def _follow_in_mlflow(mlflow_uri: str | None, registered_model: str | None, targ
         highlight=False,
         soft_wrap=True,
     )
+    return None
 
 
 def promote(
@@ -171,18 +179,21 @@ def promote(
     from ptqflow.tasks.promotion import read_pointer
     from ptqflow.tasks.publish import PointerMoved
 
+    registry = _registry(mlflow_uri, registered_model)
     try:
         manifest = find_manifest(_open_store(store), run_id)
         target = _open_export(export)
         with _export_lock(target, wait):
             move = promote_run(_open_store(store), target, manifest)
             _moved(move, f"promoted run {manifest['run_id']}")
-            _follow_in_mlflow(mlflow_uri, registered_model, target)
+            not_followed = _follow_in_mlflow(registry, target)
         emit_pointer_moved(MODEL_PROMOTED, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except (LookupError, StoreError) as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    if not_followed:
+        fail(not_followed, EXIT_RUN_FAILED, as_json=False)
 
 
 def rollback(
@@ -200,17 +211,20 @@ def rollback(
     from ptqflow.tasks.promotion import rollback as roll_back
     from ptqflow.tasks.publish import PointerMoved
 
+    registry = _registry(mlflow_uri, registered_model)
     try:
         target = _open_export(export)
         with _export_lock(target, wait):
             move = roll_back(target)
             _moved(move, "rolled back")
-            _follow_in_mlflow(mlflow_uri, registered_model, target)
+            not_followed = _follow_in_mlflow(registry, target)
         emit_pointer_moved(EXPORT_ROLLED_BACK, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:
         fail(str(error), EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    if not_followed:
+        fail(not_followed, EXIT_RUN_FAILED, as_json=False)
 
 
 def sync_registry(
@@ -225,9 +239,12 @@ def sync_registry(
     """Move MLflow's champion alias to the version the export's latest.json names, registering it from the
     export's files if the registry lacks it (after a command that could not reach MLflow)."""
     _quiet_lock_service()
+    registry = _registry(mlflow_uri, registered_model)
     target = _open_export(export)
     with _export_lock(target, wait):
-        _follow_in_mlflow(mlflow_uri, registered_model, target)
+        not_followed = _follow_in_mlflow(registry, target)
+    if not_followed:
+        fail(not_followed, EXIT_RUN_FAILED, as_json=False)
 
 
 def gc(

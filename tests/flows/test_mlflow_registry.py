@@ -137,6 +137,12 @@ def test_runs_promote_rollback_and_sync_keep_the_registry_and_the_export_in_line
     assert mended.returncode == 0, mended.stderr[-3000:]
     assert champion_agrees_with_export(client, "digits-int8", export) == ("2", second_run)
 
+    # An MLflow that does not answer stops a rollback before latest.json moves: the two stay in line.
+    dead = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    refused = cli("rollback", "--export", str(export), "--registered-model", "digits-int8", env=dead)
+    assert refused.returncode == 2 and "does not answer" in refused.stderr
+    assert champion_agrees_with_export(client, "digits-int8", export) == ("2", second_run)
+
 
 def test_the_registered_model_is_named_after_the_data_set_by_default():
     from ptqflow.flows.registry import registered_model_name
