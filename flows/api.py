@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,27 +119,10 @@ def upstream_parameters(
     }
 
 
-def gate_parameters(
-    max_accuracy_drop: float | None = None,
-    promotion_tolerance: float | None = None,
-    min_comparison_rows: int | None = None,
-    max_error_increase: float | None = None,
-    min_sqnr: float | None = None,
-    min_agreement: float | None = None,
-    ram_budget: str | int | None = None,
-    flash_budget: str | int | None = None,
-) -> GateParameters:
-    return parameters(
-        GateParameters,
-        max_accuracy_drop=max_accuracy_drop,
-        promotion_tolerance=promotion_tolerance,
-        min_comparison_rows=min_comparison_rows,
-        max_error_increase=max_error_increase,
-        min_sqnr=min_sqnr,
-        min_agreement=min_agreement,
-        ram_budget=ram_budget,
-        flash_budget=flash_budget,
-    )
+def gate_parameters(options: Mapping[str, Any]) -> GateParameters:
+    """The gate's parameters from the options given by name (the others are not the gate's; None means the
+    default)."""
+    return parameters(GateParameters, **{name: options.get(name) for name in GateParameters.model_fields})
 
 
 def prefect_defaults() -> None:
@@ -192,6 +176,7 @@ def pipeline_arguments(
     Raises:
         InvalidOption: an option's value is refused.
     """
+    options = dict(locals())  # every option by name, as given (first statement: nothing else is local yet)
     return dict(
         store=store,
         seed=seed,
@@ -210,16 +195,7 @@ def pipeline_arguments(
             calibration_method=calibration_method,
             percentile=percentile,
         ),
-        gate=gate_parameters(
-            max_accuracy_drop=max_accuracy_drop,
-            promotion_tolerance=promotion_tolerance,
-            min_comparison_rows=min_comparison_rows,
-            max_error_increase=max_error_increase,
-            min_sqnr=min_sqnr,
-            min_agreement=min_agreement,
-            ram_budget=ram_budget,
-            flash_budget=flash_budget,
-        ),
+        gate=gate_parameters(options),
         repair=parameters(RepairParameters, enabled=repair, max_float_layers=max_float_layers),
     )
 
@@ -271,6 +247,7 @@ def sweep_arguments(
         InvalidOption: an option's value is refused.
         PtqflowError: a configuration name is not in the grid.
     """
+    options = dict(locals())  # every option by name, as given (first statement: nothing else is local yet)
     from ptqflow.tasks.sweep import select_configurations, sweep_grid
 
     arguments = dict(
@@ -289,16 +266,7 @@ def sweep_arguments(
             require_full_integer=require_full_integer,
             latency_threads=latency_threads,
         ),
-        gate=gate_parameters(
-            max_accuracy_drop=max_accuracy_drop,
-            promotion_tolerance=promotion_tolerance,
-            min_comparison_rows=min_comparison_rows,
-            max_error_increase=max_error_increase,
-            min_sqnr=min_sqnr,
-            min_agreement=min_agreement,
-            ram_budget=ram_budget,
-            flash_budget=flash_budget,
-        ),
+        gate=gate_parameters(options),
     )
     # An unknown configuration name is refused before a cluster starts.
     select_configurations(

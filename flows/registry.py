@@ -107,9 +107,12 @@ def numeric_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _write(folder: Path, files: Mapping[str, bytes]) -> None:
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
+def _log_files(client: MlflowClient, mlflow_run: str, files: Mapping[str, bytes], artifact_path: str) -> None:
+    """Log ``files`` (name: content) under ``artifact_path`` of an MLflow run, which takes files from a folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        client.log_artifacts(mlflow_run, folder, artifact_path)
 
 
 def log_run(
@@ -133,9 +136,7 @@ def log_run(
         params=[Param(key, value[:6000]) for key, value in flat_parameters(parameters).items()],
         tags=[RunTag("ptqflow.status", status)],
     )
-    with tempfile.TemporaryDirectory() as folder:
-        _write(Path(folder), files)
-        client.log_artifacts(mlflow_run, folder, "ptqflow")
+    _log_files(client, mlflow_run, files, "ptqflow")
     client.set_terminated(mlflow_run, "FINISHED")
     return mlflow_run
 
@@ -165,9 +166,7 @@ def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: M
     }
     manifest = json.loads(files["manifest.json"]) if "manifest.json" in files else {}
     mlflow_run = _mlflow_run(client, name, pointer["run_id"])
-    with tempfile.TemporaryDirectory() as folder:
-        _write(Path(folder), files)
-        client.log_artifacts(mlflow_run, folder, "model")
+    _log_files(client, mlflow_run, files, "model")
     tflite = exported["tflite"]
     figures = numeric_figures(manifest.get("metrics", {}))
     tags = {

@@ -194,11 +194,6 @@ class ArenaCheck(Frozen):
         0, description="Tensors whose shape is known only at run time: the interpreter allocates them apart."
     )
 
-    @property
-    def planned_share(self) -> float | None:
-        """The plan as a share of what the interpreter allocated (1.0: the same)."""
-        return self.planned_bytes / self.arena_bytes if self.arena_bytes else None
-
 
 class DeviceFootprint(Frozen):
     """What one ``.tflite`` needs on a device running one sample at a time (``tasks.device``)."""

@@ -15,6 +15,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -58,8 +59,6 @@ def prefect_executable() -> str:
 def prefect_server(tmp_path_factory):
     """A real ``prefect server start`` for the whole session, on 127.0.0.1 with a free port and its own
     PREFECT_HOME (database included); its UI talks to it. Yields the API URL, which this process uses too."""
-    import urllib.request
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")
@@ -81,18 +80,7 @@ def prefect_server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(server, f"{url}/health", home / "server.log", "prefect server")
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
@@ -102,6 +90,25 @@ def prefect_server(tmp_path_factory):
     finally:
         stop_process_group(server, signal.SIGTERM)
         log.close()
+
+
+def wait_until_healthy(server: subprocess.Popen, health_url: str, log: Path, what: str, seconds: float = 180) -> None:
+    """Wait until ``health_url`` answers 200; if ``server`` exits or the time runs out, kill it and raise with the
+    end of its ``log``."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"{what} did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def stop_process_group(process: subprocess.Popen, first: signal.Signals) -> None:

@@ -5,16 +5,14 @@ the champion alias and the export's latest.json name the same model."""
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, stop_process_group, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +42,11 @@ def mlflow_server(tmp_path_factory):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(server, f"{url}/health", root / "server.log", "mlflow server")
     try:
         yield url
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop_process_group(server, signal.SIGTERM)
         log.close()
 
 
@@ -162,7 +148,7 @@ def test_an_mlflow_server_that_does_not_answer_stops_the_run_before_anything_is_
     lines = [line for line in result.stderr.splitlines() if line.startswith("ptqflow:")]
     assert len(lines) == 1 and "does not answer" in lines[0] and "start it or correct --mlflow-uri" in lines[0]
     assert "Traceback" not in result.stderr
-    assert not list((store / "blobs").rglob("*.*")) if store.exists() else True
+    assert not store.exists() or not list((store / "blobs").rglob("*.*"))
 
 
 @pytest.mark.parametrize(
