@@ -1,6 +1,6 @@
-"""Activation ranges (``--calibration-method``): how much fidelity each method keeps against plain min/max, on two
-models trained here on generated images, in the same run. A fidelity measurement: the figures are output SQNR
-against the float model (dB) and top-1 agreement, not times.
+"""Fidelity methods (``--calibration-method``, ``--equalize``, ``--bias-correction``): how much fidelity each keeps
+against plain min/max, on two models trained here on generated images, in the same run. A fidelity measurement:
+the figures are output SQNR against the float model (dB) and top-1 agreement, not times.
 
 - a separable-convolution CNN (the mobile building block whose activations min/max serves worst), 32x32
   grayscale, 7 classes;
@@ -21,6 +21,14 @@ from benchmarks.common import Result
 CALIBRATION = 200
 TEST = 600
 TARGET_DB = 6.0
+METHODS = {
+    "percentile": "percentile ranges",
+    "mse": "mse ranges",
+    "kl": "kl ranges",
+    "equalize": "--equalize",
+    "bias_correction": "--bias-correction",
+    "equalize_bias_correction": "--equalize --bias-correction",
+}
 
 
 def images(count: int, seed: int, classes: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +119,9 @@ def measure(name: str, build, classes: int, channels: int, epochs: int) -> dict:
         }
 
     methods = {m.value: figures(ConversionParameters(calibration_method=m)) for m in CalibrationMethod}
+    methods["equalize"] = figures(ConversionParameters(equalize=True))
+    methods["bias_correction"] = figures(ConversionParameters(bias_correction=True))
+    methods["equalize_bias_correction"] = figures(ConversionParameters(equalize=True, bias_correction=True))
     float_activations = figures(
         ConversionParameters(
             scheme=QuantizationScheme.dynamic_range,
@@ -131,14 +142,14 @@ def rows(measured: dict) -> list[Result]:
     minmax = measured["methods"]["minmax"]
     gap = measured["dynamic_range"]["agreement"] - minmax["agreement"]
     results = []
-    for method in ("percentile", "mse", "kl"):
+    for method in ("percentile", "mse", "kl", "equalize", "bias_correction", "equalize_bias_correction"):
         figures = measured["methods"][method]
         gained = figures["sqnr_db"] - minmax["sqnr_db"]
         closed = (figures["agreement"] - minmax["agreement"]) / gap if gap > 0 else None
         results.append(
             Result(
                 name=f"activation_ranges_{method}_{measured['model']}",
-                metric=f"output SQNR of full int8, {method} ranges, {measured['model']} (against min/max)",
+                metric=f"output SQNR of full int8, {METHODS[method]}, {measured['model']} (against min/max)",
                 unit="dB",
                 ours=round(figures["sqnr_db"], 2),
                 baseline=round(minmax["sqnr_db"], 2),

@@ -226,9 +226,9 @@ def ptq_sweep(
         rows, float_outputs = evaluate_grid(
             run, grid, dataset, trained, calibration_sets, validation.batch_size, sweep.latency_threads
         )
-        rows = rank([judge(r, gate, sweep.require_full_integer) for r in rows], sweep.rank_by)
+        rows = rank([judge(r, gate, sweep.require_full_integer) for r in rows], sweep.ranking)
         best = next((r for r in rows if r.passed), None)
-        table = sweep_markdown(rows, sweep.rank_by, gate, sampling.task, best.name if best else None)
+        table = sweep_markdown(rows, sweep.ranking, gate, sampling.task, best.name if best else None)
         document = sweep_document(rows, sweep, gate, best)
         sweep_report = run.effect(write_sweep_report, document=document, markdown=table)
         artifacts = {"dataset": dataset.manifest, "model": trained.model, **sweep_report.artifacts()}
@@ -253,7 +253,7 @@ def ptq_sweep(
         summary = SweepSummary(
             **dict(outcome),
             best=best.name if best else None,
-            rank_by=sweep.rank_by.value,
+            rank_by=sweep.ranking.value,
             rows=rows,
             report=sweep_report,
             metrics=validated.figures() if validated else None,
@@ -269,7 +269,7 @@ def sweep_document(
     return {
         "kind": "ptqflow.sweep_report",
         "report_version": 1,
-        "rank_by": sweep.rank_by.value,
+        "rank_by": sweep.ranking.value,
         "max_accuracy_drop_pp": gate.max_accuracy_drop,
         "gate": gate.model_dump(mode="json"),
         "require_full_integer": sweep.require_full_integer,

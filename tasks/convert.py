@@ -187,9 +187,29 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
     Raises:
         ConversionFailed: the converter refused; the message names the ops and the options that would work.
     """
+    model = prepared_for_rounding(model, calibration_batches, options)
     if options.calibration_method is CalibrationMethod.minmax:
         return _convert(quantization_converter(model, calibration_batches, options), options)
     return quantize_with_ranges(model, calibration_batches, options)
+
+
+def prepared_for_rounding(
+    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
+) -> keras.Model:
+    """``model``, or a copy with its activation channels equalized (``--equalize``) and then its biases corrected
+    for int8 weight rounding (``--bias-correction``). Equalization comes first: it moves the weights that bias
+    correction then rounds. The float model the quantized one is validated against stays ``model``."""
+    if options.equalize:
+        from ptqflow.tasks.equalize import equalize
+
+        model, equalized = equalize(model, calibration_batches)
+        report("convert_to_tflite", f"equalized the channels of {equalized} activation tensors")
+    if options.bias_correction:
+        from ptqflow.tasks.bias_correction import correct_biases
+
+        model, corrected = correct_biases(model, calibration_batches, options.per_channel)
+        report("convert_to_tflite", f"corrected the biases of {corrected} layers for int8 weight rounding")
+    return model
 
 
 def quantize_with_ranges(

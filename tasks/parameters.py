@@ -308,6 +308,16 @@ class ConversionParameters(_Parameters):
         le=100.0,
         description="--calibration-method percentile: the share of values kept in range, in percent (default 99.99).",
     )
+    equalize: bool = Field(
+        False,
+        description="Equalize each activation's channel ranges into the weights that make and read it before "
+        "converting (exact in float; layers joined by ReLU, LeakyReLU, pooling or nothing). Integer schemes only.",
+    )
+    bias_correction: bool = Field(
+        False,
+        description="Correct each weight layer's bias for the mean output shift that int8 rounding gives it, measured "
+        "layer by layer on the calibration data, before converting. Integer schemes only.",
+    )
 
     @model_validator(mode="after")
     def _consistent_with_the_scheme(self) -> ConversionParameters:
@@ -333,6 +343,14 @@ class ConversionParameters(_Parameters):
             raise ValueError(
                 f"--calibration-method {self.calibration_method.value} chooses int8 activation ranges: use it with "
                 "--scheme full_integer"
+            )
+        chosen = [
+            name for name, on in (("--equalize", self.equalize), ("--bias-correction", self.bias_correction)) if on
+        ]
+        if self.scheme is QuantizationScheme.float16 and chosen:
+            verb, fix = ("prepares", chosen[0]) if len(chosen) == 1 else ("prepare", "them")
+            raise ValueError(
+                f"{' and '.join(chosen)} {verb} a model for int8 weights; scheme float16 has none: drop {fix}"
             )
         if self.scheme is QuantizationScheme.float16 and not self.per_channel:
             raise ValueError("per-tensor scales apply to integer weights; scheme float16 has none: drop --per-tensor")
@@ -483,10 +501,11 @@ class SweepParameters(_Parameters):
         min_length=1,
         description="Calibration sizes tried with full int8 (the base calibration size is always one of them).",
     )
-    rank_by: RankBy = Field(
-        RankBy.size,
+    rank_by: RankBy | None = Field(
+        None,
         description="size, latency or accuracy (the task's own metric: accuracy, MAE or SQNR): what the best "
-        "configuration has.",
+        "configuration has. Default: size, or accuracy with --require-full-integer (the full-integer candidates "
+        "ranked by fidelity).",
     )
     require_full_integer: bool = Field(
         False, description="Only a model with no float tensor (integer I/O too) can pass and be exported."
@@ -497,6 +516,13 @@ class SweepParameters(_Parameters):
         le=256,
         description="Interpreter threads when measuring latency: 1 keeps parallel workers from competing for cores.",
     )
+
+    @property
+    def ranking(self) -> RankBy:
+        """What ``rank_by`` means when it is not given."""
+        if self.rank_by is not None:
+            return self.rank_by
+        return RankBy.accuracy if self.require_full_integer else RankBy.size
 
     @field_validator("calibration_sizes")
     @classmethod

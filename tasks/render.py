@@ -523,15 +523,17 @@ SWEEP_HEADER = [
 ]
 
 
+# The task's figure and what quantizing cost by it, then how closely the model follows its float model (top-1
+# agreement, output SQNR), so fidelity methods compare side by side.
 SWEEP_FIGURES = {
-    ModelTask.classification: ("accuracy", "drop pp"),
-    ModelTask.regression: ("MAE", "MAE rise %"),
+    ModelTask.classification: ("accuracy", "drop pp", "agreement", "SQNR dB"),
+    ModelTask.regression: ("MAE", "MAE rise %", "SQNR dB"),
     ModelTask.unlabeled: ("SQNR dB", "agreement"),
 }
 
 
 def sweep_header(task: ModelTask) -> list[str]:
-    """The sweep table's columns: the task's figure and what quantizing cost by it stand third and fourth."""
+    """The sweep table's columns: the task's figures (``SWEEP_FIGURES``) from the third on."""
     header = [*SWEEP_HEADER]
     header[2:4] = SWEEP_FIGURES[task]
     return header
@@ -541,18 +543,20 @@ def sweep_task(rows: Sequence[SweepRow]) -> ModelTask:
     return next((r.metrics.task for r in rows if r.metrics is not None), ModelTask.classification)
 
 
-def _sweep_figures(m: ConfigurationMetrics | None) -> list[str]:
+def _sweep_figures(m: ConfigurationMetrics | None, task: ModelTask) -> list[str]:
     if m is None or not m.validated:
-        return [MISSING, MISSING]
+        return [MISSING] * len(SWEEP_FIGURES[task])
+    sqnr = number(m.output_sqnr_db, digits=1)
     if m.task is ModelTask.regression:
-        return [number(m.mae, digits=5), number(m.mae_increase_pct, digits=2)]
+        return [number(m.mae, digits=5), number(m.mae_increase_pct, digits=2), sqnr]
     if m.task is ModelTask.unlabeled:
-        return [number(m.output_sqnr_db, digits=1), percent(m.agreement)]
-    return [percent(m.accuracy), number(m.accuracy_drop_pp, digits=2)]
+        return [sqnr, percent(m.agreement)]
+    return [percent(m.accuracy), number(m.accuracy_drop_pp, digits=2), percent(m.agreement), sqnr]
 
 
 def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
     reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
+    task = sweep_task(rows)
     lines = []
     for r in rows:
         m = r.metrics
@@ -561,7 +565,7 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
             [
                 str(r.rank or ""),
                 r.name,
-                *_sweep_figures(m),
+                *_sweep_figures(m, task),
                 f"{m.bytes:,} B" if m else "—",
                 smaller,
                 kib(m.arena_bytes if m else None),

@@ -88,6 +88,14 @@ def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> 
             (f"int8-{m.value}", f"full int8, {m.value} activation ranges", {"calibration_method": m}, base)
             for m in (CalibrationMethod.percentile, CalibrationMethod.mse, CalibrationMethod.kl)
         ],
+        ("int8-equalize", "full int8, equalized activation channels", {"equalize": True}, base),
+        ("int8-bias-correction", "full int8, corrected biases", {"bias_correction": True}, base),
+        (
+            "int8-equalize-bias-correction",
+            "full int8, equalized channels and corrected biases",
+            {"equalize": True, "bias_correction": True},
+            base,
+        ),
         ("int8-fallback", "int8, float fallback (TFLITE_BUILTINS)", {"ops": builtins}, base),
         (
             "int8-fallback-float-io",

@@ -138,6 +138,13 @@ def conversion(
         CalibrationMethod | None, typer.Option(help=help_for(ConversionParameters, "calibration_method"))
     ] = None,
     percentile: Annotated[float | None, typer.Option(help=help_for(ConversionParameters, "percentile"))] = None,
+    equalize: Annotated[
+        bool | None, typer.Option("--equalize/--no-equalize", help=help_for(ConversionParameters, "equalize"))
+    ] = None,
+    bias_correction: Annotated[
+        bool | None,
+        typer.Option("--bias-correction/--no-bias-correction", help=help_for(ConversionParameters, "bias_correction")),
+    ] = None,
     repair: Annotated[
         bool | None,
         typer.Option(

@@ -79,6 +79,22 @@ def test_another_calibration_method_reconverts_only_and_is_recorded(first_run, c
     assert summary["artifacts"]["tflite"]["sha256"] != json.loads(first_run.stdout)["artifacts"]["tflite"]["sha256"]
 
 
+def test_equalization_and_bias_correction_reconvert_only_and_are_recorded(first_run, cli, store):
+    args = ("run", "--store", store, "--epochs", "6", "--equalize", "--bias-correction", "--json")
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    computed = {name for name, stage in summary["tasks"].items() if not stage["cached"]}
+    assert computed == {"convert_to_tflite", "validate_with_interpreter"}
+    assert summary["metrics"]["full_integer"] and summary["metrics"]["accuracy_drop_pp"] <= 1.0
+    report = json.loads(open(summary["artifacts"]["report"]["uri"].removeprefix("file://")).read())
+    assert report["conversion"]["equalize"] is True and report["conversion"]["bias_correction"] is True
+    assert summary["artifacts"]["tflite"]["sha256"] != json.loads(first_run.stdout)["artifacts"]["tflite"]["sha256"]
+    again = json.loads(cli(*args).stdout)
+    assert all(stage["cached"] for stage in again["tasks"].values())
+    assert again["artifacts"]["tflite"]["sha256"] == summary["artifacts"]["tflite"]["sha256"]  # deterministic
+
+
 def test_a_device_budget_is_judged_without_recomputing_and_fails_in_one_line(first_run, cli, store):
     measured = json.loads(first_run.stdout)["metrics"]["arena_bytes"]
     assert measured > 0
@@ -137,6 +153,21 @@ DIGITS_TRAIN_ROWS = digits_train_rows()
         (
             ["--ram-budget", "lots"],
             "invalid --ram-budget: 'lots' is not a size: give bytes or a unit, e.g. 262144, 256KiB or 1MB",
+            set(),
+        ),
+        (
+            [
+                "--scheme",
+                "float16",
+                "--input-type",
+                "float32",
+                "--output-type",
+                "float32",
+                "--ops",
+                "builtins",
+                "--equalize",
+            ],
+            "--equalize prepares a model for int8 weights; scheme float16 has none: drop --equalize",
             set(),
         ),
         # The splits are complete artifacts; the check comes before training, so no model is written.

@@ -14,7 +14,7 @@ from ptqflow.storage.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
-CONFIGURATIONS = 16  # the default grid with --calibration-sizes 50,200 (digits' training split is 1168 samples)
+CONFIGURATIONS = 19  # the default grid with --calibration-sizes 50,200 (digits' training split is 1168 samples)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from ptqflow.tasks.errors import PtqflowError
 from ptqflow.tasks.interpreter import predict_tflite
 from ptqflow.tasks.metrics import accuracy
 from ptqflow.tasks.parameters import GateParameters, ModelTask, QuantizationScheme, RankBy
-from ptqflow.tasks.render import sweep_markdown, sweep_rows
+from ptqflow.tasks.render import sweep_header, sweep_markdown, sweep_rows
 from ptqflow.tasks.sweep import (
     ConfigurationMetrics,
     SweepConfiguration,
@@ -149,8 +149,9 @@ def test_a_configuration_over_a_device_budget_does_not_pass(rows):
     budget = GateParameters(max_accuracy_drop=1.0, ram_budget="64KiB", flash_budget=86_000)
     judged = {r.name: judge(r, budget, require_full_integer=False) for r in rows}
     assert [n for n, r in judged.items() if r.passed] == ["int8", "int8-per-tensor"]
-    table = {line[1]: line for line in sweep_rows(rank(list(judged.values()), RankBy.size))}
-    assert table["int16x8"][6] == "78.1 KiB"  # the arena column, beside size
+    header = sweep_header(ModelTask.classification)
+    table = {line[1]: dict(zip(header, line)) for line in sweep_rows(rank(list(judged.values()), RankBy.size))}
+    assert table["int16x8"]["arena"] == "78.1 KiB"
     assert judged["int16x8"].verdict == (
         "does not fit: its tensor arena needs 78.1 KiB (80,000 B), over --ram-budget 64.0 KiB (65,536 B); its .tflite "
         "is 85.9 KiB (88,000 B), over --flash-budget 84.0 KiB (86,000 B)"
@@ -178,8 +179,15 @@ def test_passing_configurations_come_first_ranked_then_the_rest(rows, rank_by, o
 
 def test_table_markdown_and_plot(rows):
     ranked = rank([judge(r, GATE, False) for r in rows], RankBy.size)
-    lines = sweep_rows(ranked)
-    assert lines[0][:2] == ["1", "int8-per-tensor"] and lines[0][5] == f"{300_000 / 79_000:.2f}"
+    first = dict(zip(sweep_header(ModelTask.classification), sweep_rows(ranked)[0]))
+    assert (first["rank"], first["configuration"], first["x smaller"]) == (
+        "1",
+        "int8-per-tensor",
+        f"{300_000 / 79_000:.2f}",
+    )
+    # Fidelity beside the task's figure: top-1 agreement and output SQNR against the float model.
+    reference = next(r for r in rows if r.name == "int8-per-tensor").metrics
+    assert first["agreement"] == f"{reference.agreement:.2%}" and first["SQNR dB"] == f"{reference.output_sqnr_db:.1f}"
     markdown = sweep_markdown(ranked, RankBy.size, GATE, ModelTask.classification, "int8-per-tensor")
     assert "**Best: int8-per-tensor**" in markdown and all(r.name in markdown for r in rows)
     assert (
@@ -187,6 +195,23 @@ def test_table_markdown_and_plot(rows):
     )
     png = render_sweep_plot(ranked)
     assert png.startswith(b"\x89PNG") and png == render_sweep_plot(ranked)  # same figures, same bytes
+
+
+def test_full_integer_candidates_are_ranked_by_fidelity_unless_asked_otherwise():
+    from ptqflow.tasks.parameters import SweepParameters
+
+    assert SweepParameters().ranking is RankBy.size
+    assert SweepParameters(require_full_integer=True).ranking is RankBy.accuracy
+    assert SweepParameters(require_full_integer=True, rank_by="latency").ranking is RankBy.latency
+
+
+def test_the_grid_compares_every_fidelity_method_with_min_max():
+    grid = {c.name: c.conversion for c in sweep_grid(200, (200,))}
+    assert grid["int8-equalize"].equalize and not grid["int8-equalize"].bias_correction
+    assert grid["int8-bias-correction"].bias_correction and not grid["int8-bias-correction"].equalize
+    both = grid["int8-equalize-bias-correction"]
+    assert both.equalize and both.bias_correction
+    assert not grid["int8"].equalize and not grid["int8"].bias_correction
 
 
 def test_a_sweep_configuration_is_plain_json():
@@ -221,8 +246,8 @@ def test_regression_configurations_are_judged_and_ranked_by_their_mae_rise():
     assert judged[1].verdict == "MAE +7.00% > 5.0%"
     ranked = rank(judged, RankBy.accuracy)
     assert [r.name for r in ranked] == ["int16x8", "int8", "int8-cal50"]  # the least MAE rise first
-    lines = sweep_rows(ranked)
-    assert lines[0][2:4] == ["0.10050", "0.50"]  # MAE, and its rise in percent
+    first = dict(zip(sweep_header(ModelTask.regression), sweep_rows(ranked)[0]))
+    assert (first["MAE"], first["MAE rise %"]) == ("0.10050", "0.50")
     markdown = sweep_markdown(ranked, RankBy.accuracy, GateParameters(), ModelTask.regression, "int16x8")
-    assert "| MAE | MAE rise % |" in markdown and "a quantized MAE at most 5.0% above float" in markdown
+    assert "| MAE | MAE rise % | SQNR dB |" in markdown and "a quantized MAE at most 5.0% above float" in markdown
     assert render_sweep_plot(ranked).startswith(b"\x89PNG")

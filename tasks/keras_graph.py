@@ -1,0 +1,135 @@
+"""The layer graph of a functional or Sequential Keras model, as the weight-adjusting methods (``--equalize``,
+``--bias-correction``) need it: which layer produces a tensor, which layers consume it, and how a layer's output
+channels map onto its weights.
+
+Only channels-last layers whose weights ptqflow knows how to scale are handled; everything else (a nested model, a
+shared layer, a custom layer) is opaque, and a method leaves the layers around it alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ptqflow.tasks.errors import ConversionFailed
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass
+class LayerGraph:
+    """Producers and consumers of the model's tensors, by tensor identity, in the model's own topological order."""
+
+    layers: list[Any]
+    producer: dict[int, Any] = field(default_factory=dict)
+    consumers: dict[int, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    inputs_of: dict[int, list[Any]] = field(default_factory=dict)  # id(layer) -> its input tensors
+    output_of: dict[int, Any] = field(default_factory=dict)  # id(layer) -> its single output tensor
+    model_outputs: set[int] = field(default_factory=set)
+
+    def sole_consumer(self, tensor: Any) -> Any | None:
+        """The one layer reading ``tensor``, or None when it has several readers or is a model output (scaling it
+        would change what the others, or the user, see)."""
+        readers = self.consumers.get(id(tensor), [])
+        if len(readers) != 1 or id(tensor) in self.model_outputs:
+            return None
+        return readers[0]
+
+
+def layer_graph(model: keras.Model) -> LayerGraph:
+    """The graph of ``model``'s top-level layers. A layer called more than once (shared weights) is left out: a
+    change to its weights would act at every call."""
+    import keras
+
+    functional = model._functional if isinstance(model, keras.Sequential) else model
+    nodes_by_depth = getattr(functional, "_nodes_by_depth", None)
+    if nodes_by_depth is None:
+        raise ConversionFailed(
+            f"--equalize and --bias-correction need a functional or Sequential Keras model; {type(model).__name__} is "
+            "a subclassed model: rebuild it with the functional API, or drop those options"
+        )
+    calls: dict[int, int] = defaultdict(int)
+    nodes = [node for depth in sorted(nodes_by_depth, reverse=True) for node in nodes_by_depth[depth]]
+    for node in nodes:
+        calls[id(node.operation)] += 1
+    graph = LayerGraph(layers=[], model_outputs={id(t) for t in functional.outputs})
+    for node in nodes:
+        layer = node.operation
+        for tensor in node.input_tensors:
+            graph.consumers[id(tensor)].append(layer)
+        if calls[id(layer)] != 1 or len(node.output_tensors) != 1:
+            continue
+        graph.layers.append(layer)
+        graph.inputs_of[id(layer)] = list(node.input_tensors)
+        graph.output_of[id(layer)] = node.output_tensors[0]
+        graph.producer[id(node.output_tensors[0])] = layer
+    return graph
+
+
+def channels_last(layer: Any) -> bool:
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def activation_name(layer: Any) -> str | None:
+    import keras
+
+    function = getattr(layer, "activation", None)
+    if function is None:
+        return None
+    try:
+        name = keras.activations.serialize(function)
+    except (ValueError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def linear_kind(layer: Any) -> str | None:
+    """``dense``, ``conv``, ``depthwise`` or ``separable`` for the weight layers whose channels ptqflow can scale."""
+    import keras
+
+    if not channels_last(layer):
+        return None
+    if isinstance(layer, keras.layers.Dense):
+        return "dense"
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return "separable"
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return "depthwise"
+    transposed = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
+        return "conv" if getattr(layer, "groups", 1) == 1 and not isinstance(layer, transposed) else None
+    return None
+
+
+def batch_norm_on_channels(layer: Any) -> bool:
+    import keras
+
+    if not isinstance(layer, keras.layers.BatchNormalization):
+        return False
+    rank = len(layer.input.shape) if hasattr(layer, "input") else None
+    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def walk(graph: LayerGraph) -> Iterator[tuple[Any, str]]:
+    """The model's weight layers with their kind, in topological order."""
+    for layer in graph.layers:
+        kind = linear_kind(layer)
+        if kind is not None:
+            yield layer, kind
+
+
+def per_output_channel(kernel: np.ndarray, kind: str) -> np.ndarray:
+    """``kernel`` viewed as (output channel, everything that feeds it): TensorFlow Lite's per-channel axis."""
+    if kind == "depthwise":  # (..., in, multiplier): output channel i * multiplier + k
+        return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]).T
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def from_per_output_channel(channels: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    return channels.T.reshape(shape)
