@@ -115,12 +115,13 @@ def correct_biases(
     Raises:
         ConversionFailed: the model is subclassed, or Keras cannot copy it.
     """
-    corrected = clone_with_weights(model)
-    rounded = clone_with_weights(model)
-    layers = [item for item in correctable_layers(layer_graph(model)) if item.layer.use_bias or item.batch_norm]
+    # Copies with nested models inlined (tasks.keras_graph.flattened), so every layer's output can be read: the
+    # float reference, the one corrected, and the one rounded as the converter will round it.
+    reference, corrected, rounded = (clone_with_weights(model) for _ in range(3))
+    layers = [item for item in correctable_layers(layer_graph(reference)) if item.layer.use_bias or item.batch_norm]
     round_weights(rounded, correctable_layers(layer_graph(rounded)), per_channel)
     for item in layers:
-        float_means = channel_means(model, item.layer.output, calibration_batches())
+        float_means = channel_means(reference, item.layer.output, calibration_batches())
         rounded_means = channel_means(rounded, rounded.get_layer(item.layer.name).output, calibration_batches())
         correction = float_means - rounded_means
         _shift(corrected, item, correction)

@@ -33,6 +33,7 @@ from ptqflow.tasks.keras_graph import (
     activation_name,
     batch_norm_on_channels,
     channels_last,
+    flattened,
     layer_graph,
     linear_kind,
     walk,
@@ -230,7 +231,7 @@ def clone_with_weights(model: keras.Model) -> keras.Model:
     import keras
 
     layer_graph(model)  # refuses a subclassed model, whose layers ptqflow cannot see
-    functional = model._functional if isinstance(model, keras.Sequential) else model
+    functional = flattened(model._functional if isinstance(model, keras.Sequential) else model)
     try:
         copy = keras.models.clone_model(functional)
     except (ValueError, TypeError, NotImplementedError) as error:
@@ -238,7 +239,7 @@ def clone_with_weights(model: keras.Model) -> keras.Model:
         raise ConversionFailed(
             f"--equalize and --bias-correction need a model Keras can copy ({reason}); drop those options"
         ) from None
-    copy.set_weights(model.get_weights())
+    copy.set_weights(functional.get_weights())
     return copy
 
 

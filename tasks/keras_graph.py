@@ -44,9 +44,8 @@ class LayerGraph:
 def layer_graph(model: keras.Model) -> LayerGraph:
     """The graph of ``model``'s top-level layers. A layer called more than once (shared weights) is left out: a
     change to its weights would act at every call."""
-    import keras
 
-    functional = model._functional if isinstance(model, keras.Sequential) else model
+    functional = _graph_of(model)
     nodes_by_depth = getattr(functional, "_nodes_by_depth", None)
     if nodes_by_depth is None:
         raise ConversionFailed(
@@ -69,6 +68,47 @@ def layer_graph(model: keras.Model) -> LayerGraph:
         graph.output_of[id(layer)] = node.output_tensors[0]
         graph.producer[id(node.output_tensors[0])] = layer
     return graph
+
+
+def _nested(operation: Any) -> bool:
+    import keras
+
+    return isinstance(operation, keras.Model) and (
+        isinstance(operation, keras.Sequential) or getattr(operation, "_nodes_by_depth", None) is not None
+    )
+
+
+def _graph_of(model: keras.Model) -> Any:
+    import keras
+
+    return model._functional if isinstance(model, keras.Sequential) else model
+
+
+def flattened(model: keras.Model) -> keras.Model:
+    """``model`` with every functional or Sequential model nested in it inlined: one graph of layers, so that a
+    base network behind a head (transfer learning) or behind ptqflow's input normalisation is reached too. The
+    layers are ``model``'s own, called again; copy the result before changing weights. A model whose inlined layers
+    would share a name is returned as it is (its nested models stay opaque)."""
+    import keras
+
+    graph = _graph_of(model)
+    if graph is None or not any(_nested(layer) for layer in graph.layers):
+        return model
+
+    def operation(op: Any) -> Any:
+        if not _nested(op):
+            return op
+        inner = _graph_of(op)
+
+        def replay(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            return inner._run_through_graph(inputs, operation_fn=operation)
+
+        return replay
+
+    try:
+        return keras.Model(graph.input, graph._run_through_graph(graph.input, operation_fn=operation), name=model.name)
+    except ValueError:  # duplicate layer names once inlined
+        return model
 
 
 def channels_last(layer: Any) -> bool:

@@ -123,3 +123,33 @@ def test_equalized_and_corrected_models_stay_full_integer_within_the_gate(traine
         drop = float_accuracy - accuracy(predict_tflite(model, test.features), test.labels)
         assert drop * 100 <= 1.0, options
         assert quantize(trained_digits_model, lambda: [calibration[:100], calibration[100:]], options) == model
+
+
+def test_layers_inside_a_nested_model_are_corrected():
+    import keras
+
+    base = small_cnn()
+    inputs = keras.Input((12, 12, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(base(inputs)))
+    pictures = _pictures(9, 64)
+    corrected, count = correct_biases(model, lambda: [pictures], per_channel=True)
+    assert count == 5  # the base's four and the head
+    changed = {
+        layer.name
+        for layer in corrected.layers
+        if getattr(layer, "use_bias", False)
+        and not np.array_equal(np.asarray(layer.bias), np.asarray(base_or_head(model, layer.name).bias))
+    }
+    assert "head" in changed and len(changed) >= 3
+
+
+def base_or_head(model, name):
+    """A layer of ``model`` by name, looking inside the model nested in it."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+        if hasattr(layer, "layers"):
+            for inner in layer.layers:
+                if inner.name == name:
+                    return inner
+    raise KeyError(name)

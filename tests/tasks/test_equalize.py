@@ -121,3 +121,22 @@ def test_a_subclassed_model_is_refused_with_the_fix():
     model(np.zeros((1, 3), np.float32))
     with pytest.raises(ConversionFailed, match="functional or Sequential"):
         equalize(model, lambda: [np.zeros((4, 3), np.float32)])
+
+
+def test_a_base_network_nested_in_the_model_is_reached():
+    """Transfer learning nests a base network in the model, and ptqflow's own input normalisation nests the user's
+    model: both are inlined, so their layers are equalized too."""
+    import keras
+
+    from ptqflow.tasks.train import with_input_normalisation
+
+    base = separable_model()
+    inputs = keras.Input((16, 16, 1))
+    head = keras.layers.Dense(3, name="head")(keras.layers.ReLU(name="head_relu")(base(inputs)))
+    model = with_input_normalisation(keras.Model(inputs, head), 2.0, -1.0)
+    batches = _batches()
+    equalized, count = equalize(model, batches)
+    assert count == 6  # the base's five, and its Dense into the head through a ReLU
+    test = _batches(seed=2)()[0]
+    before = model(test, training=False).numpy()
+    np.testing.assert_allclose(equalized(test, training=False).numpy(), before, atol=1e-4 * np.abs(before).max())
