@@ -83,17 +83,20 @@ def round_weights(rounded: keras.Model, layers: list[CorrectedLayer], per_channe
             layer.kernel.assign(rounded_like_tflite(np.asarray(layer.kernel), item.kind, per_channel, fold))
 
 
-def channel_means(model: keras.Model, tensor: Any, batches: Iterable[np.ndarray]) -> np.ndarray:
+def channel_means(model: keras.Model, tensors: list[Any], batches: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Each tensor's per-channel mean over the calibration data (every sample and position), in one pass."""
     import keras
 
-    probe = keras.Model(model.input, tensor)
-    total, count = None, 0
+    probe = keras.Model(model.input, tensors)
+    totals: list[np.ndarray] = [np.zeros(int(t.shape[-1])) for t in tensors]
+    rows = [0] * len(tensors)
     for batch in batches:
-        values = np.asarray(probe(np.asarray(batch, np.float32), training=False), np.float64)
-        values = values.reshape(-1, values.shape[-1])
-        total = values.sum(axis=0) if total is None else total + values.sum(axis=0)
-        count += len(values)
-    return np.zeros(0) if total is None else total / count
+        values = probe(np.asarray(batch, np.float32), training=False)
+        for index, value in enumerate(values if isinstance(values, (list, tuple)) else [values]):
+            flat = np.asarray(value, np.float64).reshape(-1, np.shape(value)[-1])
+            totals[index] += flat.sum(axis=0)
+            rows[index] += len(flat)
+    return [total / max(count, 1) for total, count in zip(totals, rows, strict=True)]
 
 
 def _shift(model: keras.Model, item: CorrectedLayer, correction: np.ndarray) -> None:
@@ -115,15 +118,16 @@ def correct_biases(
     Raises:
         ConversionFailed: the model is subclassed, or Keras cannot copy it.
     """
-    # Copies with nested models inlined (tasks.keras_graph.flattened), so every layer's output can be read: the
-    # float reference, the one corrected, and the one rounded as the converter will round it.
+    # Copies with nested models inlined (tasks.keras_graph.flattened), so that every layer's output can be read: the
+    # float reference, the copy corrected, and the copy rounded as the converter will round it. A layer with its own
+    # activation is read after it, where the next layer sees it (reading before it, where its bias acts, was
+    # measured on the digits CNN and gained less: +0.2 dB against +0.7 dB over min/max, two trainings).
     reference, corrected, rounded = (clone_with_weights(model) for _ in range(3))
     layers = [item for item in correctable_layers(layer_graph(reference)) if item.layer.use_bias or item.batch_norm]
     round_weights(rounded, correctable_layers(layer_graph(rounded)), per_channel)
-    for item in layers:
-        float_means = channel_means(reference, item.layer.output, calibration_batches())
-        rounded_means = channel_means(rounded, rounded.get_layer(item.layer.name).output, calibration_batches())
-        correction = float_means - rounded_means
-        _shift(corrected, item, correction)
-        _shift(rounded, item, correction)
+    float_means = channel_means(reference, [item.layer.output for item in layers], calibration_batches())
+    for item, wanted in zip(layers, float_means, strict=True):
+        found = channel_means(rounded, [rounded.get_layer(item.layer.name).output], calibration_batches())[0]
+        _shift(corrected, item, wanted - found)
+        _shift(rounded, item, wanted - found)
     return corrected, len(layers)

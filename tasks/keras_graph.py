@@ -45,7 +45,7 @@ def layer_graph(model: keras.Model) -> LayerGraph:
     """The graph of ``model``'s top-level layers. A layer called more than once (shared weights) is left out: a
     change to its weights would act at every call."""
 
-    functional = _graph_of(model)
+    functional = graph_of(model)
     nodes_by_depth = getattr(functional, "_nodes_by_depth", None)
     if nodes_by_depth is None:
         raise ConversionFailed(
@@ -78,7 +78,7 @@ def _nested(operation: Any) -> bool:
     )
 
 
-def _graph_of(model: keras.Model) -> Any:
+def graph_of(model: keras.Model) -> Any:
     import keras
 
     return model._functional if isinstance(model, keras.Sequential) else model
@@ -91,14 +91,14 @@ def flattened(model: keras.Model) -> keras.Model:
     would share a name is returned as it is (its nested models stay opaque)."""
     import keras
 
-    graph = _graph_of(model)
+    graph = graph_of(model)
     if graph is None or not any(_nested(layer) for layer in graph.layers):
         return model
 
     def operation(op: Any) -> Any:
         if not _nested(op):
             return op
-        inner = _graph_of(op)
+        inner = graph_of(op)
 
         def replay(inputs: Any, *args: Any, **kwargs: Any) -> Any:
             return inner._run_through_graph(inputs, operation_fn=operation)

@@ -97,12 +97,12 @@ def test_the_corrected_copy_keeps_each_layers_float_mean_under_rounding():
         round_weights(copy, correctable_layers(layer_graph(copy)), False)
         return copy
 
-    reference = channel_means(model, model.output, batches())
+    reference = channel_means(model, [model.output], batches())[0]
     uncorrected, corrected_rounded = rounded(model), rounded(corrected)
-    shift_before = np.abs(channel_means(uncorrected, uncorrected.output, batches()) - reference).max()
-    shift_after = np.abs(channel_means(corrected_rounded, corrected_rounded.output, batches()) - reference).max()
+    shift_before = np.abs(channel_means(uncorrected, [uncorrected.output], batches())[0] - reference).max()
+    shift_after = np.abs(channel_means(corrected_rounded, [corrected_rounded.output], batches())[0] - reference).max()
     assert shift_before > 1e-4 and shift_after < shift_before / 5
-    np.testing.assert_array_equal(channel_means(model, model.output, batches()), reference)  # original untouched
+    np.testing.assert_array_equal(channel_means(model, [model.output], batches())[0], reference)  # original untouched
 
 
 def test_equalized_and_corrected_models_stay_full_integer_within_the_gate(trained_digits_model, digits_splits):
