@@ -16,7 +16,7 @@ from ptqflow.tasks.artifacts import ValidationFigures
 from ptqflow.tasks.fidelity import fidelity_in_words, gate_in_words
 from ptqflow.tasks.gate import describe_layers
 from ptqflow.tasks.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.parameters import GateParameters, ModelTask, RankBy
+from ptqflow.tasks.parameters import CalibrationMethod, ConversionParameters, GateParameters, ModelTask, RankBy
 from ptqflow.tasks.sweep import ConfigurationMetrics, SweepRow
 from ptqflow.tasks.validation_report import (
     LayerError,
@@ -276,13 +276,44 @@ DEVICE_NOTE = (
 )
 
 
+def conversion_line(recorded: dict[str, object] | None) -> str | None:
+    """How the quantized model was made, in one line: scheme, ops, I/O, weight scales and the fidelity methods."""
+    if recorded is None:
+        return None
+    try:
+        options = ConversionParameters.model_validate(recorded)
+    except ValidationError:  # a report from a version whose options no longer validate: say nothing rather than guess
+        return None
+    ranges = (
+        "min/max activation ranges"
+        if options.calibration_method is CalibrationMethod.minmax
+        else f"{options.calibration_method.value} activation ranges"
+        + (f" ({options.percentile:g}%)" if options.percentile is not None else "")
+    )
+    methods = [
+        options.scheme.value,
+        f"ops {options.ops.value}",
+        f"{options.input_type.value} in, {options.output_type.value} out",
+        "per-channel weights" if options.per_channel else "per-tensor weights",
+    ]
+    if options.scheme.calibrated:
+        methods.append(ranges)
+    if options.equalize:
+        methods.append("equalized activation channels")
+    if options.bias_correction:
+        methods.append("corrected biases")
+    return "Conversion: " + ", ".join(methods) + "."
+
+
 def render_markdown(report: ValidationReport) -> str:
     metrics = report.metrics
+    conversion = conversion_line(report.conversion)
     parts = [
         "# ptqflow validation report",
         "",
         _verdict(metrics),
         "",
+        *([conversion, ""] if conversion else []),
         *(["## Promotion", "", *_promotion_lines(report.promotion), ""] if report.promotion else []),
         "## Models (test split)",
         "",
@@ -466,6 +497,9 @@ def render_html(report: ValidationReport) -> str:
         "<h1>ptqflow validation report</h1>",
         f"<p class='{'' if metrics.validated else 'bad'}'>{html.escape(_verdict(metrics).replace('**', ''))}</p>",
     ]
+    conversion = conversion_line(report.conversion)
+    if conversion:
+        parts.append(f"<p>{html.escape(conversion)}</p>")
     if report.promotion:
         parts += ["<h2>Promotion</h2>", bullets(_promotion_lines(report.promotion))]
     parts += [

@@ -235,3 +235,16 @@ def test_the_runs_table_shows_each_runs_figures_and_a_dash_where_a_sweep_had_non
     lines = console.export_text().splitlines()
     assert any("aaaaaaaa" in line and "98.50%" in line and "0.50" in line for line in lines)
     assert any("bbbbbbbb" in line and line.count("—") == 2 for line in lines)
+
+
+def test_the_report_says_how_the_model_was_converted(document):
+    assert "Conversion:" not in render_markdown(document)  # none recorded (a report from before it was)
+    document["conversion"] = {"calibration_method": "mse", "equalize": True, "bias_correction": True}
+    line = (
+        "Conversion: full_integer, ops int8, int8 in, int8 out, per-channel weights, mse activation ranges, "
+        "equalized activation channels, corrected biases."
+    )
+    assert line in render_markdown(document) and line in render_html(document)
+    document["conversion"] = {"calibration_method": "percentile", "percentile": 99.9}
+    assert "percentile activation ranges (99.9%)" in render_markdown(document)
+    assert "equalized" not in render_markdown(document)
