@@ -173,3 +173,23 @@ def test_a_crafted_run_id_in_the_export_is_refused_not_put_in_a_registry_query(m
     registry = RegistryParameters(mlflow_uri=mlflow_server, registered_model="crafted")
     with pytest.raises(RegistryError, match="names no valid run id"):
         sync_with_export(registry, ArtifactStore(str(tmp_path)))
+
+
+def test_a_sweeps_best_configuration_is_recorded_and_becomes_the_champion(cli, mlflow_server, model_file, tmp_path):
+    from mlflow import MlflowClient
+
+    export = tmp_path / "export"
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    result = cli(
+        "sweep", "--store", str(tmp_path / "store"), "--export", str(export), "--model-url", model_file,
+        "--configurations", "int8,int8-per-tensor", "--mlflow-uri", mlflow_server, "--registered-model",
+        "digits-sweep", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["registry"]["registered_model"] == "digits-sweep"
+    version, run_id = champion_agrees_with_export(client, "digits-sweep", export)
+    assert (version, run_id) == ("1", summary["run_id"])
+    recorded = client.get_run(summary["registry"]["mlflow_run_id"])
+    assert recorded.data.tags["ptqflow.run_id"] == summary["run_id"]
+    assert recorded.data.tags["ptqflow.status"] == summary["status"] == "passed"
