@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ptqflow.tasks.equalize import clone_with_weights
-from ptqflow.tasks.keras_graph import LayerGraph, batch_norm_on_channels, layer_graph, walk
+from ptqflow.tasks.keras_graph import LayerGraph, activation_name, batch_norm_on_channels, layer_graph, walk
 
 if TYPE_CHECKING:
     import keras
@@ -30,7 +30,8 @@ INT8_LIMIT = 127  # TensorFlow Lite's int8 weights are symmetric in [-127, 127]
 class CorrectedLayer:
     layer: Any
     kind: str
-    batch_norm: Any | None  # the batch normalization that reads the layer alone (folded into it by the converter)
+    batch_norm: Any | None  # the batch normalization that reads the layer alone
+    folded: bool  # the converter folds that batch normalization into the layer's weights (no activation between)
 
 
 def rounded_like_tflite(kernel: np.ndarray, kind: str, per_channel: bool, fold: np.ndarray | None) -> np.ndarray:
@@ -63,7 +64,8 @@ def correctable_layers(graph: LayerGraph) -> list[CorrectedLayer]:
     for layer, kind in walk(graph):
         reader = graph.sole_consumer(graph.output_of[id(layer)])
         batch_norm = reader if reader is not None and batch_norm_on_channels(reader) else None
-        layers.append(CorrectedLayer(layer, kind, batch_norm))
+        folded = batch_norm is not None and activation_name(layer) in (None, "linear")
+        layers.append(CorrectedLayer(layer, kind, batch_norm, folded))
     return layers
 
 
@@ -71,7 +73,7 @@ def round_weights(rounded: keras.Model, layers: list[CorrectedLayer], per_channe
     """Give ``rounded`` (a copy) the int8-rounded weights of ``layers`` (found in it by name)."""
     for item in layers:
         layer = rounded.get_layer(item.layer.name)
-        fold = _fold_factor(item.batch_norm)
+        fold = _fold_factor(item.batch_norm) if item.folded else None
         if item.kind == "separable":
             layer.depthwise_kernel.assign(
                 rounded_like_tflite(np.asarray(layer.depthwise_kernel), "depthwise", per_channel, None)
