@@ -11,6 +11,9 @@ from ptqflow.tasks.equalize import clone_with_weights
 from ptqflow.tasks.keras_graph import layer_graph
 from ptqflow.tasks.parameters import ConversionParameters
 
+# The Keras internals these rely on (the layer graph, inlining nested models) are checked on the oldest Keras too.
+pytestmark = pytest.mark.smoke
+
 
 def small_cnn():
     import keras

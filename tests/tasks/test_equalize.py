@@ -10,6 +10,9 @@ from ptqflow.tasks.equalize import channel_magnitudes, equalizable_pairs, equali
 from ptqflow.tasks.errors import ConversionFailed
 from ptqflow.tasks.keras_graph import layer_graph
 
+# The Keras internals these rely on (the layer graph, inlining nested models) are checked on the oldest Keras too.
+pytestmark = pytest.mark.smoke
+
 
 def _uneven_batch_norms(model, seed: int = 0) -> None:
     """Batch normalizations whose channels differ 30-fold in scale, as a trained mobile network's often do."""
