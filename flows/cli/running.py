@@ -179,9 +179,11 @@ def sweep(
             fail(str(error), EXIT_INVALID_INPUT, as_json)
     if list_configurations:
         grid = sweep_grid(arguments["calibration"].calibration_size, arguments["sweep"].calibration_sizes)
-        for configuration in select_configurations(grid, names):
+        chosen = select_configurations(grid, names)
+        width = max((len(configuration.name) for configuration in chosen), default=0)
+        for configuration in chosen:
             size = f", {configuration.calibration_size} calibration samples" if configuration.calibration_size else ""
-            print(f"{configuration.name:<26} {configuration.description}{size}")
+            print(f"{configuration.name:<{width}}  {configuration.description}{size}")
         return
 
     if dask_address and not in_process:
