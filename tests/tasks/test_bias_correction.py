@@ -34,7 +34,8 @@ def _pictures(seed: int, count: int = 64) -> np.ndarray:
 
 
 def _tflite_weights(model_bytes: bytes) -> list[np.ndarray]:
-    """The quantized model's int8 weight tensors, dequantized, largest first."""
+    """The quantized model's int8 tensors of rank 2 or more (its weights, and activations that hold data), dequantized
+    with their own scales."""
     from ptqflow.tasks.interpreter import make_interpreter
 
     interpreter = make_interpreter(model_bytes, 1)
