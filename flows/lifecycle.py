@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
+from unittest import mock
 
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -99,19 +100,11 @@ def credentials_from_blocks(storage_block: str | None, export_block: str | None)
     every process of the run reads (``storage.store.BLOCK_ENV``; the sweep's local Dask workers inherit them): a
     block's values are read where they are used, never passed around. A block that cannot be read fails now."""
     named = {BLOCK_ENV[STORE_OPTIONS_ENV]: storage_block, BLOCK_ENV[EXPORT_OPTIONS_ENV]: export_block}
-    before = {variable: os.environ.get(variable) for variable in named}
-    try:
-        for variable, block in named.items():
-            if block:
-                options_from_block(block)
-                os.environ[variable] = block
+    chosen = {variable: block for variable, block in named.items() if block}
+    for block in chosen.values():
+        options_from_block(block)
+    with mock.patch.dict(os.environ, chosen):  # restores the variables as they were, set or not
         yield
-    finally:
-        for variable, value in before.items():
-            if value is None:
-                os.environ.pop(variable, None)
-            else:
-                os.environ[variable] = value
 
 
 def run_date() -> datetime:

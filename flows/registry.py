@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -247,16 +248,8 @@ def quick_requests() -> Iterator[None]:
     """MLflow retries a request for minutes by default (right for a rate-limited server during a run); asking
     whether it answers at all takes one try of at most 15 s."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-    before = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
-    try:
+    with mock.patch.dict(os.environ, quick):  # restores the variables as they were, set or not
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def check_reachable(registry: RegistryParameters) -> None:

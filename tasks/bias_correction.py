@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ptqflow.tasks.equalize import clone_with_weights
-from ptqflow.tasks.keras_graph import LayerGraph, activation_name, batch_norm_on_channels, layer_graph, walk
+from ptqflow.tasks.keras_graph import (
+    LayerGraph,
+    activation_name,
+    batch_norm_on_channels,
+    clone_with_weights,
+    layer_graph,
+    walk,
+)
 
 if TYPE_CHECKING:
     import keras

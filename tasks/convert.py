@@ -199,6 +199,8 @@ def prepared_for_rounding(
     """``model``, or a copy with its activation channels equalized (``--equalize``) and then its biases corrected
     for int8 weight rounding (``--bias-correction``). Equalization comes first: it moves the weights that bias
     correction then rounds. The float model the quantized one is validated against stays ``model``."""
+    if options.equalize or options.bias_correction:
+        calibration_batches = held_if_small(calibration_batches)
     if options.equalize:
         from ptqflow.tasks.equalize import equalize
 
@@ -210,6 +212,24 @@ def prepared_for_rounding(
         model, corrected = correct_biases(model, calibration_batches, options.per_channel)
         report("convert_to_tflite", f"corrected the biases of {corrected} layers for int8 weight rounding")
     return model
+
+
+# Bias correction reads the calibration set once per weight layer: a set this small is held in memory for it
+# instead of being streamed from the store again each time.
+HELD_CALIBRATION_BYTES = 512 << 20
+
+
+def held_if_small(calibration_batches: CalibrationBatches, limit: int = HELD_CALIBRATION_BYTES) -> CalibrationBatches:
+    """``calibration_batches``, read once and held in memory when the whole set takes at most ``limit`` bytes;
+    otherwise streamed as before."""
+    held: list[np.ndarray] = []
+    size = 0
+    for batch in calibration_batches():
+        size += np.asarray(batch).nbytes
+        if size > limit:
+            return calibration_batches
+        held.append(np.asarray(batch))
+    return lambda: held
 
 
 def quantize_with_ranges(

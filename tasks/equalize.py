@@ -33,7 +33,7 @@ from ptqflow.tasks.keras_graph import (
     activation_name,
     batch_norm_on_channels,
     channels_last,
-    flattened,
+    clone_with_weights,
     layer_graph,
     linear_kind,
     walk,
@@ -219,28 +219,6 @@ def equalize_pair(pair: EqualizedPair, magnitudes: np.ndarray) -> None:
     scales = equalization_scales(magnitudes.astype(np.float64))
     _divide_output(pair, scales.astype(np.float32))
     variable.assign(kernel * _along(scales, axis, kernel.ndim).astype(np.float32))
-
-
-def clone_with_weights(model: keras.Model) -> keras.Model:
-    """A functional copy of ``model`` whose weights can change without touching the original (the float
-    reference); a Sequential model's copy is functional, with the same layer names.
-
-    Raises:
-        ConversionFailed: the model is subclassed, or Keras cannot copy it.
-    """
-    import keras
-
-    layer_graph(model)  # refuses a subclassed model, whose layers ptqflow cannot see
-    functional = flattened(model._functional if isinstance(model, keras.Sequential) else model)
-    try:
-        copy = keras.models.clone_model(functional)
-    except (ValueError, TypeError, NotImplementedError) as error:
-        reason = next(iter(str(error).splitlines()), type(error).__name__)[:200]
-        raise ConversionFailed(
-            f"--equalize and --bias-correction need a model Keras can copy ({reason}); drop those options"
-        ) from None
-    copy.set_weights(functional.get_weights())
-    return copy
 
 
 def outputs_of(model: keras.Model, batch: np.ndarray) -> list[np.ndarray]:

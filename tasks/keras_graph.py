@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ptqflow.tasks.errors import ConversionFailed
 
 if TYPE_CHECKING:
@@ -164,12 +162,23 @@ def walk(graph: LayerGraph) -> Iterator[tuple[Any, str]]:
             yield layer, kind
 
 
-def per_output_channel(kernel: np.ndarray, kind: str) -> np.ndarray:
-    """``kernel`` viewed as (output channel, everything that feeds it): TensorFlow Lite's per-channel axis."""
-    if kind == "depthwise":  # (..., in, multiplier): output channel i * multiplier + k
-        return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]).T
-    return kernel.reshape(-1, kernel.shape[-1]).T
+def clone_with_weights(model: keras.Model) -> keras.Model:
+    """A functional copy of ``model`` whose weights can change without touching the original (the float
+    reference); a Sequential model's copy is functional, with the same layer names.
 
+    Raises:
+        ConversionFailed: the model is subclassed, or Keras cannot copy it.
+    """
+    import keras
 
-def from_per_output_channel(channels: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    return channels.T.reshape(shape)
+    layer_graph(model)  # refuses a subclassed model, whose layers ptqflow cannot see
+    functional = flattened(graph_of(model))
+    try:
+        copy = keras.models.clone_model(functional)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        reason = next(iter(str(error).splitlines()), type(error).__name__)[:200]
+        raise ConversionFailed(
+            f"--equalize and --bias-correction need a model Keras can copy ({reason}); drop those options"
+        ) from None
+    copy.set_weights(functional.get_weights())
+    return copy

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from ptqflow.tasks.bias_correction import channel_means, correct_biases, correctable_layers, round_weights
-from ptqflow.tasks.equalize import clone_with_weights
-from ptqflow.tasks.keras_graph import layer_graph
+from ptqflow.tasks.keras_graph import clone_with_weights, layer_graph
 from ptqflow.tasks.parameters import ConversionParameters
 
 # The Keras internals these rely on (the layer graph, inlining nested models) are checked on the oldest Keras too.

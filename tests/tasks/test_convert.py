@@ -184,3 +184,22 @@ def test_per_tensor_weights_give_a_smaller_model(trained_digits_model, calibrati
 def test_inconsistent_scheme_options_are_refused_with_the_fix(options, fragment):
     with pytest.raises(ValueError, match=fragment):
         ConversionParameters(**options)
+
+
+def test_a_small_calibration_set_is_read_once_for_the_weight_methods_and_a_large_one_streamed():
+    from ptqflow.tasks.convert import held_if_small
+
+    reads = []
+    batches = [np.zeros((4, 8), np.uint8), np.ones((2, 8), np.uint8)]
+
+    def source():
+        reads.append(1)
+        return iter(batches)
+
+    held = held_if_small(source, limit=48)
+    for _ in range(5):  # bias correction's passes, one per layer
+        assert [b.tolist() for b in held()] == [b.tolist() for b in batches]
+    assert len(reads) == 1
+    reads.clear()
+    streamed = held_if_small(source, limit=47)  # one byte short of the set: not held
+    assert streamed is source and len(reads) == 1
