@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -192,6 +193,58 @@ def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touchin
     assert not outside.exists()  # nothing was read or written there
 
 
+@dataclass
+class PageEvidence:
+    """What a page showed and what the API answered it: the reasons a form that did not act gives nowhere else."""
+
+    sent: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    toasts: set[str] = field(default_factory=set)
+
+    @classmethod
+    def watching(cls, page) -> PageEvidence:
+        evidence = cls()
+        page.on("request", lambda r: r.method != "GET" and evidence.sent.append(f"{r.method} {r.url}"))
+        page.on("requestfailed", lambda r: evidence.errors.append(f"request failed: {r.method} {r.url} {r.failure}"))
+        page.on("response", evidence._answered)
+        page.on("console", lambda m: m.type == "error" and evidence.errors.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: evidence.errors.append(f"page: {e}"))
+        return evidence
+
+    def _answered(self, response) -> None:
+        request = response.request
+        if request.method == "GET" and response.status < 400:
+            return
+        summary = f"{request.method} {response.url.split('/api', 1)[-1]} -> {response.status}"
+        if response.status >= 400 or response.url.endswith("/ui/schemas/validate"):
+            try:
+                summary += f" {response.text()[:500]}"
+            except Exception as error:  # the body can be gone once the page navigates
+                summary += f" (body unreadable: {error})"
+        self.answers.append(summary)
+
+    def submitted(self, since: int) -> bool:
+        """The form sent something after the first ``since`` requests: it validates, then creates the run."""
+        return any("/ui/schemas/validate" in r or "/create_flow_run" in r for r in self.sent[since:])
+
+    def refused(self) -> bool:
+        """The form gave up: an error toast, or the server found the values invalid."""
+        return any("wrong" in t.lower() or "error" in t.lower() for t in self.toasts) or any(
+            '"valid":false' in a.replace(" ", "") for a in self.answers
+        )
+
+    def describe(self, page) -> str:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / "ui-custom-run-failed.png"
+        page.screenshot(path=str(shot), full_page=True)
+        invalid = page.locator(".p-message--error, .p-label__message, [role=alert]").all_inner_texts()
+        return (
+            f"url {page.url}; toasts {sorted(self.toasts)}; invalid fields {invalid}; "
+            f"API answers {self.answers[-12:]}; errors {self.errors[-8:]}; screenshot {shot}"
+        )
+
+
 def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
     from playwright.sync_api import expect, sync_playwright
 
@@ -207,35 +260,48 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(ui_deadline_ms)
+            evidence = PageEvidence.watching(page)
             page.goto(f"{ui}/deployments/deployment/{deployment}")
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("Custom run").click()
             page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}/run"))
-            field = page.locator(
+            calibration_size = page.locator(
                 "xpath=//span[starts-with(normalize-space(.), 'Calibration Size')]"
                 "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"
                 "//input"
             )
-            expect(field).to_have_value("200", timeout=ui_deadline_ms)  # the form is loaded with the defaults
-            field.fill("120")
-            expect(field).to_have_value("120")
+            expect(calibration_size).to_have_value("200", timeout=ui_deadline_ms)  # loaded with the defaults
+            calibration_size.fill("120")
+            expect(calibration_size).to_have_value("120")
             with api(prefect_server) as client:
                 before = {r["id"] for r in deployment_runs(client, deployment)}
                 submit = page.get_by_role("button", name="Submit")
                 expect(submit).to_be_enabled()
+                sent_before = len(evidence.sent)
                 submit.click()
-                # Once the run is created the UI goes back to the deployment's page (an error stays on the form
-                # with a toast, which the failure then shows).
-                try:
-                    page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}(\?|$)"))
-                except Exception as error:
-                    toasts = page.locator(".p-toast").all_inner_texts()
-                    raise AssertionError(f"the form did not create a run: {toasts or error}") from error
-                # The run the form created: exactly one new run of the deployment.
-                deadline = time.monotonic() + 120
-                while not (new := [r for r in deployment_runs(client, deployment) if r["id"] not in before]):
-                    assert time.monotonic() < deadline, "the UI reported a created run that the API never listed"
-                    time.sleep(1)
+                # A click the page does not act on leaves no other trace: as a user would, click again when the
+                # form sent nothing at all.
+                clicked = time.monotonic()
+                while not evidence.submitted(sent_before) and time.monotonic() < clicked + 30:
+                    page.wait_for_timeout(500)  # Playwright's own wait: the page's events are handled meanwhile
+                if not evidence.submitted(sent_before):
+                    evidence.errors.append("the first Submit click sent nothing; clicked again")
+                    submit.click()
+                # The form validates the values on the server, then creates the run; what it does either way shows
+                # on the page (an invalid field, a toast that fades after a few seconds) or in the API's answers,
+                # so all of it is watched while waiting for the run to appear.
+                deadline = time.monotonic() + ui_deadline_ms / 1000
+
+                def is_new(run: dict) -> bool:  # not one the scheduler adds to the cron's upcoming runs meanwhile
+                    return run["id"] not in before and not run["auto_scheduled"]
+
+                while not (new := [r for r in deployment_runs(client, deployment) if is_new(r)]):
+                    evidence.toasts.update(t.strip() for t in page.locator(".p-toast").all_inner_texts() if t.strip())
+                    if time.monotonic() > deadline or evidence.refused():
+                        raise AssertionError(f"the form did not create a run: {evidence.describe(page)}")
+                    page.wait_for_timeout(1000)
+            # Having created it, the UI goes back to the deployment's page.
+            page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment}(\?|$)"), timeout=60_000)
             [run] = new
             run_id = run["id"]
             page.goto(f"{ui}/runs/flow-run/{run_id}")
