@@ -4,6 +4,7 @@ headless browser ("Run" -> "Custom run")."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -228,9 +229,17 @@ class PageEvidence:
         """The form sent something after the first ``since`` requests: it validates, then creates the run."""
         return any("/ui/schemas/validate" in r or "/create_flow_run" in r for r in self.sent[since:])
 
+    def look(self, page) -> None:
+        """Keep the toasts on show: they fade after a few seconds. An error toast has the error icon."""
+        for card in page.locator(".p-toast__card").all():
+            with contextlib.suppress(Exception):  # a toast can fade between listing and reading it
+                text = " ".join(card.inner_text(timeout=1000).split())
+                error = card.locator(".p-toast__icon--error").count() > 0
+                self.toasts.add(f"error: {text}" if error else text)
+
     def refused(self) -> bool:
         """The form gave up: an error toast, or the server found the values invalid."""
-        return any("wrong" in t.lower() or "error" in t.lower() for t in self.toasts) or any(
+        return any(t.startswith("error: ") for t in self.toasts) or any(
             '"valid":false' in a.replace(" ", "") for a in self.answers
         )
 
@@ -238,7 +247,7 @@ class PageEvidence:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shot = SCREENSHOTS / "ui-custom-run-failed.png"
         page.screenshot(path=str(shot), full_page=True)
-        invalid = page.locator(".p-message--error, .p-label__message, [role=alert]").all_inner_texts()
+        invalid = page.locator(".p-label__message--failed, .p-message--error").all_inner_texts()
         return (
             f"url {page.url}; toasts {sorted(self.toasts)}; invalid fields {invalid}; "
             f"API answers {self.answers[-12:]}; errors {self.errors[-8:]}; screenshot {shot}"
@@ -296,7 +305,7 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
                     return run["id"] not in before and not run["auto_scheduled"]
 
                 while not (new := [r for r in deployment_runs(client, deployment) if is_new(r)]):
-                    evidence.toasts.update(t.strip() for t in page.locator(".p-toast").all_inner_texts() if t.strip())
+                    evidence.look(page)
                     if time.monotonic() > deadline or evidence.refused():
                         raise AssertionError(f"the form did not create a run: {evidence.describe(page)}")
                     page.wait_for_timeout(1000)
