@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -77,8 +77,8 @@ def upstream_parameters(
     epochs: int | None = None,
     model: str | None = None,
     model_url: str | None = None,
-    input_scale: float | None = None,
-    input_offset: float | None = None,
+    input_scale: float | Sequence[float] | None = None,
+    input_offset: float | Sequence[float] | None = None,
     calibration_size: int | None = None,
     calibration_source: str | None = None,
 ) -> dict[str, Any]:

@@ -312,7 +312,10 @@ def _sample_shape(directory: str) -> tuple[int, ...]:
     """One sample's shape, from the serving signature's only input."""
     inputs = list(_serving_graph(directory).signature_def[SERVING_SIGNATURE].inputs.values())
     if len(inputs) != 1:
-        raise UnsafeSavedModel(f"the SavedModel takes {len(inputs)} inputs: ptqflow quantizes single-input models")
+        raise UnsafeSavedModel(
+            f"the SavedModel takes {len(inputs)} inputs, which a TFSMLayer cannot name: save a model with several "
+            "inputs as .keras (model.save('m.keras'))"
+        )
     dims = [int(d.size) for d in inputs[0].tensor_shape.dim]
     if not dims or any(size < 0 for size in dims[1:]):
         raise UnsafeSavedModel("the SavedModel's input has no fixed sample shape: export it with a fixed shape")

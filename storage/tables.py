@@ -8,6 +8,10 @@ Layout written (measured by ``benchmarks/tensor_layout.py``; see README "Tensor 
 * schema metadata key ``ptqflow`` (JSON): ``{"shape": [...], "dtype": "uint8"|"float32", "targets": "classes"|
   "values"|"none", ...}`` plus whatever the writer adds about the data set (value range, class names, source).
 
+A model with several inputs reads several feature columns (``Columns.inputs``); each row's values are packed side
+by side, flattened, into the one ``features`` array (float32 unless every input is uint8), and the metadata's
+``inputs`` (``[{"name", "shape", "dtype"}, ...]``) says where each input's values are (``InputSlot``).
+
 Arrow's canonical ``fixed_shape_tensor`` extension type (a fixed-size list underneath) is accepted on read, as is
 a plain fixed-size list with the shape in the metadata, but it is an order of magnitude slower to write and read
 than fixed-size binary, which maps to a numpy array with no copy.
@@ -19,6 +23,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -38,6 +43,41 @@ TARGET_KINDS = ("classes", "values", "none")
 
 class TensorTableError(ValueError):
     """A table that ptqflow cannot use; the message says what to change."""
+
+
+INPUT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # what a model input and a .tflite signature can be named
+
+
+@dataclass(frozen=True)
+class InputSlot:
+    """One model input's place in packed features: its name (the column's, and the model input's), the shape of
+    one sample and the type it was stored as."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def input_slots(meta: dict[str, Any]) -> tuple[InputSlot, ...]:
+    """The inputs a table's (checked) metadata declares; none for a table of one-input samples."""
+    return tuple(InputSlot(i["name"], tuple(i["shape"]), i.get("dtype", "float32")) for i in meta.get("inputs") or ())
+
+
+def split_inputs(features: np.ndarray, slots: tuple[InputSlot, ...]) -> list[np.ndarray]:
+    """Packed features as one array per input, each of shape ``(n, *slot.shape)`` (views, no copy)."""
+    flat = features.reshape(len(features), -1)
+    parts, start = [], 0
+    for slot in slots:
+        parts.append(flat[:, start : start + slot.size].reshape(len(features), *slot.shape))
+        start += slot.size
+    return parts
 
 
 @dataclass(frozen=True)
@@ -69,6 +109,11 @@ class TensorTable:
     def targets(self) -> str:
         """Which of ``TARGET_KINDS`` the labels are."""
         return target_kind(self.labels)
+
+    @property
+    def inputs(self) -> tuple[InputSlot, ...]:
+        """Where each model input's values are in ``features``; none when the samples feed one input."""
+        return input_slots(self.metadata)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,7 +188,45 @@ def source_metadata(schema: pa.Schema, columns: Columns) -> dict[str, Any]:
     meta = table_metadata(schema)
     if "class_names" not in meta and (names := huggingface_class_names(schema, columns.label)):
         meta = {**meta, "class_names": names}
+    if columns.inputs:
+        slots = _slots_of(schema, meta, columns.inputs)
+        meta = {k: v for k, v in meta.items() if k not in ("shape", "dtype")}
+        meta["inputs"] = [slot.as_json() for slot in slots]
     return meta
+
+
+def _slots_of(schema: pa.Schema, meta: dict[str, Any], names: tuple[str, ...]) -> tuple[InputSlot, ...]:
+    """Each input column's sample shape and type, from the schema (and the shapes the metadata declares for
+    columns whose type does not carry one): known before a row is read."""
+    declared = {slot.name: slot for slot in input_slots(meta)}
+    slots = []
+    for name in names:
+        if name not in schema.names:
+            continue  # check_columns names every missing column
+        if not INPUT_NAME.fullmatch(name):
+            raise TensorTableError(
+                f"column {name!r} cannot name a model input (a letter, then letters, digits or _): rename the column"
+            )
+        kind = schema.field(name).type
+        if isinstance(kind, pa.FixedShapeTensorType):
+            shape, dtype = tuple(kind.shape), kind.value_type
+        elif pa.types.is_fixed_size_list(kind):
+            shape, dtype = (kind.list_size,), kind.value_type
+        elif _numeric(kind):
+            shape, dtype = (1,), kind
+        elif pa.types.is_fixed_size_binary(kind) and name in declared:
+            slots.append(declared[name])
+            continue
+        else:
+            raise TensorTableError(
+                f"input column {name!r} has type {kind}: store each input as a fixed_shape_tensor, a fixed-size list "
+                "or a number per row"
+            )
+        if name in declared and declared[name].size == int(np.prod(shape)):
+            shape = declared[name].shape
+        stored = "uint8" if pa.types.is_uint8(dtype) else "float32"
+        slots.append(InputSlot(name, tuple(int(d) for d in shape), stored))
+    return tuple(slots)
 
 
 def table_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -177,12 +260,42 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
             raise ValueError(f"value_range {value_range!r} is not [low, high]")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ValueError("class_names is not a list of strings")
+        _check_declared_inputs(meta.get("inputs"), shape)
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise TensorTableError(
             f"the table's '{METADATA_KEY.decode()}' schema metadata is malformed ({str(error)[:120]}): write the file "
             "without it (ptqflow then reads shape and range from the data and --input-shape)"
         ) from None
     return meta
+
+
+def _positive_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and bool(shape)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    )
+
+
+def _check_declared_inputs(inputs: Any, shape: Any) -> None:
+    """Raise ValueError unless ``inputs`` is None or a list of distinct, well-named inputs with shapes and types
+    (packed into ``shape``, when the table gives it)."""
+    if inputs is None:
+        return
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise ValueError("inputs is not a list of objects")
+    names = [i.get("name") for i in inputs]
+    for entry, name in zip(inputs, names):
+        if not isinstance(name, str) or not INPUT_NAME.fullmatch(name):
+            raise ValueError(f"input name {name!r} is not a letter followed by letters, digits or _")
+        if not _positive_shape(entry.get("shape")):
+            raise ValueError(f"input {name!r} shape {entry.get('shape')!r} is not a list of positive integers")
+        if entry.get("dtype", "float32") not in SUPPORTED_DTYPES:
+            raise ValueError(f"input {name!r} dtype {entry.get('dtype')!r} is none of {', '.join(SUPPORTED_DTYPES)}")
+    if len(set(names)) != len(names):
+        raise ValueError("inputs names one input twice")
+    if shape is not None and inputs and [sum(int(np.prod(i["shape"])) for i in inputs)] != shape:
+        raise ValueError(f"inputs do not add up to the features' shape {shape}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +310,8 @@ class Columns:
     color_mode: str | None = None
     # Wide tables: one numeric column per feature, by name or glob ("f_*"); resolve_columns expands the globs.
     wide: tuple[str, ...] | None = None
+    # Models with several inputs: one feature column per input, in the order the model takes them.
+    inputs: tuple[str, ...] | None = None
     # The column naming each row's split (train / validation / test); None ignores the splits a source gives
     # (this column, and folders or files named after splits): --splits resplit.
     split: str | None = "split"
@@ -205,7 +320,7 @@ class Columns:
     targets: str | None = None
 
     def feature_names(self) -> list[str]:
-        return list(self.wide) if self.wide else [self.features]
+        return list(self.wide or self.inputs or [self.features])
 
     def label_names(self) -> list[str]:
         """The label column to read: none for unlabeled data."""
@@ -256,7 +371,10 @@ def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
 def features_to_numpy(
     data: pa.Table | pa.RecordBatch, meta: dict[str, Any], columns: Columns = Columns()
 ) -> np.ndarray:
-    """The samples of ``data``: its features column, or a wide table's columns side by side as float32."""
+    """The samples of ``data``: its features column, a wide table's columns side by side as float32, or each input
+    column's samples packed side by side (``meta["inputs"]``, from ``source_metadata``)."""
+    if columns.inputs:
+        return _packed_inputs(data, input_slots(meta))
     if not columns.wide:
         return column_to_numpy(data.column(columns.features), meta, columns)
     stacked = np.empty((data.num_rows, len(columns.wide)), np.float32)
@@ -266,6 +384,26 @@ def features_to_numpy(
             raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
         stacked[:, i] = column.to_numpy(zero_copy_only=False)
     return stacked
+
+
+def _packed_inputs(data: pa.Table | pa.RecordBatch, slots: tuple[InputSlot, ...]) -> np.ndarray:
+    dtype = np.uint8 if all(slot.dtype == "uint8" for slot in slots) else np.float32
+    packed = np.empty((data.num_rows, sum(slot.size for slot in slots)), dtype)
+    start = 0
+    for slot in slots:
+        column = data.column(slot.name)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        if column.null_count:
+            raise TensorTableError(f"column '{slot.name}' has {column.null_count} null rows: drop them from the source")
+        if _numeric(column.type):
+            values = column.to_numpy(zero_copy_only=False)
+        else:
+            one = {"shape": list(slot.shape), "dtype": slot.dtype}
+            values = column_to_numpy(column, one, Columns(features=slot.name, shape=slot.shape))
+        packed[:, start : start + slot.size] = values.reshape(data.num_rows, slot.size)
+        start += slot.size
+    return packed
 
 
 def _shape_for(count: int, meta: dict[str, Any], columns: Columns) -> tuple[int, ...]:

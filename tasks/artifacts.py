@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
+from ptqflow.storage.tables import InputSlot
 from ptqflow.tasks.parameters import ModelTask
 
 
@@ -37,6 +38,11 @@ class FeatureSpec(BaseModel):
     class_names: tuple[str, ...]
     task: ModelTask = ModelTask.classification
     n_targets: int = Field(0, description="--task regression: the number of numeric targets per sample.")
+    inputs: tuple[InputSlot, ...] = Field(
+        (),
+        description="A model with several inputs (--feature-column a,b): each input's name, sample shape and stored "
+        "type, in the order their values are packed side by side in ``shape``; empty for a model with one input.",
+    )
 
 
 class SplitRule(BaseModel):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ptqflow.tasks.feeds import keras_feed, model_input_slots
 from ptqflow.tasks.keras_graph import (
     LayerGraph,
     activation_name,
@@ -99,7 +100,7 @@ def channel_means(model: keras.Model, tensors: list[Any], batches: Iterable[np.n
     totals: list[np.ndarray] = [np.zeros(int(t.shape[-1])) for t in tensors]
     rows = [0] * len(tensors)
     for batch in batches:
-        values = probe(np.asarray(batch, np.float32), training=False)
+        values = probe(keras_feed(np.asarray(batch), model_input_slots(model)), training=False)
         for index, value in enumerate(values if isinstance(values, (list, tuple)) else [values]):
             flat = np.asarray(value, np.float64).reshape(-1, np.shape(value)[-1])
             totals[index] += flat.sum(axis=0)

@@ -40,6 +40,12 @@ def check_matches_spec(table: TensorTable, spec: FeatureSpec, where: str) -> Ten
             f"{where} has {table.features.dtype.name} samples of shape {list(table.sample_shape)}, but the data set's "
             f"are {spec.dtype} of shape {list(spec.shape)}: calibrate on samples of the data set's schema"
         )
+    layout, expected = [(i.name, i.shape) for i in table.inputs], [(i.name, i.shape) for i in spec.inputs]
+    if layout != expected:
+        raise InvalidDataset(
+            f"{where} feeds the inputs {layout or 'of a one-input model'}, but the data set's are "
+            f"{expected or 'one'}: calibrate on samples of the data set's schema"
+        )
     return table
 
 

@@ -25,6 +25,7 @@ from ptqflow.storage.tables import iter_feature_batches
 from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.feeds import keras_feed, model_input_slots
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from ptqflow.tasks.parameters import (
     DEFAULT_PERCENTILE,
@@ -148,9 +149,11 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
     per-layer figures describe this very conversion)."""
     import tensorflow as tf
 
-    def representative_dataset() -> Iterator[list[np.ndarray]]:
+    def representative_dataset() -> Iterator[list[np.ndarray] | dict[str, np.ndarray]]:
+        inputs = model_input_slots(model)
         for batch in calibration_batches():
-            yield [np.asarray(batch, dtype=np.float32)]
+            feed = keras_feed(np.asarray(batch), inputs)
+            yield feed if isinstance(feed, dict) else [feed]  # several inputs: by signature name
 
     converter = _converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -255,7 +258,7 @@ def quantize_with_ranges(
     converter._experimental_calibrate_only = True
     calibrated = _convert(converter, options)
     report("convert_to_tflite", f"choosing activation ranges ({options.calibration_method.value})")
-    histograms = activation_histograms(calibrated, calibration_batches())
+    histograms = activation_histograms(calibrated, calibration_batches(), model_input_slots(model))
     ranges = {
         index: choose_range(hist, options.calibration_method, options.percentile or DEFAULT_PERCENTILE)
         for index, hist in histograms.items()

@@ -551,9 +551,7 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
         with _reading(fs, path, columns) as parquet:
             rows += parquet.metadata.num_rows
             schema = parquet.schema_arrow
-            sample_bytes = (
-                4 * len(columns.wide) if columns.wide else declared_sample_bytes(schema.field(columns.features).type)
-            )
+            sample_bytes = 4 * len(columns.wide) if columns.wide else _declared_bytes(schema, columns)
             label_index = parquet.schema_arrow.get_field_index(columns.label)
             classes = columns.targets in (None, "classes") and label_index >= 0
             for group in range(parquet.num_row_groups if classes else 0):
@@ -562,6 +560,15 @@ def _survey(fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns) -
                 if stats is not None and stats.has_min_max and isinstance(stats.max, int):
                     largest = stats.max if largest is None else max(largest, stats.max)
     return rows, sample_bytes, largest
+
+
+def _declared_bytes(schema: pa.Schema, columns: Columns) -> int | None:
+    """Bytes per sample as the feature columns' types declare them (None when one does not say); packed inputs
+    take at most four times their stored bytes (uint8 values packed as float32)."""
+    if not columns.inputs:
+        return declared_sample_bytes(schema.field(columns.features).type)
+    sizes = [declared_sample_bytes(schema.field(name).type) for name in columns.inputs]
+    return None if None in sizes else 4 * sum(size or 0 for size in sizes)
 
 
 def _check_survey(
@@ -731,8 +738,10 @@ def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
         return load_dataset(name, columns).take(np.arange(1))
     listing = list_source(name)
     if (folder := _image_folder(name, None, listing, columns.split is not None)) is not None:
+        _inputs_need_parquet(columns, f"{name} is an image folder")
         return _read_images(folder, np.arange(1), columns)
     if (csv_files := _csv_files(name, None, listing)) is not None:
+        _inputs_need_parquet(columns, f"{name} is CSV")
         return _read_csv_source(name, csv_files, columns, None, _root(listing, csv_files[1]), first_only=True)
     fs, files = _parquet_files(name, None, listing)
     columns = _resolved(fs, files, columns)
@@ -756,12 +765,14 @@ def load_dataset(
             source cannot give.
     """
     if is_builtin(name):
+        _inputs_need_parquet(columns, f"{name} is a built-in data set")
         table = _class_labels_as_asked(BUILTIN_DATASETS[name](), columns, name)
         if columns.split is None:
             table = _without_given_splits(table)
         return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}", table.splits))
     listing = list_source(name)
     if (folder := _image_folder(name, since, listing, columns.split is not None)) is not None:
+        _inputs_need_parquet(columns, f"{name} is an image folder")
         check_source_size(name, len(folder.paths), None, draw.size if draw else None)
         check_label_range(name, len(folder.class_names) - 1)
         labels = _class_labels_for(folder.labels, columns, name)
@@ -769,10 +780,19 @@ def load_dataset(
         chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(labels, where, folder.splits)
         return _class_labels_as_asked(_read_images(folder, chosen, columns), columns, name)
     if (csv_files := _csv_files(name, since, listing)) is not None:
+        _inputs_need_parquet(columns, f"{name} is CSV")
         return _read_csv_source(name, csv_files, columns, draw, _root(listing, csv_files[1]))
     if draw is None:
         return _read_parquet_source(name, columns, since, listing)
     return _draw_from_parquet_source(name, columns, draw, since, listing)
+
+
+def _inputs_need_parquet(columns: Columns, what: str) -> None:
+    if columns.inputs:
+        raise InvalidDataset(
+            f"{what}, whose samples feed one model input: --feature-column {','.join(columns.inputs)} needs a Parquet "
+            "source with one column per input"
+        )
 
 
 def _class_labels_for(labels: np.ndarray, columns: Columns, name: str) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 
 from ptqflow.tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
 from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.feeds import input_parts, model_input_slots, signature_input_name
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from ptqflow.tasks.interpreter import make_interpreter
 from ptqflow.tasks.parameters import ConversionParameters, TensorType
@@ -99,19 +100,31 @@ def _debugger(
             )
         )
 
+    inputs = model_input_slots(model)
+    # The debugger sets its inputs from a list in its model's input order, which is not the Keras model's: known
+    # once it has converted, so read then (by each input's signature name).
+    order: list[int] = []
+
     def debug_dataset() -> Iterator[list[np.ndarray]]:
         for sample in debug_features[:DEBUG_SAMPLES]:
-            yield [sample[np.newaxis].astype(np.float32)]
+            parts = input_parts(sample[np.newaxis].astype(np.float32), inputs)
+            yield [parts[i] for i in order] if inputs else parts
 
     debug_options = tf.lite.experimental.QuantizationDebugOptions(
         layer_direct_compare_metrics={"typical_steps": _typical_steps} if with_metrics else None,
         denylisted_nodes=list(float_tensors) or None,
     )
-    return tf.lite.experimental.QuantizationDebugger(
+    debugger = tf.lite.experimental.QuantizationDebugger(
         converter=quantization_converter(model, calibration_batches, options),
         debug_dataset=debug_dataset,
         debug_options=debug_options,
     )
+    if inputs:
+        names = [slot.name for slot in inputs]
+        # The debugger's own interpreter (no public accessor): the one its _set_input_tensors feeds.
+        details = debugger._quant_interpreter.get_input_details()
+        order.extend(names.index(signature_input_name(d["name"])) for d in details)
+    return debugger
 
 
 def layer_errors(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.feeds import keras_feed, model_input_slots
 from ptqflow.tasks.keras_graph import (
     LayerGraph,
     activation_name,
@@ -151,7 +152,7 @@ def channel_magnitudes(
     probe = keras.Model(model.input, tensors)
     largest: list[np.ndarray | None] = [None] * len(pairs)
     for batch in batches:
-        values = probe(np.asarray(batch, np.float32), training=False)
+        values = probe(keras_feed(np.asarray(batch), model_input_slots(model)), training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
         position = 0
         for index, pair in enumerate(pairs):
@@ -222,7 +223,7 @@ def equalize_pair(pair: EqualizedPair, magnitudes: np.ndarray) -> None:
 
 
 def outputs_of(model: keras.Model, batch: np.ndarray) -> list[np.ndarray]:
-    outputs = model(np.asarray(batch, np.float32), training=False)
+    outputs = model(keras_feed(np.asarray(batch), model_input_slots(model)), training=False)
     return [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
 
 

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ptqflow.storage.tables import InputSlot
 from ptqflow.tasks.convert import native_output_silenced
+from ptqflow.tasks.feeds import input_details, input_parts, keras_feed, tflite_input_indices
 from ptqflow.tasks.outputs import flatten_outputs, tflite_output_order
 from ptqflow.tasks.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
 
@@ -74,29 +76,34 @@ def predict_tflite(
     batch_size: int = 256,
     num_threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    inputs: tuple[InputSlot, ...] = (),
 ) -> np.ndarray:
-    """Dequantized outputs of a ``.tflite`` model for raw ``features``, evaluated in batches; a model with several
-    outputs gives them side by side, flattened, in the Keras model's order (``tasks.outputs``)."""
+    """Dequantized outputs of a ``.tflite`` model for raw ``features`` (several ``inputs`` packed side by side, fed
+    by name), evaluated in batches; a model with several outputs gives them side by side, flattened, in the Keras
+    model's order (``tasks.outputs``)."""
     interpreter = make_interpreter(model_bytes, num_threads)
     order = tflite_output_order(interpreter)
-    inp = interpreter.get_input_details()[0]
-    batch_dynamic = int(inp["shape_signature"][0]) == -1
-    step = batch_size if batch_dynamic else int(inp["shape"][0])
+    indices = tflite_input_indices(interpreter, inputs)
+    details = input_details(interpreter, indices)
+    batch_dynamic = all(int(d["shape_signature"][0]) == -1 for d in details)
+    step = batch_size if batch_dynamic else int(details[0]["shape"][0])
     outputs = []
     allocated_for = None
     for start in range(0, len(features), step):
         batch = features[start : start + step].astype(np.float32)
         if len(batch) != allocated_for:
             if batch_dynamic:
-                interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]], strict=True)
+                for detail in details:
+                    interpreter.resize_tensor_input(detail["index"], [len(batch), *detail["shape"][1:]], strict=True)
             elif len(batch) != step:
                 batch = np.concatenate([batch, np.zeros((step - len(batch), *batch.shape[1:]), np.float32)])
             interpreter.allocate_tensors()
             allocated_for = len(batch)
-            inp = interpreter.get_input_details()[0]
+            details = input_details(interpreter, indices)
             by_index = {d["index"]: d for d in interpreter.get_output_details()}
             outs = [by_index[i] for i in order]
-        interpreter.set_tensor(inp["index"], quantize_input(batch, inp))
+        for detail, part in zip(details, input_parts(batch, inputs)):
+            interpreter.set_tensor(detail["index"], quantize_input(part, detail))
         interpreter.invoke()
         results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
         result = results[0] if len(results) == 1 else flatten_outputs(results)
@@ -106,9 +113,11 @@ def predict_tflite(
     return np.concatenate(outputs)
 
 
-def predict_keras(model: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict_keras(
+    model: keras.Model, features: np.ndarray, batch_size: int = 256, inputs: tuple[InputSlot, ...] = ()
+) -> np.ndarray:
     """The model's outputs; several side by side, flattened, in its order (as ``predict_tflite`` gives them)."""
-    outputs = model.predict(features.astype(np.float32), batch_size=batch_size, verbose=0)
+    outputs = model.predict(keras_feed(features, inputs), batch_size=batch_size, verbose=0)
     return flatten_outputs(list(outputs)) if isinstance(outputs, (list, tuple)) else np.asarray(outputs)
 
 
@@ -136,6 +145,9 @@ def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
             output = next((dtype_of[i][1] for i in op["outputs"] if i in dtype_of), "")
             float_ops.append(FloatOp(op=op["op_name"], output=output))
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    named_inputs = (
+        interpreter.get_signature_runner().get_input_details() if len(interpreter.get_input_details()) > 1 else {}
+    )
     return TypeAudit(
         full_integer=not floats,
         float_tensors=floats,
@@ -145,6 +157,7 @@ def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
         ops=ops,
         input=_quantization_of(inp),
         output=_quantization_of(out),
+        inputs={name: _quantization_of(detail) for name, detail in sorted(named_inputs.items())},
     )
 
 
@@ -173,34 +186,47 @@ def _timed(call: Callable[[], object], budget_seconds: float, most: int, least: 
 
 
 def rerun_max_difference(
-    model_bytes: bytes, features: np.ndarray, outputs: np.ndarray, batch_size: int, num_threads: int | None
+    model_bytes: bytes,
+    features: np.ndarray,
+    outputs: np.ndarray,
+    batch_size: int,
+    num_threads: int | None,
+    inputs: tuple[InputSlot, ...] = (),
 ) -> float:
     """The largest difference between ``outputs`` and a second run on the first batch of ``features``: some
     LiteRT kernels give different outputs for the same input from one invoke to the next (measured: MobileNetV2
     under dynamic range with per-tensor weights, on every op resolver), and such a model is not one to ship."""
-    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads)
+    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads, inputs=inputs)
     return float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0
 
 
 def tflite_speed(
-    model_bytes: bytes, features: np.ndarray, batch_size: int, num_threads: int, budget_seconds: float = 1.0
+    model_bytes: bytes,
+    features: np.ndarray,
+    batch_size: int,
+    num_threads: int,
+    budget_seconds: float = 1.0,
+    inputs: tuple[InputSlot, ...] = (),
 ) -> Speed:
     """Latency at batch 1 (p50, p95) and throughput at ``batch_size``, on this machine, with ``num_threads``."""
     interpreter = make_interpreter(model_bytes, num_threads)
-    inp = interpreter.get_input_details()[0]
-    batch_dynamic = int(inp["shape_signature"][0]) == -1
+    indices = tflite_input_indices(interpreter, inputs)
+    first = input_details(interpreter, indices)
+    batch_dynamic = all(int(d["shape_signature"][0]) == -1 for d in first)
 
     def prepared(size: int) -> None:
         if batch_dynamic:
-            interpreter.resize_tensor_input(inp["index"], [size, *inp["shape"][1:]], strict=True)
+            for detail in first:
+                interpreter.resize_tensor_input(detail["index"], [size, *detail["shape"][1:]], strict=True)
         interpreter.allocate_tensors()
-        detail = interpreter.get_input_details()[0]
-        rows = features[: int(detail["shape"][0])].astype(np.float32)
-        interpreter.set_tensor(detail["index"], quantize_input(rows, detail))
+        details = input_details(interpreter, indices)
+        rows = features[: int(details[0]["shape"][0])].astype(np.float32)
+        for detail, part in zip(details, input_parts(rows, inputs)):
+            interpreter.set_tensor(detail["index"], quantize_input(part, detail))
 
     prepared(1)
     latency = _percentiles(_timed(interpreter.invoke, budget_seconds, most=500))
-    batch = min(batch_size, len(features)) if batch_dynamic else int(inp["shape"][0])
+    batch = min(batch_size, len(features)) if batch_dynamic else int(first[0]["shape"][0])
     prepared(batch)
     per_batch = _timed(interpreter.invoke, budget_seconds, most=50, least=3)
     return Speed(
@@ -208,13 +234,20 @@ def tflite_speed(
     )
 
 
-def keras_speed(model: keras.Model, features: np.ndarray, batch_size: int, budget_seconds: float = 1.0) -> Speed:
-    one = features[:1].astype(np.float32)
-    batch = features[:batch_size].astype(np.float32)
+def keras_speed(
+    model: keras.Model,
+    features: np.ndarray,
+    batch_size: int,
+    budget_seconds: float = 1.0,
+    inputs: tuple[InputSlot, ...] = (),
+) -> Speed:
+    one = keras_feed(features[:1], inputs)
+    batch = keras_feed(features[:batch_size], inputs)
+    batch_rows = len(features[:batch_size])
     latency = _percentiles(_timed(lambda: model(one, training=False), budget_seconds, most=500))
     per_batch = _timed(lambda: model(batch, training=False), budget_seconds, most=50, least=3)
     return Speed(
         latency_ms=latency,
-        throughput_per_s=round(len(batch) / float(np.median(per_batch)), 1),
-        throughput_batch=len(batch),
+        throughput_per_s=round(batch_rows / float(np.median(per_batch)), 1),
+        throughput_batch=batch_rows,
     )

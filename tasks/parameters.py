@@ -11,6 +11,7 @@ import math
 import re
 from datetime import date
 from enum import Enum
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -129,7 +130,12 @@ class SamplingParameters(_Parameters):
         le=36_500,
         description="Train only on the source's files modified in the last N days before the run's date.",
     )
-    feature_column: str = Field("features", min_length=1, description="Column holding each sample's values.")
+    feature_column: str = Field(
+        "features",
+        min_length=1,
+        description="Column holding each sample's values; for a model with several inputs, one column per input, "
+        "separated by commas (e.g. image,metadata), matched to the model's inputs by name, else in order.",
+    )
     feature_columns: str | None = Field(
         None,
         description="Wide tables: the columns holding one numeric feature each, as names or globs separated by "
@@ -205,6 +211,16 @@ class SamplingParameters(_Parameters):
         return self
 
     @model_validator(mode="after")
+    def _one_kind_of_features(self) -> SamplingParameters:
+        if "," in self.feature_column and (self.feature_columns or self.input_shape):
+            other = "--feature-columns" if self.feature_columns else "--input-shape"
+            raise ValueError(
+                f"--feature-column with several input columns takes no {other}: each input column's type (or the "
+                "table's metadata) gives its shape"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _leave_training_data(self) -> SamplingParameters:
         if self.validation_fraction + self.test_fraction >= 0.8:
             raise ValueError(
@@ -225,12 +241,15 @@ class TrainingParameters(_Parameters):
         description="fsspec URL of a trained model to quantize instead of training one: .keras or legacy .h5 "
         "(loaded with Keras safe mode: no Lambda layers), or a SavedModel directory.",
     )
-    input_scale: float | None = Field(
+    input_scale: tuple[float, ...] | None = Field(
         None,
         description="With --model-url: the model's own input normalisation, raw * input_scale + input_offset (e.g. "
-        "0.00784313725 with offset -1 for x/127.5 - 1). The .tflite then takes the raw values.",
+        "0.00784313725 with offset -1 for x/127.5 - 1); for a model with several inputs, one value for all or one per "
+        "input, separated by commas. The .tflite then takes the raw values.",
     )
-    input_offset: float = Field(0.0, description="With --input-scale: added after scaling (see --input-scale).")
+    input_offset: tuple[float, ...] = Field(
+        (0.0,), description="With --input-scale: added after scaling, one value for all inputs or one per input."
+    )
     epochs: int = Field(60, ge=1, le=10_000, description="Maximum training epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, le=65_536, description="Training batch size.")
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0, description="Adam learning rate.")
@@ -243,19 +262,60 @@ class TrainingParameters(_Parameters):
     def _no_credentials_in_the_model_url(cls, url: str | None) -> str | None:
         return refuse_credentials(url, "the model URL")
 
+    @field_validator("input_scale", "input_offset", mode="before")
+    @classmethod
+    def _one_value_or_one_per_input(cls, values: Any) -> Any:
+        """A number, or numbers separated by commas (the CLI's and the form's way to give one per input)."""
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            return (values,)
+        if isinstance(values, str):
+            try:
+                return tuple(float(v) for v in values.split(","))
+            except ValueError:
+                raise ValueError(f"{values!r} is not numbers separated by commas, e.g. 0.0039,1") from None
+        return values
+
     @field_validator("input_scale")
     @classmethod
-    def _a_scale_that_keeps_the_input(cls, scale: float | None) -> float | None:
-        if scale is not None and (scale == 0 or not math.isfinite(scale)):
+    def _a_scale_that_keeps_the_input(cls, scales: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        for scale in scales or ():
+            if scale == 0 or not math.isfinite(scale):
+                raise ValueError(
+                    f"{scale} maps every input to one value: give the scale the model was trained with, e.g. "
+                    "0.00392156863 for x/255"
+                )
+        if scales is not None and not scales:
+            raise ValueError("give at least one scale, e.g. 0.00392156863 for x/255")
+        return scales
+
+    @field_validator("input_offset")
+    @classmethod
+    def _finite_offsets(cls, offsets: tuple[float, ...]) -> tuple[float, ...]:
+        if not offsets or not all(math.isfinite(o) for o in offsets):
+            raise ValueError("give finite offsets, e.g. -1 for x/127.5 - 1")
+        return offsets
+
+    def normalisation(self, inputs: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """One (scale, offset) per input of a model with ``inputs`` inputs, or None without --input-scale.
+
+        Raises:
+            ValueError: more values than one for all, and not one per input.
+        """
+        if self.input_scale is None:
+            return None
+        counts = {len(self.input_scale), len(self.input_offset)} - {1}
+        if counts - {inputs}:
             raise ValueError(
-                f"{scale} maps every input to one value: give the scale the model was trained with, e.g. "
-                "0.00392156863 for x/255"
+                f"--input-scale and --input-offset give {len(self.input_scale)} and {len(self.input_offset)} values "
+                f"for a model with {inputs} input(s): give one value for all, or one per input"
             )
-        return scale
+        scales = self.input_scale * inputs if len(self.input_scale) == 1 else self.input_scale
+        offsets = self.input_offset * inputs if len(self.input_offset) == 1 else self.input_offset
+        return scales, offsets
 
     @model_validator(mode="after")
     def _normalisation_describes_a_given_model(self) -> TrainingParameters:
-        if self.input_offset != 0 and self.input_scale is None:
+        if any(self.input_offset) and self.input_scale is None:
             raise ValueError("--input-offset needs --input-scale (use --input-scale 1 for an offset alone)")
         if self.input_scale is not None and not self.model_url:
             raise ValueError(

@@ -245,13 +245,13 @@ def compare_with_champion(
         )
     features, labels = test.features[unseen], test.labels[unseen]
     try:
-        champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size)
+        champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size, inputs=test.inputs)
     except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
         return not_fair(
             f"the exported version cannot run on this test split ({str(error).splitlines()[0][:200]}), so the two "
             "cannot be compared",
         )
-    challenger_outputs = predict_tflite(store.read_bytes(challenger), features, batch_size)
+    challenger_outputs = predict_tflite(store.read_bytes(challenger), features, batch_size, inputs=test.inputs)
     comparison = (
         f"the {compared} rows of this test split it never trained on"
         if compared < len(test)

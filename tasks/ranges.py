@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.feeds import input_details, input_parts, tflite_input_indices
 from ptqflow.tasks.parameters import DEFAULT_PERCENTILE, CalibrationMethod
 
 BINS = 2048  # histogram resolution: 8 bins per int8 step of the full range
@@ -119,9 +121,12 @@ def calibrated_tensors(calibrated: bytes) -> dict[int, tuple[float, float]]:
     return found
 
 
-def activation_histograms(calibrated: bytes, batches: Iterable[np.ndarray]) -> dict[int, Histogram]:
-    """Each calibrated activation's non-zero values over ``batches`` (the calibration set again), binned over its
-    calibrated min/max: the calibrated model is run as the float model it is, keeping every tensor."""
+def activation_histograms(
+    calibrated: bytes, batches: Iterable[np.ndarray], inputs: tuple[InputSlot, ...] = ()
+) -> dict[int, Histogram]:
+    """Each calibrated activation's non-zero values over ``batches`` (the calibration set again, several ``inputs``
+    packed side by side), binned over its calibrated min/max: the calibrated model is run as the float model it is,
+    keeping every tensor."""
     from ai_edge_litert.interpreter import Interpreter
 
     ranges = calibrated_tensors(calibrated)
@@ -129,21 +134,24 @@ def activation_histograms(calibrated: bytes, batches: Iterable[np.ndarray]) -> d
     with warnings.catch_warnings():  # "intended for debugging purposes only": reading every tensor is the point
         warnings.simplefilter("ignore")
         interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=1)
-    inp = interpreter.get_input_details()[0]
-    dynamic = int(inp["shape_signature"][0]) == -1
+    indices = tflite_input_indices(interpreter, inputs)
+    first = input_details(interpreter, indices)
+    dynamic = all(int(d["shape_signature"][0]) == -1 for d in first)
     allocated = None
     for batch in batches:
-        step = len(batch) if dynamic else int(inp["shape"][0])
+        step = len(batch) if dynamic else int(first[0]["shape"][0])
         for start in range(0, len(batch), step):
             rows = np.asarray(batch[start : start + step], np.float32)
             if len(rows) != allocated:
                 if dynamic:
-                    interpreter.resize_tensor_input(inp["index"], [len(rows), *inp["shape"][1:]], strict=True)
+                    for detail in first:
+                        interpreter.resize_tensor_input(detail["index"], [len(rows), *detail["shape"][1:]], strict=True)
                 interpreter.allocate_tensors()
                 allocated = len(rows)
             if len(rows) < step and not dynamic:  # a fixed batch: pad, and count only the real rows
                 rows = np.concatenate([rows, np.zeros((step - len(rows), *rows.shape[1:]), np.float32)])
-            interpreter.set_tensor(inp["index"], rows)
+            for index, part in zip(indices, input_parts(rows, inputs)):
+                interpreter.set_tensor(index, part)
             interpreter.invoke()
             real = min(step, len(batch) - start)
             for index, hist in histograms.items():

@@ -24,6 +24,7 @@ from ptqflow.tasks.validation_report import (
     ModelMetrics,
     PromotionDecision,
     RepairCost,
+    TensorQuantization,
     TypeAudit,
     ValidationMetrics,
     ValidationReport,
@@ -218,12 +219,21 @@ def _verdict(metrics: ValidationMetrics) -> str:
     )
 
 
+def _quantization(tensor: TensorQuantization) -> str:
+    return f"{tensor.dtype} (scale {tensor.scale:.6g}, zero point {tensor.zero_point})"
+
+
 def _audit_lines(audit: TypeAudit) -> list[str]:
+    # A device quantizes each input with its own scale and zero point: several inputs are listed by name.
+    inputs = (
+        "; ".join(f"input {name} {_quantization(tensor)}" for name, tensor in audit.inputs.items())
+        if audit.inputs
+        else f"input {_quantization(audit.input)}"
+    )
     lines = [
         f"- ops: {', '.join(audit.ops)}",
         f"- tensor types: {', '.join(f'{k} x{v}' for k, v in audit.dtypes.items())}",
-        f"- input {audit.input.dtype} (scale {audit.input.scale:.6g}, zero point {audit.input.zero_point}), output "
-        f"{audit.output.dtype} (scale {audit.output.scale:.6g}, zero point {audit.output.zero_point})",
+        f"- {inputs}, output {_quantization(audit.output)}",
     ]
     if audit.flex_ops:
         lines.append(f"- **TensorFlow (Flex) ops**: {', '.join(audit.flex_ops)}")

@@ -30,6 +30,7 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
 from ptqflow.tasks.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
+from ptqflow.tasks.feeds import model_input_slots
 from ptqflow.tasks.fidelity import judge_fidelity
 from ptqflow.tasks.interpreter import predict_keras, predict_tflite
 from ptqflow.tasks.metrics import task_figures
@@ -61,7 +62,8 @@ def keep_worst_layers_float(
     (each with its output's consumers, so that its output is never requantized), that passes the task's gate on the
     validation split (``tasks.fidelity``); None if none within ``max_float_layers``. Returns the model, every
     step, and a message."""
-    float_outputs = predict_keras(model, validation_features)
+    inputs = model_input_slots(model)
+    float_outputs = predict_keras(model, validation_features, inputs=inputs)
     layout = model_outputs(model)
     candidates = [layer for layer in ranked if layer.badness > WORSE_THAN_ROUNDING][:max_float_layers]
     if not candidates:
@@ -78,7 +80,11 @@ def keep_worst_layers_float(
         report("repair_quantization", f"keeping {len(steps) + 1} layer(s) in float: {layer.layer}")
         candidate = quantize_keeping_float(model, calibration_batches, debug_features, options, float_tensors)
         figures = task_figures(
-            task, float_outputs, predict_tflite(candidate, validation_features), validation_labels, layout
+            task,
+            float_outputs,
+            predict_tflite(candidate, validation_features, inputs=inputs),
+            validation_labels,
+            layout,
         )
         verdict = judge_fidelity(figures, gate)
         if verdict is None:  # the figures are computed just above: never missing

@@ -210,6 +210,7 @@ def feature_spec(table: TensorTable, task: ModelTask = ModelTask.classification)
             class_names=(),
             task=task,
             n_targets=int(table.labels.shape[1]) if task is ModelTask.regression else 0,
+            inputs=table.inputs,
         )
     n_classes = int(table.labels.max()) + 1
     # Declared names (a Hugging Face ClassLabel may name classes this sample lacks) are kept for the labels seen.
@@ -221,6 +222,7 @@ def feature_spec(table: TensorTable, task: ModelTask = ModelTask.classification)
         value_range=(float(lo), float(hi)),
         n_classes=n_classes,
         class_names=tuple(names),
+        inputs=table.inputs,
     )
 
 
@@ -246,8 +248,10 @@ def split_dataset(table: TensorTable, params: SamplingParameters, seed: int) -> 
 
 
 def columns_of(params: SamplingParameters) -> Columns:
+    inputs = tuple(c.strip() for c in params.feature_column.split(",") if c.strip())
     return Columns(
-        features=params.feature_column,
+        features=inputs[0] if len(inputs) == 1 else params.feature_column,
+        inputs=inputs if len(inputs) > 1 else None,
         label=params.label_column,
         shape=params.input_shape,
         wide=tuple(c.strip() for c in params.feature_columns.split(",") if c.strip())

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_bytes
+from ptqflow.storage.tables import InputSlot, TensorTable, read_parquet, write_parquet_bytes
 from ptqflow.tasks.artifacts import (
     CalibrationSet,
     FloatOutputs,
@@ -225,6 +225,7 @@ def configuration_metrics(
     class_names: list[str],
     task: ModelTask = ModelTask.classification,
     layout: tuple[ModelOutput, ...] = (),
+    inputs: tuple[InputSlot, ...] = (),
 ) -> dict[str, Any]:
     """Pure: the task's figures (accuracy, or MAE against the targets), agreement with float, output error, latency
     and the dtype audit of one ``.tflite``; ``reference`` is the float Keras model's outputs on ``features``."""
@@ -258,9 +259,9 @@ def configuration_metrics(
             "not_validated_reason": f"TensorFlow (Flex) ops {', '.join(audit.flex_ops)} cannot run in the LiteRT "
             "Interpreter",
         }
-    outputs = predict_tflite(model_bytes, features, batch_size, num_threads)
+    outputs = predict_tflite(model_bytes, features, batch_size, num_threads, inputs=inputs)
     metrics = model_metrics(outputs, reference, labels, class_names, layout=layout)
-    speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS)
+    speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS, inputs)
     return {
         **common,
         "validated": True,
@@ -277,7 +278,7 @@ def configuration_metrics(
         "latency_p50_ms": speed.latency_ms.p50,
         "latency_p95_ms": speed.latency_ms.p95,
         "throughput_per_s": speed.throughput_per_s,
-        "rerun_max_difference": rerun_max_difference(model_bytes, features, outputs, batch_size, num_threads),
+        "rerun_max_difference": rerun_max_difference(model_bytes, features, outputs, batch_size, num_threads, inputs),
     }
 
 
@@ -325,7 +326,8 @@ def predict_float_outputs(
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
-    outputs = predict_keras(keras_model_from_bytes(store.read_bytes(trained.model)), test.features, batch_size)
+    model = keras_model_from_bytes(store.read_bytes(trained.model))
+    outputs = predict_keras(model, test.features, batch_size, test.inputs)
     table = TensorTable(features=np.ascontiguousarray(outputs, dtype=np.float32), labels=test.labels)
     return FloatOutputs(outputs=store.put_bytes(write_parquet_bytes(table), ".parquet"))
 
@@ -356,6 +358,7 @@ def evaluate_configuration(
         list(dataset.spec.class_names),
         dataset.spec.task,
         outputs,
+        dataset.spec.inputs,
     )
     return ConfigurationMetrics(
         model=candidate.model,

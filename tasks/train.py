@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -26,11 +26,12 @@ from ptqflow.storage.keras_models import (
     with_normalisation_record,
 )
 from ptqflow.storage.store import ArtifactStore, StoreError, filesystem_for
-from ptqflow.storage.tables import TensorTable, read_parquet
+from ptqflow.storage.tables import InputSlot, TensorTable, read_parquet, split_inputs
 from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import files_fingerprint
 from ptqflow.tasks.errors import InvalidModel
+from ptqflow.tasks.feeds import KerasFeed, keras_feed
 from ptqflow.tasks.interpreter import predict_keras
 from ptqflow.tasks.limits import check_model_size
 from ptqflow.tasks.metrics import accuracy, mean_absolute_error
@@ -131,8 +132,8 @@ class TrainingOutcome:
 
 def train_model(
     model: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
-    validation: tuple[np.ndarray, np.ndarray],
+    train: tuple[KerasFeed, np.ndarray],
+    validation: tuple[KerasFeed, np.ndarray],
     params: TrainingParameters,
 ) -> TrainingOutcome:
     """Pure stage function: fit ``model`` in place with early stopping on validation loss (best weights kept)."""
@@ -160,9 +161,9 @@ def train_model(
         monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
     )
     history = model.fit(
-        train[0].astype(np.float32),
+        train[0],
         train[1],
-        validation_data=(validation[0].astype(np.float32), validation[1]),
+        validation_data=validation,
         epochs=params.epochs,
         batch_size=params.batch_size,
         shuffle=True,
@@ -182,14 +183,36 @@ def train_model(
     )
 
 
-def build_default_mlp(spec: FeatureSpec, train_features: np.ndarray) -> keras.Model:
-    """For 1-D (tabular) samples: standardisation with the training split's mean and variance as the first layer
-    (so the .tflite takes raw values), then Dense64-Dense64-Dense(n_classes) softmax."""
+def _standardisation(values: np.ndarray, name: str) -> keras.layers.Layer:
+    """Standardise each feature with the training split's mean and spread; each spread is floored at a hundredth
+    of the widest: a constant or nearly constant feature (a border pixel) would otherwise be multiplied by up to
+    1/sqrt(epsilon), and one int8 scale cannot hold both."""
     import keras
 
-    values = train_features.reshape(len(train_features), -1).astype(np.float64)
-    inputs = keras.Input(shape=spec.shape, name="raw_input")
-    x = keras.layers.Normalization(mean=values.mean(axis=0), variance=values.var(axis=0), name="standardise")(inputs)
+    values = values.reshape(len(values), -1).astype(np.float64)
+    spread = values.std(axis=0)
+    spread = np.maximum(spread, 0.01 * spread.max()) if spread.max() > 0 else np.ones_like(spread)
+    return keras.layers.Normalization(mean=values.mean(axis=0), variance=spread**2, name=name)
+
+
+def build_default_mlp(spec: FeatureSpec, train_features: np.ndarray) -> keras.Model:
+    """For 1-D (tabular) samples: standardisation with the training split's mean and variance as the first layer
+    (so the .tflite takes raw values), then Dense64-Dense64-Dense(n_classes) softmax. Several inputs are each
+    flattened and standardised on their own, then joined: joined raw, an input of small values (pixels) would
+    share one int8 scale with one of large values and keep a few steps of it."""
+    import keras
+
+    if spec.inputs:
+        inputs: Any = [keras.Input(shape=slot.shape, name=slot.name) for slot in spec.inputs]
+        x = keras.layers.Concatenate(name="joined_inputs")(
+            [
+                _standardisation(part, f"{slot.name}_standardise")(keras.layers.Flatten(name=f"{slot.name}_flat")(raw))
+                for slot, raw, part in zip(spec.inputs, inputs, split_inputs(train_features, spec.inputs))
+            ]
+        )
+    else:
+        inputs = keras.Input(shape=spec.shape, name="raw_input")
+        x = _standardisation(train_features, "standardise")(inputs)
     x = keras.layers.Dense(64, activation="relu", name="dense1")(x)
     x = keras.layers.Dense(64, activation="relu", name="dense2")(x)
     return keras.Model(inputs, output_head(spec, x), name="ptqflow_mlp")
@@ -209,6 +232,10 @@ def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> ke
     import keras
 
     rank = len(spec.shape)
+    if spec.inputs and model == "cnn":
+        raise InvalidModel(
+            "--model cnn takes one image input, and the samples feed several: use --model mlp, or module:function"
+        )
     if model == "auto":
         model = "cnn" if rank == 3 else "mlp" if rank == 1 else ""
         if not model:
@@ -229,18 +256,30 @@ def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> ke
         raise InvalidModel(
             f"cannot import model function {model!r} ({error}): put {module_name} on PYTHONPATH or fix the name"
         ) from None
-    built = function(tuple(spec.shape), spec.n_targets if spec.task is ModelTask.regression else spec.n_classes)
+    # Several inputs: each one's shape by its name (the model's inputs are matched to the columns by name).
+    shape = {slot.name: slot.shape for slot in spec.inputs} if spec.inputs else tuple(spec.shape)
+    built = function(shape, spec.n_targets if spec.task is ModelTask.regression else spec.n_classes)
     if not isinstance(built, keras.Model):
         raise InvalidModel(f"{model} returned {type(built).__name__}, not a keras.Model")
-    return check_model_fits(built, spec, f"{model} builds a model", "build the model from its arguments")
+    what, fix = f"{model} builds a model", "build the model from its arguments"
+    if spec.inputs:
+        built = with_named_inputs(built, spec.inputs, None, what, fix)
+    return check_model_fits(built, spec, what, fix)
 
 
 def check_model_fits(model: keras.Model, spec: FeatureSpec, what: str, fix: str) -> keras.Model:
     """Raise InvalidModel unless ``model`` takes the samples' shape and has one output (of one value per class,
     or per regression target; any width for unlabeled data)."""
-    if len(model.inputs) != 1:
-        raise InvalidModel(f"{what} with {len(model.inputs)} inputs; ptqflow feeds models one input so far: {fix}")
-    if tuple(model.input_shape[1:]) != tuple(spec.shape):
+    if spec.inputs:
+        given = [(str(t.name), tuple(t.shape[1:])) for t in model.inputs]
+        if given != [(slot.name, slot.shape) for slot in spec.inputs]:
+            raise InvalidModel(f"{what} whose inputs {given} are not the feature columns' {list(spec.inputs)}: {fix}")
+    elif len(model.inputs) != 1:
+        raise InvalidModel(
+            f"{what} with {len(model.inputs)} inputs, and the samples feed one: name one feature column per input, "
+            "--feature-column a,b"
+        )
+    elif tuple(model.input_shape[1:]) != tuple(spec.shape):
         raise InvalidModel(
             f"{what} for input shape {list(model.input_shape[1:])}, "
             f"but the samples have shape {list(spec.shape)}: {fix}"
@@ -304,8 +343,70 @@ def with_input_normalisation(model: keras.Model, scale: float, offset: float) ->
     return keras.Model(raw, model(normalised), name=f"{model.name}_on_raw_input")
 
 
+def _input_targets(model: keras.Model, inputs: tuple[InputSlot, ...], what: str, fix: str) -> list[int]:
+    """Which of the model's inputs each feature column feeds: by name when the model's inputs are named after the
+    columns, else in order; each column holds as many values as its input takes.
+
+    Raises:
+        InvalidModel: another number of inputs, or a column that does not fit its input.
+    """
+    names = [str(t.name) for t in model.inputs]
+    columns = [slot.name for slot in inputs]
+    if len(names) != len(columns):
+        raise InvalidModel(
+            f"{what} with {len(names)} input(s) ({', '.join(names)}) for {len(columns)} feature columns "
+            f"({', '.join(columns)}): give one --feature-column per input"
+        )
+    targets = [names.index(c) for c in columns] if sorted(names) == sorted(columns) else list(range(len(columns)))
+    for slot, target in zip(inputs, targets):
+        wanted = tuple(int(d) for d in model.inputs[target].shape[1:] if d is not None)
+        if len(wanted) != len(model.inputs[target].shape[1:]) or int(np.prod(wanted)) != slot.size:
+            raise InvalidModel(
+                f"{what} whose input {names[target]!r} takes shape {list(model.inputs[target].shape[1:])}, but column "
+                f"{slot.name!r} holds {slot.size} values of shape {list(slot.shape)} per row: {fix}"
+            )
+    return targets
+
+
+def with_named_inputs(
+    model: keras.Model,
+    inputs: tuple[InputSlot, ...],
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None,
+    what: str,
+    fix: str,
+) -> keras.Model:
+    """``model`` behind one input per feature column, named after it and in the columns' order (so the .tflite's
+    inputs are named after the columns too), each with its own normalisation (``raw * scale + offset``) and
+    reshaped to what its model input takes.
+
+    Raises:
+        InvalidModel: the model's inputs do not fit the columns.
+    """
+    import keras
+
+    targets = _input_targets(model, inputs, what, fix)
+    shapes = [tuple(int(d) for d in t.shape[1:]) for t in model.inputs]
+    as_is = normalisation is None and all(
+        target == i and str(model.inputs[i].name) == slot.name and shapes[i] == slot.shape
+        for i, (slot, target) in enumerate(zip(inputs, targets))
+    )
+    if as_is:
+        return model
+    raws = [keras.Input(slot.shape, name=slot.name) for slot in inputs]
+    fed: list[Any] = [None] * len(inputs)
+    for i, (slot, raw, target) in enumerate(zip(inputs, raws, targets)):
+        x = raw
+        if normalisation is not None:
+            scale, offset = normalisation[0][i], normalisation[1][i]
+            x = keras.layers.Rescaling(scale, offset, name=f"{slot.name}_normalisation")(x)
+        if shapes[target] != slot.shape:
+            x = keras.layers.Reshape(shapes[target], name=f"{slot.name}_reshape")(x)
+        fed[target] = x
+    return keras.Model(raws, model(fed), name=f"{model.name}_on_named_inputs")
+
+
 def load_trained_model(
-    url: str, spec: FeatureSpec, input_scale: float | None = None, input_offset: float = 0.0
+    url: str, spec: FeatureSpec, params: TrainingParameters | None = None
 ) -> tuple[bytes, keras.Model]:
     """Read and load a trained model: ``.keras`` or legacy ``.h5`` with Keras safe mode on (no Lambda layers or
     arbitrary code), or a SavedModel directory (packed, its ops checked: ``storage.keras_models``); with
@@ -316,10 +417,16 @@ def load_trained_model(
     Raises:
         InvalidModel: missing, unloadable, unsafe, or not fitting the data.
     """
+    params = params or TrainingParameters(model_url=url)
+    what, fix = f"--model-url {url} is a model", "export a model for this data"
+    try:
+        normalisation = params.normalisation(max(1, len(spec.inputs)))
+    except ValueError as error:
+        raise InvalidModel(str(error)) from None
     data = _read_model(url)
     try:
-        if input_scale is not None and model_file_format(data) == "saved_model":
-            data = with_normalisation_record(data, input_scale, input_offset)
+        if normalisation is not None and model_file_format(data) == "saved_model":
+            data = with_normalisation_record(data, normalisation[0][0], normalisation[1][0])
         model, kind = user_model_from_bytes(data)
     except UnsupportedModelFile as error:
         raise InvalidModel(f"--model-url {url} is {error}: save the model with model.save('x.keras')") from None
@@ -331,10 +438,13 @@ def load_trained_model(
             f"--model-url {url} is not a loadable model ({detail}): save it with model.save('x.keras'); "
             "Lambda layers and custom objects are refused (Keras safe mode)"
         ) from None
-    if input_scale is not None and kind != "saved_model":  # a SavedModel carries its normalisation in its zip
-        model = with_input_normalisation(model, input_scale, input_offset)
-    model = check_model_fits(model, spec, f"--model-url {url} is a model", "export a model for this data")
-    converted = kind == "h5" or (kind == "keras" and input_scale is not None)
+    given = model
+    if spec.inputs:
+        model = with_named_inputs(model, spec.inputs, normalisation, what, fix)
+    elif normalisation is not None and kind != "saved_model":  # a SavedModel carries its normalisation in its zip
+        model = with_input_normalisation(model, normalisation[0][0], normalisation[1][0])
+    model = check_model_fits(model, spec, what, fix)
+    converted = kind == "h5" or (kind == "keras" and model is not given)
     return (keras_model_to_bytes(model) if converted else data), model
 
 
@@ -344,7 +454,12 @@ def fit_default_model(
     """Pure stage function: seed everything, build the model ``params.model`` names for ``spec``, train it."""
     with seeded(seed):
         model = build_model(spec, params.model, train.features)
-        outcome = train_model(model, (train.features, train.labels), (validation.features, validation.labels), params)
+        outcome = train_model(
+            model,
+            (keras_feed(train.features, spec.inputs), train.labels),
+            (keras_feed(validation.features, spec.inputs), validation.labels),
+            params,
+        )
     return model, outcome
 
 
@@ -373,8 +488,8 @@ def train_float_model(
     with store.open(dataset.validation) as f:
         validation = read_parquet(f)
     if params.model_url:
-        data, model = load_trained_model(params.model_url, dataset.spec, params.input_scale, params.input_offset)
-        outputs = predict_keras(model, validation.features)
+        data, model = load_trained_model(params.model_url, dataset.spec, params)
+        outputs = predict_keras(model, validation.features, inputs=dataset.spec.inputs)
         ref = store.put_bytes(data, ".zip" if model_file_format(data) == "saved_model" else ".keras")
         get_run_logger().info("using the trained model %s (sha256 %s)", params.model_url, ref.sha256)
         return TrainedModel(

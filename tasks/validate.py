@@ -29,6 +29,7 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.device import device_footprint
 from ptqflow.tasks.diagnose import layer_errors
+from ptqflow.tasks.feeds import model_input_slots
 from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
@@ -95,7 +96,10 @@ def evaluate_models(
         ModelKind.float_tflite: device_footprint(float_tflite),
         ModelKind.quantized_tflite: device_footprint(quantized_tflite),
     }
-    keras_out = predict_keras(keras_model, features, params.batch_size) if keras_outputs is None else keras_outputs
+    inputs = model_input_slots(keras_model)
+    keras_out = (
+        predict_keras(keras_model, features, params.batch_size, inputs) if keras_outputs is None else keras_outputs
+    )
     layout = model_outputs(keras_model)
     float_accuracy = accuracy(keras_out, labels) if classification else None
     float_mae = mean_absolute_error(keras_out, labels) if task is ModelTask.regression else None
@@ -130,17 +134,21 @@ def evaluate_models(
                 )
             }
         )
-    float_out = predict_tflite(float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"))
+    float_out = predict_tflite(
+        float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"), inputs
+    )
     quant_out = predict_tflite(
-        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite")
+        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite"), inputs
     )
     speeds = {}
     if measure_speed:
         report("validate_with_interpreter", "measuring latency and throughput")
         speeds = {
-            ModelKind.float_keras: keras_speed(keras_model, features, params.batch_size),
-            ModelKind.float_tflite: tflite_speed(float_tflite, features, params.batch_size, num_threads),
-            ModelKind.quantized_tflite: tflite_speed(quantized_tflite, features, params.batch_size, num_threads),
+            ModelKind.float_keras: keras_speed(keras_model, features, params.batch_size, inputs=inputs),
+            ModelKind.float_tflite: tflite_speed(float_tflite, features, params.batch_size, num_threads, inputs=inputs),
+            ModelKind.quantized_tflite: tflite_speed(
+                quantized_tflite, features, params.batch_size, num_threads, inputs=inputs
+            ),
         }
     models = {
         ModelKind.float_keras: model_metrics(
@@ -171,7 +179,7 @@ def evaluate_models(
             "sqnr_db": worst_sqnr(quantized.outputs),
             "outputs": quantized.outputs,
             "rerun_max_difference": rerun_max_difference(
-                quantized_tflite, features, quant_out, params.batch_size, params.num_threads
+                quantized_tflite, features, quant_out, params.batch_size, params.num_threads, inputs
             ),
             "models": models,
         }
@@ -222,7 +230,7 @@ def validate_with_interpreter(
         with store.open(float_outputs.outputs) as f:
             keras_outputs = read_parquet(f).features
     else:  # predicted once here: the evaluation and a repair's cost both compare with them
-        keras_outputs = predict_keras(keras_model, test.features, params.batch_size)
+        keras_outputs = predict_keras(keras_model, test.features, params.batch_size, dataset.spec.inputs)
     metrics = evaluate_models(
         keras_model,
         store.read_bytes(converted.float_model),
@@ -310,12 +318,13 @@ def repair_cost(
     against the fully quantized one, on the test split (``keras_outputs``: the float model's there)."""
     num_threads = params.num_threads or os.cpu_count() or 1
     unrepaired = store.read_bytes(repair.unrepaired)
-    unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads)
+    inputs = model_input_slots(keras_model)
+    unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads, inputs=inputs)
     repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
     unrepaired_figures = task_figures(
         metrics.task,
         keras_outputs,
-        predict_tflite(unrepaired, features, params.batch_size, num_threads),
+        predict_tflite(unrepaired, features, params.batch_size, num_threads, inputs=inputs),
         labels,
         model_outputs(keras_model),
     )

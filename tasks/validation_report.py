@@ -107,6 +107,11 @@ class TypeAudit(Frozen):
     ops: list[str]
     input: TensorQuantization
     output: TensorQuantization
+    inputs: dict[str, TensorQuantization] = Field(
+        default_factory=dict,
+        description="A model with several inputs: each input's type, scale and zero point, by its name (``input`` is "
+        "then only the first in the model's own order).",
+    )
 
 
 class LayerError(Frozen):

@@ -53,8 +53,9 @@ SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help
 WindowDaysOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "window_days"))]
 ModelOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model"))]
 ModelUrlOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model_url"))]
-InputScaleOption = Annotated[float | None, typer.Option(help=help_for(TrainingParameters, "input_scale"))]
-InputOffsetOption = Annotated[float | None, typer.Option(help=help_for(TrainingParameters, "input_offset"))]
+# Numbers separated by commas (one per input of a model with several): TrainingParameters reads them.
+InputScaleOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "input_scale"))]
+InputOffsetOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "input_offset"))]
 RunStoreOption = Annotated[
     str,
     typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),

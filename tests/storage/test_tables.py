@@ -11,10 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from ptqflow.storage.tables import (
+    Columns,
+    InputSlot,
     TensorTable,
     TensorTableError,
     iter_feature_batches,
     read_parquet,
+    split_inputs,
     table_metadata,
     write_parquet_bytes,
 )
@@ -116,3 +119,97 @@ def test_regression_targets_and_unlabeled_rows_round_trip(targets):
     assert ("label" in schema.names) is bool(targets)
     streamed = np.concatenate(list(iter_feature_batches(io.BytesIO(data), 16)))
     np.testing.assert_array_equal(streamed, features)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def two_input_rows(rows: int = 6) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    images = np.arange(rows * 4, dtype=np.uint8).reshape(rows, 2, 2, 1)
+    extra = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) / 2
+    age = np.arange(rows, dtype=np.int64) + 30
+    arrow = pa.table(
+        {
+            "image": pa.FixedShapeTensorArray.from_numpy_ndarray(images),
+            "extra": pa.FixedSizeListArray.from_arrays(pa.array(extra.ravel()), 3),
+            "age": pa.array(age),
+            "label": pa.array(np.arange(rows) % 2),
+        }
+    )
+    return arrow, images, extra, age
+
+
+def test_several_input_columns_are_packed_side_by_side_and_split_back():
+    arrow, images, extra, age = two_input_rows()
+    read = read_parquet(parquet_bytes(arrow), Columns(inputs=("image", "extra", "age")))
+    assert read.inputs == (
+        InputSlot("image", (2, 2, 1), "uint8"),
+        InputSlot("extra", (3,), "float32"),
+        InputSlot("age", (1,), "float32"),
+    )
+    assert read.features.dtype == np.float32 and read.sample_shape == (8,)  # one float32 input makes all float32
+    image_part, extra_part, age_part = split_inputs(read.features, read.inputs)
+    np.testing.assert_array_equal(image_part, images)
+    np.testing.assert_array_equal(extra_part, extra)
+    np.testing.assert_array_equal(age_part[:, 0], age)
+    # What the pipeline stores keeps the layout: a stage that reads it back splits it the same way.
+    again = read_parquet(write_parquet_bytes(read))
+    assert again.inputs == read.inputs
+    np.testing.assert_array_equal(again.features, read.features)
+
+
+def test_inputs_that_are_all_uint8_stay_uint8_and_a_declared_shape_is_kept():
+    rows = 4
+    flat = np.arange(rows * 8, dtype=np.uint8).reshape(rows, 8)
+    meta = {"inputs": [{"name": "left", "shape": [2, 2, 1], "dtype": "uint8"}]}
+    arrow = pa.table(
+        {
+            "left": pa.FixedSizeListArray.from_arrays(pa.array(flat[:, :4].ravel()), 4),
+            "right": pa.FixedSizeListArray.from_arrays(pa.array(flat[:, 4:].ravel()), 4),
+            "label": pa.array(np.arange(rows)),
+        },
+    ).replace_schema_metadata({b"ptqflow": json.dumps(meta).encode()})
+    read = read_parquet(parquet_bytes(arrow), Columns(inputs=("left", "right")))
+    assert read.features.dtype == np.uint8
+    assert read.inputs == (InputSlot("left", (2, 2, 1), "uint8"), InputSlot("right", (4,), "uint8"))
+    np.testing.assert_array_equal(read.features, flat)
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (pa.array(["a", "b"]), "store each input as a fixed_shape_tensor, a fixed-size list or a number"),
+        (pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float32())), "store each input as"),
+    ],
+)
+def test_an_input_column_of_another_kind_is_refused_with_the_fix(column, message):
+    arrow = pa.table({"good": pa.array([1.0, 2.0]), "bad": column, "label": pa.array([0, 1])})
+    with pytest.raises(TensorTableError, match=message):
+        read_parquet(parquet_bytes(arrow), Columns(inputs=("good", "bad")))
+
+
+def test_a_column_that_cannot_name_a_model_input_is_refused():
+    arrow = pa.table({"my col": pa.array([1.0, 2.0]), "b": pa.array([1.0, 2.0]), "label": pa.array([0, 1])})
+    with pytest.raises(TensorTableError, match="'my col' cannot name a model input.*rename the column"):
+        read_parquet(parquet_bytes(arrow), Columns(inputs=("my col", "b")))
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ("image", "inputs is not a list of objects"),
+        ([{"name": "../x", "shape": [2]}], "is not a letter followed by"),
+        ([{"name": "a", "shape": [0]}], "shape \\[0\\] is not a list of positive integers"),
+        ([{"name": "a", "shape": [2], "dtype": "int64"}], "dtype 'int64' is none of"),
+        ([{"name": "a", "shape": [2]}, {"name": "a", "shape": [2]}], "names one input twice"),
+        ([{"name": "a", "shape": [3]}], "do not add up to the features' shape \\[2\\]"),
+    ],
+)
+def test_a_malformed_input_layout_in_the_metadata_is_refused(inputs, message):
+    meta = {"shape": [2], "dtype": "float32", "inputs": inputs}
+    schema = pa.schema([pa.field("features", pa.binary(8))], metadata={b"ptqflow": json.dumps(meta).encode()})
+    with pytest.raises(TensorTableError, match=f"malformed.*{message}"):
+        table_metadata(schema)

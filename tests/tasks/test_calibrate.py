@@ -71,3 +71,23 @@ def test_the_stored_calibration_set_reads_in_pandas_polars_and_duckdb(tmp_path, 
     np.testing.assert_array_equal([r[1] for r in rows], calibration.labels)
     per_class = duckdb.sql(f"SELECT label, count(*) FROM read_parquet('{path}') GROUP BY label ORDER BY label")
     assert per_class.fetchall() == [(0, 10), (1, 10), (2, 10)]
+
+
+def test_calibration_samples_that_feed_other_inputs_are_refused():
+    from ptqflow.storage.tables import InputSlot
+    from ptqflow.tasks.artifacts import FeatureSpec
+    from ptqflow.tasks.calibrate import check_matches_spec
+
+    slots = (InputSlot("image", (2, 2, 1)), InputSlot("extra", (2,)))
+    spec = FeatureSpec(
+        shape=(6,), dtype="float32", value_range=(0, 1), n_classes=2, class_names=("a", "b"), inputs=slots
+    )
+    same_size = {"inputs": [{"name": "image", "shape": [3]}, {"name": "extra", "shape": [3]}]}
+    table = TensorTable(np.zeros((4, 6), np.float32), np.arange(4) % 2, same_size)
+    with pytest.raises(InvalidDataset, match="feeds the inputs \\[\\('image', \\(3,\\)\\).*calibrate on samples"):
+        check_matches_spec(table, spec, "the calibration source")
+    one_input = TensorTable(np.zeros((4, 6), np.float32), np.arange(4) % 2)
+    with pytest.raises(InvalidDataset, match="of a one-input model"):
+        check_matches_spec(one_input, spec, "the calibration source")
+    matching = {"inputs": [{"name": "image", "shape": [2, 2, 1]}, {"name": "extra", "shape": [2]}]}
+    assert check_matches_spec(TensorTable(np.zeros((4, 6), np.float32), np.arange(4) % 2, matching), spec, "it")

@@ -7,6 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.artifacts import FeatureSpec
+from ptqflow.tasks.errors import InvalidModel
 from ptqflow.tasks.parameters import TrainingParameters
 from ptqflow.tasks.train import build_default_cnn, seeded, train_model
 
@@ -101,6 +104,11 @@ def test_auto_picks_an_mlp_for_tabular_and_a_cnn_for_images():
     standardised = mlp.get_layer("standardise")(features)
     np.testing.assert_allclose(np.asarray(standardised).mean(axis=0), 0, atol=1e-4)
     assert build_model(_spec((6, 6, 3)), "auto", np.zeros((4, 6, 6, 3), np.float32)).name == "ptqflow_cnn"
+    # A constant column is not multiplied by 1/sqrt(epsilon): its spread is floored at a hundredth of the widest.
+    with_constant = np.concatenate([features, np.full((50, 1), 7.0, np.float32)], axis=1)
+    layer = build_model(_spec((6,)), "auto", with_constant).get_layer("standardise")
+    one_above = np.asarray(layer(np.array([[*features.mean(axis=0), 8.0]], np.float32)))[0, -1]
+    assert one_above == pytest.approx(100 / features.std(axis=0).max(), rel=1e-3)
 
 
 def test_shapes_that_fit_no_default_model_say_what_to_pass():
@@ -202,6 +210,7 @@ def test_the_models_own_input_normalisation_is_folded_in_front_of_it(tmp_path, d
     import keras
 
     from ptqflow.tasks.diagnose import layer_names
+    from ptqflow.tasks.parameters import TrainingParameters
     from ptqflow.tasks.train import load_trained_model
 
     spec, splits = digits_splits
@@ -210,7 +219,8 @@ def test_the_models_own_input_normalisation_is_folded_in_front_of_it(tmp_path, d
     hidden = keras.layers.Dense(16, activation="relu", name="hidden")(keras.layers.Flatten(name="flat")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="head")(hidden), name="inner")
     model.save(tmp_path / "model.h5")
-    data, wrapped = load_trained_model(str(tmp_path / "model.h5"), spec, input_scale=0.125, input_offset=-1.0)
+    url = str(tmp_path / "model.h5")
+    data, wrapped = load_trained_model(url, spec, TrainingParameters(model_url=url, input_scale=0.125, input_offset=-1))
     np.testing.assert_allclose(wrapped.predict(raw, verbose=0), model.predict(raw * 0.125 - 1, verbose=0), atol=1e-6)
     assert data.startswith(b"PK")  # stored as .keras, whatever the format brought
     names, nested = layer_names(wrapped)
@@ -219,6 +229,7 @@ def test_the_models_own_input_normalisation_is_folded_in_front_of_it(tmp_path, d
 
 def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits_splits, trained_digits_model):
     from ptqflow.storage.keras_models import keras_model_from_bytes, model_file_format
+    from ptqflow.tasks.parameters import TrainingParameters
     from ptqflow.tasks.train import load_trained_model, model_url_fingerprint
 
     spec, splits = digits_splits
@@ -235,10 +246,127 @@ def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits
     (tmp_path / "saved" / "assets" / "note.txt").write_text("changed")
     assert model_url_fingerprint(str(tmp_path / "saved")) != before
 
-    _, scaled = load_trained_model(str(tmp_path / "saved"), spec, input_scale=2.0, input_offset=1.0)
+    url = str(tmp_path / "saved")
+    _, scaled = load_trained_model(url, spec, TrainingParameters(model_url=url, input_scale=2.0, input_offset=1.0))
     np.testing.assert_allclose(
         scaled.predict(raw, verbose=0), trained_digits_model.predict(raw * 2 + 1, verbose=0), atol=1e-5
     )
+
+
+def two_input_spec(*names: str) -> FeatureSpec:
+    """Digits-like samples fed to two inputs: an 8x8x1 image (uint8) and three float features."""
+    slots = {"image": InputSlot("image", (8, 8, 1), "uint8"), "extra": InputSlot("extra", (3,))}
+    return FeatureSpec(
+        shape=(67,),
+        dtype="float32",
+        value_range=(0.0, 16.0),
+        n_classes=3,
+        class_names=("a", "b", "c"),
+        inputs=tuple(slots[name] for name in names),
+    )
+
+
+def test_a_two_input_model_is_fed_in_order_behind_each_inputs_own_normalisation(tmp_path):
+    """Inputs named otherwise are fed in the columns' order; each column gets its own scale and offset, and a
+    column stored with another shape of the same size is reshaped to what its input takes."""
+    import keras
+
+    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import load_trained_model
+
+    rows = keras.Input((3,), name="rows")
+    pixels = keras.Input((64,), name="pixels")
+    joined = keras.layers.Concatenate()([rows, pixels])
+    model = keras.Model([rows, pixels], keras.layers.Dense(3, activation="softmax")(joined))
+    model.save(tmp_path / "two.h5")
+    spec = two_input_spec("extra", "image")
+    rng = np.random.default_rng(0)
+    extra, image = rng.random((16, 3)).astype(np.float32), rng.integers(0, 17, (16, 8, 8, 1)).astype(np.float32)
+    packed = np.concatenate([extra, image.reshape(16, -1)], axis=1)
+    url = str(tmp_path / "two.h5")
+    params = TrainingParameters(model_url=url, input_scale="0.5,0.0625", input_offset="1,0")
+    data, wrapped = load_trained_model(url, spec, params)
+    assert [t.name for t in wrapped.inputs] == ["extra", "image"] and data.startswith(b"PK")
+    expected = model.predict([extra * 0.5 + 1, image.reshape(16, 64) * 0.0625], verbose=0)
+    np.testing.assert_allclose(predict_keras(wrapped, packed, inputs=spec.inputs), expected, atol=1e-5)
+
+
+def test_inputs_named_after_the_columns_are_fed_by_name_whatever_their_order(tmp_path):
+    import keras
+
+    from ptqflow.storage.keras_models import keras_model_to_bytes
+    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.train import load_trained_model
+
+    extra_in, image_in = keras.Input((3,), name="extra"), keras.Input((8, 8, 1), name="image")
+    joined = keras.layers.Concatenate()([keras.layers.Flatten()(image_in), extra_in])
+    model = keras.Model([image_in, extra_in], keras.layers.Dense(3)(joined))
+    (tmp_path / "named.keras").write_bytes(keras_model_to_bytes(model))
+    spec = two_input_spec("extra", "image")
+    rng = np.random.default_rng(1)
+    extra, image = rng.random((8, 3)).astype(np.float32), rng.random((8, 8, 8, 1)).astype(np.float32)
+    _, loaded = load_trained_model(str(tmp_path / "named.keras"), spec)
+    packed = np.concatenate([extra, image.reshape(8, -1)], axis=1)
+    expected = model.predict({"image": image, "extra": extra}, verbose=0)
+    np.testing.assert_allclose(predict_keras(loaded, packed, inputs=spec.inputs), expected, atol=1e-5)
+
+
+def test_a_model_whose_inputs_do_not_fit_the_columns_is_refused_naming_them(tmp_path):
+    import keras
+
+    from ptqflow.storage.keras_models import keras_model_to_bytes
+    from ptqflow.tasks.errors import InvalidModel
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import load_trained_model
+
+    one = keras.Input((67,))
+    (tmp_path / "one.keras").write_bytes(keras_model_to_bytes(keras.Model(one, keras.layers.Dense(3)(one))))
+    with pytest.raises(InvalidModel, match="with 1 input\\(s\\).*for 2 feature columns \\(image, extra\\)"):
+        load_trained_model(str(tmp_path / "one.keras"), two_input_spec("image", "extra"))
+    a, b = keras.Input((3,), name="a"), keras.Input((64,), name="b")
+    two = keras.Model([a, b], keras.layers.Dense(3)(keras.layers.Concatenate()([a, b])))
+    (tmp_path / "two.keras").write_bytes(keras_model_to_bytes(two))
+    with pytest.raises(InvalidModel, match="input 'a' takes shape \\[3\\], but column 'image' holds 64 values"):
+        load_trained_model(str(tmp_path / "two.keras"), two_input_spec("image", "extra"))
+    url = str(tmp_path / "two.keras")
+    with pytest.raises(InvalidModel, match="give 3 and 1 values for a model with 2 input"):
+        params = TrainingParameters(model_url=url, input_scale="1,2,3")
+        load_trained_model(url, two_input_spec("extra", "image"), params)
+
+
+def test_the_default_model_for_several_inputs_standardises_each_input_and_learns():
+    """Each input standardised on its own before they are joined: joined raw, the small-valued input (pixels) would
+    share one int8 scale with the large-valued one."""
+    from ptqflow.storage.tables import TensorTable
+    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.metrics import accuracy
+    from ptqflow.tasks.parameters import TrainingParameters
+    from ptqflow.tasks.train import build_model, fit_default_model
+
+    digits = load_dataset("digits")
+    images = digits.features.astype(np.float32)
+    sums = images.sum(axis=(2, 3)) * 10 + 5  # each row's sum of intensities, on a scale of hundreds
+    packed = np.concatenate([images.reshape(len(images), -1), sums], axis=1)
+    spec = two_input_spec("image").model_copy(
+        update={"n_classes": 10, "class_names": tuple("0123456789"), "shape": (72,)}
+    )
+    spec = spec.model_copy(update={"inputs": (*spec.inputs, InputSlot("extra", (8,)))})
+    assert {layer.name for layer in build_model(spec, "auto", packed).layers} >= {
+        "image",
+        "extra",
+        "image_standardise",
+        "extra_standardise",
+        "joined_inputs",
+    }
+    train = TensorTable(packed[:1400], digits.labels[:1400])
+    validation = TensorTable(packed[1400:], digits.labels[1400:])
+    model, outcome = fit_default_model(spec, train, validation, TrainingParameters(epochs=20), seed=0)
+    assert [t.name for t in model.inputs] == ["image", "extra"]
+    assert accuracy(predict_keras(model, validation.features, inputs=spec.inputs), validation.labels) > 0.9
+    with pytest.raises(InvalidModel, match="--model cnn takes one image input"):
+        build_model(spec, "cnn", packed)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +375,9 @@ def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits
         ({"model_url": "m.keras", "input_scale": 0.0}, "maps every input to one value"),
         ({"input_scale": 0.5}, "give it with --model-url"),
         ({"model_url": "m.keras", "input_offset": -1.0}, "--input-offset needs --input-scale"),
+        ({"model_url": "m.keras", "input_scale": "0.5,x"}, "not numbers separated by commas"),
+        ({"model_url": "m.keras", "input_scale": "0.5,0"}, "maps every input to one value"),
+        ({"model_url": "m.keras", "input_scale": 1, "input_offset": "1,nan"}, "give finite offsets"),
     ],
 )
 def test_input_normalisation_that_cannot_be_right_is_refused(given, message):
@@ -312,7 +443,7 @@ def test_models_that_do_not_fit_the_task_are_refused_with_the_reason():
     with pytest.raises(InvalidModel, match="with 2 outputs: --task regression compares one output with the labels"):
         check_model_fits(two_heads, spec(ModelTask.regression, n_targets=1), "it is a model", "fix")
     two_inputs = keras.Model([inputs, keras.Input((4,))], keras.layers.Dense(1)(inputs))
-    with pytest.raises(InvalidModel, match="with 2 inputs; ptqflow feeds models one input so far"):
+    with pytest.raises(InvalidModel, match="with 2 inputs, and the samples feed one: name one feature column"):
         check_model_fits(two_inputs, spec(ModelTask.unlabeled), "it is a model", "fix")
     with pytest.raises(InvalidModel, match="--task unlabeled has no labels to train on: pass .* --model-url"):
         check_trainable(ModelTask.unlabeled, TrainingParameters())
