@@ -342,6 +342,8 @@ def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
     Raises:
         TensorTableError: a name or glob that matches no column, or a feature column that is not numeric.
     """
+    if columns.inputs:
+        return columns  # one named column per model input: never a wide table
     if columns.wide:
         unmatched = [p for p in columns.wide if not any(fnmatch.fnmatchcase(n, p) for n in schema.names)]
         if unmatched:

@@ -559,3 +559,27 @@ def test_labels_that_do_not_fit_the_task_say_which_task_fits(tmp_path, columns, 
 def test_class_labelled_sources_have_no_regression_targets(tmp_path):
     with pytest.raises(InvalidDataset, match="digits labels its samples with classes, not numeric targets"):
         load_dataset("digits", Columns(targets="values"))
+
+
+@pytest.mark.parametrize("sample_size", [None, 40])
+def test_input_columns_of_a_parquet_directory_are_read_and_drawn_packed_by_name(tmp_path, sample_size):
+    """A number-per-row input column next to a tensor column: the table is several inputs, not a wide table, read
+    whole or drawn by row groups, across files."""
+    rng = np.random.default_rng(0)
+    for part in range(2):
+        images = rng.integers(0, 255, (30, 2, 2, 1)).astype(np.uint8)
+        table = pa.table(
+            {
+                "image": pa.FixedShapeTensorArray.from_numpy_ndarray(images),
+                "age": pa.array(rng.integers(20, 90, 30)),
+                "score": pa.array(rng.random(30)),  # numeric, and not named: not an input
+                "label": pa.array(np.arange(30) % 3),
+            }
+        )
+        pq.write_table(table, str(tmp_path / f"part-{part}.parquet"), row_group_size=8)
+    columns = Columns(inputs=("image", "age"))
+    draw = Draw(sample_size, (0,)) if sample_size else None
+    loaded = load_dataset(str(tmp_path), columns, draw)
+    assert [(slot.name, slot.shape) for slot in loaded.inputs] == [("image", (2, 2, 1)), ("age", (1,))]
+    assert loaded.sample_shape == (5,) and len(loaded) == (sample_size or 60)
+    assert loaded.features[:, 4].min() >= 20 and loaded.features[:, :4].max() <= 255
