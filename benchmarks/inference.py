@@ -30,7 +30,8 @@ def mobilenet_v2_sized():
 
 
 def _timings(model_bytes: bytes, sample: np.ndarray, threads: int) -> dict:
-    from ptqflow.tasks.interpreter import make_interpreter, quantize_input
+    from ptqflow.tasks.feeds import quantize_input
+    from ptqflow.tasks.interpreter import make_interpreter
 
     interpreter = make_interpreter(model_bytes, threads)
     inp = interpreter.get_input_details()[0]

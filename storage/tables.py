@@ -246,11 +246,7 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
         shape, value_range, names = meta.get("shape"), meta.get("value_range"), meta.get("class_names")
         if meta.get("targets", "classes") not in TARGET_KINDS:
             raise ValueError(f"targets {meta.get('targets')!r} is none of {', '.join(TARGET_KINDS)}")
-        if shape is not None and not (
-            isinstance(shape, list)
-            and shape
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-        ):
+        if shape is not None and not _positive_shape(shape):
             raise ValueError(f"shape {shape!r} is not a list of positive integers")
         if value_range is not None and not (
             isinstance(value_range, list)
@@ -381,11 +377,21 @@ def features_to_numpy(
         return column_to_numpy(data.column(columns.features), meta, columns)
     stacked = np.empty((data.num_rows, len(columns.wide)), np.float32)
     for i, name in enumerate(columns.wide):
-        column = data.column(name)
-        if column.null_count:
-            raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
-        stacked[:, i] = column.to_numpy(zero_copy_only=False)
+        stacked[:, i] = _without_nulls(data.column(name), name).to_numpy(zero_copy_only=False)
     return stacked
+
+
+def _without_nulls(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array:
+    """``column`` as one array.
+
+    Raises:
+        TensorTableError: it has null rows.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
+    return column
 
 
 def _packed_inputs(data: pa.Table | pa.RecordBatch, slots: tuple[InputSlot, ...]) -> np.ndarray:
@@ -393,11 +399,7 @@ def _packed_inputs(data: pa.Table | pa.RecordBatch, slots: tuple[InputSlot, ...]
     packed = np.empty((data.num_rows, sum(slot.size for slot in slots)), dtype)
     start = 0
     for slot in slots:
-        column = data.column(slot.name)
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-        if column.null_count:
-            raise TensorTableError(f"column '{slot.name}' has {column.null_count} null rows: drop them from the source")
+        column = _without_nulls(data.column(slot.name), slot.name)
         if _numeric(column.type):
             values = column.to_numpy(zero_copy_only=False)
         else:
@@ -429,11 +431,8 @@ def _checked_dtype(values: np.ndarray, columns: Columns) -> np.ndarray:
 def column_to_numpy(
     column: pa.Array | pa.ChunkedArray, meta: dict[str, Any], columns: Columns = Columns()
 ) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     name = columns.features
-    if column.null_count:
-        raise TensorTableError(f"column '{name}' has {column.null_count} null rows: drop them from the source")
+    column = _without_nulls(column, name)
     kind = column.type
     if isinstance(kind, pa.FixedShapeTensorType):
         values = column.to_numpy_ndarray()

@@ -99,8 +99,9 @@ def channel_means(model: keras.Model, tensors: list[Any], batches: Iterable[np.n
     probe = keras.Model(model.input, tensors)
     totals: list[np.ndarray] = [np.zeros(int(t.shape[-1])) for t in tensors]
     rows = [0] * len(tensors)
+    inputs = model_input_slots(model)
     for batch in batches:
-        values = probe(keras_feed(np.asarray(batch), model_input_slots(model)), training=False)
+        values = probe(keras_feed(np.asarray(batch), inputs), training=False)
         for index, value in enumerate(values if isinstance(values, (list, tuple)) else [values]):
             flat = np.asarray(value, np.float64).reshape(-1, np.shape(value)[-1])
             totals[index] += flat.sum(axis=0)

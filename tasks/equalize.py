@@ -151,8 +151,9 @@ def channel_magnitudes(
     tensors = [tensor for pair in pairs for tensor in pair.tensors]
     probe = keras.Model(model.input, tensors)
     largest: list[np.ndarray | None] = [None] * len(pairs)
+    inputs = model_input_slots(model)
     for batch in batches:
-        values = probe(keras_feed(np.asarray(batch), model_input_slots(model)), training=False)
+        values = probe(keras_feed(np.asarray(batch), inputs), training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
         position = 0
         for index, pair in enumerate(pairs):

@@ -1,4 +1,5 @@
-"""What a model takes for packed samples: one array, or (a model with several inputs) one array per input.
+"""What a model takes for packed samples: one array, or (a model with several inputs) one array per input; for a
+``.tflite``, each input set with its own type, scale and zero point.
 
 Samples travel through the pipeline as one array per split (``storage.tables``: several inputs' values packed side
 by side); only where a model is run are they split, and inputs are matched by name, never by position: a Keras
@@ -32,6 +33,38 @@ def keras_feed(features: np.ndarray, inputs: tuple[InputSlot, ...] = ()) -> Kera
 def input_parts(features: np.ndarray, inputs: tuple[InputSlot, ...] = ()) -> list[np.ndarray]:
     """``features`` as one array per input, in ``inputs`` order (the array itself for a one-input model)."""
     return split_inputs(features, inputs) if inputs else [features]
+
+
+def quantize_input(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Map raw float values to the input tensor's type with its own (scale, zero point)."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return values.astype(dtype, copy=False)
+    scale, zero_point = detail["quantization"]
+    if scale == 0:
+        raise ValueError(f"input tensor {detail['name']!r} is {dtype} but has no quantization scale")
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def batch_dynamic(details: list[dict]) -> bool:
+    """Whether every one of these inputs takes any batch size (else the model was converted for a fixed one)."""
+    return all(int(d["shape_signature"][0]) == -1 for d in details)
+
+
+def resize_inputs(interpreter: Interpreter, details: list[dict], rows: int) -> None:
+    """Resize each of these inputs to a batch of ``rows`` (the caller allocates)."""
+    for detail in details:
+        interpreter.resize_tensor_input(detail["index"], [rows, *detail["shape"][1:]], strict=True)
+
+
+def set_inputs(
+    interpreter: Interpreter, details: list[dict], rows: np.ndarray, inputs: tuple[InputSlot, ...] = ()
+) -> None:
+    """Set each input (``details`` in ``inputs`` order) to its part of ``rows``, mapped to the tensor's type with
+    its own scale and zero point."""
+    for detail, part in zip(details, input_parts(rows, inputs)):
+        interpreter.set_tensor(detail["index"], quantize_input(part, detail))
 
 
 def tflite_input_indices(interpreter: Interpreter, inputs: tuple[InputSlot, ...] = ()) -> list[int]:

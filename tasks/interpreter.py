@@ -18,7 +18,14 @@ import numpy as np
 
 from ptqflow.storage.tables import InputSlot
 from ptqflow.tasks.convert import native_output_silenced
-from ptqflow.tasks.feeds import input_details, input_parts, keras_feed, tflite_input_indices
+from ptqflow.tasks.feeds import (
+    batch_dynamic,
+    input_details,
+    keras_feed,
+    resize_inputs,
+    set_inputs,
+    tflite_input_indices,
+)
 from ptqflow.tasks.outputs import flatten_outputs, tflite_output_order
 from ptqflow.tasks.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
 
@@ -50,18 +57,6 @@ def make_interpreter(model_bytes: bytes, num_threads: int | None = None) -> Inte
     return interpreter
 
 
-def quantize_input(values: np.ndarray, detail: dict) -> np.ndarray:
-    """Map raw float values to the input tensor's type with its own (scale, zero point)."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return values.astype(dtype, copy=False)
-    scale, zero_point = detail["quantization"]
-    if scale == 0:
-        raise ValueError(f"input tensor {detail['name']!r} is {dtype} but has no quantization scale")
-    info = np.iinfo(dtype)
-    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
-
-
 def dequantize_output(values: np.ndarray, detail: dict) -> np.ndarray:
     """Map an output tensor back to float with its own (scale, zero point)."""
     if np.dtype(detail["dtype"]).kind == "f":
@@ -85,16 +80,15 @@ def predict_tflite(
     order = tflite_output_order(interpreter)
     indices = tflite_input_indices(interpreter, inputs)
     details = input_details(interpreter, indices)
-    batch_dynamic = all(int(d["shape_signature"][0]) == -1 for d in details)
-    step = batch_size if batch_dynamic else int(details[0]["shape"][0])
+    dynamic = batch_dynamic(details)
+    step = batch_size if dynamic else int(details[0]["shape"][0])
     outputs = []
     allocated_for = None
     for start in range(0, len(features), step):
         batch = features[start : start + step].astype(np.float32)
         if len(batch) != allocated_for:
-            if batch_dynamic:
-                for detail in details:
-                    interpreter.resize_tensor_input(detail["index"], [len(batch), *detail["shape"][1:]], strict=True)
+            if dynamic:
+                resize_inputs(interpreter, details, len(batch))
             elif len(batch) != step:
                 batch = np.concatenate([batch, np.zeros((step - len(batch), *batch.shape[1:]), np.float32)])
             interpreter.allocate_tensors()
@@ -102,8 +96,7 @@ def predict_tflite(
             details = input_details(interpreter, indices)
             by_index = {d["index"]: d for d in interpreter.get_output_details()}
             outs = [by_index[i] for i in order]
-        for detail, part in zip(details, input_parts(batch, inputs)):
-            interpreter.set_tensor(detail["index"], quantize_input(part, detail))
+        set_inputs(interpreter, details, batch, inputs)
         interpreter.invoke()
         results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
         result = results[0] if len(results) == 1 else flatten_outputs(results)
@@ -212,21 +205,18 @@ def tflite_speed(
     interpreter = make_interpreter(model_bytes, num_threads)
     indices = tflite_input_indices(interpreter, inputs)
     first = input_details(interpreter, indices)
-    batch_dynamic = all(int(d["shape_signature"][0]) == -1 for d in first)
+    dynamic = batch_dynamic(first)
 
     def prepared(size: int) -> None:
-        if batch_dynamic:
-            for detail in first:
-                interpreter.resize_tensor_input(detail["index"], [size, *detail["shape"][1:]], strict=True)
+        if dynamic:
+            resize_inputs(interpreter, first, size)
         interpreter.allocate_tensors()
         details = input_details(interpreter, indices)
-        rows = features[: int(details[0]["shape"][0])].astype(np.float32)
-        for detail, part in zip(details, input_parts(rows, inputs)):
-            interpreter.set_tensor(detail["index"], quantize_input(part, detail))
+        set_inputs(interpreter, details, features[: int(details[0]["shape"][0])].astype(np.float32), inputs)
 
     prepared(1)
     latency = _percentiles(_timed(interpreter.invoke, budget_seconds, most=500))
-    batch = min(batch_size, len(features)) if batch_dynamic else int(first[0]["shape"][0])
+    batch = min(batch_size, len(features)) if dynamic else int(first[0]["shape"][0])
     prepared(batch)
     per_batch = _timed(interpreter.invoke, budget_seconds, most=50, least=3)
     return Speed(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.feeds import input_details, input_parts, tflite_input_indices
+from ptqflow.tasks.feeds import batch_dynamic, input_details, resize_inputs, set_inputs, tflite_input_indices
 from ptqflow.tasks.parameters import DEFAULT_PERCENTILE, CalibrationMethod
 
 BINS = 2048  # histogram resolution: 8 bins per int8 step of the full range
@@ -136,7 +136,7 @@ def activation_histograms(
         interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=1)
     indices = tflite_input_indices(interpreter, inputs)
     first = input_details(interpreter, indices)
-    dynamic = all(int(d["shape_signature"][0]) == -1 for d in first)
+    dynamic = batch_dynamic(first)
     allocated = None
     for batch in batches:
         step = len(batch) if dynamic else int(first[0]["shape"][0])
@@ -144,14 +144,12 @@ def activation_histograms(
             rows = np.asarray(batch[start : start + step], np.float32)
             if len(rows) != allocated:
                 if dynamic:
-                    for detail in first:
-                        interpreter.resize_tensor_input(detail["index"], [len(rows), *detail["shape"][1:]], strict=True)
+                    resize_inputs(interpreter, first, len(rows))
                 interpreter.allocate_tensors()
                 allocated = len(rows)
             if len(rows) < step and not dynamic:  # a fixed batch: pad, and count only the real rows
                 rows = np.concatenate([rows, np.zeros((step - len(rows), *rows.shape[1:]), np.float32)])
-            for index, part in zip(indices, input_parts(rows, inputs)):
-                interpreter.set_tensor(index, part)
+            set_inputs(interpreter, input_details(interpreter, indices), rows, inputs)  # float inputs: as they are
             interpreter.invoke()
             real = min(step, len(batch) - start)
             for index, hist in histograms.items():

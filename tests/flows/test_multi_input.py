@@ -48,7 +48,7 @@ def test_a_two_input_h5_model_is_quantized_with_each_inputs_normalisation_and_fe
     columns, each with its own scale and zero point."""
     import keras
 
-    from ptqflow.tasks.interpreter import quantize_input
+    from ptqflow.tasks.feeds import quantize_input
 
     folder, images, sums, labels = two_columns
     keras.utils.set_random_seed(0)
