@@ -30,7 +30,7 @@ from ptqflow.storage.store import BLOCK_ENV, EXPORT_OPTIONS_ENV, STORE_OPTIONS_E
 from ptqflow.tasks.artifacts import CalibrationSet, SampledDataset, TrainedModel, ValidationResult
 from ptqflow.tasks.calibrate import materialize_calibration_set
 from ptqflow.tasks.datasets import is_builtin, resolve_source
-from ptqflow.tasks.errors import AccuracyGateFailed
+from ptqflow.tasks.errors import AccuracyGateFailed, secrets_kept_out
 from ptqflow.tasks.gate import GateResult
 from ptqflow.tasks.manifest import build_manifest, write_run_manifest
 from ptqflow.tasks.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
@@ -70,7 +70,22 @@ def guarded_run(
 ) -> Iterator[StageRunner]:
     """A stage runner on ``store`` while this run holds the store's and the export's lock (see flows/locks.py);
     with ``storage_block`` / ``export_block``, their credentials open the store and the export (see
-    ``storage.credentials``); with ``registry``'s MLflow, once it answers."""
+    ``storage.credentials``); with ``registry``'s MLflow, once it answers. An exception leaving the run quotes
+    no secret (``secrets_kept_out``): Prefect records the flow run's failure."""
+    with secrets_kept_out():
+        yield from _guarded(store, export, sampling, training, calibration, storage_block, export_block, registry)
+
+
+def _guarded(
+    store: str,
+    export: str | None,
+    sampling: SamplingParameters,
+    training: TrainingParameters,
+    calibration: CalibrationParameters,
+    storage_block: str | None,
+    export_block: str | None,
+    registry: RegistryParameters | None,
+) -> Iterator[StageRunner]:
     # A deployment's form is filled by others: its locations and model are checked before anything is touched.
     enforce_for_deployment_runs(
         {
@@ -80,6 +95,8 @@ def guarded_run(
             "training": training.model_dump(mode="json"),
             "calibration": calibration.model_dump(mode="json"),
             "registry": registry.model_dump(mode="json") if registry else None,
+            "storage_block": storage_block,
+            "export_block": export_block,
         }
     )
     check_trainable(sampling.task, training)

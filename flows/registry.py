@@ -26,11 +26,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.errors import PtqflowError, secrets_kept_out
 from ptqflow.tasks.outcome import RegistryRecord
 from ptqflow.tasks.parameters import RegistryParameters
 from ptqflow.tasks.promotion import read_pointer
-from ptqflow.tasks.publish import export_store, read_verified
+from ptqflow.tasks.publish import export_store, read_exported
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -160,11 +160,7 @@ def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: M
     float model, the report and the manifest, each checked against its sha256 first."""
     exported = pointer["files"]
     names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
-    files = {
-        names[label]: read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
-        for label, ref in exported.items()
-        if label in names
-    }
+    files = {names[label]: read_exported(export, ref) for label, ref in exported.items() if label in names}
     manifest = json.loads(files["manifest.json"]) if "manifest.json" in files else {}
     mlflow_run = _mlflow_run(client, name, pointer["run_id"])
     _log_files(client, mlflow_run, files, "model")
@@ -220,6 +216,7 @@ def in_line_again(registry: RegistryParameters, name: str, export: str | None, r
 
 
 @task(name="record_in_mlflow", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def record_in_mlflow(
     store_url: str,
     registry: RegistryParameters,
@@ -288,9 +285,7 @@ def name_for_export(registry: RegistryParameters, export: ArtifactStore) -> str:
         raise RegistryError(
             f"{export.url} holds no exported run to name the registered model by: pass --registered-model"
         )
-    manifest = json.loads(
-        read_verified(export, export.key_of(manifest_ref["uri"]), manifest_ref["sha256"], manifest_ref["bytes"])
-    )
+    manifest = json.loads(read_exported(export, manifest_ref))
     return registered_model_name(registry, str(manifest["parameters"]["sampling"]["dataset"]))
 
 

@@ -3,7 +3,6 @@ every artifact a stage hands on, and cache-hit bookkeeping."""
 
 from __future__ import annotations
 
-import errno
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,6 +11,7 @@ from uuid import UUID
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture
 
+from ptqflow.storage.errors import refused_by_storage
 from ptqflow.storage.results import result_storage_for
 from ptqflow.storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
 from ptqflow.storage.tables import TensorTableError
@@ -29,16 +29,6 @@ USER_ERRORS = (PtqflowError, StoreError, TensorTableError)
 NOT_TRANSIENT = (*USER_ERRORS, ValueError, TypeError, KeyError, FileNotFoundError)
 
 
-# Storage that answered, and said no: retrying does not help, and "unreachable" would send the user the wrong way.
-STORAGE_REFUSALS = {
-    errno.ENOSPC: "the storage is full",
-    errno.EDQUOT: "the storage quota is used up",
-    errno.EROFS: "the storage is read-only",
-    errno.EACCES: "the storage refuses writes (permission denied)",
-    errno.EPERM: "the storage refuses the operation (not permitted)",
-}
-
-
 def storage_refusal(error: BaseException) -> str | None:
     """One line for a run that failed because the storage refused (full, read-only, locked by another run), or
     None for any other error."""
@@ -46,13 +36,8 @@ def storage_refusal(error: BaseException) -> str | None:
 
     if isinstance(error, LockNotAcquired):
         return str(error)
-    if isinstance(error, OSError) and error.errno in STORAGE_REFUSALS:
-        where = f" at {error.filename}" if error.filename else ""
-        return (
-            f"{STORAGE_REFUSALS[error.errno]}{where} ({error.strerror}): free space or fix its permissions, or "
-            "point --store elsewhere; completed stages are reused on the rerun"
-        )
-    return None
+    refusal = refused_by_storage(error, "--store")
+    return f"{refusal}; completed stages are reused on the rerun" if refusal else None
 
 
 # What the storage backends raise when they find no credentials at all (botocore, google-auth, azure-identity).

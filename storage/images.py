@@ -1,17 +1,42 @@
-"""Encoded images (JPEG, PNG, BMP, ...) to pixels: the one place that decodes them, for image folders and for
-Parquet columns of image bytes (the Hugging Face ``Image`` layout)."""
+"""Encoded images (PNG, JPEG and BMP only) to pixels: the one place that decodes them, for image folders and for
+Parquet columns of image bytes (the Hugging Face ``Image`` layout).
+
+An image file is data someone else wrote. Pillow picks a decoder by what the bytes say they are, and some of its
+decoders run other programs (EPS hands the file to Ghostscript) or parse formats far richer than a training image
+needs; so only the PNG, JPEG and BMP decoders are ever offered the bytes, and a file whose name says one of those
+formats must hold that format."""
 
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 
 PILLOW_MODES = {"rgb": "RGB", "grayscale": "L"}
+# Pillow's format names, and the file suffixes that name each.
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",)}
+IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
 
 
 class UndecodableImage(ValueError):
-    """The bytes are not an image Pillow can decode."""
+    """The bytes are not a PNG, JPEG or BMP image Pillow can decode, or not the format their name says."""
+
+
+class ImageHeader(NamedTuple):
+    """What an image declares before it is decoded."""
+
+    format: str
+    width: int
+    height: int
+    channels: int
+
+    def decoded_bytes(self, image_size: tuple[int, int] | None = None, color_mode: str | None = None) -> int:
+        """Bytes of the uint8 pixels it becomes: decoding allocates the image at its own size, and the result
+        is held at ``image_size`` (height, width) in ``color_mode``'s channels."""
+        channels = {"rgb": 3, "grayscale": 1}.get(color_mode or "", self.channels)
+        height, width = image_size or (self.height, self.width)
+        return max(self.width * self.height * self.channels, height * width * channels)
 
 
 def own_mode(mode: str) -> str:
@@ -19,17 +44,49 @@ def own_mode(mode: str) -> str:
     return "L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"
 
 
-def decode_image(data: bytes, image_size: tuple[int, int] | None = None, color_mode: str | None = None) -> np.ndarray:
+def _opened(data: bytes, name: str | None) -> object:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+    except UnidentifiedImageError:
+        raise UndecodableImage("not a PNG, JPEG or BMP image") from None
+    suffix = ("." + name.rsplit(".", 1)[-1].lower()) if name and "." in name else ""
+    if suffix in IMAGE_SUFFIXES and suffix not in IMAGE_FORMATS[str(image.format)]:
+        image.close()
+        raise UndecodableImage(f"a {image.format} image named {suffix}")
+    return image
+
+
+def image_header(data: bytes, name: str | None = None) -> ImageHeader:
+    """The format, size and channels the image declares, read from its header without decoding its pixels.
+
+    Raises:
+        UndecodableImage: not a PNG, JPEG or BMP image, or not the format ``name``'s suffix says.
+    """
+    try:
+        with _opened(data, name) as image:  # type: ignore[attr-defined]
+            return ImageHeader(image.format, image.width, image.height, 1 if own_mode(image.mode) == "L" else 3)
+    except (OSError, ValueError) as error:
+        if isinstance(error, UndecodableImage):
+            raise
+        raise UndecodableImage(type(error).__name__) from None
+
+
+def decode_image(
+    data: bytes, image_size: tuple[int, int] | None = None, color_mode: str | None = None, name: str | None = None
+) -> np.ndarray:
     """``(H, W, C)`` uint8 pixels: in ``color_mode`` (rgb, grayscale; else the image's own), resized to
-    ``image_size`` (height, width) if given.
+    ``image_size`` (height, width) if given. ``name`` (a file name, if the image has one) must not say another
+    format than the content is.
 
     Raises:
         UndecodableImage: with the decoder's reason.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _opened(data, name) as image:  # type: ignore[attr-defined]
             image.load()
             mode = PILLOW_MODES[color_mode] if color_mode else own_mode(image.mode)
             converted = image.convert(mode) if image.mode != mode else image
@@ -39,6 +96,8 @@ def decode_image(data: bytes, image_size: tuple[int, int] | None = None, color_m
     except Image.DecompressionBombError:
         # Pillow's guard (about 179 megapixels by default): a small file can declare a huge image.
         raise UndecodableImage("more pixels than Pillow decodes safely") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except UndecodableImage:
+        raise
+    except (OSError, ValueError) as error:
         raise UndecodableImage(type(error).__name__) from None
     return pixels[..., np.newaxis] if pixels.ndim == 2 else pixels

@@ -1,7 +1,7 @@
 """Keras models as bytes: the one place that knows how a ``.keras`` archive is written and read, and which model
 files a user may bring: ``.keras`` and legacy HDF5 ``.h5`` (each loaded with Keras safe mode on), and SavedModel
-directories (packed as one zip; loaded only when the graph its serving signature runs has no op that reaches
-outside the model, such as file reads and writes)."""
+directories (packed as one zip; loaded only when everything that loading and serving it can run is on the allowlist
+of compute ops, ``saved_model_ops``)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def keras_model_from_bytes(data: bytes) -> keras.Model:
 
     if model_file_format(data) == "saved_model":
         return saved_model_from_zip(data)
+    _check_unpacked_size(data, "the .keras archive")
 
     with tempfile.TemporaryDirectory(prefix="ptqflow-") as tmp:
         path = os.path.join(tmp, "model.keras")
@@ -124,31 +125,11 @@ def user_model_from_bytes(data: bytes) -> tuple[keras.Model, str]:
 SAVED_MODEL_PROTO = "saved_model.pb"
 SERVING_SIGNATURE = "serving_default"
 NORMALISATION_FILE = "ptqflow-input-normalisation.json"
-# Ops that reach outside the model when it runs: files, Python, the network, printing and debug sinks. A
-# SavedModel's graph is a program; loading it and validating the float model run it, so one that would run any of
-# these is refused before it is loaded (see executed_ops).
-REFUSED_OP_MARKERS = (
-    "File",
-    "Reader",
-    "Record",
-    "Dataset",
-    "Iterator",
-    "PyFunc",
-    "Save",
-    "Restore",
-    "Checkpoint",
-    "Print",
-    "Debug",
-    "Summary",
-    "Socket",
-    "Rpc",
-    "ImmutableConst",
-    "Execute",
-)
 
 
-class UnsafeSavedModel(ValueError):
-    """A SavedModel that cannot be loaded safely, or is not a single-input model."""
+class UnsafeModelFile(ValueError):
+    """A model file that cannot be loaded safely (a SavedModel running more than compute, an archive inflating
+    past the limit), or a SavedModel that is not a single-input model."""
 
 
 def pack_saved_model(files: Iterable[tuple[str, bytes]]) -> bytes:
@@ -169,22 +150,29 @@ def with_normalisation_record(packed: bytes, scale: float, offset: float) -> byt
     return pack_saved_model([*files, (NORMALISATION_FILE, record)])
 
 
-def _extract(data: bytes, into: str, max_bytes: int | None = None) -> None:
-    """Unpack a stored SavedModel zip: every member stays inside ``into``, and the whole stays under
-    ``max_bytes`` (default: the model file limit, ``PTQFLOW_MAX_MODEL_BYTES``; the store is not trusted: a crafted
-    zip could name ../ paths or inflate without bound)."""
+def _check_unpacked_size(data: bytes, what: str, max_bytes: int | None = None) -> None:
+    """Refuse a zip whose members declare more bytes than the model file limit (``PTQFLOW_MAX_MODEL_BYTES``): a
+    small archive can inflate without bound, and Keras reads its config whole. Checked from the zip's directory,
+    before anything is inflated; zipfile refuses to inflate a member past its declared size."""
     from ptqflow.tasks.limits import MAX_MODEL_BYTES  # the setting a user raises for a large model file
 
     limit = MAX_MODEL_BYTES.value if max_bytes is None else max_bytes
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        members = archive.infolist()
-        unpacked = sum(m.file_size for m in members)
-        if unpacked > limit:
-            raise UnsafeSavedModel(MAX_MODEL_BYTES.refusal(f"the packed SavedModel unpacks to {unpacked:,} bytes"))
-        for member in members:
+        unpacked = sum(m.file_size for m in archive.infolist())
+    if unpacked > limit:
+        raise UnsafeModelFile(MAX_MODEL_BYTES.refusal(f"{what} unpacks to {unpacked:,} bytes"))
+
+
+def _extract(data: bytes, into: str, max_bytes: int | None = None) -> None:
+    """Unpack a stored SavedModel zip: every member stays inside ``into``, and the whole stays under
+    ``max_bytes`` (default: the model file limit, ``PTQFLOW_MAX_MODEL_BYTES``; the store is not trusted: a crafted
+    zip could name ../ paths or inflate without bound)."""
+    _check_unpacked_size(data, "the packed SavedModel", max_bytes)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.infolist():
             name = posixpath.normpath(member.filename)
             if member.filename.startswith("/") or name.startswith("..") or "\\" in member.filename:
-                raise UnsafeSavedModel(f"the packed SavedModel names a path outside itself: {member.filename!r}")
+                raise UnsafeModelFile(f"the packed SavedModel names a path outside itself: {member.filename!r}")
             if member.is_dir():
                 continue
             target = os.path.join(into, *name.split("/"))
@@ -193,85 +181,134 @@ def _extract(data: bytes, into: str, max_bytes: int | None = None) -> None:
                 shutil.copyfileobj(source, sink)
 
 
-def _serving_graph(directory: str) -> Any:
-    """The meta graph holding the serving signature."""
+def _saved_model(directory: str) -> Any:
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
     with open(os.path.join(directory, SAVED_MODEL_PROTO), "rb") as f:
         saved.ParseFromString(f.read())
-    graph = next((m for m in saved.meta_graphs if SERVING_SIGNATURE in m.signature_def), None)
+    return saved
+
+
+def _serving_graph(directory: str) -> Any:
+    """The meta graph holding the serving signature."""
+    graph = next((m for m in _saved_model(directory).meta_graphs if SERVING_SIGNATURE in m.signature_def), None)
     if graph is None:
-        raise UnsafeSavedModel(
+        raise UnsafeModelFile(
             f"the SavedModel has no {SERVING_SIGNATURE!r} signature: export it with model.export(path) or "
             "tf.saved_model.save(obj, path, signatures=...)"
         )
     return graph
 
 
-def executed_ops(directory: str) -> set[str]:
-    """Every op type that loading the SavedModel and serving it can run: what the serving signature and the init
-    op reach (graph nodes, and the functions they call, transitively), and the restore functions the loader calls
-    to read the variables (those holding RestoreV2; their own RestoreV2 is what loading is). The saver's functions,
-    which only saving runs, are not executed and not counted."""
-    graph = _serving_graph(directory)
-    nodes = {node.name: node for node in graph.graph_def.node}
-    functions = {f.signature.name: f for f in graph.graph_def.library.function}
-    ops: set[str] = set()
+def _called_functions(attrs: Any) -> list[str]:
+    names = []
+    for value in attrs.values():
+        if value.HasField("func"):
+            names.append(value.func.name)
+        names += [f.name for f in value.list.func]
+    return names
+
+
+def _node_name(tensor: str) -> str:
+    return tensor.lstrip("^").split(":")[0]
+
+
+def executed_ops(meta_graph: Any) -> dict[str, set[str]]:
+    """Every op type that loading and serving a meta graph can run, each with where it runs (a function's or a graph
+    node's name).
+
+    What can run is: every concrete function the object graph revives (signatures, attributes, restore and
+    initializer functions, resources' create, initialize and destroy functions: anything reachable from Python once
+    loaded), the graph nodes behind every signature and init op, and, for a TF1-style SavedModel without an object
+    graph, the saver's restore op; each with every function it calls, transitively. The saver's save op is the one
+    thing left out: only saving runs it, and ptqflow never saves a loaded SavedModel."""
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    functions = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    ops: dict[str, set[str]] = {}
     seen_nodes: set[str] = set()
     seen_functions: set[str] = set()
-
-    def called(attrs: Any) -> list[str]:
-        names = []
-        for value in attrs.values():
-            if value.HasField("func"):
-                names.append(value.func.name)
-            names += [f.name for f in value.list.func]
-        return names
 
     def visit_function(name: str) -> None:
         if name in seen_functions or name not in functions:
             return
         seen_functions.add(name)
         for node in functions[name].node_def:
-            ops.add(node.op)
-            for inner in called(node.attr):
-                visit_function(inner)
             if node.op in functions:  # a function called as an op
                 visit_function(node.op)
+            else:
+                ops.setdefault(node.op, set()).add(name)
+            for inner in _called_functions(node.attr):
+                visit_function(inner)
 
-    def visit_node(name: str) -> None:
-        name = name.lstrip("^").split(":")[0]
+    def visit_node(tensor: str) -> None:
+        name = _node_name(tensor)
         if name in seen_nodes or name not in nodes:
             return
         seen_nodes.add(name)
         node = nodes[name]
-        ops.add(node.op)
-        for inner in called(node.attr):
-            visit_function(inner)
         if node.op in functions:
             visit_function(node.op)
+        else:
+            ops.setdefault(node.op, set()).add(name)
+        for inner in _called_functions(node.attr):
+            visit_function(inner)
         for source in node.input:
             visit_node(source)
 
-    for name in (SERVING_SIGNATURE, "__saved_model_init_op"):
-        if name in graph.signature_def:
-            for output in graph.signature_def[name].outputs.values():
-                visit_node(output.name)
-    restores = [name for name, f in functions.items() if any(node.op == "RestoreV2" for node in f.node_def)]
-    for name in restores:
+    for name in meta_graph.object_graph_def.concrete_functions:
         visit_function(name)
-    return ops - ({"RestoreV2"} if restores else set())
+    for signature in meta_graph.signature_def.values():
+        for output in signature.outputs.values():
+            visit_node(output.name)
+    for collection in ("saved_model_main_op", "legacy_init_op", "table_initializer", "init_op"):
+        if collection in meta_graph.collection_def:
+            for name in meta_graph.collection_def[collection].node_list.value:
+                visit_node(name)
+    if not meta_graph.HasField("object_graph_def") and meta_graph.saver_def.restore_op_name:
+        visit_node(meta_graph.saver_def.restore_op_name)
+    return ops
+
+
+def _restores_only_its_own_variables(meta_graph: Any, where: set[str]) -> bool:
+    """Whether every RestoreV2 in ``where`` is a TF1 saver's graph node whose file prefix is the saver's filename
+    tensor, which the loader feeds with the model's own variables path."""
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    filename = _node_name(meta_graph.saver_def.filename_tensor_name)
+    return not meta_graph.HasField("object_graph_def") and all(
+        name in nodes and nodes[name].input and _node_name(nodes[name].input[0]) == filename for name in where
+    )
 
 
 def check_saved_model(directory: str) -> None:
-    """Refuse a SavedModel whose serving signature can reach outside the model (see REFUSED_OP_MARKERS)."""
-    refused = sorted(op for op in executed_ops(directory) if any(marker in op for marker in REFUSED_OP_MARKERS))
-    if refused:
-        raise UnsafeSavedModel(
-            f"loading and serving the SavedModel runs {', '.join(refused)}, which can reach outside the model "
-            "(files, Python, the network): export only the model's computation (model.export(path))"
-        )
+    """Refuse a SavedModel unless everything that loading and serving it can run is compute
+    (``saved_model_ops.COMPUTE_OPS``), and unless the serving signature is what serving calls: an object attribute
+    of the same name would be called instead of it (Keras's TFSMLayer looks for an attribute first), so one is
+    refused."""
+    from ptqflow.storage.saved_model_ops import COMPUTE_OPS, RESTORE_OP
+
+    saved = _saved_model(directory)
+    if not any(SERVING_SIGNATURE in m.signature_def for m in saved.meta_graphs):
+        _serving_graph(directory)  # raises, naming the fix
+    for meta_graph in saved.meta_graphs:
+        if meta_graph.object_graph_def.nodes:
+            root = meta_graph.object_graph_def.nodes[0]
+            if any(child.local_name == SERVING_SIGNATURE for child in root.children):
+                raise UnsafeModelFile(
+                    f"the SavedModel has an attribute named like its signature {SERVING_SIGNATURE!r}, which would be "
+                    "called instead of the signature: export the model with model.export(path)"
+                )
+        ops = executed_ops(meta_graph)
+        where_restored = ops.pop(RESTORE_OP, set())
+        if where_restored and not _restores_only_its_own_variables(meta_graph, where_restored):
+            ops[RESTORE_OP] = where_restored
+        refused = sorted(op for op in ops if op not in COMPUTE_OPS)
+        if refused:
+            raise UnsafeModelFile(
+                f"loading or serving the SavedModel would run {', '.join(refused)}, which ptqflow does not run from "
+                "a model file (it runs only compute ops TFLite can convert; files, Python, the network and other "
+                "outside effects are refused): export only the model's computation (model.export(path))"
+            )
 
 
 def saved_model_from_zip(data: bytes, max_bytes: int | None = None) -> keras.Model:
@@ -312,11 +349,11 @@ def _sample_shape(directory: str) -> tuple[int, ...]:
     """One sample's shape, from the serving signature's only input."""
     inputs = list(_serving_graph(directory).signature_def[SERVING_SIGNATURE].inputs.values())
     if len(inputs) != 1:
-        raise UnsafeSavedModel(
+        raise UnsafeModelFile(
             f"the SavedModel takes {len(inputs)} inputs, which a TFSMLayer cannot name: save a model with several "
             "inputs as .keras (model.save('m.keras'))"
         )
     dims = [int(d.size) for d in inputs[0].tensor_shape.dim]
     if not dims or any(size < 0 for size in dims[1:]):
-        raise UnsafeSavedModel("the SavedModel's input has no fixed sample shape: export it with a fixed shape")
+        raise UnsafeModelFile("the SavedModel's input has no fixed sample shape: export it with a fixed shape")
     return tuple(dims[1:])

@@ -37,6 +37,11 @@ _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BLOB_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")  # what put_bytes is given: "", ".json", ".tflite", ...
 
 TEMPORARY_MARK = ".tmp-"  # <name>.tmp-<uuid>: a local write in progress, renamed into place when complete
+_TEMPORARY_NAME = re.compile(r"^[A-Za-z0-9._-]+\.tmp-[0-9a-f]{32}$")
+# What ptqflow writes under a store's or an export's root: the folders of its blobs and named keys, and its
+# top-level files. Only there are a killed writer's temporaries swept.
+OWN_FOLDERS = ("blobs", "quarantine", "runs", "prefect-results", "versions", "history")
+OWN_TOP_FILES = ("latest.json",)
 STORE_OPTIONS_ENV = "PTQFLOW_STORAGE_OPTIONS"
 EXPORT_OPTIONS_ENV = "PTQFLOW_EXPORT_STORAGE_OPTIONS"
 # The Prefect block (storage.credentials) that replaces each variable's options for a run: its name only.
@@ -158,6 +163,31 @@ def scrub_signed_urls(text: str) -> str:
     for redacted, original in _signed_urls().items():
         text = text.replace(original, redacted)
     return text
+
+
+# A URL inside free text (an error message): a scheme, then everything up to whitespace or a quote, less the
+# punctuation that ends a sentence or a clause after it.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*[^\s'\"<>`:;,.)\]]")
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with every secret a URL in it can carry taken out: held signed URLs and any other URL whose query
+    holds a signature or token (reduced as ``redact_url`` does), and passwords in a URL's user part."""
+    text = scrub_signed_urls(text)
+
+    def scrubbed(match: re.Match[str]) -> str:
+        url = match.group(0)
+        parts = urlsplit(url)
+        try:
+            password = parts.password
+        except ValueError:  # not a URL after all (an unparsable port): nothing to take out
+            return url
+        if password:
+            netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+            url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return redact_url(url)
+
+    return _URL_IN_TEXT.sub(scrubbed, text)
 
 
 def carries_credentials(url: str) -> bool:
@@ -499,13 +529,36 @@ class ArtifactStore:
             return []
         cutoff = time.time() - older_than_seconds
         swept = []
-        for folder, _, files in os.walk(self.root):
-            for name in files:
-                path = os.path.join(folder, name)
-                if TEMPORARY_MARK in name and os.path.getmtime(path) < cutoff:
-                    os.unlink(path)
-                    swept.append(self._uri(path))
+        # Only where this store writes (its own folders, never links out of them), and only names of its own
+        # temporaries: the root may be a folder that holds other files (a store named "~" by mistake).
+        candidates = [
+            os.path.join(folder, name)
+            for top in self._own_folders()
+            for folder, _, names in os.walk(top)
+            for name in names
+        ]
+        candidates += [
+            os.path.join(self.root, name)
+            for name in os.listdir(self.root)
+            if name.split(TEMPORARY_MARK, 1)[0] in OWN_TOP_FILES
+        ]
+        for path in candidates:
+            if (
+                _TEMPORARY_NAME.match(os.path.basename(path))
+                and not os.path.islink(path)
+                and os.path.getmtime(path) < cutoff
+            ):
+                os.unlink(path)
+                swept.append(self._uri(path))
         return swept
+
+    def _own_folders(self) -> list[str]:
+        """Where ptqflow writes under the root: its own folders (``OWN_FOLDERS``), not the root's other ones."""
+        return [
+            path
+            for path in (os.path.join(self.root, name) for name in OWN_FOLDERS)
+            if os.path.isdir(path) and not os.path.islink(path)
+        ]
 
     # -- repair ----------------------------------------------------------------------------------------
     def quarantine(self, ref: ArtifactRef) -> str | None:

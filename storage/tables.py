@@ -478,7 +478,8 @@ def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
     """Decode a column of encoded images, on a thread pool (Pillow releases the GIL), into one uint8 array."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ptqflow.storage.images import UndecodableImage, decode_image
+    from ptqflow.storage.images import UndecodableImage, decode_image, image_header
+    from ptqflow.tasks.limits import MAX_DECODED_BYTES  # the setting a user raises for larger images
 
     name = columns.features
     if encoded.null_count:
@@ -487,13 +488,32 @@ def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
             "images (datasets' to_parquet does)"
         )
 
+    def refused(row: int, error: UndecodableImage) -> TensorTableError:
+        return TensorTableError(
+            f"column '{name}' row {row} cannot be decoded as an image ({error}): replace or remove it"
+        )
+
+    # What the images declare, from their headers, before any is decoded: a few kilobytes of PNG can declare
+    # hundreds of megabytes of pixels.
+    declared = 0
+    for row in range(len(encoded)):
+        try:
+            declared += image_header(encoded[row].as_py()).decoded_bytes(columns.image_size, columns.color_mode)
+        except UndecodableImage as error:
+            raise refused(row, error) from None
+        if declared > MAX_DECODED_BYTES.value:
+            raise TensorTableError(
+                MAX_DECODED_BYTES.refusal(
+                    f"column '{name}' declares images of {declared:,} bytes once decoded (by row {row})"
+                )
+                + "; --sample-size draws fewer, --image-size makes them smaller"
+            )
+
     def decode(row: int) -> np.ndarray:
         try:
             return decode_image(encoded[row].as_py(), columns.image_size, columns.color_mode)
         except UndecodableImage as error:
-            raise TensorTableError(
-                f"column '{name}' row {row} cannot be decoded as an image ({error}): replace or remove it"
-            ) from None
+            raise refused(row, error) from None
 
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         images = list(pool.map(decode, range(len(encoded))))

@@ -11,7 +11,7 @@ from ptqflow.storage.tables import Columns, TensorTable, read_parquet, write_par
 from ptqflow.tasks.artifacts import CalibrationSet, FeatureSpec, SampledDataset
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import Draw, load_dataset, peek_dataset
-from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.errors import InvalidDataset, secrets_kept_out
 from ptqflow.tasks.parameters import CalibrationParameters
 from ptqflow.tasks.sample import refuse_non_finite
 from ptqflow.tasks.stratify import draw_stratified
@@ -55,6 +55,7 @@ def check_matches_spec(table: TensorTable, spec: FeatureSpec, where: str) -> Ten
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def materialize_calibration_set(
     store_url: str,
     dataset: SampledDataset,

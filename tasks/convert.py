@@ -24,7 +24,7 @@ from ptqflow.storage.store import ArtifactStore
 from ptqflow.storage.tables import iter_feature_batches
 from ptqflow.tasks.artifacts import CalibrationSet, ConvertedModels, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
-from ptqflow.tasks.errors import ConversionFailed
+from ptqflow.tasks.errors import ConversionFailed, secrets_kept_out
 from ptqflow.tasks.feeds import keras_feed, model_input_slots
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from ptqflow.tasks.parameters import (
@@ -303,6 +303,7 @@ def stored_calibration_batches(
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def convert_to_tflite(
     store_url: str, trained: TrainedModel, calibration: CalibrationSet, params: ConversionParameters
 ) -> ConvertedModels:

@@ -17,12 +17,10 @@ from datetime import datetime
 import fsspec
 import numpy as np
 
-from ptqflow.storage.images import UndecodableImage, decode_image
+from ptqflow.storage.images import IMAGE_SUFFIXES, UndecodableImage, decode_image
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.errors import InvalidDataset
 from ptqflow.tasks.splits import SPLITS, split_codes, split_named
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def list_image_folder(
 
 def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> np.ndarray:
     try:
-        return decode_image(fs.cat_file(path), columns.image_size, columns.color_mode)
+        return decode_image(fs.cat_file(path), columns.image_size, columns.color_mode, name=path.rsplit("/", 1)[-1])
     except UndecodableImage as error:
         raise InvalidDataset(
             f"{fs.unstrip_protocol(path)} cannot be decoded as an image ({error}): replace or remove it"

@@ -11,14 +11,16 @@ import json
 import platform
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, ValidationError
 
-from ptqflow.storage.store import ArtifactStore, StoreError, safe_key
+from ptqflow.storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from ptqflow.tasks.caching import library_versions
+from ptqflow.tasks.errors import secrets_kept_out
 
 RUNS_PREFIX = "runs"
 _SECRET_NAME = re.compile(r"secret|password|passwd|token|credential|access_key|key_id|sas|signature", re.I)
@@ -78,6 +80,7 @@ def build_manifest(
 
 
 @task(name="write_run_manifest", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def write_run_manifest(store_url: str, manifest: dict[str, Any]) -> str:
     """Create ``runs/<run_id>.json``; refuses to replace an existing manifest. Returns its URI."""
     store = ArtifactStore(store_url)
@@ -90,10 +93,17 @@ def write_run_manifest(store_url: str, manifest: dict[str, Any]) -> str:
         return store.uri_for(key)
 
 
-def list_manifests(store: ArtifactStore) -> list[dict[str, Any]]:
-    """Every run manifest in the store, newest first."""
-    manifests = [read_manifest(store, key) for key in store.list_named(RUNS_PREFIX) if key.endswith(".json")]
-    return sorted(manifests, key=lambda m: m.get("created_at", ""), reverse=True)
+def list_manifests(store: ArtifactStore) -> ManifestListing:
+    """Every run manifest in the store, newest first, and the files in ``runs/`` that are not manifests."""
+    manifests, unreadable = [], []
+    for key in store.list_named(RUNS_PREFIX):
+        if not key.endswith(".json"):
+            continue
+        try:
+            manifests.append(read_manifest(store, key))
+        except CorruptManifest as error:
+            unreadable.append(str(error))
+    return ManifestListing(sorted(manifests, key=lambda m: m["created_at"], reverse=True), unreadable)
 
 
 def find_manifest(store: ArtifactStore, run_id: str) -> dict[str, Any]:
@@ -114,6 +124,22 @@ class CorruptManifest(StoreError):
     pass
 
 
+class _ManifestHead(BaseModel):
+    """What every command reads from a manifest before anything else: a manifest without it is refused, named."""
+
+    run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    created_at: str
+    status: str | None = None
+    artifacts: dict[str, ArtifactRef] = {}
+    tasks: dict[str, dict[str, Any]] = {}
+    gate: dict[str, Any] | None = None
+
+
+class ManifestListing(NamedTuple):
+    manifests: list[dict[str, Any]]  # newest first
+    unreadable: list[str]  # one line per manifest that is not one: the file and the fix
+
+
 def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any]:
     """A run manifest, checked to be one (someone else may have written the file).
 
@@ -124,7 +150,8 @@ def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any]:
         manifest = json.loads(store.read_named(key))
         if not isinstance(manifest, dict) or manifest.get("kind") != "ptqflow.run_manifest":
             raise ValueError("not a ptqflow run manifest")
-    except ValueError as error:
+        _ManifestHead.model_validate(manifest)
+    except (ValueError, ValidationError) as error:
         raise CorruptManifest(
             f"{store.uri_for(key)} is not a readable run manifest ({str(error)[:100]}): move it out of "
             f"{RUNS_PREFIX}/ (a manifest only records a run; the artifacts it names stay valid)"

@@ -111,6 +111,11 @@ def refuse_credentials(url: str | None, what: str) -> str | None:
     return url
 
 
+# Marks a field that names a location, with what a run does there (see flows.trust): "data" and "models" are
+# read, the store and the export (flow parameters, not fields) written.
+LOCATION_ROLE = "ptqflow_location"
+
+
 class _Parameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,6 +125,7 @@ class SamplingParameters(_Parameters):
         "digits",
         description="Data set: a built-in name (digits; mnist, fashion_mnist, cifar10 through keras.datasets) or an "
         "fsspec URL of a Parquet file or directory, which may hold the run's date: s3://bucket/events/{date:%Y-%m-%d}/",
+        json_schema_extra={LOCATION_ROLE: "data"},
     )
     since: date | None = Field(
         None, description="Train only on the source's files modified on or after this day (UTC), e.g. 2026-11-01."
@@ -240,6 +246,7 @@ class TrainingParameters(_Parameters):
         None,
         description="fsspec URL of a trained model to quantize instead of training one: .keras or legacy .h5 "
         "(loaded with Keras safe mode: no Lambda layers), or a SavedModel directory.",
+        json_schema_extra={LOCATION_ROLE: "models"},
     )
     input_scale: tuple[float, ...] | None = Field(
         None,
@@ -333,6 +340,7 @@ class CalibrationParameters(_Parameters):
         None,
         description="fsspec URL of a Parquet table with the data set's schema to calibrate on instead "
         "(e.g. a sample of production inputs).",
+        json_schema_extra={LOCATION_ROLE: "data"},
     )
 
     @field_validator("calibration_source")

@@ -30,13 +30,28 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key, sha256_bytes
+from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key
 from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.artifacts import SampledDataset
+from ptqflow.tasks.errors import secrets_kept_out
 from ptqflow.tasks.interpreter import predict_tflite
 from ptqflow.tasks.metrics import accuracy, increase_pct, mean_absolute_error
 from ptqflow.tasks.parameters import GateParameters, ModelTask
-from ptqflow.tasks.publish import POINTER, PointerMoved, export_store, publish_run, read_verified, verify_copy
+from ptqflow.tasks.publish import (
+    POINTER,
+    MalformedRecord,
+    PointerMoved,
+    current_pointer,
+    export_store,
+    exported_key,
+    move_pointer,
+    parse_pointer,
+    pointer_bytes,
+    pointer_files,
+    publish_run,
+    read_exported,
+    verify_copy,
+)
 from ptqflow.tasks.render import render_html, render_markdown
 from ptqflow.tasks.sample import GIVEN_SCHEME, SPLIT_SCHEME, read_seen_rows, row_digests, split_positions
 from ptqflow.tasks.validation_report import PromotionDecision, ValidationReport
@@ -172,20 +187,28 @@ def rows_unseen_by(
 
 
 def _exported_seen_rows(export: ArtifactStore, ref: dict[str, Any]) -> np.ndarray:
-    return read_seen_rows(read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"]))
+    return read_seen_rows(read_exported(export, ref))
 
 
 def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
-    return json.loads(export.read_named(POINTER)) if export.exists_named(POINTER) else None
+    """``latest.json``, or None when there is none.
+
+    Raises:
+        MalformedRecord: a damaged ``latest.json``, naming the commands that write a new one.
+    """
+    pointer, raw = current_pointer(export)
+    if pointer is None and raw is not None:
+        parse_pointer(raw, export.uri_for(POINTER))  # raises, saying what is wrong
+    return pointer
 
 
 def champion_model(export: ArtifactStore, pointer: dict[str, Any]) -> bytes:
     """The exported model ``pointer`` names, checked against its recorded sha256."""
-    ref = pointer["files"]["tflite"]
-    return read_verified(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+    return read_exported(export, pointer["files"]["tflite"])
 
 
 @task(name="compare_with_champion", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def compare_with_champion(
     store_url: str,
     export_url: str,
@@ -222,9 +245,7 @@ def compare_with_champion(
     manifest_ref = pointer["files"].get("manifest")
     unseen = None
     if manifest_ref is not None:
-        champion_manifest = json.loads(
-            read_verified(export, export.key_of(manifest_ref["uri"]), manifest_ref["sha256"], manifest_ref["bytes"])
-        )
+        champion_manifest = json.loads(read_exported(export, manifest_ref))
         seen_ref = pointer["files"].get("seen_rows")
         seen_rows = functools.partial(_exported_seen_rows, export, seen_ref) if seen_ref else None
         unseen = rows_unseen_by(champion_manifest, test.features, seen_rows)
@@ -283,6 +304,7 @@ def compare_with_champion(
 
 
 @task(name="record_promotion_in_report", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def record_promotion_in_report(
     store_url: str, report: ArtifactRef, promotion: PromotionDecision
 ) -> dict[str, ArtifactRef]:
@@ -309,42 +331,47 @@ def _versions(export: ArtifactStore) -> list[str]:
     return sorted({key.split("/")[1] for key in export.list_named("versions") if key.count("/") >= 1})
 
 
+def _recorded(export: ArtifactStore, version: str) -> dict[str, Any] | None:
+    """The pointer recorded when ``version`` was published and went live; None if it never did, or if its record
+    is damaged (such a version is not followed: a damaged record cannot say what to check its files against)."""
+    key = f"history/{version}.json"
+    if not export.exists_named(key):
+        return None
+    try:
+        return parse_pointer(export.read_named(key), export.uri_for(key))
+    except MalformedRecord:
+        return None
+
+
 def point_latest_to(export: ArtifactStore, version: str, action: str) -> PointerMove:
-    """Verify every file of ``version`` against what was recorded when it was published, then write a new
-    pointer to it: into ``history/`` (never overwritten) first, then ``latest.json``."""
-    recorded_key = f"history/{version}.json"
-    if not export.exists_named(recorded_key):
-        raise StoreError(f"no published version {version!r} in {export.url}: `ptqflow runs` lists the runs")
-    recorded = json.loads(export.read_named(recorded_key))
+    """Verify every file of ``version`` against what was recorded when it was published, then point
+    ``latest.json`` at it and record the new pointer in ``history/`` (never overwritten). A damaged ``latest.json``
+    is replaced: this is how it is repaired."""
+    recorded = _recorded(export, version)
+    if recorded is None:
+        raise StoreError(
+            f"no published version {version!r} in {export.url} (never live, or its record history/{version}.json "
+            "is damaged): `ptqflow runs` lists the runs; `ptqflow promote --run-id RUN` publishes one again"
+        )
     files = {
-        name: verify_copy(export, export.key_of(ref["uri"]), ref["sha256"], ref["bytes"])
+        name: verify_copy(export, exported_key(export, ref["uri"]), ref["sha256"], ref["bytes"])
         for name, ref in recorded["files"].items()
     }
-    previous_bytes = export.read_named(POINTER) if export.exists_named(POINTER) else None
-    previous = json.loads(previous_bytes) if previous_bytes else None
+    previous, previous_bytes = current_pointer(export)
     now = datetime.now(timezone.utc)
-    pointer = (
-        json.dumps(
-            {
-                "kind": "ptqflow.export_pointer",
-                "version": version,
-                "run_id": recorded["run_id"],
-                "published_at": recorded["published_at"],
-                "pointed_at": now.isoformat(timespec="seconds"),
-                "action": action,
-                "files": {name: ref.model_dump() for name, ref in files.items()},
-            },
-            indent=2,
-            sort_keys=True,
-        ).encode()
-        + b"\n"
-    )
     history = safe_key(f"history/{now:%Y%m%dT%H%M%S%fZ}-{action}-{version}.json")
-    export.write_named(history, pointer, exclusive=True)
+    pointer = pointer_bytes(
+        version=version,
+        run_id=recorded["run_id"],
+        published_at=recorded.get("published_at"),
+        pointed_at=now.isoformat(timespec="seconds"),
+        action=action,
+        history=history,
+        files=pointer_files(files, export),
+    )
     try:
-        export.replace_named_if(POINTER, pointer, sha256_bytes(previous_bytes) if previous_bytes else None)
+        move_pointer(export, pointer, history, previous_bytes)
     except ConcurrentUpdate as error:
-        export.delete_named(history)  # this pointer never took effect: history/ records only those that did
         raise PointerMoved(f"{error}: nothing was changed; look at `ptqflow runs`, then retry") from None
     return PointerMove(
         version=version,
@@ -359,14 +386,14 @@ def version_of_run(export: ArtifactStore, run_id: str) -> str | None:
 
 
 def rollback(export: ArtifactStore) -> PointerMove:
-    """Point ``latest.json`` at the version published before the current one."""
+    """Point ``latest.json`` at the version that was live before the current one: the newest earlier version
+    recorded in ``history/`` (a version folder that never went live, or whose record is damaged, is passed over)."""
     current = read_pointer(export)
     if current is None:
         raise StoreError(f"nothing to roll back: {export.url} has no {POINTER}")
-    # Only versions whose publish completed (a pointer was recorded); a folder left by an interrupted publish is not.
-    earlier = [v for v in _versions(export) if v < current["version"] and export.exists_named(f"history/{v}.json")]
+    earlier = [v for v in _versions(export) if v < current["version"] and _recorded(export, v) is not None]
     if not earlier:
-        raise StoreError(f"nothing to roll back to: {current['version']} is the first version in {export.url}")
+        raise StoreError(f"nothing to roll back to: {current['version']} is the first live version in {export.url}")
     return point_latest_to(export, earlier[-1], "rollback")
 
 
@@ -379,8 +406,8 @@ def promote(store: ArtifactStore, export: ArtifactStore, manifest: dict[str, Any
             "be promoted"
         )
     version = version_of_run(export, manifest["run_id"])
-    if version is None or not export.exists_named(f"history/{version}.json"):  # never, or not completely, published
-        previous = read_pointer(export)
+    if version is None or _recorded(export, version) is None:  # never, or not completely, published
+        previous, _ = current_pointer(export)
         artifacts = {name: ArtifactRef(**ref) for name, ref in manifest["artifacts"].items()}
         published = publish_run(store, export, manifest["run_id"], artifacts, manifest)
         if published.published:

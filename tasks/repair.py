@@ -30,6 +30,7 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
 from ptqflow.tasks.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
+from ptqflow.tasks.errors import secrets_kept_out
 from ptqflow.tasks.feeds import model_input_slots
 from ptqflow.tasks.fidelity import judge_fidelity
 from ptqflow.tasks.interpreter import predict_keras, predict_tflite
@@ -126,6 +127,7 @@ def _kept(steps: list[RepairStep]) -> str:
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def repair_quantization(
     store_url: str,
     dataset: SampledDataset,

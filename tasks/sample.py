@@ -18,7 +18,7 @@ from ptqflow.storage.tables import Columns, TensorTable, write_parquet_bytes
 from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, SplitRule
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import SPLIT_ORIGIN, Draw, load_dataset, source_fingerprint
-from ptqflow.tasks.errors import InvalidDataset
+from ptqflow.tasks.errors import InvalidDataset, secrets_kept_out
 from ptqflow.tasks.parameters import ModelTask, SamplingParameters, SplitMode
 from ptqflow.tasks.progress import report
 from ptqflow.tasks.splits import SPLIT_COLUMN, SPLITS
@@ -265,6 +265,7 @@ def columns_of(params: SamplingParameters) -> Columns:
 
 
 @task(name="fingerprint_source", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def fingerprint_source(source: str | None, since: datetime | None = None) -> str:
     """What a data source holds now (file listing with sizes and versions; with ``since``, only the files modified
     since): new data means a new sample."""
@@ -279,6 +280,7 @@ def fingerprint_source(source: str | None, since: datetime | None = None) -> str
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def sample_dataset(
     store_url: str,
     params: SamplingParameters,

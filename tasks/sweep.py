@@ -35,7 +35,7 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
 from ptqflow.tasks.device import budget_problems, device_footprint
-from ptqflow.tasks.errors import PtqflowError
+from ptqflow.tasks.errors import PtqflowError, secrets_kept_out
 from ptqflow.tasks.fidelity import LOSS_LABEL, TaskFigures, fidelity_loss, judge_fidelity
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
@@ -286,6 +286,7 @@ _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "result_serializer": "
 
 
 @task(name="quantize_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+@secrets_kept_out()
 def quantize_configuration(
     store_url: str, trained: TrainedModel, calibration: CalibrationSet | None, params: ConversionParameters
 ) -> CandidateModel:
@@ -308,6 +309,7 @@ def quantize_configuration(
 
 
 @task(name="convert_float_reference", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+@secrets_kept_out()
 def convert_float_reference(store_url: str, trained: TrainedModel) -> CandidateModel:
     """The float ``.tflite``: the row every configuration is compared with."""
     store = ArtifactStore(store_url)
@@ -319,6 +321,7 @@ def convert_float_reference(store_url: str, trained: TrainedModel) -> CandidateM
 
 
 @task(name="predict_float_outputs", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+@secrets_kept_out()
 def predict_float_outputs(
     store_url: str, dataset: SampledDataset, trained: TrainedModel, batch_size: int
 ) -> FloatOutputs:
@@ -333,6 +336,7 @@ def predict_float_outputs(
 
 
 @task(name="evaluate_configuration", cache_policy=StageCachePolicy(module=__name__), **_STAGE_OPTIONS)
+@secrets_kept_out()
 def evaluate_configuration(
     store_url: str,
     dataset: SampledDataset,
@@ -532,6 +536,7 @@ class SweepReport(BaseModel):
 
 
 @task(name="write_sweep_report", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def write_sweep_report(store_url: str, document: dict[str, Any], markdown: str) -> SweepReport:
     """Write the ranked table (JSON and Markdown) and the plot to the store."""
     store = ArtifactStore(store_url)

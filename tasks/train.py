@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ptqflow.storage.keras_models import (
     SAVED_MODEL_PROTO,
-    UnsafeSavedModel,
+    UnsafeModelFile,
     UnsupportedModelFile,
     keras_model_to_bytes,
     model_file_format,
@@ -30,7 +30,7 @@ from ptqflow.storage.tables import InputSlot, TensorTable, read_parquet, split_i
 from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import files_fingerprint
-from ptqflow.tasks.errors import InvalidModel
+from ptqflow.tasks.errors import InvalidModel, secrets_kept_out
 from ptqflow.tasks.feeds import KerasFeed, keras_feed
 from ptqflow.tasks.interpreter import predict_keras
 from ptqflow.tasks.limits import check_model_size
@@ -430,7 +430,7 @@ def load_trained_model(
         model, kind = user_model_from_bytes(data)
     except UnsupportedModelFile as error:
         raise InvalidModel(f"--model-url {url} is {error}: save the model with model.save('x.keras')") from None
-    except UnsafeSavedModel as error:
+    except UnsafeModelFile as error:
         raise InvalidModel(f"--model-url {url} is refused: {error}") from None
     except Exception as error:  # zip, h5, config and safe-mode errors all mean "cannot use this file"
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -464,6 +464,7 @@ def fit_default_model(
 
 
 @task(name="fingerprint_model", cache_policy=NO_CACHE, persist_result=False)
+@secrets_kept_out()
 def fingerprint_model(params: TrainingParameters) -> str:
     return model_url_fingerprint(params.model_url)
 
@@ -479,6 +480,7 @@ def _user_code(inputs: dict) -> list[str]:
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def train_float_model(
     store_url: str, dataset: SampledDataset, params: TrainingParameters, seed: int, model_fingerprint: str = ""
 ) -> TrainedModel:

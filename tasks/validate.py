@@ -29,6 +29,7 @@ from ptqflow.tasks.artifacts import (
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.device import device_footprint
 from ptqflow.tasks.diagnose import layer_errors
+from ptqflow.tasks.errors import secrets_kept_out
 from ptqflow.tasks.feeds import model_input_slots
 from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.interpreter import (
@@ -207,6 +208,7 @@ def per_layer_errors(
     persist_result=True,
     result_serializer="json",
 )
+@secrets_kept_out()
 def validate_with_interpreter(
     store_url: str,
     dataset: SampledDataset,

@@ -55,6 +55,10 @@ def prefect_executable() -> str:
     return shutil.which("prefect") or os.path.join(os.path.dirname(sys.executable), "prefect")
 
 
+# Each session server's PREFECT_HOME, by API URL: its database is what the server recorded (tests grep it).
+PREFECT_HOMES: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real ``prefect server start`` for the whole session, on 127.0.0.1 with a free port and its own
@@ -81,6 +85,7 @@ def prefect_server(tmp_path_factory):
         start_new_session=True,
     )
     wait_until_healthy(server, f"{url}/health", home / "server.log", "prefect server")
+    PREFECT_HOMES[url] = home
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url

@@ -41,9 +41,11 @@ def runs(
     from ptqflow.tasks.manifest import list_manifests
 
     try:
-        manifests = list_manifests(_open_store(store))
+        manifests, unreadable = list_manifests(_open_store(store))
     except StoreError as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=as_json)
+    for problem in unreadable:  # skipped, named: one bad file must not hide every run
+        err_console.print(f"skipped {problem}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(manifests))
         return
@@ -276,6 +278,11 @@ def gc(
         fail(f"{error}, or wait longer with --wait (waited {wait:g} s)", EXIT_RUN_FAILED, as_json=False)
     except StoreError as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
+    except OSError as error:  # the storage said no (read-only, full, permissions)
+        from ptqflow.storage.errors import refused_by_storage
+
+        refusal = refused_by_storage(error, "--store") or f"the store could not be changed ({error})"
+        fail(f"gc stopped: {refusal}; what it removed is gone, the next gc finishes", EXIT_RUN_FAILED, as_json=False)
     verb = "would free" if dry_run else "freed"
     Console().print(
         f"{verb} {plan.freed_bytes:,} B: {len(plan.delete)} objects, {len(plan.removed_runs)} runs "

@@ -152,8 +152,9 @@ def test_invalid_parameters_are_refused_when_the_run_is_triggered(prefect_server
 def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touching_anything(
     prefect_server, served, tmp_path
 ):
-    """The form user is not trusted: locations outside the roots the deployment was served with, and model
-    functions outside PTQFLOW_ALLOWED_MODELS, fail the run at once, naming the setting (flows/trust.py)."""
+    """The form user is not trusted: locations outside the roots of their role the deployment was served with,
+    home paths, names relative to the worker's folder, other credentials blocks, and model functions outside
+    PTQFLOW_ALLOWED_MODELS, fail the run at once, naming the setting (flows/trust.py)."""
     deployment, _ = served
     outside = tmp_path / "outside"
     with api(prefect_server) as client:
@@ -162,23 +163,31 @@ def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touchin
         def section(name: str, **changes: str) -> dict:
             return {name: {**defaults[name], **changes}}
 
+        # label: (the form's changes, what the refusal must name)
         cases = {
-            "store": ({"store": str(outside / "store")}, "PTQFLOW_ALLOWED_ROOTS"),
-            "export": ({"export": f"file://{outside}/export"}, "PTQFLOW_ALLOWED_ROOTS"),
+            "store": ({"store": str(outside / "store")}, ("store", "PTQFLOW_STORE_ROOTS")),
+            "export": ({"export": f"file://{outside}/export"}, ("export", "PTQFLOW_EXPORT_ROOTS")),
             "sampling.dataset": (
                 section("sampling", dataset="https://example.invalid/data.parquet"),
-                "PTQFLOW_ALLOWED_ROOTS",
+                ("sampling.dataset", "PTQFLOW_DATA_ROOTS"),
             ),
             "training.model_url": (
                 section("training", model_url=str(outside / "model.keras")),
-                "PTQFLOW_ALLOWED_ROOTS",
+                ("training.model_url", "PTQFLOW_MODEL_ROOTS"),
             ),
             "calibration.calibration_source": (
                 section("calibration", calibration_source=str(outside / "calibration.parquet")),
-                "PTQFLOW_ALLOWED_ROOTS",
+                ("calibration.calibration_source", "PTQFLOW_DATA_ROOTS"),
             ),
-            "training.model": (section("training", model="os:system"), "PTQFLOW_ALLOWED_MODELS"),
+            "training.model": (section("training", model="os:system"), ("training.model", "PTQFLOW_ALLOWED_MODELS")),
+            # The worker's home: a bare "~" has no "/", and once passed every check that looked for one.
+            "store in the home": ({"store": "~"}, ("store '~' is a home path",)),
+            "export in the home": ({"export": "~"}, ("export '~' is a home path",)),
+            "a store beside the worker": ({"store": "ptqflow-store"}, ("relative to the worker's folder",)),
+            "a credentials block": ({"storage_block": "aws-credentials/admin"}, ("PTQFLOW_ALLOWED_BLOCKS",)),
         }
+        written_in_home = ("blobs", "runs", "prefect-results", "versions", "history", "latest.json")
+        assert not any((Path.home() / name).exists() for name in written_in_home)
         created = {}
         for name, (changes, _) in cases.items():
             response = client.post(
@@ -190,7 +199,8 @@ def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touchin
         run = wait_for_run(prefect_server, run_id)
         message = run["state"]["message"] or ""
         assert run["state"]["type"] == "FAILED", (name, run["state"])
-        assert "RefusedParameter" in message and name in message and cases[name][1] in message, message
+        assert "RefusedParameter" in message and all(part in message for part in cases[name][1]), (name, message)
+    assert not any((Path.home() / name).exists() for name in written_in_home)  # nothing written in the home
     assert not outside.exists()  # nothing was read or written there
 
 

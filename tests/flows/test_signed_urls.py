@@ -124,3 +124,30 @@ def test_a_signed_dataset_url_leaves_its_secret_nowhere(cli, prefect_server, s3_
     assert len(texts) > 20  # the run wrote its artifacts, manifest, report and export
     leaks = [where for where, text in texts.items() if secret in text]
     assert not leaks, leaks
+
+
+@pytest.mark.slow
+def test_a_failing_run_on_a_signed_url_leaves_its_secret_out_of_every_record(
+    cli, prefect_server, s3_endpoint, tmp_path
+):
+    """A stage that fails quoting the URL it read (here: the data set is not Parquet) must not carry the signature
+    into the store's result records, Prefect's result storage or the Prefect server's database."""
+    import boto3
+    from botocore.config import Config
+
+    from conftest import PREFECT_HOMES
+
+    bucket = f"signed-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, config=Config(signature_version="s3v4"))
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="data/broken.parquet", Body=b"this is not a parquet file at all" * 40)
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "data/broken.parquet"})
+    secret = url.split("X-Amz-Signature=")[1].split("&")[0]
+    store = tmp_path / "store"
+    result = cli("run", "--dataset", url, "--epochs", "1", "--store", str(store), "--json")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "broken.parquet" in result.stderr  # the failure is named, the URL redacted
+    stored = [p for p in [*store.rglob("*"), *PREFECT_HOMES[prefect_server].rglob("*")] if p.is_file()]
+    assert any(p.name.endswith(".db") for p in stored)  # the server's database is among what is searched
+    leaks = [str(p) for p in stored if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks

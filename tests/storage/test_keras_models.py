@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ptqflow.storage.keras_models import (
-    UnsafeSavedModel,
+    UnsafeModelFile,
     UnsupportedModelFile,
     keras_model_from_bytes,
     keras_model_to_bytes,
@@ -140,9 +140,67 @@ def test_a_savedmodel_whose_serving_signature_writes_files_is_refused_before_it_
 
     writer = Writer()
     tf.saved_model.save(writer, str(tmp_path / "writer"), signatures={"serving_default": writer.serve})
-    with pytest.raises(UnsafeSavedModel, match="runs WriteFile"):
+    with pytest.raises(UnsafeModelFile, match="would run WriteFile"):
         user_model_from_bytes(_packed(tmp_path / "writer"))
     assert not target.exists()
+
+
+def test_an_attribute_shadowing_the_serving_signature_is_refused_before_it_runs(tmp_path):
+    """Keras's TFSMLayer calls ``getattr(root, "serving_default")`` before the signature of that name: a clean
+    signature beside a writing attribute must not pass."""
+    import tensorflow as tf
+
+    target = tmp_path / "written.txt"
+
+    class Shadowing(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def clean(self, x):
+            return {"output_0": x * 2.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def writing(self, x):
+            tf.io.write_file(str(target), "from the model")
+            return {"output_0": x * 2.0}
+
+    module = Shadowing()
+    module.serving_default = module.writing
+    tf.saved_model.save(module, str(tmp_path / "shadowing"), signatures={"serving_default": module.clean})
+    with pytest.raises(UnsafeModelFile, match="attribute named like its signature 'serving_default'"):
+        user_model_from_bytes(_packed(tmp_path / "shadowing"))
+    assert not target.exists()
+
+
+def test_a_function_outside_the_signature_that_reads_a_file_is_refused(tmp_path):
+    """Every concrete function the loaded object holds can be called once it is loaded: an outside read that no
+    blocklist named (GenerateVocabRemapping opens the file it is given) is refused because it is not compute."""
+    import tensorflow as tf
+
+    vocabulary = tmp_path / "outside.txt"
+    vocabulary.write_text("a\nb\n")
+
+    class Reading(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            return {"output_0": x * 2.0}
+
+        @tf.function(input_signature=[])
+        def read(self):
+            remapping, _ = tf.raw_ops.GenerateVocabRemapping(
+                new_vocab_file=str(vocabulary), old_vocab_file=str(vocabulary), new_vocab_offset=0, num_new_vocab=2
+            )
+            return remapping
+
+    module = Reading()
+    tf.saved_model.save(module, str(tmp_path / "reading"), signatures={"serving_default": module.serve})
+    with pytest.raises(UnsafeModelFile, match="would run GenerateVocabRemapping"):
+        user_model_from_bytes(_packed(tmp_path / "reading"))
+
+
+def test_a_keras_archive_that_inflates_past_the_model_limit_is_refused_before_loading(monkeypatch):
+    data = keras_model_to_bytes(_model())
+    monkeypatch.setenv("PTQFLOW_MAX_MODEL_BYTES", str(len(data) + 10))  # the file passes; its members do not
+    with pytest.raises(UnsafeModelFile, match="the .keras archive unpacks to [0-9,]+ bytes.*PTQFLOW_MAX_MODEL_BYTES"):
+        user_model_from_bytes(data)
 
 
 def test_a_packed_savedmodel_naming_a_path_outside_itself_is_refused(tmp_path):
@@ -154,7 +212,7 @@ def test_a_packed_savedmodel_naming_a_path_outside_itself_is_refused(tmp_path):
     out = io.BytesIO(_packed(tmp_path / "saved"))
     with zipfile.ZipFile(out, "a") as archive:
         archive.writestr("../escaped.txt", b"x")
-    with pytest.raises(UnsafeSavedModel, match="outside itself"):
+    with pytest.raises(UnsafeModelFile, match="outside itself"):
         user_model_from_bytes(out.getvalue())
     assert not (tmp_path / "escaped.txt").exists()
 
@@ -164,9 +222,7 @@ def test_a_packed_savedmodel_that_unpacks_past_the_model_limit_is_refused_naming
     model.export(str(tmp_path / "saved"))
     packed = _packed(tmp_path / "saved")
     monkeypatch.setenv("PTQFLOW_MAX_MODEL_BYTES", "1000")  # the file limit, raised or lowered, holds unpacked too
-    with pytest.raises(
-        UnsafeSavedModel, match="unpacks to [0-9,]+ bytes, above the limit of 1,000 .*PTQFLOW_MAX_MODEL"
-    ):
+    with pytest.raises(UnsafeModelFile, match="unpacks to [0-9,]+ bytes, above the limit of 1,000 .*PTQFLOW_MAX_MODEL"):
         user_model_from_bytes(packed)
     monkeypatch.setenv("PTQFLOW_MAX_MODEL_BYTES", str(10 << 30))
     assert user_model_from_bytes(packed)[1] == "saved_model"

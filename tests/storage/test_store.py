@@ -239,13 +239,33 @@ def test_a_killed_writers_temporary_file_is_never_listed_and_is_swept_once_stale
     store = ArtifactStore(str(tmp_path / "store"))
     store.write_named("runs/abc.json", b"{}")
     runs = tmp_path / "store" / "runs"
-    stale, fresh = runs / "abd.json.tmp-0f0f", runs / "abe.json.tmp-1e1e"  # what a kill -9 before the rename leaves
+    # What a kill -9 before the rename leaves: <name>.tmp-<uuid4 hex>.
+    stale, fresh = runs / f"abd.json.tmp-{'0f' * 16}", runs / f"abe.json.tmp-{'1e' * 16}"
     stale.write_bytes(b"{"), fresh.write_bytes(b"{")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert store.list_named("runs") == ["runs/abc.json"]
-    assert store.sweep_temporaries(older_than_seconds=60) == [store.uri_for("runs") + "/abd.json.tmp-0f0f"]
+    assert store.sweep_temporaries(older_than_seconds=60) == [f"{store.uri_for('runs')}/{stale.name}"]
     assert not stale.exists() and fresh.exists()  # a young one may belong to a live writer
     assert store.read_named("runs/abc.json") == b"{}"
+
+
+def test_only_ptqflows_own_temporaries_in_its_own_folders_are_swept(tmp_path):
+    """A store rooted at a folder that holds other files (a home named by mistake) loses none of them."""
+    import os
+    import time
+
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    others = [home / "report.tmp-draft", home / "notes" / f"a.txt.tmp-{'ab' * 16}", home / "config.tmp-1"]
+    store = ArtifactStore(str(home))
+    store.write_named("latest.json", b"{}")
+    store.write_named("runs/r.json", b"{}")
+    own = [home / f"latest.json.tmp-{'cd' * 16}", home / "runs" / f"r.json.tmp-{'ef' * 16}"]
+    for path in [*others, *own]:
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    assert sorted(store.sweep_temporaries(older_than_seconds=60)) == sorted(store._uri(str(p)) for p in own)
+    assert all(p.exists() for p in others) and not any(p.exists() for p in own)
 
 
 def test_object_stores_have_no_temporaries_to_sweep():

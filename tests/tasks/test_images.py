@@ -134,3 +134,64 @@ def test_split_folders_beside_class_folders_are_refused_unless_every_top_folder_
         load_dataset(str(tmp_path))
     pooled = load_dataset(str(tmp_path), Columns(split=None))  # --splits resplit: every top folder is a class
     assert pooled.metadata["class_names"] == ["extra", "test", "train"]
+
+
+def _postscript() -> bytes:
+    """An EPS file: Pillow's EPS plugin would hand it to Ghostscript to render."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def _encoded(image_format: str, size: tuple[int, int] = (16, 16)) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 20, 200)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def test_postscript_named_png_is_refused_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "ghostscript-ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("gs", "gsx", "gswin32c", "gswin64c"):
+        (bin_dir / name).write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    write_image_folder(tmp_path / "images")
+    (tmp_path / "images" / "square" / "005.png").write_bytes(_postscript())
+    with pytest.raises(InvalidDataset, match=r"square/005.png cannot be decoded as an image \(not a PNG, JPEG or BMP"):
+        load_dataset(str(tmp_path / "images"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "reason"),
+    [("TIFF", "005.png", "not a PNG, JPEG or BMP"), ("PNG", "005.jpg", "a PNG image named .jpg")],
+)
+def test_an_image_whose_content_is_not_what_its_name_says_is_refused(tmp_path, content, name, reason):
+    write_image_folder(tmp_path / "images")
+    (tmp_path / "images" / "square" / "005.png").unlink()
+    (tmp_path / "images" / "square" / name).write_bytes(_encoded(content))
+    with pytest.raises(InvalidDataset, match=rf"square/{name} cannot be decoded as an image \({reason}"):
+        load_dataset(str(tmp_path / "images"))
+
+
+def test_encoded_images_in_parquet_are_refused_from_their_headers_before_decoding(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import ptqflow.storage.images as decoder
+
+    big = _encoded("PNG", (2000, 1000))  # a few kilobytes that declare 6 MB of pixels
+    assert len(big) < 100_000
+    images = pa.array([{"bytes": big, "path": f"{i}.png"} for i in range(8)])
+    pq.write_table(pa.table({"image": images, "label": pa.array([0, 1] * 4)}), tmp_path / "big.parquet")
+    decoded = []
+    real = decoder.decode_image
+    monkeypatch.setattr(decoder, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    monkeypatch.setenv("PTQFLOW_MAX_DECODED_BYTES", str(20 << 20))  # three of the eight
+    with pytest.raises(InvalidDataset, match=r"declares images of [0-9,]+ bytes once decoded .*PTQFLOW_MAX_DECODED"):
+        load_dataset(str(tmp_path / "big.parquet"), Columns(features="image"))
+    assert not decoded
+    monkeypatch.setenv("PTQFLOW_MAX_DECODED_BYTES", str(60 << 20))
+    assert load_dataset(str(tmp_path / "big.parquet"), Columns(features="image")).features.shape == (8, 1000, 2000, 3)

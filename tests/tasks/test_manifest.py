@@ -40,7 +40,7 @@ def test_manifests_are_written_once_and_found_by_prefix(tmp_path):
     # A retried run reaching the end again keeps the first record.
     write_run_manifest.fn(store.url, {**_manifest("aaaa-1"), "status": "changed"})
     assert json.loads(store.read_named("runs/aaaa-1.json"))["status"] == "passed"
-    assert [m["run_id"] for m in list_manifests(store)] == ["bbbb-2", "aaaa-1"]
+    assert [m["run_id"] for m in list_manifests(store).manifests] == ["bbbb-2", "aaaa-1"]
     assert find_manifest(store, "bbbb")["run_id"] == "bbbb-2"
     with pytest.raises(LookupError, match="ptqflow runs"):
         find_manifest(store, "zzz")
@@ -52,3 +52,18 @@ def test_ambiguous_prefix_asks_for_more(tmp_path):
     write_run_manifest.fn(store.url, _manifest("ab-2"))
     with pytest.raises(LookupError, match="give more of the run id"):
         find_manifest(store, "ab")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[]", b'{"kind": "ptqflow.run_manifest"}', b'{"kind": "ptqflow.run_manifest", "run_id": 7}'],
+    ids=["not-json", "a-list", "no-run-id", "a-number-for-a-run-id"],
+)
+def test_a_malformed_manifest_is_skipped_and_named_not_a_crash(tmp_path, content):
+    store = ArtifactStore(str(tmp_path / "store"))
+    write_run_manifest.fn(store.url, _manifest("aaaa-1"))
+    store.write_named("runs/broken.json", content)
+    listing = list_manifests(store)
+    assert [m["run_id"] for m in listing.manifests] == ["aaaa-1"]
+    [problem] = listing.unreadable
+    assert "runs/broken.json is not a readable run manifest" in problem and "move it out of runs/" in problem

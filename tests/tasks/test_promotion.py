@@ -72,7 +72,7 @@ def test_rollback_points_at_the_version_before_and_keeps_every_pointer():
     move = rollback(export)
     assert (move.version, move.previous_version) == ("20261125T020000Z-a", "20261126T020000Z-b")
     assert read_pointer(export)["version"] == "20261125T020000Z-a" and read_pointer(export)["action"] == "rollback"
-    with pytest.raises(StoreError, match="is the first version"):
+    with pytest.raises(StoreError, match="is the first live version"):
         rollback(export)
     assert len(export.list_named("history")) == 3  # two publishes and the rollback, none overwritten
     point_latest_to(export, "20261126T020000Z-b", "promote")

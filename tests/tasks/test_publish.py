@@ -145,7 +145,8 @@ def _assert_pointer_on_a_complete_verified_version(
     latest = json.loads(export.read_named("latest.json"))
     assert latest["run_id"] == run_id
     for name, ref in latest["files"].items():
-        data = export.read_named(export.key_of(ref["uri"]))
+        assert ref["uri"].startswith(f"versions/{latest['version']}/")  # relative: a copied export stays whole
+        data = export.read_named(ref["uri"])
         assert len(data) == ref["bytes"] and hashlib.sha256(data).hexdigest() == ref["sha256"], name
         if name in artifacts:
             assert data == store.read_bytes(artifacts[name])
@@ -158,10 +159,9 @@ def _assert_pointer_on_a_complete_verified_version(
         ("write_named", lambda key: key.endswith("/model.tflite")),  # the first copy
         ("write_named", lambda key: key.endswith("/report.html")),  # the last copy
         ("write_named", lambda key: key.endswith("/manifest.json")),
-        ("write_named", lambda key: key.startswith("history/")),
         ("replace_named_if", lambda key: key == "latest.json"),
     ],  # the pointer
-    ids=["first-copy", "last-copy", "manifest", "history", "pointer"],
+    ids=["first-copy", "last-copy", "manifest", "pointer"],
 )
 def test_a_publish_interrupted_at_any_write_is_finished_by_the_retry(store, export, monkeypatch, method, failing):
     publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
@@ -192,22 +192,36 @@ def test_of_two_runs_compared_with_the_same_champion_only_the_first_publishes(st
     assert [k.rsplit("/", 1)[-1] for k in export.list_named("history")] == [f"{champion}.json", f"{first.version}.json"]
 
 
+def test_a_pointer_moved_but_not_recorded_is_recorded_by_the_next_reader(store, export, monkeypatch):
+    """Killed (here: the write fails) between moving latest.json and recording it in history/: the move stands,
+    and the next command that reads the export records it, so rollback still sees it as live."""
+    publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    artifacts = _artifacts(store, "v2")
+    with monkeypatch.context() as patched:
+        _fail_once(patched, export, "write_named", lambda key: key.startswith("history/"))
+        record = publish_run(store, export, "run-2", artifacts, _manifest("run-2"), compared_with=_version_of(export))
+    assert record.published and not export.exists_named(f"history/{record.version}.json")
+    from ptqflow.tasks.promotion import read_pointer
+
+    assert read_pointer(export)["run_id"] == "run-2"
+    _assert_pointer_on_a_complete_verified_version(export, store, artifacts, "run-2")
+
+
 def test_a_writer_that_moves_the_pointer_during_a_publish_makes_it_lose(store, export, monkeypatch):
     """No shared lock (another host, no Prefect server): the pointer write is conditional on what was read."""
     publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
     champion = _version_of(export)
     other_writer = ArtifactStore(export.url, storage_options=export.storage_options)
-    original = export.write_named
+    original = export.replace_named_if
 
-    def history_then_race(key, data, exclusive=False):
-        result = original(key, data, exclusive)
-        if key.startswith("history/") and key.endswith("-run-3.json"):  # just before run-3 moves the pointer
+    def race_then_move(key, data, expected):  # another writer publishes just before run-3 moves the pointer
+        if b'"run-3"' in data:
             publish_run(
                 store, other_writer, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=champion
             )
-        return result
+        return original(key, data, expected)
 
-    monkeypatch.setattr(export, "write_named", history_then_race)
+    monkeypatch.setattr(export, "replace_named_if", race_then_move)
     with pytest.raises(PointerMoved, match="replaced by another writer meanwhile"):
         publish_run(store, export, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=champion)
     assert json.loads(export.read_named("latest.json"))["run_id"] == "run-2"  # exactly one pointer write won
@@ -223,18 +237,97 @@ def test_a_promote_racing_another_writer_changes_nothing(store, export, monkeypa
         store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version
     )
     other_writer = ArtifactStore(export.url, storage_options=export.storage_options)
-    original = export.write_named
+    original = export.replace_named_if
 
-    def history_then_race(key, data, exclusive=False):
-        result = original(key, data, exclusive)
-        if "-promote-" in key:
+    def race_then_move(key, data, expected):  # another writer publishes just before the promote moves the pointer
+        if b'"promote"' in data:
             publish_run(
                 store, other_writer, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=second.version
             )
-        return result
+        return original(key, data, expected)
 
-    monkeypatch.setattr(export, "write_named", history_then_race)
+    monkeypatch.setattr(export, "replace_named_if", race_then_move)
     with pytest.raises(PointerMoved, match="nothing was changed"):
         point_latest_to(export, first.version, "promote")
     assert json.loads(export.read_named("latest.json"))["run_id"] == "run-3"
     assert not [k for k in export.list_named("history") if "-promote-" in k]
+
+
+def test_rollback_never_lands_on_a_version_that_was_never_live(store, export, monkeypatch):
+    """A publish killed after its copies and before latest.json moved leaves a complete folder that no device ever
+    saw: rollback must pass over it to the version that was live before."""
+    from ptqflow.tasks.promotion import rollback
+
+    first = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    with monkeypatch.context() as patched:
+        _fail_once(patched, export, "replace_named_if", lambda key: key == "latest.json")
+        with pytest.raises(ConnectionError):  # the kill: latest.json never moves to run-2
+            publish_run(
+                store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version
+            )
+    third = publish_run(
+        store, export, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=first.version
+    )
+    assert len(export.list_named("versions")) == 3
+    move = rollback(export)
+    assert (move.version, move.previous_version) == (first.version, third.version)
+
+
+def test_a_publish_the_storage_refuses_removes_its_version_folder_and_names_the_export(store, export, monkeypatch):
+    import errno
+
+    from ptqflow.storage.errors import ExportRefused
+
+    first = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    original = export.write_named
+
+    def full(key, data, exclusive=False):
+        if key.endswith("/report.html"):  # the disk fills up at the last copy
+            raise OSError(errno.ENOSPC, "No space left on device", export.path_for(key))
+        return original(key, data, exclusive)
+
+    monkeypatch.setattr(export, "write_named", full)
+    with pytest.raises(ExportRefused, match="nothing was published: the storage is full at .*point --export") as error:
+        publish_run(store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version)
+    assert "--store" not in str(error.value)
+    assert [key.rsplit("/", 1)[-1] for key in export.list_named("versions")] == [first.version]
+    assert _version_of(export) == first.version
+
+
+def test_a_copied_export_is_whole_its_pointers_name_files_relative_to_it(store, tmp_path):
+    import shutil
+
+    from ptqflow.tasks.promotion import champion_model, read_pointer, rollback
+
+    origin = ArtifactStore(str(tmp_path / "origin"))
+    first = publish_run(store, origin, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    publish_run(store, origin, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version)
+    shutil.copytree(tmp_path / "origin", tmp_path / "replica")
+    shutil.rmtree(tmp_path / "origin")
+    replica = ArtifactStore(str(tmp_path / "replica"))
+    assert champion_model(replica, read_pointer(replica)) == store.read_bytes(_artifacts(store, "v2")["tflite"])
+    assert rollback(replica).version == first.version
+
+
+def test_a_damaged_latest_json_is_named_by_rollback_and_repaired_by_promote(store, export):
+    from ptqflow.tasks.promotion import point_latest_to, read_pointer, rollback
+    from ptqflow.tasks.publish import MalformedRecord
+
+    first = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    export.write_named("latest.json", b'{"kind": "ptqflow.export_pointer", "version": ')
+    with pytest.raises(MalformedRecord, match="latest.json is not a ptqflow export pointer"):
+        rollback(export)
+    point_latest_to(export, first.version, "promote")  # the command that repairs it
+    assert read_pointer(export)["version"] == first.version
+
+
+def test_a_damaged_history_entry_is_passed_over_by_rollback(store, export):
+    from ptqflow.tasks.promotion import rollback
+
+    first = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    second = publish_run(
+        store, export, "run-2", _artifacts(store, "v2"), _manifest("run-2"), compared_with=first.version
+    )
+    publish_run(store, export, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=second.version)
+    export.write_named(f"history/{second.version}.json", b"[1, 2")
+    assert rollback(export).version == first.version
