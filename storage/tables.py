@@ -363,6 +363,12 @@ def resolve_columns(schema: pa.Schema, columns: Columns) -> Columns:
                 f"feature column {name!r} has type {schema.field(name).type}, not a number: leave it out of "
                 "--feature-columns (or encode it as numbers)"
             )
+    if columns.shape is not None:  # a wide table's sample is its columns, one value each: nothing to reshape
+        raise TensorTableError(
+            f"--input-shape {','.join(map(str, columns.shape))} does not apply to a wide table (its {len(names)} "
+            "feature columns are one value each): leave --input-shape out, or store each sample as one fixed-size "
+            "list column to give it a shape"
+        )
     return replace(columns, wide=tuple(names))
 
 

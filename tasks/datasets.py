@@ -253,6 +253,13 @@ def _read_csv_source(
     from pyarrow import csv
 
     fs, paths = files
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            start = f.read(4)
+        if start[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in start:
+            raise InvalidDataset(
+                f"{fs.unstrip_protocol(path)} is not UTF-8 text (UTF-16 or binary): save the CSV as UTF-8"
+            )
     try:
         with fs.open(paths[0], "rb") as f:
             schema = csv.open_csv(f).schema

@@ -10,7 +10,7 @@ from ptqflow.tasks.artifacts import ModelOutput, OutputFigures
 from ptqflow.tasks.fidelity import TaskFigures
 from ptqflow.tasks.outputs import split_outputs
 from ptqflow.tasks.parameters import ModelTask
-from ptqflow.tasks.validation_report import ModelMetrics, Speed
+from ptqflow.tasks.validation_report import Confusion, ModelMetrics, Speed
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -101,9 +101,29 @@ def worst_agreement(outputs: dict[str, OutputFigures]) -> float | None:
     return min(measured) if measured else None
 
 
+# Up to this many classes a report holds the whole confusion matrix (n x n counts); above, its size would grow
+# with the square of the classes (100,000 classes: 75 GiB), so it holds the most confused pairs instead.
+DENSE_CONFUSION_CLASSES = 100
+MOST_CONFUSED_PAIRS = 50
+
+
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def most_confused(
+    predicted: np.ndarray, labels: np.ndarray, class_names: Sequence[str], limit: int = MOST_CONFUSED_PAIRS
+) -> list[Confusion]:
+    """The most frequent mistakes, most frequent first (ties by true, then predicted class): memory in the number of
+    rows, whatever the number of classes."""
+    wrong = predicted != labels
+    pairs, counts = np.unique(np.stack([labels[wrong], predicted[wrong]], axis=1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:limit] if len(counts) else []
+    return [
+        Confusion(true=class_names[int(pairs[i, 0])], predicted=class_names[int(pairs[i, 1])], count=int(counts[i]))
+        for i in order
+    ]
 
 
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
@@ -151,14 +171,15 @@ def model_metrics(
             **against_float,
         )
     predicted = outputs.argmax(axis=1)
-    matrix = confusion_matrix(predicted, labels, len(class_names))
-    per_class = {
-        name: (round(float(matrix[i, i] / matrix[i].sum()), 6) if matrix[i].sum() else None)
-        for i, name in enumerate(class_names)
-    }
+    n_classes = len(class_names)
+    rows = np.bincount(labels, minlength=n_classes)
+    right = np.bincount(labels[predicted == labels], minlength=n_classes)
+    per_class = {name: (round(float(right[i] / rows[i]), 6) if rows[i] else None) for i, name in enumerate(class_names)}
+    dense = n_classes <= DENSE_CONFUSION_CLASSES
     return ModelMetrics(
         accuracy=accuracy(outputs, labels),
         per_class_accuracy=per_class,
-        confusion_matrix=matrix.tolist(),
+        confusion_matrix=confusion_matrix(predicted, labels, n_classes).tolist() if dense else [],
+        most_confused=[] if dense else most_confused(predicted, labels, class_names),
         **against_float,
     )

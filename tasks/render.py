@@ -382,17 +382,21 @@ def render_markdown(report: ValidationReport) -> str:
         ]
     if metrics.repair:
         parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
-    parts += ["", "## Confusion matrices", ""] if metrics.class_names else []
+    dense = any(m.confusion_matrix for m in metrics.models.values())
+    if metrics.class_names:
+        parts += ["", "## Confusion matrices" if dense else "## Most confused classes", ""]
     for kind, m in metrics.models.items() if metrics.class_names else ():
-        parts += [
-            f"### {kind.label}",
-            "",
+        table = (
             markdown_table(
                 ["true \\ predicted", *metrics.class_names],
                 [[name, *[str(v) for v in row]] for name, row in zip(metrics.class_names, m.confusion_matrix)],
-            ),
-            "",
-        ]
+            )
+            if m.confusion_matrix
+            else markdown_table(
+                ["true", "predicted", "rows"], [[c.true, c.predicted, str(c.count)] for c in m.most_confused]
+            )
+        )
+        parts += [f"### {kind.label}", "", table, ""]
     return "\n".join(parts) + "\n"
 
 
@@ -404,10 +408,16 @@ def _png(figure: Any) -> str:
 
 
 def plots(metrics: ValidationMetrics) -> dict[str, str]:
-    """Base64 PNGs: accuracy per model, confusion matrices, per-layer error, live tensor memory per operator."""
+    """Base64 PNGs: accuracy per model, confusion matrices, per-layer error, live tensor memory per operator. Every
+    label is plain text: a class or layer name with dollar signs is not read as math (which can fail to parse)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a batch job
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _plots(metrics)
+
+
+def _plots(metrics: ValidationMetrics) -> dict[str, str]:
     from matplotlib import pyplot as plt
 
     images = {}
@@ -434,7 +444,7 @@ def plots(metrics: ValidationMetrics) -> dict[str, str]:
         images["accuracy"] = _png(figure)
         plt.close(figure)
 
-    if models and metrics.class_names:
+    if models and metrics.class_names and all(m.confusion_matrix for m in models.values()):
         figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.8), squeeze=False)
         for axis, (kind, m) in zip(axes[0], models.items()):
             axis.imshow(m.confusion_matrix, cmap="Blues")

@@ -5,7 +5,10 @@ content, so it stays in its split however the data grows (``hash_split``)."""
 from __future__ import annotations
 
 import hashlib
+import unicodedata
+from collections import Counter
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -199,6 +202,38 @@ def refuse_non_finite(table: TensorTable, where: str) -> None:
             )
 
 
+MAX_CLASS_NAME_CHARS = 200
+
+
+def check_class_names(names: list[Any]) -> None:
+    """Refuse class names a report cannot show as they are, here rather than after training: each a string of
+    printable characters (no control character, none a line break), at most MAX_CLASS_NAME_CHARS long, no two
+    alike. (Other text is shown as it is: plots render names as plain text, never as math.)"""
+    for position, name in enumerate(names):
+        problem = (
+            "is not a string"
+            if not isinstance(name, str)
+            else "is empty"
+            if not name.strip()
+            else f"is longer than {MAX_CLASS_NAME_CHARS} characters"
+            if len(name) > MAX_CLASS_NAME_CHARS
+            else "holds a control character"
+            if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+            else None
+        )
+        if problem:
+            raise InvalidDataset(
+                f"class {position}'s name {str(name)[:60]!r} {problem}: rename it in the source (folder names, the "
+                "table's class_names or ClassLabel names)"
+            )
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise InvalidDataset(
+            f"class name {repeated[0]!r} names several classes (the report keys figures by name): give each class "
+            "its own name"
+        )
+
+
 def feature_spec(table: TensorTable, task: ModelTask = ModelTask.classification) -> FeatureSpec:
     lo, hi = value_range(table)
     if task is not ModelTask.classification:
@@ -216,6 +251,7 @@ def feature_spec(table: TensorTable, task: ModelTask = ModelTask.classification)
     # Declared names (a Hugging Face ClassLabel may name classes this sample lacks) are kept for the labels seen.
     declared = list(table.metadata.get("class_names") or [])[:n_classes]
     names = declared + [str(i) for i in range(len(declared), n_classes)]
+    check_class_names(names)
     return FeatureSpec(
         shape=table.sample_shape,
         dtype=table.features.dtype.name,

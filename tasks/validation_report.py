@@ -18,7 +18,9 @@ from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.artifacts import FidelityFigures, OutputFigures, RepairStep
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
-REPORT_VERSION = 4  # 3: the task's figures; accuracies null for tasks without classes. 4: device footprints
+# 3: the task's figures; accuracies null for tasks without classes. 4: device footprints. 5: above
+# DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix.
+REPORT_VERSION = 5
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -58,6 +60,12 @@ class Speed(Frozen):
     throughput_batch: int
 
 
+class Confusion(Frozen):
+    true: str
+    predicted: str
+    count: int
+
+
 class ModelMetrics(Frozen):
     """One model on the test split. Against the labels: accuracy (classification), or MAE and RMSE (regression).
     Against the float Keras model's outputs: agreement, output MAE, largest error and SQNR."""
@@ -67,7 +75,14 @@ class ModelMetrics(Frozen):
         default_factory=dict, description="Classification only; None for a class with no test row."
     )
     confusion_matrix: list[list[int]] = Field(
-        default_factory=list, description="Classification only. Rows: true class; columns: predicted class."
+        default_factory=list,
+        description="Classification with at most DENSE_CONFUSION_CLASSES classes. Rows: true class; columns: "
+        "predicted class.",
+    )
+    most_confused: list[Confusion] = Field(
+        default_factory=list,
+        description="Classification with more classes: the most frequent mistakes (true, predicted, count), most "
+        "frequent first; the report's cost stays linear in the test rows.",
     )
     mae: float | None = Field(None, description="Regression only: mean absolute error against the targets.")
     rmse: float | None = Field(None, description="Regression only: root mean squared error against the targets.")

@@ -12,9 +12,10 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ptqflow.flows.api import InvalidOption, Model, parameters, prefect_defaults
-from ptqflow.storage.store import scrub_signed_urls
+from ptqflow.storage.store import scrub_secrets
 
 err_console = Console(stderr=True)
 
@@ -49,11 +50,17 @@ def import_tensorflow_quietly(verbose: bool) -> None:
         import tensorflow  # noqa: F401
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (a NUL quoted from a UTF-16 file, an escape sequence in a file name) shown
+    as escapes, so a message cannot garble or drive the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int, as_json: bool) -> NoReturn:
-    message = scrub_signed_urls(message)  # a library's error can quote the URL it was given, secret included
+    message = printable(scrub_secrets(message))  # a library's error can quote a URL it was given, secret included
     if as_json:
         print(json.dumps({"status": "error", "error": message}))
-    err_console.print(f"[bold red]ptqflow:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]ptqflow:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -81,3 +81,49 @@ def test_gc_keeps_the_newest_runs_warm_frees_the_rest_and_leaves_exports_whole(c
         assert Path(ref["uri"].removeprefix("file://")).stat().st_size == ref["bytes"]
     verify = cli("rollback", "--export", str(export))  # nothing to roll back to, but every file is read first
     assert "nothing to roll back to" in verify.stderr
+
+
+def _manifest(store, run_id: str, day: int) -> None:
+    document = {"kind": "ptqflow.run_manifest", "run_id": run_id, "created_at": f"2026-11-{day:02d}T02:00:00+00:00"}
+    store.write_named(f"runs/{run_id}.json", json.dumps(document).encode())
+
+
+def test_gc_and_runs_name_a_malformed_manifest_and_go_on(tmp_path):
+    from typer.testing import CliRunner
+
+    from ptqflow.flows.cli import app
+    from ptqflow.storage.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    _manifest(store, "old", 1)
+    _manifest(store, "new", 2)
+    store.write_named("runs/broken.json", b'{"kind": "ptqflow.run_manifest", "created_at": 5}')
+    listed = CliRunner().invoke(app, ["runs", "--store", store.url, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert "runs/broken.json is not a readable run manifest" in listed.output and "Traceback" not in listed.output
+    collected = CliRunner().invoke(app, ["gc", "--store", store.url, "--keep-runs", "1"])
+    assert collected.exit_code == 0 and "kept runs/broken.json" in collected.output, collected.output
+    assert store.exists_named("runs/broken.json") and store.exists_named("runs/new.json")
+    assert not store.exists_named("runs/old.json")
+
+
+def test_gc_on_storage_that_refuses_deletes_says_so_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from ptqflow.flows.cli import app
+    from ptqflow.storage.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    _manifest(store, "old", 1)
+    _manifest(store, "new", 2)
+
+    def read_only(self, key: str) -> None:  # root ignores file modes: the refusal a read-only mount gives
+        raise OSError(errno.EROFS, "Read-only file system", self.path_for(key))
+
+    monkeypatch.setattr(ArtifactStore, "delete_named", read_only)
+    result = CliRunner().invoke(app, ["gc", "--store", store.url, "--keep-runs", "1"])
+    assert result.exit_code != 0 and not isinstance(result.exception, OSError)
+    assert "gc stopped: the storage is read-only at" in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output

@@ -431,6 +431,27 @@ def test_a_wide_csv_is_read_in_blocks_and_drawn_like_parquet(tmp_path):
         load_dataset(str(tmp_path / "parts"), Columns(features="note"))
 
 
+def test_an_input_shape_on_a_wide_table_is_refused_not_ignored(tmp_path):
+    import pyarrow.csv as csv
+
+    write_wide_table(tmp_path / "wide.parquet", rows=50)
+    csv.write_csv(pq.read_table(str(tmp_path / "wide.parquet")), str(tmp_path / "wide.csv"))
+    for source in ("wide.parquet", "wide.csv"):
+        with pytest.raises(InvalidDataset, match="--input-shape 2,3 does not apply to a wide table"):
+            load_dataset(str(tmp_path / source), Columns(wide=("f_*",), shape=(2, 3)))
+
+
+def test_a_utf16_csv_is_refused_in_one_line_without_its_bytes(tmp_path):
+    import pyarrow.csv as csv
+
+    write_wide_table(tmp_path / "wide.parquet", rows=20)
+    csv.write_csv(pq.read_table(str(tmp_path / "wide.parquet")), str(tmp_path / "utf8.csv"))
+    (tmp_path / "wide.csv").write_bytes((tmp_path / "utf8.csv").read_text().encode("utf-16"))
+    with pytest.raises(InvalidDataset, match="wide.csv is not UTF-8 text .*: save the CSV as UTF-8") as error:
+        load_dataset(str(tmp_path / "wide.csv"))
+    assert "\x00" not in str(error.value)
+
+
 def test_hugging_face_image_parquet_is_decoded_with_its_class_names(tmp_path):
     (tmp_path / "data").mkdir()
     labels = write_huggingface_images(tmp_path / "data" / "train-00000-of-00001.parquet")

@@ -248,3 +248,38 @@ def test_the_report_says_how_the_model_was_converted(document):
     document["conversion"] = {"calibration_method": "percentile", "percentile": 99.9}
     assert "percentile activation ranges (99.9%)" in render_markdown(document)
     assert "equalized" not in render_markdown(document)
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_text(document):
+    """matplotlib reads $...$ as math by default, and fails on what does not parse: a class named like TeX must
+    not fail the report after the model was trained."""
+    names = ["$\\foo$", "$a_{b"]
+    document["metrics"]["class_names"] = names
+    for m in document["metrics"]["models"].values():
+        m["per_class_accuracy"] = dict(zip(names, [0.9, None]))
+    assert names[0] in render_markdown(document)
+    assert len(re.findall(r'src="data:image/png;base64,', render_html(document))) >= 3  # the plots were drawn
+
+
+def test_many_classes_give_the_most_confused_pairs_not_a_matrix():
+    import numpy as np
+
+    from ptqflow.tasks.metrics import DENSE_CONFUSION_CLASSES, model_metrics
+
+    n_classes = 100_000  # a dense matrix would be 75 GiB
+    labels = np.arange(2000, dtype=np.int64) * 50
+    predicted = labels.copy()
+    labels[:30], predicted[:30] = 3, 7  # the most frequent mistake: thirty rows of class 3 called 7
+    labels[30:35], predicted[30:35] = 5, 6
+
+    class Scores(np.ndarray):  # outputs whose top class is ``predicted``, without 2000 x 100,000 scores
+        def argmax(self, axis=None, out=None, **kwargs):
+            return predicted
+
+    scores = np.zeros((2000, 1), np.float32).view(Scores)
+    result = model_metrics(scores, scores, labels, [f"c{i}" for i in range(n_classes)])
+    assert n_classes > DENSE_CONFUSION_CLASSES and result.confusion_matrix == []
+    assert [(c.true, c.predicted, c.count) for c in result.most_confused] == [("c3", "c7", 30), ("c5", "c6", 5)]
+    assert result.per_class_accuracy["c3"] == 0.0 and result.per_class_accuracy["c5000"] == 1.0
+    markdown = render.markdown_table(["true", "predicted", "rows"], [["c3", "c7", "30"]])
+    assert "| c3 | c7 | 30 |" in markdown

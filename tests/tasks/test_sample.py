@@ -238,3 +238,23 @@ def test_targets_that_are_not_finite_are_refused_naming_the_rows():
     labels[[3, 7]] = np.nan
     with pytest.raises(InvalidDataset, match=r"2 targets of the data set are NaN or Inf \(rows 3, 7\)"):
         check_dataset(TensorTable(np.arange(100, dtype=np.float32).reshape(50, 2), labels))
+
+
+@pytest.mark.parametrize(
+    ("names", "refusal"),
+    [
+        (["cat", "line\nbreak"], "holds a control character"),
+        (["cat", ""], "class 1's name '' is empty"),
+        (["cat", "x" * 201], "is longer than 200 characters"),
+        (["cat", "cat"], "class name 'cat' names several classes"),
+    ],
+)
+def test_class_names_a_report_cannot_show_are_refused_at_sampling(names, refusal):
+    from ptqflow.tasks.sample import check_class_names
+
+    with pytest.raises(InvalidDataset) as error:
+        check_class_names(names)
+    assert (
+        refusal in str(error.value) and "rename it in the source" in str(error.value) or "own name" in str(error.value)
+    )
+    check_class_names(["$\\foo$", "naïve", "日本"])  # shown as plain text
