@@ -171,8 +171,9 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*[^\s'\"<>`:;,.
 
 
 def scrub_secrets(text: str) -> str:
-    """``text`` with every secret a URL in it can carry taken out: held signed URLs and any other URL whose query
-    holds a signature or token (reduced as ``redact_url`` does), and passwords in a URL's user part."""
+    """``text`` with every secret a URL in it can carry taken out: held signed URLs reduced as ``redact_url`` does,
+    every other URL's query string and fragment (a token can hide under any name), and passwords in a URL's user
+    part. For what is recorded (errors); a URL a run opens keeps its query."""
     text = scrub_signed_urls(text)
 
     def scrubbed(match: re.Match[str]) -> str:
@@ -182,10 +183,8 @@ def scrub_secrets(text: str) -> str:
             password = parts.password
         except ValueError:  # not a URL after all (an unparsable port): nothing to take out
             return url
-        if password:
-            netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-            url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-        return redact_url(url)
+        netloc = parts.netloc.replace(f":{password}@", ":***@", 1) if password else parts.netloc
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     return _URL_IN_TEXT.sub(scrubbed, text)
 

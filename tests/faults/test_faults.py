@@ -163,17 +163,21 @@ def test_kill_9_of_a_run_holding_the_lock_on_a_prefect_server_frees_it_after_the
 def test_the_next_run_holding_the_lock_sweeps_what_killed_writers_left(cli, tmp_path):
     store, export = tmp_path / "store", tmp_path / "export"
     first = run_json(cli, "--store", str(store), "--export", str(export), *FAST)
-    # What a writer killed between its write and its rename leaves: <name>.tmp-<uuid> beside the final name.
+    # What a writer killed between its write and its rename leaves: <name>.tmp-<uuid4 hex> beside the final name.
     blob = Path(first["artifacts"]["model"]["uri"].removeprefix("file://"))
     leftovers = [
-        blob.with_name(blob.name + ".tmp-5e1f"),
-        store / "runs" / f"{first['run_id'][:8]}0.json.tmp-77aa",
-        export / "versions" / f"{first['export']['version']}" / "model.tflite.tmp-0b0b",
+        blob.with_name(blob.name + ".tmp-" + "5e1f" * 8),
+        store / "runs" / f"{first['run_id'][:8]}0.json.tmp-{'77aa' * 8}",
+        export / "versions" / f"{first['export']['version']}" / f"model.tflite.tmp-{'0b0b' * 8}",
+        export / f"latest.json.tmp-{'1c1c' * 8}",
     ]
-    young = store / "runs" / "ffffffff.json.tmp-c0de"  # a live writer's, for all this run knows
-    for path in [*leftovers, young]:
+    young = store / "runs" / f"ffffffff.json.tmp-{'c0de' * 8}"  # a live writer's, for all this run knows
+    # Not ptqflow's: a file named like a temporary in a folder ptqflow does not write stays.
+    foreign = export / "notes" / f"plan.txt.tmp-{'abcd' * 8}"
+    foreign.parent.mkdir()
+    for path in [*leftovers, young, foreign]:
         path.write_bytes(b"half a file")
-    for path in leftovers:
+    for path in [*leftovers, foreign]:
         os.utime(path, (time.time() - 3600, time.time() - 3600))
     # The leftover in runs/ shares the run's id prefix: lookups by prefix must not see it.
     shown = cli("show", first["run_id"][:8], "--store", str(store))
@@ -181,7 +185,7 @@ def test_the_next_run_holding_the_lock_sweeps_what_killed_writers_left(cli, tmp_
 
     second = cli("run", "--store", str(store), "--export", str(export), *FAST, "--json", "--verbose")
     assert second.returncode == 0, second.stderr[-4000:]
-    assert not any(path.exists() for path in leftovers) and young.exists()
+    assert not any(path.exists() for path in leftovers) and young.exists() and foreign.exists()
     for path in leftovers:
         assert path.name in second.stderr  # each removal is logged
     assert_every_blob_intact(store)

@@ -462,8 +462,9 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tmp_p
         parameters = {**described["parameters"], "store": str(store), "training": {"epochs": 3}}
         response = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters})
         assert response.status_code == 201, response.text
-    # The run's store is outside the deployment's own (./ptqflow-store): the worker allows it (flows/trust.py).
-    worker_env = {**env, "PTQFLOW_ALLOWED_ROOTS": str(tmp_path)}
+    # The run's store is outside the deployment's own (./ptqflow-store): the worker allows it as a store root
+    # (flows/trust.py).
+    worker_env = {**env, "PTQFLOW_STORE_ROOTS": str(tmp_path)}
     worker = subprocess.run(
         [prefect, "worker", "start", "--pool", "ptqflow-process", "--run-once"],
         env=worker_env,

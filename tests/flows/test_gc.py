@@ -78,7 +78,7 @@ def test_gc_keeps_the_newest_runs_warm_frees_the_rest_and_leaves_exports_whole(c
     latest = json.loads((export / "latest.json").read_text())
     assert latest["run_id"] == runs[1]["run_id"]
     for ref in latest["files"].values():
-        assert Path(ref["uri"].removeprefix("file://")).stat().st_size == ref["bytes"]
+        assert (export / ref["uri"]).stat().st_size == ref["bytes"]  # relative to the export
     verify = cli("rollback", "--export", str(export))  # nothing to roll back to, but every file is read first
     assert "nothing to roll back to" in verify.stderr
 

@@ -169,7 +169,8 @@ def test_a_crafted_run_id_in_the_export_is_refused_not_put_in_a_registry_query(m
     from ptqflow.storage.store import ArtifactStore
     from ptqflow.tasks.parameters import RegistryParameters
 
-    (tmp_path / "latest.json").write_text(json.dumps({"version": "v", "run_id": "x' or name != '", "files": {}}))
+    crafted = {"kind": "ptqflow.export_pointer", "version": "v", "run_id": "x' or name != '", "files": {}}
+    (tmp_path / "latest.json").write_text(json.dumps(crafted))
     registry = RegistryParameters(mlflow_uri=mlflow_server, registered_model="crafted")
     with pytest.raises(RegistryError, match="names no valid run id"):
         sync_with_export(registry, ArtifactStore(str(tmp_path)))
