@@ -90,7 +90,8 @@ def measure(name: str, build, classes: int, channels: int, epochs: int) -> dict:
     import keras
 
     from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import predict_tflite
     from ptqflow.tasks.metrics import sqnr_db
     from ptqflow.tasks.parameters import (
         CalibrationMethod,

@@ -27,8 +27,8 @@ def run(epochs: int = 30) -> dict:
     from ptqflow.tasks.artifacts import FeatureSpec
     from ptqflow.tasks.convert import quantize
     from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.feeds import keras_feed
-    from ptqflow.tasks.interpreter import predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import keras_feed, predict_keras
+    from ptqflow.tasks.interpreter import predict_tflite
     from ptqflow.tasks.metrics import sqnr_db
     from ptqflow.tasks.parameters import ConversionParameters, TrainingParameters
     from ptqflow.tasks.train import _standardisation, build_default_mlp, output_head, seeded, train_model

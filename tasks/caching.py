@@ -71,24 +71,35 @@ def _source_digest(module: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@lru_cache(maxsize=None)
-def code_digest(module: str) -> str:
-    """sha256 over the source of ``module`` and of every project module it imports, transitively."""
+def module_source(name: str) -> str | None:
+    """The source of a project module; None for a name that is not a module with a ``.py`` file."""
+    spec = importlib.util.find_spec(name) if _is_module(name) else None
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        return f.read()
+
+
+def code_closure(module: str) -> dict[str, str]:
+    """``module`` and every project module it imports, transitively (imports inside functions too), each with the
+    sha256 of its source ("" when it has none): what a stage's cache key covers."""
     seen: dict[str, str] = {}
     pending = [module]
     while pending:
         name = pending.pop()
         if name in seen:
             continue
-        spec = importlib.util.find_spec(name) if _is_module(name) else None
-        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-            seen[name] = ""
-            continue
-        with open(spec.origin, encoding="utf-8") as f:
-            source = f.read()
-        seen[name] = hashlib.sha256(source.encode()).hexdigest()
-        pending.extend(_module_imports(name, source) - seen.keys())
-    return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()
+        source = module_source(name)
+        seen[name] = "" if source is None else hashlib.sha256(source.encode()).hexdigest()
+        if source is not None:
+            pending.extend(_module_imports(name, source) - seen.keys())
+    return seen
+
+
+@lru_cache(maxsize=None)
+def code_digest(module: str) -> str:
+    """sha256 over the source of ``module`` and of every project module it imports, transitively."""
+    return hashlib.sha256(json.dumps(sorted(code_closure(module).items())).encode()).hexdigest()
 
 
 @lru_cache(maxsize=1)

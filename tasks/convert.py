@@ -7,11 +7,7 @@ optimizations) is written too, so validation can compare like with like.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -27,6 +23,7 @@ from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.errors import ConversionFailed, secrets_kept_out
 from ptqflow.tasks.feeds import keras_feed, model_input_slots
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
+from ptqflow.tasks.native import native_output_silenced
 from ptqflow.tasks.parameters import (
     DEFAULT_PERCENTILE,
     CalibrationMethod,
@@ -107,29 +104,6 @@ def _explain(error: Exception, options: ConversionParameters) -> ConversionFaile
     return ConversionFailed(
         f"conversion failed under --ops {options.ops.value}: {'; '.join(problems)}: {', '.join(fixes)}"
     )
-
-
-@contextlib.contextmanager
-def native_output_silenced() -> Iterator[None]:
-    """The converter, its quantizer and tf.lite.Interpreter print their settings and deprecation warnings on fds 1
-    and 2 from C++ and Python: none of it is for ptqflow's user (errors still arrive, as exceptions)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in saved:
-            os.dup2(devnull, fd)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
 
 
 def _convert(converter, options: ConversionParameters) -> bytes:

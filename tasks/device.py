@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ptqflow.tasks.convert import native_output_silenced
+from ptqflow.tasks.native import native_output_silenced
 from ptqflow.tasks.validation_report import ArenaCheck, DeviceFootprint
 
 if TYPE_CHECKING:

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ptqflow.tasks.convert import CalibrationBatches, native_output_silenced, quantization_converter, tf_dtype
+from ptqflow.tasks.convert import CalibrationBatches, quantization_converter, tf_dtype
 from ptqflow.tasks.errors import ConversionFailed
 from ptqflow.tasks.feeds import input_parts, model_input_slots, signature_input_name
 from ptqflow.tasks.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW, missing_private_api
 from ptqflow.tasks.interpreter import make_interpreter
+from ptqflow.tasks.native import native_output_silenced
 from ptqflow.tasks.parameters import ConversionParameters, TensorType
 from ptqflow.tasks.validation_report import LayerError
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptqflow.storage.tables import InputSlot, split_inputs
+from ptqflow.tasks.outputs import flatten_outputs
 
 if TYPE_CHECKING:
     import keras
@@ -28,6 +29,14 @@ def keras_feed(features: np.ndarray, inputs: tuple[InputSlot, ...] = ()) -> Kera
     if not inputs:
         return features
     return {slot.name: part for slot, part in zip(inputs, split_inputs(features, inputs))}
+
+
+def predict_keras(
+    model: keras.Model, features: np.ndarray, batch_size: int = 256, inputs: tuple[InputSlot, ...] = ()
+) -> np.ndarray:
+    """The model's outputs; several side by side, flattened, in its order (as ``predict_tflite`` gives them)."""
+    outputs = model.predict(keras_feed(features, inputs), batch_size=batch_size, verbose=0)
+    return flatten_outputs(list(outputs)) if isinstance(outputs, (list, tuple)) else np.asarray(outputs)
 
 
 def input_parts(features: np.ndarray, inputs: tuple[InputSlot, ...] = ()) -> list[np.ndarray]:

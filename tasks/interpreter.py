@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.convert import native_output_silenced
 from ptqflow.tasks.feeds import (
     batch_dynamic,
     input_details,
@@ -26,6 +25,7 @@ from ptqflow.tasks.feeds import (
     set_inputs,
     tflite_input_indices,
 )
+from ptqflow.tasks.native import native_output_silenced
 from ptqflow.tasks.outputs import flatten_outputs, tflite_output_order
 from ptqflow.tasks.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
 
@@ -104,14 +104,6 @@ def predict_tflite(
         if on_batch:
             on_batch(min(start + step, len(features)))
     return np.concatenate(outputs)
-
-
-def predict_keras(
-    model: keras.Model, features: np.ndarray, batch_size: int = 256, inputs: tuple[InputSlot, ...] = ()
-) -> np.ndarray:
-    """The model's outputs; several side by side, flattened, in its order (as ``predict_tflite`` gives them)."""
-    outputs = model.predict(keras_feed(features, inputs), batch_size=batch_size, verbose=0)
-    return flatten_outputs(list(outputs)) if isinstance(outputs, (list, tuple)) else np.asarray(outputs)
 
 
 def audit_tensor_types(model_bytes: bytes) -> TypeAudit:

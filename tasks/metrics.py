@@ -119,7 +119,7 @@ def most_confused(
     rows, whatever the number of classes."""
     wrong = predicted != labels
     pairs, counts = np.unique(np.stack([labels[wrong], predicted[wrong]], axis=1), axis=0, return_counts=True)
-    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:limit] if len(counts) else []
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:limit]
     return [
         Confusion(true=class_names[int(pairs[i, 0])], predicted=class_names[int(pairs[i, 1])], count=int(counts[i]))
         for i in order

@@ -31,9 +31,9 @@ from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import CalibrationBatches
 from ptqflow.tasks.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
 from ptqflow.tasks.errors import secrets_kept_out
-from ptqflow.tasks.feeds import model_input_slots
+from ptqflow.tasks.feeds import model_input_slots, predict_keras
 from ptqflow.tasks.fidelity import judge_fidelity
-from ptqflow.tasks.interpreter import predict_keras, predict_tflite
+from ptqflow.tasks.interpreter import predict_tflite
 from ptqflow.tasks.metrics import task_figures
 from ptqflow.tasks.outputs import model_outputs
 from ptqflow.tasks.parameters import ConversionParameters, GateParameters, ModelTask, RepairParameters

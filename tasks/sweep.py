@@ -36,10 +36,10 @@ from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.convert import convert_float, quantize, stored_calibration_batches
 from ptqflow.tasks.device import budget_problems, device_footprint
 from ptqflow.tasks.errors import PtqflowError, secrets_kept_out
+from ptqflow.tasks.feeds import predict_keras
 from ptqflow.tasks.fidelity import LOSS_LABEL, TaskFigures, fidelity_loss, judge_fidelity
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
-    predict_keras,
     predict_tflite,
     rerun_max_difference,
     tflite_speed,

@@ -31,8 +31,7 @@ from ptqflow.tasks.artifacts import FeatureSpec, SampledDataset, TrainedModel
 from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.datasets import files_fingerprint
 from ptqflow.tasks.errors import InvalidModel, secrets_kept_out
-from ptqflow.tasks.feeds import KerasFeed, keras_feed
-from ptqflow.tasks.interpreter import predict_keras
+from ptqflow.tasks.feeds import KerasFeed, keras_feed, predict_keras
 from ptqflow.tasks.limits import check_model_size
 from ptqflow.tasks.metrics import accuracy, mean_absolute_error
 from ptqflow.tasks.outputs import model_outputs

@@ -30,12 +30,11 @@ from ptqflow.tasks.caching import StageCachePolicy
 from ptqflow.tasks.device import device_footprint
 from ptqflow.tasks.diagnose import layer_errors
 from ptqflow.tasks.errors import secrets_kept_out
-from ptqflow.tasks.feeds import model_input_slots
+from ptqflow.tasks.feeds import model_input_slots, predict_keras
 from ptqflow.tasks.fidelity import fidelity_in_words
 from ptqflow.tasks.interpreter import (
     audit_tensor_types,
     keras_speed,
-    predict_keras,
     predict_tflite,
     rerun_max_difference,
     tflite_speed,

@@ -44,7 +44,7 @@ def import_tensorflow_quietly(verbose: bool) -> None:
     run, with fds 1 and 2 silenced."""
     if verbose:
         return
-    from ptqflow.tasks.convert import native_output_silenced
+    from ptqflow.tasks.native import native_output_silenced
 
     with native_output_silenced():
         import tensorflow  # noqa: F401

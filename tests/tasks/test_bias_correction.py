@@ -110,7 +110,8 @@ def test_the_corrected_copy_keeps_each_layers_float_mean_under_rounding():
 
 def test_equalized_and_corrected_models_stay_full_integer_within_the_gate(trained_digits_model, digits_splits):
     from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import audit_tensor_types, predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import audit_tensor_types, predict_tflite
     from ptqflow.tasks.metrics import accuracy
 
     _, splits = digits_splits

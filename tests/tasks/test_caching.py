@@ -64,3 +64,43 @@ def test_library_versions_are_part_of_the_key(monkeypatch):
 def test_arrays_are_refused_as_stage_inputs():
     with pytest.raises(TypeError, match="pass artifact references"):
         stage_cache_key("ptqflow.tasks.sample", {"features": np.zeros(3)})
+
+
+STAGES = {
+    "sample": "ptqflow.tasks.sample",
+    "calibrate": "ptqflow.tasks.calibrate",
+    "train": "ptqflow.tasks.train",
+    "convert": "ptqflow.tasks.convert",
+    "validate": "ptqflow.tasks.validate",
+}
+QUANTIZATION_METHODS = ("ptqflow.tasks.equalize", "ptqflow.tasks.bias_correction", "ptqflow.tasks.ranges")
+
+
+def _digests_with_edited(monkeypatch, module: str) -> dict[str, str]:
+    """Each stage's code digest as it is, and with ``module``'s source edited (a comment added)."""
+    real = caching.module_source
+
+    def edited(name: str) -> str | None:
+        source = real(name)
+        return source + "\n# edited\n" if name == module and source is not None else source
+
+    monkeypatch.setattr(caching, "module_source", edited)
+    try:
+        return {stage: caching.code_digest.__wrapped__(module) for stage, module in STAGES.items()}
+    finally:
+        monkeypatch.setattr(caching, "module_source", real)
+
+
+@pytest.mark.parametrize("method", QUANTIZATION_METHODS)
+def test_editing_a_quantization_method_leaves_sampling_and_training_cached(monkeypatch, method):
+    """A stage's key covers what it runs: equalization or a range method is not part of training, so changing one
+    must not retrain the float model (it reconverts, and revalidates)."""
+    before = {stage: caching.code_digest.__wrapped__(module) for stage, module in STAGES.items()}
+    after = _digests_with_edited(monkeypatch, method)
+    assert [stage for stage in STAGES if before[stage] != after[stage]] == ["convert", "validate"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_editing_a_stages_own_code_changes_its_key(monkeypatch, stage):
+    before = caching.code_digest.__wrapped__(STAGES[stage])
+    assert _digests_with_edited(monkeypatch, STAGES[stage])[stage] != before

@@ -33,8 +33,7 @@ def packed(rows: int = 40, seed: int = 0) -> np.ndarray:
 
 
 def test_keras_gets_each_input_by_name_from_packed_samples(two_input_model):
-    from ptqflow.tasks.feeds import keras_feed
-    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.feeds import keras_feed, predict_keras
 
     features = packed()
     feed = keras_feed(features, SLOTS)
@@ -49,7 +48,8 @@ def test_a_tflite_model_is_fed_by_signature_name_and_quantized_per_input(two_inp
     import tensorflow as tf
 
     from ptqflow.tasks.convert import native_output_silenced
-    from ptqflow.tasks.interpreter import make_interpreter, predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import make_interpreter, predict_tflite
 
     features = packed()
     expected = predict_keras(two_input_model, features, inputs=SLOTS)

@@ -42,7 +42,8 @@ def trained(request):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_gives_a_full_integer_model_within_the_gate(trained, method):
     from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import audit_tensor_types, predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import audit_tensor_types, predict_tflite
 
     model, calibration, test, labels = trained
     quantized = quantize(model, lambda: [calibration[:100], calibration[100:]], METHODS[method])

@@ -37,7 +37,8 @@ def test_each_output_is_named_after_its_layer_with_its_shape_and_kind(three_head
 
 def test_the_tflite_outputs_come_in_the_keras_models_order(three_heads):
     from ptqflow.tasks.convert import convert_float, quantize
-    from ptqflow.tasks.interpreter import make_interpreter, predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import make_interpreter, predict_tflite
     from ptqflow.tasks.parameters import ConversionParameters
 
     features = np.random.default_rng(0).uniform(-1, 1, (64, 4)).astype(np.float32)

@@ -61,7 +61,8 @@ def test_minmax_through_the_converters_own_steps_gives_the_normal_model(trained_
 @pytest.mark.parametrize("method", [CalibrationMethod.percentile, CalibrationMethod.mse, CalibrationMethod.kl])
 def test_each_method_gives_a_full_integer_model_within_the_gate(trained_digits_model, digits_splits, method):
     from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import audit_tensor_types, predict_keras, predict_tflite
+    from ptqflow.tasks.feeds import predict_keras
+    from ptqflow.tasks.interpreter import audit_tensor_types, predict_tflite
     from ptqflow.tasks.metrics import accuracy
 
     _, splits = digits_splits

@@ -271,7 +271,7 @@ def test_a_two_input_model_is_fed_in_order_behind_each_inputs_own_normalisation(
     column stored with another shape of the same size is reshaped to what its input takes."""
     import keras
 
-    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.feeds import predict_keras
     from ptqflow.tasks.parameters import TrainingParameters
     from ptqflow.tasks.train import load_trained_model
 
@@ -296,7 +296,7 @@ def test_inputs_named_after_the_columns_are_fed_by_name_whatever_their_order(tmp
     import keras
 
     from ptqflow.storage.keras_models import keras_model_to_bytes
-    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.feeds import predict_keras
     from ptqflow.tasks.train import load_trained_model
 
     extra_in, image_in = keras.Input((3,), name="extra"), keras.Input((8, 8, 1), name="image")
@@ -340,7 +340,7 @@ def test_the_default_model_for_several_inputs_standardises_each_input_and_learns
     share one int8 scale with the large-valued one."""
     from ptqflow.storage.tables import TensorTable
     from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.interpreter import predict_keras
+    from ptqflow.tasks.feeds import predict_keras
     from ptqflow.tasks.metrics import accuracy
     from ptqflow.tasks.parameters import TrainingParameters
     from ptqflow.tasks.train import build_model, fit_default_model

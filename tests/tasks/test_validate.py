@@ -8,9 +8,9 @@ import pytest
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.tasks.artifacts import ValidationResult
 from ptqflow.tasks.convert import convert_float, quantize
-from ptqflow.tasks.feeds import quantize_input
+from ptqflow.tasks.feeds import predict_keras, quantize_input
 from ptqflow.tasks.gate import GateStatus, check_accuracy_gate
-from ptqflow.tasks.interpreter import dequantize_output, make_interpreter, predict_keras, predict_tflite
+from ptqflow.tasks.interpreter import dequantize_output, make_interpreter, predict_tflite
 from ptqflow.tasks.parameters import (
     ConversionParameters,
     QuantizationScheme,
