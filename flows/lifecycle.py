@@ -2,18 +2,17 @@
 runs; sample, calibrate and train (the stages every conversion starts from); and end the same way, with the
 champion check, the manifest, the export and the Prefect artifacts."""
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
-from unittest import mock
 
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from ptqflow.flows.environment import variables_set
 from ptqflow.flows.events import emit_run_events
 from ptqflow.flows.locks import exclusive
 from ptqflow.flows.registry import (
@@ -120,7 +119,7 @@ def credentials_from_blocks(storage_block: str | None, export_block: str | None)
     chosen = {variable: block for variable, block in named.items() if block}
     for block in chosen.values():
         options_from_block(block)
-    with mock.patch.dict(os.environ, chosen):  # restores the variables as they were, set or not
+    with variables_set(chosen):
         yield
 
 

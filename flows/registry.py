@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 import tempfile
@@ -20,11 +19,11 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from unittest import mock
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from ptqflow.flows.environment import variables_set
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.tasks.errors import PtqflowError, secrets_kept_out
 from ptqflow.tasks.outcome import RegistryRecord
@@ -245,7 +244,7 @@ def quick_requests() -> Iterator[None]:
     """MLflow retries a request for minutes by default (right for a rate-limited server during a run); asking
     whether it answers at all takes one try of at most 15 s."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-    with mock.patch.dict(os.environ, quick):  # restores the variables as they were, set or not
+    with variables_set(quick):
         yield
 
 

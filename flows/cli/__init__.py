@@ -6,6 +6,8 @@ instant and settings such as the ephemeral server's start-up timeout apply.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from ptqflow.flows.cli import records, running
@@ -14,13 +16,27 @@ app = typer.Typer(
     name="ptqflow",
     help="Keras model to validated, fully-integer TensorFlow Lite model: a cached Prefect pipeline.",
     no_args_is_help=True,
-    add_completion=False,
+    # Typer's --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"ptqflow {version('ptqflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print ptqflow's version and exit."),
+    ] = False,
+) -> None:
     """ptqflow: post-training integer quantization as a cached, validated Prefect pipeline."""
 
 

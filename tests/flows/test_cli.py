@@ -186,6 +186,17 @@ def test_bad_input_is_one_clear_line_and_a_non_zero_exit(cli, tmp_path, args, me
     assert {blob.suffix for blob in blobs} == written
 
 
+def test_version_and_shell_completion_are_offered():
+    from importlib.metadata import version
+
+    shown = subprocess.run([ptqflow_executable(), "--version"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"ptqflow {version('ptqflow')}"
+    completion = subprocess.run(
+        [ptqflow_executable(), "--show-completion", "bash"], capture_output=True, text=True, timeout=120
+    )
+    assert completion.returncode == 0 and "_PTQFLOW_COMPLETE" in completion.stdout, completion.stderr[-1000:]
+
+
 def test_help_lists_the_options_with_defaults():
     result = subprocess.run(
         [ptqflow_executable(), "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
