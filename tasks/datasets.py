@@ -1,9 +1,17 @@
 """Data sources, loaded as tensor tables of raw values (no scaling: the model scales its own input).
 
 A source is a built-in name (``digits`` from scikit-learn, offline; ``mnist``, ``fashion_mnist``, ``cifar10``
-through ``keras.datasets``) or any fsspec URL of a Parquet file or of a directory of Parquet files,
-whose sample column is a ``fixed_shape_tensor``, a fixed-size list, or fixed-size binary (shape from the type,
-``--input-shape`` or the file's ``ptqflow`` metadata) and whose label column holds integer class indices.
+through ``keras.datasets``) or any fsspec URL of:
+
+* Parquet (a file, or every ``*.parquet`` below a directory): a sample column that is a ``fixed_shape_tensor``, a
+  fixed-size list or fixed-size binary (shape from the type, ``--input-shape`` or the file's ``ptqflow``
+  metadata), encoded images (bytes, or the Hugging Face ``Image`` struct), one column per model input, or a wide
+  table of one numeric column per feature;
+* CSV (a file, or the ``*.csv`` of a directory): a wide table, streamed in blocks;
+* an image folder (``<class>/<image>``, or ``<split>/<class>/<image>``; ``tasks.images``).
+
+Labels are integer class indices, regression targets, or none (``--task``); a source may carry its own splits
+(``tasks.splits``). A source can grow (a folder of files), and can be narrowed to the files of a date window.
 """
 
 from __future__ import annotations
