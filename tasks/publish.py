@@ -190,12 +190,17 @@ def history_key_of(pointer: dict[str, Any]) -> str | None:
 
 
 def record_in_history(export: ArtifactStore, pointer: dict[str, Any], raw: bytes) -> None:
+    """Record a live pointer in ``history/`` if it is not yet. Best effort: a reader that may not write (a
+    read-only mirror) still reads, and the next command that may write records it."""
     key = history_key_of(pointer)
-    if key is not None and not export.exists_named(key):
-        try:
-            export.write_named(key, raw, exclusive=True)
-        except FileExistsError:
-            pass  # another command recorded it meanwhile
+    if key is None or export.exists_named(key):
+        return
+    try:
+        export.write_named(key, raw, exclusive=True)
+    except FileExistsError:
+        pass  # another command recorded it meanwhile
+    except Exception as error:
+        logging.getLogger(__name__).warning("%s could not be recorded as %s (%s)", POINTER, key, error)
 
 
 def move_pointer(export: ArtifactStore, pointer: bytes, history_key: str, previous: bytes | None) -> None:

@@ -331,3 +331,18 @@ def test_a_damaged_history_entry_is_passed_over_by_rollback(store, export):
     publish_run(store, export, "run-3", _artifacts(store, "v3"), _manifest("run-3"), compared_with=second.version)
     export.write_named(f"history/{second.version}.json", b"[1, 2")
     assert rollback(export).version == first.version
+
+
+def test_a_reader_that_may_not_write_still_reads_an_unrecorded_pointer(store, export, monkeypatch):
+    from ptqflow.tasks.promotion import read_pointer
+
+    record = publish_run(store, export, "run-1", _artifacts(store, "v1"), _manifest("run-1"))
+    export.delete_named(f"history/{record.version}.json")  # killed before it was recorded
+
+    def refused(key, data, exclusive=False):
+        raise PermissionError(13, "Permission denied", key)
+
+    monkeypatch.setattr(export, "write_named", refused)  # a read-only mirror's credentials
+    assert read_pointer(export)["version"] == record.version
+    monkeypatch.undo()
+    assert read_pointer(export)["version"] == record.version and export.exists_named(f"history/{record.version}.json")
