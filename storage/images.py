@@ -9,9 +9,12 @@ formats must hold that format."""
 from __future__ import annotations
 
 import io
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 PILLOW_MODES = {"rgb": "RGB", "grayscale": "L"}
 # Pillow's format names, and the file suffixes that name each.
@@ -44,7 +47,7 @@ def own_mode(mode: str) -> str:
     return "L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"
 
 
-def _opened(data: bytes, name: str | None) -> object:
+def _opened(data: bytes, name: str | None) -> PILImage.Image:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -65,11 +68,11 @@ def image_header(data: bytes, name: str | None = None) -> ImageHeader:
         UndecodableImage: not a PNG, JPEG or BMP image, or not the format ``name``'s suffix says.
     """
     try:
-        with _opened(data, name) as image:  # type: ignore[attr-defined]
-            return ImageHeader(image.format, image.width, image.height, 1 if own_mode(image.mode) == "L" else 3)
+        with _opened(data, name) as image:
+            return ImageHeader(str(image.format), image.width, image.height, 1 if own_mode(image.mode) == "L" else 3)
+    except UndecodableImage:
+        raise
     except (OSError, ValueError) as error:
-        if isinstance(error, UndecodableImage):
-            raise
         raise UndecodableImage(type(error).__name__) from None
 
 
@@ -86,7 +89,7 @@ def decode_image(
     from PIL import Image
 
     try:
-        with _opened(data, name) as image:  # type: ignore[attr-defined]
+        with _opened(data, name) as image:
             image.load()
             mode = PILLOW_MODES[color_mode] if color_mode else own_mode(image.mode)
             converted = image.convert(mode) if image.mode != mode else image
