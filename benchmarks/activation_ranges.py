@@ -89,17 +89,17 @@ def small_mobilenet(classes: int):
 def measure(name: str, build, classes: int, channels: int, epochs: int) -> dict:
     import keras
 
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.feeds import predict_keras
-    from ptqflow.tasks.interpreter import predict_tflite
-    from ptqflow.tasks.metrics import sqnr_db
-    from ptqflow.tasks.parameters import (
+    from ptqflow.tasks.core.parameters import (
         CalibrationMethod,
         ConversionParameters,
         QuantizationScheme,
         TargetOps,
         TensorType,
     )
+    from ptqflow.tasks.evaluation.interpreter import predict_tflite
+    from ptqflow.tasks.evaluation.metrics import sqnr_db
+    from ptqflow.tasks.models.feeds import predict_keras
+    from ptqflow.tasks.quantization.converter import quantize
 
     keras.utils.set_random_seed(0)
     train, train_labels = images(3000, 0, classes, channels)

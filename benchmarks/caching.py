@@ -12,7 +12,7 @@ def run(repeats: int = 3) -> list[Result]:
     from prefect import flow
 
     from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.parameters import ConversionParameters, TensorType
+    from ptqflow.tasks.core.parameters import ConversionParameters, TensorType
 
     @flow(name="ptqflow-benchmark-warm-up")
     def warm_up() -> int:

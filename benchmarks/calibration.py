@@ -14,7 +14,7 @@ BATCH = 100  # ptqflow's streaming batch for this benchmark (the default is 64)
 
 
 def quantization_parameters(model_bytes: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from ptqflow.tasks.interpreter import make_interpreter
+    from ptqflow.tasks.evaluation.interpreter import make_interpreter
 
     return {
         d["name"]: (d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"])
@@ -39,8 +39,8 @@ def _compare(label: str, model, features: np.ndarray, labels: np.ndarray, repeat
     import tensorflow as tf
 
     from ptqflow.storage.tables import TensorTable, iter_feature_batches, write_parquet_bytes
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.parameters import ConversionParameters
+    from ptqflow.tasks.core.parameters import ConversionParameters
+    from ptqflow.tasks.quantization.converter import quantize
 
     calibration = TensorTable(features[:SAMPLES], labels[:SAMPLES])
     parquet = write_parquet_bytes(calibration)
@@ -80,8 +80,8 @@ def _compare(label: str, model, features: np.ndarray, labels: np.ndarray, repeat
 
 def run(repeats: int = 3) -> list[Result]:
     from benchmarks.storage import synthetic_images
-    from ptqflow.tasks.artifacts import FeatureSpec
-    from ptqflow.tasks.train import build_default_cnn, seeded
+    from ptqflow.tasks.core.artifacts import FeatureSpec
+    from ptqflow.tasks.models.training import build_default_cnn, seeded
 
     model, splits = digits_model_and_splits()
     results = [_compare("digits (8x8x1)", model, splits["train"].features, splits["train"].labels, repeats)]

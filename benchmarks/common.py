@@ -96,10 +96,10 @@ def machine() -> dict[str, Any]:
 
 def digits_model_and_splits(epochs: int = 8):
     """The default CNN trained briefly on the built-in digits (quick, deterministic)."""
-    from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.parameters import SamplingParameters, TrainingParameters
-    from ptqflow.tasks.sample import feature_spec, split_dataset
-    from ptqflow.tasks.train import fit_default_model
+    from ptqflow.tasks.core.parameters import SamplingParameters, TrainingParameters
+    from ptqflow.tasks.data.datasets import load_dataset
+    from ptqflow.tasks.data.sampling import feature_spec, split_dataset
+    from ptqflow.tasks.models.training import fit_default_model
 
     table = load_dataset("digits")
     splits = split_dataset(table, SamplingParameters(), seed=0)

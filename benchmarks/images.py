@@ -42,8 +42,8 @@ def _peak_rss_bytes() -> int:
 
 def hold(root: str, mode: str) -> dict:
     """In this process: note the baseline RSS, then draw 1,000 images (ptqflow) or decode them all."""
-    from ptqflow.tasks.calibrate import calibration_seed
-    from ptqflow.tasks.datasets import Draw, load_dataset
+    from ptqflow.tasks.data.calibration import calibration_seed
+    from ptqflow.tasks.data.datasets import Draw, load_dataset
 
     baseline = rss_bytes()
     # The process's peak so far is the imports' (TensorFlow's is far above this work's): reset it (Linux), so the
@@ -58,7 +58,7 @@ def hold(root: str, mode: str) -> dict:
 def run(repeats: int = 3) -> list[Result]:
     from ptqflow.storage.store import filesystem_for
     from ptqflow.storage.tables import Columns
-    from ptqflow.tasks.images import decode_images, list_image_folder
+    from ptqflow.tasks.data.images import decode_images, list_image_folder
 
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
         root = os.path.join(tmp, "images")

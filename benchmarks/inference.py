@@ -30,8 +30,8 @@ def mobilenet_v2_sized():
 
 
 def _timings(model_bytes: bytes, sample: np.ndarray, threads: int) -> dict:
-    from ptqflow.tasks.feeds import quantize_input
-    from ptqflow.tasks.interpreter import make_interpreter
+    from ptqflow.tasks.evaluation.interpreter import make_interpreter
+    from ptqflow.tasks.models.feeds import quantize_input
 
     interpreter = make_interpreter(model_bytes, threads)
     inp = interpreter.get_input_details()[0]
@@ -82,8 +82,8 @@ def composition(model_bytes: bytes) -> dict:
 
 
 def _compare(label: str, model, calibration: np.ndarray, sample: np.ndarray, size_target: float | None) -> list[Result]:
-    from ptqflow.tasks.convert import convert_float, quantize
-    from ptqflow.tasks.parameters import ConversionParameters
+    from ptqflow.tasks.core.parameters import ConversionParameters
+    from ptqflow.tasks.quantization.converter import convert_float, quantize
 
     threads = os.cpu_count() or 1
     quantized = quantize(

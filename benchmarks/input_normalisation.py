@@ -38,11 +38,11 @@ def images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def run() -> dict:
     import keras
 
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import predict_tflite
-    from ptqflow.tasks.metrics import sqnr_db
-    from ptqflow.tasks.parameters import ConversionParameters, TensorType
-    from ptqflow.tasks.train import with_input_normalisation
+    from ptqflow.tasks.core.parameters import ConversionParameters, TensorType
+    from ptqflow.tasks.evaluation.interpreter import predict_tflite
+    from ptqflow.tasks.evaluation.metrics import sqnr_db
+    from ptqflow.tasks.models.training import with_input_normalisation
+    from ptqflow.tasks.quantization.converter import quantize
 
     keras.utils.set_random_seed(0)
     train, train_labels = images(2000, 0)

@@ -59,15 +59,15 @@ def _tiny_model():
 def calibrate(path: str, mode: str) -> dict:
     """In this process: build the model, note the baseline RSS, calibrate, report the peak."""
     from ptqflow.storage.tables import iter_feature_batches, read_parquet
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.parameters import ConversionParameters
+    from ptqflow.tasks.core.parameters import ConversionParameters
+    from ptqflow.tasks.quantization.converter import quantize
 
     model = _tiny_model()
     baseline = rss_bytes()
     if mode == "stream":
         from ptqflow.storage.tables import write_parquet_bytes
-        from ptqflow.tasks.calibrate import calibration_seed
-        from ptqflow.tasks.datasets import Draw, load_dataset
+        from ptqflow.tasks.data.calibration import calibration_seed
+        from ptqflow.tasks.data.datasets import Draw, load_dataset
 
         drawn = load_dataset(path, draw=Draw(CALIBRATION_SIZE, calibration_seed(0), what="calibration set"))
         stored = path + ".calibration.parquet"  # what the calibration stage writes to the store
@@ -79,7 +79,7 @@ def calibrate(path: str, mode: str) -> dict:
             with open(stored, "rb") as f:
                 yield from iter_feature_batches(f, BATCH)
     else:
-        from ptqflow.tasks.calibrate import draw_calibration_set
+        from ptqflow.tasks.data.calibration import draw_calibration_set
 
         with open(path, "rb") as f:
             whole = read_parquet(f)

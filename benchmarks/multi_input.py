@@ -6,7 +6,7 @@ sums scaled to hundreds (``sum * 10 + 5``). The same MLP (Dense64-Dense64-softma
 in the two ways they can be joined:
 
 * **joined raw**: the inputs concatenated as they are, then one standardisation over the joined features;
-* **standardised per input**: each input standardised on its own, then concatenated (``tasks.train``'s MLP).
+* **standardised per input**: each input standardised on its own, then concatenated (``tasks.models.training``'s MLP).
 
 Both are quantized to full int8 with the same calibration samples and compared with their own float model on the
 same test rows: the accuracy drop in percentage points and the output SQNR.
@@ -24,14 +24,14 @@ def run(epochs: int = 30) -> dict:
     import keras
 
     from ptqflow.storage.tables import InputSlot, TensorTable, split_inputs
-    from ptqflow.tasks.artifacts import FeatureSpec
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.feeds import keras_feed, predict_keras
-    from ptqflow.tasks.interpreter import predict_tflite
-    from ptqflow.tasks.metrics import sqnr_db
-    from ptqflow.tasks.parameters import ConversionParameters, TrainingParameters
-    from ptqflow.tasks.train import _standardisation, build_default_mlp, output_head, seeded, train_model
+    from ptqflow.tasks.core.artifacts import FeatureSpec
+    from ptqflow.tasks.core.parameters import ConversionParameters, TrainingParameters
+    from ptqflow.tasks.data.datasets import load_dataset
+    from ptqflow.tasks.evaluation.interpreter import predict_tflite
+    from ptqflow.tasks.evaluation.metrics import sqnr_db
+    from ptqflow.tasks.models.feeds import keras_feed, predict_keras
+    from ptqflow.tasks.models.training import _standardisation, build_default_mlp, output_head, seeded, train_model
+    from ptqflow.tasks.quantization.converter import quantize
 
     digits = load_dataset("digits")
     images = digits.features.astype(np.float32)

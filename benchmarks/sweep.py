@@ -76,7 +76,7 @@ def run(repeats: int = 3) -> list[Result]:
     from ptqflow.flows.stages import StageRunner
     from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
     from ptqflow.storage.store import ArtifactStore
-    from ptqflow.tasks.parameters import (
+    from ptqflow.tasks.core.parameters import (
         CalibrationParameters,
         GateParameters,
         SamplingParameters,

@@ -13,9 +13,9 @@ SAMPLES = 10_000
 
 
 def run(repeats: int = 3) -> list[Result]:
-    from ptqflow.tasks.convert import quantize
-    from ptqflow.tasks.interpreter import predict_tflite
-    from ptqflow.tasks.parameters import ConversionParameters
+    from ptqflow.tasks.core.parameters import ConversionParameters
+    from ptqflow.tasks.evaluation.interpreter import predict_tflite
+    from ptqflow.tasks.quantization.converter import quantize
 
     model, splits = digits_model_and_splits()
     calibration = splits["train"].features[:200]

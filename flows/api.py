@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ptqflow.storage.store import DEFAULT_STORE, hold_signed_url
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.parameters import (
     CalibrationMethod,
     CalibrationParameters,
     ColorMode,
@@ -36,7 +36,7 @@ from ptqflow.tasks.parameters import (
 )
 
 if TYPE_CHECKING:
-    from ptqflow.tasks.outcome import RunSummary, SweepSummary
+    from ptqflow.tasks.release.outcome import RunSummary, SweepSummary
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -132,7 +132,7 @@ def prefect_defaults() -> None:
 
 def finished(state: Any) -> Any:
     """A finished flow run's summary, passed or failed at the gate; any other failure is raised."""
-    from ptqflow.tasks.errors import AccuracyGateFailed
+    from ptqflow.tasks.core.errors import AccuracyGateFailed
 
     if state.is_completed():
         return state.result()
@@ -252,7 +252,7 @@ def sweep_arguments(
         PtqflowError: a configuration name is not in the grid.
     """
     options = dict(locals())  # every option by name, as given (first statement: nothing else is local yet)
-    from ptqflow.tasks.sweep import select_configurations, sweep_grid
+    from ptqflow.tasks.sweep.grid import select_configurations, sweep_grid
 
     arguments = dict(
         store=store,

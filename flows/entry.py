@@ -11,7 +11,7 @@ def main() -> None:
         from ptqflow.flows.cli import app
     except ImportError as error:
         # The failed package import leaves its already-loaded submodule (and so the exception's class) behind.
-        installation = sys.modules.get("ptqflow.tasks.installation")
+        installation = sys.modules.get("ptqflow.tasks.core.installation")
         if installation is None or not isinstance(error, installation.UnsupportedInstall):
             raise
         print(f"ptqflow: {error}", file=sys.stderr)

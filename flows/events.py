@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.outcome import RunSummary, SweepSummary
-from ptqflow.tasks.publish import ExportRecord
+from ptqflow.tasks.release.outcome import RunSummary, SweepSummary
+from ptqflow.tasks.release.publish import ExportRecord
 
 GATE_PASSED = "ptqflow.gate.passed"
 GATE_FAILED = "ptqflow.gate.failed"

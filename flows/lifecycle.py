@@ -26,14 +26,9 @@ from ptqflow.flows.stages import StageRunner, sweep_leftovers
 from ptqflow.flows.trust import enforce_for_deployment_runs
 from ptqflow.storage.credentials import options_from_block
 from ptqflow.storage.store import BLOCK_ENV, EXPORT_OPTIONS_ENV, STORE_OPTIONS_ENV, ArtifactRef, ArtifactStore
-from ptqflow.tasks.artifacts import CalibrationSet, SampledDataset, TrainedModel, ValidationResult
-from ptqflow.tasks.calibrate import materialize_calibration_set
-from ptqflow.tasks.datasets import is_builtin, resolve_source
-from ptqflow.tasks.errors import AccuracyGateFailed, secrets_kept_out
-from ptqflow.tasks.gate import GateResult
-from ptqflow.tasks.manifest import build_manifest, write_run_manifest
-from ptqflow.tasks.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.artifacts import CalibrationSet, SampledDataset, TrainedModel, ValidationResult
+from ptqflow.tasks.core.errors import AccuracyGateFailed, secrets_kept_out
+from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     GateParameters,
     ModelTask,
@@ -41,9 +36,24 @@ from ptqflow.tasks.parameters import (
     SamplingParameters,
     TrainingParameters,
 )
-from ptqflow.tasks.promotion import compare_with_champion, record_promotion_in_report
-from ptqflow.tasks.publish import ExportRecord, PointerMoved, export_store, publish_export
-from ptqflow.tasks.render import (
+from ptqflow.tasks.core.validation_report import PromotionDecision
+from ptqflow.tasks.data.datasets import is_builtin, resolve_source
+from ptqflow.tasks.data.sampling import columns_of
+from ptqflow.tasks.evaluation.gate import GateResult
+from ptqflow.tasks.models.training import check_trainable
+from ptqflow.tasks.release.manifest import build_manifest
+from ptqflow.tasks.release.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
+from ptqflow.tasks.release.publish import ExportRecord, PointerMoved, export_store
+from ptqflow.tasks.stages.calibrate import materialize_calibration_set
+from ptqflow.tasks.stages.release import (
+    compare_with_champion,
+    publish_export,
+    write_run_manifest,
+)
+from ptqflow.tasks.stages.report import write_report
+from ptqflow.tasks.stages.sample import fingerprint_source, sample_dataset
+from ptqflow.tasks.stages.train import fingerprint_model, train_float_model
+from ptqflow.tasks.views.render import (
     promotion_markdown,
     run_summary_markdown,
     sweep_header,
@@ -51,9 +61,6 @@ from ptqflow.tasks.render import (
     sweep_summary_markdown,
     sweep_task,
 )
-from ptqflow.tasks.sample import columns_of, fingerprint_source, sample_dataset
-from ptqflow.tasks.train import check_trainable, fingerprint_model, train_float_model
-from ptqflow.tasks.validation_report import PromotionDecision
 
 
 @contextmanager
@@ -181,9 +188,10 @@ def challenge_champion(
     batch_size: int,
 ) -> tuple[PromotionDecision | None, dict[str, ArtifactRef]]:
     """With an export target and a passing gate: compare with the exported model (champion) on this test split
-    (see tasks/promotion.py). Returns the decision and the run's artifacts, whose report now records it."""
+    (see tasks/release/promotion.py). Returns the decision and the run's artifacts with the report's renderings,
+    which record the decision."""
     if not export or not verdict.passed:
-        return None, artifacts
+        return None, with_report_views(run, artifacts, None)
     promotion = run.effect(
         compare_with_champion,
         export_url=export,
@@ -194,12 +202,17 @@ def challenge_champion(
         batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
-    if "report" in artifacts:
-        artifacts = {
-            **artifacts,
-            **run.effect(record_promotion_in_report, report=artifacts["report"], promotion=promotion),
-        }
-    return promotion, artifacts
+    return promotion, with_report_views(run, artifacts, promotion)
+
+
+def with_report_views(
+    run: StageRunner, artifacts: dict[str, ArtifactRef], promotion: PromotionDecision | None
+) -> dict[str, ArtifactRef]:
+    """``artifacts`` with report.md and report.html rendered from its report.json (and, with ``promotion``, a
+    report.json that records it); as it was for a run with no report (a sweep where nothing passed)."""
+    if "report" not in artifacts:
+        return artifacts
+    return {**artifacts, **run.effect(write_report, report=artifacts["report"], promotion=promotion).artifacts()}
 
 
 def publish_if_promoted(

@@ -8,13 +8,8 @@ from prefect import flow
 
 from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
 from ptqflow.storage.store import DEFAULT_STORE
-from ptqflow.tasks.artifacts import (
-    ConvertedModels,
-)
-from ptqflow.tasks.convert import convert_to_tflite
-from ptqflow.tasks.gate import FIDELITY_GATES, GateStatus, check_gate
-from ptqflow.tasks.outcome import RunSummary
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.artifacts import ConvertedModels
+from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     ConversionParameters,
     GateParameters,
@@ -24,8 +19,11 @@ from ptqflow.tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
-from ptqflow.tasks.repair import repair_quantization
-from ptqflow.tasks.validate import validate_with_interpreter
+from ptqflow.tasks.evaluation.gate import FIDELITY_GATES, GateStatus, check_gate
+from ptqflow.tasks.release.outcome import RunSummary
+from ptqflow.tasks.stages.convert import convert_to_tflite
+from ptqflow.tasks.stages.repair import repair_quantization
+from ptqflow.tasks.stages.validate import validate_with_interpreter
 
 
 # Prefect persists a failed run's exception even with persist_result=False; JSON keeps it from being a pickle.
@@ -46,8 +44,8 @@ def ptq_pipeline(
     repair: RepairParameters = RepairParameters(),
 ) -> RunSummary:
     """Sample, train, calibrate, convert and validate; fail when the quantized model is less faithful than the
-    gate allows (``tasks.fidelity``: accuracy drop, MAE rise, or SQNR against the float model, by task); publish a
-    passing run to ``export``; record the run in a manifest.
+    gate allows (``tasks.evaluation.fidelity``: accuracy drop, MAE rise, or SQNR against the float model, by task);
+    publish a passing run to ``export``; record the run in a manifest.
 
     Args:
         store: fsspec URL of the artifact store (a local folder, s3://bucket/prefix, ...).
@@ -94,7 +92,7 @@ def ptq_pipeline(
             "calibration": calibration_set.table,
             "tflite": converted.quantized,
             "tflite_float": converted.float_model,
-            **validated.report_artifacts(),
+            "report": validated.report,
             **({"tflite_unrepaired": repaired.unrepaired} if repaired is not None and repaired.succeeded else {}),
         }
         metrics = validated.figures().model_dump(mode="json")

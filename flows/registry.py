@@ -25,11 +25,11 @@ from prefect.cache_policies import NO_CACHE
 
 from ptqflow.flows.environment import variables_set
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.tasks.errors import PtqflowError, secrets_kept_out
-from ptqflow.tasks.outcome import RegistryRecord
-from ptqflow.tasks.parameters import RegistryParameters
-from ptqflow.tasks.promotion import read_pointer
-from ptqflow.tasks.publish import export_store, read_exported
+from ptqflow.tasks.core.errors import PtqflowError, secrets_kept_out
+from ptqflow.tasks.core.parameters import RegistryParameters
+from ptqflow.tasks.release.outcome import RegistryRecord
+from ptqflow.tasks.release.promotion import read_pointer
+from ptqflow.tasks.release.publish import export_store, read_exported
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

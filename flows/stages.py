@@ -15,10 +15,10 @@ from ptqflow.storage.errors import refused_by_storage
 from ptqflow.storage.results import result_storage_for
 from ptqflow.storage.store import ArtifactCorrupted, ArtifactMissing, ArtifactStore, ForeignReference, StoreError
 from ptqflow.storage.tables import TensorTableError
-from ptqflow.tasks.artifacts import StageOutput
-from ptqflow.tasks.errors import PtqflowError, StageTimedOut
-from ptqflow.tasks.outcome import StageRecord
-from ptqflow.tasks.progress import report
+from ptqflow.tasks.core.artifacts import StageOutput
+from ptqflow.tasks.core.errors import PtqflowError, StageTimedOut
+from ptqflow.tasks.core.progress import report
+from ptqflow.tasks.release.outcome import StageRecord
 
 Output = TypeVar("Output", bound=StageOutput)
 

@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
 from ptqflow.flows.stages import StageRunner, Submitted
 from ptqflow.storage.store import DEFAULT_STORE
-from ptqflow.tasks.artifacts import (
+from ptqflow.tasks.core.artifacts import (
     CalibrationSet,
     ConvertedModels,
     FloatOutputs,
@@ -28,10 +28,8 @@ from ptqflow.tasks.artifacts import (
     TrainedModel,
     ValidationResult,
 )
-from ptqflow.tasks.errors import ConversionFailed
-from ptqflow.tasks.gate import check_gate, no_configuration_passed
-from ptqflow.tasks.outcome import SweepSummary
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.errors import ConversionFailed
+from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     GateParameters,
     QuantizationScheme,
@@ -41,25 +39,20 @@ from ptqflow.tasks.parameters import (
     TrainingParameters,
     ValidationParameters,
 )
-from ptqflow.tasks.progress import report
-from ptqflow.tasks.render import sweep_markdown
-from ptqflow.tasks.sweep import (
-    FLOAT_REFERENCE,
-    SweepConfiguration,
-    SweepRow,
-    configuration_row,
+from ptqflow.tasks.core.progress import report
+from ptqflow.tasks.evaluation.gate import check_gate
+from ptqflow.tasks.release.outcome import SweepSummary
+from ptqflow.tasks.stages.report import write_sweep_report
+from ptqflow.tasks.stages.sweep import (
     convert_float_reference,
     evaluate_configuration,
-    judge,
     predict_float_outputs,
     quantize_configuration,
-    rank,
-    reference_row,
-    select_configurations,
-    sweep_grid,
-    write_sweep_report,
 )
-from ptqflow.tasks.validate import validate_with_interpreter
+from ptqflow.tasks.stages.validate import validate_with_interpreter
+from ptqflow.tasks.sweep.grid import FLOAT_REFERENCE, SweepConfiguration, select_configurations, sweep_grid
+from ptqflow.tasks.sweep.ranking import SweepRow, configuration_row, judge, no_configuration_passed, rank, reference_row
+from ptqflow.tasks.views.render import sweep_markdown
 
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
@@ -244,7 +237,7 @@ def ptq_sweep(
                 calibration=calibration_set.table,
                 tflite=best.measured().model,
                 tflite_float=next(r for r in rows if r.reference).measured().model,
-                **validated.report_artifacts(),
+                report=validated.report,
             )
         metrics = {"sweep": document["rows"], "best": document["best"]}
         if validated is not None:

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from ptqflow.storage.store import StoreError, canonical_url
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.parameters import (
     LOCATION_ROLE,
     CalibrationParameters,
     RegistryParameters,
@@ -102,7 +102,7 @@ def _under(url: str, root: str) -> bool:
 
 
 def _is_builtin_dataset(value: str) -> bool:
-    from ptqflow.tasks.datasets import is_builtin
+    from ptqflow.tasks.data.datasets import is_builtin
 
     return is_builtin(value)
 

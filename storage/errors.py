@@ -1,9 +1,22 @@
-"""The storage layer's base error, apart from ``storage.store`` so that what the store reads credentials from
-(``storage.credentials``) can raise it without importing the store."""
+"""The storage layer's errors, apart from ``storage.store`` so that what the store reads credentials from
+(``storage.credentials``) can raise them without importing the store; and the base of the errors a user acts on
+(``PtqflowError``), here at the bottom layer because storage's readers raise them too (``storage.limits``)."""
 
 from __future__ import annotations
 
 import errno
+
+
+class PtqflowError(Exception):
+    """Base class for problems with the user's input, data or model (not bugs)."""
+
+
+class InvalidDataset(PtqflowError):
+    pass
+
+
+class InvalidModel(PtqflowError):
+    pass
 
 
 class StoreError(Exception):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import weakref
@@ -154,7 +155,7 @@ def _check_unpacked_size(data: bytes, what: str, max_bytes: int | None = None) -
     """Refuse a zip whose members declare more bytes than the model file limit (``PTQFLOW_MAX_MODEL_BYTES``): a
     small archive can inflate without bound, and Keras reads its config whole. Checked from the zip's directory,
     before anything is inflated; zipfile refuses to inflate a member past its declared size."""
-    from ptqflow.tasks.limits import MAX_MODEL_BYTES  # the setting a user raises for a large model file
+    from ptqflow.storage.limits import MAX_MODEL_BYTES  # the setting a user raises for a large model file
 
     limit = MAX_MODEL_BYTES.value if max_bytes is None else max_bytes
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -332,8 +333,6 @@ def saved_model_from_zip(data: bytes, max_bytes: int | None = None) -> keras.Mod
         if isinstance(outputs, dict) and len(outputs) == 1:
             outputs = next(iter(outputs.values()))
         elif isinstance(outputs, dict):
-            from ptqflow.tasks.outputs import signature_order
-
             # Several outputs, in the signature's order, each named after its signature key (a TFSMLayer keeps no
             # layer per output to name them by).
             outputs = [keras.layers.Identity(name=name)(outputs[name]) for name in signature_order(outputs)]
@@ -357,3 +356,14 @@ def _sample_shape(directory: str) -> tuple[int, ...]:
     if not dims or any(size < 0 for size in dims[1:]):
         raise UnsafeModelFile("the SavedModel's input has no fixed sample shape: export it with a fixed shape")
     return tuple(dims[1:])
+
+
+def signature_order(names: Iterable[str]) -> list[str]:
+    """A serving signature's output names in the model's order: ``output_0``, ``output_1``, ... by number (as Keras
+    and the converter name a list of outputs), then named outputs (a dict's keys) by name."""
+
+    def position(name: str) -> tuple[int, str]:
+        match = re.fullmatch(r"output_(\d+)", name)
+        return (int(match.group(1)), "") if match else (1 << 30, name)
+
+    return sorted(names, key=position)

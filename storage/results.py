@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from ptqflow.storage.store import ArtifactStore, safe_key, sha256_bytes
 
@@ -45,11 +45,14 @@ class UnsafeResultRecord(ValueError):
     pass
 
 
-def stage_output_classes() -> frozenset[str]:
-    """Qualified names of the classes a ptqflow result may decode into: every loaded StageOutput subclass."""
-    from ptqflow.tasks.artifacts import StageOutput  # the stages' own types; storage knows nothing else of them
+class StoredResult(BaseModel):
+    """Base of every type a ptqflow result record may decode into (the stages' outputs subclass it): the
+    result storage accepts a payload naming no other class."""
 
-    found, pending = set(), [StageOutput]
+
+def stage_output_classes() -> frozenset[str]:
+    """Qualified names of the classes a ptqflow result may decode into: every loaded StoredResult subclass."""
+    found, pending = set(), list(StoredResult.__subclasses__())
     while pending:
         cls = pending.pop()
         found.add(f"{cls.__module__}.{cls.__qualname__}")

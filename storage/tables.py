@@ -84,7 +84,7 @@ def split_inputs(features: np.ndarray, slots: tuple[InputSlot, ...]) -> list[np.
 class TensorTable:
     """Samples in memory: ``features`` of shape ``(n, *shape)`` and their ``labels``: int64 class indices of shape
     ``(n,)``, float32 targets of shape ``(n, k)``, or none, shape ``(n, 0)``; ``splits``, when the source gives its
-    own, each row's split (an index into ``tasks.splits.SPLITS``)."""
+    own, each row's split (an index into ``tasks.data.splits.SPLITS``)."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -485,7 +485,7 @@ def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
     from ptqflow.storage.images import UndecodableImage, decode_image, image_header
-    from ptqflow.tasks.limits import MAX_DECODED_BYTES  # the setting a user raises for larger images
+    from ptqflow.storage.limits import MAX_DECODED_BYTES  # the setting a user raises for larger images
 
     name = columns.features
     if encoded.null_count:

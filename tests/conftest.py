@@ -134,9 +134,9 @@ TEST_SEED = int(os.environ.get("PTQFLOW_TEST_SEED", "0"))
 
 @pytest.fixture(scope="session")
 def digits_splits():
-    from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.parameters import SamplingParameters
-    from ptqflow.tasks.sample import feature_spec, split_dataset
+    from ptqflow.tasks.core.parameters import SamplingParameters
+    from ptqflow.tasks.data.datasets import load_dataset
+    from ptqflow.tasks.data.sampling import feature_spec, split_dataset
 
     table = load_dataset("digits")
     return feature_spec(table), split_dataset(table, SamplingParameters(), seed=TEST_SEED)
@@ -145,8 +145,8 @@ def digits_splits():
 @pytest.fixture(scope="session")
 def trained_digits_model(digits_splits):
     """The default CNN trained briefly on digits (pure stage functions, no Prefect)."""
-    from ptqflow.tasks.parameters import TrainingParameters
-    from ptqflow.tasks.train import fit_default_model
+    from ptqflow.tasks.core.parameters import TrainingParameters
+    from ptqflow.tasks.models.training import fit_default_model
 
     spec, splits = digits_splits
     model, _ = fit_default_model(

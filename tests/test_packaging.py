@@ -65,7 +65,7 @@ def test_no_installed_module_imports_a_project_folder_by_its_old_top_level_name(
 def test_a_users_own_tasks_module_is_left_alone(tmp_path):
     (tmp_path / "tasks.py").write_text("WHOSE = 'the user'\n")
     done = subprocess.run(
-        [sys.executable, "-c", "import ptqflow, ptqflow.tasks.parameters, tasks; print(tasks.WHOSE)"],
+        [sys.executable, "-c", "import ptqflow, ptqflow.tasks.core.parameters, tasks; print(tasks.WHOSE)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -44,7 +44,7 @@ def import_tensorflow_quietly(verbose: bool) -> None:
     run, with fds 1 and 2 silenced."""
     if verbose:
         return
-    from ptqflow.tasks.native import native_output_silenced
+    from ptqflow.tasks.core.native import native_output_silenced
 
     with native_output_silenced():
         import tensorflow  # noqa: F401
@@ -112,7 +112,7 @@ def stdout_to_stderr() -> Iterator[None]:
 def live_progress() -> Iterator[None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ptqflow.tasks.progress import ProgressEvent, listening
+    from ptqflow.tasks.core.progress import ProgressEvent, listening
 
     progress = Progress(
         SpinnerColumn(),

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel
 
-from ptqflow.tasks.parameters import (
+from ptqflow.tasks.core.parameters import (
     CalibrationMethod,
     CalibrationParameters,
     ColorMode,

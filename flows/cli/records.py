@@ -38,7 +38,7 @@ def runs(
 ) -> None:
     """List the complete runs in a store, newest first."""
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.manifest import list_manifests
+    from ptqflow.tasks.release.manifest import list_manifests
 
     try:
         manifests, unreadable = list_manifests(_open_store(store))
@@ -52,7 +52,7 @@ def runs(
     if not manifests:
         err_console.print(f"no complete runs in {store}")
         return
-    from ptqflow.tasks.render import print_runs
+    from ptqflow.tasks.views.render import print_runs
 
     print_runs(manifests, Console(width=None if err_console.is_terminal else 120))
 
@@ -63,7 +63,7 @@ def show(
 ) -> None:
     """Print one run's manifest (JSON)."""
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.manifest import find_manifest
+    from ptqflow.tasks.release.manifest import find_manifest
 
     try:
         manifest = find_manifest(_open_store(store), run_id)
@@ -74,7 +74,7 @@ def show(
 
 def _open_export(export: str):
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.publish import export_store
+    from ptqflow.tasks.release.publish import export_store
 
     try:
         return export_store(export)
@@ -128,7 +128,7 @@ def _registry(mlflow_uri: str | None, registered_model: str | None) -> Any:
         return None
     from ptqflow.flows.api import InvalidOption, parameters
     from ptqflow.flows.registry import RegistryError, check_reachable
-    from ptqflow.tasks.parameters import RegistryParameters
+    from ptqflow.tasks.core.parameters import RegistryParameters
 
     try:
         registry = parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model)
@@ -176,10 +176,10 @@ def promote(
     _quiet_lock_service()
     from ptqflow.flows.events import MODEL_PROMOTED, emit_pointer_moved
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.manifest import find_manifest
-    from ptqflow.tasks.promotion import promote as promote_run
-    from ptqflow.tasks.promotion import read_pointer
-    from ptqflow.tasks.publish import PointerMoved
+    from ptqflow.tasks.release.manifest import find_manifest
+    from ptqflow.tasks.release.promotion import promote as promote_run
+    from ptqflow.tasks.release.promotion import read_pointer
+    from ptqflow.tasks.release.publish import PointerMoved
 
     registry = _registry(mlflow_uri, registered_model)
     try:
@@ -209,9 +209,9 @@ def rollback(
     _quiet_lock_service()
     from ptqflow.flows.events import EXPORT_ROLLED_BACK, emit_pointer_moved
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.promotion import read_pointer
-    from ptqflow.tasks.promotion import rollback as roll_back
-    from ptqflow.tasks.publish import PointerMoved
+    from ptqflow.tasks.release.promotion import read_pointer
+    from ptqflow.tasks.release.promotion import rollback as roll_back
+    from ptqflow.tasks.release.publish import PointerMoved
 
     registry = _registry(mlflow_uri, registered_model)
     try:
@@ -264,7 +264,7 @@ def gc(
     _quiet_lock_service()
     from ptqflow.flows.locks import LockNotAcquired, exclusive
     from ptqflow.storage.store import StoreError
-    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
+    from ptqflow.tasks.release.garbage_collection import apply_collection, plan_collection
 
     target = _open_store(store)
     try:

@@ -38,7 +38,7 @@ from ptqflow.flows.cli.options import (
     takes,
     upstream,
 )
-from ptqflow.tasks.parameters import RankBy, SweepParameters
+from ptqflow.tasks.core.parameters import RankBy, SweepParameters
 
 
 def _upstream_arguments(given: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def run(
     import_tensorflow_quietly(verbose)
 
     from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.render import print_run_summary
+    from ptqflow.tasks.views.render import print_run_summary
 
     live = not as_json and err_console.is_terminal
     with stdout_to_stderr() if as_json else nullcontext(), live_progress() if live else nullcontext():
@@ -156,8 +156,8 @@ def sweep(
     size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
     names = tuple(n.strip() for n in configurations.split(",") if n.strip()) if configurations else None
     prepare_environment(verbose)  # before anything imports Prefect, which reads its logging settings once
-    from ptqflow.tasks.errors import PtqflowError
-    from ptqflow.tasks.sweep import select_configurations, sweep_grid
+    from ptqflow.tasks.core.errors import PtqflowError
+    from ptqflow.tasks.sweep.grid import select_configurations, sweep_grid
 
     with refused_options(as_json):
         try:
@@ -190,7 +190,7 @@ def sweep(
         check_dask_scheduler(dask_address, as_json)
     import_tensorflow_quietly(verbose)
     from ptqflow.flows.sweep import ptq_sweep, shared_prefect_api
-    from ptqflow.tasks.render import print_sweep_summary
+    from ptqflow.tasks.views.render import print_sweep_summary
 
     runner = sweep_task_runner(dask_address, workers, in_process)
     live = not as_json and err_console.is_terminal

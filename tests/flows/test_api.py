@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 import ptqflow
-from ptqflow.tasks.errors import PtqflowError
-from ptqflow.tasks.parameters import TensorType
+from ptqflow.tasks.core.errors import PtqflowError
+from ptqflow.tasks.core.parameters import TensorType
 
 pytestmark = pytest.mark.slow
 
 
 def test_run_returns_the_typed_summary_of_a_passing_run(prefect_server, tmp_path):
-    from ptqflow.tasks.outcome import RunSummary
+    from ptqflow.tasks.release.outcome import RunSummary
 
     store = tmp_path / "store"
     summary = ptqflow.run(epochs=3, store=str(store), calibration_size=100, output_type=TensorType.int8)

@@ -1,4 +1,4 @@
-"""The champion check compares only on rows the exported model never trained on (tasks/promotion.py), end to end
+"""The champion check compares only on rows the exported model never trained on (tasks/release/promotion.py), end to end
 from the CLI: two seeds into one export, and a source that grows between nightly runs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ptqflow.storage.tables import read_parquet, write_parquet_bytes
-from ptqflow.tasks.datasets import load_dataset
+from ptqflow.tasks.data.datasets import load_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -134,9 +134,9 @@ def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, train
 
 def digits_train_rows() -> int:
     """How many rows the CLI's default split (seed 0) puts in digits' training split."""
-    from ptqflow.tasks.datasets import load_dataset
-    from ptqflow.tasks.parameters import SamplingParameters
-    from ptqflow.tasks.sample import split_dataset
+    from ptqflow.tasks.core.parameters import SamplingParameters
+    from ptqflow.tasks.data.datasets import load_dataset
+    from ptqflow.tasks.data.sampling import split_dataset
 
     return len(split_dataset(load_dataset("digits"), SamplingParameters(), seed=0)["train"])
 

@@ -343,7 +343,7 @@ def test_a_schedule_runs_by_itself_and_promotes_the_model_trained_on_new_data(pr
     import numpy as np
 
     from ptqflow.storage.tables import write_parquet_bytes
-    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.data.datasets import load_dataset
 
     digits = load_dataset("digits")
     data, store, export = tmp_path / "data", tmp_path / "store", tmp_path / "export"

@@ -26,7 +26,7 @@ def interrupt_a_collection_halfway(store: Path) -> None:
     from datetime import datetime, timezone
 
     from ptqflow.storage.store import ArtifactStore
-    from ptqflow.tasks.garbage_collection import apply_collection, plan_collection
+    from ptqflow.tasks.release.garbage_collection import apply_collection, plan_collection
 
     target = ArtifactStore(str(store))
     plan = plan_collection(target, keep_runs=2, keep_days=None, now=datetime.now(timezone.utc))

@@ -132,7 +132,7 @@ def test_runs_promote_rollback_and_sync_keep_the_registry_and_the_export_in_line
 
 def test_the_registered_model_is_named_after_the_data_set_by_default():
     from ptqflow.flows.registry import registered_model_name
-    from ptqflow.tasks.parameters import RegistryParameters
+    from ptqflow.tasks.core.parameters import RegistryParameters
 
     default = RegistryParameters(mlflow_uri="http://mlflow:5000")
     assert registered_model_name(default, "digits") == "ptqflow-digits"
@@ -167,7 +167,7 @@ def test_registry_options_are_checked_before_anything_runs(cli, tmp_path, option
 def test_a_crafted_run_id_in_the_export_is_refused_not_put_in_a_registry_query(mlflow_server, tmp_path):
     from ptqflow.flows.registry import RegistryError, sync_with_export
     from ptqflow.storage.store import ArtifactStore
-    from ptqflow.tasks.parameters import RegistryParameters
+    from ptqflow.tasks.core.parameters import RegistryParameters
 
     crafted = {"kind": "ptqflow.export_pointer", "version": "v", "run_id": "x' or name != '", "files": {}}
     (tmp_path / "latest.json").write_text(json.dumps(crafted))

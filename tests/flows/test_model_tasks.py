@@ -119,7 +119,7 @@ def write_two_output_model(path, saved_model: bool = False) -> None:
     (``model.export``)."""
     import keras
 
-    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.data.datasets import load_dataset
 
     table = load_dataset("digits")
     x = table.features.astype(np.float32)

@@ -20,7 +20,7 @@ PIXEL_SCALE = 1 / 16
 def digits_in_two_columns(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Digits as two inputs: the 8x8x1 image (uint8, 0..16) and its eight row sums (float32, 0..128), so the two
     inputs' raw ranges differ eightfold."""
-    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.data.datasets import load_dataset
 
     digits = load_dataset("digits")
     images = digits.features
@@ -48,7 +48,7 @@ def test_a_two_input_h5_model_is_quantized_with_each_inputs_normalisation_and_fe
     columns, each with its own scale and zero point."""
     import keras
 
-    from ptqflow.tasks.feeds import quantize_input
+    from ptqflow.tasks.models.feeds import quantize_input
 
     folder, images, sums, labels = two_columns
     keras.utils.set_random_seed(0)

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_outlier_model
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.tasks.interpreter import audit_tensor_types
-from ptqflow.tasks.parameters import CalibrationParameters, TrainingParameters
+from ptqflow.tasks.core.parameters import CalibrationParameters, TrainingParameters
+from ptqflow.tasks.evaluation.interpreter import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 
@@ -129,15 +129,15 @@ def test_two_cold_runs_give_a_byte_identical_tflite(cold_run, tmp_path):
 def test_conversion_runs_in_a_separate_process_from_references_alone(cold_run, store_a, prefect_server, tmp_path):
     """Only references cross the process boundary: the conversion stage runs in a fresh interpreter (as it would
     on another machine) and its output is read back here by reference."""
-    from ptqflow.tasks.artifacts import ConvertedModels
+    from ptqflow.tasks.core.artifacts import ConvertedModels
 
     store = ArtifactStore(store_a)
     script = f"""
 import json, sys
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.artifacts import CalibrationSet, TrainedModel
-from ptqflow.tasks.convert import convert_to_tflite
-from ptqflow.tasks.parameters import ConversionParameters
+from ptqflow.tasks.core.artifacts import CalibrationSet, TrainedModel
+from ptqflow.tasks.quantization.converter import convert_to_tflite
+from ptqflow.tasks.core.parameters import ConversionParameters
 trained = TrainedModel(model=ArtifactRef.model_validate_json(sys.argv[1]), epochs_run=0, best_epoch=0,
                        validation_accuracy=0.0)
 calibration = CalibrationSet(table=ArtifactRef.model_validate_json(sys.argv[2]), samples=200)
@@ -169,7 +169,7 @@ print("RESULT " + result.model_dump_json())
 
 def test_gate_failure_fails_the_run_with_the_summary(prefect_server, tmp_path, trained_digits_model):
     from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.errors import AccuracyGateFailed
+    from ptqflow.tasks.core.errors import AccuracyGateFailed
 
     model_file = tmp_path / "outlier.keras"
     write_outlier_model(trained_digits_model, model_file)  # only its dense layer collapses under int8
@@ -190,7 +190,7 @@ def test_a_failed_runs_exception_is_persisted_as_json_not_pickle(prefect_server,
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
     from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.parameters import SamplingParameters
+    from ptqflow.tasks.core.parameters import SamplingParameters
 
     storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
     before = set(storage.iterdir()) if storage.exists() else set()
@@ -200,13 +200,13 @@ def test_a_failed_runs_exception_is_persisted_as_json_not_pickle(prefect_server,
     assert written, "expected Prefect to persist the failure"
     for path in written:
         record = json.loads(path.read_bytes())
-        assert record["__exc_type__"] == "ptqflow.tasks.errors.InvalidDataset"
+        assert record["__exc_type__"] == "ptqflow.tasks.core.errors.InvalidDataset"
 
 
 def test_unknown_dataset_fails_before_anything_is_written(prefect_server, tmp_path):
     from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.errors import InvalidDataset
-    from ptqflow.tasks.parameters import SamplingParameters
+    from ptqflow.tasks.core.errors import InvalidDataset
+    from ptqflow.tasks.core.parameters import SamplingParameters
 
     store = tmp_path / "store"
     state = ptq_pipeline(store=str(store), sampling=SamplingParameters(dataset="imagenet"), return_state=True)

@@ -29,7 +29,7 @@ def _write_digits_part(s3_endpoint: str, bucket: str, part: int, folder: str = "
     import numpy as np
 
     from ptqflow.storage.tables import write_parquet_bytes
-    from ptqflow.tasks.datasets import load_dataset
+    from ptqflow.tasks.data.datasets import load_dataset
 
     table = load_dataset("digits")
     rows = np.array_split(np.random.default_rng(0).permutation(len(table)), 3)[part]

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import write_outlier_model
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.tasks.interpreter import audit_tensor_types
-from ptqflow.tasks.parameters import ConversionParameters, TargetOps, TrainingParameters
+from ptqflow.tasks.core.parameters import ConversionParameters, TargetOps, TrainingParameters
+from ptqflow.tasks.evaluation.interpreter import audit_tensor_types
 
 pytestmark = [pytest.mark.slow, pytest.mark.smoke]
 

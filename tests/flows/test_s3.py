@@ -12,7 +12,7 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.tasks.interpreter import audit_tensor_types
+from ptqflow.tasks.evaluation.interpreter import audit_tensor_types
 
 pytestmark = pytest.mark.slow
 

@@ -138,7 +138,7 @@ def test_a_trained_model_from_a_url_is_quantized_without_training(cli, tmp_path,
     assert result["tasks"]["train_float_model"]["seconds"] < 30  # loaded, not trained
 
     # A different model at the same URL: the training stage takes it, and everything after it reruns.
-    from ptqflow.tasks.train import build_default_cnn
+    from ptqflow.tasks.models.training import build_default_cnn
 
     other = build_default_cnn(digits_splits[0])
     other.set_weights([w * 0.5 for w in trained_digits_model.get_weights()])

@@ -9,7 +9,7 @@ import pytest
 from ptqflow.flows.stages import is_transient_error
 from ptqflow.storage.store import ArtifactCorrupted, UnsafeKey
 from ptqflow.storage.tables import TensorTableError
-from ptqflow.tasks.errors import ConversionFailed, InvalidDataset
+from ptqflow.tasks.core.errors import ConversionFailed, InvalidDataset
 
 
 class EndpointConnectionError(Exception):
@@ -74,9 +74,9 @@ def test_a_stage_past_its_time_limit_fails_once_with_a_clear_error(prefect_serve
 
     from ptqflow.flows.stages import StageRunner
     from ptqflow.storage.store import ArtifactStore
-    from ptqflow.tasks.artifacts import CalibrationSet
-    from ptqflow.tasks.caching import StageCachePolicy
-    from ptqflow.tasks.errors import StageTimedOut
+    from ptqflow.tasks.core.artifacts import CalibrationSet
+    from ptqflow.tasks.core.caching import StageCachePolicy
+    from ptqflow.tasks.core.errors import StageTimedOut
 
     attempts = []
 
@@ -109,8 +109,8 @@ def test_stages_run_on_a_task_runner_get_the_seconds_prefect_recorded(prefect_se
 
     from ptqflow.flows.stages import StageRunner
     from ptqflow.storage.store import ArtifactStore
-    from ptqflow.tasks.artifacts import CalibrationSet
-    from ptqflow.tasks.caching import StageCachePolicy
+    from ptqflow.tasks.core.artifacts import CalibrationSet
+    from ptqflow.tasks.core.caching import StageCachePolicy
 
     @task(
         name="one_second_stage",

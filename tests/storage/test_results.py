@@ -11,7 +11,7 @@ from pickle_probe import planted_pickle_record
 from ptqflow.storage.results import EXPECTED_SERIALIZER, JsonResultStorage, UnsafeResultRecord, check_result_record
 
 CALIBRATION_SET = {
-    "__class__": "ptqflow.tasks.artifacts.CalibrationSet",
+    "__class__": "ptqflow.tasks.core.artifacts.CalibrationSet",
     "data": {
         "table": {"uri": "file:///s/blobs/5b/" + "5b" * 32 + ".parquet", "sha256": "5b" * 32, "bytes": 6956},
         "samples": 200,
@@ -28,7 +28,7 @@ def json_record(result: object, **serializer: object) -> bytes:
     ).encode()
 
 
-def planted(tmp_path, record: bytes, key: str = "tasks.sample-abc") -> JsonResultStorage:
+def planted(tmp_path, record: bytes, key: str = "tasks.data.sampling-abc") -> JsonResultStorage:
     (tmp_path / "prefect-results").mkdir(exist_ok=True)
     (tmp_path / "prefect-results" / key).write_bytes(record)
     return JsonResultStorage(store_url=str(tmp_path))
@@ -36,20 +36,22 @@ def planted(tmp_path, record: bytes, key: str = "tasks.sample-abc") -> JsonResul
 
 def test_json_records_round_trip(tmp_path):
     storage = JsonResultStorage(store_url=str(tmp_path))
-    import ptqflow.tasks.artifacts  # noqa: F401 - the stage outputs are loaded wherever a stage runs
+    import ptqflow.tasks.core.artifacts  # noqa: F401 - the stage outputs are loaded wherever a stage runs
 
-    storage.write_path("tasks.sample-abc", json_record(CALIBRATION_SET), _sync=True)
-    assert json.loads(storage.read_path("tasks.sample-abc", _sync=True))["metadata"]["serializer"]["type"] == "json"
-    assert (tmp_path / "prefect-results" / "tasks.sample-abc").exists()
+    storage.write_path("tasks.data.sampling-abc", json_record(CALIBRATION_SET), _sync=True)
+    assert (
+        json.loads(storage.read_path("tasks.data.sampling-abc", _sync=True))["metadata"]["serializer"]["type"] == "json"
+    )
+    assert (tmp_path / "prefect-results" / "tasks.data.sampling-abc").exists()
 
 
 def test_a_planted_pickle_record_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     storage = JsonResultStorage(store_url=str(tmp_path))
     (tmp_path / "prefect-results").mkdir()
-    (tmp_path / "prefect-results" / "tasks.sample-abc").write_bytes(planted_pickle_record(str(marker)))
+    (tmp_path / "prefect-results" / "tasks.data.sampling-abc").write_bytes(planted_pickle_record(str(marker)))
     with pytest.raises(UnsafeResultRecord, match="serializer 'pickle'"):
-        storage.read_path("tasks.sample-abc", _sync=True)
+        storage.read_path("tasks.data.sampling-abc", _sync=True)
     assert not marker.exists()
 
 
@@ -116,14 +118,14 @@ def test_a_planted_json_record_is_refused_and_prefect_runs_nothing(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     storage = planted(tmp_path, planted_record(marker))
     with pytest.raises(UnsafeResultRecord, match=refusal.replace("(", r"\(").replace(")", r"\)")):
-        storage.read_path("tasks.sample-abc", _sync=True)
-    assert ResultStore(result_storage=storage).exists("tasks.sample-abc") is False  # a cache miss to Prefect
+        storage.read_path("tasks.data.sampling-abc", _sync=True)
+    assert ResultStore(result_storage=storage).exists("tasks.data.sampling-abc") is False  # a cache miss to Prefect
     assert not marker.exists()
 
 
 def test_a_refused_record_is_reported_by_name(tmp_path, caplog):
     storage = planted(tmp_path, json_record(CALIBRATION_SET, object_decoder="subprocess.getoutput"))
     with caplog.at_level("WARNING", logger="ptqflow.results"), pytest.raises(UnsafeResultRecord):
-        storage.read_path("tasks.sample-abc", _sync=True)
-    assert "prefect-results/tasks.sample-abc has serializer settings ptqflow never writes" in caplog.text
+        storage.read_path("tasks.data.sampling-abc", _sync=True)
+    assert "prefect-results/tasks.data.sampling-abc has serializer settings ptqflow never writes" in caplog.text
     assert "recomputed" in caplog.text

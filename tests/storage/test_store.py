@@ -276,8 +276,8 @@ def test_the_folders_swept_are_those_ptqflow_writes():
     """The sweep's list of ptqflow's own places must follow the names the writers use."""
     from ptqflow.storage.results import RESULTS_KEY
     from ptqflow.storage.store import OWN_FOLDERS, OWN_TOP_FILES
-    from ptqflow.tasks.manifest import RUNS_PREFIX
-    from ptqflow.tasks.publish import POINTER
+    from ptqflow.tasks.release.manifest import RUNS_PREFIX
+    from ptqflow.tasks.release.publish import POINTER
 
     written = {ArtifactStore.BLOB_DIR, ArtifactStore.QUARANTINE_DIR, RESULTS_KEY, RUNS_PREFIX, "versions", "history"}
     assert written == set(OWN_FOLDERS) and set(OWN_TOP_FILES) == {POINTER}

@@ -1,0 +1,217 @@
+"""What stages hand to each other: small JSON-serialisable records of artifact references and facts.
+
+Never arrays or models: each stage can run in its own process or on another machine, and Prefect persists these
+records (as JSON) as the task results that cache hits return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ptqflow.storage.results import StoredResult
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.core.parameters import ModelTask
+
+
+class StageOutput(StoredResult):
+    model_config = ConfigDict(frozen=True)
+
+    def artifact_refs(self) -> Iterator[ArtifactRef]:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, ArtifactRef):
+                yield value
+
+
+class FeatureSpec(BaseModel):
+    """What the model's input looks like (one sample's shape and raw dtype, the raw value range) and what its
+    output is judged against: ``n_classes`` classes, or ``n_targets`` regression targets, or (unlabeled) nothing."""
+
+    model_config = ConfigDict(frozen=True)
+
+    shape: tuple[int, ...]
+    dtype: str
+    value_range: tuple[float, float]
+    n_classes: int
+    class_names: tuple[str, ...]
+    task: ModelTask = ModelTask.classification
+    n_targets: int = Field(0, description="--task regression: the number of numeric targets per sample.")
+    inputs: tuple[InputSlot, ...] = Field(
+        (),
+        description="A model with several inputs (--feature-column a,b): each input's name, sample shape and stored "
+        "type, in the order their values are packed side by side in ``shape``; empty for a model with one input.",
+    )
+
+
+class SplitRule(BaseModel):
+    """How rows were assigned to splits: enough to tell, for any row, which split this run put it in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: str = Field(
+        description="The assignment rule's name: tasks.data.sampling.SPLIT_SCHEME (by content hash) or GIVEN_SCHEME "
+        "(the source's own splits; a split it lacks is carved from its train rows by content hash)."
+    )
+    seed: int
+    validation_fraction: float
+    test_fraction: float
+    given: dict[str, str] | None = Field(
+        None, description="GIVEN_SCHEME: where each given split came from (folders, files or the split column)."
+    )
+
+
+class SampledDataset(StageOutput):
+    manifest: ArtifactRef = Field(description="dataset.json: the spec and the three splits.")
+    train: ArtifactRef
+    validation: ArtifactRef
+    test: ArtifactRef
+    spec: FeatureSpec
+    counts: dict[str, int]
+    split: SplitRule | None = Field(None, description="None in records from before splits were assigned by content.")
+    seen_rows: ArtifactRef | None = Field(
+        None,
+        description="Given splits only: the content digests of the train and validation rows (tasks.data.sampling."
+        "row_digests), which a later run's champion check needs, since no rule can replay an owner's split.",
+    )
+
+
+class FloatOutputs(StageOutput):
+    outputs: ArtifactRef = Field(
+        description="The float Keras model's outputs on the test split: a tensor table, labels included."
+    )
+
+
+class ModelOutput(BaseModel):
+    """One output of the float model (``tasks.models.outputs``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shape: tuple[int, ...] = Field(description="One sample's shape.")
+    class_scores: bool = Field(description="Produced by a softmax or sigmoid: its top-1 class can agree or not.")
+
+
+class TrainedModel(StageOutput):
+    model: ArtifactRef = Field(description="The float Keras model (.keras).")
+    epochs_run: int
+    best_epoch: int
+    validation_accuracy: float | None = Field(description="Classification: the float model's validation accuracy.")
+    validation_mae: float | None = Field(None, description="Regression: the float model's validation MAE.")
+    outputs: tuple[ModelOutput, ...] = Field(
+        (), description="The model's outputs in order (empty in records from before they were recorded: one output)."
+    )
+
+
+class CalibrationSet(StageOutput):
+    table: ArtifactRef = Field(description="Calibration samples as a Parquet tensor table.")
+    samples: int
+
+
+class ConvertedModels(StageOutput):
+    quantized: ArtifactRef = Field(description="The quantized .tflite.")
+    float_model: ArtifactRef = Field(description="The float .tflite (no optimizations), for comparison.")
+
+
+class WorstLayer(BaseModel):
+    """A layer named in the gate's message: the report has every layer's figures."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layer: str
+    op: str
+    tensor: str
+    badness: float
+
+
+class RepairStep(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    layer: str = Field(description="The layer this step added (with the layers that read its output).")
+    float_layers: tuple[str, ...] = Field(description="Every layer in float after this step.")
+    float_tensors: tuple[str, ...]
+    validation_drop_pp: float | None = Field(description="Classification: the accuracy drop on the validation split.")
+    validation: str = Field("", description="The task's judged figure on the validation split, in words.")
+    quantized_bytes: int
+
+
+class RepairResult(StageOutput):
+    """What repair kept in float, one more layer per step, judged on the validation split."""
+
+    repaired: ArtifactRef | None = Field(None, description="The selectively quantized .tflite, if it met the gate.")
+    unrepaired: ArtifactRef = Field(description="The fully quantized .tflite that failed the gate.")
+    succeeded: bool
+    float_layers: tuple[str, ...]
+    steps: tuple[RepairStep, ...]
+    message: str
+
+
+class OutputFigures(BaseModel):
+    """One output of the quantized model against the float model's (``validation_report.OutputMetrics``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sqnr_db: float | None = Field(description="None when it equals the float model's exactly.")
+    mae: float
+    max_abs_error: float
+    agreement: float | None = Field(description="Top-1 agreement; None for an output that is not class scores.")
+
+
+class FidelityFigures(BaseModel):
+    """The figures of the tasks other than classification (``tasks.evaluation.fidelity``), in a run's figures and in the
+    report alike."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: ModelTask = ModelTask.classification
+    float_mae: float | None = Field(None, description="Regression: the float model's MAE against the targets.")
+    tflite_float_mae: float | None = Field(None, description="Regression: the float .tflite model's MAE.")
+    quantized_mae: float | None = Field(None, description="Regression: the quantized model's MAE.")
+    mae_increase_pct: float | None = Field(
+        None, description="Regression: how much larger the quantized MAE is, in percent of the float MAE."
+    )
+    sqnr_db: float | None = Field(
+        None,
+        description="The quantized outputs' SQNR against the float model's, in dB, of its worst output (None when "
+        "identical).",
+    )
+    outputs: dict[str, OutputFigures] = Field(
+        default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
+    )
+
+
+class ValidationFigures(FidelityFigures):
+    """The figures a run is judged by (the report has every other one)."""
+
+    validated: bool = True
+    not_validated_reason: str | None = None
+    float_accuracy: float | None = Field(description="Classification only, as are the other accuracies.")
+    tflite_float_accuracy: float | None
+    quantized_accuracy: float | None
+    accuracy_drop_pp: float | None
+    agreement: float | None = Field(description="Share of test samples whose top-1 class is the float model's.")
+    rerun_max_difference: float | None = Field(
+        None,
+        description="Largest output difference between two identical runs of the quantized model on the "
+        "first test batch; 0 when repeatable.",
+    )
+    float_bytes: int
+    quantized_bytes: int
+    arena_bytes: int | None = Field(
+        None,
+        description="The quantized model's tensor arena, batch 1 (tasks.evaluation.device); None in older records.",
+    )
+    full_integer: bool
+    float_tensors: tuple[str, ...]
+    worst_layers: tuple[WorstLayer, ...] = ()
+
+
+class ValidationResult(StageOutput, ValidationFigures):
+    """The validation stage's record: its report and the figures a run is judged by."""
+
+    report: ArtifactRef = Field(description="report.json: every metric, the dtype audit, per-layer error.")
+
+    def figures(self) -> ValidationFigures:
+        return ValidationFigures.model_validate(self.model_dump(include=set(ValidationFigures.model_fields)))

@@ -1,0 +1,35 @@
+"""Native output silenced: TensorFlow's converter and quantizer, and the LiteRT and TFLM interpreters, print from
+C++ on fds 1 and 2. Its own module, imported by every stage that runs them, so that no stage's cache key
+(``tasks.core.caching``) takes in another stage's code just to borrow this helper."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """The converter, its quantizer and tf.lite.Interpreter print their settings and deprecation warnings on fds 1
+    and 2 from C++ and Python: none of it is for ptqflow's user (errors still arrive, as exceptions)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in saved:
+            os.dup2(devnull, fd)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)

@@ -1,0 +1,204 @@
+"""The accuracy gate: a validation's figures against the run's thresholds, as a ``GateResult`` whose message
+says what failed and what would help."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from ptqflow.tasks.core.artifacts import RepairResult, ValidationFigures, WorstLayer
+from ptqflow.tasks.core.parameters import GateParameters, ModelTask, TargetOps
+from ptqflow.tasks.evaluation.device import over_budget
+from ptqflow.tasks.evaluation.fidelity import judge_fidelity
+
+
+class GateStatus(str, Enum):
+    passed = "passed"
+    failed = "failed"
+    not_validated = "not_validated"  # the model could not be run here: never a pass
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class GateResult(BaseModel):
+    """The accuracy gate: a named check with its threshold and observation, reported whether it passes or not."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(
+        description="The check that decided: accuracy_drop (classification), error_increase (regression), "
+        "float_fidelity (unlabeled), repeatable, device_budget (--ram-budget, --flash-budget) or sweep."
+    )
+    status: GateStatus
+    observed_drop_pp: float | None
+    max_drop_pp: float
+    message: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def passed(self) -> bool:
+        return self.status is GateStatus.passed
+
+
+def describe_layers(layers: Sequence[WorstLayer], count: int = 3) -> str:
+    """``layer (op, badness b)`` for the worst ``count`` layers."""
+    return ", ".join(f"{w.layer} ({w.op}, badness {w.badness:.1f})" for w in layers[:count])
+
+
+def not_validated(name: str, result: ValidationFigures, max_accuracy_drop: float) -> GateResult:
+    """The verdict on a model that could not run here: never a pass."""
+    return GateResult(
+        name=name,
+        status=GateStatus.not_validated,
+        observed_drop_pp=None,
+        max_drop_pp=max_accuracy_drop,
+        message=f"not validated: {result.not_validated_reason}",
+    )
+
+
+def not_repeatable(result: ValidationFigures, max_accuracy_drop: float) -> GateResult:
+    return GateResult(
+        name="repeatable",
+        status=GateStatus.failed,
+        observed_drop_pp=result.accuracy_drop_pp,
+        max_drop_pp=max_accuracy_drop,
+        message=f"gate failed: the quantized model's outputs differ by up to {result.rerun_max_difference:.3g} "
+        "between two runs on the same input (a LiteRT kernel is not deterministic for this model): quantize it "
+        "another way, e.g. with per-channel weights or full integer (`ptqflow sweep` compares them)",
+    )
+
+
+def check_accuracy_gate(
+    result: ValidationFigures,
+    max_accuracy_drop: float,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
+    """Judge a validation: pass within ``max_accuracy_drop``; on failure name the worst layers and what would help
+    (with ``--ops int8`` no layer can stay float, so repair is impossible and the message says which options allow
+    it); after a repair, say what stayed float."""
+    if not result.validated or result.accuracy_drop_pp is None:
+        return not_validated("accuracy_drop", result, max_accuracy_drop)
+    if result.rerun_max_difference:
+        return not_repeatable(result, max_accuracy_drop)
+    passed = result.accuracy_drop_pp <= max_accuracy_drop
+    observed = (
+        f"quantized accuracy {result.quantized_accuracy:.2%} is {result.accuracy_drop_pp:.2f} pp below float "
+        f"({result.float_accuracy:.2%})"
+    )
+    repaired = repair is not None and repair.succeeded
+    if passed:
+        message = (
+            f"accuracy gate passed{' after repair' if repaired else ''}: {observed}, within {max_accuracy_drop} pp"
+        )
+        if repair is not None and repair.succeeded:
+            message += f"; kept in float: {', '.join(repair.float_layers)}"
+    else:
+        message = f"accuracy gate failed: {observed}, more than the {max_accuracy_drop} pp allowed"
+        if result.worst_layers:
+            message += f"; worst layers: {describe_layers(result.worst_layers)}"
+        if ops is TargetOps.int8:
+            message += (
+                "; --ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins "
+                "(repair then keeps the worst layers in float), calibrate on more samples (--calibration-size), "
+                "or raise --max-accuracy-drop"
+            )
+        elif repair is not None:
+            message += (
+                f"; {repair.message}: allow more float layers (--max-float-layers), calibrate on more samples "
+                "(--calibration-size), or raise --max-accuracy-drop"
+            )
+        else:
+            message += (
+                ": calibrate on more samples (--calibration-size), keep the worst layers in float (--ops builtins "
+                "--repair), or raise --max-accuracy-drop"
+            )
+    return GateResult(
+        name="accuracy_drop",
+        status=GateStatus.passed if passed else GateStatus.failed,
+        observed_drop_pp=result.accuracy_drop_pp,
+        max_drop_pp=max_accuracy_drop,
+        message=message,
+    )
+
+
+FIDELITY_GATES = ("accuracy_drop", "error_increase", "float_fidelity")  # the gates repair can help pass
+
+
+def check_gate(
+    result: ValidationFigures,
+    gate: GateParameters,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
+    """Judge a validation by its task's figure (``tasks.evaluation.fidelity``), then, if it passes, by the device
+    "budgets
+    (``--ram-budget``, ``--flash-budget``): a model that does not fit fails as ``device_budget``."""
+    verdict = check_fidelity_gate(result, gate, ops, repair)
+    over = over_budget(result.quantized_bytes, result.arena_bytes, gate) if result.validated else None
+    if over is None:
+        return verdict
+    if not verdict.passed:
+        return verdict.model_copy(update={"message": f"{verdict.message}; and it does not fit the device: {over}"})
+    return verdict.model_copy(
+        update={
+            "name": "device_budget",
+            "status": GateStatus.failed,
+            "message": f"device budget failed: {over}; {verdict.message}",
+        }
+    )
+
+
+def check_fidelity_gate(
+    result: ValidationFigures,
+    gate: GateParameters,
+    ops: TargetOps | None = None,
+    repair: RepairResult | None = None,
+) -> GateResult:
+    """Judge a validation by its task's figure (``tasks.evaluation.fidelity``): the accuracy drop for classification,
+    "the
+    MAE rise for regression, SQNR and agreement against the float model for unlabeled data."""
+    if result.task is ModelTask.classification:
+        return check_accuracy_gate(result, gate.max_accuracy_drop, ops, repair)
+    name = "error_increase" if result.task is ModelTask.regression else "float_fidelity"
+    verdict = judge_fidelity(result, gate) if result.validated else None
+    if verdict is None:
+        return not_validated(name, result, gate.max_accuracy_drop)
+    if result.rerun_max_difference:
+        return not_repeatable(result, gate.max_accuracy_drop)
+    repaired = repair is not None and repair.succeeded
+    if verdict.passed:
+        message = f"gate passed{' after repair' if repaired else ''}: {verdict.observed}; the gate asks {verdict.limit}"
+        if repair is not None and repair.succeeded:
+            message += f"; kept in float: {', '.join(repair.float_layers)}"
+    else:
+        message = f"gate failed: {verdict.observed}; the gate asks {verdict.limit}"
+        if result.worst_layers:
+            message += f"; worst layers: {describe_layers(result.worst_layers)}"
+        if repair is not None:
+            message += f"; {repair.message}: allow more float layers (--max-float-layers),"
+        elif ops is TargetOps.int8:
+            message += "; --ops int8 cannot keep a layer in float (--ops builtins can, with repair):"
+        else:
+            message += ": keep the worst layers in float (--ops builtins --repair),"
+        message += (
+            " calibrate on more samples (--calibration-size), try int16 activations (--scheme int16x8 --input-type "
+            f"float32 --output-type float32), or relax {verdict.option}"
+        )
+    return GateResult(
+        name=name,
+        status=GateStatus.passed if verdict.passed else GateStatus.failed,
+        observed_drop_pp=None,
+        max_drop_pp=gate.max_accuracy_drop,
+        message=message,
+    )
+
+
+GATE_OPTION = {
+    ModelTask.classification: "raise --max-accuracy-drop",
+    ModelTask.regression: "raise --max-error-increase",
+    ModelTask.unlabeled: "lower --min-sqnr (or --min-agreement)",
+}

@@ -1,0 +1,235 @@
+"""Running ``.tflite`` models with the LiteRT Interpreter: batched prediction, the tensor-type audit and timing.
+
+Inputs are quantized and outputs dequantized with each tensor's own scale and zero point, read from the model;
+never a hard-coded mapping such as the tutorial's ``x * 255 - 128``. Evaluation is batched: the input tensor is
+resized to a whole batch, so the Interpreter runs once per batch instead of once per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.core.native import native_output_silenced
+from ptqflow.tasks.core.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
+from ptqflow.tasks.models.feeds import (
+    batch_dynamic,
+    input_details,
+    keras_feed,
+    resize_inputs,
+    set_inputs,
+    tflite_input_indices,
+)
+from ptqflow.tasks.models.outputs import flatten_outputs, tflite_output_order
+
+if TYPE_CHECKING:
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+FLOAT_TYPES = ("float16", "float32", "float64")
+
+
+_first_interpreter = threading.Lock()  # one thread allocates the first interpreter silenced; the others wait
+_first_interpreter_done = False
+
+
+def make_interpreter(model_bytes: bytes, num_threads: int | None = None) -> Interpreter:
+    global _first_interpreter_done
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes, num_threads=num_threads or os.cpu_count() or 1)
+    if not _first_interpreter_done:
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on fd 2 from C++ when the first
+        # interpreter of a process allocates its tensors (once per process; no setting turns it off): that once,
+        # allocate with the output silenced. Allocating again later (after a resize) is what callers do anyway.
+        with _first_interpreter:
+            if not _first_interpreter_done:
+                with native_output_silenced(), contextlib.suppress(RuntimeError, ValueError):
+                    interpreter.allocate_tensors()  # a model it cannot run fails again, reported, where it is used
+                _first_interpreter_done = True
+    return interpreter
+
+
+def dequantize_output(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Map an output tensor back to float with its own (scale, zero point)."""
+    if np.dtype(detail["dtype"]).kind == "f":
+        return values.astype(np.float32, copy=False)
+    scale, zero_point = detail["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale
+
+
+def predict_tflite(
+    model_bytes: bytes,
+    features: np.ndarray,
+    batch_size: int = 256,
+    num_threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    inputs: tuple[InputSlot, ...] = (),
+) -> np.ndarray:
+    """Dequantized outputs of a ``.tflite`` model for raw ``features`` (several ``inputs`` packed side by side, fed
+    by name), evaluated in batches; a model with several outputs gives them side by side, flattened, in the Keras
+    model's order (``tasks.models.outputs``)."""
+    interpreter = make_interpreter(model_bytes, num_threads)
+    order = tflite_output_order(interpreter)
+    indices = tflite_input_indices(interpreter, inputs)
+    details = input_details(interpreter, indices)
+    dynamic = batch_dynamic(details)
+    step = batch_size if dynamic else int(details[0]["shape"][0])
+    outputs = []
+    allocated_for = None
+    for start in range(0, len(features), step):
+        batch = features[start : start + step].astype(np.float32)
+        if len(batch) != allocated_for:
+            if dynamic:
+                resize_inputs(interpreter, details, len(batch))
+            elif len(batch) != step:
+                batch = np.concatenate([batch, np.zeros((step - len(batch), *batch.shape[1:]), np.float32)])
+            interpreter.allocate_tensors()
+            allocated_for = len(batch)
+            details = input_details(interpreter, indices)
+            by_index = {d["index"]: d for d in interpreter.get_output_details()}
+            outs = [by_index[i] for i in order]
+        set_inputs(interpreter, details, batch, inputs)
+        interpreter.invoke()
+        results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
+        result = results[0] if len(results) == 1 else flatten_outputs(results)
+        outputs.append(result[: min(step, len(features) - start)])
+        if on_batch:
+            on_batch(min(start + step, len(features)))
+    return np.concatenate(outputs)
+
+
+def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
+    """Every tensor's type and every op, without running the model (so it works on models the Interpreter cannot
+    run, e.g. with TensorFlow (Flex) ops)."""
+    interpreter = make_interpreter(model_bytes, 1)
+    details = interpreter.get_tensor_details()
+    dtypes: dict[str, int] = {}
+    floats: list[str] = []
+    dtype_of = {}
+    for d in details:
+        name = np.dtype(d["dtype"]).name
+        dtype_of[d["index"]] = (name, d["name"])
+        dtypes[name] = dtypes.get(name, 0) + 1
+        if name in FLOAT_TYPES:
+            floats.append(d["name"])
+    # _get_ops_details is the only op listing the Python Interpreter offers; it is stable across LiteRT releases.
+    op_details = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
+    ops = sorted({op["op_name"] for op in op_details})
+    float_ops: list[FloatOp] = []
+    for op in op_details:
+        tensors = [dtype_of[i] for i in [*op["inputs"], *op["outputs"]] if i in dtype_of]
+        if any(dtype in FLOAT_TYPES for dtype, _ in tensors):
+            output = next((dtype_of[i][1] for i in op["outputs"] if i in dtype_of), "")
+            float_ops.append(FloatOp(op=op["op_name"], output=output))
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    named_inputs = (
+        interpreter.get_signature_runner().get_input_details() if len(interpreter.get_input_details()) > 1 else {}
+    )
+    return TypeAudit(
+        full_integer=not floats,
+        float_tensors=floats,
+        float_ops=float_ops,
+        flex_ops=[op for op in ops if op.startswith("Flex")],
+        dtypes=dict(sorted(dtypes.items())),
+        ops=ops,
+        input=_quantization_of(inp),
+        output=_quantization_of(out),
+        inputs={name: _quantization_of(detail) for name, detail in sorted(named_inputs.items())},
+    )
+
+
+def _quantization_of(detail: dict) -> TensorQuantization:
+    scale, zero_point = detail["quantization"]
+    return TensorQuantization(dtype=np.dtype(detail["dtype"]).name, scale=float(scale), zero_point=int(zero_point))
+
+
+def _percentiles(seconds: list[float]) -> LatencyPercentiles:
+    ms = np.asarray(seconds) * 1000
+    return LatencyPercentiles(
+        p50=round(float(np.percentile(ms, 50)), 4), p95=round(float(np.percentile(ms, 95)), 4), runs=len(ms)
+    )
+
+
+def _timed(call: Callable[[], object], budget_seconds: float, most: int, least: int = 10) -> list[float]:
+    for _ in range(3):  # warm-up: first invocations allocate and pack weights
+        call()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < most and (len(times) < least or time.perf_counter() - started < budget_seconds):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def rerun_max_difference(
+    model_bytes: bytes,
+    features: np.ndarray,
+    outputs: np.ndarray,
+    batch_size: int,
+    num_threads: int | None,
+    inputs: tuple[InputSlot, ...] = (),
+) -> float:
+    """The largest difference between ``outputs`` and a second run on the first batch of ``features``: some
+    LiteRT kernels give different outputs for the same input from one invoke to the next (measured: MobileNetV2
+    under dynamic range with per-tensor weights, on every op resolver), and such a model is not one to ship."""
+    rerun = predict_tflite(model_bytes, features[:batch_size], batch_size, num_threads, inputs=inputs)
+    return float(np.max(np.abs(rerun - outputs[: len(rerun)]))) if rerun.size else 0.0
+
+
+def tflite_speed(
+    model_bytes: bytes,
+    features: np.ndarray,
+    batch_size: int,
+    num_threads: int,
+    budget_seconds: float = 1.0,
+    inputs: tuple[InputSlot, ...] = (),
+) -> Speed:
+    """Latency at batch 1 (p50, p95) and throughput at ``batch_size``, on this machine, with ``num_threads``."""
+    interpreter = make_interpreter(model_bytes, num_threads)
+    indices = tflite_input_indices(interpreter, inputs)
+    first = input_details(interpreter, indices)
+    dynamic = batch_dynamic(first)
+
+    def prepared(size: int) -> None:
+        if dynamic:
+            resize_inputs(interpreter, first, size)
+        interpreter.allocate_tensors()
+        details = input_details(interpreter, indices)
+        set_inputs(interpreter, details, features[: int(details[0]["shape"][0])].astype(np.float32), inputs)
+
+    prepared(1)
+    latency = _percentiles(_timed(interpreter.invoke, budget_seconds, most=500))
+    batch = min(batch_size, len(features)) if dynamic else int(first[0]["shape"][0])
+    prepared(batch)
+    per_batch = _timed(interpreter.invoke, budget_seconds, most=50, least=3)
+    return Speed(
+        latency_ms=latency, throughput_per_s=round(batch / float(np.median(per_batch)), 1), throughput_batch=batch
+    )
+
+
+def keras_speed(
+    model: keras.Model,
+    features: np.ndarray,
+    batch_size: int,
+    budget_seconds: float = 1.0,
+    inputs: tuple[InputSlot, ...] = (),
+) -> Speed:
+    one = keras_feed(features[:1], inputs)
+    batch = keras_feed(features[:batch_size], inputs)
+    batch_rows = len(features[:batch_size])
+    latency = _percentiles(_timed(lambda: model(one, training=False), budget_seconds, most=500))
+    per_batch = _timed(lambda: model(batch, training=False), budget_seconds, most=50, least=3)
+    return Speed(
+        latency_ms=latency,
+        throughput_per_s=round(batch_rows / float(np.median(per_batch)), 1),
+        throughput_batch=batch_rows,
+    )

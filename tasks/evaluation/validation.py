@@ -1,0 +1,216 @@
+"""Stage 5, validate_with_interpreter: float vs quantized accuracy with the LiteRT Interpreter, a dtype audit,
+sizes, speed and per-layer error, as a typed ``ValidationReport`` written as report.json, .md and .html.
+
+The gate that judges it is ``tasks.evaluation.gate``; running ``.tflite`` models is ``tasks.evaluation.interpreter``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.core.artifacts import RepairResult
+from ptqflow.tasks.core.parameters import ConversionParameters, ModelTask, ValidationParameters
+from ptqflow.tasks.core.progress import report
+from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ModelMetrics, RepairCost, ValidationMetrics
+from ptqflow.tasks.evaluation.device import device_footprint
+from ptqflow.tasks.evaluation.diagnose import layer_errors
+from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
+from ptqflow.tasks.evaluation.interpreter import (
+    audit_tensor_types,
+    keras_speed,
+    predict_tflite,
+    rerun_max_difference,
+    tflite_speed,
+)
+from ptqflow.tasks.evaluation.metrics import (
+    accuracy,
+    increase_pct,
+    mean_absolute_error,
+    model_metrics,
+    task_figures,
+    worst_sqnr,
+)
+from ptqflow.tasks.models.feeds import model_input_slots, predict_keras
+from ptqflow.tasks.models.outputs import model_outputs
+
+if TYPE_CHECKING:
+    import keras
+
+
+def evaluate_models(
+    keras_model: keras.Model,
+    float_tflite: bytes,
+    quantized_tflite: bytes,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: ValidationParameters,
+    class_names: list[str] | None = None,
+    measure_speed: bool = True,
+    keras_outputs: np.ndarray | None = None,
+    task: ModelTask = ModelTask.classification,
+) -> ValidationMetrics:
+    """Pure stage function: every figure of the validation report but the per-layer ones. ``keras_outputs``, the
+    float Keras model's outputs on ``features`` when they are known already, saves predicting them again.
+
+    A model with TensorFlow (Flex) ops cannot run in the Python LiteRT Interpreter: it is reported as not
+    validated, with its audit, never as a pass."""
+
+    def progress(model_name: str):
+        return lambda done: report(
+            "validate_with_interpreter", f"{model_name}: {done}/{len(features)} samples", done, len(features)
+        )
+
+    classification = task is ModelTask.classification
+    names = (class_names or [str(i) for i in range(int(labels.max()) + 1)]) if classification else []
+    num_threads = params.num_threads or os.cpu_count() or 1
+    audit = audit_tensor_types(quantized_tflite)
+    float_audit = audit_tensor_types(float_tflite)
+    device = {
+        ModelKind.float_tflite: device_footprint(float_tflite),
+        ModelKind.quantized_tflite: device_footprint(quantized_tflite),
+    }
+    inputs = model_input_slots(keras_model)
+    keras_out = (
+        predict_keras(keras_model, features, params.batch_size, inputs) if keras_outputs is None else keras_outputs
+    )
+    layout = model_outputs(keras_model)
+    float_accuracy = accuracy(keras_out, labels) if classification else None
+    float_mae = mean_absolute_error(keras_out, labels) if task is ModelTask.regression else None
+    common = ValidationMetrics(
+        samples=int(len(labels)),
+        task=task,
+        class_names=names,
+        float_accuracy=float_accuracy,
+        float_mae=float_mae,
+        float_bytes=len(float_tflite),
+        quantized_bytes=len(quantized_tflite),
+        size_ratio=round(len(float_tflite) / len(quantized_tflite), 4),
+        num_threads=num_threads,
+        audit=audit,
+        validated=False,
+        not_validated_reason=None,
+        tflite_float_accuracy=None,
+        quantized_accuracy=None,
+        accuracy_drop_pp=None,
+        agreement=None,
+        rerun_max_difference=None,
+        models={ModelKind.float_keras: model_metrics(keras_out, keras_out, labels, names, layout=layout)},
+        device=device,
+    )
+    flex = sorted(set(audit.flex_ops) | set(float_audit.flex_ops))
+    if flex:
+        return common.model_copy(
+            update={
+                "not_validated_reason": (
+                    f"the model uses TensorFlow (Flex) ops ({', '.join(flex)}), which the Python LiteRT Interpreter "
+                    "cannot run: validate it on a runtime linked with the Flex delegate, or replace those ops"
+                )
+            }
+        )
+    float_out = predict_tflite(
+        float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"), inputs
+    )
+    quant_out = predict_tflite(
+        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite"), inputs
+    )
+    speeds = {}
+    if measure_speed:
+        report("validate_with_interpreter", "measuring latency and throughput")
+        speeds = {
+            ModelKind.float_keras: keras_speed(keras_model, features, params.batch_size, inputs=inputs),
+            ModelKind.float_tflite: tflite_speed(float_tflite, features, params.batch_size, num_threads, inputs=inputs),
+            ModelKind.quantized_tflite: tflite_speed(
+                quantized_tflite, features, params.batch_size, num_threads, inputs=inputs
+            ),
+        }
+    models = {
+        ModelKind.float_keras: model_metrics(
+            keras_out, keras_out, labels, names, None, speeds.get(ModelKind.float_keras), layout
+        ),
+        ModelKind.float_tflite: model_metrics(
+            float_out, keras_out, labels, names, len(float_tflite), speeds.get(ModelKind.float_tflite), layout
+        ),
+        ModelKind.quantized_tflite: model_metrics(
+            quant_out, keras_out, labels, names, len(quantized_tflite), speeds.get(ModelKind.quantized_tflite), layout
+        ),
+    }
+    quantized = models[ModelKind.quantized_tflite]
+    return common.model_copy(
+        update={
+            "validated": True,
+            "tflite_float_accuracy": models[ModelKind.float_tflite].accuracy,
+            "quantized_accuracy": quantized.accuracy,
+            "accuracy_drop_pp": round((float_accuracy - quantized.accuracy) * 100, 6)
+            if float_accuracy is not None and quantized.accuracy is not None
+            else None,
+            "agreement": quantized.agreement_with_float,
+            "tflite_float_mae": models[ModelKind.float_tflite].mae,
+            "quantized_mae": quantized.mae,
+            "mae_increase_pct": increase_pct(float_mae, quantized.mae)
+            if float_mae is not None and quantized.mae is not None
+            else None,
+            "sqnr_db": worst_sqnr(quantized.outputs),
+            "outputs": quantized.outputs,
+            "rerun_max_difference": rerun_max_difference(
+                quantized_tflite, features, quant_out, params.batch_size, params.num_threads, inputs
+            ),
+            "models": models,
+        }
+    )
+
+
+def per_layer_errors(
+    keras_model: keras.Model, calibration: np.ndarray, options: ConversionParameters, batch_size: int
+) -> tuple[list[LayerError], str | None]:
+    """The debugger's per-layer figures for this conversion, or why there are none."""
+
+    def batches():
+        for start in range(0, len(calibration), batch_size):
+            yield calibration[start : start + batch_size]
+
+    try:
+        return layer_errors(keras_model, batches, calibration, options), None
+    except Exception as error:  # the debugger's failures are the converter's (e.g. Flex ops): report, not fail
+        return [], f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
+def repair_cost(
+    repair: RepairResult,
+    store: ArtifactStore,
+    keras_model: keras.Model,
+    keras_outputs: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: ValidationParameters,
+    metrics: ValidationMetrics,
+) -> RepairCost:
+    """What keeping layers in float cost and gained: the task's figure, size and latency of the repaired model
+    against the fully quantized one, on the test split (``keras_outputs``: the float model's there)."""
+    num_threads = params.num_threads or os.cpu_count() or 1
+    unrepaired = store.read_bytes(repair.unrepaired)
+    inputs = model_input_slots(keras_model)
+    unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads, inputs=inputs)
+    repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
+    unrepaired_figures = task_figures(
+        metrics.task,
+        keras_outputs,
+        predict_tflite(unrepaired, features, params.batch_size, num_threads, inputs=inputs),
+        labels,
+        model_outputs(keras_model),
+    )
+    return RepairCost(
+        **repair.model_dump(mode="json", exclude={"repaired", "unrepaired"}),
+        unrepaired_accuracy=unrepaired_figures.quantized_accuracy,
+        repaired_accuracy=metrics.quantized_accuracy,
+        unrepaired_fidelity=fidelity_in_words(unrepaired_figures),
+        repaired_fidelity=fidelity_in_words(metrics),
+        unrepaired_model=repair.unrepaired,
+        unrepaired_bytes=len(unrepaired),
+        repaired_bytes=metrics.quantized_bytes,
+        unrepaired_latency_ms_p50=unrepaired_speed.latency_ms.p50,
+        repaired_latency_ms_p50=repaired.speed.latency_ms.p50 if repaired and repaired.speed else None,
+    )

@@ -1,0 +1,334 @@
+"""Publishing a passing run to an export location (any fsspec URL) for devices to pick up.
+
+Layout under the export URL::
+
+    versions/<UTC time>-<run id>/model.tflite, model_float.tflite, model.keras, calibration.parquet,
+                                 report.json, manifest.json (and seen_rows.parquet for given splits)
+    latest.json                  the pointer: which version is current, with every file's path and sha256
+    history/<UTC time>-<run id>.json   every pointer that was live, oldest first by name
+
+Every file is read back and checked against its sha256 before ``latest.json`` moves, and ``latest.json`` is
+replaced atomically, so a device never sees a pointer to a partial version. A pointer names its files by their
+paths relative to the export (``versions/.../model.tflite``), so a copied or replicated export stays whole. A
+pointer enters ``history/`` only once ``latest.json`` holds it: what ``history/`` lists was live, and ``rollback``
+goes only there (a publish killed between the two is completed by the next command that reads the export).
+Publishing the same run again finds its verified version and changes nothing; so does a run whose model files are
+byte for byte the current version's (a nightly run on unchanged data), whatever its report says. A publish that
+fails while copying removes the version folder it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ptqflow.storage.errors import ExportRefused, refused_by_storage
+from ptqflow.storage.store import (
+    EXPORT_OPTIONS_ENV,
+    ArtifactMissing,
+    ArtifactRef,
+    ArtifactStore,
+    ConcurrentUpdate,
+    StoreError,
+    safe_key,
+    sha256_bytes,
+)
+
+EXPORT_FILES = {
+    "tflite": "model.tflite",
+    "tflite_float": "model_float.tflite",
+    "model": "model.keras",
+    "calibration": "calibration.parquet",
+    "report": "report.json",
+    "report_md": "report.md",
+    "report_html": "report.html",
+}
+# Exported when a run has them: the digests of the rows a model trained on, when its splits were the source's own
+# (a later run's champion check reads them; see tasks.release.promotion.rows_unseen_by).
+OPTIONAL_EXPORT_FILES = {"seen_rows": "seen_rows.parquet"}
+
+
+def export_file_name(name: str, ref: ArtifactRef) -> str:
+    """The file an artifact is exported as: the float model keeps its format (a packed SavedModel is a zip)."""
+    if name == "model" and ref.uri.endswith(".zip"):
+        return "model.savedmodel.zip"
+    return EXPORT_FILES.get(name) or OPTIONAL_EXPORT_FILES[name]
+
+
+# What devices and users load. A run whose files these are, byte for byte, is the current version even when its
+# report differs (the report records timings, so two runs of one model never give the same report).
+MODEL_FILES = ("tflite", "tflite_float", "model", "calibration")
+MANIFEST_FILE = "manifest.json"
+POINTER = "latest.json"
+
+
+class ExportCorrupted(StoreError):
+    pass
+
+
+class MalformedRecord(StoreError):
+    """A pointer or history entry that is not what ptqflow writes (damaged, or written by someone else)."""
+
+
+class ExportRecord(BaseModel):
+    url: str
+    version: str
+    pointer: str
+    files: dict[str, ArtifactRef]
+    published: bool  # False when the run was already published (a no-op)
+
+
+class _Pointer(BaseModel):
+    """What a pointer must hold to be followed; the rest of it is read as it is."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["ptqflow.export_pointer"]
+    version: str
+    run_id: str
+    files: dict[str, ArtifactRef]
+
+
+def parse_pointer(raw: bytes, where: str) -> dict[str, Any]:
+    """A pointer's JSON (``latest.json`` or a ``history/`` entry), checked to be one.
+
+    Raises:
+        MalformedRecord: naming ``where`` and what is wrong.
+    """
+    try:
+        document = json.loads(raw)
+        _Pointer.model_validate(document)
+    except (ValueError, ValidationError) as error:
+        detail = str(error).splitlines()[0][:160]
+        raise MalformedRecord(f"{where} is not a ptqflow export pointer ({detail})") from None
+    assert isinstance(document, dict)
+    return document
+
+
+def export_store(url: str) -> ArtifactStore:
+    return ArtifactStore(url, options_env=EXPORT_OPTIONS_ENV)
+
+
+def exported_key(export: ArtifactStore, uri: str) -> str:
+    """The key under ``export`` of a file a pointer names: a path relative to the export (what ptqflow writes), or
+    a full URI written by an older ptqflow, here or where the export was copied from (its ``versions/...`` part)."""
+    if "://" not in uri and not uri.startswith("/"):
+        return safe_key(uri)
+    try:
+        return export.key_of(uri)
+    except StoreError:
+        if "/versions/" not in uri:
+            raise
+        return safe_key("versions/" + uri.rsplit("/versions/", 1)[1])
+
+
+def read_verified(export: ArtifactStore, key: str, sha256: str, size: int) -> bytes:
+    """An exported file's bytes, checked against the sha256 and size recorded for it."""
+    data = export.read_named(key)
+    if len(data) != size or sha256_bytes(data) != sha256:
+        raise ExportCorrupted(
+            f"export copy {export.uri_for(key)} does not match its source (sha256 {sha256_bytes(data)[:12]}, "
+            f"{len(data)} bytes; expected {sha256[:12]}, {size} bytes): delete that version folder and publish again"
+        )
+    return data
+
+
+def read_exported(export: ArtifactStore, ref: dict[str, Any] | ArtifactRef) -> bytes:
+    """The bytes of a file a pointer names, checked against its recorded sha256 and size."""
+    ref = ref if isinstance(ref, ArtifactRef) else ArtifactRef.model_validate(ref)
+    return read_verified(export, exported_key(export, ref.uri), ref.sha256, ref.bytes)
+
+
+def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> ArtifactRef:
+    read_verified(export, key, sha256, size)
+    return ArtifactRef(uri=export.uri_for(key), sha256=sha256, bytes=size)
+
+
+def pointer_files(files: dict[str, ArtifactRef], export: ArtifactStore) -> dict[str, dict[str, Any]]:
+    """A version's files as a pointer names them: by their paths relative to the export."""
+    return {name: {**ref.model_dump(), "uri": exported_key(export, ref.uri)} for name, ref in files.items()}
+
+
+def pointer_bytes(**fields: Any) -> bytes:
+    return json.dumps({"kind": "ptqflow.export_pointer", **fields}, indent=2, sort_keys=True).encode() + b"\n"
+
+
+class PointerMoved(Exception):
+    """``latest.json`` no longer names the version this run was compared with: another writer published first.
+    Not a StoreError: the store is fine and the input was valid; this run lost a race and says so."""
+
+
+def current_pointer(export: ArtifactStore) -> tuple[dict[str, Any] | None, bytes | None]:
+    """``latest.json`` parsed and as bytes (what a conditional replace compares against); a damaged one is
+    (None, its bytes): it names nothing to follow, and whoever replaces it repairs it.
+
+    Its ``history/`` entry is written first if a command was killed between moving the pointer and recording it,
+    so that ``history/`` lists every pointer that was live."""
+    if not export.exists_named(POINTER):
+        return None, None
+    raw = export.read_named(POINTER)
+    try:
+        pointer = parse_pointer(raw, export.uri_for(POINTER))
+    except MalformedRecord:
+        return None, raw
+    record_in_history(export, pointer, raw)
+    return pointer, raw
+
+
+def history_key_of(pointer: dict[str, Any]) -> str | None:
+    """Where a pointer is recorded in ``history/``: named in it (since it moved there), or, for a publish's
+    pointer from before, ``history/<version>.json``."""
+    if isinstance(pointer.get("history"), str):
+        return safe_key(pointer["history"])
+    return None if pointer.get("action") else safe_key(f"history/{pointer['version']}.json")
+
+
+def record_in_history(export: ArtifactStore, pointer: dict[str, Any], raw: bytes) -> None:
+    """Record a live pointer in ``history/`` if it is not yet. Best effort: a reader that may not write (a
+    read-only mirror) still reads, and the next command that may write records it."""
+    key = history_key_of(pointer)
+    if key is None or export.exists_named(key):
+        return
+    try:
+        export.write_named(key, raw, exclusive=True)
+    except FileExistsError:
+        pass  # another command recorded it meanwhile
+    except Exception as error:
+        logging.getLogger(__name__).warning("%s could not be recorded as %s (%s)", POINTER, key, error)
+
+
+def move_pointer(export: ArtifactStore, pointer: bytes, history_key: str, previous: bytes | None) -> None:
+    """Replace ``latest.json`` with ``pointer`` if it still holds ``previous``, then record it in ``history/``.
+
+    Raises:
+        ConcurrentUpdate: another writer moved ``latest.json`` first; nothing was changed.
+    """
+    export.replace_named_if(POINTER, pointer, sha256_bytes(previous) if previous is not None else None)
+    try:
+        export.write_named(history_key, pointer, exclusive=True)
+    except FileExistsError:
+        pass  # recorded already: a pointer to this version published before (rollback, then publish again)
+    except Exception as error:  # the pointer moved: the move stands, and the next reader records it
+        logging.getLogger(__name__).warning(
+            "%s moved, but recording it as %s failed (%s): the next command that reads the export records it",
+            export.uri_for(POINTER),
+            history_key,
+            error,
+        )
+
+
+def _run_version(export: ArtifactStore, run_id: str) -> str | None:
+    """The version folder of ``run_id``, complete or left by an interrupted publish."""
+    return next((key.rsplit("/", 1)[-1] for key in export.list_named("versions") if key.endswith(f"-{run_id}")), None)
+
+
+def _copy_verified(store: ArtifactStore, export: ArtifactStore, key: str, ref: ArtifactRef) -> ArtifactRef:
+    """The export's copy of ``ref`` at ``key``: kept when it verifies, (re)written from the store when it is
+    missing or does not match (an interrupted or damaged earlier publish), then verified."""
+    try:
+        return verify_copy(export, key, ref.sha256, ref.bytes)
+    except (ExportCorrupted, ArtifactMissing):
+        export.write_named(key, store.read_bytes(ref))
+        return verify_copy(export, key, ref.sha256, ref.bytes)
+
+
+def remove_version_folder(export: ArtifactStore, version: str) -> None:
+    """Remove a version folder no pointer names (a publish that failed while copying); best effort: a folder
+    that stays is never listed by ``history/`` and is finished by the next publish of its run."""
+    folder = export.path_for(f"versions/{version}")
+    try:
+        export.fs.rm(folder, recursive=True)
+    except (OSError, ValueError):
+        pass
+
+
+def publish_run(
+    store: ArtifactStore,
+    export: ArtifactStore,
+    run_id: str,
+    artifacts: dict[str, ArtifactRef],
+    manifest: dict[str, Any],
+    compared_with: str | None | bool = True,
+) -> ExportRecord:
+    """Copy a run's artifacts and manifest to its version folder under ``export``, verify every copy, record the
+    pointer in ``history/``, then move ``latest.json`` to it.
+
+    Resumable: after a failure at any write, calling it again keeps what verifies, copies what is missing or
+    wrong (restoring the recorded bytes), and finishes. ``published=False`` when ``latest.json`` already names the
+    run's version (its copies verified all the same), or another run's whose model files are byte for byte the
+    run's (a rerun on unchanged data).
+
+    Args:
+        compared_with: the version ``latest.json`` named when the run was compared with it (None: there was
+            none). ``latest.json`` is replaced only if it still names that version, by a conditional write; True
+            skips that check (a `promote` by hand), the write is still conditional on what was read here.
+
+    Raises:
+        PointerMoved: another writer moved ``latest.json`` since the comparison or during this publish.
+        ExportCorrupted: a copy does not match its source after writing it.
+    """
+    latest, latest_raw = current_pointer(export)
+    current_version = latest["version"] if latest else None
+    own_version = _run_version(export, run_id)
+    if (
+        latest
+        and current_version != own_version
+        and all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES)
+    ):
+        # Another run's model, byte for byte (a rerun on unchanged data): the devices already have these bytes.
+        files = {
+            name: verify_copy(export, exported_key(export, ref["uri"]), ref["sha256"], ref["bytes"])
+            for name, ref in latest["files"].items()
+        }
+        return ExportRecord(
+            url=export.url, version=latest["version"], pointer=export.uri_for(POINTER), files=files, published=False
+        )
+    if compared_with is not True and current_version not in (compared_with, own_version):
+        raise PointerMoved(
+            f"{export.uri_for(POINTER)} now names {current_version or 'nothing'}, not {compared_with or 'nothing'}, "
+            "which this run was compared with: another run published first"
+        )
+
+    now = datetime.now(timezone.utc)
+    version = own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
+    folder = f"versions/{version}"
+    try:
+        files = {
+            name: _copy_verified(store, export, f"{folder}/{export_file_name(name, artifacts[name])}", artifacts[name])
+            for name in [*EXPORT_FILES, *(n for n in OPTIONAL_EXPORT_FILES if n in artifacts)]
+        }
+        export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
+        manifest_key = f"{folder}/{MANIFEST_FILE}"
+        if not export.exists_named(manifest_key):  # an interrupted publish may have written it: writes are whole
+            export.write_named(
+                manifest_key, json.dumps({**manifest, "export": export_info}, indent=2, sort_keys=True).encode() + b"\n"
+            )
+        manifest_bytes = export.read_named(manifest_key)
+        files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
+    except BaseException as error:
+        if own_version is None:  # a folder this publish started, which nothing names
+            remove_version_folder(export, version)
+        refusal = refused_by_storage(error, "--export")
+        if refusal:
+            raise ExportRefused(f"nothing was published: {refusal}; the run's stages are reused on the rerun") from None
+        raise
+    if current_version == version:  # already current: its copies are now verified (and repaired), nothing moves
+        return ExportRecord(
+            url=export.url, version=version, pointer=export_info["pointer"], files=files, published=False
+        )
+    history_key = f"history/{version}.json"
+    pointer = pointer_bytes(
+        version=version,
+        run_id=run_id,
+        published_at=now.isoformat(timespec="seconds"),
+        history=history_key,
+        files=pointer_files(files, export),
+    )
+    try:
+        move_pointer(export, pointer, history_key, latest_raw)
+    except ConcurrentUpdate as error:
+        raise PointerMoved(f"{error}: another run published during this one") from None
+    return ExportRecord(url=export.url, version=version, pointer=export_info["pointer"], files=files, published=True)

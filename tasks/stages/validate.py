@@ -1,0 +1,129 @@
+"""Stage 5, validate: the float, float .tflite and quantized .tflite models measured on the test split with the
+LiteRT interpreter (tasks.evaluation.validation); writes report.json. The report for people is the report
+stage's (tasks.stages.report), so that a change to a view reruns no validation."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from ptqflow.storage.keras_models import keras_model_from_bytes
+from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.tables import read_parquet
+from ptqflow.tasks.core.artifacts import (
+    CalibrationSet,
+    ConvertedModels,
+    FidelityFigures,
+    FloatOutputs,
+    RepairResult,
+    SampledDataset,
+    TrainedModel,
+    ValidationResult,
+    WorstLayer,
+)
+from ptqflow.tasks.core.caching import StageCachePolicy
+from ptqflow.tasks.core.errors import secrets_kept_out
+from ptqflow.tasks.core.parameters import ConversionParameters, QuantizationScheme, ValidationParameters
+from ptqflow.tasks.core.progress import report
+from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ValidationReport
+from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
+from ptqflow.tasks.evaluation.validation import evaluate_models, per_layer_errors, repair_cost
+from ptqflow.tasks.models.feeds import predict_keras
+
+
+@task(
+    name="validate_with_interpreter",
+    cache_policy=StageCachePolicy(module=__name__),
+    persist_result=True,
+    result_serializer="json",
+)
+@secrets_kept_out()
+def validate_with_interpreter(
+    store_url: str,
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    converted: ConvertedModels,
+    params: ValidationParameters,
+    calibration: CalibrationSet | None = None,
+    conversion: ConversionParameters | None = None,
+    repair: RepairResult | None = None,
+    float_outputs: FloatOutputs | None = None,
+) -> ValidationResult:
+    """Evaluate the three models on the test split; with the calibration set and conversion options, also the
+    per-layer quantization error; with a repair, the cost of what it kept in float. Writes report.json to the
+    store (its renderings are the report step's, ``tasks.stages.report``). ``float_outputs``: the Keras model's outputs
+    on this test split, if a stage (the sweep's) predicted them already."""
+    store = ArtifactStore(store_url)
+    with store.open(dataset.test) as f:
+        test = read_parquet(f)
+    keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
+    if float_outputs is not None:
+        with store.open(float_outputs.outputs) as f:
+            keras_outputs = read_parquet(f).features
+    else:  # predicted once here: the evaluation and a repair's cost both compare with them
+        keras_outputs = predict_keras(keras_model, test.features, params.batch_size, dataset.spec.inputs)
+    metrics = evaluate_models(
+        keras_model,
+        store.read_bytes(converted.float_model),
+        store.read_bytes(converted.quantized),
+        test.features,
+        test.labels,
+        params,
+        class_names=list(dataset.spec.class_names),
+        keras_outputs=keras_outputs,
+        task=dataset.spec.task,
+    )
+    layers: list[LayerError] = []
+    layers_unavailable: str | None = "no calibration set given"
+    if conversion is not None and conversion.scheme is not QuantizationScheme.full_integer:
+        layers_unavailable = f"measured for full-integer quantization only (this model: {conversion.scheme.value})"
+    elif calibration is not None and conversion is not None:
+        report("validate_with_interpreter", "per-layer quantization error (QuantizationDebugger)")
+        with store.open(calibration.table) as f:
+            calibration_features = read_parquet(f).features
+        layers, layers_unavailable = per_layer_errors(keras_model, calibration_features, conversion, 64)
+    metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
+    if repair is not None:
+        metrics = metrics.model_copy(
+            update={
+                "repair": repair_cost(
+                    repair, store, keras_model, keras_outputs, test.features, test.labels, params, metrics
+                )
+            }
+        )
+    document = ValidationReport(
+        dataset=dataset.manifest,
+        model=trained.model,
+        quantized_model=converted.quantized,
+        float_tflite=converted.float_model,
+        conversion=conversion.model_dump(mode="json") if conversion else None,
+        metrics=metrics,
+    )
+    report_ref = store.put_json(document.model_dump(mode="json"))
+    logger = get_run_logger()
+    if metrics.validated:
+        logger.info("%s; full integer: %s", fidelity_in_words(metrics), metrics.audit.full_integer)
+    else:
+        logger.warning("not validated: %s", metrics.not_validated_reason)
+    return ValidationResult(
+        report=report_ref,
+        validated=metrics.validated,
+        not_validated_reason=metrics.not_validated_reason,
+        float_tensors=tuple(metrics.audit.float_tensors),
+        full_integer=metrics.audit.full_integer,
+        worst_layers=tuple(
+            WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
+            for layer in layers[:5]
+        ),
+        **metrics.model_dump(include=set(FidelityFigures.model_fields)),
+        float_accuracy=metrics.float_accuracy,
+        tflite_float_accuracy=metrics.tflite_float_accuracy,
+        quantized_accuracy=metrics.quantized_accuracy,
+        accuracy_drop_pp=metrics.accuracy_drop_pp,
+        agreement=metrics.agreement,
+        float_bytes=metrics.float_bytes,
+        quantized_bytes=metrics.quantized_bytes,
+        arena_bytes=metrics.device[ModelKind.quantized_tflite].arena_bytes
+        if ModelKind.quantized_tflite in metrics.device
+        else None,
+        rerun_max_difference=metrics.rerun_max_difference,
+    )
