@@ -9,120 +9,41 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from datetime import date
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from ptqflow.storage.store import DEFAULT_STORE, hold_signed_url
-from ptqflow.tasks.core.parameters import (
-    CalibrationMethod,
-    CalibrationParameters,
-    ColorMode,
-    ConversionParameters,
-    GateParameters,
-    ModelTask,
-    QuantizationScheme,
-    RankBy,
-    RegistryParameters,
-    RepairParameters,
-    SamplingParameters,
-    SplitMode,
-    SweepParameters,
-    TargetOps,
-    TensorType,
-    TrainingParameters,
+from ptqflow.flows.options import (
+    FLOW_SETTINGS,
+    RUN_GROUPS,
+    SWEEP_GROUPS,
+    UPSTREAM_GROUPS,
+    InvalidOption,
+    group_parameters,
+    read_recipe,
 )
+from ptqflow.storage.store import DEFAULT_STORE
+
+__all__ = ["InvalidOption", "pipeline_arguments", "run", "sweep", "sweep_arguments"]
+
+# The flows' own settings when not given.
+FLOW_DEFAULTS: dict[str, Any] = {"store": DEFAULT_STORE, "seed": 0, "export": None}
 
 if TYPE_CHECKING:
     from ptqflow.tasks.release.outcome import RunSummary, SweepSummary
 
-Model = TypeVar("Model", bound=BaseModel)
+
+def upstream_parameters(**options: Any) -> dict[str, BaseModel]:
+    """The sampling, training and calibration parameters that ``run`` and ``sweep`` both take, from their options
+    by name (``flows.options``)."""
+    return group_parameters(UPSTREAM_GROUPS, options)
 
 
-class InvalidOption(ValueError):
-    """An option's value is refused; the message names the option as the command line spells it, and the fix."""
-
-
-def parameters(schema: type[Model], **given: Any) -> Model:
-    """``schema`` from the options given (None means "the default").
-
-    Raises:
-        InvalidOption: the first field the schema refuses, as ``--option-name``, with the schema's reason.
-    """
-    try:
-        return schema(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as error:
-        first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        what = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise InvalidOption(f"invalid {what}: {message}") from None
-
-
-def upstream_parameters(
-    *,
-    dataset: str | None = None,
-    task: ModelTask | None = None,
-    feature_column: str | None = None,
-    feature_columns: str | None = None,
-    label_column: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    image_size: tuple[int, int] | None = None,
-    color_mode: ColorMode | None = None,
-    splits: SplitMode | None = None,
-    sample_size: int | None = None,
-    since: date | None = None,
-    window_days: int | None = None,
-    epochs: int | None = None,
-    model: str | None = None,
-    model_url: str | None = None,
-    input_scale: float | Sequence[float] | None = None,
-    input_offset: float | Sequence[float] | None = None,
-    calibration_size: int | None = None,
-    calibration_source: str | None = None,
-) -> dict[str, Any]:
-    """The sampling, training and calibration parameters that ``run`` and ``sweep`` both take.
-
-    A signed URL (presigned S3, signed GCS, Azure SAS) enters them redacted: Prefect records parameters, and the
-    manifests, logs and exports repeat them; only the reader gets the secret back (storage.store)."""
-    dataset, model_url, calibration_source = (
-        hold_signed_url(url) if url else url for url in (dataset, model_url, calibration_source)
-    )
-    return {
-        "sampling": parameters(
-            SamplingParameters,
-            dataset=dataset,
-            task=task,
-            feature_column=feature_column,
-            feature_columns=feature_columns,
-            label_column=label_column,
-            input_shape=input_shape,
-            image_size=image_size,
-            color_mode=color_mode,
-            splits=splits,
-            sample_size=sample_size,
-            since=since,
-            window_days=window_days,
-        ),
-        "training": parameters(
-            TrainingParameters,
-            epochs=epochs,
-            model=model,
-            model_url=model_url,
-            input_scale=input_scale,
-            input_offset=input_offset,
-        ),
-        "calibration": parameters(
-            CalibrationParameters, calibration_size=calibration_size, calibration_source=calibration_source
-        ),
-    }
-
-
-def gate_parameters(options: Mapping[str, Any]) -> GateParameters:
-    """The gate's parameters from the options given by name (the others are not the gate's; None means the
-    default)."""
-    return parameters(GateParameters, **{name: options.get(name) for name in GateParameters.model_fields})
+def with_recipe(config: str | None, groups: Mapping[str, type[BaseModel]], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``given`` over those of the recipe file ``config`` (a value given as None is not given)."""
+    recipe = read_recipe(config, groups) if config else {}
+    return {**recipe, **{name: value for name, value in given.items() if value is not None}}
 
 
 def prefect_defaults() -> None:
@@ -142,66 +63,17 @@ def finished(state: Any) -> Any:
     raise error
 
 
-def pipeline_arguments(
-    *,
-    store: str = DEFAULT_STORE,
-    seed: int = 0,
-    export: str | None = None,
-    input_type: TensorType | None = None,
-    output_type: TensorType | None = None,
-    ops: TargetOps | None = None,
-    scheme: QuantizationScheme | None = None,
-    per_channel: bool | None = None,
-    calibration_method: CalibrationMethod | None = None,
-    percentile: float | None = None,
-    equalize: bool | None = None,
-    bias_correction: bool | None = None,
-    max_accuracy_drop: float | None = None,
-    promotion_tolerance: float | None = None,
-    min_comparison_rows: int | None = None,
-    max_error_increase: float | None = None,
-    min_sqnr: float | None = None,
-    min_agreement: float | None = None,
-    ram_budget: str | int | None = None,
-    flash_budget: str | int | None = None,
-    repair: bool | None = None,
-    max_float_layers: int | None = None,
-    storage_block: str | None = None,
-    export_block: str | None = None,
-    mlflow_uri: str | None = None,
-    registered_model: str | None = None,
-    **upstream: Any,
-) -> dict[str, Any]:
-    """The ptq-pipeline flow's arguments from ``ptqflow run``'s options (``upstream``: those of
-    ``upstream_parameters``).
+def pipeline_arguments(*, config: str | None = None, **options: Any) -> dict[str, Any]:
+    """The ptq-pipeline flow's arguments from ``ptqflow run``'s options: ``store``, ``seed``, ``export``,
+    ``storage_block``, ``export_block`` and every field of the flow's parameter models by its option name
+    (``flows.options.RUN_GROUPS``); ``config``: a recipe file (TOML or YAML) whose values these override.
 
     Raises:
-        InvalidOption: an option's value is refused.
+        InvalidOption: an option is unknown, or its value is refused.
     """
-    options = dict(locals())  # every option by name, as given (first statement: nothing else is local yet)
-    return dict(
-        store=store,
-        seed=seed,
-        export=export,
-        storage_block=storage_block,
-        export_block=export_block,
-        registry=parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model),
-        **upstream_parameters(**upstream),
-        conversion=parameters(
-            ConversionParameters,
-            input_type=input_type,
-            output_type=output_type,
-            ops=ops,
-            scheme=scheme,
-            per_channel=per_channel,
-            calibration_method=calibration_method,
-            percentile=percentile,
-            equalize=equalize,
-            bias_correction=bias_correction,
-        ),
-        gate=gate_parameters(options),
-        repair=parameters(RepairParameters, enabled=repair, max_float_layers=max_float_layers),
-    )
+    given = with_recipe(config, RUN_GROUPS, options)
+    settings = {name: given.pop(name) for name in FLOW_SETTINGS if name in given}
+    return {**FLOW_DEFAULTS, **settings, **group_parameters(RUN_GROUPS, given)}
 
 
 def run(**options: Any) -> RunSummary:
@@ -221,60 +93,23 @@ def run(**options: Any) -> RunSummary:
     return summary
 
 
-def sweep_arguments(
-    *,
-    store: str = DEFAULT_STORE,
-    seed: int = 0,
-    export: str | None = None,
-    calibration_sizes: tuple[int, ...] | None = None,
-    configurations: tuple[str, ...] | None = None,
-    rank_by: RankBy | None = None,
-    require_full_integer: bool = False,
-    latency_threads: int | None = None,
-    max_accuracy_drop: float | None = None,
-    promotion_tolerance: float | None = None,
-    min_comparison_rows: int | None = None,
-    max_error_increase: float | None = None,
-    min_sqnr: float | None = None,
-    min_agreement: float | None = None,
-    ram_budget: str | int | None = None,
-    flash_budget: str | int | None = None,
-    storage_block: str | None = None,
-    export_block: str | None = None,
-    mlflow_uri: str | None = None,
-    registered_model: str | None = None,
-    **upstream: Any,
-) -> dict[str, Any]:
-    """The ptq-sweep flow's arguments from ``ptqflow sweep``'s options.
+def sweep_arguments(*, config: str | None = None, **options: Any) -> dict[str, Any]:
+    """The ptq-sweep flow's arguments from ``ptqflow sweep``'s options (``flows.options.SWEEP_GROUPS``), as
+    ``pipeline_arguments``.
 
     Raises:
-        InvalidOption: an option's value is refused.
+        InvalidOption: an option is unknown, or its value is refused.
         PtqflowError: a configuration name is not in the grid.
     """
-    options = dict(locals())  # every option by name, as given (first statement: nothing else is local yet)
     from ptqflow.tasks.sweep.grid import select_configurations, sweep_grid
 
-    arguments = dict(
-        store=store,
-        seed=seed,
-        storage_block=storage_block,
-        export_block=export_block,
-        registry=parameters(RegistryParameters, mlflow_uri=mlflow_uri, registered_model=registered_model),
-        export=export,
-        **upstream_parameters(**upstream),
-        sweep=parameters(
-            SweepParameters,
-            calibration_sizes=calibration_sizes,
-            configurations=configurations,
-            rank_by=rank_by,
-            require_full_integer=require_full_integer,
-            latency_threads=latency_threads,
-        ),
-        gate=gate_parameters(options),
-    )
+    given = with_recipe(config, SWEEP_GROUPS, options)
+    settings = {name: given.pop(name) for name in FLOW_SETTINGS if name in given}
+    arguments = {**FLOW_DEFAULTS, **settings, **group_parameters(SWEEP_GROUPS, given)}
     # An unknown configuration name is refused before a cluster starts.
+    sweep = arguments["sweep"]
     select_configurations(
-        sweep_grid(arguments["calibration"].calibration_size, arguments["sweep"].calibration_sizes), configurations
+        sweep_grid(arguments["calibration"].calibration_size, sweep.calibration_sizes), sweep.configurations
     )
     return arguments
 

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ptqflow.flows.environment import variables_set
 from ptqflow.flows.events import emit_run_events
@@ -30,11 +30,15 @@ from ptqflow.tasks.core.artifacts import CalibrationSet, SampledDataset, Trained
 from ptqflow.tasks.core.errors import AccuracyGateFailed, secrets_kept_out
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
+    ConversionParameters,
     GateParameters,
     ModelTask,
     RegistryParameters,
+    RepairParameters,
     SamplingParameters,
+    SweepParameters,
     TrainingParameters,
+    ValidationParameters,
 )
 from ptqflow.tasks.core.validation_report import PromotionDecision
 from ptqflow.tasks.data.datasets import is_builtin, resolve_source
@@ -61,6 +65,33 @@ from ptqflow.tasks.views.render import (
     sweep_summary_markdown,
     sweep_task,
 )
+
+
+class FlowParameters(BaseModel):
+    """A flow's parameters as Prefect validated them, typed for the steps that finish a run: ptq-pipeline's take
+    ``conversion`` and ``repair``, ptq-sweep's ``sweep``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str
+    seed: int
+    export: str | None
+    storage_block: str | None
+    export_block: str | None
+    sampling: SamplingParameters
+    training: TrainingParameters
+    calibration: CalibrationParameters
+    validation: ValidationParameters
+    gate: GateParameters
+    registry: RegistryParameters
+    conversion: ConversionParameters | None = None
+    repair: RepairParameters | None = None
+    sweep: SweepParameters | None = None
+
+    def recorded(self) -> dict[str, Any]:
+        """As the manifest and MLflow record them: JSON, the groups a flow does not take left out."""
+        left_out = {group for group in ("conversion", "repair", "sweep") if getattr(self, group) is None}
+        return self.model_dump(mode="json", exclude=left_out)
 
 
 @contextmanager
@@ -248,17 +279,16 @@ def publish_if_promoted(
 def finish_run(
     run: StageRunner,
     flow: str,
-    parameters: dict[str, Any],
+    parameters: FlowParameters,
     dataset: SampledDataset,
     artifacts: dict[str, ArtifactRef],
     verdict: GateResult,
     validated: ValidationResult | None,
     metrics: dict[str, Any],
 ) -> RunOutcome:
-    """Compare with the exported model, write the manifest, publish when promoted. ``parameters``: the flow's
-    parameters by name (``export``, ``gate`` and ``validation`` among them); ``metrics``: what the manifest
+    """Compare with the exported model, write the manifest, publish when promoted. ``metrics``: what the manifest
     records."""
-    export, gate = parameters["export"], parameters["gate"]
+    export, gate = parameters.export, parameters.gate
     run_id = str(flow_run.get_id())
     if dataset.seen_rows is not None:  # exported beside the model: what a later run's champion check reads
         artifacts = {**artifacts, "seen_rows": dataset.seen_rows}
@@ -272,12 +302,12 @@ def finish_run(
         if validated
         else None,
         gate,
-        parameters["validation"].batch_size,
+        parameters.validation.batch_size,
     )
     run.record_worker_seconds()
     manifest = build_manifest(
         run_id,
-        {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in parameters.items()},
+        parameters.recorded(),
         run.store.url,
         {k: v.model_dump() for k, v in artifacts.items()},
         metrics,
@@ -312,7 +342,7 @@ def finish_run(
 
 def record_run_in_mlflow(
     run: StageRunner,
-    parameters: dict[str, Any],
+    parameters: FlowParameters,
     run_id: str,
     verdict: GateResult,
     metrics: dict[str, Any],
@@ -320,10 +350,10 @@ def record_run_in_mlflow(
 ) -> RegistryRecord | None:
     """With ``--mlflow-uri``: the run as an MLflow run and, with an export, the registry's champion in line with
     its latest.json (``flows.registry``). Raises RegistryOutOfLine, naming the command that repairs it."""
-    registry: RegistryParameters | None = parameters.get("registry")
-    if registry is None or registry.mlflow_uri is None:
+    registry = parameters.registry
+    if registry.mlflow_uri is None:
         return None
-    name = registered_model_name(registry, parameters["sampling"].dataset)
+    name = registered_model_name(registry, parameters.sampling.dataset)
     try:
         record: RegistryRecord = run.effect(
             record_in_mlflow,
@@ -331,18 +361,18 @@ def record_run_in_mlflow(
             name=name,
             run_id=run_id,
             status=verdict.status.value,
-            parameters={k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in parameters.items()},
+            parameters=parameters.recorded(),
             metrics=metrics,
             artifacts=artifacts,
-            export_url=parameters["export"],
+            export_url=parameters.export,
         )
     except Exception as error:
-        raise RegistryOutOfLine(out_of_line(error, registry, name, parameters["export"], run_id)) from None
+        raise RegistryOutOfLine(out_of_line(error, registry, name, parameters.export, run_id)) from None
     get_run_logger().info("MLflow: %s", record.model_dump_json())
     return record
 
 
-def announce(summary: RunSummary | SweepSummary, parameters: dict[str, Any], sweep_table: str | None = None) -> None:
+def announce(summary: RunSummary | SweepSummary, parameters: FlowParameters, sweep_table: str | None = None) -> None:
     """Show the outcome in the Prefect UI (markdown, table and link artifacts) and emit its events
     (``flows.events``); a run that failed its gate then fails, carrying its summary (the CLI prints it and exits
     1). ``parameters``: the flow's, by name."""
@@ -377,6 +407,6 @@ def announce(summary: RunSummary | SweepSummary, parameters: dict[str, Any], swe
             key="ptq-report",
             description="report.html: metrics per model, per-layer error, audit, plots",
         )
-    emit_run_events(summary, parameters["sampling"].dataset, parameters["export"])
+    emit_run_events(summary, parameters.sampling.dataset, parameters.export)
     if not summary.gate.passed:
         raise AccuracyGateFailed(summary.gate.message, summary)

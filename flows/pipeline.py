@@ -6,7 +6,7 @@ import functools
 
 from prefect import flow
 
-from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
+from ptqflow.flows.lifecycle import FlowParameters, announce, finish_run, guarded_run, upstream_stages
 from ptqflow.storage.store import DEFAULT_STORE
 from ptqflow.tasks.core.artifacts import ConvertedModels
 from ptqflow.tasks.core.parameters import (
@@ -52,7 +52,7 @@ def ptq_pipeline(
         seed: seeds sampling, training and calibration; the same seed gives a byte-identical .tflite.
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
-    parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
+    parameters = FlowParameters(**locals())  # first line: nothing else is local yet
     with guarded_run(store, export, sampling, training, calibration, storage_block, export_block, registry) as run:
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)
         calibration_set = calibration_sets[calibration.calibration_size]

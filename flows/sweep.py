@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow
 from prefect.futures import as_completed
 
-from ptqflow.flows.lifecycle import announce, finish_run, guarded_run, upstream_stages
+from ptqflow.flows.lifecycle import FlowParameters, announce, finish_run, guarded_run, upstream_stages
 from ptqflow.flows.stages import StageRunner, Submitted
 from ptqflow.storage.store import DEFAULT_STORE
 from ptqflow.tasks.core.artifacts import (
@@ -209,7 +209,7 @@ def ptq_sweep(
         seed: seeds sampling, training and calibration, as in ptq-pipeline (whose cached stages are reused).
         export: fsspec URL to publish the best passing configuration to (a new version folder, then latest.json).
     """
-    parameters = dict(locals())  # the flow's parameters as validated (first line: nothing else is local yet)
+    parameters = FlowParameters(**locals())  # first line: nothing else is local yet
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )

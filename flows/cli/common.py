@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ptqflow.flows.api import InvalidOption, Model, parameters, prefect_defaults
+from ptqflow.flows.api import prefect_defaults
+from ptqflow.flows.options import InvalidOption, Model, parameters
 from ptqflow.storage.store import scrub_secrets
 
 err_console = Console(stderr=True)
@@ -78,13 +79,10 @@ def refused_options(as_json: bool) -> Iterator[None]:
         fail(str(error), EXIT_INVALID_INPUT, as_json)
 
 
-def shape(
-    text: str | None, as_json: bool, option: str = "--input-shape", example: str = "32,32,3"
-) -> tuple[int, ...] | None:
-    if text is None:
-        return None
+def integers(text: str, option: str, example: str, as_json: bool) -> tuple[int, ...]:
+    """Positive integers separated by commas (or ``x``, as in 32x32x3), or one line naming ``option`` and exit 2."""
     parts = [part.strip() for part in text.replace("x", ",").split(",")]
-    if all(part.isascii() and part.isdigit() for part in parts):  # not "²", which str.isdigit accepts
+    if all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):  # not "²", which isdigit accepts
         return tuple(int(part) for part in parts)
     fail(
         f"invalid {option} {text!r}: give positive integers separated by commas, e.g. {example}",
@@ -181,16 +179,3 @@ def outcome(state: Any, as_json: bool) -> tuple[Any, int]:
             as_json,
         )
     return summary, 0 if summary.gate.passed else EXIT_GATE_FAILED
-
-
-def sizes(text: str | None, option: str, as_json: bool) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if parts and all(part.isdigit() and int(part) > 0 for part in parts):
-        return tuple(int(part) for part in parts)
-    fail(
-        f"invalid {option} {text!r}: give positive integers separated by commas, e.g. 50,200,1000",
-        EXIT_INVALID_INPUT,
-        as_json,
-    )

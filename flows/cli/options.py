@@ -3,77 +3,47 @@ descriptions, and the commands that run a flow take whole groups of options (``t
 and ``serve`` cannot drift apart."""
 
 # No `from __future__ import annotations`: Typer reads these annotations from the commands' signatures.
+import enum
 import functools
 import inspect
-from collections.abc import Callable
-from datetime import datetime
+import types
+import typing
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
 
-from ptqflow.tasks.core.parameters import (
-    CalibrationMethod,
-    CalibrationParameters,
-    ColorMode,
-    ConversionParameters,
-    GateParameters,
-    ModelTask,
-    QuantizationScheme,
-    RegistryParameters,
-    RepairParameters,
-    SamplingParameters,
-    SplitMode,
-    TargetOps,
-    TensorType,
-    TrainingParameters,
-)
+from ptqflow.flows.options import RUN_GROUPS, SWEEP_GROUPS, Option, options_of
+from ptqflow.tasks.core.parameters import OPTION_FLAGS, RegistryParameters
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def help_for(schema: type[BaseModel], field: str) -> str:
     info = schema.model_fields[field]
-    return f"{info.description} \\[default: {getattr(info.default, 'value', info.default)}]"
+    default = getattr(info.default, "value", info.default)
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{info.description} \\[default: {shown}]"
 
 
-DatasetOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "dataset"))]
-FeatureColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_column"))]
-FeatureColumnsOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "feature_columns"))]
-TaskOption = Annotated[ModelTask | None, typer.Option(help=help_for(SamplingParameters, "task"))]
-LabelColumnOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "label_column"))]
-InputShapeOption = Annotated[
-    str | None, typer.Option(help="Shape of one sample when the table does not carry it, e.g. 32,32,3.")
-]
-ImageSizeOption = Annotated[str | None, typer.Option(help=help_for(SamplingParameters, "image_size"))]
-ColorModeOption = Annotated[ColorMode | None, typer.Option(help=help_for(SamplingParameters, "color_mode"))]
-SplitsOption = Annotated[SplitMode | None, typer.Option(help=help_for(SamplingParameters, "splits"))]
-SampleSizeOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "sample_size"))]
-SinceOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help=help_for(SamplingParameters, "since"))]
-WindowDaysOption = Annotated[int | None, typer.Option(help=help_for(SamplingParameters, "window_days"))]
-ModelOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model"))]
-ModelUrlOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "model_url"))]
-# Numbers separated by commas (one per input of a model with several): TrainingParameters reads them.
-InputScaleOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "input_scale"))]
-InputOffsetOption = Annotated[str | None, typer.Option(help=help_for(TrainingParameters, "input_offset"))]
 RunStoreOption = Annotated[
-    str,
-    typer.Option(envvar="PTQFLOW_STORE", help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...)."),
+    str | None,
+    typer.Option(
+        envvar="PTQFLOW_STORE",
+        help="fsspec URL of the artifact store (folder, s3://bucket/prefix, ...). [default: ./ptqflow-store]",
+    ),
 ]
-SeedOption = Annotated[int, typer.Option(help="Seed for sampling, training and calibration.")]
-EpochsOption = Annotated[int | None, typer.Option(help=help_for(TrainingParameters, "epochs"))]
-CalibrationSizeOption = Annotated[int | None, typer.Option(help=help_for(CalibrationParameters, "calibration_size"))]
-CalibrationSourceOption = Annotated[
-    str | None, typer.Option(help=help_for(CalibrationParameters, "calibration_source"))
+SeedOption = Annotated[int | None, typer.Option(help="Seed for sampling, training and calibration. [default: 0]")]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="A run recipe (TOML or YAML): store, seed, export and one table of options per group ([sampling], "
+        "[conversion], [gate], ...); options given here override it.",
+    ),
 ]
-MaxAccuracyDropOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "max_accuracy_drop"))]
-PromotionToleranceOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "promotion_tolerance"))]
-MinComparisonRowsOption = Annotated[int | None, typer.Option(help=help_for(GateParameters, "min_comparison_rows"))]
-MaxErrorIncreaseOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "max_error_increase"))]
-MinSqnrOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_sqnr"))]
-MinAgreementOption = Annotated[float | None, typer.Option(help=help_for(GateParameters, "min_agreement"))]
-RamBudgetOption = Annotated[str | None, typer.Option(help=help_for(GateParameters, "ram_budget"))]
-FlashBudgetOption = Annotated[str | None, typer.Option(help=help_for(GateParameters, "flash_budget"))]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show Prefect's and TensorFlow's logs on the console.")
@@ -100,76 +70,90 @@ LockWaitOption = Annotated[
 ]
 
 
-# Option groups: a command decorated with ``takes(GROUP, ...)`` has every option of each group and receives them
-# as one dict per group, keyed by the group's name. The functions only carry the signatures.
-def upstream(
-    dataset: DatasetOption = None,
-    task: TaskOption = None,
-    feature_column: FeatureColumnOption = None,
-    feature_columns: FeatureColumnsOption = None,
-    label_column: LabelColumnOption = None,
-    input_shape: InputShapeOption = None,
-    image_size: ImageSizeOption = None,
-    color_mode: ColorModeOption = None,
-    splits: SplitsOption = None,
-    sample_size: SampleSizeOption = None,
-    since: SinceOption = None,
-    window_days: WindowDaysOption = None,
-    model: ModelOption = None,
-    model_url: ModelUrlOption = None,
-    input_scale: InputScaleOption = None,
-    input_offset: InputOffsetOption = None,
-    epochs: EpochsOption = None,
-    calibration_size: CalibrationSizeOption = None,
-    calibration_source: CalibrationSourceOption = None,
-) -> None:
-    """Sampling, training and calibration: what every conversion starts from."""
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None``; any other annotation as it is."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(kinds) == 1:
+        return kinds[0]
+    return annotation
 
 
-def conversion(
-    input_type: Annotated[TensorType | None, typer.Option(help=help_for(ConversionParameters, "input_type"))] = None,
-    output_type: Annotated[TensorType | None, typer.Option(help=help_for(ConversionParameters, "output_type"))] = None,
-    ops: Annotated[TargetOps | None, typer.Option(help=help_for(ConversionParameters, "ops"))] = None,
-    scheme: Annotated[QuantizationScheme | None, typer.Option(help=help_for(ConversionParameters, "scheme"))] = None,
-    per_channel: Annotated[
-        bool | None,
-        typer.Option("--per-channel/--per-tensor", help=help_for(ConversionParameters, "per_channel")),
-    ] = None,
-    calibration_method: Annotated[
-        CalibrationMethod | None, typer.Option(help=help_for(ConversionParameters, "calibration_method"))
-    ] = None,
-    percentile: Annotated[float | None, typer.Option(help=help_for(ConversionParameters, "percentile"))] = None,
-    equalize: Annotated[
-        bool | None, typer.Option("--equalize/--no-equalize", help=help_for(ConversionParameters, "equalize"))
-    ] = None,
-    bias_correction: Annotated[
-        bool | None,
-        typer.Option("--bias-correction/--no-bias-correction", help=help_for(ConversionParameters, "bias_correction")),
-    ] = None,
-    repair: Annotated[
-        bool | None,
-        typer.Option(
-            "--repair/--no-repair", help=help_for(RepairParameters, "enabled") + " [default: on with --ops builtins]"
-        ),
-    ] = None,
-    max_float_layers: Annotated[int | None, typer.Option(help=help_for(RepairParameters, "max_float_layers"))] = None,
-) -> None:
-    """One conversion, and the repair of a model that fails the gate."""
+def _cli_type(annotation: Any) -> type:
+    """What the command line reads for a field of this type (the model then validates it): an enum's choices, a
+    number, a flag, a day, or text (comma-separated values for a tuple, a size such as 256KiB)."""
+    annotation = _without_none(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation
+    if annotation in (bool, int, float):
+        return annotation
+    if annotation is date:
+        return datetime
+    return str
 
 
-def gate(
-    max_accuracy_drop: MaxAccuracyDropOption = None,
-    promotion_tolerance: PromotionToleranceOption = None,
-    min_comparison_rows: MinComparisonRowsOption = None,
-    max_error_increase: MaxErrorIncreaseOption = None,
-    min_sqnr: MinSqnrOption = None,
-    min_agreement: MinAgreementOption = None,
-    ram_budget: RamBudgetOption = None,
-    flash_budget: FlashBudgetOption = None,
-) -> None:
-    """The gate (by task), the device budgets and the champion check."""
+def cli_parameter(option: Option) -> inspect.Parameter:
+    """The command-line option for one field: ``--name``, its help and default from the field."""
+    kind = _cli_type(option.info.annotation)
+    flags = [option.flag]
+    if kind is bool:
+        flags = [str(option.extra.get(OPTION_FLAGS, f"{option.flag}/--no-{option.flag[2:]}"))]
+    settings: dict[str, Any] = {"help": help_for(option.model, option.field)}
+    if kind is datetime:
+        settings["formats"] = ["%Y-%m-%d"]
+    annotation = Annotated[kind | None, typer.Option(*flags, **settings)]  # type: ignore[valid-type]
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
+def option_group(name: str, groups: Mapping[str, type[BaseModel]], doc: str) -> Callable[..., None]:
+    """An option group (see ``takes``) with one option per field of ``groups``' models."""
+
+    def group(**given: Any) -> None:
+        """Carries the signature only."""
+
+    group.__name__ = group.__qualname__ = name
+    group.__doc__ = doc
+    parameters = [cli_parameter(option) for option in options_of(groups).values()]
+    group.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return group
+
+
+def api_values(given: Mapping[str, Any], groups: Mapping[str, type[BaseModel]], as_json: bool) -> dict[str, Any]:
+    """The options given on the command line as the API takes them: a day as a date, comma-separated integers or
+    names as tuples (other text, a model reads itself); None for an option not given."""
+    from ptqflow.flows.cli.common import integers
+
+    values = {}
+    for name, value in given.items():
+        option = options_of(groups)[name]
+        annotation = _without_none(option.info.annotation)
+        inner = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
+        if isinstance(value, datetime):
+            value = value.date()
+        elif isinstance(value, str) and inner[:1] == (int,):
+            examples = option.info.examples or [option.info.default]
+            value = integers(value, option.flag, ",".join(map(str, examples[0] or ())), as_json)
+        elif isinstance(value, str) and inner[:1] == (str,):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        values[name] = value
+    return values
+
+
+RUN_OPTIONS = option_group(
+    "options",
+    RUN_GROUPS,
+    "Every field of the pipeline's parameter models: sampling, training, calibration, "
+    "conversion, validation, the gate, repair and the registry.",
+)
+SWEEP_OPTIONS = option_group(
+    "options",
+    SWEEP_GROUPS,
+    "Every field of the sweep's parameter models: sampling, training, calibration, "
+    "validation, the gate, the registry and the sweep's grid.",
+)
+
+
+# A command decorated with ``takes(GROUP, ...)`` has every option of each group and receives them as one dict per
+# group, keyed by the group's name.
 def credentials(
     storage_block: Annotated[
         str | None,
@@ -190,10 +174,6 @@ MlflowUriOption = Annotated[
     str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help=help_for(RegistryParameters, "mlflow_uri"))
 ]
 RegisteredModelOption = Annotated[str | None, typer.Option(help=help_for(RegistryParameters, "registered_model"))]
-
-
-def registry(mlflow_uri: MlflowUriOption = None, registered_model: RegisteredModelOption = None) -> None:
-    """MLflow: where runs are recorded and the champion registered."""
 
 
 def takes(*groups: Callable[..., None]) -> Callable[[Command], Command]:

@@ -126,7 +126,7 @@ def _registry(mlflow_uri: str | None, registered_model: str | None) -> Any:
     latest.json are kept in line only if both can be written."""
     if mlflow_uri is None:
         return None
-    from ptqflow.flows.api import InvalidOption, parameters
+    from ptqflow.flows.options import InvalidOption, parameters
     from ptqflow.flows.registry import RegistryError, check_reachable
     from ptqflow.tasks.core.parameters import RegistryParameters
 

@@ -19,63 +19,45 @@ from ptqflow.flows.cli.common import (
     outcome,
     prepare_environment,
     refused_options,
-    shape,
-    sizes,
     stdout_to_stderr,
 )
 from ptqflow.flows.cli.options import (
+    RUN_OPTIONS,
+    SWEEP_OPTIONS,
+    ConfigOption,
     ExportOption,
     JsonOption,
     RunStoreOption,
     SeedOption,
-    StoreOption,
     VerboseOption,
-    conversion,
+    api_values,
     credentials,
-    gate,
-    help_for,
-    registry,
     takes,
-    upstream,
 )
-from ptqflow.tasks.core.parameters import RankBy, SweepParameters
+from ptqflow.flows.options import RUN_GROUPS, SWEEP_GROUPS
 
 
-def _upstream_arguments(given: dict[str, Any], as_json: bool) -> dict[str, Any]:
-    """The upstream options as the API takes them (a shape as a tuple, a day as a date)."""
-    return {
-        **given,
-        "input_shape": shape(given["input_shape"], as_json),
-        "image_size": shape(given["image_size"], as_json, "--image-size", "64,64"),
-        "since": given["since"].date() if given["since"] else None,
-    }
-
-
-@takes(upstream, conversion, gate, credentials, registry)
+@takes(RUN_OPTIONS, credentials)
 def run(
-    store: RunStoreOption = "./ptqflow-store",
-    seed: SeedOption = 0,
+    config: ConfigOption = None,
+    store: RunStoreOption = None,
+    seed: SeedOption = None,
     export: ExportOption = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
     *,
-    upstream: dict[str, Any],
-    conversion: dict[str, Any],
-    gate: dict[str, Any],
+    options: dict[str, Any],
     credentials: dict[str, Any],
-    registry: dict[str, Any],
 ) -> None:
     """Sample, train, calibrate, convert and validate; exit 0 only when the accuracy gate passes."""
     with refused_options(as_json):
         arguments = pipeline_arguments(
+            config=config,
             store=store,
             export=export,
             seed=seed,
-            **conversion,
-            **gate,
             **credentials,
-            **registry,
-            **_upstream_arguments(upstream, as_json),
+            **api_values(options, RUN_GROUPS, as_json),
         )
     prepare_environment(verbose)
     import_tensorflow_quietly(verbose)
@@ -110,22 +92,11 @@ def check_dask_scheduler(address: str, as_json: bool) -> None:
         )
 
 
-@takes(upstream, gate, credentials, registry)
+@takes(SWEEP_OPTIONS, credentials)
 def sweep(
-    store: RunStoreOption = "./ptqflow-store",
-    seed: SeedOption = 0,
-    calibration_sizes: Annotated[
-        str | None,
-        typer.Option(help="Calibration sizes tried with full int8, e.g. 50,200,1000. [default: 50,200,1000]"),
-    ] = None,
-    configurations: Annotated[
-        str | None, typer.Option(help="Comma-separated configuration names (see --list). [default: all]")
-    ] = None,
-    rank_by: Annotated[RankBy | None, typer.Option(help=help_for(SweepParameters, "rank_by"))] = None,
-    require_full_integer: Annotated[
-        bool, typer.Option("--require-full-integer", help=help_for(SweepParameters, "require_full_integer"))
-    ] = False,
-    latency_threads: Annotated[int | None, typer.Option(help=help_for(SweepParameters, "latency_threads"))] = None,
+    config: ConfigOption = None,
+    store: RunStoreOption = None,
+    seed: SeedOption = None,
     export: Annotated[
         str | None,
         typer.Option(envvar="PTQFLOW_EXPORT", help="fsspec URL to publish the best passing configuration to."),
@@ -147,14 +118,11 @@ def sweep(
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
     *,
-    upstream: dict[str, Any],
-    gate: dict[str, Any],
+    options: dict[str, Any],
     credentials: dict[str, Any],
-    registry: dict[str, Any],
 ) -> None:
     """Convert one trained model under a grid of quantization configurations on Dask, rank them (accuracy drop,
     size, latency), validate the best in full and optionally export it; exit 0 when a configuration passes."""
-    names = tuple(n.strip() for n in configurations.split(",") if n.strip()) if configurations else None
     prepare_environment(verbose)  # before anything imports Prefect, which reads its logging settings once
     from ptqflow.tasks.core.errors import PtqflowError
     from ptqflow.tasks.sweep.grid import select_configurations, sweep_grid
@@ -162,24 +130,18 @@ def sweep(
     with refused_options(as_json):
         try:
             arguments = sweep_arguments(
+                config=config,
                 store=store,
                 seed=seed,
                 export=export,
-                calibration_sizes=sizes(calibration_sizes, "--calibration-sizes", as_json),
-                configurations=names,
-                rank_by=rank_by,
-                require_full_integer=require_full_integer,
-                latency_threads=latency_threads,
-                **gate,
                 **credentials,
-                **registry,
-                **_upstream_arguments(upstream, as_json),
+                **api_values(options, SWEEP_GROUPS, as_json),
             )
         except PtqflowError as error:
             fail(str(error), EXIT_INVALID_INPUT, as_json)
     if list_configurations:
         grid = sweep_grid(arguments["calibration"].calibration_size, arguments["sweep"].calibration_sizes)
-        chosen = select_configurations(grid, names)
+        chosen = select_configurations(grid, arguments["sweep"].configurations)
         width = max((len(configuration.name) for configuration in chosen), default=0)
         for configuration in chosen:
             size = f", {configuration.calibration_size} calibration samples" if configuration.calibration_size else ""
@@ -208,7 +170,7 @@ def sweep(
     raise typer.Exit(code)
 
 
-@takes(upstream, conversion, gate, credentials, registry)
+@takes(RUN_OPTIONS, credentials)
 def serve(
     cron: Annotated[
         str | None, typer.Option(help="Cron schedule (server time zone UTC unless --timezone), e.g. '0 2 * * *'.")
@@ -218,8 +180,9 @@ def serve(
     ] = None,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
     name: Annotated[str, typer.Option(help="Deployment name (the flow is ptq-pipeline).")] = "nightly",
-    store: StoreOption = "./ptqflow-store",
-    seed: SeedOption = 0,
+    config: ConfigOption = None,
+    store: RunStoreOption = None,
+    seed: SeedOption = None,
     export: ExportOption = None,
     limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
     on_event: Annotated[
@@ -230,25 +193,20 @@ def serve(
         ),
     ] = None,
     *,
-    upstream: dict[str, Any],
-    conversion: dict[str, Any],
-    gate: dict[str, Any],
+    options: dict[str, Any],
     credentials: dict[str, Any],
-    registry: dict[str, Any],
 ) -> None:
     """Serve the ptq-pipeline flow on a schedule from this process (no work pool needed): it also runs what is
     triggered from the Prefect UI ("Run" on the deployment), whose form starts from these options. Stop with
     Ctrl-C."""
     with refused_options(as_json=False):
         arguments = pipeline_arguments(
+            config=config,
             store=store,
             export=export,
             seed=seed,
-            **conversion,
-            **gate,
             **credentials,
-            **registry,
-            **_upstream_arguments(upstream, False),
+            **api_values(options, RUN_GROUPS, False),
         )
     parameters = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in arguments.items()}
     prepare_environment(verbose=True)

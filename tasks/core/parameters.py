@@ -114,6 +114,10 @@ def refuse_credentials(url: str | None, what: str) -> str | None:
 # Marks a field that names a location, with what a run does there (see flows.trust): "data" and "models" are
 # read, the store and the export (flow parameters, not fields) written.
 LOCATION_ROLE = "ptqflow_location"
+# A field's option name (API keyword, --flag, recipe key) where the field's own would clash with another group's.
+OPTION_NAME = "ptqflow_option"
+# A boolean field's pair of flags on the command line, where --x/--no-x reads badly.
+OPTION_FLAGS = "ptqflow_flags"
 
 
 class _Parameters(BaseModel):
@@ -157,11 +161,14 @@ class SamplingParameters(_Parameters):
         "label", min_length=1, description="Column holding integer class indices, or the regression targets."
     )
     input_shape: tuple[int, ...] | None = Field(
-        None, description="Shape of one sample, when the table does not carry it (e.g. 32,32,3)."
+        None,
+        description="Shape of one sample, when the table does not carry it (e.g. 32,32,3).",
+        examples=[(32, 32, 3)],
     )
     image_size: tuple[int, int] | None = Field(
         None,
         description="Image folders: resize every image to H,W (e.g. 64,64); without it every image must have one size.",
+        examples=[(64, 64)],
     )
     color_mode: ColorMode | None = Field(
         None, description="Image folders: decode as rgb or grayscale; without it, the images' own mode."
@@ -359,7 +366,9 @@ class ConversionParameters(_Parameters):
         "only) or float16.",
     )
     per_channel: bool = Field(
-        True, description="One scale per output channel of each weight tensor (False: one per tensor, smaller)."
+        True,
+        description="One scale per output channel of each weight tensor (False: one per tensor, smaller).",
+        json_schema_extra={OPTION_FLAGS: "--per-channel/--per-tensor"},
     )
     calibration_batch_size: int = Field(
         64, ge=1, le=65_536, description="Samples per calibration step, streamed from the calibration Parquet."
@@ -426,7 +435,13 @@ class ConversionParameters(_Parameters):
 
 
 class ValidationParameters(_Parameters):
-    batch_size: int = Field(256, ge=1, le=65_536, description="Samples per Interpreter invocation.")
+    batch_size: int = Field(
+        256,
+        ge=1,
+        le=65_536,
+        description="Samples per Interpreter invocation.",
+        json_schema_extra={OPTION_NAME: "validation_batch_size"},
+    )
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Interpreter threads (default: the machine's CPU count)."
     )
@@ -542,6 +557,7 @@ class RepairParameters(_Parameters):
         None,
         description="When the gate fails, keep the worst layers in float (one more at a time) until the drop is "
         "within the gate. Default: on with ops=builtins; impossible with ops=int8 (every op must be integer).",
+        json_schema_extra={OPTION_NAME: "repair"},
     )
     max_float_layers: int = Field(4, ge=1, le=64, description="Most layers repair may keep in float.")
 

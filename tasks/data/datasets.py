@@ -25,10 +25,10 @@ import posixpath
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 import numpy as np
@@ -406,14 +406,7 @@ def _image_folder(
 def source_fingerprint(name: str, since: datetime | None = None) -> str:
     """What the source holds now, cheaply: for a URL, each file's path, size and ETag / checksum / mtime (as the
     backend offers). Part of the sampling stage's cache key, so new or changed files mean a new sample."""
-    if is_builtin(name):
-        return f"builtin:{name}"
-    listing = list_source(name)
-    if (folder := _image_folder(name, since, listing)) is not None:
-        return files_fingerprint(folder.fs, list(folder.paths))
-    if (csv_files := _csv_files(name, since, listing)) is not None:
-        return files_fingerprint(*csv_files)
-    return files_fingerprint(*_parquet_files(name, since, listing))
+    return open_source(name, since).fingerprint()
 
 
 def files_fingerprint(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
@@ -747,24 +740,7 @@ def _draw_from_parquet_source(
 
 def peek_dataset(name: str, columns: Columns = Columns()) -> TensorTable:
     """The source's first sample (one row group read at most): enough to check its shape and type cheaply."""
-    if is_builtin(name):
-        return load_dataset(name, columns).take(np.arange(1))
-    listing = list_source(name)
-    if (folder := _image_folder(name, None, listing, columns.split is not None)) is not None:
-        _inputs_need_parquet(columns, f"{name} is an image folder")
-        return _read_images(folder, np.arange(1), columns)
-    if (csv_files := _csv_files(name, None, listing)) is not None:
-        _inputs_need_parquet(columns, f"{name} is CSV")
-        return _read_csv_source(name, csv_files, columns, None, _root(listing, csv_files[1]), first_only=True)
-    fs, files = _parquet_files(name, None, listing)
-    columns = _resolved(fs, files, columns)
-    with _reading(fs, files[0], columns) as parquet:
-        for batch in parquet.iter_batches(batch_size=1, columns=[*columns.feature_names(), *columns.label_names()]):
-            try:
-                return _with_source(arrow_to_tensor_table(pa.Table.from_batches([batch]), columns), name)
-            except TensorTableError as error:
-                raise InvalidDataset(f"{fs.unstrip_protocol(files[0])}: {error}") from None
-    raise InvalidDataset(f"{fs.unstrip_protocol(files[0])} is empty: point it at a table with samples")
+    return open_source(name, given_splits=columns.split is not None).peek(columns)
 
 
 def load_dataset(
@@ -777,14 +753,59 @@ def load_dataset(
         InvalidDataset: unknown name, missing or unreadable source, a table ptqflow cannot use, or a draw the
             source cannot give.
     """
-    if is_builtin(name):
-        _inputs_need_parquet(columns, f"{name} is a built-in data set")
-        table = _class_labels_as_asked(BUILTIN_DATASETS[name](), columns, name)
+    return open_source(name, since, given_splits=columns.split is not None).load(columns, draw)
+
+
+class Source(Protocol):
+    """A data source opened by its kind (``SOURCE_KINDS``): what sampling fingerprints, peeks at and loads."""
+
+    def fingerprint(self) -> str:
+        """What the source holds now, without reading it (part of the sampling stage's cache key)."""
+        ...
+
+    def peek(self, columns: Columns) -> TensorTable:
+        """The first sample, read as cheaply as the kind allows."""
+        ...
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        """Every sample, or ``draw``'s seeded, stratified choice of them."""
+        ...
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    name: str
+
+    def fingerprint(self) -> str:
+        return f"builtin:{self.name}"
+
+    def peek(self, columns: Columns) -> TensorTable:
+        return self.load(columns, None).take(np.arange(1))
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        _inputs_need_parquet(columns, f"{self.name} is a built-in data set")
+        table = _class_labels_as_asked(BUILTIN_DATASETS[self.name](), columns, self.name)
         if columns.split is None:
             table = _without_given_splits(table)
-        return table if draw is None else table.take(draw.indices(table.labels, f"{draw.role} {name}", table.splits))
-    listing = list_source(name)
-    if (folder := _image_folder(name, since, listing, columns.split is not None)) is not None:
+        if draw is None:
+            return table
+        return table.take(draw.indices(table.labels, f"{draw.role} {self.name}", table.splits))
+
+
+@dataclass(frozen=True)
+class ImageFolderSource:
+    name: str
+    folder: ImageFolder
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.folder.fs, list(self.folder.paths))
+
+    def peek(self, columns: Columns) -> TensorTable:
+        _inputs_need_parquet(columns, f"{self.name} is an image folder")
+        return _read_images(self.folder, np.arange(1), columns)
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        name, folder = self.name, self.folder
         _inputs_need_parquet(columns, f"{name} is an image folder")
         check_source_size(name, len(folder.paths), None, draw.size if draw else None)
         check_label_range(name, len(folder.class_names) - 1)
@@ -792,12 +813,91 @@ def load_dataset(
         where = name if draw is None else f"{draw.role} {name}"
         chosen = np.arange(len(folder.paths)) if draw is None else draw.indices(labels, where, folder.splits)
         return _class_labels_as_asked(_read_images(folder, chosen, columns), columns, name)
-    if (csv_files := _csv_files(name, since, listing)) is not None:
-        _inputs_need_parquet(columns, f"{name} is CSV")
-        return _read_csv_source(name, csv_files, columns, draw, _root(listing, csv_files[1]))
-    if draw is None:
-        return _read_parquet_source(name, columns, since, listing)
-    return _draw_from_parquet_source(name, columns, draw, since, listing)
+
+
+@dataclass(frozen=True)
+class CsvSource:
+    name: str
+    files: tuple[fsspec.AbstractFileSystem, list[str]]
+    root: str
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(*self.files)
+
+    def peek(self, columns: Columns) -> TensorTable:
+        _inputs_need_parquet(columns, f"{self.name} is CSV")
+        return _read_csv_source(self.name, self.files, columns, None, self.root, first_only=True)
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        _inputs_need_parquet(columns, f"{self.name} is CSV")
+        return _read_csv_source(self.name, self.files, columns, draw, self.root)
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    name: str
+    since: datetime | None
+    listing: Listing | None
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(*_parquet_files(self.name, self.since, self.listing))
+
+    def peek(self, columns: Columns) -> TensorTable:
+        fs, files = _parquet_files(self.name, self.since, self.listing)
+        columns = _resolved(fs, files, columns)
+        with _reading(fs, files[0], columns) as parquet:
+            names = [*columns.feature_names(), *columns.label_names()]
+            for batch in parquet.iter_batches(batch_size=1, columns=names):
+                try:
+                    return _with_source(arrow_to_tensor_table(pa.Table.from_batches([batch]), columns), self.name)
+                except TensorTableError as error:
+                    raise InvalidDataset(f"{fs.unstrip_protocol(files[0])}: {error}") from None
+        raise InvalidDataset(f"{fs.unstrip_protocol(files[0])} is empty: point it at a table with samples")
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        if draw is None:
+            return _read_parquet_source(self.name, columns, self.since, self.listing)
+        return _draw_from_parquet_source(self.name, columns, draw, self.since, self.listing)
+
+
+def _builtin(name: str, since: datetime | None, listing: Listing | None, given_splits: bool) -> Source | None:
+    return BuiltinSource(name) if is_builtin(name) else None
+
+
+def _images(name: str, since: datetime | None, listing: Listing | None, given_splits: bool) -> Source | None:
+    folder = _image_folder(name, since, listing, given_splits)
+    return None if folder is None else ImageFolderSource(name, folder)
+
+
+def _csv(name: str, since: datetime | None, listing: Listing | None, given_splits: bool) -> Source | None:
+    files = _csv_files(name, since, listing)
+    return None if files is None else CsvSource(name, files, _root(listing, files[1]))
+
+
+def _parquet(name: str, since: datetime | None, listing: Listing | None, given_splits: bool) -> Source | None:
+    return ParquetSource(name, since, listing)
+
+
+# The slot for a new kind of source: a function that opens a name or URL as that kind, or answers None when it is
+# not one, listed here. Asked in this order; Parquet, last, takes any URL and says what is wrong with it when it
+# is not a table. Sampling's fingerprint, the CLI's checks (peek) and the load all open sources here.
+SOURCE_KINDS: dict[str, Callable[[str, datetime | None, Listing | None, bool], Source | None]] = {
+    "builtin": _builtin,
+    "images": _images,
+    "csv": _csv,
+    "parquet": _parquet,
+}
+
+
+def open_source(name: str, since: datetime | None = None, given_splits: bool = True) -> Source:
+    """``name`` (a built-in name or a URL) opened as the first kind in ``SOURCE_KINDS`` that claims it; with
+    ``since``, only its files modified since; ``given_splits``: whether an image folder's split folders are read
+    as splits."""
+    listing = None if is_builtin(name) else list_source(name)
+    for opener in SOURCE_KINDS.values():
+        if (source := opener(name, since, listing, given_splits)) is not None:
+            return source
+    raise InvalidDataset(f"no kind of source ({', '.join(SOURCE_KINDS)}) reads {name!r}: point --dataset at one")
 
 
 def _inputs_need_parquet(columns: Columns, what: str) -> None:

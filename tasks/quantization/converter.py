@@ -22,7 +22,6 @@ from ptqflow.tasks.core.installation import NEWEST_TENSORFLOW, OLDEST_TENSORFLOW
 from ptqflow.tasks.core.native import native_output_silenced
 from ptqflow.tasks.core.parameters import (
     DEFAULT_PERCENTILE,
-    CalibrationMethod,
     ConversionParameters,
     QuantizationScheme,
     TargetOps,
@@ -30,6 +29,7 @@ from ptqflow.tasks.core.parameters import (
 )
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.models.feeds import keras_feed, model_input_slots
+from ptqflow.tasks.quantization.ranges import RANGE_METHODS, activation_histograms, choose_range, with_ranges
 
 if TYPE_CHECKING:
     import keras
@@ -162,7 +162,7 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
         ConversionFailed: the converter refused; the message names the ops and the options that would work.
     """
     model = prepared_for_rounding(model, calibration_batches, options)
-    if options.calibration_method is CalibrationMethod.minmax:
+    if RANGE_METHODS[options.calibration_method].choose is None:  # the converter's own ranges
         return _convert(quantization_converter(model, calibration_batches, options), options)
     return quantize_with_ranges(model, calibration_batches, options)
 
@@ -213,7 +213,6 @@ def quantize_with_ranges(
     calibrate only (the converter records each activation's min/max), choose the ranges from each activation's
     histogram over the calibration set (``tasks.quantization.ranges``), then the converter's own quantizer. With min/max
     ranges this gives the normal conversion's model, output for output (a test checks it)."""
-    from ptqflow.tasks.quantization.ranges import activation_histograms, choose_range, with_ranges
 
     try:
         from tensorflow.lite.python.lite import _mlir_quantize

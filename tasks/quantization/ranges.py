@@ -80,31 +80,64 @@ def _kl_divergence(hist: Histogram, low: float, high: float) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
+# A tensor's histogram and --percentile -> its range (containing 0).
+RangeChooser = Callable[[Histogram, float], tuple[float, float]]
+
+
+def _percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
+    # Values of one sign (a ReLU's) lose their whole tail at the top; others half at each end.
+    tail = (100.0 - percentile) / 100.0 / (2 if hist.low < 0 else 1)
+    cumulative = np.cumsum(hist.counts) / hist.counts.sum()
+    centres = hist.centres
+    last = len(centres) - 1
+    lo = float(centres[min(int(np.searchsorted(cumulative, tail)), last)]) if hist.low < 0 else hist.low
+    hi = float(centres[min(int(np.searchsorted(cumulative, 1 - tail)), last)])
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def _least(loss: Callable[[Histogram, float, float], float]) -> RangeChooser:
+    """The range among the shrunk candidates with the least ``loss``."""
+
+    def choose(hist: Histogram, percentile: float) -> tuple[float, float]:
+        low, high = min(hist.low, 0.0), max(hist.high, 0.0)
+        # Each end on its own (a tensor's outliers are often on one side); the widest range wins a tie.
+        lows = [low * f for f in SHRINK_CANDIDATES] if low < 0 else [0.0]
+        highs = [high * f for f in SHRINK_CANDIDATES] if high > 0 else [0.0]
+        candidates = [(lo, hi) for lo in lows for hi in highs if hi > lo]
+        best = min(candidates, key=lambda r: (loss(hist, r[0], r[1]), r[0] - r[1]))
+        return float(best[0]), float(best[1])
+
+    return choose
+
+
+@dataclass(frozen=True)
+class RangeMethod:
+    """One way to choose the activation ranges (``--calibration-method``)."""
+
+    label: str  # how the report and the sweep name it: "<label> activation ranges"
+    choose: RangeChooser | None  # None: the converter's own min/max, kept as calibrated (no histogram pass)
+    in_sweep: bool = True  # the sweep compares it (``tasks.sweep.grid``); the converter's own is the base row
+
+
+# The slot for a new method: a CalibrationMethod member and its row here. The converter, the sweep's grid and the
+# report take their methods from this table (a test checks that every member has a row).
+RANGE_METHODS: dict[CalibrationMethod, RangeMethod] = {
+    CalibrationMethod.minmax: RangeMethod("min/max", None, in_sweep=False),
+    CalibrationMethod.percentile: RangeMethod("percentile", _percentile_range),
+    CalibrationMethod.mse: RangeMethod("mse", _least(_quantization_error)),
+    CalibrationMethod.kl: RangeMethod("kl", _least(_kl_divergence)),
+}
+
+
 def choose_range(
     hist: Histogram, method: CalibrationMethod, percentile: float = DEFAULT_PERCENTILE
 ) -> tuple[float, float]:
     """The range ``method`` chooses for a tensor whose values ``hist`` holds; always containing 0."""
     low, high = min(hist.low, 0.0), max(hist.high, 0.0)
-    if method is CalibrationMethod.minmax or high <= low or not hist.counts.sum():
+    chooser = RANGE_METHODS[method].choose
+    if chooser is None or high <= low or not hist.counts.sum():
         return low, high
-    if method is CalibrationMethod.percentile:
-        # Values of one sign (a ReLU's) lose their whole tail at the top; others half at each end.
-        tail = (100.0 - percentile) / 100.0 / (2 if hist.low < 0 else 1)
-        cumulative = np.cumsum(hist.counts) / hist.counts.sum()
-        centres = hist.centres
-        last = len(centres) - 1
-        lo = float(centres[min(int(np.searchsorted(cumulative, tail)), last)]) if hist.low < 0 else hist.low
-        hi = float(centres[min(int(np.searchsorted(cumulative, 1 - tail)), last)])
-        return min(lo, 0.0), max(hi, 0.0)
-    loss: Callable[[Histogram, float, float], float] = (
-        _quantization_error if method is CalibrationMethod.mse else _kl_divergence
-    )
-    # Each end on its own (a tensor's outliers are often on one side); the widest range wins a tie.
-    lows = [low * f for f in SHRINK_CANDIDATES] if low < 0 else [0.0]
-    highs = [high * f for f in SHRINK_CANDIDATES] if high > 0 else [0.0]
-    candidates = [(lo, hi) for lo in lows for hi in highs if hi > lo]
-    best = min(candidates, key=lambda r: (loss(hist, r[0], r[1]), r[0] - r[1]))
-    return float(best[0]), float(best[1])
+    return chooser(hist, percentile)
 
 
 def calibrated_tensors(calibrated: bytes) -> dict[int, tuple[float, float]]:

@@ -9,12 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.tasks.core.errors import PtqflowError
 from ptqflow.tasks.core.parameters import (
-    CalibrationMethod,
     ConversionParameters,
     QuantizationScheme,
     TargetOps,
     TensorType,
 )
+from ptqflow.tasks.quantization.ranges import RANGE_METHODS
 
 FLOAT_REFERENCE = "float32"
 
@@ -42,8 +42,9 @@ def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> 
         ("int8-float-io", "full int8, float32 I/O", {"input_type": f32, "output_type": f32}, base),
         ("int8-per-tensor", "full int8, per-tensor weight scales", {"per_channel": False}, base),
         *[
-            (f"int8-{m.value}", f"full int8, {m.value} activation ranges", {"calibration_method": m}, base)
-            for m in (CalibrationMethod.percentile, CalibrationMethod.mse, CalibrationMethod.kl)
+            (f"int8-{m.value}", f"full int8, {method.label} activation ranges", {"calibration_method": m}, base)
+            for m, method in RANGE_METHODS.items()
+            if method.in_sweep
         ],
         ("int8-equalize", "full int8, equalized activation channels", {"equalize": True}, base),
         ("int8-bias-correction", "full int8, corrected biases", {"bias_correction": True}, base),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ptqflow.tasks.core.artifacts import ValidationFigures
-from ptqflow.tasks.core.parameters import CalibrationMethod, ConversionParameters, GateParameters, ModelTask, RankBy
+from ptqflow.tasks.core.parameters import ConversionParameters, GateParameters, ModelTask, RankBy
 from ptqflow.tasks.core.validation_report import (
     LayerError,
     ModelKind,
@@ -28,6 +28,7 @@ from ptqflow.tasks.core.validation_report import (
 )
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, gate_in_words
 from ptqflow.tasks.evaluation.gate import describe_layers
+from ptqflow.tasks.quantization.ranges import RANGE_METHODS
 from ptqflow.tasks.release.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
 from ptqflow.tasks.sweep.ranking import ConfigurationMetrics, SweepRow
 
@@ -294,11 +295,8 @@ def conversion_line(recorded: dict[str, object] | None) -> str | None:
         options = ConversionParameters.model_validate(recorded)
     except ValidationError:  # a report from a version whose options no longer validate: say nothing rather than guess
         return None
-    ranges = (
-        "min/max activation ranges"
-        if options.calibration_method is CalibrationMethod.minmax
-        else f"{options.calibration_method.value} activation ranges"
-        + (f" ({options.percentile:g}%)" if options.percentile is not None else "")
+    ranges = f"{RANGE_METHODS[options.calibration_method].label} activation ranges" + (
+        f" ({options.percentile:g}%)" if options.percentile is not None else ""
     )
     methods = [
         options.scheme.value,

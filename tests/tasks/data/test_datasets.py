@@ -13,9 +13,17 @@ import pytest
 from keras_cache import sha256_of, write_cifar10, write_fashion_mnist, write_mnist
 
 from conftest import write_huggingface_images
-from ptqflow.storage.tables import Columns
+from ptqflow.storage.tables import Columns, TensorTable
 from ptqflow.tasks.core.errors import InvalidDataset
-from ptqflow.tasks.data.datasets import Draw, load_dataset, source_fingerprint
+from ptqflow.tasks.data.datasets import (
+    SOURCE_KINDS,
+    Draw,
+    ParquetSource,
+    load_dataset,
+    open_source,
+    peek_dataset,
+    source_fingerprint,
+)
 from ptqflow.tasks.data.sampling import check_dataset
 
 
@@ -604,3 +612,37 @@ def test_input_columns_of_a_parquet_directory_are_read_and_drawn_packed_by_name(
     assert [(slot.name, slot.shape) for slot in loaded.inputs] == [("image", (2, 2, 1)), ("age", (1,))]
     assert loaded.sample_shape == (5,) and len(loaded) == (sample_size or 60)
     assert loaded.features[:, 4].min() >= 20 and loaded.features[:, :4].max() <= 255
+
+
+class NumpySource:
+    """A kind of source a user might add: an .npz file of ``features`` and ``labels``."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            arrays = np.load(io.BytesIO(f.read()))
+            self.table = TensorTable(arrays["features"], arrays["labels"])
+
+    def fingerprint(self) -> str:
+        return f"npz:{len(self.table)}"
+
+    def peek(self, columns: Columns) -> TensorTable:
+        return self.table.take(np.arange(1))
+
+    def load(self, columns: Columns, draw: Draw | None) -> TensorTable:
+        return self.table if draw is None else self.table.take(draw.indices(self.table.labels, "the npz"))
+
+
+def test_a_kind_of_source_added_to_the_registry_is_fingerprinted_peeked_and_loaded(tmp_path, monkeypatch):
+    features, labels = images(40)
+    path = tmp_path / "samples.npz"
+    np.savez(path, features=features, labels=labels)
+
+    def npz(name, since, listing, given_splits):
+        return NumpySource(name) if name.endswith(".npz") else None
+
+    assert isinstance(open_source(str(path)), ParquetSource), "unclaimed, a URL falls to Parquet"
+    monkeypatch.setattr("ptqflow.tasks.data.datasets.SOURCE_KINDS", {"npz": npz, **SOURCE_KINDS})
+    assert source_fingerprint(str(path)) == "npz:40"
+    assert peek_dataset(str(path)).features.shape == (1, *features.shape[1:])
+    assert len(load_dataset(str(path))) == 40
+    assert len(load_dataset(str(path), draw=Draw(10, (0, 1)))) == 10

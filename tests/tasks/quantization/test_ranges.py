@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from ptqflow.tasks.core.parameters import CalibrationMethod, ConversionParameters, QuantizationScheme
-from ptqflow.tasks.quantization.ranges import BINS, Histogram, choose_range
+from ptqflow.tasks.quantization.ranges import BINS, RANGE_METHODS, Histogram, RangeMethod, choose_range
+from ptqflow.tasks.sweep.grid import sweep_grid
+from ptqflow.tasks.views.render import conversion_line
 
 
 def histogram_of(values: np.ndarray) -> Histogram:
@@ -25,7 +27,25 @@ def with_outliers() -> Histogram:
     return histogram_of(values)
 
 
-@pytest.mark.parametrize("method", [CalibrationMethod.percentile, CalibrationMethod.mse, CalibrationMethod.kl])
+def test_every_calibration_method_has_its_row_in_the_table_and_its_words_in_the_help():
+    assert set(RANGE_METHODS) == set(CalibrationMethod)
+    help_text = ConversionParameters.model_fields["calibration_method"].description or ""
+    assert all(f"{m.value} (" in help_text for m in CalibrationMethod)
+
+
+def test_a_method_added_to_the_table_is_chosen_swept_and_reported(monkeypatch):
+    """The table is the one slot: the range chosen, the sweep's rows and the report's line all come from it."""
+    new = next(m for m in CalibrationMethod if RANGE_METHODS[m].choose is not None)
+    monkeypatch.setitem(RANGE_METHODS, new, RangeMethod("middle half", lambda hist, percentile: (-0.5, 0.5)))
+    assert choose_range(histogram_of(np.linspace(-2, 2, 1000)), new) == (-0.5, 0.5)
+    rows = {c.name: c for c in sweep_grid(100, [])}
+    assert rows[f"int8-{new.value}"].description == "full int8, middle half activation ranges"
+    assert "middle half activation ranges" in conversion_line(ConversionParameters(calibration_method=new).model_dump())
+    monkeypatch.setitem(RANGE_METHODS, new, RangeMethod("middle half", RANGE_METHODS[new].choose, in_sweep=False))
+    assert f"int8-{new.value}" not in {c.name for c in sweep_grid(100, [])}
+
+
+@pytest.mark.parametrize("method", [m for m, row in RANGE_METHODS.items() if row.choose is not None])
 def test_every_method_but_minmax_clips_rare_outliers_and_keeps_zero_inside(with_outliers, method):
     low, high = choose_range(with_outliers, method, percentile=99.99)
     assert low < 0 < high
