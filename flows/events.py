@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.release.documents import ExportPointer
 from ptqflow.tasks.release.outcome import RunSummary, SweepSummary
 from ptqflow.tasks.release.publish import ExportRecord
 
@@ -96,7 +97,7 @@ def emit_run_events(summary: RunSummary | SweepSummary, dataset: str | None, exp
 
 
 def emit_pointer_moved(
-    event: str, export: str, version: str, previous: str | None, pointer: dict[str, Any] | None
+    event: str, export: str, version: str, previous: str | None, pointer: ExportPointer | None
 ) -> None:
     """After ``promote`` or ``rollback`` by hand (outside a flow run): the model ``latest.json`` now names is the
     resource. Only to a Prefect server that outlives the command (PREFECT_API_URL), and sent before it returns."""
@@ -105,12 +106,11 @@ def emit_pointer_moved(
 
     if not PREFECT_API_URL.value() or pointer is None:
         return
-    tflite = pointer["files"]["tflite"]
-    resource = model_resource(ArtifactRef(**tflite), f"exported version {version}")
+    resource = model_resource(pointer.files["tflite"], f"exported version {version}")
     _emit(
         event,
         resource,
         _related(None, export),
-        {"run_id": pointer.get("run_id"), "version": version, "previous_version": previous, "by": "hand"},
+        {"run_id": pointer.run_id, "version": version, "previous_version": previous, "by": "hand"},
     )
     EventsWorker.drain_all(timeout=10)

@@ -45,6 +45,7 @@ from ptqflow.tasks.data.datasets import is_builtin, resolve_source
 from ptqflow.tasks.data.sampling import columns_of
 from ptqflow.tasks.evaluation.gate import GateResult
 from ptqflow.tasks.models.training import check_trainable
+from ptqflow.tasks.release.documents import ExportLocation, RunManifest
 from ptqflow.tasks.release.manifest import build_manifest
 from ptqflow.tasks.release.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
 from ptqflow.tasks.release.publish import ExportRecord, PointerMoved, export_store
@@ -251,7 +252,7 @@ def publish_if_promoted(
     export: str | None,
     run_id: str,
     artifacts: dict[str, ArtifactRef],
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     promotion: PromotionDecision | None,
 ) -> tuple[ExportRecord | None, PromotionDecision | None]:
     """Publish the run (a new version folder, then latest.json) when the champion check promoted it, provided
@@ -309,7 +310,7 @@ def finish_run(
         run_id,
         parameters.recorded(),
         run.store.url,
-        {k: v.model_dump() for k, v in artifacts.items()},
+        artifacts,
         metrics,
         verdict.model_dump(mode="json"),
         {k: v.model_dump() for k, v in run.records.items()},
@@ -320,11 +321,12 @@ def finish_run(
     exported, promotion = publish_if_promoted(run, export, run_id, artifacts, manifest, promotion)
     manifest_uri = run.effect(
         write_run_manifest,
-        manifest={
-            **manifest,
-            "export": exported.model_dump(mode="json") if exported else None,
-            "promotion": promotion.model_dump(mode="json") if promotion else None,
-        },
+        manifest=manifest.model_copy(
+            update={
+                "export": ExportLocation.model_validate(exported.model_dump(mode="json")) if exported else None,
+                "promotion": promotion.model_dump(mode="json") if promotion else None,
+            }
+        ),
     )
     return RunOutcome(
         run_id=run_id,

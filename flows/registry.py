@@ -27,8 +27,9 @@ from ptqflow.flows.environment import variables_set
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.tasks.core.errors import PtqflowError, secrets_kept_out
 from ptqflow.tasks.core.parameters import RegistryParameters
+from ptqflow.tasks.release.documents import ExportPointer
 from ptqflow.tasks.release.outcome import RegistryRecord
-from ptqflow.tasks.release.promotion import read_pointer
+from ptqflow.tasks.release.promotion import exported_manifest, read_pointer
 from ptqflow.tasks.release.publish import export_store, read_exported
 
 if TYPE_CHECKING:
@@ -150,26 +151,26 @@ def _champion(client: MlflowClient, name: str) -> Any:
         return None
 
 
-def _model_file(ref: Mapping[str, Any]) -> str:
-    return "model.savedmodel.zip" if str(ref["uri"]).endswith(".zip") else "model.keras"
+def _model_file(ref: ArtifactRef) -> str:
+    return "model.savedmodel.zip" if ref.uri.endswith(".zip") else "model.keras"
 
 
-def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: Mapping[str, Any]) -> Any:
+def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: ExportPointer) -> Any:
     """A new version of ``name`` from the export's files of the version ``pointer`` names: the int8 .tflite, the
     float model, the report and the manifest, each checked against its sha256 first."""
-    exported = pointer["files"]
+    exported = pointer.files
     names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
     files = {names[label]: read_exported(export, ref) for label, ref in exported.items() if label in names}
-    manifest = json.loads(files["manifest.json"]) if "manifest.json" in files else {}
-    mlflow_run = _mlflow_run(client, name, pointer["run_id"])
+    manifest = exported_manifest(export, pointer)
+    mlflow_run = _mlflow_run(client, name, pointer.run_id)
     _log_files(client, mlflow_run, files, "model")
     tflite = exported["tflite"]
-    figures = numeric_figures(manifest.get("metrics", {}))
+    figures = numeric_figures(manifest.metrics if manifest else {})
     tags = {
-        RUN_TAG: pointer["run_id"],
-        VERSION_TAG: pointer["version"],
-        "tflite.sha256": tflite["sha256"],
-        "tflite.bytes": str(tflite["bytes"]),
+        RUN_TAG: pointer.run_id,
+        VERSION_TAG: pointer.version,
+        "tflite.sha256": tflite.sha256,
+        "tflite.bytes": str(tflite.bytes),
         **{key: f"{figures[key]:.6g}" for key in TAGGED_FIGURES if key in figures},
     }
     artifact_uri = client.get_run(mlflow_run).info.artifact_uri
@@ -195,13 +196,13 @@ def follow_export(client: MlflowClient, tracking_uri: str, name: str, export: Ar
     pointer = read_pointer(export)
     if pointer is None:
         return record
-    if not SAFE_RUN_ID.fullmatch(str(pointer.get("run_id", ""))):  # the export is not trusted: no filter injection
+    if not SAFE_RUN_ID.fullmatch(pointer.run_id):  # the export is not trusted: no filter injection
         raise RegistryError(f"{export.url}'s latest.json names no valid run id: republish with `ptqflow promote`")
-    versions = client.search_model_versions(f"name = '{name}' and tags.`{RUN_TAG}` = '{pointer['run_id']}'")
+    versions = client.search_model_versions(f"name = '{name}' and tags.`{RUN_TAG}` = '{pointer.run_id}'")
     version = versions[0] if versions else _register(client, name, export, pointer)
     if previous is None or previous.version != version.version:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-    return record.model_copy(update={"champion_version": str(version.version), "champion_run_id": pointer["run_id"]})
+    return record.model_copy(update={"champion_version": str(version.version), "champion_run_id": pointer.run_id})
 
 
 def in_line_again(registry: RegistryParameters, name: str, export: str | None, run_id: str) -> str:
@@ -279,13 +280,12 @@ def name_for_export(registry: RegistryParameters, export: ArtifactStore) -> str:
     if registry.registered_model:
         return registry.registered_model
     pointer = read_pointer(export)
-    manifest_ref = pointer["files"].get("manifest") if pointer else None
-    if manifest_ref is None:
+    manifest = exported_manifest(export, pointer) if pointer else None
+    if manifest is None or manifest.dataset is None:
         raise RegistryError(
             f"{export.url} holds no exported run to name the registered model by: pass --registered-model"
         )
-    manifest = json.loads(read_exported(export, manifest_ref))
-    return registered_model_name(registry, str(manifest["parameters"]["sampling"]["dataset"]))
+    return registered_model_name(registry, manifest.dataset)
 
 
 def sync_with_export(registry: RegistryParameters, export: ArtifactStore) -> RegistryRecord:

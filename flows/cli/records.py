@@ -47,7 +47,7 @@ def runs(
     for problem in unreadable:  # skipped, named: one bad file must not hide every run
         err_console.print(f"skipped {problem}", highlight=False, soft_wrap=True)
     if as_json:
-        print(json.dumps(manifests))
+        print(json.dumps([manifest.document() for manifest in manifests]))
         return
     if not manifests:
         err_console.print(f"no complete runs in {store}")
@@ -69,7 +69,7 @@ def show(
         manifest = find_manifest(_open_store(store), run_id)
     except (LookupError, StoreError) as error:
         fail(str(error), EXIT_INVALID_INPUT, as_json=False)
-    print(json.dumps(manifest, indent=2, sort_keys=True))
+    print(manifest.to_bytes().decode(), end="")
 
 
 def _open_export(export: str):
@@ -187,7 +187,7 @@ def promote(
         target = _open_export(export)
         with _export_lock(target, wait):
             move = promote_run(_open_store(store), target, manifest)
-            _moved(move, f"promoted run {manifest['run_id']}")
+            _moved(move, f"promoted run {manifest.run_id}")
             not_followed = _follow_in_mlflow(registry, target)
         emit_pointer_moved(MODEL_PROMOTED, export, move.version, move.previous_version, read_pointer(target))
     except PointerMoved as error:  # another writer (another host, no shared lock) moved latest.json meanwhile

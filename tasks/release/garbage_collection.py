@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ptqflow.storage.results import RESULTS_KEY
-from ptqflow.storage.store import ArtifactRef, ArtifactStore, StoreError
+from ptqflow.storage.store import ArtifactStore, StoreError
 from ptqflow.tasks.release.manifest import RUNS_PREFIX, CorruptManifest, read_manifest
 
 
@@ -59,14 +59,10 @@ def plan_collection(store: ArtifactStore, keep_runs: int, keep_days: float | Non
         except CorruptManifest as error:
             keep_keys.add(key)
             notes.append(f"kept {key}: {error}")
-    manifests.sort(key=lambda item: item[1].get("created_at", ""), reverse=True)
+    manifests.sort(key=lambda item: item[1].created_at, reverse=True)
     cutoff = (now - timedelta(days=keep_days)).isoformat() if keep_days is not None else None
-    kept = [
-        (key, m)
-        for i, (key, m) in enumerate(manifests)
-        if i < keep_runs or (cutoff and m.get("created_at", "") >= cutoff)
-    ]
-    kept_ids = {m["run_id"] for _, m in kept}
+    kept = [(key, m) for i, (key, m) in enumerate(manifests) if i < keep_runs or (cutoff and m.created_at >= cutoff)]
+    kept_ids = {m.run_id for _, m in kept}
 
     live_blobs: set[str] = set()
     records = store.list_named(RESULTS_KEY)
@@ -74,18 +70,18 @@ def plan_collection(store: ArtifactStore, keep_runs: int, keep_days: float | Non
     every_record = False
     for key, m in kept:
         keep_keys.add(key)
-        live_blobs |= set(_refs_in(m.get("artifacts", {})))
-        dataset = (m.get("artifacts") or {}).get("dataset")
+        live_blobs |= {ref.sha256 for ref in m.artifacts.values()}
+        dataset = m.artifacts.get("dataset")
         if dataset:
             try:
-                live_blobs |= set(_refs_in(store.read_json(ArtifactRef(**dataset))))
+                live_blobs |= set(_refs_in(store.read_json(dataset)))
             except StoreError:
                 pass  # gone or damaged already: nothing more it can keep alive
-        stages = (m.get("tasks") or {}).values()
-        if any("cache_key" not in stage for stage in stages):  # written before keys were recorded
+        stages = m.tasks.values()
+        if any("cache_key" not in stage.model_fields_set for stage in stages):  # written before keys were recorded
             every_record = True
         # None: a stage that is never cached (a fingerprint), so it has no record.
-        live_records |= {f"{RESULTS_KEY}/{stage['cache_key']}" for stage in stages if stage.get("cache_key")}
+        live_records |= {f"{RESULTS_KEY}/{stage.cache_key}" for stage in stages if stage.cache_key}
     if every_record:
         notes.append("kept every cache record: a kept run's manifest predates recorded cache keys")
         live_records = set(records)
@@ -96,12 +92,12 @@ def plan_collection(store: ArtifactStore, keep_runs: int, keep_days: float | Non
         except (StoreError, ValueError, KeyError, TypeError):
             continue  # a record that is not one is never read by a run: nothing to keep for it
 
-    delete = [key for key, m in manifests if m["run_id"] not in kept_ids and key not in keep_keys]
+    delete = [key for key, m in manifests if m.run_id not in kept_ids and key not in keep_keys]
     delete += [key for key in records if key not in live_records]
     blob_keys = [key for key in _blob_keys(store) if key.rsplit("/", 1)[-1][:64] not in live_blobs]
     delete += blob_keys
     freed = sum(_size(store, key) for key in delete)
-    removed = [m["run_id"] for key, m in manifests if m["run_id"] not in kept_ids and key not in keep_keys]
+    removed = [m.run_id for key, m in manifests if m.run_id not in kept_ids and key not in keep_keys]
     return CollectionPlan(
         kept_runs=sorted(kept_ids), removed_runs=removed, delete=delete, freed_bytes=freed, notes=notes
     )

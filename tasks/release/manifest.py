@@ -7,17 +7,17 @@ exists only for a run that got to the end, and no later run can overwrite it.
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from ptqflow.tasks.core.caching import library_versions
+from ptqflow.tasks.release.documents import RecordedGate, RecordedSplit, RecordedStage, RunManifest
 
 RUNS_PREFIX = "runs"
 _SECRET_NAME = re.compile(r"secret|password|passwd|token|credential|access_key|key_id|sas|signature", re.I)
@@ -44,36 +44,33 @@ def build_manifest(
     run_id: str,
     parameters: dict[str, Any],
     store_url: str,
-    artifacts: dict[str, Any],
+    artifacts: dict[str, ArtifactRef],
     metrics: dict[str, Any],
     gate: dict[str, Any],
     tasks: dict[str, Any],
     flow: str = "ptq-pipeline",
     promotion: dict[str, Any] | None = None,
     split: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Pure: the manifest document (without the export, which publishing adds)."""
     import prefect
 
-    return {
-        "kind": "ptqflow.run_manifest",
-        "schema_version": 1,
-        "run_id": run_id,
-        "flow": flow,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "passed" if gate["passed"] else "failed",
-        "parameters": scrub(parameters),
+    return RunManifest(
+        run_id=run_id,
+        flow=flow,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status="passed" if gate["passed"] else "failed",
+        parameters=scrub(parameters),
         # Which split each row was in (a later run's champion check replays it on its own test rows).
-        "split": split,
-        "store": scrub(store_url),
-        "artifacts": artifacts,
-        "metrics": metrics,
-        "gate": gate,
-        "tasks": tasks,
-        "promotion": promotion,
-        "export": None,
-        "libraries": {**library_versions(), "prefect": prefect.__version__, "python": platform.python_version()},
-    }
+        split=RecordedSplit.model_validate(split) if split is not None else None,
+        store=scrub(store_url),
+        artifacts=artifacts,
+        metrics=metrics,
+        gate=RecordedGate.model_validate(gate),
+        tasks={name: RecordedStage.model_validate(record) for name, record in tasks.items()},
+        promotion=promotion,
+        libraries={**library_versions(), "prefect": prefect.__version__, "python": platform.python_version()},
+    )
 
 
 def list_manifests(store: ArtifactStore) -> ManifestListing:
@@ -86,10 +83,10 @@ def list_manifests(store: ArtifactStore) -> ManifestListing:
             manifests.append(read_manifest(store, key))
         except CorruptManifest as error:
             unreadable.append(str(error))
-    return ManifestListing(sorted(manifests, key=lambda m: m["created_at"], reverse=True), unreadable)
+    return ManifestListing(sorted(manifests, key=lambda m: m.created_at, reverse=True), unreadable)
 
 
-def find_manifest(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+def find_manifest(store: ArtifactStore, run_id: str) -> RunManifest:
     """The manifest of ``run_id`` (a unique prefix of it is enough).
 
     Raises:
@@ -107,36 +104,23 @@ class CorruptManifest(StoreError):
     pass
 
 
-class _ManifestHead(BaseModel):
-    """What every command reads from a manifest before anything else: a manifest without it is refused, named."""
-
-    run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    created_at: str
-    status: str | None = None
-    artifacts: dict[str, ArtifactRef] = {}
-    tasks: dict[str, dict[str, Any]] = {}
-    gate: dict[str, Any] | None = None
-
-
 class ManifestListing(NamedTuple):
-    manifests: list[dict[str, Any]]  # newest first
+    manifests: list[RunManifest]  # newest first
     unreadable: list[str]  # one line per manifest that is not one: the file and the fix
 
 
-def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any]:
+def read_manifest(store: ArtifactStore, key: str) -> RunManifest:
     """A run manifest, checked to be one (someone else may have written the file).
 
     Raises:
         CorruptManifest: not JSON, or not a ptqflow run manifest.
     """
     try:
-        manifest = json.loads(store.read_named(key))
-        if not isinstance(manifest, dict) or manifest.get("kind") != "ptqflow.run_manifest":
-            raise ValueError("not a ptqflow run manifest")
-        _ManifestHead.model_validate(manifest)
-    except (ValueError, ValidationError) as error:
+        return RunManifest.model_validate_json(store.read_named(key))
+    except ValidationError as error:
+        first = error.errors()[0]
+        detail = f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}"[:100]
         raise CorruptManifest(
-            f"{store.uri_for(key)} is not a readable run manifest ({str(error)[:100]}): move it out of "
-            f"{RUNS_PREFIX}/ (a manifest only records a run; the artifacts it names stay valid)"
+            f"{store.uri_for(key)} is not a readable run manifest ({detail}): move it out of {RUNS_PREFIX}/ (a "
+            "manifest only records a run; the artifacts it names stay valid)"
         ) from None
-    return manifest

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore, ConcurrentUpdate, StoreError, safe_key
 from ptqflow.tasks.core.validation_report import PromotionDecision
 from ptqflow.tasks.data.sampling import GIVEN_SCHEME, SPLIT_SCHEME, read_seen_rows, row_digests, split_positions
 from ptqflow.tasks.evaluation.metrics import increase_pct
+from ptqflow.tasks.release.documents import ExportPointer, RunManifest
 from ptqflow.tasks.release.publish import (
     POINTER,
     MalformedRecord,
@@ -38,7 +38,6 @@ from ptqflow.tasks.release.publish import (
     exported_key,
     move_pointer,
     parse_pointer,
-    pointer_bytes,
     pointer_files,
     publish_run,
     read_exported,
@@ -51,7 +50,7 @@ def decide(
     gate_passed: bool,
     tolerance_pp: float,
     champion_accuracy: float | None = None,
-    champion: dict[str, Any] | None = None,
+    champion: ExportPointer | None = None,
     compared_rows: int | None = None,
     comparison: str | None = None,
 ) -> PromotionDecision:
@@ -59,8 +58,8 @@ def decide(
     figures = {
         "challenger_accuracy": challenger_accuracy,
         "champion_accuracy": champion_accuracy,
-        "champion_version": (champion or {}).get("version"),
-        "champion_run_id": (champion or {}).get("run_id"),
+        "champion_version": champion.version if champion else None,
+        "champion_run_id": champion.run_id if champion else None,
         "tolerance_pp": tolerance_pp,
         "compared_rows": compared_rows,
         "comparison": comparison,
@@ -74,7 +73,7 @@ def decide(
     gap_pp = round((champion_accuracy - challenger_accuracy) * 100, 6)
     versus = (
         f"{challenger_accuracy:.2%} against {champion_accuracy:.2%} for the exported version "
-        f"{champion['version']} on {comparison}"
+        f"{champion.version} on {comparison}"
     )
     if gap_pp > tolerance_pp:
         return PromotionDecision(
@@ -90,7 +89,7 @@ def decide_on_error(
     challenger_mae: float,
     tolerance_pct: float,
     champion_mae: float,
-    champion: dict[str, Any],
+    champion: ExportPointer,
     compared_rows: int,
     comparison: str,
 ) -> PromotionDecision:
@@ -101,15 +100,15 @@ def decide_on_error(
         "challenger_accuracy": None,
         "challenger_mae": challenger_mae,
         "champion_mae": champion_mae,
-        "champion_version": champion.get("version"),
-        "champion_run_id": champion.get("run_id"),
+        "champion_version": champion.version,
+        "champion_run_id": champion.run_id,
         "tolerance_pp": tolerance_pct,
         "compared_rows": compared_rows,
         "comparison": comparison,
     }
     rise = increase_pct(champion_mae, challenger_mae)
     versus = (
-        f"MAE {challenger_mae:.4g} against {champion_mae:.4g} for the exported version {champion['version']} on "
+        f"MAE {challenger_mae:.4g} against {champion_mae:.4g} for the exported version {champion.version} on "
         f"{comparison}"
     )
     if rise > tolerance_pct:
@@ -122,16 +121,16 @@ def decide_on_error(
     return PromotionDecision(promote=True, message=f"promoted: {versus}", **figures)
 
 
-def promoted_without_labels(pointer: dict[str, Any] | None, tolerance: float) -> PromotionDecision:
+def promoted_without_labels(pointer: ExportPointer | None, tolerance: float) -> PromotionDecision:
     """Unlabeled data: there are no labels to compare two models on; a model that passed its own gate against its
     own float model replaces the exported one."""
-    replaced = f"; it replaces the exported version {pointer['version']}" if pointer else ""
+    replaced = f"; it replaces the exported version {pointer.version}" if pointer else ""
     return PromotionDecision(
         promote=True,
         metric="none",
         challenger_accuracy=None,
-        champion_version=(pointer or {}).get("version"),
-        champion_run_id=(pointer or {}).get("run_id"),
+        champion_version=pointer.version if pointer else None,
+        champion_run_id=pointer.run_id if pointer else None,
         tolerance_pp=tolerance,
         message="promoted: unlabeled data has no labels to compare it with the exported model on, and it passed its "
         f"own gate against its float model{replaced}",
@@ -140,7 +139,7 @@ def promoted_without_labels(pointer: dict[str, Any] | None, tolerance: float) ->
 
 def not_comparable(
     challenger_figure: float | None,
-    pointer: dict[str, Any],
+    pointer: ExportPointer,
     tolerance_pp: float,
     why: str,
     compared_rows: int | None = None,
@@ -152,34 +151,48 @@ def not_comparable(
         metric=metric,
         challenger_accuracy=challenger_figure if metric == "accuracy" else None,
         challenger_mae=challenger_figure if metric == "mae" else None,
-        champion_version=pointer["version"],
-        champion_run_id=pointer.get("run_id"),
+        champion_version=pointer.version,
+        champion_run_id=pointer.run_id,
         tolerance_pp=tolerance_pp,
         compared_rows=compared_rows,
-        message=f"not promoted automatically: {why}; the exported version {pointer['version']} stays "
+        message=f"not promoted automatically: {why}; the exported version {pointer.version} stays "
         "(`ptqflow promote RUN_ID` replaces it)",
     )
 
 
 def rows_unseen_by(
-    champion_manifest: dict[str, Any], test_features: np.ndarray, seen_rows: Callable[[], np.ndarray] | None = None
+    champion_manifest: RunManifest, test_features: np.ndarray, seen_rows: Callable[[], np.ndarray] | None = None
 ) -> np.ndarray | None:
     """Which test rows the champion never trained or validated on: those its own split rule (``split`` in its run
     manifest) held out as its test rows, or, when its splits were the source's own, those whose digests are not
     among its ``seen_rows`` (read only then); None when neither can tell."""
-    rule = champion_manifest.get("split") or {}
-    if rule.get("scheme") == SPLIT_SCHEME:
-        return split_positions(test_features, int(rule["seed"])) < float(rule["test_fraction"])
-    if rule.get("scheme") == GIVEN_SCHEME and seen_rows is not None:
+    rule = champion_manifest.split
+    if rule is None:
+        return None
+    if rule.scheme == SPLIT_SCHEME and rule.seed is not None and rule.test_fraction is not None:
+        return split_positions(test_features, rule.seed) < rule.test_fraction
+    if rule.scheme == GIVEN_SCHEME and seen_rows is not None:
         return ~np.isin(row_digests(test_features), seen_rows())
     return None
 
 
-def exported_seen_rows(export: ArtifactStore, ref: dict[str, Any]) -> np.ndarray:
+def exported_seen_rows(export: ArtifactStore, ref: ArtifactRef) -> np.ndarray:
     return read_seen_rows(read_exported(export, ref))
 
 
-def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
+def exported_manifest(export: ArtifactStore, pointer: ExportPointer) -> RunManifest | None:
+    """The run manifest exported beside the champion; None when there is none or it is not one (a version
+    exported before manifests were, or a damaged file: its split cannot be replayed)."""
+    ref = pointer.files.get("manifest")
+    if ref is None:
+        return None
+    try:
+        return RunManifest.model_validate_json(read_exported(export, ref))
+    except ValidationError:
+        return None
+
+
+def read_pointer(export: ArtifactStore) -> ExportPointer | None:
     """``latest.json``, or None when there is none.
 
     Raises:
@@ -191,9 +204,9 @@ def read_pointer(export: ArtifactStore) -> dict[str, Any] | None:
     return pointer
 
 
-def champion_model(export: ArtifactStore, pointer: dict[str, Any]) -> bytes:
+def champion_model(export: ArtifactStore, pointer: ExportPointer) -> bytes:
     """The exported model ``pointer`` names, checked against its recorded sha256."""
-    return read_exported(export, pointer["files"]["tflite"])
+    return read_exported(export, pointer.files["tflite"])
 
 
 class PointerMove(BaseModel):
@@ -207,7 +220,7 @@ def _versions(export: ArtifactStore) -> list[str]:
     return sorted({key.split("/")[1] for key in export.list_named("versions") if key.count("/") >= 1})
 
 
-def _recorded(export: ArtifactStore, version: str) -> dict[str, Any] | None:
+def _recorded(export: ArtifactStore, version: str) -> ExportPointer | None:
     """The pointer recorded when ``version`` was published and went live; None if it never did, or if its record
     is damaged (such a version is not followed: a damaged record cannot say what to check its files against)."""
     key = f"history/{version}.json"
@@ -230,28 +243,28 @@ def point_latest_to(export: ArtifactStore, version: str, action: str) -> Pointer
             "is damaged): `ptqflow runs` lists the runs; `ptqflow promote --run-id RUN` publishes one again"
         )
     files = {
-        name: verify_copy(export, exported_key(export, ref["uri"]), ref["sha256"], ref["bytes"])
-        for name, ref in recorded["files"].items()
+        name: verify_copy(export, exported_key(export, ref.uri), ref.sha256, ref.bytes)
+        for name, ref in recorded.files.items()
     }
     previous, previous_bytes = current_pointer(export)
     now = datetime.now(timezone.utc)
     history = safe_key(f"history/{now:%Y%m%dT%H%M%S%fZ}-{action}-{version}.json")
-    pointer = pointer_bytes(
+    pointer = ExportPointer(
         version=version,
-        run_id=recorded["run_id"],
-        published_at=recorded.get("published_at"),
+        run_id=recorded.run_id,
+        published_at=recorded.published_at,
         pointed_at=now.isoformat(timespec="seconds"),
         action=action,
         history=history,
         files=pointer_files(files, export),
     )
     try:
-        move_pointer(export, pointer, history, previous_bytes)
+        move_pointer(export, pointer.to_bytes(), history, previous_bytes)
     except ConcurrentUpdate as error:
         raise PointerMoved(f"{error}: nothing was changed; look at `ptqflow runs`, then retry") from None
     return PointerMove(
         version=version,
-        previous_version=previous["version"] if previous else None,
+        previous_version=previous.version if previous else None,
         pointer=export.uri_for(POINTER),
         history=export.uri_for(history),
     )
@@ -267,29 +280,26 @@ def rollback(export: ArtifactStore) -> PointerMove:
     current = read_pointer(export)
     if current is None:
         raise StoreError(f"nothing to roll back: {export.url} has no {POINTER}")
-    earlier = [v for v in _versions(export) if v < current["version"] and _recorded(export, v) is not None]
+    earlier = [v for v in _versions(export) if v < current.version and _recorded(export, v) is not None]
     if not earlier:
-        raise StoreError(f"nothing to roll back to: {current['version']} is the first live version in {export.url}")
+        raise StoreError(f"nothing to roll back to: {current.version} is the first live version in {export.url}")
     return point_latest_to(export, earlier[-1], "rollback")
 
 
-def promote(store: ArtifactStore, export: ArtifactStore, manifest: dict[str, Any]) -> PointerMove:
+def promote(store: ArtifactStore, export: ArtifactStore, manifest: RunManifest) -> PointerMove:
     """Point ``latest.json`` at the run of ``manifest``, publishing it first if it never was. Only a run that
     passed its own gate can be promoted."""
-    if manifest.get("status") != "passed":
-        raise StoreError(
-            f"run {manifest['run_id']} did not pass its gate ({manifest['gate']['message']}): only a passing run can "
-            "be promoted"
-        )
-    version = version_of_run(export, manifest["run_id"])
+    if not manifest.passed:
+        gate = manifest.gate.message if manifest.gate else "no gate recorded"
+        raise StoreError(f"run {manifest.run_id} did not pass its gate ({gate}): only a passing run can be promoted")
+    version = version_of_run(export, manifest.run_id)
     if version is None or _recorded(export, version) is None:  # never, or not completely, published
         previous, _ = current_pointer(export)
-        artifacts = {name: ArtifactRef(**ref) for name, ref in manifest["artifacts"].items()}
-        published = publish_run(store, export, manifest["run_id"], artifacts, manifest)
+        published = publish_run(store, export, manifest.run_id, manifest.artifacts, manifest)
         if published.published:
             return PointerMove(
                 version=published.version,
-                previous_version=previous["version"] if previous else None,
+                previous_version=previous.version if previous else None,
                 pointer=published.pointer,
                 history=export.uri_for(f"history/{published.version}.json"),
             )

@@ -19,12 +19,10 @@ fails while copying removes the version folder it started.
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ptqflow.storage.errors import ExportRefused, refused_by_storage
 from ptqflow.storage.store import (
@@ -37,6 +35,7 @@ from ptqflow.storage.store import (
     safe_key,
     sha256_bytes,
 )
+from ptqflow.tasks.release.documents import ExportLocation, ExportPointer, RunManifest
 
 EXPORT_FILES = {
     "tflite": "model.tflite",
@@ -82,30 +81,18 @@ class ExportRecord(BaseModel):
     published: bool  # False when the run was already published (a no-op)
 
 
-class _Pointer(BaseModel):
-    """What a pointer must hold to be followed; the rest of it is read as it is."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: Literal["ptqflow.export_pointer"]
-    version: str
-    run_id: str
-    files: dict[str, ArtifactRef]
-
-
-def parse_pointer(raw: bytes, where: str) -> dict[str, Any]:
-    """A pointer's JSON (``latest.json`` or a ``history/`` entry), checked to be one.
+def parse_pointer(raw: bytes, where: str) -> ExportPointer:
+    """A pointer (``latest.json`` or a ``history/`` entry), checked to be one.
 
     Raises:
         MalformedRecord: naming ``where`` and what is wrong.
     """
     try:
-        document = json.loads(raw)
-        _Pointer.model_validate(document)
-    except (ValueError, ValidationError) as error:
-        detail = str(error).splitlines()[0][:160]
+        return ExportPointer.model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        detail = f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}"[:160]
         raise MalformedRecord(f"{where} is not a ptqflow export pointer ({detail})") from None
-    assert isinstance(document, dict)
-    return document
 
 
 def export_store(url: str) -> ArtifactStore:
@@ -136,9 +123,8 @@ def read_verified(export: ArtifactStore, key: str, sha256: str, size: int) -> by
     return data
 
 
-def read_exported(export: ArtifactStore, ref: dict[str, Any] | ArtifactRef) -> bytes:
+def read_exported(export: ArtifactStore, ref: ArtifactRef) -> bytes:
     """The bytes of a file a pointer names, checked against its recorded sha256 and size."""
-    ref = ref if isinstance(ref, ArtifactRef) else ArtifactRef.model_validate(ref)
     return read_verified(export, exported_key(export, ref.uri), ref.sha256, ref.bytes)
 
 
@@ -147,13 +133,9 @@ def verify_copy(export: ArtifactStore, key: str, sha256: str, size: int) -> Arti
     return ArtifactRef(uri=export.uri_for(key), sha256=sha256, bytes=size)
 
 
-def pointer_files(files: dict[str, ArtifactRef], export: ArtifactStore) -> dict[str, dict[str, Any]]:
+def pointer_files(files: dict[str, ArtifactRef], export: ArtifactStore) -> dict[str, ArtifactRef]:
     """A version's files as a pointer names them: by their paths relative to the export."""
-    return {name: {**ref.model_dump(), "uri": exported_key(export, ref.uri)} for name, ref in files.items()}
-
-
-def pointer_bytes(**fields: Any) -> bytes:
-    return json.dumps({"kind": "ptqflow.export_pointer", **fields}, indent=2, sort_keys=True).encode() + b"\n"
+    return {name: ref.model_copy(update={"uri": exported_key(export, ref.uri)}) for name, ref in files.items()}
 
 
 class PointerMoved(Exception):
@@ -161,7 +143,7 @@ class PointerMoved(Exception):
     Not a StoreError: the store is fine and the input was valid; this run lost a race and says so."""
 
 
-def current_pointer(export: ArtifactStore) -> tuple[dict[str, Any] | None, bytes | None]:
+def current_pointer(export: ArtifactStore) -> tuple[ExportPointer | None, bytes | None]:
     """``latest.json`` parsed and as bytes (what a conditional replace compares against); a damaged one is
     (None, its bytes): it names nothing to follow, and whoever replaces it repairs it.
 
@@ -178,15 +160,15 @@ def current_pointer(export: ArtifactStore) -> tuple[dict[str, Any] | None, bytes
     return pointer, raw
 
 
-def history_key_of(pointer: dict[str, Any]) -> str | None:
+def history_key_of(pointer: ExportPointer) -> str | None:
     """Where a pointer is recorded in ``history/``: named in it (since it moved there), or, for a publish's
     pointer from before, ``history/<version>.json``."""
-    if isinstance(pointer.get("history"), str):
-        return safe_key(pointer["history"])
-    return None if pointer.get("action") else safe_key(f"history/{pointer['version']}.json")
+    if pointer.history is not None:
+        return safe_key(pointer.history)
+    return None if pointer.action else safe_key(f"history/{pointer.version}.json")
 
 
-def record_in_history(export: ArtifactStore, pointer: dict[str, Any], raw: bytes) -> None:
+def record_in_history(export: ArtifactStore, pointer: ExportPointer, raw: bytes) -> None:
     """Record a live pointer in ``history/`` if it is not yet. Best effort: a reader that may not write (a
     read-only mirror) still reads, and the next command that may write records it."""
     key = history_key_of(pointer)
@@ -250,7 +232,7 @@ def publish_run(
     export: ArtifactStore,
     run_id: str,
     artifacts: dict[str, ArtifactRef],
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     compared_with: str | None | bool = True,
 ) -> ExportRecord:
     """Copy a run's artifacts and manifest to its version folder under ``export``, verify every copy, record the
@@ -271,20 +253,20 @@ def publish_run(
         ExportCorrupted: a copy does not match its source after writing it.
     """
     latest, latest_raw = current_pointer(export)
-    current_version = latest["version"] if latest else None
+    current_version = latest.version if latest else None
     own_version = _run_version(export, run_id)
     if (
         latest
         and current_version != own_version
-        and all(latest["files"].get(name, {}).get("sha256") == artifacts[name].sha256 for name in MODEL_FILES)
+        and all(name in latest.files and latest.files[name].sha256 == artifacts[name].sha256 for name in MODEL_FILES)
     ):
         # Another run's model, byte for byte (a rerun on unchanged data): the devices already have these bytes.
         files = {
-            name: verify_copy(export, exported_key(export, ref["uri"]), ref["sha256"], ref["bytes"])
-            for name, ref in latest["files"].items()
+            name: verify_copy(export, exported_key(export, ref.uri), ref.sha256, ref.bytes)
+            for name, ref in latest.files.items()
         }
         return ExportRecord(
-            url=export.url, version=latest["version"], pointer=export.uri_for(POINTER), files=files, published=False
+            url=export.url, version=latest.version, pointer=export.uri_for(POINTER), files=files, published=False
         )
     if compared_with is not True and current_version not in (compared_with, own_version):
         raise PointerMoved(
@@ -300,12 +282,10 @@ def publish_run(
             name: _copy_verified(store, export, f"{folder}/{export_file_name(name, artifacts[name])}", artifacts[name])
             for name in [*EXPORT_FILES, *(n for n in OPTIONAL_EXPORT_FILES if n in artifacts)]
         }
-        export_info = {"url": export.url, "version": version, "pointer": export.uri_for(POINTER)}
+        location = ExportLocation(url=export.url, version=version, pointer=export.uri_for(POINTER))
         manifest_key = f"{folder}/{MANIFEST_FILE}"
         if not export.exists_named(manifest_key):  # an interrupted publish may have written it: writes are whole
-            export.write_named(
-                manifest_key, json.dumps({**manifest, "export": export_info}, indent=2, sort_keys=True).encode() + b"\n"
-            )
+            export.write_named(manifest_key, manifest.model_copy(update={"export": location}).to_bytes())
         manifest_bytes = export.read_named(manifest_key)
         files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
     except BaseException as error:
@@ -316,11 +296,9 @@ def publish_run(
             raise ExportRefused(f"nothing was published: {refusal}; the run's stages are reused on the rerun") from None
         raise
     if current_version == version:  # already current: its copies are now verified (and repaired), nothing moves
-        return ExportRecord(
-            url=export.url, version=version, pointer=export_info["pointer"], files=files, published=False
-        )
+        return ExportRecord(url=export.url, version=version, pointer=location.pointer, files=files, published=False)
     history_key = f"history/{version}.json"
-    pointer = pointer_bytes(
+    pointer = ExportPointer(
         version=version,
         run_id=run_id,
         published_at=now.isoformat(timespec="seconds"),
@@ -328,7 +306,7 @@ def publish_run(
         files=pointer_files(files, export),
     )
     try:
-        move_pointer(export, pointer, history_key, latest_raw)
+        move_pointer(export, pointer.to_bytes(), history_key, latest_raw)
     except ConcurrentUpdate as error:
         raise PointerMoved(f"{error}: another run published during this one") from None
-    return ExportRecord(url=export.url, version=version, pointer=export_info["pointer"], files=files, published=True)
+    return ExportRecord(url=export.url, version=version, pointer=location.pointer, files=files, published=True)

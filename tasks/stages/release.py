@@ -4,8 +4,6 @@ the champion (``tasks.release``)."""
 from __future__ import annotations
 
 import functools
-import json
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -18,27 +16,29 @@ from ptqflow.tasks.core.parameters import GateParameters, ModelTask
 from ptqflow.tasks.core.validation_report import PromotionDecision
 from ptqflow.tasks.evaluation.interpreter import predict_tflite
 from ptqflow.tasks.evaluation.metrics import accuracy, mean_absolute_error
+from ptqflow.tasks.release.documents import RunManifest
 from ptqflow.tasks.release.manifest import manifest_key
 from ptqflow.tasks.release.promotion import (
     champion_model,
     decide,
     decide_on_error,
+    exported_manifest,
     exported_seen_rows,
     not_comparable,
     promoted_without_labels,
     read_pointer,
     rows_unseen_by,
 )
-from ptqflow.tasks.release.publish import ExportRecord, export_store, publish_run, read_exported
+from ptqflow.tasks.release.publish import ExportRecord, export_store, publish_run
 
 
 @task(name="write_run_manifest", cache_policy=NO_CACHE, persist_result=False)
 @secrets_kept_out()
-def write_run_manifest(store_url: str, manifest: dict[str, Any]) -> str:
+def write_run_manifest(store_url: str, manifest: RunManifest) -> str:
     """Create ``runs/<run_id>.json``; refuses to replace an existing manifest. Returns its URI."""
     store = ArtifactStore(store_url)
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-    key = manifest_key(manifest["run_id"])
+    data = manifest.to_bytes()
+    key = manifest_key(manifest.run_id)
     try:
         return store.write_named(key, data, exclusive=True)
     except FileExistsError:
@@ -53,7 +53,7 @@ def publish_export(
     export_url: str,
     run_id: str,
     artifacts: dict[str, ArtifactRef],
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     compared_with: str | None,
 ) -> ExportRecord:
     return publish_run(ArtifactStore(store_url), export_store(export_url), run_id, artifacts, manifest, compared_with)
@@ -94,16 +94,15 @@ def compare_with_champion(
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
-    manifest_ref = pointer["files"].get("manifest")
+    champion_manifest = exported_manifest(export, pointer)
     unseen = None
-    if manifest_ref is not None:
-        champion_manifest = json.loads(read_exported(export, manifest_ref))
-        seen_ref = pointer["files"].get("seen_rows")
+    if champion_manifest is not None:
+        seen_ref = pointer.files.get("seen_rows")
         seen_rows = functools.partial(exported_seen_rows, export, seen_ref) if seen_ref else None
         unseen = rows_unseen_by(champion_manifest, test.features, seen_rows)
     if unseen is None:
         return not_fair(
-            f"the exported version {pointer['version']} records no split rule ptqflow can replay (it was exported "
+            f"the exported version {pointer.version} records no split rule ptqflow can replay (it was exported "
             "before splits were assigned by content, or without the digests of the rows its given splits trained "
             "on), so the rows of this test split it trained on are unknown and its accuracy here could be inflated",
         )
@@ -112,7 +111,7 @@ def compare_with_champion(
     if compared < needed:
         return not_fair(
             f"only {compared} of the {len(test)} rows of this test split are provably unseen by the exported version "
-            f"{pointer['version']} (its split used another seed, fractions or given splits), and a fair comparison "
+            f"{pointer.version} (its split used another seed, fractions or given splits), and a fair comparison "
             f"needs {needed} (--min-comparison-rows)",
             compared_rows=compared,
         )

@@ -29,6 +29,7 @@ from ptqflow.tasks.core.validation_report import (
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, gate_in_words
 from ptqflow.tasks.evaluation.gate import describe_layers
 from ptqflow.tasks.quantization.ranges import RANGE_METHODS
+from ptqflow.tasks.release.documents import RunManifest
 from ptqflow.tasks.release.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
 from ptqflow.tasks.sweep.ranking import ConfigurationMetrics, SweepRow
 
@@ -843,10 +844,10 @@ def print_sweep_summary(summary: SweepSummary, console: Console) -> None:
     _print_ending(summary, console)
 
 
-def _figures(manifest: dict[str, Any]) -> ValidationFigures | None:
+def _figures(manifest: RunManifest) -> ValidationFigures | None:
     """A manifest's validation figures; None for a sweep where nothing passed (it has none)."""
     try:
-        return ValidationFigures.model_validate(manifest.get("metrics") or {})
+        return ValidationFigures.model_validate(manifest.metrics)
     except ValidationError:
         return None
 
@@ -875,21 +876,21 @@ def run_figures(figures: ValidationFigures | None) -> tuple[str, str]:
     return percent(figures.quantized_accuracy), drop
 
 
-def print_runs(manifests: Sequence[dict[str, Any]], console: Console) -> None:
+def print_runs(manifests: Sequence[RunManifest], console: Console) -> None:
     """``ptqflow runs``: one line per run manifest (as stored), newest first."""
     from rich.table import Table
 
-    table = Table(title=f"Runs in {manifests[0]['store']}", title_justify="left")
+    table = Table(title=f"Runs in {manifests[0].store}", title_justify="left")
     for column in ("run", "flow", "finished (UTC)", "gate", "quantized", "vs float", "exported"):
         table.add_column(column, no_wrap=True)
     for manifest in manifests:
         figures = _figures(manifest)
         table.add_row(
-            manifest["run_id"][:8],
-            manifest.get("flow", "ptq-pipeline"),
-            manifest["created_at"].replace("T", " ")[:19],
-            manifest["status"],
+            manifest.run_id[:8],
+            manifest.flow,
+            manifest.created_at.replace("T", " ")[:19],
+            str(manifest.status),
             *run_figures(figures),
-            (manifest.get("export") or {}).get("version", "")[:16],
+            manifest.export.version[:16] if manifest.export else "",
         )
     console.print(table)

@@ -8,9 +8,17 @@ import uuid
 import pytest
 
 from ptqflow.storage.store import ArtifactStore, StoreError
+from ptqflow.tasks.release.documents import ExportPointer, RecordedSplit, RunManifest
 from ptqflow.tasks.release.promotion import decide, point_latest_to, read_pointer, rollback
 
-CHAMPION = {"version": "20261126T020000Z-a", "run_id": "a"}
+
+def champion_with_split(scheme: str) -> RunManifest:
+    """A champion's manifest whose split rule is ``scheme`` with seed 0 and fractions 0.15 / 0.2."""
+    split = RecordedSplit(scheme=scheme, seed=0, validation_fraction=0.15, test_fraction=0.2)
+    return RunManifest(run_id="c", created_at="2026-01-01T00:00:00+00:00", split=split)
+
+
+CHAMPION = ExportPointer(version="20261126T020000Z-a", run_id="a", files={})
 
 
 def test_no_exported_model_yet_promotes():
@@ -37,7 +45,7 @@ def test_the_challenger_may_be_at_most_the_tolerance_below_the_champion(challeng
     assert decision.promote is promoted
     assert decision.champion_accuracy == champion and decision.challenger_accuracy == challenger
     if not promoted:
-        assert decision.message.startswith("not promoted:") and CHAMPION["version"] in decision.message
+        assert decision.message.startswith("not promoted:") and CHAMPION.version in decision.message
 
 
 def _publish(export: ArtifactStore, version: str, payload: bytes) -> None:
@@ -71,12 +79,12 @@ def test_rollback_points_at_the_version_before_and_keeps_every_pointer():
     _publish(export, "20261126T020000Z-b", b"model b")
     move = rollback(export)
     assert (move.version, move.previous_version) == ("20261125T020000Z-a", "20261126T020000Z-b")
-    assert read_pointer(export)["version"] == "20261125T020000Z-a" and read_pointer(export)["action"] == "rollback"
+    assert read_pointer(export).version == "20261125T020000Z-a" and read_pointer(export).action == "rollback"
     with pytest.raises(StoreError, match="is the first live version"):
         rollback(export)
     assert len(export.list_named("history")) == 3  # two publishes and the rollback, none overwritten
     point_latest_to(export, "20261126T020000Z-b", "promote")
-    assert read_pointer(export)["version"] == "20261126T020000Z-b" and len(export.list_named("history")) == 4
+    assert read_pointer(export).version == "20261126T020000Z-b" and len(export.list_named("history")) == 4
 
 
 def test_a_corrupt_version_is_not_pointed_at():
@@ -86,7 +94,7 @@ def test_a_corrupt_version_is_not_pointed_at():
     export.write_named("versions/20261125T020000Z-a/model.tflite", b"tampered")
     with pytest.raises(StoreError, match="does not match its source"):
         rollback(export)
-    assert read_pointer(export)["version"] == "20261126T020000Z-b"
+    assert read_pointer(export).version == "20261126T020000Z-b"
 
 
 def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testing():
@@ -97,7 +105,7 @@ def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testi
 
     rows = np.random.default_rng(0).integers(0, 256, (2000, 64), dtype=np.uint8)
     labels = np.arange(2000) % 4
-    champion_rule = {"split": {"scheme": SPLIT_SCHEME, "seed": 0, "validation_fraction": 0.15, "test_fraction": 0.2}}
+    champion_rule = champion_with_split(SPLIT_SCHEME)
     champion_held_out = set(hash_split(rows, labels, 0.15, 0.2, seed=0)["test"].tolist())
     assert set(np.flatnonzero(rows_unseen_by(champion_rule, rows)).tolist()) == champion_held_out
     # Another run with the same seed: its whole test split is unseen by the champion.
@@ -109,7 +117,7 @@ def test_the_rows_unseen_by_a_champion_are_those_its_own_rule_held_out_for_testi
     assert set(other_test[unseen].tolist()) == champion_held_out & set(other_test.tolist())
     assert 0.1 < unseen.mean() < 0.3
     # A champion exported before the rule existed: nothing can be proven unseen.
-    assert rows_unseen_by({"seed": 0}, rows) is None
+    assert rows_unseen_by(RunManifest(run_id="c", created_at="2026-01-01T00:00:00+00:00"), rows) is None
 
 
 def test_the_rows_unseen_by_a_champion_of_given_splits_are_those_it_never_trained_on():
@@ -119,7 +127,7 @@ def test_the_rows_unseen_by_a_champion_of_given_splits_are_those_it_never_traine
     from ptqflow.tasks.release.promotion import rows_unseen_by
 
     rows = np.random.default_rng(0).integers(0, 256, (300, 64), dtype=np.uint8)
-    champion = {"split": {"scheme": GIVEN_SCHEME, "seed": 0, "validation_fraction": 0.15, "test_fraction": 0.2}}
+    champion = champion_with_split(GIVEN_SCHEME)
     seen = read_seen_rows(seen_rows_bytes(rows[:200]))  # the champion trained and validated on the first 200
     # The owner moved 50 of those rows into the test split since: only the other 100 are a fair comparison.
     unseen = rows_unseen_by(champion, rows[150:], lambda: seen)

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from ptqflow.storage.store import ArtifactStore
+from ptqflow.tasks.release.documents import RunManifest
 from ptqflow.tasks.release.publish import EXPORT_FILES, ExportCorrupted, PointerMoved, publish_run
 
 
@@ -34,8 +35,8 @@ def _artifacts(store: ArtifactStore, tag: str) -> dict:
     return {name: store.put_bytes(f"{name} {tag}".encode(), ".bin") for name in EXPORT_FILES}
 
 
-def _manifest(run_id: str) -> dict:
-    return {"run_id": run_id, "status": "passed", "export": None}
+def _manifest(run_id: str) -> RunManifest:
+    return RunManifest(run_id=run_id, status="passed", created_at="2026-11-26T02:00:00+00:00")
 
 
 def test_publish_copies_verifies_and_points(store, export):
@@ -203,7 +204,7 @@ def test_a_pointer_moved_but_not_recorded_is_recorded_by_the_next_reader(store, 
     assert record.published and not export.exists_named(f"history/{record.version}.json")
     from ptqflow.tasks.release.promotion import read_pointer
 
-    assert read_pointer(export)["run_id"] == "run-2"
+    assert read_pointer(export).run_id == "run-2"
     _assert_pointer_on_a_complete_verified_version(export, store, artifacts, "run-2")
 
 
@@ -318,7 +319,7 @@ def test_a_damaged_latest_json_is_named_by_rollback_and_repaired_by_promote(stor
     with pytest.raises(MalformedRecord, match="latest.json is not a ptqflow export pointer"):
         rollback(export)
     point_latest_to(export, first.version, "promote")  # the command that repairs it
-    assert read_pointer(export)["version"] == first.version
+    assert read_pointer(export).version == first.version
 
 
 def test_a_damaged_history_entry_is_passed_over_by_rollback(store, export):
@@ -343,6 +344,6 @@ def test_a_reader_that_may_not_write_still_reads_an_unrecorded_pointer(store, ex
         raise PermissionError(13, "Permission denied", key)
 
     monkeypatch.setattr(export, "write_named", refused)  # a read-only mirror's credentials
-    assert read_pointer(export)["version"] == record.version
+    assert read_pointer(export).version == record.version
     monkeypatch.undo()
-    assert read_pointer(export)["version"] == record.version and export.exists_named(f"history/{record.version}.json")
+    assert read_pointer(export).version == record.version and export.exists_named(f"history/{record.version}.json")

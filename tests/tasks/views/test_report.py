@@ -8,6 +8,7 @@ import re
 import pytest
 
 from ptqflow.tasks.core.validation_report import ValidationReport
+from ptqflow.tasks.release.documents import RunManifest
 from ptqflow.tasks.views import render
 
 pytestmark = pytest.mark.smoke  # also run on the oldest supported TensorFlow (.ci/run)
@@ -231,7 +232,7 @@ def test_the_runs_table_shows_each_runs_figures_and_a_dash_where_a_sweep_had_non
         },
     ]
     console = Console(record=True, width=120)
-    render.print_runs(manifests, console)
+    render.print_runs([RunManifest.model_validate(m) for m in manifests], console)
     lines = console.export_text().splitlines()
     assert any("aaaaaaaa" in line and "98.50%" in line and "0.50" in line for line in lines)
     assert any("bbbbbbbb" in line and line.count("—") == 2 for line in lines)
