@@ -1,5 +1,5 @@
-"""Stage 3, materialize_calibration_set: the representative data set, drawn from the training split (or from
-another Parquet source with the data set's schema)."""
+"""The representative data set the calibration stage (``tasks.stages.calibrate``) stores: drawn from the training
+split (or from another Parquet source with the data set's schema)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Stage 1, sample_dataset: train / validation / test splits of the source, as Parquet. A source that gives its own
-splits (``tasks.data.splits``) is split as given (``given_split``); otherwise a row's split is a seeded hash of its
-content, so it stays in its split however the data grows (``hash_split``)."""
+"""How the sampling stage (``tasks.stages.sample``) splits a source into train / validation / test. A source that
+gives its own splits (``tasks.data.splits``) is split as given (``given_split``); otherwise a row's split is a seeded
+hash of its content, so it stays in its split however the data grows (``hash_split``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Stage 5, validate_with_interpreter: float vs quantized accuracy with the LiteRT Interpreter, a dtype audit,
-sizes, speed and per-layer error, as a typed ``ValidationReport`` written as report.json, .md and .html.
+"""What the validation stage (``tasks.stages.validate``) measures: float vs quantized figures with the LiteRT
+Interpreter, a dtype audit, sizes, speed and per-layer error, as a typed ``ValidationReport``.
 
 The gate that judges it is ``tasks.evaluation.gate``; running ``.tflite`` models is ``tasks.evaluation.interpreter``.
 """

@@ -1,4 +1,5 @@
-"""Stage 2, train_float_model: build and train the float Keras model; save it as ``.keras``."""
+"""The float Keras model the training stage (``tasks.stages.train``) stores: the default CNN or MLP built and
+trained, a user's model function, or a user's trained model file loaded and checked against the data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stage 4, convert_to_tflite: post-training full-integer quantization with ``tf.lite.TFLiteConverter``.
+"""Post-training quantization with ``tf.lite.TFLiteConverter``, as the conversion stage (``tasks.stages.convert``)
+and the sweep run it.
 
 The representative dataset streams batches from the calibration Parquet (the model's batch dimension is dynamic,
 so the calibrator takes whole batches instead of the tutorial's one sample per step). The float ``.tflite`` (no

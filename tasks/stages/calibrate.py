@@ -1,5 +1,5 @@
 """Stage 3, calibrate: the representative dataset, drawn from the training split
-(tasks.data.calibration) and written to the store as Parquet."""
+(``tasks.data.calibration``) and written to the store as Parquet."""
 
 from __future__ import annotations
 

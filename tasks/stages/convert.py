@@ -1,5 +1,5 @@
 """Stage 4, convert: the float and the quantized .tflite models, from the trained model and the calibration set
-(tasks.quantization.converter)."""
+(``tasks.quantization.converter``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Repair (--repair): the quantized model with its worst layers kept in float, chosen by per-layer error
-(tasks.evaluation.repair), between conversion and validation."""
+(``tasks.evaluation.repair``), between conversion and validation."""
 
 from __future__ import annotations
 

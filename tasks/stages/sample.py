@@ -1,5 +1,5 @@
 """Stage 1, sample: the source's train / validation / test splits, written to the store as Parquet (the
-splitting itself is tasks.data.sampling)."""
+splitting itself is ``tasks.data.sampling``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The sweep's tasks: each configuration of the grid (tasks.sweep.grid) quantized and evaluated, the float
-reference, and the sweep's report."""
+"""The sweep's tasks: each configuration of the grid (``tasks.sweep.grid``) quantized and evaluated, and the float
+reference. Each reads its inputs from the artifact store and writes its outputs there, handing on small
+references: it can run on any Dask worker that reaches the store. (The sweep's report is ``tasks.stages.report``.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Stage 2, train: the float Keras model, fitted on the training split or the user's own model loaded and
-checked (tasks.models.training), written to the store as a .keras file."""
+checked (``tasks.models.training``), written to the store as a .keras file."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Stage 5, validate: the float, float .tflite and quantized .tflite models measured on the test split with the
-LiteRT interpreter (tasks.evaluation.validation); writes report.json. The report for people is the report
-stage's (tasks.stages.report), so that a change to a view reruns no validation."""
+LiteRT interpreter (``tasks.evaluation.validation``); writes report.json. The report for people is the report
+stage's (``tasks.stages.report``), so that a change to a view reruns no validation."""
 
 from __future__ import annotations
 

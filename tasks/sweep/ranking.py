@@ -1,8 +1,7 @@
-"""The sweep's stages: the model quantized under one configuration, that model evaluated, and every configuration
-judged and ranked side by side.
+"""The sweep's figures and verdicts: each configuration's metrics (``configuration_metrics``), its row, judged by
+the gate, and every row ranked side by side. The tasks that run them on Dask are ``tasks.stages.sweep``.
 
-Each task reads its inputs from the artifact store and writes its outputs there, handing on small references: it
-can run on any Dask worker that reaches the store. Evaluation is lighter than ``validate_with_interpreter`` (no
+Evaluation is lighter than ``validate_with_interpreter`` (no
 per-layer debugger, no HTML report): the configuration the sweep picks is validated in full afterwards.
 """
 
