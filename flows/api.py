@@ -18,7 +18,6 @@ from ptqflow.flows.options import (
     FLOW_SETTINGS,
     RUN_GROUPS,
     SWEEP_GROUPS,
-    UPSTREAM_GROUPS,
     InvalidOption,
     group_parameters,
     read_recipe,
@@ -32,12 +31,6 @@ FLOW_DEFAULTS: dict[str, Any] = {"store": DEFAULT_STORE, "seed": 0, "export": No
 
 if TYPE_CHECKING:
     from ptqflow.tasks.release.outcome import RunSummary, SweepSummary
-
-
-def upstream_parameters(**options: Any) -> dict[str, BaseModel]:
-    """The sampling, training and calibration parameters that ``run`` and ``sweep`` both take, from their options
-    by name (``flows.options``)."""
-    return group_parameters(UPSTREAM_GROUPS, options)
 
 
 def with_recipe(config: str | None, groups: Mapping[str, type[BaseModel]], given: Mapping[str, Any]) -> dict[str, Any]:

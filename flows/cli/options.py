@@ -1,6 +1,7 @@
-"""Every option of the ``ptqflow`` commands, defined once: help texts come from the parameter models' field
-descriptions, and the commands that run a flow take whole groups of options (``takes``), so ``run``, ``sweep``
-and ``serve`` cannot drift apart."""
+"""The ``ptqflow`` commands' options. Those of ``run``, ``sweep`` and ``serve`` are the parameter models' fields
+(``flows.options``), turned into Typer options here: name, help, default and type come from the field, and the
+commands take them as one group (``takes``), so no command can drift from the models or from the others. The
+rest (the store, the export, output and credentials) are defined once below."""
 
 # No `from __future__ import annotations`: Typer reads these annotations from the commands' signatures.
 import enum

@@ -218,7 +218,7 @@ def test_a_planted_pickle_in_the_result_storage_is_never_run(cli, tmp_path):
     store = tmp_path / "store"
     run_json(cli, "--store", str(store), *FAST)
     marker = tmp_path / "pwned"
-    [record] = (store / "prefect-results").glob("ptqflow.tasks.data.sampling-*")
+    [record] = (store / "prefect-results").glob("ptqflow.tasks.stages.sample-*")
     record.write_bytes(planted_pickle_record(str(marker)))
 
     rerun = run_json(cli, "--store", str(store), *FAST)
@@ -239,12 +239,12 @@ def plant_json_records(read, write, results: str, marker: Path, probe_dir: Path)
 
     (probe_dir / "ptqflow_planted_probe.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Anything: ...\n")
     planted = {
-        "ptqflow.tasks.data.sampling": (
+        "ptqflow.tasks.stages.sample": (
             {**EXPECTED_SERIALIZER, "object_decoder": "subprocess.getoutput"},
             json.dumps({f"touch {marker}": 0}),
         ),
-        "ptqflow.tasks.data.calibration": ({**EXPECTED_SERIALIZER, "object_encoder": "subprocess.getoutput"}, None),
-        "ptqflow.tasks.models.training": (
+        "ptqflow.tasks.stages.calibrate": ({**EXPECTED_SERIALIZER, "object_encoder": "subprocess.getoutput"}, None),
+        "ptqflow.tasks.stages.train": (
             EXPECTED_SERIALIZER,
             json.dumps({"__class__": "ptqflow_planted_probe.Anything", "data": {}}),
         ),

@@ -15,7 +15,7 @@ def add_run(store: ArtifactStore, run_id: str, day: int, blob: bytes, with_keys:
     """A run whose model is ``blob`` and whose one stage's cache record names a second blob."""
     model = store.put_bytes(blob, ".keras")
     extra = store.put_bytes(blob + b" report", ".json")
-    key = f"ptqflow.tasks.models.training-{run_id}"
+    key = f"ptqflow.tasks.stages.train-{run_id}"
     record = {
         "metadata": {"serializer": EXPECTED_SERIALIZER},
         "result": json.dumps(
@@ -49,7 +49,7 @@ def test_only_what_the_kept_runs_reach_survives(tmp_path):
     assert plan.delete[0] == "runs/old.json"  # the manifest goes first: an interrupted gc leaves no dangling run
     apply_collection(store, plan)
     assert all(store.fs.exists(uri) for uri in new) and not any(store.fs.exists(uri) for uri in old)
-    assert store.list_named("prefect-results") == ["prefect-results/ptqflow.tasks.models.training-new"]
+    assert store.list_named("prefect-results") == ["prefect-results/ptqflow.tasks.stages.train-new"]
 
 
 def test_a_kept_run_from_before_cache_keys_keeps_every_record_and_what_it_names(tmp_path):
