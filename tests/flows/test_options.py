@@ -170,3 +170,14 @@ def test_option_names_are_unique_and_never_a_flow_setting():
     for groups in (RUN_GROUPS, SWEEP_GROUPS):
         names = [option.name for option in options_of(groups).values()]
         assert len(names) == len(set(names)) and not set(names) & set(FLOW_SETTINGS)
+
+
+def test_the_recipe_in_the_docs_reads_as_written(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "recipe.toml").write_text(example)
+    arguments = pipeline_arguments(config=str(tmp_path / "recipe.toml"))
+    assert arguments["conversion"].calibration_method is CalibrationMethod.mse
+    assert arguments["gate"].ram_budget == 256 * 1024 and arguments["sampling"].validation_fraction == 0.1
