@@ -48,7 +48,8 @@ from ptqflow.tasks.models.training import check_trainable
 from ptqflow.tasks.release.documents import ExportLocation, RunManifest
 from ptqflow.tasks.release.manifest import build_manifest
 from ptqflow.tasks.release.outcome import RegistryRecord, RunOutcome, RunSummary, SweepSummary
-from ptqflow.tasks.release.publish import ExportRecord, PointerMoved, export_store
+from ptqflow.tasks.release.publish import ExportRecord, export_store
+from ptqflow.tasks.release.targets import PointerMoved
 from ptqflow.tasks.stages.calibrate import materialize_calibration_set
 from ptqflow.tasks.stages.release import (
     compare_with_champion,

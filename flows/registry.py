@@ -11,12 +11,14 @@ command after the export has moved, with the one command that brings the registr
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from ptqflow.tasks.release.documents import ExportPointer
 from ptqflow.tasks.release.outcome import RegistryRecord
 from ptqflow.tasks.release.promotion import exported_manifest, read_pointer
 from ptqflow.tasks.release.publish import export_store, read_exported
+from ptqflow.tasks.release.targets import PointerMoved, Release, follow
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -142,44 +145,92 @@ def log_run(
     return mlflow_run
 
 
-def _champion(client: MlflowClient, name: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException:  # no such alias (or model) yet
-        return None
-
-
 def _model_file(ref: ArtifactRef) -> str:
     return "model.savedmodel.zip" if ref.uri.endswith(".zip") else "model.keras"
 
 
-def _register(client: MlflowClient, name: str, export: ArtifactStore, pointer: ExportPointer) -> Any:
-    """A new version of ``name`` from the export's files of the version ``pointer`` names: the int8 .tflite, the
-    float model, the report and the manifest, each checked against its sha256 first."""
-    exported = pointer.files
-    names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
-    files = {names[label]: read_exported(export, ref) for label, ref in exported.items() if label in names}
-    manifest = exported_manifest(export, pointer)
-    mlflow_run = _mlflow_run(client, name, pointer.run_id)
-    _log_files(client, mlflow_run, files, "model")
-    tflite = exported["tflite"]
-    figures = numeric_figures(manifest.metrics if manifest else {})
-    tags = {
-        RUN_TAG: pointer.run_id,
-        VERSION_TAG: pointer.version,
-        "tflite.sha256": tflite.sha256,
-        "tflite.bytes": str(tflite.bytes),
-        **{key: f"{figures[key]:.6g}" for key in TAGGED_FIGURES if key in figures},
-    }
-    artifact_uri = client.get_run(mlflow_run).info.artifact_uri
-    return client.create_model_version(name, f"{artifact_uri}/model", run_id=mlflow_run, tags=tags)
+@dataclass(frozen=True)
+class MlflowRegistry:
+    """MLflow's model registry as an export target (``tasks.release.targets``): a version is a version of the
+    registered model ``name``, tagged with its ptqflow run and its export version; the champion is the version
+    that carries the ``champion`` alias."""
+
+    client: MlflowClient
+    name: str
+
+    def champion_version(self) -> Any:
+        """The registered model version the alias names (MLflow's record); None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.name, CHAMPION_ALIAS)
+        except MlflowException:  # no such alias (or model) yet
+            return None
+
+    def version_of_run(self, run_id: str) -> Any:
+        """The registered model version of a ptqflow run; None when it was never registered."""
+        if not SAFE_RUN_ID.fullmatch(run_id):  # the run id comes from an export, which is not trusted
+            raise RegistryError(f"{run_id!r} is not a ptqflow run id: republish with `ptqflow promote`")
+        versions = self.client.search_model_versions(f"name = '{self.name}' and tags.`{RUN_TAG}` = '{run_id}'")
+        return versions[0] if versions else None
+
+    def read_pointer(self) -> ExportPointer | None:
+        champion = self.champion_version()
+        return None if champion is None else _pointer_of(champion)
+
+    def publish(self, release: Release) -> ExportPointer:
+        """A new version of the registered model from the release's files (the int8 .tflite, the float model, the
+        report, the manifest), each read and checked against its sha256 by ``release.read``; the run's version as
+        it is when it was registered already."""
+        existing = self.version_of_run(release.run_id)
+        if existing is not None:
+            return _pointer_of(existing)
+        exported = release.files
+        names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
+        files = {names[label]: release.read(ref) for label, ref in exported.items() if label in names}
+        mlflow_run = _mlflow_run(self.client, self.name, release.run_id)
+        _log_files(self.client, mlflow_run, files, "model")
+        tflite = exported["tflite"]
+        figures = numeric_figures(release.manifest.metrics if release.manifest else {})
+        tags = {
+            RUN_TAG: release.run_id,
+            VERSION_TAG: release.version or release.run_id,
+            "tflite.sha256": tflite.sha256,
+            "tflite.bytes": str(tflite.bytes),
+            **{key: f"{figures[key]:.6g}" for key in TAGGED_FIGURES if key in figures},
+        }
+        artifact_uri = self.client.get_run(mlflow_run).info.artifact_uri
+        return _pointer_of(
+            self.client.create_model_version(self.name, f"{artifact_uri}/model", run_id=mlflow_run, tags=tags)
+        )
+
+    def move_pointer(self, pointer: ExportPointer, replacing: ExportPointer | None) -> None:
+        current = self.read_pointer()
+        if (current and (current.version, current.run_id)) != (replacing and (replacing.version, replacing.run_id)):
+            raise PointerMoved(f"MLflow's {self.name}@{CHAMPION_ALIAS} moved meanwhile")
+        version = self.version_of_run(pointer.run_id)
+        if version is None:
+            raise RegistryError(f"run {pointer.run_id} is not registered in {self.name}: publish it first")
+        self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, version.version)
+
+
+def _pointer_of(model_version: Any) -> ExportPointer:
+    """A registered model version as a pointer: its export version and run (from its tags) and its .tflite."""
+    tags = dict(model_version.tags or {})
+    files = {}
+    if "tflite.sha256" in tags and "tflite.bytes" in tags:
+        files["tflite"] = ArtifactRef(
+            uri=f"{model_version.source}/model.tflite", sha256=tags["tflite.sha256"], bytes=int(tags["tflite.bytes"])
+        )
+    return ExportPointer(
+        version=tags.get(VERSION_TAG, str(model_version.version)), run_id=tags.get(RUN_TAG, ""), files=files
+    )
 
 
 def follow_export(client: MlflowClient, tracking_uri: str, name: str, export: ArtifactStore) -> RegistryRecord:
     """Move ``name``'s champion alias to the version the export's ``latest.json`` names, registering it first if
-    the registry lacks it. With nothing exported there is no champion: the alias is left as it is."""
+    the registry lacks it (``tasks.release.targets.follow``). With nothing exported there is no champion: the
+    alias is left as it is."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -187,7 +238,8 @@ def follow_export(client: MlflowClient, tracking_uri: str, name: str, export: Ar
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    previous = _champion(client, name)
+    registry = MlflowRegistry(client, name)
+    previous = registry.champion_version()
     record = RegistryRecord(
         tracking_uri=tracking_uri,
         registered_model=name,
@@ -198,10 +250,15 @@ def follow_export(client: MlflowClient, tracking_uri: str, name: str, export: Ar
         return record
     if not SAFE_RUN_ID.fullmatch(pointer.run_id):  # the export is not trusted: no filter injection
         raise RegistryError(f"{export.url}'s latest.json names no valid run id: republish with `ptqflow promote`")
-    versions = client.search_model_versions(f"name = '{name}' and tags.`{RUN_TAG}` = '{pointer.run_id}'")
-    version = versions[0] if versions else _register(client, name, export, pointer)
-    if previous is None or previous.version != version.version:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    champion = Release(
+        run_id=pointer.run_id,
+        files=pointer.files,
+        read=functools.partial(read_exported, export),
+        manifest=exported_manifest(export, pointer),
+        version=pointer.version,
+    )
+    follow(champion, registry)
+    version = registry.version_of_run(pointer.run_id)
     return record.model_copy(update={"champion_version": str(version.version), "champion_run_id": pointer.run_id})
 
 

@@ -17,7 +17,7 @@ import typer
 from pydantic import BaseModel
 
 from ptqflow.flows.options import RUN_GROUPS, SWEEP_GROUPS, Option, options_of
-from ptqflow.tasks.core.parameters import OPTION_FLAGS, RegistryParameters
+from ptqflow.tasks.core.parameters import OPTION_ENVVAR, OPTION_FLAGS, RegistryParameters
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -101,6 +101,8 @@ def cli_parameter(option: Option) -> inspect.Parameter:
     settings: dict[str, Any] = {"help": help_for(option.model, option.field)}
     if kind is datetime:
         settings["formats"] = ["%Y-%m-%d"]
+    if OPTION_ENVVAR in option.extra:
+        settings["envvar"] = str(option.extra[OPTION_ENVVAR])
     annotation = Annotated[kind | None, typer.Option(*flags, **settings)]  # type: ignore[valid-type]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 

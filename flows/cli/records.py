@@ -179,7 +179,7 @@ def promote(
     from ptqflow.tasks.release.manifest import find_manifest
     from ptqflow.tasks.release.promotion import promote as promote_run
     from ptqflow.tasks.release.promotion import read_pointer
-    from ptqflow.tasks.release.publish import PointerMoved
+    from ptqflow.tasks.release.targets import PointerMoved
 
     registry = _registry(mlflow_uri, registered_model)
     try:
@@ -211,7 +211,7 @@ def rollback(
     from ptqflow.storage.store import StoreError
     from ptqflow.tasks.release.promotion import read_pointer
     from ptqflow.tasks.release.promotion import rollback as roll_back
-    from ptqflow.tasks.release.publish import PointerMoved
+    from ptqflow.tasks.release.targets import PointerMoved
 
     registry = _registry(mlflow_uri, registered_model)
     try:

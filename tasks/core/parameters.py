@@ -118,6 +118,8 @@ LOCATION_ROLE = "ptqflow_location"
 OPTION_NAME = "ptqflow_option"
 # A boolean field's pair of flags on the command line, where --x/--no-x reads badly.
 OPTION_FLAGS = "ptqflow_flags"
+# The environment variable the command line reads a field from when the option is not given.
+OPTION_ENVVAR = "ptqflow_envvar"
 
 
 class _Parameters(BaseModel):
@@ -532,6 +534,7 @@ class RegistryParameters(_Parameters):
         description="MLflow tracking URI (http://host:5000, or MLFLOW_TRACKING_URI): each run is logged there, and a "
         "promoted one is registered with the champion alias. Credentials come from MLflow's own variables "
         "(MLFLOW_TRACKING_TOKEN, ...), never from the URI.",
+        json_schema_extra={OPTION_ENVVAR: "MLFLOW_TRACKING_URI"},
     )
     registered_model: str | None = Field(
         None,

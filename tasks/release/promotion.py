@@ -33,7 +33,6 @@ from ptqflow.tasks.release.documents import ExportPointer, RunManifest
 from ptqflow.tasks.release.publish import (
     POINTER,
     MalformedRecord,
-    PointerMoved,
     current_pointer,
     exported_key,
     move_pointer,
@@ -43,6 +42,7 @@ from ptqflow.tasks.release.publish import (
     read_exported,
     verify_copy,
 )
+from ptqflow.tasks.release.targets import PointerMoved
 
 
 def decide(

@@ -20,6 +20,8 @@ fails while copying removes the version folder it started.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ValidationError
@@ -36,6 +38,7 @@ from ptqflow.storage.store import (
     sha256_bytes,
 )
 from ptqflow.tasks.release.documents import ExportLocation, ExportPointer, RunManifest
+from ptqflow.tasks.release.targets import PointerMoved, Release
 
 EXPORT_FILES = {
     "tflite": "model.tflite",
@@ -138,11 +141,6 @@ def pointer_files(files: dict[str, ArtifactRef], export: ArtifactStore) -> dict[
     return {name: ref.model_copy(update={"uri": exported_key(export, ref.uri)}) for name, ref in files.items()}
 
 
-class PointerMoved(Exception):
-    """``latest.json`` no longer names the version this run was compared with: another writer published first.
-    Not a StoreError: the store is fine and the input was valid; this run lost a race and says so."""
-
-
 def current_pointer(export: ArtifactStore) -> tuple[ExportPointer | None, bytes | None]:
     """``latest.json`` parsed and as bytes (what a conditional replace compares against); a damaged one is
     (None, its bytes): it names nothing to follow, and whoever replaces it repairs it.
@@ -207,13 +205,15 @@ def _run_version(export: ArtifactStore, run_id: str) -> str | None:
     return next((key.rsplit("/", 1)[-1] for key in export.list_named("versions") if key.endswith(f"-{run_id}")), None)
 
 
-def _copy_verified(store: ArtifactStore, export: ArtifactStore, key: str, ref: ArtifactRef) -> ArtifactRef:
-    """The export's copy of ``ref`` at ``key``: kept when it verifies, (re)written from the store when it is
-    missing or does not match (an interrupted or damaged earlier publish), then verified."""
+def _copy_verified(
+    read: Callable[[ArtifactRef], bytes], export: ArtifactStore, key: str, ref: ArtifactRef
+) -> ArtifactRef:
+    """The export's copy of ``ref`` at ``key``: kept when it verifies, (re)written from ``read`` (the store) when
+    it is missing or does not match (an interrupted or damaged earlier publish), then verified."""
     try:
         return verify_copy(export, key, ref.sha256, ref.bytes)
     except (ExportCorrupted, ArtifactMissing):
-        export.write_named(key, store.read_bytes(ref))
+        export.write_named(key, read(ref))
         return verify_copy(export, key, ref.sha256, ref.bytes)
 
 
@@ -227,6 +227,87 @@ def remove_version_folder(export: ArtifactStore, version: str) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class FolderExport:
+    """The export folder devices read (``--export URL``) as an export target (``tasks.release.targets``):
+    ``versions/<version>/`` holds each version's files and manifest, ``latest.json`` names the champion, and
+    ``history/`` every pointer that was live."""
+
+    export: ArtifactStore
+
+    def read_pointer(self) -> ExportPointer | None:
+        """``latest.json``; None when there is none or it is damaged (it names nothing to follow)."""
+        return current_pointer(self.export)[0]
+
+    def publish(self, release: Release) -> ExportPointer:
+        """Copy and verify the release's files and manifest into its version folder (a run's own folder, if an
+        earlier publish started it, is finished: what verifies stays, what is missing or wrong is copied again).
+
+        Raises:
+            ExportRefused: the storage refused a write; the folder this publish started is removed.
+            ExportCorrupted: a copy does not match its source after writing it.
+        """
+        own_version = _run_version(self.export, release.run_id)
+        now = datetime.now(timezone.utc)
+        version = release.version or own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{release.run_id}")
+        files = self._copy_version(release, version, started_here=own_version is None and release.version is None)
+        return ExportPointer(
+            version=version,
+            run_id=release.run_id,
+            published_at=now.isoformat(timespec="seconds"),
+            history=f"history/{version}.json",
+            files=pointer_files(files, self.export),
+        )
+
+    def move_pointer(self, pointer: ExportPointer, replacing: ExportPointer | None) -> None:
+        """Replace ``latest.json`` with ``pointer`` by a conditional write, if it still names ``replacing`` (None:
+        none, or a damaged one, which this repairs), then record it in ``history/``.
+
+        Raises:
+            PointerMoved: another writer moved ``latest.json`` first; nothing was changed.
+        """
+        current, raw = current_pointer(self.export)
+        if current != replacing:
+            raise PointerMoved(
+                f"{self.export.uri_for(POINTER)} now names {current.version if current else 'nothing'}, not "
+                f"{replacing.version if replacing else 'nothing'}"
+            )
+        history = pointer.history or f"history/{pointer.version}.json"
+        try:
+            move_pointer(self.export, pointer.to_bytes(), safe_key(history), raw)
+        except ConcurrentUpdate as error:
+            raise PointerMoved(str(error)) from None
+
+    def _copy_version(self, release: Release, version: str, started_here: bool) -> dict[str, ArtifactRef]:
+        """The version folder's files (full URIs), each copied if needed and verified, with the manifest."""
+        export, folder = self.export, f"versions/{version}"
+        try:
+            files = {
+                name: _copy_verified(
+                    release.read, export, f"{folder}/{export_file_name(name, release.files[name])}", release.files[name]
+                )
+                for name in [*EXPORT_FILES, *(n for n in OPTIONAL_EXPORT_FILES if n in release.files)]
+            }
+            manifest_key = f"{folder}/{MANIFEST_FILE}"
+            if release.manifest is not None and not export.exists_named(manifest_key):
+                # An interrupted publish may have written it already: writes are whole.
+                location = ExportLocation(url=export.url, version=version, pointer=export.uri_for(POINTER))
+                export.write_named(manifest_key, release.manifest.model_copy(update={"export": location}).to_bytes())
+            if export.exists_named(manifest_key):
+                manifest_bytes = export.read_named(manifest_key)
+                files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
+        except BaseException as error:
+            if started_here:  # a folder this publish started, which nothing names
+                remove_version_folder(export, version)
+            refusal = refused_by_storage(error, "--export")
+            if refusal:
+                raise ExportRefused(
+                    f"nothing was published: {refusal}; the run's stages are reused on the rerun"
+                ) from None
+            raise
+        return files
+
+
 def publish_run(
     store: ArtifactStore,
     export: ArtifactStore,
@@ -235,8 +316,8 @@ def publish_run(
     manifest: RunManifest,
     compared_with: str | None | bool = True,
 ) -> ExportRecord:
-    """Copy a run's artifacts and manifest to its version folder under ``export``, verify every copy, record the
-    pointer in ``history/``, then move ``latest.json`` to it.
+    """Publish a run to the export folder and make it the champion: copy its artifacts and manifest to its version
+    folder, verify every copy, then move ``latest.json`` to it and record it in ``history/``.
 
     Resumable: after a failure at any write, calling it again keeps what verifies, copies what is missing or
     wrong (restoring the recorded bytes), and finishes. ``published=False`` when ``latest.json`` already names the
@@ -252,7 +333,8 @@ def publish_run(
         PointerMoved: another writer moved ``latest.json`` since the comparison or during this publish.
         ExportCorrupted: a copy does not match its source after writing it.
     """
-    latest, latest_raw = current_pointer(export)
+    target = FolderExport(export)
+    latest = target.read_pointer()
     current_version = latest.version if latest else None
     own_version = _run_version(export, run_id)
     if (
@@ -273,40 +355,15 @@ def publish_run(
             f"{export.uri_for(POINTER)} now names {current_version or 'nothing'}, not {compared_with or 'nothing'}, "
             "which this run was compared with: another run published first"
         )
-
-    now = datetime.now(timezone.utc)
-    version = own_version or safe_key(f"{now:%Y%m%dT%H%M%SZ}-{run_id}")
-    folder = f"versions/{version}"
-    try:
-        files = {
-            name: _copy_verified(store, export, f"{folder}/{export_file_name(name, artifacts[name])}", artifacts[name])
-            for name in [*EXPORT_FILES, *(n for n in OPTIONAL_EXPORT_FILES if n in artifacts)]
-        }
-        location = ExportLocation(url=export.url, version=version, pointer=export.uri_for(POINTER))
-        manifest_key = f"{folder}/{MANIFEST_FILE}"
-        if not export.exists_named(manifest_key):  # an interrupted publish may have written it: writes are whole
-            export.write_named(manifest_key, manifest.model_copy(update={"export": location}).to_bytes())
-        manifest_bytes = export.read_named(manifest_key)
-        files["manifest"] = verify_copy(export, manifest_key, sha256_bytes(manifest_bytes), len(manifest_bytes))
-    except BaseException as error:
-        if own_version is None:  # a folder this publish started, which nothing names
-            remove_version_folder(export, version)
-        refusal = refused_by_storage(error, "--export")
-        if refusal:
-            raise ExportRefused(f"nothing was published: {refusal}; the run's stages are reused on the rerun") from None
-        raise
-    if current_version == version:  # already current: its copies are now verified (and repaired), nothing moves
-        return ExportRecord(url=export.url, version=version, pointer=location.pointer, files=files, published=False)
-    history_key = f"history/{version}.json"
-    pointer = ExportPointer(
-        version=version,
-        run_id=run_id,
-        published_at=now.isoformat(timespec="seconds"),
-        history=history_key,
-        files=pointer_files(files, export),
+    pointer = target.publish(Release(run_id=run_id, files=artifacts, read=store.read_bytes, manifest=manifest))
+    files = {name: ref.model_copy(update={"uri": export.uri_for(ref.uri)}) for name, ref in pointer.files.items()}
+    record = ExportRecord(
+        url=export.url, version=pointer.version, pointer=export.uri_for(POINTER), files=files, published=False
     )
+    if current_version == pointer.version:  # already current: its copies are now verified (and repaired)
+        return record
     try:
-        move_pointer(export, pointer.to_bytes(), history_key, latest_raw)
-    except ConcurrentUpdate as error:
+        target.move_pointer(pointer, replacing=latest)
+    except PointerMoved as error:
         raise PointerMoved(f"{error}: another run published during this one") from None
-    return ExportRecord(url=export.url, version=version, pointer=location.pointer, files=files, published=True)
+    return record.model_copy(update={"published": True})

@@ -46,6 +46,11 @@ def test_every_field_of_every_group_is_a_command_line_option(command, groups):
     assert missing == []
 
 
+def test_the_tracking_uri_is_read_from_mlflows_own_variable_as_before():
+    [param] = [p for p in click_command("run").params if p.name == "mlflow_uri"]
+    assert param.envvar == "MLFLOW_TRACKING_URI"
+
+
 def test_every_field_of_every_group_is_a_field_of_the_flows_forms():
     from prefect.utilities.callables import parameter_schema
 

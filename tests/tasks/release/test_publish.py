@@ -10,7 +10,8 @@ import pytest
 
 from ptqflow.storage.store import ArtifactStore
 from ptqflow.tasks.release.documents import RunManifest
-from ptqflow.tasks.release.publish import EXPORT_FILES, ExportCorrupted, PointerMoved, publish_run
+from ptqflow.tasks.release.publish import EXPORT_FILES, ExportCorrupted, publish_run
+from ptqflow.tasks.release.targets import PointerMoved
 
 
 @pytest.fixture
