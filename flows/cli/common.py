@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ptqflow.flows.api import prefect_defaults
-from ptqflow.flows.options import InvalidOption, Model, parameters
+from ptqflow.flows.options import InvalidOption
 from ptqflow.storage.store import scrub_secrets
 
 err_console = Console(stderr=True)
@@ -63,11 +63,6 @@ def fail(message: str, code: int, as_json: bool) -> NoReturn:
         print(json.dumps({"status": "error", "error": message}))
     err_console.print(f"[bold red]ptqflow:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def checked_parameters(schema: type[Model], as_json: bool, **given: Any) -> Model:
-    with refused_options(as_json):
-        return parameters(schema, **given)
 
 
 @contextmanager
