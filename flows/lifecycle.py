@@ -219,12 +219,11 @@ def challenge_champion(
     challenger_figure: float | None,
     gate: GateParameters,
     batch_size: int,
-) -> tuple[PromotionDecision | None, dict[str, ArtifactRef]]:
+) -> PromotionDecision | None:
     """With an export target and a passing gate: compare with the exported model (champion) on this test split
-    (see tasks/release/promotion.py). Returns the decision and the run's artifacts with the report's renderings,
-    which record the decision."""
+    (see tasks/release/promotion.py) and return the decision; None without one."""
     if not export or not verdict.passed:
-        return None, with_report_views(run, artifacts, None)
+        return None
     promotion = run.effect(
         compare_with_champion,
         export_url=export,
@@ -235,7 +234,7 @@ def challenge_champion(
         batch_size=batch_size,
     )
     get_run_logger().info(promotion.message)
-    return promotion, with_report_views(run, artifacts, promotion)
+    return promotion
 
 
 def with_report_views(
@@ -294,7 +293,7 @@ def finish_run(
     run_id = str(flow_run.get_id())
     if dataset.seen_rows is not None:  # exported beside the model: what a later run's champion check reads
         artifacts = {**artifacts, "seen_rows": dataset.seen_rows}
-    promotion, artifacts = challenge_champion(
+    promotion = challenge_champion(
         run,
         export,
         dataset,
@@ -306,6 +305,7 @@ def finish_run(
         gate,
         parameters.validation.batch_size,
     )
+    artifacts = with_report_views(run, artifacts, promotion)  # the report for people records the decision
     run.record_worker_seconds()
     manifest = build_manifest(
         run_id,
