@@ -77,6 +77,13 @@ class UnknownOption(InvalidOption, TypeError):
     """An option no parameter model has (a TypeError too, as for any unknown keyword argument)."""
 
 
+def option_name(model: type[BaseModel], field: str) -> str:
+    """A field's option name: its own, or the ``OPTION_NAME`` it declares."""
+    info = model.model_fields.get(field)
+    extra = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
+    return str(extra.get(OPTION_NAME, field))
+
+
 @dataclass(frozen=True)
 class Option:
     """One field of one group, as an option."""
@@ -96,8 +103,8 @@ class Option:
 
     @property
     def name(self) -> str:
-        """The API keyword and recipe key; ``flag`` on the command line."""
-        return str(self.extra.get(OPTION_NAME, self.field))
+        """The API keyword; ``flag`` on the command line."""
+        return option_name(self.model, self.field)
 
     @property
     def flag(self) -> str:
@@ -133,9 +140,7 @@ def parameters(schema: type[Model], **given: Any) -> Model:
         first = error.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
         field = str(first["loc"][0]) if first["loc"] else None
-        info = schema.model_fields.get(field or "")
-        extra = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
-        what = "--" + str(extra.get(OPTION_NAME, field)).replace("_", "-") if field else "options"
+        what = "--" + option_name(schema, field).replace("_", "-") if field else "options"
         raise InvalidOption(f"invalid {what}: {message}") from None
 
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ptqflow.storage.store import ArtifactRef
 
 # Raised when a field changes meaning; a reader still reads every earlier version.
 MANIFEST_SCHEMA_VERSION = 1
+
+
+def first_problem(error: ValidationError, limit: int) -> str:
+    """Where a document fails to validate, and why, in at most ``limit`` characters (for a one-line refusal)."""
+    first = error.errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}"[:limit]
 
 
 class RecordedGate(BaseModel):

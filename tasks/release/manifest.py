@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore, StoreError, safe_key
 from ptqflow.tasks.core.caching import library_versions
-from ptqflow.tasks.release.documents import RecordedGate, RecordedSplit, RecordedStage, RunManifest
+from ptqflow.tasks.release.documents import RecordedGate, RecordedSplit, RecordedStage, RunManifest, first_problem
 
 RUNS_PREFIX = "runs"
 _SECRET_NAME = re.compile(r"secret|password|passwd|token|credential|access_key|key_id|sas|signature", re.I)
@@ -118,8 +118,7 @@ def read_manifest(store: ArtifactStore, key: str) -> RunManifest:
     try:
         return RunManifest.model_validate_json(store.read_named(key))
     except ValidationError as error:
-        first = error.errors()[0]
-        detail = f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}"[:100]
+        detail = first_problem(error, 100)
         raise CorruptManifest(
             f"{store.uri_for(key)} is not a readable run manifest ({detail}): move it out of {RUNS_PREFIX}/ (a "
             "manifest only records a run; the artifacts it names stay valid)"

@@ -37,8 +37,8 @@ from ptqflow.storage.store import (
     safe_key,
     sha256_bytes,
 )
-from ptqflow.tasks.release.documents import ExportLocation, ExportPointer, RunManifest
-from ptqflow.tasks.release.targets import PointerMoved, Release
+from ptqflow.tasks.release.documents import ExportLocation, ExportPointer, RunManifest, first_problem
+from ptqflow.tasks.release.targets import ExportTarget, PointerMoved, Release
 
 EXPORT_FILES = {
     "tflite": "model.tflite",
@@ -93,9 +93,7 @@ def parse_pointer(raw: bytes, where: str) -> ExportPointer:
     try:
         return ExportPointer.model_validate_json(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        detail = f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}"[:160]
-        raise MalformedRecord(f"{where} is not a ptqflow export pointer ({detail})") from None
+        raise MalformedRecord(f"{where} is not a ptqflow export pointer ({first_problem(error, 160)})") from None
 
 
 def export_store(url: str) -> ArtifactStore:
@@ -333,7 +331,7 @@ def publish_run(
         PointerMoved: another writer moved ``latest.json`` since the comparison or during this publish.
         ExportCorrupted: a copy does not match its source after writing it.
     """
-    target = FolderExport(export)
+    target: ExportTarget = FolderExport(export)  # mypy holds the folder to the protocol here
     latest = target.read_pointer()
     current_version = latest.version if latest else None
     own_version = _run_version(export, run_id)
