@@ -52,7 +52,7 @@ def _write_images(path: str) -> None:
 
 
 def _rows(summary) -> dict[str, tuple[str, float | None]]:
-    return {r.name: (r.metrics.model.sha256, r.metrics.accuracy) for r in summary.rows if r.metrics}
+    return {r.name: (r.metrics.model.sha256, r.metrics.quantized_accuracy) for r in summary.rows if r.metrics}
 
 
 def _differences(runs: list[tuple[str, dict]]) -> list[str]:

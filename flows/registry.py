@@ -29,7 +29,7 @@ from ptqflow.flows.environment import variables_set
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.tasks.core.errors import PtqflowError, secrets_kept_out
 from ptqflow.tasks.core.parameters import RegistryParameters
-from ptqflow.tasks.release.documents import ExportPointer
+from ptqflow.tasks.release.documents import ExportPointer, same_version
 from ptqflow.tasks.release.outcome import RegistryRecord
 from ptqflow.tasks.release.promotion import exported_manifest, read_pointer
 from ptqflow.tasks.release.publish import export_store, read_exported
@@ -205,8 +205,7 @@ class MlflowRegistry:
         )
 
     def move_pointer(self, pointer: ExportPointer, replacing: ExportPointer | None) -> None:
-        current = self.read_pointer()
-        if (current and (current.version, current.run_id)) != (replacing and (replacing.version, replacing.run_id)):
+        if not same_version(self.read_pointer(), replacing):
             raise PointerMoved(f"MLflow's {self.name}@{CHAMPION_ALIAS} moved meanwhile")
         version = self.version_of_run(pointer.run_id)
         if version is None:

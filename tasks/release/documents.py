@@ -126,3 +126,9 @@ class ExportPointer(BaseModel):
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
+
+
+def same_version(a: ExportPointer | None, b: ExportPointer | None) -> bool:
+    """Whether two pointers name the same version of the same run (None: no champion). Targets hold a version's
+    files at their own URIs, so pointers read from two targets differ in their files even when they agree."""
+    return (None if a is None else (a.version, a.run_id)) == (None if b is None else (b.version, b.run_id))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.release.documents import ExportPointer, RunManifest
+from ptqflow.tasks.release.documents import ExportPointer, RunManifest, same_version
 
 
 class PointerMoved(Exception):
@@ -63,6 +63,6 @@ def follow(champion: Release, follower: ExportTarget) -> ExportPointer:
     follower's pointer to it."""
     current = follower.read_pointer()
     published = follower.publish(champion)
-    if current is None or (current.version, current.run_id) != (published.version, published.run_id):
+    if not same_version(current, published):
         follower.move_pointer(published, replacing=current)
     return published

@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.core.artifacts import ModelOutput, StageOutput
+from ptqflow.tasks.core.artifacts import ModelOutput, OutputFigures, StageOutput
 from ptqflow.tasks.core.parameters import GateParameters, ModelTask, RankBy
 from ptqflow.tasks.evaluation.device import budget_problems, device_footprint
-from ptqflow.tasks.evaluation.fidelity import TaskFigures, fidelity_loss, judge_fidelity
+from ptqflow.tasks.evaluation.fidelity import fidelity_loss, judge_fidelity
 from ptqflow.tasks.evaluation.gate import GATE_OPTION, GateResult, GateStatus
 from ptqflow.tasks.evaluation.interpreter import audit_tensor_types, predict_tflite, rerun_max_difference, tflite_speed
 from ptqflow.tasks.evaluation.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics, worst_sqnr
@@ -44,14 +44,27 @@ class ConfigurationMetrics(StageOutput):
     validated: bool
     not_validated_reason: str | None = None
     task: ModelTask = ModelTask.classification
-    float_accuracy: float | None = Field(description="Classification only, as are accuracy and its drop.")
-    accuracy: float | None
+    # The figures carry the names a run's figures (``ValidationFigures``) give them, so both are the same
+    # ``Figures`` to the gate; the aliases read sweep.json and cached results written before that (0.1: accuracy,
+    # mae, output_sqnr_db).
+    float_accuracy: float | None = Field(description="Classification only, as are the accuracy and its drop.")
+    quantized_accuracy: float | None = Field(validation_alias=AliasChoices("quantized_accuracy", "accuracy"))
     accuracy_drop_pp: float | None
     agreement: float | None
     float_mae: float | None = Field(None, description="Regression: the float Keras model's MAE.")
-    mae: float | None = Field(None, description="Regression: this model's MAE against the targets.")
+    quantized_mae: float | None = Field(
+        None,
+        validation_alias=AliasChoices("quantized_mae", "mae"),
+        description="Regression: this model's MAE against the targets.",
+    )
     mae_increase_pct: float | None = Field(None, description="Regression: its MAE's rise over float, in percent.")
-    output_sqnr_db: float | None
+    sqnr_db: float | None = Field(
+        validation_alias=AliasChoices("sqnr_db", "output_sqnr_db"),
+        description="SQNR against the float model of its worst output, in dB; None when identical.",
+    )
+    outputs: dict[str, OutputFigures] = Field(
+        default_factory=dict, description="Each output by name, against the float model's."
+    )
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     throughput_per_s: float | None
@@ -66,20 +79,6 @@ class ConfigurationMetrics(StageOutput):
     input_type: str
     output_type: str
     ops: tuple[str, ...]
-
-    def figures(self) -> TaskFigures:
-        """The figures its task's gate reads (``tasks.evaluation.fidelity``)."""
-        return TaskFigures(
-            task=self.task,
-            float_accuracy=self.float_accuracy,
-            quantized_accuracy=self.accuracy,
-            accuracy_drop_pp=self.accuracy_drop_pp,
-            agreement=self.agreement,
-            float_mae=self.float_mae,
-            quantized_mae=self.mae,
-            mae_increase_pct=self.mae_increase_pct,
-            sqnr_db=self.output_sqnr_db,
-        )
 
 
 def configuration_metrics(
@@ -116,10 +115,10 @@ def configuration_metrics(
         return {
             **common,
             "validated": False,
-            "accuracy": None,
+            "quantized_accuracy": None,
             "accuracy_drop_pp": None,
             "agreement": None,
-            "output_sqnr_db": None,
+            "sqnr_db": None,
             "latency_p50_ms": None,
             "latency_p95_ms": None,
             "throughput_per_s": None,
@@ -132,16 +131,17 @@ def configuration_metrics(
     return {
         **common,
         "validated": True,
-        "accuracy": metrics.accuracy,
+        "quantized_accuracy": metrics.accuracy,
         "accuracy_drop_pp": round((float_accuracy - metrics.accuracy) * 100, 6)
         if float_accuracy is not None and metrics.accuracy is not None
         else None,
-        "mae": metrics.mae,
+        "quantized_mae": metrics.mae,
         "mae_increase_pct": increase_pct(float_mae, metrics.mae)
         if float_mae is not None and metrics.mae is not None
         else None,
         "agreement": metrics.agreement_with_float,
-        "output_sqnr_db": worst_sqnr(metrics.outputs),
+        "sqnr_db": worst_sqnr(metrics.outputs),
+        "outputs": metrics.outputs,
         "latency_p50_ms": speed.latency_ms.p50,
         "latency_p95_ms": speed.latency_ms.p95,
         "throughput_per_s": speed.throughput_per_s,
@@ -212,7 +212,7 @@ def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> Sw
     "full
     integer if required, and within the device budgets."""
     m = row.metrics
-    fidelity = judge_fidelity(m.figures(), gate) if m is not None and m.validated else None
+    fidelity = judge_fidelity(m, gate) if m is not None and m.validated else None
     if row.error is not None:
         verdict = f"no model: {row.error}"
     elif m is None or fidelity is None:
@@ -238,7 +238,7 @@ def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:
     m = row.metrics
     size = m.bytes if m else float("inf")
     latency = m.latency_p50_ms if m and m.latency_p50_ms is not None else float("inf")
-    loss = fidelity_loss(m.figures()) if m and m.validated else None
+    loss = fidelity_loss(m) if m and m.validated else None
     drop = float("inf") if loss is None else loss
     order = {
         RankBy.size: (size, latency, drop),

@@ -599,12 +599,12 @@ def sweep_task(rows: Sequence[SweepRow]) -> ModelTask:
 def _sweep_figures(m: ConfigurationMetrics | None, task: ModelTask) -> list[str]:
     if m is None or not m.validated:
         return [MISSING] * len(SWEEP_FIGURES[task])
-    sqnr = number(m.output_sqnr_db, digits=1)
+    sqnr = number(m.sqnr_db, digits=1)
     if m.task is ModelTask.regression:
-        return [number(m.mae, digits=5), number(m.mae_increase_pct, digits=2), sqnr]
+        return [number(m.quantized_mae, digits=5), number(m.mae_increase_pct, digits=2), sqnr]
     if m.task is ModelTask.unlabeled:
         return [sqnr, percent(m.agreement)]
-    return [percent(m.accuracy), number(m.accuracy_drop_pp, digits=2), percent(m.agreement), sqnr]
+    return [percent(m.quantized_accuracy), number(m.accuracy_drop_pp, digits=2), percent(m.agreement), sqnr]
 
 
 def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:

@@ -24,7 +24,7 @@ def render_sweep_plot(rows: Sequence[SweepRow]) -> bytes:
         for r in rows
         if (m := r.metrics) is not None
         and m.validated
-        and (loss := fidelity_loss(m.figures())) is not None
+        and (loss := fidelity_loss(m)) is not None
         and math.isfinite(loss)
     ]
     task = measured[0][1].task if measured else ModelTask.classification

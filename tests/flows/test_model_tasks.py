@@ -108,7 +108,7 @@ def test_unlabeled_data_gates_a_given_model_on_its_fidelity_to_the_float_model(c
     swept = json.loads(sweep.stdout)
     ranked = [r for r in swept["rows"] if r["passed"]]
     assert ranked and all(r["metrics"]["task"] == "unlabeled" for r in ranked)
-    sqnrs = [r["metrics"]["output_sqnr_db"] or float("inf") for r in ranked]
+    sqnrs = [r["metrics"]["sqnr_db"] or float("inf") for r in ranked]
     assert sqnrs == sorted(sqnrs, reverse=True)  # the most faithful first
     assert swept["tasks"]["train_float_model"]["cached"]
 
@@ -241,7 +241,7 @@ def test_a_regression_sweep_ranks_configurations_by_their_mae_and_exports_the_be
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     rows = [r for r in summary["rows"] if not r["reference"]]
-    assert all(r["metrics"]["task"] == "regression" and r["metrics"]["mae"] > 0 for r in rows)
+    assert all(r["metrics"]["task"] == "regression" and r["metrics"]["quantized_mae"] > 0 for r in rows)
     ranked = [r for r in rows if r["passed"]]
     rises = [r["metrics"]["mae_increase_pct"] for r in ranked]
     assert ranked and rises == sorted(rises)  # ranked by the task's own figure

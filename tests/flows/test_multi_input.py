@@ -116,7 +116,7 @@ def test_the_default_model_trains_on_two_columns_and_the_sweep_ranks_every_metho
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     rows = {row["name"]: row for row in json.loads(sweep.stdout)["rows"] if not row["reference"]}
     assert set(rows) == set(configurations.split(","))
-    assert all(row["metrics"]["validated"] and row["metrics"]["accuracy"] > 0.9 for row in rows.values())
+    assert all(row["metrics"]["validated"] and row["metrics"]["quantized_accuracy"] > 0.9 for row in rows.values())
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.core.artifacts import ValidationFigures
 from ptqflow.tasks.core.errors import PtqflowError
 from ptqflow.tasks.core.parameters import GateParameters, ModelTask, QuantizationScheme, RankBy
 from ptqflow.tasks.evaluation.device import device_footprint
+from ptqflow.tasks.evaluation.fidelity import Figures, TaskFigures, judge_fidelity
 from ptqflow.tasks.evaluation.interpreter import predict_tflite
 from ptqflow.tasks.evaluation.metrics import accuracy
 from ptqflow.tasks.quantization.converter import convert_float, quantize
@@ -57,10 +59,12 @@ def test_configuration_metrics_measure_the_model_against_float(trained_digits_mo
     metrics = configuration_metrics(float_outputs, model, test.features, test.labels, 128, 1, list(spec.class_names))
     float_accuracy = accuracy(float_outputs, test.labels)
     quantized_outputs = predict_tflite(model, test.features)
-    assert metrics["accuracy"] == accuracy(quantized_outputs, test.labels)
+    assert metrics["quantized_accuracy"] == accuracy(quantized_outputs, test.labels)
     assert metrics["agreement"] == pytest.approx(float((quantized_outputs.argmax(1) == float_outputs.argmax(1)).mean()))
     assert metrics["float_accuracy"] == pytest.approx(float_accuracy)
-    assert metrics["accuracy_drop_pp"] == pytest.approx((float_accuracy - metrics["accuracy"]) * 100, abs=1e-4)
+    assert metrics["accuracy_drop_pp"] == pytest.approx(
+        (float_accuracy - metrics["quantized_accuracy"]) * 100, abs=1e-4
+    )
     assert metrics["full_integer"] and metrics["bytes"] == len(model)
     assert metrics["arena_bytes"] == device_footprint(model).arena_bytes > 0
     assert metrics["rerun_max_difference"] == 0.0  # int8 kernels give the same outputs every run
@@ -85,10 +89,10 @@ def _metrics(
         bytes=bytes_,
         validated=True,
         float_accuracy=0.95,
-        accuracy=0.95 - drop / 100,
+        quantized_accuracy=0.95 - drop / 100,
         accuracy_drop_pp=drop,
         agreement=0.99,
-        output_sqnr_db=30.0,
+        sqnr_db=30.0,
         latency_p50_ms=latency,
         latency_p95_ms=latency * 1.2,
         throughput_per_s=1000.0,
@@ -101,6 +105,26 @@ def _metrics(
         ops=("FULLY_CONNECTED",),
         rerun_max_difference=rerun_max_difference,
     )
+
+
+def test_a_configuration_names_each_figure_as_a_run_does():
+    """One name per figure: the gate reads a sweep row and a run's figures through the same protocol, and the
+    sweep's JSON uses the names of the run's."""
+    figures = {name for name in dir(Figures) if not name.startswith("_")}
+    assert figures <= set(ValidationFigures.model_fields) and figures <= set(ConfigurationMetrics.model_fields)
+    row = _metrics(80_000, 0.5, 0.006)
+    assert judge_fidelity(row, GATE) == judge_fidelity(
+        TaskFigures(**{name: getattr(row, name) for name in figures}), GATE
+    )
+
+
+def test_sweep_rows_written_under_the_old_names_still_read():
+    written = _metrics(80_000, 0.5, 0.006).model_dump(mode="json")
+    assert {"quantized_accuracy", "sqnr_db"} <= set(written) and not {"accuracy", "output_sqnr_db"} & set(written)
+    renamed = {"quantized_accuracy": "accuracy", "quantized_mae": "mae", "sqnr_db": "output_sqnr_db"}
+    old = {renamed.get(k, k): v for k, v in written.items() if k != "outputs"} | {"mae": 0.25}
+    read = ConfigurationMetrics.model_validate(old)
+    assert (read.quantized_accuracy, read.sqnr_db, read.quantized_mae) == (written["quantized_accuracy"], 30.0, 0.25)
 
 
 @pytest.fixture
@@ -185,7 +209,7 @@ def test_table_markdown_and_plot(rows):
     )
     # Fidelity beside the task's figure: top-1 agreement and output SQNR against the float model.
     reference = next(r for r in rows if r.name == "int8-per-tensor").metrics
-    assert first["agreement"] == f"{reference.agreement:.2%}" and first["SQNR dB"] == f"{reference.output_sqnr_db:.1f}"
+    assert first["agreement"] == f"{reference.agreement:.2%}" and first["SQNR dB"] == f"{reference.sqnr_db:.1f}"
     markdown = sweep_markdown(ranked, RankBy.size, GATE, ModelTask.classification, "int8-per-tensor")
     assert "**Best: int8-per-tensor**" in markdown and all(r.name in markdown for r in rows)
     assert (
@@ -222,11 +246,11 @@ def _regression_metrics(bytes_: int, rise: float) -> ConfigurationMetrics:
         update={
             "task": ModelTask.regression,
             "float_accuracy": None,
-            "accuracy": None,
+            "quantized_accuracy": None,
             "accuracy_drop_pp": None,
             "agreement": None,
             "float_mae": 0.1,
-            "mae": 0.1 * (1 + rise / 100),
+            "quantized_mae": 0.1 * (1 + rise / 100),
             "mae_increase_pct": rise,
         }
     )
