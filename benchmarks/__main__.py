@@ -31,6 +31,7 @@ MODULES = [
     "sweep",
     "images",
     "activation_ranges",
+    "device_targets",
 ]
 
 

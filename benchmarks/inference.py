@@ -18,14 +18,16 @@ THROUGHPUT_RUNS = 5
 BATCH = 64
 
 
-def mobilenet_v2_sized():
+def mobilenet_v2_sized(classifier_activation: str | None = "softmax"):
     """MobileNetV2 (224x224x3, 1000 classes, ~3.5 M parameters) with random weights, taking raw 0..255 pixels."""
     import keras
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((224, 224, 3), name="raw_input")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    backbone = keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None, classes=1000)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), weights=None, classes=1000, classifier_activation=classifier_activation
+    )
     return keras.Model(inputs, backbone(x), name="mobilenet_v2_random")
 
 

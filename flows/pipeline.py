@@ -9,6 +9,7 @@ from prefect import flow
 from ptqflow.flows.lifecycle import FlowParameters, announce, finish_run, guarded_run, upstream_stages
 from ptqflow.storage.store import DEFAULT_STORE
 from ptqflow.tasks.core.artifacts import ConvertedModels
+from ptqflow.tasks.core.installation import require_target_runtimes
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     ConversionParameters,
@@ -53,6 +54,7 @@ def ptq_pipeline(
         export: fsspec URL to publish a passing run to (a new version folder, then latest.json).
     """
     parameters = FlowParameters(**locals())  # first line: nothing else is local yet
+    require_target_runtimes(validation.targets)
     with guarded_run(store, export, sampling, training, calibration, storage_block, export_block, registry) as run:
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration)
         calibration_set = calibration_sets[calibration.calibration_size]
@@ -93,6 +95,7 @@ def ptq_pipeline(
             "tflite": converted.quantized,
             "tflite_float": converted.float_model,
             "report": validated.report,
+            **validated.device_files,
             **({"tflite_unrepaired": repaired.unrepaired} if repaired is not None and repaired.succeeded else {}),
         }
         metrics = validated.figures().model_dump(mode="json")

@@ -28,8 +28,9 @@ from prefect.cache_policies import NO_CACHE
 from ptqflow.flows.environment import variables_set
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.tasks.core.errors import PtqflowError, secrets_kept_out
-from ptqflow.tasks.core.parameters import RegistryParameters
+from ptqflow.tasks.core.parameters import DeviceTarget, RegistryParameters
 from ptqflow.tasks.release.documents import ExportPointer, same_version
+from ptqflow.tasks.release.firmware import DEVICE_EXPORT_FILES
 from ptqflow.tasks.release.outcome import RegistryRecord
 from ptqflow.tasks.release.promotion import exported_manifest, read_pointer
 from ptqflow.tasks.release.publish import export_store, read_exported
@@ -103,12 +104,28 @@ def flat_parameters(parameters: Mapping[str, Any], prefix: str = "") -> dict[str
     return flat
 
 
-def numeric_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
+def _numbers(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return {
-        key: float(value)
-        for key, value in metrics.items()
+        f"{prefix}{key}": float(value)
+        for key, value in values.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
     }
+
+
+def numeric_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A run's figures as MLflow metrics: the run's own, then each device target's (``tflm.arena_bytes``,
+    ``npu.ethos-u55-128.sram_bytes``, ...)."""
+    figures = _numbers(metrics)
+    tflm = metrics.get("tflm")
+    if isinstance(tflm, Mapping):
+        figures |= _numbers(tflm, "tflm.")
+        if isinstance(tflm.get("figures"), Mapping):
+            figures |= _numbers(tflm["figures"], "tflm.")
+    known = {target.value for target in DeviceTarget if target.npu}
+    for npu in metrics.get("npu") or ():
+        if isinstance(npu, Mapping) and npu.get("target") in known:  # manifests are not trusted: no other keys
+            figures |= _numbers(npu, f"npu.{npu['target']}.")
+    return figures
 
 
 def _log_files(client: MlflowClient, mlflow_run: str, files: Mapping[str, bytes], artifact_path: str) -> None:
@@ -186,7 +203,11 @@ class MlflowRegistry:
         if existing is not None:
             return _pointer_of(existing)
         exported = release.files
-        names = {**REGISTERED_FILES, **({"model": _model_file(exported["model"])} if "model" in exported else {})}
+        names = {
+            **REGISTERED_FILES,
+            **DEVICE_EXPORT_FILES,
+            **({"model": _model_file(exported["model"])} if "model" in exported else {}),
+        }
         files = {names[label]: release.read(ref) for label, ref in exported.items() if label in names}
         mlflow_run = _mlflow_run(self.client, self.name, release.run_id)
         _log_files(self.client, mlflow_run, files, "model")

@@ -29,6 +29,7 @@ from ptqflow.tasks.core.artifacts import (
     ValidationResult,
 )
 from ptqflow.tasks.core.errors import ConversionFailed
+from ptqflow.tasks.core.installation import require_target_runtimes
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     GateParameters,
@@ -213,6 +214,7 @@ def ptq_sweep(
     grid = select_configurations(
         sweep_grid(calibration.calibration_size, sweep.calibration_sizes), sweep.configurations
     )
+    require_target_runtimes(validation.targets)
     with guarded_run(store, export, sampling, training, calibration, storage_block, export_block, registry) as run:
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sorted(sizes))

@@ -135,7 +135,7 @@ def api_values(given: Mapping[str, Any], groups: Mapping[str, type[BaseModel]], 
         elif isinstance(value, str) and inner[:1] == (int,):
             examples = option.info.examples or [option.info.default]
             value = integers(value, option.flag, ",".join(map(str, examples[0] or ())), as_json)
-        elif isinstance(value, str) and inner[:1] == (str,):
+        elif isinstance(value, str) and inner and isinstance(inner[0], type) and issubclass(inner[0], str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         values[name] = value
     return values

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ptqflow.storage.results import StoredResult
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.core.parameters import ModelTask
+from ptqflow.tasks.core.parameters import DeviceTarget, ModelTask
 
 
 class StageOutput(StoredResult):
@@ -22,8 +22,8 @@ class StageOutput(StoredResult):
     def artifact_refs(self) -> Iterator[ArtifactRef]:
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, ArtifactRef):
-                yield value
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+            yield from (v for v in values if isinstance(v, ArtifactRef))
 
 
 class FeatureSpec(BaseModel):
@@ -182,6 +182,86 @@ class FidelityFigures(BaseModel):
     )
 
 
+class TargetFidelity(FidelityFigures):
+    """A target runtime's task figures on the rows it ran, against the float Keras model's outputs on those rows."""
+
+    float_accuracy: float | None = None
+    quantized_accuracy: float | None = None
+    accuracy_drop_pp: float | None = None
+    agreement: float | None = None
+
+
+class TflmFigures(BaseModel):
+    """The quantized model on TensorFlow Lite Micro: its interpreter (reference kernels, one sample at a time) and
+    its recording allocator, from the ``tflite-micro`` package (``tasks.evaluation.tflm``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    runtime: str = Field(description="The package and version that measured these figures.")
+    ran: bool
+    not_run_reason: str | None = Field(None, description="Why TFLM could not allocate or run the model.")
+    samples: int = Field(description="Test rows it ran.")
+    subset_seed: int | None = Field(None, description="The seed of the draw of those rows; None: the whole split.")
+    arena_bytes: int | None = Field(
+        None,
+        description="The smallest tensor arena TFLM allocates the model in (16-byte steps), found by allocating it: "
+        "what kTensorArenaSize must hold. At least head + tail; more when operators take temporary memory while "
+        "they are prepared.",
+    )
+    arena_head_bytes: int | None = Field(None, description="Of the arena, the activations (planned, reused).")
+    arena_tail_bytes: int | None = Field(
+        None,
+        description="Of the arena, what TFLM keeps for the model's lifetime: eval tensors, quantization data "
+        "(per-channel multipliers and shifts), node structs.",
+    )
+    ops: tuple[str, ...] = Field((), description="The model's operators, which the firmware's op resolver must hold.")
+    figures: TargetFidelity | None = Field(None, description="The task's figures on TFLM's outputs.")
+    identical_to_litert: float | None = Field(
+        None, description="Share of rows whose outputs equal LiteRT's bit for bit."
+    )
+    max_difference_lsb: float | None = Field(
+        None, description="Largest difference from LiteRT's outputs, in quantization steps of the output."
+    )
+
+
+class CpuOperator(BaseModel):
+    """An operator Vela leaves to the CPU, with Vela's reason."""
+
+    model_config = ConfigDict(frozen=True)
+
+    op: str
+    tensor: str = Field(description="Its output tensor, which names it.")
+    reason: str
+
+
+class NpuFigures(BaseModel):
+    """The quantized model compiled by Arm's Vela for one Ethos-U configuration (``tasks.evaluation.vela``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target: DeviceTarget
+    compiler: str = Field(description="The package and version that compiled it.")
+    compiled: bool
+    error: str | None = Field(None, description="Why Vela could not compile the model.")
+    system_config: str | None = None
+    memory_mode: str | None = None
+    clock_hz: float | None = Field(None, description="The NPU clock of the system configuration.")
+    npu_ops: int = 0
+    cpu_ops: int = 0
+    cpu_operators: tuple[CpuOperator, ...] = ()
+    sram_bytes: int | None = Field(None, description="SRAM Vela places tensors in (feature maps, cached weights).")
+    flash_bytes: int | None = Field(None, description="Flash (on- and off-chip) the compiled model occupies.")
+    dram_bytes: int | None = None
+    inferences_per_second: float | None = Field(None, description="Vela's estimate at the configured clock.")
+    cycles: int | None = Field(None, description="Vela's estimate of the cycles of one inference.")
+    compiled_model: ArtifactRef | None = Field(None, description="The compiled _vela.tflite firmware runs.")
+
+    @property
+    def npu_share(self) -> float | None:
+        total = self.npu_ops + self.cpu_ops
+        return self.npu_ops / total if total else None
+
+
 class ValidationFigures(FidelityFigures):
     """The figures a run is judged by (the report has every other one)."""
 
@@ -206,12 +286,21 @@ class ValidationFigures(FidelityFigures):
     full_integer: bool
     float_tensors: tuple[str, ...]
     worst_layers: tuple[WorstLayer, ...] = ()
+    targets: tuple[DeviceTarget, ...] = Field(
+        (DeviceTarget.litert,), description="Where the model will run (--target): the targets the gate judges."
+    )
+    tflm: TflmFigures | None = Field(None, description="With --target tflm.")
+    npu: tuple[NpuFigures, ...] = Field((), description="One per Ethos-U target.")
 
 
 class ValidationResult(StageOutput, ValidationFigures):
     """The validation stage's record: its report and the figures a run is judged by."""
 
     report: ArtifactRef = Field(description="report.json: every metric, the dtype audit, per-layer error.")
+    device_files: dict[str, ArtifactRef] = Field(
+        default_factory=dict,
+        description="The targets' files by export label: a _vela.tflite per Ethos-U, model_data.cc/.h for TFLM.",
+    )
 
     def figures(self) -> ValidationFigures:
         return ValidationFigures.model_validate(self.model_dump(include=set(ValidationFigures.model_fields)))

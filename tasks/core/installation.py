@@ -8,11 +8,17 @@ conflict and the fix before anything imports TensorFlow, and refuses versions ou
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 
 from packaging.version import InvalidVersion, Version
+
+from ptqflow.storage.errors import PtqflowError
+from ptqflow.tasks.core.parameters import DeviceTarget
 
 # Tested in .ci/run at both ends: the whole suite on the newest, a smoke subset on the oldest (with the oldest
 # Keras and LiteRT pyproject.toml allows). pyproject.toml's extras carry the same range.
@@ -101,3 +107,32 @@ def missing_private_api(what: str, works_with: str) -> str:
     """The message for a TensorFlow or Keras internal ptqflow relies on that this installation lacks."""
     installed = ", ".join(f"{d.name} {d.version}" for d in tensorflow_distributions()) or "no TensorFlow"
     return f"{what} is missing from this installation ({installed}); it works with {works_with}: {INSTALL_FIX}"
+
+
+class TargetRuntimeMissing(PtqflowError):
+    """A device target's runtime or compiler is not installed here; the message says where it can run."""
+
+
+def target_runtime_problem(targets: Sequence[DeviceTarget]) -> str | None:
+    """Why a device target the run names cannot be measured here, with the fix; None when each can."""
+    if DeviceTarget.tflm in targets and importlib.util.find_spec("tflite_micro") is None:
+        return (
+            "--target tflm needs TensorFlow Lite Micro's interpreter (the tflite-micro package), which is published "
+            f"for Linux x86-64 only (this machine: {platform.system()} {platform.machine()}): run it on a Linux "
+            "x86-64 machine or work pool, or pip install 'tflite-micro>=0.dev20261001' where it is available"
+        )
+    npu = [t.value for t in targets if t.npu]
+    if npu and importlib.util.find_spec("ethosu") is None:
+        return f"--target {npu[0]} needs Arm's Vela compiler: pip install 'ethos-u-vela>=5.2,<6'"
+    return None
+
+
+def require_target_runtimes(targets: Sequence[DeviceTarget]) -> None:
+    """Check that every target the run names can be measured here, before anything runs.
+
+    Raises:
+        TargetRuntimeMissing: a target's runtime or compiler is not installed.
+    """
+    problem = target_runtime_problem(targets)
+    if problem is not None:
+        raise TargetRuntimeMissing(problem)

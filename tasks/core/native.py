@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -33,3 +34,25 @@ def native_output_silenced() -> Iterator[None]:
             os.dup2(copy, fd)
             os.close(copy)
         os.close(devnull)
+
+
+@contextlib.contextmanager
+def native_output_captured() -> Iterator[list[str]]:
+    """What C++ code prints on fds 1 and 2 meanwhile, as lines (TFLM's allocator reports there, not to Python)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    lines: list[str] = []
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as capture:
+        try:
+            for fd in saved:
+                os.dup2(capture.fileno(), fd)
+            yield lines
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())

@@ -101,6 +101,35 @@ class TargetOps(str, Enum):
     select = "select"
 
 
+class DeviceTarget(str, Enum):
+    """Where the quantized model will run, each measured by its own runtime or compiler: ``litert`` the LiteRT
+    Interpreter (desktop and mobile CPUs), ``tflm`` TensorFlow Lite Micro (microcontrollers), and the Arm Ethos-U
+    NPU configurations Arm's Vela compiler knows (``ethos-u55-128``: an Ethos-U55 with 128 MACs per cycle)."""
+
+    litert = "litert"
+    tflm = "tflm"
+    ethos_u55_32 = "ethos-u55-32"
+    ethos_u55_64 = "ethos-u55-64"
+    ethos_u55_128 = "ethos-u55-128"
+    ethos_u55_256 = "ethos-u55-256"
+    ethos_u65_256 = "ethos-u65-256"
+    ethos_u65_512 = "ethos-u65-512"
+    ethos_u85_128 = "ethos-u85-128"
+    ethos_u85_256 = "ethos-u85-256"
+    ethos_u85_512 = "ethos-u85-512"
+    ethos_u85_1024 = "ethos-u85-1024"
+    ethos_u85_2048 = "ethos-u85-2048"
+
+    @property
+    def npu(self) -> bool:
+        """An Ethos-U configuration: compiled by Vela."""
+        return self.value.startswith("ethos-u")
+
+
+# Vela's system configuration and memory mode are names of sections in its configuration file.
+VELA_SECTION = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
 def refuse_credentials(url: str | None, what: str) -> str | None:
     """Parameters are stored by Prefect and shown in its UI: a URL that carries a secret is refused."""
     if carries_credentials(url or ""):
@@ -447,6 +476,71 @@ class ValidationParameters(_Parameters):
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Interpreter threads (default: the machine's CPU count)."
     )
+    targets: tuple[DeviceTarget, ...] = Field(
+        (DeviceTarget.litert,),
+        min_length=1,
+        description="Where the model will run, comma-separated: litert (the LiteRT Interpreter), tflm (TensorFlow "
+        "Lite Micro: its interpreter runs the test split and its allocator measures the arena) and Ethos-U NPUs "
+        "as Vela names them (ethos-u55-128, ethos-u65-256, ethos-u85-256, ...: Vela compiles the model). The gate "
+        "and the device budgets judge each.",
+        json_schema_extra={OPTION_NAME: "target"},
+    )
+    tflm_samples: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="With --target tflm: test rows TFLite Micro runs (a seeded draw; default: the whole test split). "
+        "Its reference kernels run one sample at a time, far slower than LiteRT on large models.",
+    )
+    vela_system_config: str | None = Field(
+        None,
+        description="With an Ethos-U target: the system configuration of Vela's Arm/vela.ini (e.g. "
+        "Ethos_U55_High_End_Embedded; default: Vela's for the accelerator). It sets the clocks and memory speeds.",
+    )
+    vela_memory_mode: str | None = Field(
+        None,
+        description="With an Ethos-U target: the memory mode of Vela's Arm/vela.ini (e.g. Shared_Sram, "
+        "Dedicated_Sram; default: Vela's).",
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _known_targets(cls, value: object) -> object:
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)):
+            return value
+        known = {t.value: t for t in DeviceTarget}
+        chosen = []
+        for name in names:
+            key = name.value if isinstance(name, DeviceTarget) else str(name).strip().lower()
+            if key not in known:
+                raise ValueError(f"unknown target {key!r}: choose from {', '.join(known)}")
+            if known[key] not in chosen:
+                chosen.append(known[key])
+        return tuple(chosen)
+
+    @field_validator("vela_system_config", "vela_memory_mode")
+    @classmethod
+    def _a_vela_section(cls, value: str | None) -> str | None:
+        if value is not None and not VELA_SECTION.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a section name of Vela's configuration file: letters, digits and _ (`vela "
+                "--list-configs Arm/vela.ini` lists them)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _vela_sections_together(self) -> ValidationParameters:
+        if (self.vela_system_config is None) != (self.vela_memory_mode is None):
+            raise ValueError(
+                "give --vela-system-config and --vela-memory-mode together (Vela takes a configuration of its own "
+                "only whole), or neither for Vela's defaults"
+            )
+        return self
+
+    @property
+    def npu_targets(self) -> tuple[DeviceTarget, ...]:
+        return tuple(t for t in self.targets if t.npu)
 
 
 class GateParameters(_Parameters):
@@ -495,11 +589,21 @@ class GateParameters(_Parameters):
 
     ram_budget: ByteSize | None = Field(
         None,
-        description="Largest accepted tensor arena of the quantized model (peak RAM for its tensors, one sample at a "
-        "time, as planned from its execution plan), e.g. 256KiB; the report has the figure.",
+        description="Largest accepted RAM of the quantized model on each target, e.g. 256KiB: the tensor arena "
+        "TFLite Micro's allocator needs (--target tflm), the SRAM Vela places for an Ethos-U, the arena planned for "
+        "LiteRT (--target litert). The report has each figure.",
     )
     flash_budget: ByteSize | None = Field(
-        None, description="Largest accepted size of the quantized .tflite file (what a device stores), e.g. 1MiB."
+        None,
+        description="Largest accepted flash of the quantized model on each target, e.g. 1MiB: the .tflite file "
+        "(litert, tflm), or what Vela places in flash for an Ethos-U.",
+    )
+    min_npu_ops: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="With an Ethos-U target: smallest accepted share of the model's operators Vela places on the "
+        "NPU (e.g. 1.0: every operator).",
     )
 
     @field_validator("ram_budget", "flash_budget", mode="before")

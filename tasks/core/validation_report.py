@@ -15,12 +15,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.core.artifacts import FidelityFigures, OutputFigures, RepairStep
+from ptqflow.tasks.core.artifacts import FidelityFigures, NpuFigures, OutputFigures, RepairStep, TflmFigures
+from ptqflow.tasks.core.parameters import DeviceTarget
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
 # 3: the task's figures; accuracies null for tasks without classes. 4: device footprints. 5: above
-# DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix.
-REPORT_VERSION = 5
+# DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix. 6: device
+# targets (--target): TFLite Micro's run and arena, Vela's compilation per Ethos-U.
+REPORT_VERSION = 6
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -260,6 +262,11 @@ class ValidationMetrics(FidelityFigures):
     device: dict[ModelKind, DeviceFootprint] = Field(
         default_factory=dict, description="Flash and tensor-arena RAM of each .tflite (empty in older reports)."
     )
+    targets: tuple[DeviceTarget, ...] = Field(
+        (DeviceTarget.litert,), description="Where the model will run (--target); older reports: LiteRT only."
+    )
+    tflm: TflmFigures | None = Field(None, description="With --target tflm: TensorFlow Lite Micro's figures.")
+    npu: list[NpuFigures] = Field(default_factory=list, description="Vela's compilation for each Ethos-U target.")
 
 
 class PromotionDecision(BaseModel):

@@ -15,6 +15,7 @@ run time (LiteRT allocates those apart, while they run).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -222,33 +223,62 @@ def in_kib(size: int) -> str:
     return f"{size / 1024:,.1f} KiB ({size:,} B)"
 
 
-def budget_problems(flash_bytes: int, arena_bytes: int | None, gate: GateParameters) -> list[tuple[str, str]]:
-    """What does not fit ``--ram-budget`` or ``--flash-budget``, each with what would help."""
+@dataclass(frozen=True)
+class Footprint:
+    """What one target needs of a device, as its own runtime or compiler measured it."""
+
+    target: str  # in words: "LiteRT", "TFLite Micro", "ethos-u55-128"
+    flash_bytes: int | None
+    ram_bytes: int | None
+    ram_figure: str  # what the RAM figure is: "its tensor arena (planned)", "the arena TFLM's allocator needs"
+    flash_figure: str = "its .tflite"
+
+
+def litert_footprint(flash_bytes: int, arena_bytes: int | None) -> Footprint:
+    return Footprint("LiteRT", flash_bytes, arena_bytes, "its tensor arena")
+
+
+def footprint_problems(footprints: Sequence[Footprint], gate: GateParameters) -> list[tuple[str, str]]:
+    """What does not fit ``--ram-budget`` or ``--flash-budget`` on each target, each with what would help."""
     problems = []
-    if gate.ram_budget is not None:
-        if arena_bytes is None:
-            problems.append(
-                ("its tensor arena was not measured", "validate it again (a record from before ptqflow measured it)")
-            )
-        elif arena_bytes > gate.ram_budget:
-            problems.append(
-                (
-                    f"its tensor arena needs {in_kib(arena_bytes)}, over --ram-budget {in_kib(gate.ram_budget)}",
-                    "a smaller input (--image-size) or narrower layers need less, or raise --ram-budget",
+    several = len(footprints) > 1
+    for footprint in footprints:
+        on = f"on {footprint.target}, " if several or footprint.target != "LiteRT" else ""
+        if gate.ram_budget is not None:
+            if footprint.ram_bytes is None:
+                problems.append(
+                    (
+                        f"{on}{footprint.ram_figure} was not measured",
+                        "validate it again (a record from before ptqflow measured it)",
+                    )
                 )
-            )
-    if gate.flash_budget is not None and flash_bytes > gate.flash_budget:
-        problems.append(
-            (
-                f"its .tflite is {in_kib(flash_bytes)}, over --flash-budget {in_kib(gate.flash_budget)}",
-                "fewer weights, or int8 weights in every layer (none kept in float by repair), store less; or raise "
-                "--flash-budget",
-            )
-        )
+            elif footprint.ram_bytes > gate.ram_budget:
+                problems.append(
+                    (
+                        f"{on}{footprint.ram_figure} needs {in_kib(footprint.ram_bytes)}, over --ram-budget "
+                        f"{in_kib(gate.ram_budget)}",
+                        "a smaller input (--image-size) or narrower layers need less, or raise --ram-budget",
+                    )
+                )
+        if gate.flash_budget is not None and footprint.flash_bytes is not None:
+            if footprint.flash_bytes > gate.flash_budget:
+                problems.append(
+                    (
+                        f"{on}{footprint.flash_figure} is {in_kib(footprint.flash_bytes)}, over --flash-budget "
+                        f"{in_kib(gate.flash_budget)}",
+                        "fewer weights, or int8 weights in every layer (none kept in float by repair), store less; "
+                        "or raise --flash-budget",
+                    )
+                )
     return problems
 
 
-def over_budget(flash_bytes: int, arena_bytes: int | None, gate: GateParameters) -> str | None:
+def budget_problems(flash_bytes: int, arena_bytes: int | None, gate: GateParameters) -> list[tuple[str, str]]:
+    """What does not fit ``--ram-budget`` or ``--flash-budget`` on LiteRT, each with what would help."""
+    return footprint_problems([litert_footprint(flash_bytes, arena_bytes)], gate)
+
+
+def over_budget(footprints: Sequence[Footprint], gate: GateParameters) -> str | None:
     """Why a model does not fit the device budgets, with what would help; None if it fits."""
-    problems = budget_problems(flash_bytes, arena_bytes, gate)
+    problems = footprint_problems(footprints, gate)
     return "; ".join(f"{what}: {fix}" for what, fix in problems) or None

@@ -9,8 +9,8 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ptqflow.tasks.core.artifacts import RepairResult, ValidationFigures, WorstLayer
-from ptqflow.tasks.core.parameters import GateParameters, ModelTask, TargetOps
-from ptqflow.tasks.evaluation.device import over_budget
+from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, ModelTask, TargetOps
+from ptqflow.tasks.evaluation.device import Footprint, litert_footprint, over_budget
 from ptqflow.tasks.evaluation.fidelity import judge_fidelity
 
 
@@ -30,7 +30,9 @@ class GateResult(BaseModel):
 
     name: str = Field(
         description="The check that decided: accuracy_drop (classification), error_increase (regression), "
-        "float_fidelity (unlabeled), repeatable, device_budget (--ram-budget, --flash-budget) or sweep."
+        "float_fidelity (unlabeled), repeatable, device_runtime (a target's runtime or compiler refused the model), "
+        "device_fidelity (TFLite Micro's outputs fail the gate), npu_coverage (--min-npu-ops), device_budget "
+        "(--ram-budget, --flash-budget) or sweep."
     )
     status: GateStatus
     observed_drop_pp: float | None
@@ -134,22 +136,93 @@ def check_gate(
     ops: TargetOps | None = None,
     repair: RepairResult | None = None,
 ) -> GateResult:
-    """Judge a validation by its task's figure (``tasks.evaluation.fidelity``), then, if it passes, by the device
-    "budgets
-    (``--ram-budget``, ``--flash-budget``): a model that does not fit fails as ``device_budget``."""
+    """Judge a validation by its task's figure (``tasks.evaluation.fidelity``), then, if it passes, on each device
+    target the run names (``--target``): TFLite Micro must run the model and meet the same gate, Vela must compile
+    it (and place ``--min-npu-ops`` of it on the NPU), and each target's measured RAM and flash must fit
+    ``--ram-budget`` and ``--flash-budget``. A model that fails there fails as ``device_runtime``,
+    ``device_fidelity``, ``npu_coverage`` or ``device_budget``, the message naming every problem."""
     verdict = check_fidelity_gate(result, gate, ops, repair)
-    over = over_budget(result.quantized_bytes, result.arena_bytes, gate) if result.validated else None
-    if over is None:
+    if not result.validated:
+        return verdict
+    problems = target_problems(result, gate)
+    over = over_budget(target_footprints(result), gate)
+    if over is not None:
+        problems.append(("device_budget", over))
+    if not problems:
         return verdict
     if not verdict.passed:
-        return verdict.model_copy(update={"message": f"{verdict.message}; and it does not fit the device: {over}"})
+        also = "; ".join(f"it does not fit the device: {m}" if n == "device_budget" else m for n, m in problems)
+        return verdict.model_copy(update={"message": f"{verdict.message}; and {also}"})
+    described = "; ".join(message for _, message in problems)
+    name = problems[0][0]
+    title = "device budget failed" if name == "device_budget" else "device gate failed"
     return verdict.model_copy(
-        update={
-            "name": "device_budget",
-            "status": GateStatus.failed,
-            "message": f"device budget failed: {over}; {verdict.message}",
-        }
+        update={"name": name, "status": GateStatus.failed, "message": f"{title}: {described}; {verdict.message}"}
     )
+
+
+def target_footprints(result: ValidationFigures) -> list[Footprint]:
+    """Each target's RAM and flash, as its own runtime or compiler measured them."""
+    footprints = []
+    if DeviceTarget.litert in result.targets:
+        footprints.append(litert_footprint(result.quantized_bytes, result.arena_bytes))
+    if DeviceTarget.tflm in result.targets and result.tflm is not None and result.tflm.ran:
+        footprints.append(
+            Footprint(
+                "TFLite Micro",
+                result.quantized_bytes,
+                result.tflm.arena_bytes,
+                "its tensor arena (measured by TFLM's allocator)",
+            )
+        )
+    for npu in result.npu:
+        if npu.compiled:
+            footprints.append(
+                Footprint(
+                    npu.target.value,
+                    npu.flash_bytes,
+                    npu.sram_bytes,
+                    "its SRAM (Vela's figure)",
+                    "its flash (Vela's figure)",
+                )
+            )
+    return footprints
+
+
+def target_problems(result: ValidationFigures, gate: GateParameters) -> list[tuple[str, str]]:
+    """Why the model fails on a target the run names, besides the budgets: (gate name, message with the fix)."""
+    problems = []
+    tflm = result.tflm
+    if DeviceTarget.tflm in result.targets and tflm is not None:
+        if not tflm.ran:
+            problems.append(
+                (
+                    "device_runtime",
+                    f"TFLite Micro cannot run it ({tflm.not_run_reason}): convert with --ops int8 (every operator "
+                    "then has an integer TFLM kernel), or replace the operator it names",
+                )
+            )
+        elif tflm.figures is not None and (verdict := judge_fidelity(tflm.figures, gate)) and not verdict.passed:
+            problems.append(
+                (
+                    "device_fidelity",
+                    f"on TFLite Micro ({tflm.samples} rows) {verdict.observed}; the gate asks {verdict.limit}",
+                )
+            )
+    for npu in result.npu:
+        if not npu.compiled:
+            problems.append(("device_runtime", f"Vela cannot compile it for {npu.target.value} ({npu.error})"))
+        elif gate.min_npu_ops is not None and (npu.npu_share or 0.0) < gate.min_npu_ops:
+            on_cpu = ", ".join(f"{o.op} ({o.reason})" for o in npu.cpu_operators[:3])
+            problems.append(
+                (
+                    "npu_coverage",
+                    f"Vela places {npu.npu_share or 0.0:.1%} of its operators on the {npu.target.value} NPU, under "
+                    f"--min-npu-ops {gate.min_npu_ops:.1%}; on the CPU: {on_cpu or 'none named'}: convert with "
+                    "--ops int8 and integer I/O, or replace those operators",
+                )
+            )
+    return problems
 
 
 def check_fidelity_gate(

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.tasks.core.artifacts import RepairResult
-from ptqflow.tasks.core.parameters import ConversionParameters, ModelTask, ValidationParameters
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.core.artifacts import ModelOutput, RepairResult, TflmFigures
+from ptqflow.tasks.core.parameters import ConversionParameters, DeviceTarget, ModelTask, ValidationParameters
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ModelMetrics, RepairCost, ValidationMetrics
 from ptqflow.tasks.evaluation.device import device_footprint
@@ -34,6 +35,8 @@ from ptqflow.tasks.evaluation.metrics import (
     task_figures,
     worst_sqnr,
 )
+from ptqflow.tasks.evaluation.tflm import tflm_figures
+from ptqflow.tasks.evaluation.vela import VelaCompilation, compile_for_npu
 from ptqflow.tasks.models.feeds import model_input_slots, predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
 
@@ -161,6 +164,33 @@ def evaluate_models(
             "models": models,
         }
     )
+
+
+def measure_on_targets(
+    quantized_tflite: bytes,
+    features: np.ndarray,
+    labels: np.ndarray,
+    keras_outputs: np.ndarray,
+    params: ValidationParameters,
+    task: ModelTask,
+    layout: tuple[ModelOutput, ...] = (),
+    inputs: tuple[InputSlot, ...] = (),
+) -> tuple[TflmFigures | None, list[VelaCompilation]]:
+    """The quantized model on each device target the run names besides LiteRT: run by TFLite Micro on the test
+    split (``tasks.evaluation.tflm``), compiled by Vela for each Ethos-U (``tasks.evaluation.vela``)."""
+    tflm = None
+    if DeviceTarget.tflm in params.targets:
+        report("validate_with_interpreter", "running the test split on TensorFlow Lite Micro")
+        tflm = tflm_figures(
+            quantized_tflite, features, labels, keras_outputs, task, layout, inputs, params.tflm_samples
+        )
+    compilations = []
+    for target in params.npu_targets:
+        report("validate_with_interpreter", f"compiling for {target.value} with Vela")
+        compilations.append(
+            compile_for_npu(quantized_tflite, target, params.vela_system_config, params.vela_memory_mode)
+        )
+    return tflm, compilations
 
 
 def per_layer_errors(

@@ -38,6 +38,7 @@ from ptqflow.storage.store import (
     sha256_bytes,
 )
 from ptqflow.tasks.release.documents import ExportLocation, ExportPointer, RunManifest, first_problem
+from ptqflow.tasks.release.firmware import DEVICE_EXPORT_FILES
 from ptqflow.tasks.release.targets import ExportTarget, PointerMoved, Release
 
 EXPORT_FILES = {
@@ -51,7 +52,8 @@ EXPORT_FILES = {
 }
 # Exported when a run has them: the digests of the rows a model trained on, when its splits were the source's own
 # (a later run's champion check reads them; see tasks.release.promotion.rows_unseen_by).
-OPTIONAL_EXPORT_FILES = {"seen_rows": "seen_rows.parquet"}
+# And the device files of its targets (--target): model_data.cc/.h for TFLM, a _vela.tflite per Ethos-U.
+OPTIONAL_EXPORT_FILES = {"seen_rows": "seen_rows.parquet", **DEVICE_EXPORT_FILES}
 
 
 def export_file_name(name: str, ref: ArtifactRef) -> str:

@@ -4,10 +4,12 @@ stage's (``tasks.stages.report``), so that a change to a view reruns no validati
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
-from ptqflow.storage.store import ArtifactStore
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
 from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.core.artifacts import (
     CalibrationSet,
@@ -22,12 +24,19 @@ from ptqflow.tasks.core.artifacts import (
 )
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
-from ptqflow.tasks.core.parameters import ConversionParameters, QuantizationScheme, ValidationParameters
+from ptqflow.tasks.core.parameters import (
+    ConversionParameters,
+    DeviceTarget,
+    QuantizationScheme,
+    ValidationParameters,
+)
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ValidationReport
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
-from ptqflow.tasks.evaluation.validation import evaluate_models, per_layer_errors, repair_cost
+from ptqflow.tasks.evaluation.validation import evaluate_models, measure_on_targets, per_layer_errors, repair_cost
 from ptqflow.tasks.models.feeds import predict_keras
+from ptqflow.tasks.models.outputs import model_outputs
+from ptqflow.tasks.release.firmware import FIRMWARE_LABELS, model_data_files, vela_label
 
 
 @task(
@@ -82,6 +91,31 @@ def validate_with_interpreter(
             calibration_features = read_parquet(f).features
         layers, layers_unavailable = per_layer_errors(keras_model, calibration_features, conversion, 64)
     metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
+    device_files: dict[str, ArtifactRef] = {}
+    if metrics.validated and params.targets != (DeviceTarget.litert,):
+        quantized_bytes = store.read_bytes(converted.quantized)
+        tflm, compilations = measure_on_targets(
+            quantized_bytes,
+            test.features,
+            test.labels,
+            keras_outputs,
+            params,
+            dataset.spec.task,
+            model_outputs(keras_model),
+            dataset.spec.inputs,
+        )
+        npu = []
+        for compilation in compilations:
+            figures = compilation.figures
+            if compilation.compiled is not None:
+                compiled = store.put_bytes(compilation.compiled, suffix=".tflite")
+                device_files[vela_label(figures.target)] = compiled
+                figures = figures.model_copy(update={"compiled_model": compiled})
+            npu.append(figures)
+        if tflm is not None and tflm.ran:
+            for name, data in model_data_files(quantized_bytes, converted.quantized.sha256, tflm).items():
+                device_files[FIRMWARE_LABELS[name]] = store.put_bytes(data, suffix=Path(name).suffix)
+        metrics = metrics.model_copy(update={"targets": params.targets, "tflm": tflm, "npu": npu})
     if repair is not None:
         metrics = metrics.model_copy(
             update={
@@ -126,4 +160,8 @@ def validate_with_interpreter(
         if ModelKind.quantized_tflite in metrics.device
         else None,
         rerun_max_difference=metrics.rerun_max_difference,
+        targets=params.targets,
+        tflm=metrics.tflm,
+        npu=tuple(metrics.npu),
+        device_files=device_files,
     )

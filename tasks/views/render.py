@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ptqflow.tasks.core.artifacts import ValidationFigures
-from ptqflow.tasks.core.parameters import ConversionParameters, GateParameters, ModelTask, RankBy
+from ptqflow.tasks.core.parameters import ConversionParameters, DeviceTarget, GateParameters, ModelTask, RankBy
 from ptqflow.tasks.core.validation_report import (
     LayerError,
     ModelKind,
@@ -26,7 +26,7 @@ from ptqflow.tasks.core.validation_report import (
     ValidationReport,
     ranking_margin,
 )
-from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, gate_in_words
+from ptqflow.tasks.evaluation.fidelity import Figures, fidelity_in_words, gate_in_words, judge_fidelity
 from ptqflow.tasks.evaluation.gate import describe_layers
 from ptqflow.tasks.quantization.ranges import RANGE_METHODS
 from ptqflow.tasks.release.documents import RunManifest
@@ -171,6 +171,110 @@ def device_lines(metrics: ValidationMetrics) -> list[str]:
                 " apart; the plan counts them at batch 1)"
             )
         lines.append(sentence + (f"; {d.note}" if d.note else ""))
+    return lines
+
+
+TARGET_HEADER = ["target", "measured by", "task figure", "RAM", "flash", "speed", "operators"]
+
+
+def _judged_figure(figures: Figures) -> str:
+    verdict = judge_fidelity(figures, GateParameters())
+    return verdict.figure if verdict else MISSING
+
+
+def target_rows(metrics: ValidationMetrics | ValidationFigures) -> list[list[str]]:
+    """One row per device target (``--target``), each figure from the target's own runtime or compiler."""
+    rows = []
+    if DeviceTarget.litert in metrics.targets:
+        rows.append(
+            [
+                "LiteRT",
+                "LiteRT Interpreter (XNNPACK)",
+                _judged_figure(metrics) if metrics.validated else MISSING,
+                kib(target_arena(metrics)) + " arena (planned)",
+                kib(metrics.quantized_bytes),
+                "see Models (host CPU)",
+                "",
+            ]
+        )
+    tflm = metrics.tflm
+    if tflm is not None:
+        rows.append(
+            [
+                "TFLite Micro",
+                tflm.runtime,
+                (_judged_figure(tflm.figures) + f" on {tflm.samples:,} rows")
+                if tflm.figures
+                else f"not run: {tflm.not_run_reason}",
+                kib(tflm.arena_bytes) + " arena (allocator)" if tflm.arena_bytes is not None else MISSING,
+                kib(metrics.quantized_bytes),
+                "reference kernels (not timed)",
+                f"{len(tflm.ops)} builtin" if tflm.ran else MISSING,
+            ]
+        )
+    for npu in metrics.npu:
+        if not npu.compiled:
+            rows.append([npu.target.value, npu.compiler, f"not compiled: {npu.error}", MISSING, MISSING, MISSING, ""])
+            continue
+        rows.append(
+            [
+                npu.target.value,
+                f"{npu.compiler} ({npu.system_config}, {npu.memory_mode})",
+                "compiled only (not run)",
+                kib(npu.sram_bytes) + " SRAM",
+                kib(npu.flash_bytes),
+                f"{npu.inferences_per_second:,.0f} inferences/s (est., {(npu.clock_hz or 0) / 1e6:,.0f} MHz)"
+                if npu.inferences_per_second
+                else MISSING,
+                f"{npu.npu_ops} of {npu.npu_ops + npu.cpu_ops} on the NPU",
+            ]
+        )
+    return rows
+
+
+def target_arena(metrics: ValidationMetrics | ValidationFigures) -> int | None:
+    if isinstance(metrics, ValidationMetrics):
+        footprint = metrics.device.get(ModelKind.quantized_tflite)
+        return footprint.arena_bytes if footprint else None
+    return metrics.arena_bytes
+
+
+def target_lines(metrics: ValidationMetrics | ValidationFigures) -> list[str]:
+    """What the targets' figures mean, as bullets: TFLM against LiteRT, its arena's parts, what Vela left to the
+    CPU."""
+    lines = []
+    tflm = metrics.tflm
+    if tflm is not None and tflm.ran:
+        rows = f"{tflm.samples:,} test rows" + (
+            f" (a draw with seed {tflm.subset_seed}, --tflm-samples)" if tflm.subset_seed is not None else ""
+        )
+        lines.append(
+            f"- TFLite Micro ran {rows}: its outputs equal LiteRT's bit for bit on "
+            f"{percent(tflm.identical_to_litert)} of them and differ by at most "
+            f"{number(tflm.max_difference_lsb, digits=0)} quantization step(s) (its reference kernels round "
+            "differently from LiteRT's optimized ones)."
+        )
+        head, tail = tflm.arena_head_bytes or 0, tflm.arena_tail_bytes or 0
+        temporary = (tflm.arena_bytes or 0) - head - tail
+        lines.append(
+            f"- TFLite Micro's arena: {tflm.arena_bytes:,} B, the smallest it allocates the model in (model_data.h "
+            f"declares it as kTensorArenaSize): {head:,} B of activations and {tail:,} B it keeps for the model's "
+            "lifetime (eval tensors, per-channel multipliers and shifts, node structs), as its recording allocator "
+            "reports them"
+            + (
+                f", and {temporary:,} B its operators take temporarily while they are prepared."
+                if temporary > 0
+                else "."
+            )
+        )
+    for npu in metrics.npu:
+        if npu.compiled and npu.cpu_operators:
+            lines.append(
+                f"- {npu.target.value}: Vela leaves {npu.cpu_ops} operator(s) to the CPU: "
+                + "; ".join(f"{o.op} `{o.tensor[:60]}` ({o.reason})" for o in npu.cpu_operators[:10])
+            )
+        elif npu.compiled:
+            lines.append(f"- {npu.target.value}: Vela places every operator on the NPU.")
     return lines
 
 
@@ -379,6 +483,15 @@ def render_markdown(report: ValidationReport) -> str:
             "",
             *device_lines(metrics),
         ]
+    if metrics.targets != (DeviceTarget.litert,):
+        parts += [
+            "",
+            "## Targets",
+            "",
+            markdown_table(TARGET_HEADER, target_rows(metrics)),
+            "",
+            *target_lines(metrics),
+        ]
     if metrics.repair:
         parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
     dense = any(m.confusion_matrix for m in metrics.models.values())
@@ -550,6 +663,8 @@ def render_html(report: ValidationReport) -> str:
             bullets(device_lines(metrics)),
             image("memory", "tensor memory live per operator"),
         ]
+    if metrics.targets != (DeviceTarget.litert,):
+        parts += ["<h2>Targets</h2>", _html_table(TARGET_HEADER, target_rows(metrics)), bullets(target_lines(metrics))]
     if metrics.repair:
         parts += ["<h2>Repair</h2>", bullets(_repair_lines(metrics.repair))]
     if images.get("confusion"):
@@ -710,8 +825,17 @@ def run_summary_markdown(summary: RunSummary) -> str:
             "",
             f"{fidelity_figures(m) if m.validated else 'Not validated'}; full integer: "
             f"{'yes' if m.full_integer else 'no'}"
-            + (f"; tensor arena {kib(m.arena_bytes)} (batch 1)." if m.arena_bytes is not None else "."),
+            + (
+                f"; tensor arena {kib(m.arena_bytes)} (batch 1)."
+                if m.arena_bytes is not None and DeviceTarget.litert in m.targets
+                else "."
+            ),
             "",
+            *(
+                [markdown_table(TARGET_HEADER, target_rows(m)), "", *target_lines(m), ""]
+                if m.targets != (DeviceTarget.litert,)
+                else []
+            ),
             *([f"Worst layers: {describe_layers(m.worst_layers, 5)}", ""] if m.worst_layers else []),
             f"Quantized model: `{summary.artifacts['tflite'].uri}`",
             "",
@@ -815,9 +939,19 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
         models.add_row(kind.label, *([value] if figure else []), bytes_)
     console.print(stages)
     console.print(models)
+    if m.targets != (DeviceTarget.litert,):
+        targets = Table(title="Targets", title_justify="left")
+        for column in TARGET_HEADER:
+            targets.add_column(column)
+        for row in target_rows(m):
+            targets.add_row(*row)
+        console.print(targets)
+        for line in target_lines(m):
+            console.print(line, highlight=False, soft_wrap=True)
     if m.validated:
         integer = "yes" if m.full_integer else f"no ({len(m.float_tensors)} float tensors)"
-        arena = f"; tensor arena {kib(m.arena_bytes)} (batch 1)" if m.arena_bytes is not None else ""
+        litert = m.arena_bytes is not None and DeviceTarget.litert in m.targets
+        arena = f"; tensor arena {kib(m.arena_bytes)} (batch 1)" if litert else ""
         console.print(f"{fidelity_figures(m)}; full integer: {integer}{arena}", highlight=False)
     _print_gate(summary, console)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)

@@ -113,6 +113,43 @@ def test_a_device_budget_is_judged_without_recomputing_and_fails_in_one_line(fir
     assert report["metrics"]["device"]["quantized_tflite"]["arena_bytes"] == measured
 
 
+def test_device_targets_revalidate_without_reconverting_and_ship_their_files(first_run, cli, store, tmp_path):
+    import numpy as np
+
+    from ptqflow.tasks.evaluation.tflm import run_isolated
+
+    export = str(tmp_path / "export")
+    args = ("run", "--store", store, "--epochs", "6", "--target", "tflm,ethos-u55-128", "--export", export, "--json")
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    tasks = result["tasks"]
+    assert tasks["convert_to_tflite"]["cached"] and not tasks["validate_with_interpreter"]["cached"]
+    shipped = open(result["artifacts"]["tflite"]["uri"].removeprefix("file://"), "rb").read()
+    tflm, npu = result["metrics"]["tflm"], result["metrics"]["npu"]
+    assert tflm["ran"] and tflm["arena_bytes"] == run_isolated(shipped, np.zeros((1, 8, 8, 1))).arena.total_bytes
+    document = json.loads(open(result["artifacts"]["report"]["uri"].removeprefix("file://")).read())
+    assert tflm["samples"] == document["metrics"]["samples"] and document["metrics"]["tflm"] == tflm  # the test split
+    assert tflm["figures"]["accuracy_drop_pp"] is not None and 0 <= tflm["identical_to_litert"] <= 1
+    assert [n["target"] for n in npu] == ["ethos-u55-128"] and npu[0]["compiled"] and npu[0]["npu_ops"] > 0
+    assert {"tflite_vela_ethos-u55-128", "model_data_cc", "model_data_h"} <= set(result["artifacts"])
+    version = tmp_path / "export" / "versions" / result["export"]["version"]
+    assert {"model_vela_ethos-u55-128.tflite", "model_data.cc", "model_data.h"} <= {f.name for f in version.iterdir()}
+    assert f"kTensorArenaSize = {tflm['arena_bytes']};" in (version / "model_data.h").read_text()
+    report = open(result["artifacts"]["report_md"]["uri"].removeprefix("file://")).read()
+    assert "## Targets" in report and "ethos-u55-128" in report and "bit for bit" in report
+
+    # A RAM budget the planned LiteRT arena meets but TFLM's measured one does not: judged by TFLM's.
+    between = (result["metrics"]["arena_bytes"] + tflm["arena_bytes"]) // 2
+    over = cli(*args[:-3], "--ram-budget", str(between), "--json")
+    assert over.returncode == 1, over.stderr[-3000:]
+    verdict = json.loads(over.stdout)["gate"]
+    assert (
+        verdict["name"] == "device_budget" and f"({tflm['arena_bytes']:,} B), over --ram-budget" in verdict["message"]
+    )
+    assert all(stage["cached"] for stage in json.loads(over.stdout)["tasks"].values())
+
+
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
     from prefect.client.orchestration import get_client
 
@@ -150,6 +187,16 @@ DIGITS_TRAIN_ROWS = digits_train_rows()
         (["--dataset", "nope"], "unknown data set 'nope': choose one of cifar10, digits, fashion_mnist, mnist", set()),
         (["--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", set()),
         (["--calibration-size", "-5"], "invalid --calibration-size: Input should be greater than or equal to 1", set()),
+        (
+            ["--target", "tflm,ethos-u99"],
+            "invalid --target: unknown target 'ethos-u99': choose from litert, tflm, ethos-u55-32, ethos-u55-64",
+            set(),
+        ),
+        (
+            ["--vela-memory-mode", "Shared_Sram"],
+            "give --vela-system-config and --vela-memory-mode together",
+            set(),
+        ),
         (
             ["--ram-budget", "lots"],
             "invalid --ram-budget: 'lots' is not a size: give bytes or a unit, e.g. 262144, 256KiB or 1MB",

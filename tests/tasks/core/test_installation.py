@@ -128,3 +128,17 @@ def test_without_the_quantization_debugger_the_report_says_why_it_has_no_per_lay
         "ConversionFailed: tf.lite.experimental.QuantizationDebugger (per-layer error and repair) is missing from "
         "this installation"
     )
+
+
+def test_a_target_whose_runtime_is_missing_says_where_it_runs(monkeypatch):
+    import importlib.util
+
+    from ptqflow.tasks.core.installation import TargetRuntimeMissing, require_target_runtimes, target_runtime_problem
+    from ptqflow.tasks.core.parameters import DeviceTarget
+
+    assert target_runtime_problem((DeviceTarget.tflm, DeviceTarget.ethos_u55_128)) is None  # both installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tflite_micro" else real(name))
+    with pytest.raises(TargetRuntimeMissing, match="--target tflm needs .*Linux x86-64 only"):
+        require_target_runtimes((DeviceTarget.litert, DeviceTarget.tflm))
+    assert target_runtime_problem((DeviceTarget.litert, DeviceTarget.ethos_u55_128)) is None

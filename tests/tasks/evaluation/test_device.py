@@ -6,8 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptqflow.tasks.core.artifacts import FeatureSpec, ValidationFigures
-from ptqflow.tasks.core.parameters import GateParameters
+from ptqflow.tasks.core.artifacts import (
+    CpuOperator,
+    FeatureSpec,
+    NpuFigures,
+    TargetFidelity,
+    TflmFigures,
+    ValidationFigures,
+)
+from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters
 from ptqflow.tasks.evaluation.device import ExecutionPlan, contiguous_block, device_footprint, live_bytes, plan_arena
 from ptqflow.tasks.evaluation.gate import GateStatus, check_gate
 
@@ -159,3 +166,77 @@ def test_budgets_are_refused_in_words_a_user_can_fix():
     assert GateParameters(flash_budget="1MB").flash_budget == 1_000_000
     with pytest.raises(ValidationError, match="'lots' is not a size: give bytes or a unit, e.g. 262144, 256KiB"):
         GateParameters(ram_budget="lots")
+
+
+def tflm(**fields) -> TflmFigures:
+    ran = {
+        "runtime": "tflite-micro test",
+        "ran": True,
+        "samples": 360,
+        "arena_bytes": 7504,
+        "arena_head_bytes": 2560,
+        "arena_tail_bytes": 4944,
+        "figures": TargetFidelity(float_accuracy=0.95, quantized_accuracy=0.945, accuracy_drop_pp=0.5, agreement=0.99),
+    }
+    return TflmFigures(**{**ran, **fields})
+
+
+def npu(**fields) -> NpuFigures:
+    compiled = {
+        "target": DeviceTarget.ethos_u55_128,
+        "compiler": "ethos-u-vela test",
+        "compiled": True,
+        "npu_ops": 40,
+        "cpu_ops": 0,
+        "sram_bytes": 2560,
+        "flash_bytes": 76_512,
+    }
+    return NpuFigures(**{**compiled, **fields})
+
+
+def test_the_ram_budget_judges_each_target_by_its_own_runtimes_figure():
+    targets = (DeviceTarget.tflm, DeviceTarget.ethos_u55_128)
+    # LiteRT's planned 2.6 KiB would fit 4 KiB; TFLM's allocator needs 7.3 KiB: only the named targets count.
+    on_devices = figures(arena_bytes=2624, targets=targets, tflm=tflm(), npu=(npu(),))
+    verdict = check_gate(on_devices, GateParameters(ram_budget="4KiB"))
+    assert verdict.name == "device_budget" and not verdict.passed
+    assert "on TFLite Micro, its tensor arena (measured by TFLM's allocator) needs 7.3 KiB (7,504 B), over " in (
+        verdict.message
+    )
+    assert "--ram-budget 4.0 KiB (4,096 B)" in verdict.message and "ethos-u55-128" not in verdict.message
+    assert check_gate(on_devices, GateParameters(ram_budget=7504)).passed
+    with_litert = on_devices.model_copy(update={"targets": (DeviceTarget.litert, *targets)})
+    assert "LiteRT" in check_gate(with_litert, GateParameters(ram_budget=2000)).message
+    assert "its SRAM (Vela's figure) needs 2.5 KiB" in check_gate(on_devices, GateParameters(ram_budget=2000)).message
+
+
+def test_a_target_that_cannot_run_or_compile_the_model_fails_the_gate_naming_why():
+    refused = figures(targets=(DeviceTarget.tflm,), tflm=tflm(ran=False, not_run_reason="Didn't find op for SIGN"))
+    verdict = check_gate(refused, GateParameters())
+    assert verdict.name == "device_runtime" and "SIGN" in verdict.message and "--ops int8" in verdict.message
+    vela = figures(targets=(DeviceTarget.ethos_u55_128,), npu=(npu(compiled=False, error="Section not found"),))
+    verdict = check_gate(vela, GateParameters())
+    assert verdict.name == "device_runtime" and "Vela cannot compile it for ethos-u55-128 (Section not found)" in (
+        verdict.message
+    )
+
+
+def test_tflm_outputs_are_judged_by_the_same_gate_as_litert():
+    worse = tflm(
+        figures=TargetFidelity(float_accuracy=0.95, quantized_accuracy=0.93, accuracy_drop_pp=2.0, agreement=0.97)
+    )
+    verdict = check_gate(figures(targets=(DeviceTarget.tflm,), tflm=worse), GateParameters(max_accuracy_drop=1.0))
+    assert verdict.name == "device_fidelity" and not verdict.passed
+    assert "on TFLite Micro (360 rows) quantized accuracy 93.00% is 2.00 pp below float" in verdict.message
+    assert check_gate(figures(targets=(DeviceTarget.tflm,), tflm=worse), GateParameters(max_accuracy_drop=2.5)).passed
+
+
+def test_npu_coverage_is_gated_only_when_asked_and_names_the_cpu_operators():
+    partial = npu(
+        npu_ops=30, cpu_ops=10, cpu_operators=(CpuOperator(op="SIGN", tensor="sign", reason="Unsupported opType"),)
+    )
+    result = figures(targets=(DeviceTarget.ethos_u55_128,), npu=(partial,))
+    assert check_gate(result, GateParameters()).passed
+    verdict = check_gate(result, GateParameters(min_npu_ops=0.9))
+    assert verdict.name == "npu_coverage" and "75.0% of its operators" in verdict.message
+    assert "SIGN (Unsupported opType)" in verdict.message and "--min-npu-ops 90.0%" in verdict.message
