@@ -65,6 +65,7 @@ from ptqflow.tasks.views.render import (
     sweep_header,
     sweep_rows,
     sweep_summary_markdown,
+    sweep_targets,
     sweep_task,
 )
 
@@ -381,7 +382,10 @@ def announce(summary: RunSummary | SweepSummary, parameters: FlowParameters, swe
     1). ``parameters``: the flow's, by name."""
     if isinstance(summary, SweepSummary):
         create_table_artifact(
-            [dict(zip(sweep_header(sweep_task(summary.rows)), line)) for line in sweep_rows(summary.rows)],
+            [
+                dict(zip(sweep_header(sweep_task(summary.rows), sweep_targets(summary.rows)), line))
+                for line in sweep_rows(summary.rows)
+            ],
             key="ptq-sweep",
             description=f"{len(summary.rows) - 1} configurations ranked by {summary.rank_by}; best: "
             f"{summary.best or 'none'}",

@@ -32,6 +32,7 @@ from ptqflow.tasks.core.errors import ConversionFailed
 from ptqflow.tasks.core.installation import require_target_runtimes
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
+    DeviceTarget,
     GateParameters,
     QuantizationScheme,
     RegistryParameters,
@@ -123,10 +124,12 @@ def evaluate_grid(
     calibration_sets: dict[int, CalibrationSet],
     batch_size: int,
     latency_threads: int,
+    devices: ValidationParameters | None = None,
 ) -> tuple[list[SweepRow], FloatOutputs]:
     """Convert under every configuration, and evaluate each model as soon as its conversion is done, all on the
     task runner. A configuration the converter refuses becomes a row with the converter's message. Returns the
-    rows, the float reference first, and the float Keras model's outputs every model was compared with."""
+    rows, the float reference first, and the float Keras model's outputs every model was compared with. With
+    ``devices``, each quantized configuration is also measured on its device targets."""
     # The float model's outputs, which every evaluation compares with: predicted once, first in the queue.
     float_outputs = run.submit(predict_float_outputs, dataset=dataset, trained=trained, batch_size=batch_size)
     conversions: dict[str, Submitted] = {
@@ -162,6 +165,7 @@ def evaluate_grid(
             batch_size=batch_size,
             num_threads=latency_threads,
             outputs=trained.outputs,
+            **({"devices": devices} if devices is not None and name != FLOAT_REFERENCE else {}),
         )
     total = len(evaluations)
     results = {}
@@ -219,7 +223,14 @@ def ptq_sweep(
         sizes = {c.calibration_size for c in grid if c.calibration_size is not None}
         dataset, calibration_sets, trained = upstream_stages(run, seed, sampling, training, calibration, sorted(sizes))
         rows, float_outputs = evaluate_grid(
-            run, grid, dataset, trained, calibration_sets, validation.batch_size, sweep.latency_threads
+            run,
+            grid,
+            dataset,
+            trained,
+            calibration_sets,
+            validation.batch_size,
+            sweep.latency_threads,
+            validation if validation.targets != (DeviceTarget.litert,) else None,
         )
         rows = rank([judge(r, gate, sweep.require_full_integer) for r in rows], sweep.ranking)
         best = next((r for r in rows if r.passed), None)
@@ -240,6 +251,7 @@ def ptq_sweep(
                 tflite=best.measured().model,
                 tflite_float=next(r for r in rows if r.reference).measured().model,
                 report=validated.report,
+                **validated.device_files,
             )
         metrics = {"sweep": document["rows"], "best": document["best"]}
         if validated is not None:

@@ -8,7 +8,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from ptqflow.tasks.core.artifacts import RepairResult, ValidationFigures, WorstLayer
+from ptqflow.tasks.core.artifacts import NpuFigures, RepairResult, TflmFigures, ValidationFigures, WorstLayer
 from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, ModelTask, TargetOps
 from ptqflow.tasks.evaluation.device import Footprint, litert_footprint, over_budget
 from ptqflow.tasks.evaluation.fidelity import judge_fidelity
@@ -144,8 +144,10 @@ def check_gate(
     verdict = check_fidelity_gate(result, gate, ops, repair)
     if not result.validated:
         return verdict
-    problems = target_problems(result, gate)
-    over = over_budget(target_footprints(result), gate)
+    problems = target_problems(result.targets, result.tflm, result.npu, gate)
+    over = over_budget(
+        target_footprints(result.targets, result.tflm, result.npu, result.quantized_bytes, result.arena_bytes), gate
+    )
     if over is not None:
         problems.append(("device_budget", over))
     if not problems:
@@ -161,27 +163,28 @@ def check_gate(
     )
 
 
-def target_footprints(result: ValidationFigures) -> list[Footprint]:
+def target_footprints(
+    targets: Sequence[DeviceTarget],
+    tflm: TflmFigures | None,
+    npu: Sequence[NpuFigures],
+    file_bytes: int,
+    litert_arena_bytes: int | None,
+) -> list[Footprint]:
     """Each target's RAM and flash, as its own runtime or compiler measured them."""
     footprints = []
-    if DeviceTarget.litert in result.targets:
-        footprints.append(litert_footprint(result.quantized_bytes, result.arena_bytes))
-    if DeviceTarget.tflm in result.targets and result.tflm is not None and result.tflm.ran:
+    if DeviceTarget.litert in targets:
+        footprints.append(litert_footprint(file_bytes, litert_arena_bytes))
+    if DeviceTarget.tflm in targets and tflm is not None and tflm.ran:
         footprints.append(
-            Footprint(
-                "TFLite Micro",
-                result.quantized_bytes,
-                result.tflm.arena_bytes,
-                "its tensor arena (measured by TFLM's allocator)",
-            )
+            Footprint("TFLite Micro", file_bytes, tflm.arena_bytes, "its tensor arena (measured by TFLM's allocator)")
         )
-    for npu in result.npu:
-        if npu.compiled:
+    for compiled in npu:
+        if compiled.compiled:
             footprints.append(
                 Footprint(
-                    npu.target.value,
-                    npu.flash_bytes,
-                    npu.sram_bytes,
+                    compiled.target.value,
+                    compiled.flash_bytes,
+                    compiled.sram_bytes,
                     "its SRAM (Vela's figure)",
                     "its flash (Vela's figure)",
                 )
@@ -189,11 +192,12 @@ def target_footprints(result: ValidationFigures) -> list[Footprint]:
     return footprints
 
 
-def target_problems(result: ValidationFigures, gate: GateParameters) -> list[tuple[str, str]]:
+def target_problems(
+    targets: Sequence[DeviceTarget], tflm: TflmFigures | None, npu: Sequence[NpuFigures], gate: GateParameters
+) -> list[tuple[str, str]]:
     """Why the model fails on a target the run names, besides the budgets: (gate name, message with the fix)."""
     problems = []
-    tflm = result.tflm
-    if DeviceTarget.tflm in result.targets and tflm is not None:
+    if DeviceTarget.tflm in targets and tflm is not None:
         if not tflm.ran:
             problems.append(
                 (
@@ -209,16 +213,18 @@ def target_problems(result: ValidationFigures, gate: GateParameters) -> list[tup
                     f"on TFLite Micro ({tflm.samples} rows) {verdict.observed}; the gate asks {verdict.limit}",
                 )
             )
-    for npu in result.npu:
-        if not npu.compiled:
-            problems.append(("device_runtime", f"Vela cannot compile it for {npu.target.value} ({npu.error})"))
-        elif gate.min_npu_ops is not None and (npu.npu_share or 0.0) < gate.min_npu_ops:
-            on_cpu = ", ".join(f"{o.op} ({o.reason})" for o in npu.cpu_operators[:3])
+    for compiled in npu:
+        if not compiled.compiled:
+            problems.append(
+                ("device_runtime", f"Vela cannot compile it for {compiled.target.value} ({compiled.error})")
+            )
+        elif gate.min_npu_ops is not None and (compiled.npu_share or 0.0) < gate.min_npu_ops:
+            on_cpu = ", ".join(f"{o.op} ({o.reason})" for o in compiled.cpu_operators[:3])
             problems.append(
                 (
                     "npu_coverage",
-                    f"Vela places {npu.npu_share or 0.0:.1%} of its operators on the {npu.target.value} NPU, under "
-                    f"--min-npu-ops {gate.min_npu_ops:.1%}; on the CPU: {on_cpu or 'none named'}: convert with "
+                    f"Vela places {compiled.npu_share or 0.0:.1%} of its operators on the {compiled.target.value} NPU, "
+                    f"under --min-npu-ops {gate.min_npu_ops:.1%}; on the CPU: {on_cpu or 'none named'}: convert with "
                     "--ops int8 and integer I/O, or replace those operators",
                 )
             )

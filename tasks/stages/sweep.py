@@ -19,7 +19,7 @@ from ptqflow.storage.tables import TensorTable, read_parquet, write_parquet_byte
 from ptqflow.tasks.core.artifacts import CalibrationSet, FloatOutputs, ModelOutput, SampledDataset, TrainedModel
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
-from ptqflow.tasks.core.parameters import ConversionParameters
+from ptqflow.tasks.core.parameters import ConversionParameters, ValidationParameters
 from ptqflow.tasks.models.feeds import predict_keras
 from ptqflow.tasks.quantization.converter import convert_float, quantize, stored_calibration_batches
 from ptqflow.tasks.sweep.ranking import (
@@ -91,8 +91,10 @@ def evaluate_configuration(
     batch_size: int,
     num_threads: int,
     outputs: tuple[ModelOutput, ...] = (),
+    devices: ValidationParameters | None = None,
 ) -> ConfigurationMetrics:
-    """One configuration's figures; ``outputs``: the float model's (``TrainedModel.outputs``)."""
+    """One configuration's figures; ``outputs``: the float model's (``TrainedModel.outputs``); ``devices``: the
+    device targets to measure it on besides LiteRT (None: LiteRT only, and the key of a sweep without targets)."""
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
@@ -109,6 +111,7 @@ def evaluate_configuration(
         dataset.spec.task,
         outputs,
         dataset.spec.inputs,
+        devices,
     )
     return ConfigurationMetrics(
         model=candidate.model,

@@ -15,13 +15,15 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.core.artifacts import ModelOutput, OutputFigures, StageOutput
-from ptqflow.tasks.core.parameters import GateParameters, ModelTask, RankBy
-from ptqflow.tasks.evaluation.device import budget_problems, device_footprint
+from ptqflow.tasks.core.artifacts import ModelOutput, NpuFigures, OutputFigures, StageOutput, TflmFigures
+from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, ModelTask, RankBy, ValidationParameters
+from ptqflow.tasks.evaluation.device import Footprint, device_footprint, footprint_problems
 from ptqflow.tasks.evaluation.fidelity import fidelity_loss, judge_fidelity
-from ptqflow.tasks.evaluation.gate import GATE_OPTION, GateResult, GateStatus
+from ptqflow.tasks.evaluation.gate import GATE_OPTION, GateResult, GateStatus, target_footprints, target_problems
 from ptqflow.tasks.evaluation.interpreter import audit_tensor_types, predict_tflite, rerun_max_difference, tflite_speed
 from ptqflow.tasks.evaluation.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics, worst_sqnr
+from ptqflow.tasks.evaluation.tflm import tflm_figures
+from ptqflow.tasks.evaluation.vela import compile_for_npu
 from ptqflow.tasks.sweep.grid import FLOAT_REFERENCE, SweepConfiguration
 
 # Each configuration's latency and throughput are measured for this long (each): enough for a stable median at
@@ -79,6 +81,11 @@ class ConfigurationMetrics(StageOutput):
     input_type: str
     output_type: str
     ops: tuple[str, ...]
+    targets: tuple[DeviceTarget, ...] = Field(
+        (DeviceTarget.litert,), description="The device targets measured (--target); the float reference: LiteRT."
+    )
+    tflm: TflmFigures | None = None
+    npu: tuple[NpuFigures, ...] = ()
 
 
 def configuration_metrics(
@@ -92,9 +99,11 @@ def configuration_metrics(
     task: ModelTask = ModelTask.classification,
     layout: tuple[ModelOutput, ...] = (),
     inputs: tuple[InputSlot, ...] = (),
+    devices: ValidationParameters | None = None,
 ) -> dict[str, Any]:
     """Pure: the task's figures (accuracy, or MAE against the targets), agreement with float, output error, latency
-    and the dtype audit of one ``.tflite``; ``reference`` is the float Keras model's outputs on ``features``."""
+    and the dtype audit of one ``.tflite``; ``reference`` is the float Keras model's outputs on ``features``. With
+    ``devices``, also its figures on each device target named there (TFLite Micro's run, Vela's compilation)."""
     audit = audit_tensor_types(model_bytes)
     float_accuracy = accuracy(reference, labels) if task is ModelTask.classification else None
     float_mae = mean_absolute_error(reference, labels) if task is ModelTask.regression else None
@@ -146,7 +155,30 @@ def configuration_metrics(
         "latency_p95_ms": speed.latency_ms.p95,
         "throughput_per_s": speed.throughput_per_s,
         "rerun_max_difference": rerun_max_difference(model_bytes, features, outputs, batch_size, num_threads, inputs),
+        **(device_figures(model_bytes, features, labels, reference, task, layout, inputs, devices) if devices else {}),
     }
+
+
+def device_figures(
+    model_bytes: bytes,
+    features: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    task: ModelTask,
+    layout: tuple[ModelOutput, ...],
+    inputs: tuple[InputSlot, ...],
+    devices: ValidationParameters,
+) -> dict[str, Any]:
+    """A configuration on each device target: TFLite Micro's figures, and Vela's (the compiled model itself is kept
+    only for the configuration the sweep picks, by its full validation)."""
+    tflm = None
+    if DeviceTarget.tflm in devices.targets:
+        tflm = tflm_figures(model_bytes, features, labels, reference, task, layout, inputs, devices.tflm_samples)
+    npu = tuple(
+        compile_for_npu(model_bytes, target, devices.vela_system_config, devices.vela_memory_mode).figures
+        for target in devices.npu_targets
+    )
+    return {"targets": devices.targets, "tflm": tflm, "npu": npu}
 
 
 class SweepRow(BaseModel):
@@ -225,13 +257,19 @@ def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> Sw
         verdict = fidelity.short
     elif require_full_integer and not m.full_integer:
         verdict = f"not full integer ({m.float_tensors} float tensors)"
-    elif not row.reference and (problems := budget_problems(m.bytes, m.arena_bytes, gate)):
+    elif not row.reference and (refused := target_problems(m.targets, m.tflm, m.npu, gate)):
+        verdict = "; ".join(message.split(": ")[0] for _, message in refused)
+    elif not row.reference and (problems := footprint_problems(footprints(m), gate)):
         verdict = "does not fit: " + "; ".join(what for what, _ in problems)
     elif row.reference:
         verdict = "reference"
     else:
         return row.model_copy(update={"passed": True, "verdict": "passed"})
     return row.model_copy(update={"passed": False, "verdict": verdict})
+
+
+def footprints(m: ConfigurationMetrics) -> list[Footprint]:
+    return target_footprints(m.targets, m.tflm, m.npu, m.bytes, m.arena_bytes)
 
 
 def _sort_key(row: SweepRow, rank_by: RankBy) -> tuple:

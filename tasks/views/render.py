@@ -700,11 +700,38 @@ SWEEP_FIGURES = {
 }
 
 
-def sweep_header(task: ModelTask) -> list[str]:
-    """The sweep table's columns: the task's figures (``SWEEP_FIGURES``) from the third on."""
+def sweep_header(task: ModelTask, targets: Sequence[DeviceTarget] = ()) -> list[str]:
+    """The sweep table's columns: the task's figures (``SWEEP_FIGURES``) from the third on, and one column per
+    device target besides LiteRT (``sweep_targets``) before the verdict."""
     header = [*SWEEP_HEADER]
     header[2:4] = SWEEP_FIGURES[task]
+    header[-1:-1] = ["TFLM" if t is DeviceTarget.tflm else t.value for t in targets]
     return header
+
+
+def sweep_targets(rows: Sequence[SweepRow]) -> tuple[DeviceTarget, ...]:
+    """The device targets the configurations were measured on, besides LiteRT."""
+    measured = next((r.metrics.targets for r in rows if r.metrics is not None and not r.reference), ())
+    return tuple(t for t in measured if t is not DeviceTarget.litert)
+
+
+def _target_cell(m: ConfigurationMetrics | None, target: DeviceTarget) -> str:
+    """A configuration on one device target, in a few words: TFLM's arena and task figure, or Vela's NPU share and
+    SRAM."""
+    if m is None:
+        return MISSING
+    if target is DeviceTarget.tflm:
+        if m.tflm is None:
+            return MISSING
+        if not m.tflm.ran:
+            return "cannot run"
+        return f"{kib(m.tflm.arena_bytes)} arena, " + (_judged_figure(m.tflm.figures) if m.tflm.figures else MISSING)
+    npu = next((n for n in m.npu if n.target is target), None)
+    if npu is None:
+        return MISSING
+    if not npu.compiled:
+        return "not compiled"
+    return f"{npu.npu_share or 0.0:.0%} NPU, {kib(npu.sram_bytes)} SRAM"
 
 
 def sweep_task(rows: Sequence[SweepRow]) -> ModelTask:
@@ -725,6 +752,7 @@ def _sweep_figures(m: ConfigurationMetrics | None, task: ModelTask) -> list[str]
 def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
     reference = next((r.metrics for r in rows if r.reference and r.metrics), None)
     task = sweep_task(rows)
+    targets = sweep_targets(rows)
     lines = []
     for r in rows:
         m = r.metrics
@@ -741,6 +769,7 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
                 ("yes" if m.full_integer else "no") if m else "—",
                 f"{r.input_type}/{r.output_type}",
                 f"{m.conversion_seconds:.2f}" if m else "—",
+                *(_target_cell(None if r.reference else m, target) for target in targets),
                 r.verdict,
             ]
         )
@@ -750,7 +779,7 @@ def sweep_rows(rows: Sequence[SweepRow]) -> list[list[str]]:
 def sweep_markdown(
     rows: Sequence[SweepRow], rank_by: RankBy, gate: GateParameters, task: ModelTask, best: str | None
 ) -> str:
-    header = sweep_header(task)
+    header = sweep_header(task, sweep_targets(rows))
     lines = [
         "# ptqflow quantization sweep",
         "",
@@ -964,7 +993,7 @@ def print_sweep_summary(summary: SweepSummary, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"Configurations (test split), ranked by {summary.rank_by}", title_justify="left")
-    for column in sweep_header(sweep_task(summary.rows)):
+    for column in sweep_header(sweep_task(summary.rows), sweep_targets(summary.rows)):
         table.add_column(column, justify="left" if column in ("configuration", "I/O", "verdict") else "right")
     for line in sweep_rows(summary.rows):
         table.add_row(*line)

@@ -150,6 +150,19 @@ def test_device_targets_revalidate_without_reconverting_and_ship_their_files(fir
     assert all(stage["cached"] for stage in json.loads(over.stdout)["tasks"].values())
 
 
+def test_a_sweep_on_device_targets_has_a_column_per_target_and_ships_the_best_ones_files(first_run, cli, store):
+    args = ("sweep", "--in-process", "--store", store, "--epochs", "6", "--configurations", "int8,int8-per-tensor")
+    # 60 rows judge TFLM's accuracy to a few points only: a loose gate keeps this about the table and the files.
+    done = cli(*args, "--target", "tflm,ethos-u55-128", "--tflm-samples", "60", "--max-accuracy-drop", "10", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    measured = [r for r in summary["rows"] if not r["reference"]]
+    assert all(r["metrics"]["tflm"]["samples"] == 60 and r["metrics"]["npu"][0]["compiled"] for r in measured)
+    assert {"tflite_vela_ethos-u55-128", "model_data_cc", "model_data_h"} <= set(summary["artifacts"])
+    table = open(summary["artifacts"]["sweep_md"]["uri"].removeprefix("file://")).read()
+    assert "| TFLM | ethos-u55-128 | verdict |" in table and "NPU" in table
+
+
 def test_failed_gate_exits_non_zero_with_the_results(cli, store, tmp_path, trained_digits_model):
     from prefect.client.orchestration import get_client
 

@@ -273,3 +273,30 @@ def test_regression_configurations_are_judged_and_ranked_by_their_mae_rise():
     markdown = sweep_markdown(ranked, RankBy.accuracy, GateParameters(), ModelTask.regression, "int16x8")
     assert "| MAE | MAE rise % | SQNR dB |" in markdown and "a quantized MAE at most 5.0% above float" in markdown
     assert render_sweep_plot(ranked).startswith(b"\x89PNG")
+
+
+def test_a_sweep_measures_and_judges_each_configuration_on_its_device_targets(trained_digits_model, digits_splits):
+    from ptqflow.tasks.core.parameters import DeviceTarget, ValidationParameters
+
+    spec, splits = digits_splits
+    test = splits["test"]
+    grid = {c.name: c for c in sweep_grid(200, (200,))}
+    model = quantize(trained_digits_model, lambda: [splits["train"].features[:200]], grid["int8"].conversion)
+    float_outputs = trained_digits_model.predict(test.features.astype(np.float32), verbose=0)
+    devices = ValidationParameters(targets="tflm,ethos-u55-128", tflm_samples=50)
+    measured = configuration_metrics(
+        float_outputs, model, test.features, test.labels, 128, 1, list(spec.class_names), devices=devices
+    )
+    ref = ArtifactRef(uri="memory://x", sha256="0" * 64, bytes=len(model))
+    metrics = ConfigurationMetrics(model=ref, conversion_seconds=1.0, measured_on="test", **measured)
+    assert metrics.tflm is not None and metrics.tflm.ran and metrics.tflm.samples == 50
+    assert [n.target for n in metrics.npu] == [DeviceTarget.ethos_u55_128] and metrics.npu[0].compiled
+    row = configuration_row(grid["int8"], metrics)
+    assert judge(row, GateParameters(max_accuracy_drop=100.0), False).passed
+    # The RAM budget judges TFLM's arena and Vela's SRAM, not LiteRT's plan (LiteRT is not a target here).
+    tight = GateParameters(max_accuracy_drop=100.0, ram_budget=metrics.tflm.arena_bytes - 1)
+    verdict = judge(row, tight, False)
+    assert not verdict.passed and "on TFLite Micro, its tensor arena" in verdict.verdict
+    header = sweep_header(ModelTask.classification, (DeviceTarget.tflm, DeviceTarget.ethos_u55_128))
+    cells = dict(zip(header, sweep_rows([reference_row(metrics), verdict])[1]))
+    assert cells["TFLM"].endswith("pp") and "arena" in cells["TFLM"] and cells["ethos-u55-128"].startswith("100% NPU")
