@@ -117,6 +117,7 @@ def allocates_in(model_path: Path, arena_bytes: int) -> bool:
         capture_output=True,
         timeout=TFLM_SECONDS_FIXED,
         check=False,
+        cwd=model_path.parent,  # -c puts the working directory first on the path: not the user's
     )
     return done.returncode == 0
 
@@ -222,6 +223,9 @@ def run_isolated(model_bytes: bytes, features: np.ndarray, inputs: tuple[InputSl
                 text=True,
                 timeout=limit,
                 check=False,
+                # -m puts the working directory first on the path: the user's (a checkout of ptqflow, say) would
+                # shadow the installed package.
+                cwd=work,
             )
         except subprocess.TimeoutExpired:
             raise TflmCannotRun(f"TFLM ran over {limit} s (--tflm-samples runs fewer rows)") from None

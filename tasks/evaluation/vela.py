@@ -112,7 +112,12 @@ def compile_for_npu(
         command = [sys.executable, "-m", "ethosu.vela", *vela_arguments(target, system_config, memory_mode, output)]
         try:
             done = subprocess.run(
-                [*command, str(network)], capture_output=True, text=True, timeout=VELA_SECONDS, check=False
+                [*command, str(network)],
+                capture_output=True,
+                text=True,
+                timeout=VELA_SECONDS,
+                check=False,
+                cwd=work,  # -m puts the working directory first on the path: not the user's
             )
         except subprocess.TimeoutExpired:
             return VelaCompilation(

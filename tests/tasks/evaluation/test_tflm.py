@@ -126,3 +126,12 @@ def test_a_model_tflm_cannot_run_names_the_operator(sign_model):
         sign_model, np.zeros((3, 4), np.float32), np.zeros((3, 0)), np.zeros((3, 4)), ModelTask.unlabeled
     )
     assert not figures.ran and "SIGN" in (figures.not_run_reason or "") and figures.ops == ("SIGN",)
+
+
+def test_the_child_process_ignores_the_working_directory(int8_digits, tmp_path, monkeypatch):
+    """Run from a checkout of ptqflow (whose top-level ptqflow/ holds no tasks/ of its own), the child still finds the
+    installed package."""
+    (tmp_path / "ptqflow").mkdir()
+    (tmp_path / "ptqflow" / "__init__.py").write_text("raise ImportError('the working directory, not ptqflow')\n")
+    monkeypatch.chdir(tmp_path)
+    assert run_isolated(int8_digits, np.zeros((1, 8, 8, 1), np.float32)).arena.total_bytes > 0

@@ -74,3 +74,10 @@ def test_only_operators_vela_lists_for_the_cpu_are_cpu_operators():
     assert counts == {"CPU": 1, "NPU": 2}
     assert [(o.op, o.tensor) for o in operators] == [("SIGN", "sign")]  # SHAPE was folded onto the NPU
     assert operators[0].reason.startswith("Operation has tensor with unsupported DataType Float32")
+
+
+def test_vela_ignores_the_working_directory(int8_digits, tmp_path, monkeypatch):
+    (tmp_path / "ethosu").mkdir()
+    (tmp_path / "ethosu" / "__init__.py").write_text("raise ImportError('the working directory, not Vela')\n")
+    monkeypatch.chdir(tmp_path)
+    assert compile_for_npu(int8_digits, DeviceTarget.ethos_u55_128).figures.compiled
