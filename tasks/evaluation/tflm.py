@@ -34,6 +34,7 @@ from ptqflow.storage.tables import InputSlot
 from ptqflow.tasks.core.artifacts import ModelOutput, TargetFidelity, TflmFigures
 from ptqflow.tasks.core.native import native_output_captured
 from ptqflow.tasks.core.parameters import ModelTask
+from ptqflow.tasks.evaluation.device import device_footprint
 from ptqflow.tasks.evaluation.interpreter import dequantize_output, make_interpreter, predict_tflite
 from ptqflow.tasks.evaluation.metrics import task_figures
 from ptqflow.tasks.models.feeds import input_details, input_parts, quantize_input, tflite_input_indices
@@ -75,8 +76,10 @@ def _first_line(error: Exception, printed: list[str]) -> str:
 
 
 def generous_arena(model_bytes: bytes) -> int:
-    """An arena far larger than any model needs (its activations, and the weights' own size again)."""
-    return max(len(model_bytes) * 4, 1 << 20)
+    """An arena far larger than the model needs: twice its planned activations (``tasks.evaluation.device``) and
+    twice the file (what TFLM keeps per weight is less than the weight), and a mebibyte. Too small an arena can
+    abort TFLM rather than fail, so this errs large."""
+    return 2 * (device_footprint(model_bytes).arena_bytes + len(model_bytes)) + (1 << 20)
 
 
 def recorded_arena(model_bytes: bytes) -> TflmArena:

@@ -135,3 +135,17 @@ def test_the_child_process_ignores_the_working_directory(int8_digits, tmp_path, 
     (tmp_path / "ptqflow" / "__init__.py").write_text("raise ImportError('the working directory, not ptqflow')\n")
     monkeypatch.chdir(tmp_path)
     assert run_isolated(int8_digits, np.zeros((1, 8, 8, 1), np.float32)).arena.total_bytes > 0
+
+
+def test_a_model_whose_activations_dwarf_its_weights_is_measured():
+    """Two megabytes of activations against a few hundred bytes of weights: the arena TFLM is first given is sized
+    from the model's plan, not from its file."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((256, 256, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(32, 3, padding="same")(inputs))
+    rows = np.random.default_rng(0).uniform(0, 1, (2, 256, 256, 3)).astype(np.float32)
+    quantized = quantize(model, lambda: [rows], ConversionParameters())
+    arena = run_isolated(quantized, rows[:1]).arena
+    assert arena.head_bytes >= 256 * 256 * (3 + 32) and len(quantized) < 10_000
