@@ -72,7 +72,7 @@ def _ensure_limits(names: list[str]) -> None:
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         for name in names:
@@ -81,8 +81,10 @@ def _ensure_limits(names: list[str]) -> None:
             except ObjectNotFound:
                 try:
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except ObjectAlreadyExists:  # another run created it first (Prefect's client turns 409 into this)
+                    pass
                 except httpx.HTTPStatusError as error:
-                    if error.response.status_code != 409:  # 409: another run created it first
+                    if error.response.status_code != 409:
                         raise
 
 

@@ -71,3 +71,27 @@ def test_the_lock_is_released_when_the_block_ends_or_raises(no_server):
         raise RuntimeError("a stage failed")
     with exclusive("file:///data/store", timeout_seconds=1):
         pass
+
+
+def test_a_limit_another_run_created_first_is_used_as_it_is(prefect_server, monkeypatch):
+    """Two runs on a new store: both read no limit, both create it, and the later one's create meets Prefect's 409
+    (its client raises ObjectAlreadyExists): that run goes on with the limit the other created."""
+    import uuid
+
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from ptqflow.flows.locks import _ensure_limits
+
+    name = f"ptqflow-test-{uuid.uuid4().hex[:10]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+    def read_before_the_other_run_created_it(self, name):
+        raise ObjectNotFound(http_exc=Exception(name))
+
+    monkeypatch.setattr(
+        SyncPrefectClient, "read_global_concurrency_limit_by_name", read_before_the_other_run_created_it
+    )
+    _ensure_limits([name])
