@@ -124,3 +124,15 @@ def json_from_fresh_process(module: str, *args: str) -> dict[str, Any]:
 
     completed = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def quantize_in_batches(model, calibration, options=None) -> bytes:
+    """``model`` quantized as ptqflow ships it (batch 1), its calibration set streamed in batches of 8."""
+    from ptqflow.tasks.core.parameters import ConversionParameters
+    from ptqflow.tasks.quantization.converter import quantize
+
+    return quantize(
+        model,
+        lambda: (calibration[i : i + 8] for i in range(0, len(calibration), 8)),
+        options or ConversionParameters(),
+    )

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import Result, digits_model_and_splits
+from benchmarks.common import Result, digits_model_and_splits, quantize_in_batches
 from benchmarks.inference import mobilenet_v2_sized
 
 TFLM_SAMPLES = {"default CNN": 200, "MobileNetV2-sized": 4}  # TFLM's reference kernels take seconds per MobileNet
@@ -29,9 +29,9 @@ def _compare(label: str, model, calibration: np.ndarray, samples: np.ndarray) ->
     start = time.perf_counter()
     arena = run_isolated(quantized, rows).arena  # as validation runs it: a child process, allocation included
     tflm_seconds = (time.perf_counter() - start) / len(rows) * 1000
-    predict_tflite(quantized, rows, batch_size=64, num_threads=1)  # warm
+    predict_tflite(quantized, rows, num_threads=1)  # warm
     start = time.perf_counter()
-    predict_tflite(quantized, rows, batch_size=64, num_threads=1)
+    predict_tflite(quantized, rows, num_threads=1)
     litert_seconds = (time.perf_counter() - start) / len(rows) * 1000
     key = label.lower().replace(" ", "_").replace("-", "_")
     return [
@@ -58,15 +58,9 @@ def _compare(label: str, model, calibration: np.ndarray, samples: np.ndarray) ->
             target="reported",
             met=None,
             ours_label="TFLite Micro (one sample at a time)",
-            baseline_label="LiteRT (batches of 64)",
+            baseline_label="LiteRT (the same batch-1 file)",
         ),
     ]
-
-
-def quantize_in_batches(model, calibration: np.ndarray, options) -> bytes:
-    from ptqflow.tasks.quantization.converter import quantize
-
-    return quantize(model, lambda: (calibration[i : i + 8] for i in range(0, len(calibration), 8)), options)
 
 
 def run(repeats: int = 1) -> list[Result]:

@@ -21,8 +21,9 @@ from ptqflow.tasks.core.parameters import DeviceTarget
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
 # 3: the task's figures; accuracies null for tasks without classes. 4: device footprints. 5: above
 # DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix. 6: device
-# targets (--target): TFLite Micro's run and arena, Vela's compilation per Ethos-U.
-REPORT_VERSION = 6
+# targets (--target): TFLite Micro's run and arena, Vela's compilation per Ethos-U. 7: the files take one sample
+# per call (static shapes), and the audit lists any tensor whose shape is known only at run time.
+REPORT_VERSION = 7
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -128,6 +129,12 @@ class TypeAudit(Frozen):
         default_factory=dict,
         description="A model with several inputs: each input's type, scale and zero point, by its name (``input`` is "
         "then only the first in the model's own order).",
+    )
+    dynamic_tensors: list[str] | None = Field(
+        None,
+        description="Tensors whose shape is known only at run time (-1 in the shape signature, e.g. a dynamic batch): "
+        "none in the files ptqflow converts, which take one sample per call as a device runs them. None: not audited "
+        "(reports before version 7).",
     )
 
 

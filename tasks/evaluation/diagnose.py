@@ -53,7 +53,13 @@ def _typical_steps(
 
 def layer_names(model: keras.Model) -> tuple[list[str], set[str]]:
     """Every layer's name, those inside nested models too (a model behind ``--input-scale`` is one), and the
-    names of the nested models themselves."""
+    names of the nested models themselves, ``model``'s own among them: the converter sees it nested in its batch-1
+    model (``tasks.quantization.converter.batch_one``)."""
+    names, nested = _nested_layer_names(model)
+    return [model.name, *names], {model.name, *nested}
+
+
+def _nested_layer_names(model: keras.Model) -> tuple[list[str], set[str]]:
     import keras
 
     names: list[str] = []
@@ -62,7 +68,7 @@ def layer_names(model: keras.Model) -> tuple[list[str], set[str]]:
         names.append(layer.name)
         if isinstance(layer, keras.Model):
             nested.add(layer.name)
-            inner, inner_nested = layer_names(layer)
+            inner, inner_nested = _nested_layer_names(layer)
             names += inner
             nested |= inner_nested
     return names, nested

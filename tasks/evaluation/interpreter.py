@@ -1,8 +1,9 @@
 """Running ``.tflite`` models with the LiteRT Interpreter: batched prediction, the tensor-type audit and timing.
 
 Inputs are quantized and outputs dequantized with each tensor's own scale and zero point, read from the model;
-never a hard-coded mapping such as the tutorial's ``x * 255 - 128``. Evaluation is batched: the input tensor is
-resized to a whole batch, so the Interpreter runs once per batch instead of once per sample.
+never a hard-coded mapping such as the tutorial's ``x * 255 - 128``. The files ptqflow ships take one sample per
+call (a device's shape); they are evaluated as they are, with the inputs quantized once for all rows. A
+batch-dynamic model is resized to whole batches instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from ptqflow.tasks.core.validation_report import FloatOp, LatencyPercentiles, Sp
 from ptqflow.tasks.models.feeds import (
     batch_dynamic,
     input_details,
+    input_parts,
     keras_feed,
+    quantize_input,
     resize_inputs,
     set_inputs,
     tflite_input_indices,
@@ -74,23 +77,20 @@ def predict_tflite(
     inputs: tuple[InputSlot, ...] = (),
 ) -> np.ndarray:
     """Dequantized outputs of a ``.tflite`` model for raw ``features`` (several ``inputs`` packed side by side, fed
-    by name), evaluated in batches; a model with several outputs gives them side by side, flattened, in the Keras
-    model's order (``tasks.models.outputs``)."""
+    by name); a model with several outputs gives them side by side, flattened, in the Keras model's order
+    (``tasks.models.outputs``). A batch-dynamic model runs ``batch_size`` rows per call; a model of fixed batch (what
+    ptqflow ships: batch 1) runs as it is, one call per batch of its size."""
     interpreter = make_interpreter(model_bytes, num_threads)
-    order = tflite_output_order(interpreter)
     indices = tflite_input_indices(interpreter, inputs)
-    details = input_details(interpreter, indices)
-    dynamic = batch_dynamic(details)
-    step = batch_size if dynamic else int(details[0]["shape"][0])
+    if not batch_dynamic(input_details(interpreter, indices)):
+        return _predict_fixed_batch(interpreter, indices, features, on_batch, inputs)
+    order = tflite_output_order(interpreter)
     outputs = []
     allocated_for = None
-    for start in range(0, len(features), step):
-        batch = features[start : start + step].astype(np.float32)
+    for start in range(0, len(features), batch_size):
+        batch = features[start : start + batch_size].astype(np.float32)
         if len(batch) != allocated_for:
-            if dynamic:
-                resize_inputs(interpreter, details, len(batch))
-            elif len(batch) != step:
-                batch = np.concatenate([batch, np.zeros((step - len(batch), *batch.shape[1:]), np.float32)])
+            resize_inputs(interpreter, input_details(interpreter, indices), len(batch))
             interpreter.allocate_tensors()
             allocated_for = len(batch)
             details = input_details(interpreter, indices)
@@ -99,11 +99,49 @@ def predict_tflite(
         set_inputs(interpreter, details, batch, inputs)
         interpreter.invoke()
         results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
-        result = results[0] if len(results) == 1 else flatten_outputs(results)
-        outputs.append(result[: min(step, len(features) - start)])
+        outputs.append(results[0] if len(results) == 1 else flatten_outputs(results))
         if on_batch:
-            on_batch(min(start + step, len(features)))
+            on_batch(start + len(batch))
     return np.concatenate(outputs)
+
+
+PROGRESS_ROWS = 256  # how often the fixed-batch loop reports progress, in rows
+
+
+def _predict_fixed_batch(
+    interpreter: Interpreter,
+    indices: list[int],
+    features: np.ndarray,
+    on_batch: Callable[[int], None] | None,
+    inputs: tuple[InputSlot, ...],
+) -> np.ndarray:
+    """``predict_tflite`` for a model of fixed batch: the inputs are quantized once, whole, and each call only
+    copies its rows in and its outputs out (the per-call cost is what a batch-1 model's evaluation spends)."""
+    interpreter.allocate_tensors()
+    details = input_details(interpreter, indices)
+    step = int(details[0]["shape"][0])
+    rows = len(features)
+    padded = -rows % step  # the last call's missing rows are zeros, and their outputs dropped
+    parts = [
+        quantize_input(np.pad(part.astype(np.float32), [(0, padded)] + [(0, 0)] * (part.ndim - 1)), detail)
+        for detail, part in zip(details, input_parts(features, inputs))
+    ]
+    by_index = {d["index"]: d for d in interpreter.get_output_details()}
+    outs = [by_index[i] for i in tflite_output_order(interpreter)]
+    raw = [np.empty((rows + padded, *out["shape"][1:]), out["dtype"]) for out in outs]
+    set_tensor, invoke, get_tensor = interpreter.set_tensor, interpreter.invoke, interpreter.get_tensor
+    reported = 0
+    for start in range(0, rows, step):
+        for detail, part in zip(details, parts):
+            set_tensor(detail["index"], part[start : start + step])
+        invoke()
+        for out, values in zip(outs, raw):
+            values[start : start + step] = get_tensor(out["index"])
+        if on_batch and (start + step - reported >= PROGRESS_ROWS or start + step >= rows):
+            reported = min(start + step, rows)
+            on_batch(reported)
+    results = [dequantize_output(values[:rows], out) for out, values in zip(outs, raw)]
+    return results[0] if len(results) == 1 else flatten_outputs(results)
 
 
 def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
@@ -143,6 +181,7 @@ def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
         input=_quantization_of(inp),
         output=_quantization_of(out),
         inputs={name: _quantization_of(detail) for name, detail in sorted(named_inputs.items())},
+        dynamic_tensors=[d["name"] for d in details if -1 in list(d["shape_signature"])],
     )
 
 

@@ -1,9 +1,11 @@
 """Post-training quantization with ``tf.lite.TFLiteConverter``, as the conversion stage (``tasks.stages.convert``)
 and the sweep run it.
 
-The representative dataset streams batches from the calibration Parquet (the model's batch dimension is dynamic,
-so the calibrator takes whole batches instead of the tutorial's one sample per step). The float ``.tflite`` (no
-optimizations) is written too, so validation can compare like with like.
+Both ``.tflite`` files take one sample per call, as a device runs them: the Keras model is converted behind inputs
+of batch 1 (``batch_one``), so the files have static shapes and none of the SHAPE / STRIDED_SLICE / PACK operators
+a dynamic batch dimension adds (which TFLite Micro and Vela cannot place). Validation then judges the very file
+that ships. The representative dataset streams batches from the calibration Parquet and hands the calibrator
+their rows. The float ``.tflite`` (no optimizations) is written too, so validation can compare like with like.
 """
 
 from __future__ import annotations
@@ -64,12 +66,42 @@ def _ops_sets(options: ConversionParameters):
     return sets
 
 
+# The outer model's name scopes every converted tensor's name (``batch_one/<model>_1/<layer>_1/...``): fixed, so the
+# tensors a repair keeps in float are named alike in every conversion of the model.
+BATCH_ONE_MODEL = "batch_one"
+
+
+def batch_one(model: keras.Model) -> keras.Model:
+    """``model`` behind inputs of batch 1 (same names, types and sample shapes), or ``model`` itself where every
+    input already has batch 1: the model a device runs, whose conversion has only static shapes.
+
+    Raises:
+        ConversionFailed: the model cannot be called on one sample.
+    """
+    import keras
+
+    if all(tensor.shape[0] == 1 for tensor in model.inputs):
+        return model
+
+    def one_sample(tensor):
+        return keras.Input(batch_shape=(1, *tensor.shape[1:]), dtype=tensor.dtype, name=str(tensor.name))
+
+    inputs = keras.tree.map_structure(one_sample, model.input)
+    try:
+        outputs = model(inputs)
+    except Exception as error:  # whatever the model's own layers raise on a batch of 1
+        raise ConversionFailed(
+            f"the model cannot be called on one sample ({str(error).splitlines()[0][:200] if str(error) else error!r})"
+            ": a device runs one sample per call, so give the model inputs whose batch dimension is free or 1"
+        ) from error
+    return keras.Model(inputs, outputs, name=BATCH_ONE_MODEL)
+
+
 def _converter(model: keras.Model):
-    """A converter over the Keras model; its signature keeps the batch dimension dynamic, so calibration and
-    validation can feed whole batches."""
+    """A converter over ``batch_one(model)``."""
     import tensorflow as tf
 
-    return tf.lite.TFLiteConverter.from_keras_model(model)
+    return tf.lite.TFLiteConverter.from_keras_model(batch_one(model))
 
 
 def _explain(error: Exception, options: ConversionParameters) -> ConversionFailed:
@@ -124,8 +156,10 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
     def representative_dataset() -> Iterator[list[np.ndarray] | dict[str, np.ndarray]]:
         inputs = model_input_slots(model)
         for batch in calibration_batches():
-            feed = keras_feed(np.asarray(batch), inputs)
-            yield feed if isinstance(feed, dict) else [feed]  # several inputs: by signature name
+            rows = np.asarray(batch)
+            for row in range(len(rows)):  # the converted model takes one sample per call
+                feed = keras_feed(rows[row : row + 1], inputs)
+                yield feed if isinstance(feed, dict) else [feed]  # several inputs: by signature name
 
     converter = _converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -392,6 +392,21 @@ DEVICE_NOTE = (
 )
 
 
+def judged_file_line(report: ValidationReport) -> str:
+    """Which file the figures are of (the export ships it byte for byte), and whether a device can take its
+    shapes."""
+    quantized = report.quantized_model
+    dynamic = report.metrics.audit.dynamic_tensors
+    if dynamic is None:  # a report from before the audit looked at shapes
+        shapes = ""
+    elif not dynamic:
+        shapes = "; static shapes, one sample per call"
+    else:
+        named = ", ".join(dynamic[:3]) + (", ..." if len(dynamic) > 3 else "")
+        shapes = f"; **{len(dynamic)} tensors with shapes known only at run time** ({named}): a device wants static"
+    return f"Judged file: the quantized `.tflite`, {quantized.bytes:,} B, sha256 `{quantized.sha256}`{shapes}."
+
+
 def conversion_line(recorded: dict[str, object] | None) -> str | None:
     """How the quantized model was made, in one line: scheme, ops, I/O, weight scales and the fidelity methods."""
     if recorded is None:
@@ -425,6 +440,8 @@ def render_markdown(report: ValidationReport) -> str:
         "# ptqflow validation report",
         "",
         _verdict(metrics),
+        "",
+        judged_file_line(report),
         "",
         *([conversion, ""] if conversion else []),
         *(["## Promotion", "", *_promotion_lines(report.promotion), ""] if report.promotion else []),
@@ -628,6 +645,7 @@ def render_html(report: ValidationReport) -> str:
         f"<style>{STYLE}</style></head><body>",
         "<h1>ptqflow validation report</h1>",
         f"<p class='{'' if metrics.validated else 'bad'}'>{html.escape(_verdict(metrics).replace('**', ''))}</p>",
+        f"<p>{html.escape(judged_file_line(report).replace('**', '').replace('`', ''))}</p>",
     ]
     conversion = conversion_line(report.conversion)
     if conversion:

@@ -16,7 +16,7 @@ from ptqflow.tasks.core.parameters import (
 )
 from ptqflow.tasks.core.validation_report import ModelKind
 from ptqflow.tasks.evaluation.gate import GateStatus, check_accuracy_gate
-from ptqflow.tasks.evaluation.interpreter import dequantize_output, make_interpreter, predict_tflite
+from ptqflow.tasks.evaluation.interpreter import audit_tensor_types, dequantize_output, make_interpreter, predict_tflite
 from ptqflow.tasks.evaluation.validation import evaluate_models
 from ptqflow.tasks.models.feeds import predict_keras, quantize_input
 from ptqflow.tasks.quantization.converter import convert_float, quantize
@@ -57,22 +57,40 @@ def test_the_tutorials_hard_coded_mapping_is_wrong_for_raw_inputs(models, test_s
     quantized, _ = models
     interpreter = make_interpreter(quantized)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    features = test_split.features.astype(np.float32)
-    interpreter.resize_tensor_input(inp["index"], [len(features), 8, 8, 1])
     interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], np.clip(features * 255 - 128, -128, 127).astype(np.int8))
-    interpreter.invoke()
-    hard_coded = (interpreter.get_tensor(out["index"]).argmax(1) == test_split.labels).mean()
+    predictions = []
+    for sample in test_split.features.astype(np.float32):  # the shipped file takes one sample per call
+        interpreter.set_tensor(inp["index"], np.clip(sample[np.newaxis] * 255 - 128, -128, 127).astype(np.int8))
+        interpreter.invoke()
+        predictions.append(interpreter.get_tensor(out["index"])[0].argmax())
+    hard_coded = (np.array(predictions) == test_split.labels).mean()
     ours = (predict_tflite(quantized, test_split.features).argmax(1) == test_split.labels).mean()
     assert ours > 0.9 and hard_coded < ours - 0.1
 
 
-def test_batched_evaluation_equals_one_sample_at_a_time(models, test_split):
+def _batch_dynamic_twin(model, calibration: np.ndarray) -> bytes:
+    """``model`` quantized by the converter directly (its batch dimension left dynamic), on the same rows."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
+
+
+def test_the_batch_one_file_gives_a_batch_dynamic_twins_outputs(models, trained_digits_model, digits_splits):
+    # Both ways predict_tflite runs a model: the shipped batch-1 file one call per sample, a batch-dynamic one (an
+    # export from before ptqflow shipped batch-1 files) in batches, here of 16 over 37 rows (a short last batch).
     quantized, _ = models
-    features = test_split.features[:37]
-    batched = predict_tflite(quantized, features, batch_size=16)
-    single = np.concatenate([predict_tflite(quantized, features[i : i + 1], batch_size=1) for i in range(37)])
-    np.testing.assert_array_equal(batched, single)
+    _, splits = digits_splits
+    twin = _batch_dynamic_twin(trained_digits_model, splits["train"].features[:200].astype(np.float32))
+    assert "serving_default_raw_input:0" in audit_tensor_types(twin).dynamic_tensors  # the audit tells them apart
+    features = splits["test"].features[:37]
+    shipped = predict_tflite(quantized, features)
+    np.testing.assert_array_equal(shipped, predict_tflite(twin, features, batch_size=16))
+    assert shipped.shape == (37, 10)
 
 
 def test_evaluation_reports_every_metric(models, trained_digits_model, test_split):

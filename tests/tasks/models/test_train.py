@@ -224,7 +224,7 @@ def test_the_models_own_input_normalisation_is_folded_in_front_of_it(tmp_path, d
     np.testing.assert_allclose(wrapped.predict(raw, verbose=0), model.predict(raw * 0.125 - 1, verbose=0), atol=1e-6)
     assert data.startswith(b"PK")  # stored as .keras, whatever the format brought
     names, nested = layer_names(wrapped)
-    assert {"input_normalisation", "inner", "hidden", "head"} <= set(names) and nested == {"inner"}
+    assert {"input_normalisation", "inner", "hidden", "head"} <= set(names) and nested == {"inner", wrapped.name}
 
 
 def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits_splits, trained_digits_model):

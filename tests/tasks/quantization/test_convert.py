@@ -43,9 +43,21 @@ def test_input_scale_comes_from_the_raw_value_range(int8_model):
     assert zero_point == -128
 
 
-def test_batch_dimension_stays_dynamic(int8_model):
-    interpreter = make_interpreter(int8_model)
-    assert list(interpreter.get_input_details()[0]["shape_signature"]) == [-1, 8, 8, 1]
+DYNAMIC_SHAPE_OPS = {"SHAPE", "STRIDED_SLICE", "PACK"}  # what a dynamic batch adds before a Flatten's RESHAPE
+
+
+@pytest.mark.parametrize("kind", ["quantized", "float"])
+def test_shipped_files_have_static_batch_one_shapes(trained_digits_model, int8_model, kind):
+    model = int8_model if kind == "quantized" else convert_float(trained_digits_model)
+    interpreter = make_interpreter(model)
+    for detail in [*interpreter.get_input_details(), *interpreter.get_output_details()]:
+        assert list(detail["shape_signature"]) == list(detail["shape"]) and detail["shape"][0] == 1, detail["name"]
+    for tensor in interpreter.get_tensor_details():
+        assert -1 not in list(tensor["shape_signature"]), tensor["name"]
+    audit = audit_tensor_types(model)
+    assert not DYNAMIC_SHAPE_OPS & set(audit.ops) and audit.dynamic_tensors == []
+    # The serving signature keeps the Keras model's names: the input by name, the outputs in order.
+    assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["raw_input"], "outputs": ["output_0"]}}
 
 
 @pytest.mark.parametrize("io_type", [TensorType.uint8, TensorType.float32])
@@ -64,23 +76,9 @@ def test_conversion_is_deterministic(trained_digits_model, calibration, int8_mod
     assert quantize(trained_digits_model, _batches(calibration, 64), ConversionParameters()) == int8_model
 
 
-def test_batched_calibration_gives_the_quantization_of_one_sample_at_a_time(
-    trained_digits_model, calibration, int8_model
-):
-    one_by_one = quantize(trained_digits_model, _batches(calibration, 1), ConversionParameters())
-
-    def params(model):
-        return {
-            d["name"]: (d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"])
-            for d in make_interpreter(model).get_tensor_details()
-        }
-
-    batched, single = params(int8_model), params(one_by_one)
-    assert batched.keys() == single.keys()
-    for name in batched:
-        np.testing.assert_array_equal(batched[name][1], single[name][1], err_msg=name)
-        # Float accumulation order differs with the batch size: scales agree to a few ulps, not bit for bit.
-        np.testing.assert_allclose(batched[name][0], single[name][0], rtol=1e-5, err_msg=name)
+def test_the_calibration_batch_size_does_not_change_the_model(trained_digits_model, calibration, int8_model):
+    # The batch-1 model is calibrated one row at a time, however the stored set is streamed.
+    assert quantize(trained_digits_model, _batches(calibration, 1), ConversionParameters()) == int8_model
 
 
 def test_float_model_has_float_io_and_no_quantization(trained_digits_model):

@@ -121,6 +121,24 @@ def test_markdown_has_every_section(document):
     assert "**ops with float tensors**: FULLY_CONNECTED (dense)" in text
 
 
+@pytest.mark.parametrize(
+    ("dynamic", "says"),
+    [
+        (None, "sha256 `" + "0" * 64 + "`."),  # a report from before the audit looked at shapes claims nothing
+        ([], "static shapes, one sample per call"),
+        (["serving_default_x:0", "a", "b", "c"], "**4 tensors with shapes known only at run time** (serving_defa"),
+    ],
+)
+def test_the_report_names_the_judged_file_and_its_shapes(document, dynamic, says):
+    if dynamic is not None:
+        document["metrics"]["audit"]["dynamic_tensors"] = dynamic
+    line = next(line for line in render_markdown(document).splitlines() if line.startswith("Judged file"))
+    assert line.startswith("Judged file: the quantized `.tflite`, 1 B, sha256 `" + "0" * 64 + "`")
+    assert says in line
+    assert ("static shapes" in line) is (dynamic == [])
+    assert line.replace("**", "").replace("`", "") in render_html(document)
+
+
 def test_html_is_self_contained_with_three_png_plots(document):
     page = render_html(document)
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
