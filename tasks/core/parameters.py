@@ -402,7 +402,11 @@ class ConversionParameters(_Parameters):
         json_schema_extra={OPTION_FLAGS: "--per-channel/--per-tensor"},
     )
     calibration_batch_size: int = Field(
-        64, ge=1, le=65_536, description="Samples per calibration step, streamed from the calibration Parquet."
+        64,
+        ge=1,
+        le=65_536,
+        description="Samples read per step from the calibration Parquet (the converter takes them one at a time: the "
+        "converted model takes one sample per call).",
     )
     calibration_method: CalibrationMethod = Field(
         CalibrationMethod.minmax,
@@ -470,7 +474,8 @@ class ValidationParameters(_Parameters):
         256,
         ge=1,
         le=65_536,
-        description="Samples per Interpreter invocation.",
+        description="Samples per float Keras prediction call, and per Interpreter invocation of a batch-dynamic "
+        ".tflite (ptqflow's own files take one sample per call).",
         json_schema_extra={OPTION_NAME: "validation_batch_size"},
     )
     num_threads: int | None = Field(

@@ -91,10 +91,19 @@ def batch_one(model: keras.Model) -> keras.Model:
         outputs = model(inputs)
     except Exception as error:  # whatever the model's own layers raise on a batch of 1
         raise ConversionFailed(
-            f"the model cannot be called on one sample ({str(error).splitlines()[0][:200] if str(error) else error!r})"
-            ": a device runs one sample per call, so give the model inputs whose batch dimension is free or 1"
+            f"the model cannot be called on one sample ({_keras_reason(error)}): a device runs one sample per call, "
+            "so give the model inputs whose batch dimension is free or 1"
         ) from error
     return keras.Model(inputs, outputs, name=BATCH_ONE_MODEL)
+
+
+def _keras_reason(error: Exception) -> str:
+    """The reason inside a Keras layer-call error, which wraps it between a header and the call's arguments (and
+    bolds it with terminal escapes)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()]
+    wrapper = ("Exception encountered when calling", "Arguments received by", "•")
+    reasons = [line for line in lines if line and not line.startswith(wrapper)]
+    return reasons[0][:200] if reasons else type(error).__name__
 
 
 def _converter(model: keras.Model):

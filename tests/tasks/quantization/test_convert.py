@@ -76,6 +76,45 @@ def test_conversion_is_deterministic(trained_digits_model, calibration, int8_mod
     assert quantize(trained_digits_model, _batches(calibration, 64), ConversionParameters()) == int8_model
 
 
+def test_a_saved_model_is_converted_with_static_shapes_too(tmp_path, trained_digits_model, digits_splits, calibration):
+    # A SavedModel's serving function was traced for any batch; called on one sample, its shapes fold all the same.
+    from ptqflow.tasks.evaluation.interpreter import predict_tflite
+    from ptqflow.tasks.models.training import load_trained_model
+
+    spec, splits = digits_splits
+    trained_digits_model.export(str(tmp_path / "saved"), verbose=False)
+    _, saved = load_trained_model(str(tmp_path / "saved"), spec)
+    quantized = quantize(saved, _batches(calibration, 64), ConversionParameters())
+    audit = audit_tensor_types(quantized)
+    assert audit.full_integer and audit.dynamic_tensors == [] and not DYNAMIC_SHAPE_OPS & set(audit.ops)
+    test = splits["test"].features[:100]
+    agreement = predict_tflite(quantized, test).argmax(1) == trained_digits_model.predict(test, verbose=0).argmax(1)
+    assert agreement.mean() > 0.95
+
+
+def test_a_model_of_fixed_batch_is_converted_for_one_sample():
+    import keras
+
+    inputs = keras.Input(batch_shape=(32, 4), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    rows = np.random.default_rng(0).random((32, 4), np.float32)
+    interpreter = make_interpreter(quantize(model, lambda: [rows], ConversionParameters()))
+    assert list(interpreter.get_input_details()[0]["shape_signature"]) == [1, 4]
+
+
+def test_a_model_that_cannot_take_one_sample_says_so_in_one_line():
+    import keras
+
+    inputs = keras.Input(batch_shape=(32, 4), name="x")
+    hard_coded = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (32, 2, 2)))(inputs)  # its batch written in
+    model = keras.Model(inputs, keras.layers.Flatten()(hard_coded))
+    with pytest.raises(ConversionFailed) as error:
+        quantize(model, lambda: [np.zeros((32, 4), np.float32)], ConversionParameters())
+    message = str(error.value)
+    assert message.startswith("the model cannot be called on one sample (") and "\n" not in message
+    assert "\x1b" not in message and "batch dimension is free or 1" in message
+
+
 def test_the_calibration_batch_size_does_not_change_the_model(trained_digits_model, calibration, int8_model):
     # The batch-1 model is calibrated one row at a time, however the stored set is streamed.
     assert quantize(trained_digits_model, _batches(calibration, 1), ConversionParameters()) == int8_model
