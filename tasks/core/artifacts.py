@@ -159,6 +159,19 @@ class OutputFigures(BaseModel):
     agreement: float | None = Field(description="Top-1 agreement; None for an output that is not class scores.")
 
 
+class UnrunnableSamples(BaseModel):
+    """Test samples a model could not run: its kernels refused their values (an int8 DIV whose divisor sits at its
+    zero point, for one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(description="The model that refused them: float_tflite or quantized_tflite.")
+    count: int
+    of_rows: int = Field(description="The test samples the model was given.")
+    operators: tuple[str, ...] = Field(description="Each operator that refused, as LiteRT names it: 'DIV (node 197)'.")
+    examples: tuple[str, ...] = Field(description="Up to five rows, each with LiteRT's message.")
+
+
 class FidelityFigures(BaseModel):
     """The figures of the tasks other than classification (``tasks.evaluation.fidelity``), in a run's figures and in the
     report alike."""
@@ -180,6 +193,12 @@ class FidelityFigures(BaseModel):
     outputs: dict[str, OutputFigures] = Field(
         default_factory=dict, description="The quantized model's outputs by name, each against the float model's."
     )
+    unrunnable_rows: int = Field(
+        0,
+        description="Test samples the figures leave out because a .tflite refused to run them (its kernels check the "
+        "values); the gate fails above --max-unrunnable-fraction of the test split.",
+    )
+    unrunnable: tuple[UnrunnableSamples, ...] = Field((), description="Which model refused samples, and how.")
 
 
 class TargetFidelity(FidelityFigures):

@@ -592,6 +592,14 @@ class GateParameters(_Parameters):
         "is the float model's.",
     )
 
+    max_unrunnable_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of test samples a .tflite may refuse to run (its kernels check the values: an int8 "
+        "division whose divisor rounds to zero, for one); the figures are of the other samples. Above it the gate "
+        "fails as unrunnable_samples.",
+    )
     ram_budget: ByteSize | None = Field(
         None,
         description="Largest accepted RAM of the quantized model on each target, e.g. 256KiB: the tensor arena "

@@ -22,7 +22,8 @@ from ptqflow.tasks.core.parameters import DeviceTarget
 # 3: the task's figures; accuracies null for tasks without classes. 4: device footprints. 5: above
 # DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix. 6: device
 # targets (--target): TFLite Micro's run and arena, Vela's compilation per Ethos-U. 7: the files take one sample
-# per call (static shapes), and the audit lists any tensor whose shape is known only at run time.
+# per call (static shapes), and the audit lists any tensor whose shape is known only at run time; samples a model
+# cannot run are counted (``unrunnable``) and the figures are of the rest.
 REPORT_VERSION = 7
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector

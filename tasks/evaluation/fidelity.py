@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ptqflow.tasks.core.artifacts import OutputFigures
+from ptqflow.tasks.core.artifacts import OutputFigures, UnrunnableSamples
 from ptqflow.tasks.core.parameters import GateParameters, ModelTask
 
 
@@ -49,6 +49,16 @@ class Figures(Protocol):
 
     @property
     def outputs(self) -> Mapping[str, OutputFigures]: ...
+
+
+class Refused(Protocol):
+    """Figures that may leave out test samples a model refused to run (a run's, and a sweep row's)."""
+
+    @property
+    def unrunnable_rows(self) -> int: ...
+
+    @property
+    def unrunnable(self) -> tuple[UnrunnableSamples, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,23 @@ def fidelity_in_words(figures: Figures) -> str:
     """The figures the task judges, as one phrase (for logs), of a validated model."""
     verdict = judge_fidelity(figures, GateParameters())
     return verdict.observed if verdict else "not validated"
+
+
+def refusals(figures: Refused) -> str:
+    """Which model refused how many test samples, where and how, in one clause."""
+    parts = []
+    for refused in figures.unrunnable:
+        model = "the quantized .tflite" if refused.model == "quantized_tflite" else "the float .tflite"
+        where = f" in {', '.join(refused.operators)}" if refused.operators else ""
+        example = refused.examples[0][:160] if refused.examples else ""
+        parts.append(f"{model} refused {refused.count:,} of {refused.of_rows:,} test samples{where} ({example})")
+    return "; ".join(parts)
+
+
+def unrunnable_share(figures: Refused) -> float:
+    """The share of the test split the figures leave out because a model refused to run it."""
+    given = max((refused.of_rows for refused in figures.unrunnable), default=0)
+    return figures.unrunnable_rows / given if given else 0.0
 
 
 def fidelity_loss(figures: Figures) -> float | None:

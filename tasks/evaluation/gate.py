@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from ptqflow.tasks.core.artifacts import NpuFigures, RepairResult, TflmFigures, ValidationFigures, WorstLayer
 from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, ModelTask, TargetOps
 from ptqflow.tasks.evaluation.device import Footprint, litert_footprint, over_budget
-from ptqflow.tasks.evaluation.fidelity import judge_fidelity
+from ptqflow.tasks.evaluation.fidelity import judge_fidelity, refusals, unrunnable_share
 
 
 class GateStatus(str, Enum):
@@ -144,7 +144,7 @@ def check_gate(
     verdict = check_fidelity_gate(result, gate, ops, repair)
     if not result.validated:
         return verdict
-    problems = target_problems(result.targets, result.tflm, result.npu, gate)
+    problems = unrunnable_problems(result, gate) + target_problems(result.targets, result.tflm, result.npu, gate)
     over = over_budget(
         target_footprints(result.targets, result.tflm, result.npu, result.quantized_bytes, result.arena_bytes), gate
     )
@@ -157,10 +157,28 @@ def check_gate(
         return verdict.model_copy(update={"message": f"{verdict.message}; and {also}"})
     described = "; ".join(message for _, message in problems)
     name = problems[0][0]
-    title = "device budget failed" if name == "device_budget" else "device gate failed"
+    title = {"device_budget": "device budget failed", "unrunnable_samples": "gate failed"}.get(
+        name, "device gate failed"
+    )
     return verdict.model_copy(
         update={"name": name, "status": GateStatus.failed, "message": f"{title}: {described}; {verdict.message}"}
     )
+
+
+def unrunnable_problems(result: ValidationFigures, gate: GateParameters) -> list[tuple[str, str]]:
+    """The samples a model refused to run, when they are more than ``--max-unrunnable-fraction`` of the test split."""
+    share = unrunnable_share(result)
+    if not result.unrunnable_rows or share <= gate.max_unrunnable_fraction:
+        return []
+    return [
+        (
+            "unrunnable_samples",
+            f"{refusals(result)}: {share:.1%} of the test split cannot run, over --max-unrunnable-fraction "
+            f"{gate.max_unrunnable_fraction:g}; keep the failing operator's input away from what int8 cannot take "
+            "(e.g. add to a divisor an epsilon its int8 scale can represent), or allow them with "
+            "--max-unrunnable-fraction",
+        )
+    ]
 
 
 def target_footprints(

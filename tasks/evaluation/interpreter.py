@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.core.artifacts import UnrunnableSamples
 from ptqflow.tasks.core.native import native_output_silenced
-from ptqflow.tasks.core.validation_report import FloatOp, LatencyPercentiles, Speed, TensorQuantization, TypeAudit
+from ptqflow.tasks.core.validation_report import LatencyPercentiles, Speed, TensorQuantization, TypeAudit
 from ptqflow.tasks.models.feeds import (
     batch_dynamic,
     input_details,
@@ -31,12 +34,11 @@ from ptqflow.tasks.models.feeds import (
     tflite_input_indices,
 )
 from ptqflow.tasks.models.outputs import flatten_outputs, tflite_output_order
+from ptqflow.tasks.quantization.integer import FLOAT_TYPES, float_ops
 
 if TYPE_CHECKING:
     import keras
     from ai_edge_litert.interpreter import Interpreter
-
-FLOAT_TYPES = ("float16", "float32", "float64")
 
 
 _first_interpreter = threading.Lock()  # one thread allocates the first interpreter silenced; the others wait
@@ -68,6 +70,15 @@ def dequantize_output(values: np.ndarray, detail: dict) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * scale
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """Rows ``start`` to ``stop`` (one call's) that the interpreter refused to run, with its message."""
+
+    start: int
+    stop: int
+    message: str
+
+
 def predict_tflite(
     model_bytes: bytes,
     features: np.ndarray,
@@ -75,15 +86,22 @@ def predict_tflite(
     num_threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     inputs: tuple[InputSlot, ...] = (),
+    failures: list[RowFailure] | None = None,
 ) -> np.ndarray:
     """Dequantized outputs of a ``.tflite`` model for raw ``features`` (several ``inputs`` packed side by side, fed
     by name); a model with several outputs gives them side by side, flattened, in the Keras model's order
     (``tasks.models.outputs``). A batch-dynamic model runs ``batch_size`` rows per call; a model of fixed batch (what
-    ptqflow ships: batch 1) runs as it is, one call per batch of its size."""
+    ptqflow ships: batch 1) runs as it is, one call per batch of its size.
+
+    With ``failures``, a call the interpreter refuses (a kernel's check on the values, e.g. an int8 DIV by its zero
+    point) is recorded there and its rows' outputs are NaN, instead of raising (fixed-batch models only)."""
     interpreter = make_interpreter(model_bytes, num_threads)
     indices = tflite_input_indices(interpreter, inputs)
     if not batch_dynamic(input_details(interpreter, indices)):
-        return _predict_fixed_batch(interpreter, indices, features, on_batch, inputs)
+        if num_threads is None and len(features) >= THREAD_TRIAL_ROWS and (os.cpu_count() or 1) > 1:
+            single = make_interpreter(model_bytes, 1)
+            interpreter = _faster(interpreter, single, indices, features[:1].astype(np.float32), inputs)
+        return _predict_fixed_batch(interpreter, indices, features, on_batch, inputs, failures)
     order = tflite_output_order(interpreter)
     outputs = []
     allocated_for = None
@@ -105,7 +123,56 @@ def predict_tflite(
     return np.concatenate(outputs)
 
 
+def refused_rows(outputs: np.ndarray) -> np.ndarray:
+    """The rows whose outputs are NaN: those ``predict_tflite`` recorded as refused."""
+    return np.isnan(outputs.reshape(len(outputs), -1)).any(axis=1)
+
+
+NODE_FAILED = re.compile(r"Node number (\d+) \((\w+)\) failed to invoke")
+SHOWN_FAILURES = 5
+
+
+def unrunnable_samples(model: str, failures: list[RowFailure], of_rows: int) -> UnrunnableSamples | None:
+    """The rows ``model`` refused of the ``of_rows`` it was given, counted, with the operators that refused them and
+    a few examples."""
+    if not failures:
+        return None
+    operators = {
+        f"{match.group(2)} (node {match.group(1)})"
+        for failure in failures
+        for match in NODE_FAILED.finditer(failure.message)
+    }
+    return UnrunnableSamples(
+        model=model,
+        count=sum(failure.stop - failure.start for failure in failures),
+        of_rows=of_rows,
+        operators=tuple(sorted(operators)),
+        examples=tuple(f"row {f.start}: {' '.join(f.message.split())[:300]}" for f in failures[:SHOWN_FAILURES]),
+    )
+
+
 PROGRESS_ROWS = 256  # how often the fixed-batch loop reports progress, in rows
+# One sample per call: on a small model, the threads' hand-off costs more than they save, on a large one they pay.
+# Which holds is timed on the first row (TRIAL_CALLS calls each) when there are enough rows to repay the trial.
+THREAD_TRIAL_ROWS = 256
+TRIAL_CALLS = 16
+
+
+def _faster(
+    threaded: Interpreter, single: Interpreter, indices: list[int], row: np.ndarray, inputs: tuple[InputSlot, ...]
+) -> Interpreter:
+    """Whichever interpreter runs ``row`` faster (their outputs are the same: the threads split the work, not the
+    sums); ``threaded`` when the row cannot run."""
+    timings = []
+    for interpreter in (threaded, single):
+        try:
+            interpreter.allocate_tensors()
+            set_inputs(interpreter, input_details(interpreter, indices), row, inputs)
+            calls = _timed(interpreter.invoke, budget_seconds=0.2, most=TRIAL_CALLS, least=3)
+            timings.append(float(np.median(calls)))
+        except RuntimeError:  # a row the model refuses: the loop records it
+            return threaded
+    return single if timings[1] < timings[0] else threaded
 
 
 def _predict_fixed_batch(
@@ -114,6 +181,7 @@ def _predict_fixed_batch(
     features: np.ndarray,
     on_batch: Callable[[int], None] | None,
     inputs: tuple[InputSlot, ...],
+    failures: list[RowFailure] | None,
 ) -> np.ndarray:
     """``predict_tflite`` for a model of fixed batch: the inputs are quantized once, whole, and each call only
     copies its rows in and its outputs out (the per-call cost is what a batch-1 model's evaluation spends)."""
@@ -131,16 +199,30 @@ def _predict_fixed_batch(
     raw = [np.empty((rows + padded, *out["shape"][1:]), out["dtype"]) for out in outs]
     set_tensor, invoke, get_tensor = interpreter.set_tensor, interpreter.invoke, interpreter.get_tensor
     reported = 0
+    refused: list[RowFailure] = []
     for start in range(0, rows, step):
         for detail, part in zip(details, parts):
             set_tensor(detail["index"], part[start : start + step])
-        invoke()
+        try:
+            invoke()
+        except RuntimeError as error:  # the kernel refused these values; the interpreter runs the next call
+            if failures is None:
+                raise
+            # LiteRT's error reporter keeps earlier calls' messages in front of this one's: keep the last.
+            message = [part for part in re.split(r"(?<=failed to invoke\.)", str(error)) if part.strip()][-1:]
+            refused.append(RowFailure(start, min(start + step, rows), " ".join(message).strip() or str(error)))
+            continue
         for out, values in zip(outs, raw):
             values[start : start + step] = get_tensor(out["index"])
         if on_batch and (start + step - reported >= PROGRESS_ROWS or start + step >= rows):
             reported = min(start + step, rows)
             on_batch(reported)
-    results = [dequantize_output(values[:rows], out) for out, values in zip(outs, raw)]
+    results = [dequantize_output(values[:rows], out).astype(np.float32, copy=False) for out, values in zip(outs, raw)]
+    for failure in refused:
+        for result in results:
+            result[failure.start : failure.stop] = np.nan
+    if failures is not None:
+        failures.extend(refused)
     return results[0] if len(results) == 1 else flatten_outputs(results)
 
 
@@ -151,22 +233,12 @@ def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
     details = interpreter.get_tensor_details()
     dtypes: dict[str, int] = {}
     floats: list[str] = []
-    dtype_of = {}
     for d in details:
         name = np.dtype(d["dtype"]).name
-        dtype_of[d["index"]] = (name, d["name"])
         dtypes[name] = dtypes.get(name, 0) + 1
         if name in FLOAT_TYPES:
             floats.append(d["name"])
-    # _get_ops_details is the only op listing the Python Interpreter offers; it is stable across LiteRT releases.
-    op_details = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
-    ops = sorted({op["op_name"] for op in op_details})
-    float_ops: list[FloatOp] = []
-    for op in op_details:
-        tensors = [dtype_of[i] for i in [*op["inputs"], *op["outputs"]] if i in dtype_of]
-        if any(dtype in FLOAT_TYPES for dtype, _ in tensors):
-            output = next((dtype_of[i][1] for i in op["outputs"] if i in dtype_of), "")
-            float_ops.append(FloatOp(op=op["op_name"], output=output))
+    ops = sorted({op["op_name"] for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"})
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     named_inputs = (
         interpreter.get_signature_runner().get_input_details() if len(interpreter.get_input_details()) > 1 else {}
@@ -174,7 +246,7 @@ def audit_tensor_types(model_bytes: bytes) -> TypeAudit:
     return TypeAudit(
         full_integer=not floats,
         float_tensors=floats,
-        float_ops=float_ops,
+        float_ops=float_ops(interpreter),
         flex_ops=[op for op in ops if op.startswith("Flex")],
         dtypes=dict(sorted(dtypes.items())),
         ops=ops,

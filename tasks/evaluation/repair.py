@@ -19,7 +19,7 @@ from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ranking_margin
 from ptqflow.tasks.evaluation.diagnose import float_unit, keras_layer_of, layer_names, quantize_keeping_float
 from ptqflow.tasks.evaluation.fidelity import judge_fidelity
-from ptqflow.tasks.evaluation.interpreter import predict_tflite
+from ptqflow.tasks.evaluation.interpreter import predict_tflite, refused_rows
 from ptqflow.tasks.evaluation.metrics import task_figures
 from ptqflow.tasks.models.feeds import model_input_slots, predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
@@ -65,13 +65,9 @@ def keep_worst_layers_float(
         float_tensors += [t for t in float_unit(quantized_tflite, layer.tensor) if t not in float_tensors]
         report("repair_quantization", f"keeping {len(steps) + 1} layer(s) in float: {layer.layer}")
         candidate = quantize_keeping_float(model, calibration_batches, debug_features, options, float_tensors)
-        figures = task_figures(
-            task,
-            float_outputs,
-            predict_tflite(candidate, validation_features, inputs=inputs),
-            validation_labels,
-            layout,
-        )
+        outputs = predict_tflite(candidate, validation_features, inputs=inputs, failures=[])
+        ran = ~refused_rows(outputs)  # judged, as validation is, on the samples it can run
+        figures = task_figures(task, float_outputs[ran], outputs[ran], validation_labels[ran], layout)
         verdict = judge_fidelity(figures, gate)
         if verdict is None:  # the figures are computed just above: never missing
             raise ValueError(f"no {task.value} figures for a repair candidate")

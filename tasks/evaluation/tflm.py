@@ -35,7 +35,13 @@ from ptqflow.tasks.core.artifacts import ModelOutput, TargetFidelity, TflmFigure
 from ptqflow.tasks.core.native import native_output_captured
 from ptqflow.tasks.core.parameters import ModelTask
 from ptqflow.tasks.evaluation.device import device_footprint
-from ptqflow.tasks.evaluation.interpreter import dequantize_output, make_interpreter, predict_tflite
+from ptqflow.tasks.evaluation.interpreter import (
+    RowFailure,
+    dequantize_output,
+    make_interpreter,
+    predict_tflite,
+    refused_rows,
+)
 from ptqflow.tasks.evaluation.metrics import task_figures
 from ptqflow.tasks.models.feeds import input_details, input_parts, quantize_input, tflite_input_indices
 from ptqflow.tasks.models.outputs import flatten_outputs, tflite_output_order
@@ -296,13 +302,18 @@ def tflm_figures(
         seed = SUBSET_SEED
         rows = np.sort(np.random.default_rng(seed).choice(len(features), samples, replace=False))
     ops = tuple(sorted({op["op_name"] for op in make_interpreter(model_bytes, 1)._get_ops_details()} - {"DELEGATE"}))
+    refused: list[RowFailure] = []
+    litert = predict_tflite(model_bytes, features[rows], inputs=inputs, failures=refused)
+    if refused:  # rows LiteRT's kernels refuse (the run counts them): TFLM gets the rest
+        runnable = ~refused_rows(litert)
+        rows, litert = rows[runnable], litert[runnable]
+    litert = litert.reshape(len(rows), -1)
     try:
         ran = run_isolated(model_bytes, features[rows], inputs)
     except TflmCannotRun as error:
         return TflmFigures(runtime=runtime, ran=False, not_run_reason=str(error), samples=0, subset_seed=seed, ops=ops)
     arena, outputs, steps = ran.arena, ran.outputs, ran.steps
     figures = task_figures(task, reference[rows], outputs, labels[rows], layout)
-    litert = predict_tflite(model_bytes, features[rows], inputs=inputs).reshape(len(rows), -1)
     mine = outputs.reshape(len(rows), -1)
     quantized = steps > 0
     differences = np.abs(mine[:, quantized].astype(np.float64) - litert[:, quantized]) / steps[quantized]

@@ -19,13 +19,16 @@ from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ModelMetrics, RepairCost, ValidationMetrics
 from ptqflow.tasks.evaluation.device import device_footprint
 from ptqflow.tasks.evaluation.diagnose import layer_errors
-from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
+from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, refusals
 from ptqflow.tasks.evaluation.interpreter import (
+    RowFailure,
     audit_tensor_types,
     keras_speed,
     predict_tflite,
+    refused_rows,
     rerun_max_difference,
     tflite_speed,
+    unrunnable_samples,
 )
 from ptqflow.tasks.evaluation.metrics import (
     accuracy,
@@ -114,12 +117,45 @@ def evaluate_models(
                 )
             }
         )
+    refused: dict[ModelKind, list[RowFailure]] = {ModelKind.float_tflite: [], ModelKind.quantized_tflite: []}
     float_out = predict_tflite(
-        float_tflite, features, params.batch_size, params.num_threads, progress("float .tflite"), inputs
+        float_tflite,
+        features,
+        params.batch_size,
+        params.num_threads,
+        progress("float .tflite"),
+        inputs,
+        refused[ModelKind.float_tflite],
     )
     quant_out = predict_tflite(
-        quantized_tflite, features, params.batch_size, params.num_threads, progress("quantized .tflite"), inputs
+        quantized_tflite,
+        features,
+        params.batch_size,
+        params.num_threads,
+        progress("quantized .tflite"),
+        inputs,
+        refused[ModelKind.quantized_tflite],
     )
+    unrunnable = tuple(
+        found
+        for kind, rows in refused.items()
+        if (found := unrunnable_samples(kind.value, rows, len(features))) is not None
+    )
+    if unrunnable:
+        # Judged on the rows every model ran; the gate weighs the others (--max-unrunnable-fraction).
+        ran = ~(refused_rows(float_out) | refused_rows(quant_out))
+        common = common.model_copy(update={"unrunnable": unrunnable, "unrunnable_rows": int((~ran).sum())})
+        if not ran.any():
+            return common.model_copy(
+                update={"not_validated_reason": f"no test sample ran on both .tflite models: {refusals(common)}"}
+            )
+        features, labels, keras_out = features[ran], labels[ran], keras_out[ran]
+        float_out, quant_out = float_out[ran], quant_out[ran]
+        float_accuracy = accuracy(keras_out, labels) if classification else None
+        float_mae = mean_absolute_error(keras_out, labels) if task is ModelTask.regression else None
+        common = common.model_copy(
+            update={"samples": int(len(labels)), "float_accuracy": float_accuracy, "float_mae": float_mae}
+        )
     speeds = {}
     if measure_speed:
         report("validate_with_interpreter", "measuring latency and throughput")
@@ -225,12 +261,10 @@ def repair_cost(
     inputs = model_input_slots(keras_model)
     unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads, inputs=inputs)
     repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
+    outputs = predict_tflite(unrepaired, features, params.batch_size, num_threads, inputs=inputs, failures=[])
+    ran = ~refused_rows(outputs)  # judged, as validation is, on the samples it can run
     unrepaired_figures = task_figures(
-        metrics.task,
-        keras_outputs,
-        predict_tflite(unrepaired, features, params.batch_size, num_threads, inputs=inputs),
-        labels,
-        model_outputs(keras_model),
+        metrics.task, keras_outputs[ran], outputs[ran], labels[ran], model_outputs(keras_model)
     )
     return RepairCost(
         **repair.model_dump(mode="json", exclude={"repaired", "unrepaired"}),

@@ -32,6 +32,7 @@ from ptqflow.tasks.core.parameters import (
 )
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.models.feeds import keras_feed, model_input_slots
+from ptqflow.tasks.quantization.integer import require_integer
 from ptqflow.tasks.quantization.ranges import RANGE_METHODS, activation_histograms, choose_range, with_ranges
 
 if TYPE_CHECKING:
@@ -203,12 +204,15 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
         options: I/O types and op sets.
 
     Raises:
-        ConversionFailed: the converter refused; the message names the ops and the options that would work.
+        ConversionFailed: the converter refused, or under ``--ops int8`` an operator stayed float; the message names
+            the ops and the options that would work.
     """
     model = prepared_for_rounding(model, calibration_batches, options)
     if RANGE_METHODS[options.calibration_method].choose is None:  # the converter's own ranges
-        return _convert(quantization_converter(model, calibration_batches, options), options)
-    return quantize_with_ranges(model, calibration_batches, options)
+        quantized = _convert(quantization_converter(model, calibration_batches, options), options)
+    else:
+        quantized = quantize_with_ranges(model, calibration_batches, options)
+    return require_integer(quantized, options)  # whichever path made it
 
 
 def prepared_for_rounding(

@@ -14,7 +14,7 @@ from ptqflow.tasks.core.artifacts import SampledDataset
 from ptqflow.tasks.core.errors import secrets_kept_out
 from ptqflow.tasks.core.parameters import GateParameters, ModelTask
 from ptqflow.tasks.core.validation_report import PromotionDecision
-from ptqflow.tasks.evaluation.interpreter import predict_tflite
+from ptqflow.tasks.evaluation.interpreter import RowFailure, predict_tflite, refused_rows
 from ptqflow.tasks.evaluation.metrics import accuracy, mean_absolute_error
 from ptqflow.tasks.release.documents import RunManifest
 from ptqflow.tasks.release.manifest import manifest_key
@@ -116,19 +116,35 @@ def compare_with_champion(
             compared_rows=compared,
         )
     features, labels = test.features[unseen], test.labels[unseen]
+    refused: list[RowFailure] = []  # samples either model's kernels refuse: compared on the others
     try:
-        champion_outputs = predict_tflite(champion_model(export, pointer), features, batch_size, inputs=test.inputs)
+        champion_outputs = predict_tflite(
+            champion_model(export, pointer), features, batch_size, inputs=test.inputs, failures=refused
+        )
     except (ValueError, RuntimeError) as error:  # e.g. the data's shape changed since it was exported
         return not_fair(
             f"the exported version cannot run on this test split ({str(error).splitlines()[0][:200]}), so the two "
             "cannot be compared",
         )
-    challenger_outputs = predict_tflite(store.read_bytes(challenger), features, batch_size, inputs=test.inputs)
+    challenger_outputs = predict_tflite(
+        store.read_bytes(challenger), features, batch_size, inputs=test.inputs, failures=refused
+    )
     comparison = (
         f"the {compared} rows of this test split it never trained on"
         if compared < len(test)
         else f"all {compared} rows of this test split, none of which it trained on"
     )
+    if refused:
+        ran = ~(refused_rows(champion_outputs) | refused_rows(challenger_outputs))
+        champion_outputs, challenger_outputs, labels = champion_outputs[ran], challenger_outputs[ran], labels[ran]
+        comparison += f", less the {compared - int(ran.sum())} that one of the models refused to run"
+        compared = int(ran.sum())
+        if compared < needed:
+            return not_fair(
+                f"only {compared} unseen rows ran on both models (the others' kernels refused them), and a fair "
+                f"comparison needs {needed} (--min-comparison-rows)",
+                compared_rows=compared,
+            )
     if task is ModelTask.regression:
         if champion_outputs.shape != labels.shape:
             return not_fair(

@@ -15,12 +15,27 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from ptqflow.storage.store import ArtifactRef
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.core.artifacts import ModelOutput, NpuFigures, OutputFigures, StageOutput, TflmFigures
+from ptqflow.tasks.core.artifacts import (
+    ModelOutput,
+    NpuFigures,
+    OutputFigures,
+    StageOutput,
+    TflmFigures,
+    UnrunnableSamples,
+)
 from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, ModelTask, RankBy, ValidationParameters
 from ptqflow.tasks.evaluation.device import Footprint, device_footprint, footprint_problems
-from ptqflow.tasks.evaluation.fidelity import fidelity_loss, judge_fidelity
+from ptqflow.tasks.evaluation.fidelity import fidelity_loss, judge_fidelity, unrunnable_share
 from ptqflow.tasks.evaluation.gate import GATE_OPTION, GateResult, GateStatus, target_footprints, target_problems
-from ptqflow.tasks.evaluation.interpreter import audit_tensor_types, predict_tflite, rerun_max_difference, tflite_speed
+from ptqflow.tasks.evaluation.interpreter import (
+    RowFailure,
+    audit_tensor_types,
+    predict_tflite,
+    refused_rows,
+    rerun_max_difference,
+    tflite_speed,
+    unrunnable_samples,
+)
 from ptqflow.tasks.evaluation.metrics import accuracy, increase_pct, mean_absolute_error, model_metrics, worst_sqnr
 from ptqflow.tasks.evaluation.tflm import tflm_figures
 from ptqflow.tasks.evaluation.vela import compile_for_npu
@@ -86,6 +101,21 @@ class ConfigurationMetrics(StageOutput):
     )
     tflm: TflmFigures | None = None
     npu: tuple[NpuFigures, ...] = ()
+    unrunnable_rows: int = Field(0, description="Test samples left out of the figures: the model refused them.")
+    unrunnable: tuple[UnrunnableSamples, ...] = ()
+
+
+# A configuration that could not run on the test split has none of these figures.
+NOT_RUN = {
+    "validated": False,
+    "quantized_accuracy": None,
+    "accuracy_drop_pp": None,
+    "agreement": None,
+    "sqnr_db": None,
+    "latency_p50_ms": None,
+    "latency_p95_ms": None,
+    "throughput_per_s": None,
+}
 
 
 def configuration_metrics(
@@ -107,7 +137,7 @@ def configuration_metrics(
     audit = audit_tensor_types(model_bytes)
     float_accuracy = accuracy(reference, labels) if task is ModelTask.classification else None
     float_mae = mean_absolute_error(reference, labels) if task is ModelTask.regression else None
-    common = {
+    common: dict[str, Any] = {
         "task": task,
         "float_mae": float_mae,
         "bytes": len(model_bytes),
@@ -123,18 +153,21 @@ def configuration_metrics(
     if audit.flex_ops:
         return {
             **common,
-            "validated": False,
-            "quantized_accuracy": None,
-            "accuracy_drop_pp": None,
-            "agreement": None,
-            "sqnr_db": None,
-            "latency_p50_ms": None,
-            "latency_p95_ms": None,
-            "throughput_per_s": None,
+            **NOT_RUN,
             "not_validated_reason": f"TensorFlow (Flex) ops {', '.join(audit.flex_ops)} cannot run in the LiteRT "
             "Interpreter",
         }
-    outputs = predict_tflite(model_bytes, features, batch_size, num_threads, inputs=inputs)
+    failures: list[RowFailure] = []
+    outputs = predict_tflite(model_bytes, features, batch_size, num_threads, inputs=inputs, failures=failures)
+    refused = unrunnable_samples("quantized_tflite", failures, len(features))
+    if refused is not None:  # judged on the rows it ran, as a run's validation is
+        ran = ~refused_rows(outputs)
+        common |= {"unrunnable_rows": int((~ran).sum()), "unrunnable": (refused,)}
+        if not ran.any():
+            return {**common, **NOT_RUN, "not_validated_reason": f"no test sample ran: {refused.examples[0]}"}
+        features, labels, reference, outputs = features[ran], labels[ran], reference[ran], outputs[ran]
+        common["float_accuracy"] = float_accuracy = accuracy(reference, labels) if float_accuracy is not None else None
+        common["float_mae"] = float_mae = mean_absolute_error(reference, labels) if float_mae is not None else None
     metrics = model_metrics(outputs, reference, labels, class_names, layout=layout)
     speed = tflite_speed(model_bytes, features, batch_size, num_threads, SPEED_BUDGET_SECONDS, inputs)
     return {
@@ -253,6 +286,8 @@ def judge(row: SweepRow, gate: GateParameters, require_full_integer: bool) -> Sw
         verdict = (
             f"not repeatable: outputs differ by up to {m.rerun_max_difference:.3g} between two runs on the same input"
         )
+    elif unrunnable_share(m) > gate.max_unrunnable_fraction:
+        verdict = f"refused {m.unrunnable_rows:,} test samples ({', '.join(m.unrunnable[0].operators) or 'see report'})"
     elif not fidelity.passed:
         verdict = fidelity.short
     elif require_full_integer and not m.full_integer:

@@ -26,7 +26,14 @@ from ptqflow.tasks.core.validation_report import (
     ValidationReport,
     ranking_margin,
 )
-from ptqflow.tasks.evaluation.fidelity import Figures, fidelity_in_words, gate_in_words, judge_fidelity
+from ptqflow.tasks.evaluation.fidelity import (
+    Figures,
+    Refused,
+    fidelity_in_words,
+    gate_in_words,
+    judge_fidelity,
+    refusals,
+)
 from ptqflow.tasks.evaluation.gate import describe_layers
 from ptqflow.tasks.quantization.ranges import RANGE_METHODS
 from ptqflow.tasks.release.documents import RunManifest
@@ -392,6 +399,11 @@ DEVICE_NOTE = (
 )
 
 
+def unrunnable_line(figures: Refused) -> str:
+    """The test samples the figures leave out, and why."""
+    return f"**{figures.unrunnable_rows:,} test samples left out of the figures**: {refusals(figures)}."
+
+
 def judged_file_line(report: ValidationReport) -> str:
     """Which file the figures are of (the export ships it byte for byte), and whether a device can take its
     shapes."""
@@ -443,6 +455,7 @@ def render_markdown(report: ValidationReport) -> str:
         "",
         judged_file_line(report),
         "",
+        *([unrunnable_line(metrics), ""] if metrics.unrunnable else []),
         *([conversion, ""] if conversion else []),
         *(["## Promotion", "", *_promotion_lines(report.promotion), ""] if report.promotion else []),
         "## Models (test split)",
@@ -647,6 +660,8 @@ def render_html(report: ValidationReport) -> str:
         f"<p class='{'' if metrics.validated else 'bad'}'>{html.escape(_verdict(metrics).replace('**', ''))}</p>",
         f"<p>{html.escape(judged_file_line(report).replace('**', '').replace('`', ''))}</p>",
     ]
+    if metrics.unrunnable:
+        parts.append(f"<p class='bad'>{html.escape(unrunnable_line(metrics).replace('**', ''))}</p>")
     conversion = conversion_line(report.conversion)
     if conversion:
         parts.append(f"<p>{html.escape(conversion)}</p>")
@@ -1000,6 +1015,8 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
         litert = m.arena_bytes is not None and DeviceTarget.litert in m.targets
         arena = f"; tensor arena {kib(m.arena_bytes)} (batch 1)" if litert else ""
         console.print(f"{fidelity_figures(m)}; full integer: {integer}{arena}", highlight=False)
+    if m.unrunnable:
+        console.print(unrunnable_line(m).replace("**", ""), highlight=False, soft_wrap=True)
     _print_gate(summary, console)
     console.print(f"quantized model: {summary.artifacts['tflite'].uri}", highlight=False, soft_wrap=True)
     if "report_html" in summary.artifacts:
