@@ -191,6 +191,22 @@ def _saved_model(directory: str) -> Any:
     return saved
 
 
+def _forget_optimizer_slots(directory: str) -> None:
+    """Unmark the variables a SavedModel records as an optimizer's slots (Adam's moments, ...), in this unpacked
+    copy. Loading a slot calls its optimizer's ``add_slot``, and an optimizer whose class TensorFlow cannot revive (a
+    TF 1 or Keras 2 optimizer, saved with its model) comes back without one: "'_UserObject' object has no attribute
+    'add_slot'". Serving never reads slots; they still load, as plain variables."""
+    saved = _saved_model(directory)
+    slots = sum(len(node.slot_variables) for graph in saved.meta_graphs for node in graph.object_graph_def.nodes)
+    if not slots:
+        return
+    for graph in saved.meta_graphs:
+        for node in graph.object_graph_def.nodes:
+            del node.slot_variables[:]
+    with open(os.path.join(directory, SAVED_MODEL_PROTO), "wb") as f:
+        f.write(saved.SerializeToString())
+
+
 def _serving_graph(directory: str) -> Any:
     """The meta graph holding the serving signature."""
     graph = next((m for m in _saved_model(directory).meta_graphs if SERVING_SIGNATURE in m.signature_def), None)
@@ -321,6 +337,7 @@ def saved_model_from_zip(data: bytes, max_bytes: int | None = None) -> keras.Mod
     try:
         _extract(data, directory, max_bytes)
         check_saved_model(directory)
+        _forget_optimizer_slots(directory)
         layer = keras.layers.TFSMLayer(directory, call_endpoint=SERVING_SIGNATURE, name="saved_model")
         raw = keras.Input(_sample_shape(directory), name="raw_input")
         normalisation = os.path.join(directory, NORMALISATION_FILE)

@@ -400,6 +400,20 @@ def with_named_inputs(
     return keras.Model(raws, model(fed), name=f"{model.name}_on_named_inputs")
 
 
+def _reload_fix(data: bytes) -> str:
+    """What would make a model file that failed to load loadable, for its own format."""
+    try:
+        kind = model_file_format(data)
+    except UnsupportedModelFile:
+        kind = "keras"
+    if kind == "saved_model":
+        return (
+            "export its serving computation again, with TensorFlow (tf.saved_model.save(obj, path, "
+            "signatures=...)) or Keras (model.export(path))"
+        )
+    return "save it with model.save('x.keras'); Lambda layers and custom objects are refused (Keras safe mode)"
+
+
 def load_trained_model(
     url: str, spec: FeatureSpec, params: TrainingParameters | None = None
 ) -> tuple[bytes, keras.Model]:
@@ -429,10 +443,7 @@ def load_trained_model(
         raise InvalidModel(f"--model-url {url} is refused: {error}") from None
     except Exception as error:  # zip, h5, config and safe-mode errors all mean "cannot use this file"
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise InvalidModel(
-            f"--model-url {url} is not a loadable model ({detail}): save it with model.save('x.keras'); "
-            "Lambda layers and custom objects are refused (Keras safe mode)"
-        ) from None
+        raise InvalidModel(f"--model-url {url} is not a loadable model ({detail}): {_reload_fix(data)}") from None
     given = model
     if spec.inputs:
         model = with_named_inputs(model, spec.inputs, normalisation, what, fix)

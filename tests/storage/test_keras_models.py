@@ -127,6 +127,31 @@ def test_a_packed_savedmodel_loads_as_a_model_that_predicts_the_same(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
 
 
+def test_a_savedmodel_saved_with_its_optimizers_slots_loads_and_serves(tmp_path):
+    """A TF 1 optimizer (as a Keras 2 one) saved beside the model: TensorFlow cannot revive it, and loading its slot
+    variables used to fail with "'_UserObject' object has no attribute 'add_slot'"."""
+    import tensorflow as tf
+
+    class Trained(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(tf.ones((4, 3)))
+            self.optimizer = tf.compat.v1.train.AdamOptimizer(0.1)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            return {"output_0": tf.matmul(x, self.kernel)}
+
+    trained = Trained()
+    trained.optimizer.apply_gradients([(tf.ones((4, 3)), trained.kernel)])  # one step: Adam's two slots exist
+    tf.saved_model.save(trained, str(tmp_path / "saved"), signatures={"serving_default": trained.serve})
+    with pytest.raises(AttributeError, match="add_slot"):  # what TensorFlow alone does with it
+        tf.saved_model.load(str(tmp_path / "saved"))
+    loaded, kind = user_model_from_bytes(_packed(tmp_path / "saved"))
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    assert kind == "saved_model"
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), x @ trained.kernel.numpy(), rtol=1e-5)  # trained
+
+
 def test_a_savedmodel_whose_serving_signature_writes_files_is_refused_before_it_runs(tmp_path):
     import tensorflow as tf
 

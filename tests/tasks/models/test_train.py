@@ -253,6 +253,21 @@ def test_a_savedmodel_directory_is_packed_loaded_and_normalised(tmp_path, digits
     )
 
 
+def test_a_savedmodel_that_cannot_load_is_told_a_fix_for_a_savedmodel(tmp_path, digits_splits, trained_digits_model):
+    from ptqflow.tasks.core.errors import InvalidModel
+    from ptqflow.tasks.models.training import load_trained_model
+
+    spec, _ = digits_splits
+    trained_digits_model.export(str(tmp_path / "saved"), verbose=False)
+    for weights in (tmp_path / "saved" / "variables").glob("variables.data-*"):
+        weights.unlink()  # its graph checks out; its weights are gone
+    with pytest.raises(InvalidModel) as error:
+        load_trained_model(str(tmp_path / "saved"), spec)
+    message = str(error.value)
+    assert "is not a loadable model (" in message and "\n" not in message
+    assert "export its serving computation again" in message and "x.keras" not in message
+
+
 def two_input_spec(*names: str) -> FeatureSpec:
     """Digits-like samples fed to two inputs: an 8x8x1 image (uint8) and three float features."""
     slots = {"image": InputSlot("image", (8, 8, 1), "uint8"), "extra": InputSlot("extra", (3,))}
