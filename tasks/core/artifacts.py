@@ -304,6 +304,11 @@ class ValidationFigures(FidelityFigures):
     )
     full_integer: bool
     float_tensors: tuple[str, ...]
+    floats_not_asked_for: tuple[str, ...] = Field(
+        (),
+        description="Under --ops int8: the operators with a float tensor the I/O types did not ask for (the "
+        "conversion refuses such a model, and the gate fails on one as full_integer).",
+    )
     worst_layers: tuple[WorstLayer, ...] = ()
     targets: tuple[DeviceTarget, ...] = Field(
         (DeviceTarget.litert,), description="Where the model will run (--target): the targets the gate judges."

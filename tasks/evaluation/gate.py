@@ -144,7 +144,8 @@ def check_gate(
     verdict = check_fidelity_gate(result, gate, ops, repair)
     if not result.validated:
         return verdict
-    problems = unrunnable_problems(result, gate) + target_problems(result.targets, result.tflm, result.npu, gate)
+    problems = integer_problems(result, ops) + unrunnable_problems(result, gate)
+    problems += target_problems(result.targets, result.tflm, result.npu, gate)
     over = over_budget(
         target_footprints(result.targets, result.tflm, result.npu, result.quantized_bytes, result.arena_bytes), gate
     )
@@ -157,12 +158,29 @@ def check_gate(
         return verdict.model_copy(update={"message": f"{verdict.message}; and {also}"})
     described = "; ".join(message for _, message in problems)
     name = problems[0][0]
-    title = {"device_budget": "device budget failed", "unrunnable_samples": "gate failed"}.get(
-        name, "device gate failed"
-    )
+    titles = {
+        "device_budget": "device budget failed",
+        "unrunnable_samples": "gate failed",
+        "full_integer": "gate failed",
+    }
+    title = titles.get(name, "device gate failed")
     return verdict.model_copy(
         update={"name": name, "status": GateStatus.failed, "message": f"{title}: {described}; {verdict.message}"}
     )
+
+
+def integer_problems(result: ValidationFigures, ops: TargetOps | None) -> list[tuple[str, str]]:
+    """Under ``--ops int8``, operators left in float: the conversion refuses such a model, and so does the gate, for
+    one that reached it another way."""
+    if ops is not TargetOps.int8 or not result.floats_not_asked_for:
+        return []
+    return [
+        (
+            "full_integer",
+            f"--ops int8 asks for a full-integer model, and {', '.join(result.floats_not_asked_for)} run in float: "
+            "replace those ops in the model, or allow float operators with --ops builtins",
+        )
+    ]
 
 
 def unrunnable_problems(result: ValidationFigures, gate: GateParameters) -> list[tuple[str, str]]:

@@ -36,6 +36,7 @@ from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
 from ptqflow.tasks.evaluation.validation import evaluate_models, measure_on_targets, per_layer_errors, repair_cost
 from ptqflow.tasks.models.feeds import predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
+from ptqflow.tasks.quantization.integer import asks_full_integer, floats_not_asked_for
 from ptqflow.tasks.release.firmware import FIRMWARE_LABELS, model_data_files, vela_label
 
 
@@ -133,6 +134,11 @@ def validate_with_interpreter(
         metrics=metrics,
     )
     report_ref = store.put_json(document.model_dump(mode="json"))
+    stayed_float = (
+        floats_not_asked_for(store.read_bytes(converted.quantized), conversion)
+        if conversion is not None and asks_full_integer(conversion)
+        else []
+    )
     logger = get_run_logger()
     if metrics.validated:
         logger.info("%s; full integer: %s", fidelity_in_words(metrics), metrics.audit.full_integer)
@@ -144,6 +150,7 @@ def validate_with_interpreter(
         not_validated_reason=metrics.not_validated_reason,
         float_tensors=tuple(metrics.audit.float_tensors),
         full_integer=metrics.audit.full_integer,
+        floats_not_asked_for=tuple(sorted({op.op for op in stayed_float})),
         worst_layers=tuple(
             WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
             for layer in layers[:5]

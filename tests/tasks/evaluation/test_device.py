@@ -14,7 +14,7 @@ from ptqflow.tasks.core.artifacts import (
     TflmFigures,
     ValidationFigures,
 )
-from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters
+from ptqflow.tasks.core.parameters import DeviceTarget, GateParameters, TargetOps
 from ptqflow.tasks.evaluation.device import ExecutionPlan, contiguous_block, device_footprint, live_bytes, plan_arena
 from ptqflow.tasks.evaluation.gate import GateStatus, check_gate
 
@@ -240,3 +240,13 @@ def test_npu_coverage_is_gated_only_when_asked_and_names_the_cpu_operators():
     verdict = check_gate(result, GateParameters(min_npu_ops=0.9))
     assert verdict.name == "npu_coverage" and "75.0% of its operators" in verdict.message
     assert "SIGN (Unsupported opType)" in verdict.message and "--min-npu-ops 90.0%" in verdict.message
+
+
+def test_the_gate_never_passes_float_operators_under_int8_ops():
+    # The conversion refuses such a model (tests/tasks/quantization/test_integer.py); a model that reached the gate
+    # another way fails there.
+    stayed = figures(full_integer=False, floats_not_asked_for=("NEG", "SQUARE"))
+    failed = check_gate(stayed, GateParameters(), TargetOps.int8)
+    assert not failed.passed and failed.name == "full_integer" and "\n" not in failed.message
+    assert failed.message.startswith("gate failed: --ops int8 asks for a full-integer model, and NEG, SQUARE run in")
+    assert check_gate(stayed, GateParameters(), TargetOps.builtins).passed  # float operators allowed
