@@ -1,10 +1,10 @@
 """The full-integer promise: with ``--ops int8`` a calibrated conversion yields a model with no float tensor, except
 the inputs and outputs the user asked to be float (``--input-type`` / ``--output-type float32``), or fails.
 
-The converter does not keep that promise by itself: given ``TFLITE_BUILTINS_INT8``, it still keeps an operator with
-no int8 kernel (SQUARE, NEG) in float, wrapped in DEQUANTIZE / QUANTIZE, on its own path and on the range methods'
-(``--calibration-method``), and may leave an output float. So every conversion's result is checked here, whatever
-path made it.
+The converter does not keep that promise by itself: given ``TFLITE_BUILTINS_INT8``, it still keeps an operator it
+does not quantize (SQUARE, NEG) in float, wrapped in DEQUANTIZE / QUANTIZE, on its own path and on the range
+methods' (``--calibration-method``), and may leave an output float. So every conversion's result is checked here,
+whatever path made it.
 """
 
 from __future__ import annotations
@@ -62,9 +62,7 @@ def floats_not_asked_for(model_bytes: bytes, options: ConversionParameters) -> l
 
 
 def require_integer(model_bytes: bytes, options: ConversionParameters) -> bytes:
-    """``model_bytes`` when it keeps the promise of ``options`` (or ``options`` promise nothing). The converter does
-    not keep it by itself: under ``TFLITE_BUILTINS_INT8`` it still leaves an op without an int8 kernel (SQUARE, NEG)
-    in float between DEQUANTIZE and QUANTIZE, whatever chose the ranges.
+    """``model_bytes`` when it keeps the promise of ``options`` (or ``options`` promise nothing).
 
     Raises:
         ConversionFailed: under ``--ops int8`` an operator stayed float; the message names them and the options
