@@ -204,6 +204,9 @@ def test_a_form_run_outside_the_workers_locations_or_models_fails_before_touchin
     assert not outside.exists()  # nothing was read or written there
 
 
+BUSY_RETRIES = 3  # submissions again after the server answers 503 (busy), as a user would
+
+
 @dataclass
 class PageEvidence:
     """What a page showed and what the API answered it: the reasons a form that did not act gives nowhere else."""
@@ -246,6 +249,11 @@ class PageEvidence:
                 text = " ".join(card.inner_text(timeout=1000).split())
                 error = card.locator(".p-toast__icon--error").count() > 0
                 self.toasts.add(f"error: {text}" if error else text)
+
+    def busy_answers(self) -> int:
+        """How many times the server answered the run's creation 503: Prefect's server answers so for errors a client
+        can retry (a database lock on a loaded machine); its own client retries them, its UI leaves it to the user."""
+        return sum("/create_flow_run -> 503" in answer for answer in self.answers)
 
     def refused(self) -> bool:
         """The form gave up: an error toast, or the server found the values invalid."""
@@ -314,8 +322,17 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
                 def is_new(run: dict) -> bool:  # not one the scheduler adds to the cron's upcoming runs meanwhile
                     return run["id"] not in before and not run["auto_scheduled"]
 
+                retried = 0
                 while not (new := [r for r in deployment_runs(client, deployment) if is_new(r)]):
                     evidence.look(page)
+                    if evidence.busy_answers() > retried and retried < BUSY_RETRIES:
+                        # The server was busy, not refusing: as a user would, submit again once its toast is read.
+                        retried += 1
+                        evidence.errors.append(f"the server was busy (503); submitted again ({retried})")
+                        evidence.toasts.clear()
+                        page.wait_for_timeout(2000)
+                        submit.click()
+                        continue
                     if time.monotonic() > deadline or evidence.refused():
                         raise AssertionError(f"the form did not create a run: {evidence.describe(page)}")
                     page.wait_for_timeout(1000)
