@@ -71,10 +71,11 @@ def validate_with_interpreter(
             keras_outputs = read_parquet(f).features
     else:  # predicted once here: the evaluation and a repair's cost both compare with them
         keras_outputs = predict_keras(keras_model, test.features, params.batch_size, dataset.spec.inputs)
+    quantized_bytes = store.read_bytes(converted.quantized)  # read once: evaluation, targets, firmware, audit
     metrics = evaluate_models(
         keras_model,
         store.read_bytes(converted.float_model),
-        store.read_bytes(converted.quantized),
+        quantized_bytes,
         test.features,
         test.labels,
         params,
@@ -94,7 +95,6 @@ def validate_with_interpreter(
     metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
     device_files: dict[str, ArtifactRef] = {}
     if metrics.validated and params.targets != (DeviceTarget.litert,):
-        quantized_bytes = store.read_bytes(converted.quantized)
         tflm, compilations = measure_on_targets(
             quantized_bytes,
             test.features,
@@ -135,7 +135,7 @@ def validate_with_interpreter(
     )
     report_ref = store.put_json(document.model_dump(mode="json"))
     stayed_float = (
-        floats_not_asked_for(store.read_bytes(converted.quantized), conversion)
+        floats_not_asked_for(quantized_bytes, conversion)
         if conversion is not None and asks_full_integer(conversion)
         else []
     )
