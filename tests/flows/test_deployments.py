@@ -215,6 +215,7 @@ class PageEvidence:
     answers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     toasts: set[str] = field(default_factory=set)
+    stale_toasts: set[str] = field(default_factory=set)  # an earlier submission's, still on show while they fade
 
     @classmethod
     def watching(cls, page) -> PageEvidence:
@@ -248,17 +249,30 @@ class PageEvidence:
             with contextlib.suppress(Exception):  # a toast can fade between listing and reading it
                 text = " ".join(card.inner_text(timeout=1000).split())
                 error = card.locator(".p-toast__icon--error").count() > 0
-                self.toasts.add(f"error: {text}" if error else text)
+                toast = f"error: {text}" if error else text
+                if toast not in self.stale_toasts:
+                    self.toasts.add(toast)
+
+    def submitting_again(self) -> None:
+        """The toasts on show belong to the submission before: a later failure shows in the API's answers."""
+        self.stale_toasts |= self.toasts
+        self.toasts.clear()
 
     def busy_answers(self) -> int:
         """How many times the server answered the run's creation 503: Prefect's server answers so for errors a client
         can retry (a database lock on a loaded machine); its own client retries them, its UI leaves it to the user."""
         return sum("/create_flow_run -> 503" in answer for answer in self.answers)
 
-    def refused(self) -> bool:
-        """The form gave up: an error toast, or the server found the values invalid."""
-        return any(t.startswith("error: ") for t in self.toasts) or any(
-            '"valid":false' in a.replace(" ", "") for a in self.answers
+    def refused(self, retries_left: bool) -> bool:
+        """The form gave up: an error toast, the server found the values invalid, or it refused to create the run
+        (a 503 counts only once no submission again is left)."""
+        creations = [a for a in self.answers if "/create_flow_run -> " in a]
+        last_status = int(creations[-1].split(" -> ", 1)[1].split()[0]) if creations else None
+        refused_creation = last_status is not None and last_status >= 400 and (last_status != 503 or not retries_left)
+        return (
+            any(t.startswith("error: ") for t in self.toasts)
+            or any('"valid":false' in a.replace(" ", "") for a in self.answers)
+            or refused_creation
         )
 
     def describe(self, page) -> str:
@@ -329,11 +343,12 @@ def test_custom_run_from_the_prefect_ui_in_a_browser(prefect_server, served):
                         # The server was busy, not refusing: as a user would, submit again once its toast is read.
                         retried += 1
                         evidence.errors.append(f"the server was busy (503); submitted again ({retried})")
-                        evidence.toasts.clear()
                         page.wait_for_timeout(2000)
+                        evidence.look(page)
+                        evidence.submitting_again()
                         submit.click()
                         continue
-                    if time.monotonic() > deadline or evidence.refused():
+                    if time.monotonic() > deadline or evidence.refused(retries_left=retried < BUSY_RETRIES):
                         raise AssertionError(f"the form did not create a run: {evidence.describe(page)}")
                     page.wait_for_timeout(1000)
             # Having created it, the UI goes back to the deployment's page.
