@@ -155,6 +155,47 @@ def trained_digits_model(digits_splits):
     return model
 
 
+CLIP_SAMPLES, FRAME = 256, 32  # an audio clip of 8 frames
+
+
+@pytest.fixture(scope="session")
+def audio_clips():
+    """Three tones at random phase and level, with noise; every tenth clip silent."""
+    import numpy as np
+
+    rng = np.random.default_rng(TEST_SEED)
+    labels = rng.integers(0, 3, 600)
+    t = np.arange(CLIP_SAMPLES)
+    frequency = np.array([0.05, 0.15, 0.3])[labels] * (1 + 0.1 * rng.normal(size=600))
+    level = rng.uniform(0.01, 1.0, size=600)
+    clips = np.sin(2 * np.pi * frequency[:, None] * t + rng.uniform(0, 6, size=(600, 1))) * level[:, None]
+    clips = (clips + 0.01 * rng.normal(size=clips.shape)).astype(np.float32)
+    clips[::10] = 0.0
+    return clips, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def front_end_model(audio_clips):
+    """An audio front end (framing, a learned filterbank, its power, a division by each channel's maximum over
+    the clip: 0 on a silent clip, which float divides by a tiny floor and int8 cannot) and a classifier: int8
+    loses the front end's dynamic range."""
+    import keras
+
+    keras.utils.set_random_seed(TEST_SEED)
+    audio = keras.Input((CLIP_SAMPLES,), name="audio")
+    frames = keras.layers.Reshape((CLIP_SAMPLES // FRAME, FRAME, 1))(audio)
+    bank = keras.layers.Conv2D(12, (1, FRAME), name="filterbank")(frames)
+    power = keras.layers.Multiply(name="power")([bank, bank])
+    peak = keras.layers.MaxPooling2D((CLIP_SAMPLES // FRAME, 1), name="clip_max")(power)
+    normalized = keras.ops.divide(power, keras.ops.maximum(peak, 1e-6))
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(keras.layers.Flatten()(normalized))
+    model = keras.Model(audio, keras.layers.Dense(3, activation="softmax", name="classes")(hidden))
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    clips, labels = audio_clips
+    model.fit(clips, labels, epochs=30, batch_size=64, verbose=0)
+    return model
+
+
 OUTLIER_VALUE = 1.0e5  # far above any trained activation of ``dense`` (single digits on digits)
 
 

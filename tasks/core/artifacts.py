@@ -110,9 +110,45 @@ class CalibrationSet(StageOutput):
     samples: int
 
 
+class Int16Layer(BaseModel):
+    """A layer whose activations scheme mixed16 raised to int16."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layer: str = Field(description='The Keras layer ("model output" for the model\'s last operator).')
+    op: str = Field(description="The TFLite operator, e.g. CONV_2D.")
+    tensor: str = Field(description="Its output tensors in the float .tflite (the quantizer's name for the layer).")
+
+
+class MixedPrecisionChoice(BaseModel):
+    """Scheme mixed16: the layers raised to int16, and the worst output's SQNR against the float .tflite on the
+    calibration rows the search compared on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    int16_layers: tuple[Int16Layer, ...] = Field(description="Most sensitive first.")
+    layers: int = Field(description="Layers the search could raise (those that compute; reshapes and the like follow).")
+    max_int16_fraction: float
+    int8_sqnr_db: float | None = Field(description="All layers int8 (None: identical to float).")
+    int16_sqnr_db: float | None = Field(description="All layers int16 (None: the quantizer cannot write it).")
+    reached_sqnr_db: float | None
+    int8_refused_rows: int = Field(0, description="Search rows the all-int8 model cannot run (an int8 DIV by zero).")
+    refused_rows: int = Field(0, description="Search rows the chosen model cannot run.")
+    target_met: bool = Field(
+        description="As few refused rows as whole-model int16, and within --int16-within-db of its SQNR."
+    )
+    search_rows: int
+    int8_model: ArtifactRef = Field(description="The all-int8 model the search started from: the cost's baseline.")
+
+    @property
+    def int16_fraction(self) -> float:
+        return len(self.int16_layers) / self.layers if self.layers else 0.0
+
+
 class ConvertedModels(StageOutput):
     quantized: ArtifactRef = Field(description="The quantized .tflite.")
     float_model: ArtifactRef = Field(description="The float .tflite (no optimizations), for comparison.")
+    mixed: MixedPrecisionChoice | None = Field(None, description="Scheme mixed16: what the search chose.")
 
 
 class WorstLayer(BaseModel):
@@ -310,6 +346,7 @@ class ValidationFigures(FidelityFigures):
         "conversion refuses such a model, and the gate fails on one as full_integer).",
     )
     worst_layers: tuple[WorstLayer, ...] = ()
+    int16_layers: tuple[str, ...] = Field((), description="Scheme mixed16: the layers with int16 activations.")
     targets: tuple[DeviceTarget, ...] = Field(
         (DeviceTarget.litert,), description="Where the model will run (--target): the targets the gate judges."
     )

@@ -66,16 +66,19 @@ class TensorType(str, Enum):
 class QuantizationScheme(str, Enum):
     """What the converter quantizes. ``full_integer``: int8 weights and activations, calibrated (the default);
     ``int16x8``: int16 activations with int8 weights, calibrated (more accurate, larger, slower kernels);
-    ``dynamic_range``: int8 weights, float activations, no calibration; ``float16``: float16 weights."""
+    ``dynamic_range``: int8 weights, float activations, no calibration; ``float16``: float16 weights; ``mixed16``:
+    int8 weights and activations, with int16 activations in the layers that need them, chosen by measuring
+    (``tasks.quantization.mixed``)."""
 
     full_integer = "full_integer"
     int16x8 = "int16x8"
     dynamic_range = "dynamic_range"
     float16 = "float16"
+    mixed16 = "mixed16"
 
     @property
     def calibrated(self) -> bool:
-        return self in (QuantizationScheme.full_integer, QuantizationScheme.int16x8)
+        return self in (QuantizationScheme.full_integer, QuantizationScheme.int16x8, QuantizationScheme.mixed16)
 
 
 class CalibrationMethod(str, Enum):
@@ -393,8 +396,8 @@ class ConversionParameters(_Parameters):
     ops: TargetOps = Field(TargetOps.int8, description="Op sets the converter may use.")
     scheme: QuantizationScheme = Field(
         QuantizationScheme.full_integer,
-        description="full_integer (int8), int16x8 (int16 activations, int8 weights), dynamic_range (int8 weights "
-        "only) or float16.",
+        description="full_integer (int8), int16x8 (int16 activations, int8 weights), mixed16 (int8, with int16 "
+        "activations in the layers that need them, found by measuring), dynamic_range (int8 weights only) or float16.",
     )
     per_channel: bool = Field(
         True,
@@ -430,6 +433,20 @@ class ConversionParameters(_Parameters):
         description="Correct each weight layer's bias for the mean output shift that int8 rounding gives it, measured "
         "layer by layer on the calibration data, before converting. Integer schemes only.",
     )
+    max_int16_fraction: float = Field(
+        1 / 3,
+        ge=0.0,
+        le=1.0,
+        description="Scheme mixed16: the largest share of the model's layers whose activations may be raised to int16 "
+        "(each costs size, RAM and time).",
+    )
+    int16_within_db: float = Field(
+        0.5,
+        ge=0.0,
+        le=60.0,
+        description="Scheme mixed16: layers are raised to int16 until the worst output's SQNR against the float "
+        "model, on the calibration rows, is within this many dB of whole-model int16's.",
+    )
 
     @model_validator(mode="after")
     def _consistent_with_the_scheme(self) -> ConversionParameters:
@@ -439,6 +456,8 @@ class ConversionParameters(_Parameters):
             raise ValueError("int16 inputs and outputs need scheme int16x8 (--scheme int16x8)")
         if self.scheme is QuantizationScheme.int16x8 and not io <= {TensorType.float32, TensorType.int16}:
             raise ValueError("scheme int16x8 takes float32 or int16 inputs and outputs (--input-type/--output-type)")
+        if self.scheme is QuantizationScheme.mixed16 and io != {TensorType.int8}:
+            raise ValueError("scheme mixed16 writes int8 inputs and outputs: use --input-type int8 --output-type int8")
         if not self.scheme.calibrated:
             if io != {TensorType.float32}:
                 raise ValueError(
@@ -448,13 +467,13 @@ class ConversionParameters(_Parameters):
                 raise ValueError(f"scheme {scheme} keeps float ops, which --ops int8 forbids: use --ops builtins")
         if self.percentile is not None and self.calibration_method is not CalibrationMethod.percentile:
             raise ValueError("--percentile applies to --calibration-method percentile")
-        if (
-            self.calibration_method is not CalibrationMethod.minmax
-            and self.scheme is not QuantizationScheme.full_integer
+        if self.calibration_method is not CalibrationMethod.minmax and self.scheme not in (
+            QuantizationScheme.full_integer,
+            QuantizationScheme.mixed16,
         ):
             raise ValueError(
                 f"--calibration-method {self.calibration_method.value} chooses int8 activation ranges: use it with "
-                "--scheme full_integer"
+                "--scheme full_integer or mixed16"
             )
         chosen = [
             name for name, on in (("--equalize", self.equalize), ("--bias-correction", self.bias_correction)) if on

@@ -15,7 +15,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ptqflow.storage.store import ArtifactRef
-from ptqflow.tasks.core.artifacts import FidelityFigures, NpuFigures, OutputFigures, RepairStep, TflmFigures
+from ptqflow.tasks.core.artifacts import (
+    FidelityFigures,
+    MixedPrecisionChoice,
+    NpuFigures,
+    OutputFigures,
+    RepairStep,
+    TflmFigures,
+)
 from ptqflow.tasks.core.parameters import DeviceTarget
 
 # Bumped when a field changes meaning; a reader refuses nothing older, it only fills defaults.
@@ -23,8 +30,9 @@ from ptqflow.tasks.core.parameters import DeviceTarget
 # DENSE_CONFUSION_CLASSES classes, the most confused pairs instead of the whole confusion matrix. 6: device
 # targets (--target): TFLite Micro's run and arena, Vela's compilation per Ethos-U. 7: the files take one sample
 # per call (static shapes), and the audit lists any tensor whose shape is known only at run time; samples a model
-# cannot run are counted (``unrunnable``) and the figures are of the rest.
-REPORT_VERSION = 7
+# cannot run are counted (``unrunnable``) and the figures are of the rest. 8: scheme mixed16's int16 layers and their
+# cost against all-int8 (``mixed``).
+REPORT_VERSION = 8
 # Two layers whose badness is within this factor are a close call: the statistics behind badness come from
 # float calibration and a float reference whose rounding differs between processors (summation order, vector
 # width), and from trained weights that differ too. Such layers can swap places on another machine, and repair,
@@ -205,6 +213,22 @@ class RepairCost(Frozen):
     repaired_latency_ms_p50: float | None
 
 
+class MixedPrecisionCost(Frozen):
+    """Scheme mixed16: the int16 layers, and what they cost and gained against the all-int8 model the search started
+    from, on the test split (fidelity, latency) and on the device's runtime (TFLM's arena)."""
+
+    choice: MixedPrecisionChoice
+    int8_fidelity: str = Field(description="The all-int8 model's judged figure on the test split, in words.")
+    mixed_fidelity: str
+    int8_bytes: int
+    mixed_bytes: int
+    int8_latency_ms_p50: float | None
+    mixed_latency_ms_p50: float | None
+    int8_arena_bytes: int | None = Field(description="TFLM's arena for the all-int8 model (None: not measured).")
+    mixed_arena_bytes: int | None
+    arena_unavailable: str | None = Field(None, description="Why the arenas were not measured.")
+
+
 class ArenaCheck(Frozen):
     """What the LiteRT Interpreter itself allocated for the model (built-in kernels, batch 1), beside the plan of
     the same tensors (``tasks.evaluation.device``)."""
@@ -267,6 +291,7 @@ class ValidationMetrics(FidelityFigures):
     layers: list[LayerError] = Field(default_factory=list, description="Per-layer error, worst first.")
     layers_unavailable: str | None = Field(None, description="Why there are no per-layer figures.")
     repair: RepairCost | None = None
+    mixed: MixedPrecisionCost | None = None
     device: dict[ModelKind, DeviceFootprint] = Field(
         default_factory=dict, description="Flash and tensor-arena RAM of each .tflite (empty in older reports)."
     )

@@ -13,10 +13,17 @@ import numpy as np
 
 from ptqflow.storage.store import ArtifactStore
 from ptqflow.storage.tables import InputSlot
-from ptqflow.tasks.core.artifacts import ModelOutput, RepairResult, TflmFigures
+from ptqflow.tasks.core.artifacts import MixedPrecisionChoice, ModelOutput, RepairResult, TflmFigures
 from ptqflow.tasks.core.parameters import ConversionParameters, DeviceTarget, ModelTask, ValidationParameters
 from ptqflow.tasks.core.progress import report
-from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ModelMetrics, RepairCost, ValidationMetrics
+from ptqflow.tasks.core.validation_report import (
+    LayerError,
+    MixedPrecisionCost,
+    ModelKind,
+    ModelMetrics,
+    RepairCost,
+    ValidationMetrics,
+)
 from ptqflow.tasks.evaluation.device import device_footprint
 from ptqflow.tasks.evaluation.diagnose import layer_errors
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, refusals
@@ -277,4 +284,54 @@ def repair_cost(
         repaired_bytes=metrics.quantized_bytes,
         unrepaired_latency_ms_p50=unrepaired_speed.latency_ms.p50,
         repaired_latency_ms_p50=repaired.speed.latency_ms.p50 if repaired and repaired.speed else None,
+    )
+
+
+def mixed_cost(
+    choice: MixedPrecisionChoice,
+    store: ArtifactStore,
+    keras_model: keras.Model,
+    keras_outputs: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: ValidationParameters,
+    metrics: ValidationMetrics,
+    mixed_bytes: bytes,
+) -> MixedPrecisionCost:
+    """What scheme mixed16's int16 layers cost and gained against the all-int8 model the search started from:
+    fidelity and latency on the test split (``keras_outputs``: the float model's there), and the arena TFLM's own
+    allocator records for each file."""
+    from ptqflow.tasks.evaluation.tflm import TflmCannotRun, recorded_arena
+
+    num_threads = params.num_threads or os.cpu_count() or 1
+    int8_bytes = store.read_bytes(choice.int8_model)
+    inputs = model_input_slots(keras_model)
+    outputs = predict_tflite(int8_bytes, features, params.batch_size, num_threads, inputs=inputs, failures=[])
+    ran = ~refused_rows(outputs)  # judged and timed, as validation is, on the samples it can run
+    int8_latency, int8_fidelity = None, "refused every test sample"
+    if ran.any():
+        int8_speed = tflite_speed(int8_bytes, features[ran], params.batch_size, num_threads, inputs=inputs)
+        int8_latency = int8_speed.latency_ms.p50
+        figures = task_figures(metrics.task, keras_outputs[ran], outputs[ran], labels[ran], model_outputs(keras_model))
+        int8_fidelity = fidelity_in_words(figures)
+    arenas: list[int | None] = [None, None]
+    unavailable = None
+    try:
+        arenas = [recorded_arena(model).recorded_bytes for model in (int8_bytes, mixed_bytes)]
+    except ImportError:
+        unavailable = "TensorFlow Lite Micro is not installed here (its wheel is for Linux x86-64)"
+    except TflmCannotRun as error:
+        unavailable = f"TFLM cannot allocate the model: {error}"
+    mixed = metrics.models.get(ModelKind.quantized_tflite)
+    return MixedPrecisionCost(
+        choice=choice,
+        int8_fidelity=int8_fidelity,
+        mixed_fidelity=fidelity_in_words(metrics),
+        int8_bytes=len(int8_bytes),
+        mixed_bytes=len(mixed_bytes),
+        int8_latency_ms_p50=int8_latency,
+        mixed_latency_ms_p50=mixed.speed.latency_ms.p50 if mixed and mixed.speed else None,
+        int8_arena_bytes=arenas[0],
+        mixed_arena_bytes=arenas[1],
+        arena_unavailable=unavailable,
     )

@@ -16,7 +16,7 @@ import numpy as np
 
 from ptqflow.tasks.core.errors import ConversionFailed
 from ptqflow.tasks.core.native import native_output_silenced
-from ptqflow.tasks.core.parameters import ConversionParameters, TargetOps, TensorType
+from ptqflow.tasks.core.parameters import ConversionParameters, QuantizationScheme, TargetOps, TensorType
 from ptqflow.tasks.core.validation_report import FloatOp
 
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ def float_ops(interpreter: Interpreter, allowed: Collection[int] = ()) -> list[F
 
 def asks_full_integer(options: ConversionParameters) -> bool:
     """Whether ``options`` promise a model with integer operators only: a calibrated scheme under ``--ops int8``."""
-    return options.scheme.calibrated and options.ops is TargetOps.int8
+    # mixed16 is integer-only by what it is, whatever the op sets allow.
+    return options.scheme is QuantizationScheme.mixed16 or (options.scheme.calibrated and options.ops is TargetOps.int8)
 
 
 def floats_not_asked_for(model_bytes: bytes, options: ConversionParameters) -> list[FloatOp]:
@@ -74,10 +75,16 @@ def require_integer(model_bytes: bytes, options: ConversionParameters) -> bytes:
     if not stayed:
         return model_bytes
     culprits = [op for op in stayed if op.op not in CONVERSIONS] or stayed
+    fix = (
+        "choose --scheme full_integer or int16x8 (the converter has integer kernels for more operators than the "
+        "quantizer mixed16 uses)"
+        if options.scheme is QuantizationScheme.mixed16
+        else "allow float operators with --ops builtins"
+    )
     kinds = sorted({op.op for op in culprits})
     named = ", ".join(kinds[:SHOWN_OPS]) + (", ..." if len(kinds) > SHOWN_OPS else "")
     raise ConversionFailed(
         f"conversion under --ops int8 left {named} in float ({len(stayed)} operators with float tensors, the "
         f"DEQUANTIZE and QUANTIZE around them counted; the first writes {culprits[0].output!r}), which an "
-        "integer-only device cannot run: replace those ops in the model, or allow float operators with --ops builtins"
+        f"integer-only device cannot run: replace those ops in the model, or {fix}"
     )

@@ -155,14 +155,18 @@ def calibrated_tensors(calibrated: bytes) -> dict[int, tuple[float, float]]:
 
 
 def activation_histograms(
-    calibrated: bytes, batches: Iterable[np.ndarray], inputs: tuple[InputSlot, ...] = ()
+    calibrated: bytes,
+    batches: Iterable[np.ndarray],
+    inputs: tuple[InputSlot, ...] = (),
+    ranges: dict[int, tuple[float, float]] | None = None,
 ) -> dict[int, Histogram]:
     """Each calibrated activation's non-zero values over ``batches`` (the calibration set again, several ``inputs``
     packed side by side), binned over its calibrated min/max: the calibrated model is run as the float model it is,
-    keeping every tensor."""
+    keeping every tensor. ``ranges``: the tensors' min/max when they come from elsewhere than the model's own
+    quantization parameters (a float model calibrated by another tool)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    ranges = calibrated_tensors(calibrated)
+    ranges = calibrated_tensors(calibrated) if ranges is None else ranges
     histograms = {i: Histogram(lo, hi, np.zeros(BINS, np.int64)) for i, (lo, hi) in ranges.items() if hi > lo}
     with warnings.catch_warnings():  # "intended for debugging purposes only": reading every tensor is the point
         warnings.simplefilter("ignore")

@@ -7,12 +7,18 @@ from prefect import get_run_logger, task
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.tasks.core.artifacts import CalibrationSet, ConvertedModels, TrainedModel
+from ptqflow.tasks.core.artifacts import (
+    CalibrationSet,
+    ConvertedModels,
+    Int16Layer,
+    MixedPrecisionChoice,
+    TrainedModel,
+)
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
 from ptqflow.tasks.core.parameters import ConversionParameters
 from ptqflow.tasks.core.progress import report
-from ptqflow.tasks.quantization.converter import convert_float, quantize, stored_calibration_batches
+from ptqflow.tasks.quantization.converter import convert_float, quantization, stored_calibration_batches
 
 
 @task(
@@ -28,8 +34,34 @@ def convert_to_tflite(
     store = ArtifactStore(store_url)
     model = keras_model_from_bytes(store.read_bytes(trained.model))
     batches = stored_calibration_batches(store, calibration, params.calibration_batch_size, "convert_to_tflite")
-    quantized = store.put_bytes(quantize(model, batches, params), ".tflite")
+    quantized_bytes, search = quantization(model, batches, params)
     report("convert_to_tflite", "converting the float model")
-    float_model = store.put_bytes(convert_float(model), ".tflite")
+    float_bytes = convert_float(model)
+    quantized = store.put_bytes(quantized_bytes, ".tflite")
+    float_model = store.put_bytes(float_bytes, ".tflite")
     get_run_logger().info("quantized model %d bytes, float model %d bytes", quantized.bytes, float_model.bytes)
-    return ConvertedModels(quantized=quantized, float_model=float_model)
+    mixed = None
+    if search is not None:
+        mixed = MixedPrecisionChoice(
+            int16_layers=tuple(
+                Int16Layer(layer=layer, op=op, tensor=scope)
+                for (layer, op), scope in zip(search.labels, search.int16_layers, strict=True)
+            ),
+            layers=search.layers,
+            max_int16_fraction=params.max_int16_fraction,
+            int8_sqnr_db=search.int8_sqnr,
+            int16_sqnr_db=search.int16_sqnr,
+            reached_sqnr_db=search.reached_sqnr,
+            int8_refused_rows=search.int8_refused,
+            refused_rows=search.reached_refused,
+            target_met=search.target_met,
+            search_rows=search.rows,
+            int8_model=store.put_bytes(search.int8_model, ".tflite"),
+        )
+        get_run_logger().info(
+            "mixed16: %d of %d layers in int16 (%s)",
+            len(mixed.int16_layers),
+            mixed.layers,
+            ", ".join(layer.layer for layer in mixed.int16_layers) or "none",
+        )
+    return ConvertedModels(quantized=quantized, float_model=float_model, mixed=mixed)

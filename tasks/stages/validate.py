@@ -33,7 +33,13 @@ from ptqflow.tasks.core.parameters import (
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ValidationReport
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
-from ptqflow.tasks.evaluation.validation import evaluate_models, measure_on_targets, per_layer_errors, repair_cost
+from ptqflow.tasks.evaluation.validation import (
+    evaluate_models,
+    measure_on_targets,
+    mixed_cost,
+    per_layer_errors,
+    repair_cost,
+)
 from ptqflow.tasks.models.feeds import predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
 from ptqflow.tasks.quantization.integer import asks_full_integer, floats_not_asked_for
@@ -117,6 +123,20 @@ def validate_with_interpreter(
             for name, data in model_data_files(quantized_bytes, converted.quantized.sha256, tflm).items():
                 device_files[FIRMWARE_LABELS[name]] = store.put_bytes(data, suffix=Path(name).suffix)
         metrics = metrics.model_copy(update={"targets": params.targets, "tflm": tflm, "npu": npu})
+    if converted.mixed is not None and metrics.validated:
+        report("validate_with_interpreter", "mixed16: the cost of the int16 layers against all-int8")
+        cost = mixed_cost(
+            converted.mixed,
+            store,
+            keras_model,
+            keras_outputs,
+            test.features,
+            test.labels,
+            params,
+            metrics,
+            quantized_bytes,
+        )
+        metrics = metrics.model_copy(update={"mixed": cost})
     if repair is not None:
         metrics = metrics.model_copy(
             update={
@@ -151,6 +171,7 @@ def validate_with_interpreter(
         float_tensors=tuple(metrics.audit.float_tensors),
         full_integer=metrics.audit.full_integer,
         floats_not_asked_for=tuple(sorted({op.op for op in stayed_float})),
+        int16_layers=tuple(layer.layer for layer in converted.mixed.int16_layers) if converted.mixed else (),
         worst_layers=tuple(
             WorstLayer(layer=layer.layer, op=layer.op, tensor=layer.tensor, badness=layer.badness)
             for layer in layers[:5]

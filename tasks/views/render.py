@@ -16,6 +16,7 @@ from ptqflow.tasks.core.artifacts import ValidationFigures
 from ptqflow.tasks.core.parameters import ConversionParameters, DeviceTarget, GateParameters, ModelTask, RankBy
 from ptqflow.tasks.core.validation_report import (
     LayerError,
+    MixedPrecisionCost,
     ModelKind,
     ModelMetrics,
     PromotionDecision,
@@ -358,6 +359,39 @@ def _audit_lines(audit: TypeAudit) -> list[str]:
     return lines
 
 
+def _db(value: float | None) -> str:
+    return "identical to float" if value is None else f"{value:.1f} dB"
+
+
+def mixed_lines(mixed: MixedPrecisionCost) -> list[str]:
+    """Scheme mixed16: which layers are int16, what the search measured, and the cost against all-int8."""
+    choice = mixed.choice
+    raised = ", ".join(f"{layer.layer} ({layer.op})" for layer in choice.int16_layers) or "none"
+    within = "" if choice.target_met else " (not within reach of whole-model int16 inside the budget)"
+    lines = [
+        f"- int16 activations in {len(choice.int16_layers)} of {choice.layers} layers "
+        f"({choice.int16_fraction:.0%}; at most {choice.max_int16_fraction:.0%}): {raised}",
+        f"- worst output SQNR against float on {choice.search_rows} calibration rows: all-int8 "
+        f"{_db(choice.int8_sqnr_db)}, mixed {_db(choice.reached_sqnr_db)}, whole-model int16 "
+        f"{_db(choice.int16_sqnr_db) if choice.int16_sqnr_db is not None or choice.reached_sqnr_db is None else 'n/a'}"
+        f"{within}"
+        + (
+            f"; rows the integer kernels refuse: all-int8 {choice.int8_refused_rows}, mixed {choice.refused_rows}"
+            if choice.int8_refused_rows or choice.refused_rows
+            else ""
+        ),
+        f"- on the test split, mixed: {mixed.mixed_fidelity}; all-int8: {mixed.int8_fidelity}",
+        f"- cost against all-int8: {mixed.mixed_bytes:,} B against {mixed.int8_bytes:,} B; latency p50 "
+        f"{number(mixed.mixed_latency_ms_p50, ' ms')} against {number(mixed.int8_latency_ms_p50, ' ms')}; "
+        + (
+            f"TFLM arena {mixed.mixed_arena_bytes:,} B against {mixed.int8_arena_bytes:,} B"
+            if mixed.mixed_arena_bytes is not None and mixed.int8_arena_bytes is not None
+            else f"arena not measured: {mixed.arena_unavailable}"
+        ),
+    ]
+    return lines
+
+
 def _repair_lines(repair: RepairCost) -> list[str]:
     lines = [f"- {repair.message}"]
     for i, step in enumerate(repair.steps, 1):
@@ -522,6 +556,8 @@ def render_markdown(report: ValidationReport) -> str:
             "",
             *target_lines(metrics),
         ]
+    if metrics.mixed:
+        parts += ["", "## Mixed precision (int8, int16 where needed)", "", *mixed_lines(metrics.mixed)]
     if metrics.repair:
         parts += ["", "## Repair", "", *_repair_lines(metrics.repair)]
     dense = any(m.confusion_matrix for m in metrics.models.values())
@@ -698,6 +734,8 @@ def render_html(report: ValidationReport) -> str:
         ]
     if metrics.targets != (DeviceTarget.litert,):
         parts += ["<h2>Targets</h2>", _html_table(TARGET_HEADER, target_rows(metrics)), bullets(target_lines(metrics))]
+    if metrics.mixed:
+        parts += ["<h2>Mixed precision (int8, int16 where needed)</h2>", bullets(mixed_lines(metrics.mixed))]
     if metrics.repair:
         parts += ["<h2>Repair</h2>", bullets(_repair_lines(metrics.repair))]
     if images.get("confusion"):
@@ -1015,6 +1053,8 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
         litert = m.arena_bytes is not None and DeviceTarget.litert in m.targets
         arena = f"; tensor arena {kib(m.arena_bytes)} (batch 1)" if litert else ""
         console.print(f"{fidelity_figures(m)}; full integer: {integer}{arena}", highlight=False)
+        if m.int16_layers:
+            console.print(f"int16 activations (mixed16): {', '.join(m.int16_layers)}", highlight=False, soft_wrap=True)
     if m.unrunnable:
         console.print(unrunnable_line(m).replace("**", ""), highlight=False, soft_wrap=True)
     _print_gate(summary, console)

@@ -1,0 +1,336 @@
+"""Scheme ``mixed16``: int8 activations, raised to int16 layer by layer where int8 is not faithful enough.
+
+Which layers need int16 is measured, not guessed: each layer's activations are raised to int16 alone and the
+model's outputs compared with the float model's on calibration rows; the layers whose raise helps most are raised
+first, until the outputs are within ``--int16-within-db`` of whole-model int16's or ``--max-int16-fraction`` of the
+layers is spent. Google's quantizer for ``.tflite`` (``litert_quantizer``) writes each model from the float
+``.tflite`` with a per-layer recipe; a boundary between an int8 and an int16 layer is one integer QUANTIZE (int16 and
+int8 requantize into each other), and ``tasks.quantization.integer`` checks that the result holds no float tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ptqflow.tasks.core.errors import ConversionFailed
+from ptqflow.tasks.core.native import native_output_silenced
+from ptqflow.tasks.core.parameters import ConversionParameters
+from ptqflow.tasks.core.progress import report
+from ptqflow.tasks.evaluation.interpreter import predict_tflite
+from ptqflow.tasks.evaluation.metrics import sqnr_db
+from ptqflow.tasks.models.feeds import keras_feed, model_input_slots
+from ptqflow.tasks.quantization.ranges import DEFAULT_PERCENTILE, RANGE_METHODS, activation_histograms, choose_range
+
+if TYPE_CHECKING:
+    import keras
+
+    from ptqflow.tasks.quantization.converter import CalibrationBatches
+
+# Rows of the calibration set the search compares outputs on: enough for a stable SQNR, few enough that a search
+# over a MobileNet's layers stays within a minute or two.
+SEARCH_ROWS = 128
+# The quantizer's op names for operators that only move, pick or reshape values: raising them alone changes
+# nothing (they take their input's type), so they are not layers the search spends its budget on.
+PASS_THROUGH_OPS = frozenset(
+    {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "GATHER", "SLICE", "STRIDED_SLICE", "PACK", "UNPACK", "SPLIT",
+     "SPLIT_V", "PAD", "PADV2", "MAX_POOL_2D", "CONCATENATION", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH", "BROADCAST_TO"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """What the search chose and measured (on ``rows`` calibration rows, against the float ``.tflite``)."""
+
+    quantized: bytes
+    int8_model: bytes  # the all-int8 model the search started from: the cost is measured against it
+    int16_layers: tuple[str, ...]  # the raised layers, most sensitive first (operator scopes of the float .tflite)
+    labels: tuple[tuple[str, str], ...]  # each raised layer's Keras layer and TFLite operator
+    layers: int  # the layers the search could raise
+    int8_sqnr: float | None  # worst output SQNR in dB (None: identical to float)
+    int16_sqnr: float | None  # whole-model int16's
+    reached_sqnr: float | None
+    int8_refused: int  # comparison rows the all-int8 model cannot run
+    reached_refused: int
+    target_met: bool
+    rows: int
+
+
+def _recipe(name: str) -> list[dict[str, Any]]:
+    text = resources.files("litert_quantizer").joinpath("recipes").joinpath(name).read_text()
+    return list(json.loads(text))
+
+
+def _op_name(model: Any, op: Any) -> str:
+    from ai_edge_litert import schema_py_generated as schema
+
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    return next(k for k, v in vars(schema.BuiltinOperator).items() if v == builtin and not k.startswith("_"))
+
+
+def raisable_layers(float_tflite: bytes) -> dict[str, tuple[str, ...]]:
+    """The operator scopes (the quantizer's names for layers: their output tensors' names) of the float model's
+    operators that compute something, in graph order, each with the computing layers that read its output
+    (through reshapes and the like, which take their input's type)."""
+    from litert_quantizer.utils import tfl_flatbuffer_utils as flatbuffers
+
+    model = flatbuffers.read_model(bytearray(float_tflite))
+    graph = model.subgraphs[0]
+    readers: dict[int, list[Any]] = {}
+    for op in graph.operators:
+        for tensor in op.inputs:
+            readers.setdefault(int(tensor), []).append(op)
+
+    def computing_readers(op: Any) -> list[str]:
+        found: list[str] = []
+        for tensor in op.outputs:
+            for reader in readers.get(int(tensor), []):
+                if _op_name(model, reader) in PASS_THROUGH_OPS:
+                    found += computing_readers(reader)
+                else:
+                    found.append(flatbuffers.get_op_scope(reader, graph.tensors))
+        return found
+
+    return {
+        flatbuffers.get_op_scope(op, graph.tensors): tuple(dict.fromkeys(computing_readers(op)))
+        for op in graph.operators
+        if _op_name(model, op) not in PASS_THROUGH_OPS
+    }
+
+
+def layer_labels(float_tflite: bytes, scopes: tuple[str, ...], model: keras.Model) -> list[tuple[str, str]]:
+    """Each scope's Keras layer and TFLite operator, for the report."""
+    from litert_quantizer.utils import tfl_flatbuffer_utils as flatbuffers
+
+    from ptqflow.tasks.evaluation.diagnose import keras_layer_of, layer_names
+
+    names, nested = layer_names(model)
+    flat = flatbuffers.read_model(bytearray(float_tflite))
+    tensors = flat.subgraphs[0].tensors
+    ops = {flatbuffers.get_op_scope(op, tensors): _op_name(flat, op) for op in flat.subgraphs[0].operators}
+    return [(keras_layer_of(scope.rstrip(";"), names, nested), ops.get(scope, "?")) for scope in scopes]
+
+
+def _calibration_rows(
+    calibration_batches: CalibrationBatches, slots: tuple, signature_inputs: list[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    for batch in calibration_batches():
+        rows = np.asarray(batch)
+        for row in range(len(rows)):
+            feed = keras_feed(rows[row : row + 1], slots)
+            yield feed if isinstance(feed, dict) else {signature_inputs[0]: feed}
+
+
+def _finite(
+    minmax: dict[str, dict[str, np.ndarray]], float_tflite: bytes, rows: list[dict[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """``minmax`` with each non-finite range replaced by the range of the tensor's finite values. A division by a
+    window's maximum gives 0/0 on a silent window: the quantizer's calibrator then records NaN, which would become a
+    NaN scale (LiteRT refuses such a model, or crashes on it). The converter's calibrator skips such values too."""
+    broken = [
+        name for name, r in minmax.items() if not (np.all(np.isfinite(r["min"])) and np.all(np.isfinite(r["max"])))
+    ]
+    if not broken:
+        return minmax
+    from ai_edge_litert.interpreter import Interpreter
+
+    with native_output_silenced():  # "intended for debugging purposes only": reading every tensor is the point
+        interpreter = Interpreter(model_content=float_tflite, experimental_preserve_all_tensors=True, num_threads=1)
+    runner = interpreter.get_signature_runner("serving_default")
+    indices = {d["name"]: d["index"] for d in interpreter.get_tensor_details() if d["name"] in broken}
+    low = {name: np.inf for name in indices}
+    high = {name: -np.inf for name in indices}
+    for row in rows:
+        runner(**row)
+        for name, index in indices.items():
+            values = interpreter.get_tensor(index)
+            values = values[np.isfinite(values)]
+            if values.size:
+                low[name], high[name] = min(low[name], float(values.min())), max(high[name], float(values.max()))
+    fixed = dict(minmax)
+    for name in indices:
+        shape = np.shape(minmax[name]["min"])
+        lo, hi = (low[name], high[name]) if low[name] <= high[name] else (0.0, 0.0)
+        fixed[name] = {"min": np.full(shape, min(lo, 0.0), np.float32), "max": np.full(shape, max(hi, 0.0), np.float32)}
+    return fixed
+
+
+class _Search:
+    """The float model, its calibration and the comparison rows, shared by every model the search writes."""
+
+    def __init__(self, model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options):
+        from ai_edge_litert.interpreter import Interpreter
+        from litert_quantizer import Quantizer
+
+        self.float_tflite = float_tflite
+        self.options: ConversionParameters = options
+        self.slots = model_input_slots(model)
+        signature = Interpreter(model_content=float_tflite).get_signature_list()["serving_default"]
+        self.int8_recipe = _recipe("default_a8w8_recipe.json")
+        self.int16_config = _recipe("default_a16w8_recipe.json")[0]
+        rows = list(_calibration_rows(calibration_batches, self.slots, list(signature["inputs"])))
+        with native_output_silenced():  # a progress bar and the interpreter's notes
+            calibrator = Quantizer(bytearray(float_tflite), self.int8_recipe)
+            self.minmax = calibrator.calibrate({"serving_default": rows}, num_threads=1)
+        self.minmax = _finite(self.minmax, float_tflite, rows)
+        self.int8_ranges = self._method_ranges(calibration_batches)
+        features = np.concatenate([np.asarray(b) for b in _head(calibration_batches, SEARCH_ROWS)])[:SEARCH_ROWS]
+        self.features = features.astype(np.float32)
+        self.output_sizes = [int(np.prod(t.shape[1:])) for t in model.outputs]
+        self.reference = predict_tflite(float_tflite, self.features, num_threads=1, inputs=self.slots, failures=[])
+
+    def _method_ranges(self, calibration_batches: CalibrationBatches) -> dict[str, dict[str, np.ndarray]]:
+        """The calibration's min/max, with ``--calibration-method`` choosing each activation's int8 range from its
+        histogram as for the other schemes (min/max: as calibrated)."""
+        method = self.options.calibration_method
+        if RANGE_METHODS[method].choose is None:
+            return self.minmax
+        from litert_quantizer.utils import tfl_flatbuffer_utils as flatbuffers
+
+        model = flatbuffers.read_model(bytearray(self.float_tflite))
+        names = [flatbuffers.get_tensor_name(t) for t in model.subgraphs[0].tensors]
+        calibrated = {
+            i: (float(np.min(self.minmax[n]["min"])), float(np.max(self.minmax[n]["max"])))
+            for i, n in enumerate(names)
+            if n in self.minmax
+        }
+        histograms = activation_histograms(self.float_tflite, calibration_batches(), self.slots, calibrated)
+        percentile = self.options.percentile or DEFAULT_PERCENTILE
+        chosen = dict(self.minmax)
+        for index, hist in histograms.items():
+            low, high = choose_range(hist, method, percentile)
+            shape = np.shape(self.minmax[names[index]]["min"])
+            chosen[names[index]] = {"min": np.full(shape, low, np.float32), "max": np.full(shape, high, np.float32)}
+        return chosen
+
+    def quantize(self, int16_layers: tuple[str, ...] | None) -> bytes:
+        """The model with ``int16_layers`` in int16 (None: every layer), the rest int8. Raised layers keep their
+        min/max ranges: int16 has the resolution for them, and clipping would only cost."""
+        from litert_quantizer import Quantizer
+
+        if int16_layers is None:
+            recipe, ranges = [dict(self.int16_config)], self.minmax
+        else:
+            recipe = self.int8_recipe + [dict(self.int16_config, regex=f"^{re.escape(s)}$") for s in int16_layers]
+            ranges = dict(self.int8_ranges)
+            for scope in int16_layers:
+                for name in scope.rstrip(";").split(";"):
+                    if name in self.minmax:
+                        ranges[name] = self.minmax[name]
+        with native_output_silenced():
+            quantizer = Quantizer(bytearray(self.float_tflite), recipe)
+            return bytes(quantizer.quantize(ranges, enable_progress_report=False).quantized_model)
+
+    def score(self, quantized: bytes) -> Score:
+        """How faithful ``quantized`` is on the comparison rows: how many it refuses (an int8 DIV by its zero point:
+        int16 can hold a divisor int8 rounds to 0), then the worst output's SQNR against the float ``.tflite`` on the
+        rows both run."""
+        outputs = predict_tflite(quantized, self.features, num_threads=1, inputs=self.slots, failures=[])
+        ran = np.isfinite(outputs).all(axis=1) & np.isfinite(self.reference).all(axis=1)
+        figures, start = [], 0
+        for size in self.output_sizes:
+            part = slice(start, start + size)
+            figures.append(sqnr_db(self.reference[ran, part], outputs[ran, part]) if ran.any() else -np.inf)
+            start += size
+        known = [f for f in figures if f is not None]
+        refused = int((~np.isfinite(outputs).all(axis=1)).sum())
+        return Score(refused, min(known) if known else None)
+
+
+@dataclass(frozen=True)
+class Score:
+    refused: int  # comparison rows the model cannot run
+    sqnr: float | None  # worst output's SQNR in dB on the others (None: identical to float)
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        """Smaller is better: fewer refused rows first, then a higher SQNR."""
+        return (self.refused, -_db(self.sqnr))
+
+    def reaches(self, target: Score | None, within_db: float) -> bool:
+        if target is None:
+            return False
+        return self.refused <= target.refused and _db(self.sqnr) >= _db(target.sqnr) - within_db
+
+
+def _head(calibration_batches: CalibrationBatches, rows: int) -> Iterator[np.ndarray]:
+    taken = 0
+    for batch in calibration_batches():
+        yield np.asarray(batch)
+        taken += len(batch)
+        if taken >= rows:
+            return
+
+
+def _db(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
+def quantize_mixed(
+    model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options: ConversionParameters
+) -> MixedPrecision:
+    """Pure stage function for scheme ``mixed16``: the integer-only model with int16 activations in the layers
+    that need them most, and what the search measured.
+
+    Raises:
+        ConversionFailed: the quantizer refused the model in int8.
+    """
+    search = _Search(model, float_tflite, calibration_batches, options)
+    layers = raisable_layers(float_tflite)
+    try:
+        int8_model = search.quantize(())
+    except Exception as error:
+        raise ConversionFailed(f"scheme mixed16: the quantizer cannot write this model in int8: {error}") from error
+    int8 = search.score(int8_model)
+    try:
+        int16: Score | None = search.score(search.quantize(None))
+    except Exception:  # an operator without an int16 kernel: the target is then the best any one layer reaches
+        int16 = None
+    budget = int(np.floor(options.max_int16_fraction * len(layers) + 1e-9))
+    report("convert_to_tflite", f"mixed16: measuring how much each of {len(layers)} layers gains in int16")
+    # A layer is raised with the layers that read its output: an int16 activation read by an int8 layer is
+    # requantized to int8 at once, and keeps nothing of its precision (a divisor int8 rounds to 0 stays 0).
+    gains: list[tuple[tuple[int, float], int, tuple[str, ...]]] = []
+    for position, (scope, readers) in enumerate(layers.items()):
+        unit = (scope, *readers)
+        try:
+            gains.append((search.score(search.quantize(unit)).rank, position, unit))
+        except Exception:  # no int16 kernel for one of them here: they stay int8
+            continue
+    # Only raises that help alone: one that changes nothing on its own costs without gaining.
+    ranked = [unit for rank, _, unit in sorted(gains) if rank < int8.rank]
+    target = int16
+    if target is None and gains:
+        refused, negative_db = min(gains)[0]
+        target = Score(refused, None if negative_db == -np.inf else -negative_db)
+    chosen: tuple[str, ...] = ()
+    quantized, reached = int8_model, int8
+    for unit in ranked:
+        if reached.reaches(target, options.int16_within_db):
+            break
+        candidate = tuple(dict.fromkeys((*chosen, *unit)))
+        if len(candidate) > budget or candidate == chosen:
+            continue  # over the budget: a smaller raise further down may still fit
+        candidate_model = search.quantize(candidate)
+        chosen, quantized, reached = candidate, candidate_model, search.score(candidate_model)
+    return MixedPrecision(
+        quantized=quantized,
+        int8_model=int8_model,
+        int16_layers=chosen,
+        labels=tuple(layer_labels(float_tflite, chosen, model)),
+        layers=len(layers),
+        int8_sqnr=int8.sqnr,
+        int16_sqnr=None if int16 is None else int16.sqnr,
+        reached_sqnr=reached.sqnr,
+        int8_refused=int8.refused,
+        reached_refused=reached.refused,
+        target_met=target is None or reached.reaches(target, options.int16_within_db),
+        rows=len(search.features),
+    )
