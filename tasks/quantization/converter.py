@@ -220,7 +220,7 @@ def quantization(
     model = prepared_for_rounding(model, calibration_batches, options)
     mixed = None
     if options.scheme is QuantizationScheme.mixed16:
-        mixed = quantize_mixed(model, convert_float(model), held_if_small(calibration_batches), options)
+        mixed = quantize_mixed(model, held_if_small(calibration_batches), options)
         quantized = mixed.quantized
     elif RANGE_METHODS[options.calibration_method].choose is None:  # the converter's own ranges
         quantized = _convert(quantization_converter(model, calibration_batches, options), options)
@@ -230,18 +230,19 @@ def quantization(
 
 
 def quantize_mixed(
-    model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options: ConversionParameters
+    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
 ) -> MixedPrecision:
     """Scheme mixed16 (``tasks.quantization.mixed``), with Google's quantizer from the ``mixed`` extra."""
-    try:
-        from ptqflow.tasks.quantization import mixed
-    except ImportError as error:
+    import importlib.util
+
+    if importlib.util.find_spec("litert_quantizer") is None:
         raise ConversionFailed(
-            f"scheme mixed16 needs Google's quantizer for .tflite ({error.name or 'litert_quantizer'} is not "
-            "installed): pip install 'ptqflow[mixed]' (it needs ai-edge-litert 2.3), or choose --scheme full_integer "
-            "or int16x8"
-        ) from None
-    return mixed.quantize_mixed(model, float_tflite, calibration_batches, options)
+            "scheme mixed16 needs Google's quantizer for .tflite (litert-quantizer), which is not installed: "
+            "pip install 'ptqflow[mixed]' (it needs ai-edge-litert 2.3), or choose --scheme full_integer or int16x8"
+        )
+    from ptqflow.tasks.quantization import mixed
+
+    return mixed.quantize_mixed(model, convert_float(model), calibration_batches, options)
 
 
 def prepared_for_rounding(

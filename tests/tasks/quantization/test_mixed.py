@@ -115,3 +115,14 @@ def test_an_operator_the_quantizer_cannot_write_in_integer_fails_in_one_line():
         quantization(model, lambda: [rows], MIXED)
     message = str(error.value)
     assert "LOG" in message and "\n" not in message and "--scheme full_integer" in message
+
+
+def test_without_the_quantizer_installed_mixed16_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "litert_quantizer" else real(name, *a)
+    )
+    with pytest.raises(ConversionFailed, match=r"pip install 'ptqflow\[mixed\]'"):
+        quantization(None, lambda: [], MIXED)  # type: ignore[arg-type]
