@@ -30,7 +30,8 @@ class SweepConfiguration(BaseModel):
 
 def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> list[SweepConfiguration]:
     """The configurations a sweep compares: full int8 with each I/O type, per-tensor weights and each calibration
-    size; int8 with float fallback; int16 activations with int8 weights; dynamic range; float16."""
+    size; int8 with float fallback; int8 with int16 activations where needed (mixed16); int16 activations with int8
+    weights everywhere (int16x8); dynamic range; float16."""
     f32, u8, i16 = TensorType.float32, TensorType.uint8, TensorType.int16
     builtins = TargetOps.builtins
     int16x8, dynamic = QuantizationScheme.int16x8, QuantizationScheme.dynamic_range
@@ -59,6 +60,12 @@ def sweep_grid(base_calibration_size: int, calibration_sizes: Iterable[int]) -> 
             "int8-fallback-float-io",
             "int8, float fallback, float32 I/O",
             {"ops": builtins, "input_type": f32, "output_type": f32},
+            base,
+        ),
+        (
+            "int8-mixed16",
+            "int8, int16 activations in the layers that need them (at most a third; the mixed extra)",
+            {"scheme": QuantizationScheme.mixed16},
             base,
         ),
         (
