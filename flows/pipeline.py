@@ -84,7 +84,9 @@ def ptq_pipeline(
                 params=repair,
             )
             if repaired.succeeded:
-                converted = ConvertedModels(quantized=repaired.repaired, float_model=converted.float_model)
+                converted = ConvertedModels(
+                    quantized=repaired.repaired, float_model=converted.float_model, mixed=repaired.mixed
+                )
                 validated = validate(label="validate_repaired_model", converted=converted, repair=repaired)
             verdict = check_gate(validated, gate, conversion.ops, repaired)
 

@@ -199,7 +199,7 @@ def front_end_model(audio_clips):
 OUTLIER_VALUE = 1.0e5  # far above any trained activation of ``dense`` (single digits on digits)
 
 
-def write_outlier_model(model, path) -> None:
+def write_outlier_model(model, path, value: float = OUTLIER_VALUE) -> None:
     """Save a copy of ``model`` in which exactly one layer, ``dense``, quantizes badly, whatever the trained
     weights: its hidden unit 0 becomes the constant OUTLIER_VALUE (zero input weights, that bias) and the head
     ignores it (zero outgoing weights). The float function is the trained model's without unit 0; int8 collapses,
@@ -212,7 +212,7 @@ def write_outlier_model(model, path) -> None:
     dense, head = copy.get_layer("dense"), copy.get_layer("probabilities")
     kernel, bias = dense.get_weights()
     kernel[:, 0] = 0.0
-    bias[0] = OUTLIER_VALUE
+    bias[0] = value
     dense.set_weights([kernel, bias])
     head_kernel, head_bias = head.get_weights()
     head_kernel[0, :] = 0.0

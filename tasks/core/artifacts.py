@@ -174,7 +174,8 @@ class RepairStep(BaseModel):
 
 
 class RepairResult(StageOutput):
-    """What repair kept in float, one more layer per step, judged on the validation split."""
+    """What repair kept in float, one more layer per step, judged on the validation split; or, under --ops int8,
+    which layers it raised to int16 activations (``mixed``)."""
 
     repaired: ArtifactRef | None = Field(None, description="The selectively quantized .tflite, if it met the gate.")
     unrepaired: ArtifactRef = Field(description="The fully quantized .tflite that failed the gate.")
@@ -182,6 +183,13 @@ class RepairResult(StageOutput):
     float_layers: tuple[str, ...]
     steps: tuple[RepairStep, ...]
     message: str
+    mixed: MixedPrecisionChoice | None = Field(None, description="An int16 repair: what the search chose.")
+
+    def changed(self) -> str:
+        """What the repaired model does differently, in words."""
+        if self.mixed is not None:
+            return f"raised to int16: {', '.join(layer.layer for layer in self.mixed.int16_layers)}"
+        return f"kept in float: {', '.join(self.float_layers)}"
 
 
 class OutputFigures(BaseModel):

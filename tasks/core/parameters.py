@@ -691,20 +691,37 @@ class RegistryParameters(_Parameters):
         return value
 
 
+class RepairKind(str, Enum):
+    """What repair changes in the layers it picks: ``float`` keeps them in float (``--ops builtins``); ``int16``
+    raises their activations to int16 (``--ops int8``: the model stays integer-only, scheme mixed16's search)."""
+
+    float = "float"
+    int16 = "int16"
+
+
 class RepairParameters(_Parameters):
     enabled: bool | None = Field(
         None,
-        description="When the gate fails, keep the worst layers in float (one more at a time) until the drop is "
-        "within the gate. Default: on with ops=builtins; impossible with ops=int8 (every op must be integer).",
+        description="When the gate fails on fidelity: with --ops builtins keep the worst layers in float (one more at "
+        "a time) until the drop is within the gate; with --ops int8 and int8 I/O raise the layers that need it most to "
+        "int16 activations (integer-only; --max-int16-fraction; the mixed extra). Default: on with --ops builtins, off "
+        "with --ops int8.",
         json_schema_extra={OPTION_NAME: "repair"},
     )
     max_float_layers: int = Field(4, ge=1, le=64, description="Most layers repair may keep in float.")
 
+    def kind(self, conversion: ConversionParameters) -> RepairKind | None:
+        """How repair would mend a full-integer model under ``conversion``; None when it does not apply."""
+        if conversion.scheme is not QuantizationScheme.full_integer:
+            return None
+        if conversion.ops is TargetOps.int8:  # no float layer allowed: int16 ones, asked for
+            integer_io = {conversion.input_type, conversion.output_type} == {TensorType.int8}
+            return RepairKind.int16 if self.enabled and integer_io else None
+        enabled = self.enabled if self.enabled is not None else conversion.ops is TargetOps.builtins
+        return RepairKind.float if enabled else None
+
     def applies_to(self, conversion: ConversionParameters) -> bool:
-        """Repair keeps layers float inside a full-integer model; --ops int8 forbids any float op."""
-        if conversion.scheme is not QuantizationScheme.full_integer or conversion.ops is TargetOps.int8:
-            return False
-        return self.enabled if self.enabled is not None else conversion.ops is TargetOps.builtins
+        return self.kind(conversion) is not None
 
 
 class RankBy(str, Enum):

@@ -97,14 +97,20 @@ def check_accuracy_gate(
             f"accuracy gate passed{' after repair' if repaired else ''}: {observed}, within {max_accuracy_drop} pp"
         )
         if repair is not None and repair.succeeded:
-            message += f"; kept in float: {', '.join(repair.float_layers)}"
+            message += f"; {repair.changed()}"
     else:
         message = f"accuracy gate failed: {observed}, more than the {max_accuracy_drop} pp allowed"
         if result.worst_layers:
             message += f"; worst layers: {describe_layers(result.worst_layers)}"
-        if ops is TargetOps.int8:
+        if repair is not None and repair.mixed is not None:
             message += (
-                "; --ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins "
+                f"; {repair.message}: allow more int16 layers (--max-int16-fraction), calibrate on more samples "
+                "(--calibration-size), or raise --max-accuracy-drop"
+            )
+        elif ops is TargetOps.int8:
+            message += (
+                "; --ops int8 cannot keep a layer in float, so it cannot be repaired in float: raise the worst layers "
+                "to int16 instead (--repair, with int8 I/O: the model stays integer-only), rerun with --ops builtins "
                 "(repair then keeps the worst layers in float), calibrate on more samples (--calibration-size), "
                 "or raise --max-accuracy-drop"
             )
@@ -288,15 +294,20 @@ def check_fidelity_gate(
     if verdict.passed:
         message = f"gate passed{' after repair' if repaired else ''}: {verdict.observed}; the gate asks {verdict.limit}"
         if repair is not None and repair.succeeded:
-            message += f"; kept in float: {', '.join(repair.float_layers)}"
+            message += f"; {repair.changed()}"
     else:
         message = f"gate failed: {verdict.observed}; the gate asks {verdict.limit}"
         if result.worst_layers:
             message += f"; worst layers: {describe_layers(result.worst_layers)}"
-        if repair is not None:
+        if repair is not None and repair.mixed is not None:
+            message += f"; {repair.message}: allow more int16 layers (--max-int16-fraction),"
+        elif repair is not None:
             message += f"; {repair.message}: allow more float layers (--max-float-layers),"
         elif ops is TargetOps.int8:
-            message += "; --ops int8 cannot keep a layer in float (--ops builtins can, with repair):"
+            message += (
+                "; --ops int8 cannot keep a layer in float (--ops builtins can, with repair): raise the worst layers "
+                "to int16 instead (--repair, with int8 I/O),"
+            )
         else:
             message += ": keep the worst layers in float (--ops builtins --repair),"
         message += (

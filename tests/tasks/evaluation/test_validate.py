@@ -250,8 +250,9 @@ def test_with_int8_only_ops_the_gate_names_the_worst_layers_and_the_options_that
     )
     verdict = check_accuracy_gate(result, max_accuracy_drop=1.0, ops=TargetOps.int8)
     assert "worst layers: dense (FULLY_CONNECTED, badness 21.8), probabilities" in verdict.message
-    assert "--ops int8 cannot keep a layer in float, so it cannot be repaired: rerun with --ops builtins" in (
-        verdict.message
+    assert (
+        "--ops int8 cannot keep a layer in float, so it cannot be repaired in float: raise the worst layers to int16 "
+        "instead (--repair, with int8 I/O: the model stays integer-only), rerun with --ops builtins" in verdict.message
     )
 
 
