@@ -32,6 +32,7 @@ MODULES = [
     "images",
     "activation_ranges",
     "device_targets",
+    "mixed_precision",
 ]
 
 

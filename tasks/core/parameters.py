@@ -68,7 +68,7 @@ class QuantizationScheme(str, Enum):
     ``int16x8``: int16 activations with int8 weights, calibrated (more accurate, larger, slower kernels);
     ``dynamic_range``: int8 weights, float activations, no calibration; ``float16``: float16 weights; ``mixed16``:
     int8 weights and activations, with int16 activations in the layers that need them, chosen by measuring
-    (``tasks.quantization.mixed``)."""
+    (``tasks.evaluation.mixed``)."""
 
     full_integer = "full_integer"
     int16x8 = "int16x8"

@@ -38,8 +38,6 @@ from ptqflow.tasks.quantization.ranges import RANGE_METHODS, activation_histogra
 if TYPE_CHECKING:
     import keras
 
-    from ptqflow.tasks.quantization.mixed import MixedPrecision
-
 CalibrationBatches = Callable[[], Iterable[np.ndarray]]
 
 
@@ -198,8 +196,8 @@ def quantization_converter(model: keras.Model, calibration_batches: CalibrationB
 
 
 def quantize(model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters) -> bytes:
-    """Pure stage function: the quantized ``.tflite`` of ``model`` (``quantization`` has what a mixed16 search
-    chose too).
+    """Pure stage function: the quantized ``.tflite`` of ``model``, by the converter. (Scheme mixed16 measures
+    which layers need int16: ``tasks.evaluation.mixed.quantization`` runs it, and every scheme.)
 
     Args:
         model: the float Keras model (takes raw values as float32).
@@ -210,39 +208,14 @@ def quantize(model: keras.Model, calibration_batches: CalibrationBatches, option
         ConversionFailed: the converter refused, or under ``--ops int8`` an operator stayed float; the message names
             the ops and the options that would work.
     """
-    return quantization(model, calibration_batches, options)[0]
-
-
-def quantization(
-    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
-) -> tuple[bytes, MixedPrecision | None]:
-    """The quantized ``.tflite`` of ``model``, and under scheme mixed16 what the search chose and measured."""
-    model = prepared_for_rounding(model, calibration_batches, options)
-    mixed = None
     if options.scheme is QuantizationScheme.mixed16:
-        mixed = quantize_mixed(model, held_if_small(calibration_batches), options)
-        quantized = mixed.quantized
-    elif RANGE_METHODS[options.calibration_method].choose is None:  # the converter's own ranges
+        raise ValueError("scheme mixed16 is a search: quantize with tasks.evaluation.mixed.quantization")
+    model = prepared_for_rounding(model, calibration_batches, options)
+    if RANGE_METHODS[options.calibration_method].choose is None:  # the converter's own ranges
         quantized = _convert(quantization_converter(model, calibration_batches, options), options)
     else:
         quantized = quantize_with_ranges(model, calibration_batches, options)
-    return require_integer(quantized, options), mixed  # whichever path made it
-
-
-def quantize_mixed(
-    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
-) -> MixedPrecision:
-    """Scheme mixed16 (``tasks.quantization.mixed``), with Google's quantizer from the ``mixed`` extra."""
-    import importlib.util
-
-    if importlib.util.find_spec("litert_quantizer") is None:
-        raise ConversionFailed(
-            "scheme mixed16 needs Google's quantizer for .tflite (litert-quantizer), which is not installed: "
-            "pip install 'ptqflow[mixed]' (it needs ai-edge-litert 2.3), or choose --scheme full_integer or int16x8"
-        )
-    from ptqflow.tasks.quantization import mixed
-
-    return mixed.quantize_mixed(model, convert_float(model), calibration_batches, options)
+    return require_integer(quantized, options)  # whichever path made it
 
 
 def prepared_for_rounding(

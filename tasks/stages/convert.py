@@ -20,10 +20,11 @@ from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
 from ptqflow.tasks.core.parameters import ConversionParameters
 from ptqflow.tasks.core.progress import report
-from ptqflow.tasks.quantization.converter import convert_float, quantization, stored_calibration_batches
+from ptqflow.tasks.evaluation.mixed import quantization
+from ptqflow.tasks.quantization.converter import convert_float, stored_calibration_batches
 
 if TYPE_CHECKING:
-    from ptqflow.tasks.quantization.mixed import MixedPrecision
+    from ptqflow.tasks.evaluation.mixed import MixedPrecision
 
 
 @task(

@@ -1,6 +1,6 @@
 """Repair (--repair): the quantized model with its worst layers kept in float, chosen by per-layer error
 (``tasks.evaluation.repair``); under --ops int8, with the layers that need it most raised to int16 activations
-(scheme mixed16's search, ``tasks.quantization.mixed``): integer-only either way the ops ask. Between conversion and
+(scheme mixed16's search, ``tasks.evaluation.mixed``): integer-only either way the ops ask. Between conversion and
 validation."""
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from ptqflow.tasks.core.parameters import (
     RepairParameters,
 )
 from ptqflow.tasks.core.validation_report import ValidationReport
+from ptqflow.tasks.evaluation.mixed import quantization
 from ptqflow.tasks.evaluation.repair import keep_worst_layers_float
-from ptqflow.tasks.quantization.converter import quantization
 from ptqflow.tasks.stages.convert import mixed_choice_fields
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from ptqflow.tasks.core.artifacts import CalibrationSet, FloatOutputs, ModelOutp
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
 from ptqflow.tasks.core.parameters import ConversionParameters, ValidationParameters
+from ptqflow.tasks.evaluation.mixed import quantization
 from ptqflow.tasks.models.feeds import predict_keras
-from ptqflow.tasks.quantization.converter import convert_float, quantize, stored_calibration_batches
+from ptqflow.tasks.quantization.converter import convert_float, stored_calibration_batches
 from ptqflow.tasks.sweep.ranking import (
     CandidateModel,
     ConfigurationMetrics,
@@ -49,7 +50,7 @@ def quantize_configuration(
         else no_batches
     )
     started = time.perf_counter()
-    model_bytes = quantize(model, batches, params)
+    model_bytes = quantization(model, batches, params)[0]
     seconds = round(time.perf_counter() - started, 3)
     return CandidateModel(model=store.put_bytes(model_bytes, ".tflite"), conversion_seconds=seconds)
 

@@ -21,17 +21,23 @@ import numpy as np
 
 from ptqflow.tasks.core.errors import ConversionFailed
 from ptqflow.tasks.core.native import native_output_silenced
-from ptqflow.tasks.core.parameters import ConversionParameters
+from ptqflow.tasks.core.parameters import ConversionParameters, QuantizationScheme
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.evaluation.interpreter import predict_tflite
 from ptqflow.tasks.evaluation.metrics import sqnr_db
 from ptqflow.tasks.models.feeds import keras_feed, model_input_slots
+from ptqflow.tasks.quantization.converter import (
+    CalibrationBatches,
+    convert_float,
+    held_if_small,
+    prepared_for_rounding,
+    quantize,
+)
+from ptqflow.tasks.quantization.integer import require_integer
 from ptqflow.tasks.quantization.ranges import DEFAULT_PERCENTILE, RANGE_METHODS, activation_histograms, choose_range
 
 if TYPE_CHECKING:
     import keras
-
-    from ptqflow.tasks.quantization.converter import CalibrationBatches
 
 # Rows of the calibration set the search compares outputs on: enough for a stable SQNR, few enough that a search
 # over a MobileNet's layers stays within a minute or two.
@@ -50,7 +56,9 @@ class MixedPrecision:
 
     quantized: bytes
     int8_model: bytes  # the all-int8 model the search started from: the cost is measured against it
-    int16_layers: tuple[str, ...]  # the raised layers, most sensitive first (operator scopes of the float .tflite)
+    # the raised layers that compute, most sensitive first (operator scopes of the float .tflite); the reshapes and
+    # pooling between them follow them into int16 and are not counted
+    int16_layers: tuple[str, ...]
     labels: tuple[tuple[str, str], ...]  # each raised layer's Keras layer and TFLite operator
     layers: int  # the layers the search could raise
     int8_sqnr: float | None  # worst output SQNR in dB (None: identical to float)
@@ -77,8 +85,9 @@ def _op_name(model: Any, op: Any) -> str:
 
 def raisable_layers(float_tflite: bytes) -> dict[str, tuple[str, ...]]:
     """The operator scopes (the quantizer's names for layers: their output tensors' names) of the float model's
-    operators that compute something, in graph order, each with the computing layers that read its output
-    (through reshapes and the like, which take their input's type)."""
+    operators that compute something, in graph order, each with the operators that read its output: the computing
+    ones, and on the way to them the reshapes, pooling and the like, which the quantizer would otherwise give int8
+    (rounding the int16 activation to int8 before it arrives)."""
     from litert_quantizer.utils import tfl_flatbuffer_utils as flatbuffers
 
     model = flatbuffers.read_model(bytearray(float_tflite))
@@ -88,18 +97,17 @@ def raisable_layers(float_tflite: bytes) -> dict[str, tuple[str, ...]]:
         for tensor in op.inputs:
             readers.setdefault(int(tensor), []).append(op)
 
-    def computing_readers(op: Any) -> list[str]:
+    def readers_of(op: Any) -> list[str]:
         found: list[str] = []
         for tensor in op.outputs:
             for reader in readers.get(int(tensor), []):
+                found.append(flatbuffers.get_op_scope(reader, graph.tensors))
                 if _op_name(model, reader) in PASS_THROUGH_OPS:
-                    found += computing_readers(reader)
-                else:
-                    found.append(flatbuffers.get_op_scope(reader, graph.tensors))
+                    found += readers_of(reader)
         return found
 
     return {
-        flatbuffers.get_op_scope(op, graph.tensors): tuple(dict.fromkeys(computing_readers(op)))
+        flatbuffers.get_op_scope(op, graph.tensors): tuple(dict.fromkeys(readers_of(op)))
         for op in graph.operators
         if _op_name(model, op) not in PASS_THROUGH_OPS
     }
@@ -126,6 +134,26 @@ def _calibration_rows(
         for row in range(len(rows)):
             feed = keras_feed(rows[row : row + 1], slots)
             yield feed if isinstance(feed, dict) else {signature_inputs[0]: feed}
+
+
+def _calibrated(
+    float_tflite: bytes, recipe: list[dict[str, Any]], rows: list[dict[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each tensor's min and max over the calibration rows, as the converter's calibrator takes them. The
+    quantizer's own calibration averages each row's min and max instead (a moving average): every range is then
+    clipped to a typical row's, which costs int16 as much as int8 (11 dB against the float model's logits on a
+    separable CNN whose int8 conversion keeps 31 dB)."""
+    from litert_quantizer import calibrator, recipe_manager
+    from litert_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    with native_output_silenced():  # a progress bar and the interpreter's notes
+        calibration = calibrator.Calibrator(
+            bytearray(float_tflite), num_threads=1, qsv_update_func=qsv_utils.min_max_update
+        )
+        calibration.calibrate({"serving_default": rows}, manager)
+    return dict(calibration.get_model_qsvs())
 
 
 def _finite(
@@ -167,7 +195,6 @@ class _Search:
 
     def __init__(self, model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options):
         from ai_edge_litert.interpreter import Interpreter
-        from litert_quantizer import Quantizer
 
         self.float_tflite = float_tflite
         self.options: ConversionParameters = options
@@ -176,10 +203,7 @@ class _Search:
         self.int8_recipe = _recipe("default_a8w8_recipe.json")
         self.int16_config = _recipe("default_a16w8_recipe.json")[0]
         rows = list(_calibration_rows(calibration_batches, self.slots, list(signature["inputs"])))
-        with native_output_silenced():  # a progress bar and the interpreter's notes
-            calibrator = Quantizer(bytearray(float_tflite), self.int8_recipe)
-            self.minmax = calibrator.calibrate({"serving_default": rows}, num_threads=1)
-        self.minmax = _finite(self.minmax, float_tflite, rows)
+        self.minmax = _finite(_calibrated(float_tflite, self.int8_recipe, rows), float_tflite, rows)
         self.int8_ranges = self._method_ranges(calibration_batches)
         features = np.concatenate([np.asarray(b) for b in _head(calibration_batches, SEARCH_ROWS)])[:SEARCH_ROWS]
         self.features = features.astype(np.float32)
@@ -273,10 +297,10 @@ def _db(value: float | None) -> float:
     return float("inf") if value is None else value
 
 
-def quantize_mixed(
+def search_mixed(
     model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options: ConversionParameters
 ) -> MixedPrecision:
-    """Pure stage function for scheme ``mixed16``: the integer-only model with int16 activations in the layers
+    """Scheme ``mixed16``'s search: the integer-only model with int16 activations in the layers
     that need them most, and what the search measured.
 
     Raises:
@@ -316,15 +340,19 @@ def quantize_mixed(
         if reached.reaches(target, options.int16_within_db):
             break
         candidate = tuple(dict.fromkeys((*chosen, *unit)))
-        if len(candidate) > budget or candidate == chosen:
-            continue  # over the budget: a smaller raise further down may still fit
-        candidate_model = search.quantize(candidate)
-        chosen, quantized, reached = candidate, candidate_model, search.score(candidate_model)
+        if sum(scope in layers for scope in candidate) > budget or candidate == chosen:
+            continue  # over the budget (reshapes and the like not counted): a smaller raise may still fit
+        try:
+            candidate_model = search.quantize(candidate)
+            score = search.score(candidate_model)
+        except Exception:  # together they meet an int16 kernel's limit (e.g. ADD's on its scales): skip this one
+            continue
+        chosen, quantized, reached = candidate, candidate_model, score
     return MixedPrecision(
         quantized=quantized,
         int8_model=int8_model,
-        int16_layers=chosen,
-        labels=tuple(layer_labels(float_tflite, chosen, model)),
+        int16_layers=(computing := tuple(scope for scope in chosen if scope in layers)),
+        labels=tuple(layer_labels(float_tflite, computing, model)),
         layers=len(layers),
         int8_sqnr=int8.sqnr,
         int16_sqnr=None if int16 is None else int16.sqnr,
@@ -334,3 +362,35 @@ def quantize_mixed(
         target_met=target is None or reached.reaches(target, options.int16_within_db),
         rows=len(search.features),
     )
+
+
+def quantize_int16(
+    model: keras.Model, float_tflite: bytes, calibration_batches: CalibrationBatches, options: ConversionParameters
+) -> bytes:
+    """Every layer's activations in int16 (the quantizer's a16w8 recipe, int8 weights): the reference mixed16 aims
+    at, for operators the converter's int16x8 has no kernel for (DIV, for one)."""
+    return _Search(model, float_tflite, calibration_batches, options).quantize(None)
+
+
+def quantization(
+    model: keras.Model, calibration_batches: CalibrationBatches, options: ConversionParameters
+) -> tuple[bytes, MixedPrecision | None]:
+    """Pure stage function: the quantized ``.tflite`` of ``model`` under any scheme, and under mixed16 what the
+    search chose and measured (every other scheme is the converter's ``quantize``).
+
+    Raises:
+        ConversionFailed: as ``quantize``; for mixed16 also the quantizer missing, or an operator it cannot write
+            in integer (named).
+    """
+    if options.scheme is not QuantizationScheme.mixed16:
+        return quantize(model, calibration_batches, options), None
+    import importlib.util
+
+    if importlib.util.find_spec("litert_quantizer") is None:
+        raise ConversionFailed(
+            "scheme mixed16 needs Google's quantizer for .tflite (litert-quantizer), which is not installed: "
+            "pip install 'ptqflow[mixed]' (it needs ai-edge-litert 2.3), or choose --scheme full_integer or int16x8"
+        )
+    model = prepared_for_rounding(model, calibration_batches, options)
+    search = search_mixed(model, convert_float(model), held_if_small(calibration_batches), options)
+    return require_integer(search.quantized, options), search

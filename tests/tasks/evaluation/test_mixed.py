@@ -8,7 +8,7 @@ import pytest
 from ptqflow.tasks.core.errors import ConversionFailed
 from ptqflow.tasks.core.parameters import CalibrationMethod, ConversionParameters, QuantizationScheme, TensorType
 from ptqflow.tasks.evaluation.interpreter import RowFailure, audit_tensor_types, predict_tflite
-from ptqflow.tasks.quantization.converter import quantization
+from ptqflow.tasks.evaluation.mixed import quantization
 
 MIXED = ConversionParameters(scheme=QuantizationScheme.mixed16)
 
