@@ -209,7 +209,7 @@ class RepairCost(Frozen):
     unrepaired_model: ArtifactRef
     unrepaired_bytes: int
     repaired_bytes: int
-    unrepaired_latency_ms_p50: float
+    unrepaired_latency_ms_p50: float | None = Field(description="None: it refused every test sample.")
     repaired_latency_ms_p50: float | None
 
 

@@ -102,7 +102,7 @@ def check_accuracy_gate(
         message = f"accuracy gate failed: {observed}, more than the {max_accuracy_drop} pp allowed"
         if result.worst_layers:
             message += f"; worst layers: {describe_layers(result.worst_layers)}"
-        if repair is not None and repair.mixed is not None:
+        if repair is not None and (repair.mixed is not None or ops is TargetOps.int8):  # an int16 repair
             message += (
                 f"; {repair.message}: allow more int16 layers (--max-int16-fraction), calibrate on more samples "
                 "(--calibration-size), or raise --max-accuracy-drop"
@@ -299,7 +299,7 @@ def check_fidelity_gate(
         message = f"gate failed: {verdict.observed}; the gate asks {verdict.limit}"
         if result.worst_layers:
             message += f"; worst layers: {describe_layers(result.worst_layers)}"
-        if repair is not None and repair.mixed is not None:
+        if repair is not None and (repair.mixed is not None or ops is TargetOps.int8):  # an int16 repair
             message += f"; {repair.message}: allow more int16 layers (--max-int16-fraction),"
         elif repair is not None:
             message += f"; {repair.message}: allow more float layers (--max-float-layers),"

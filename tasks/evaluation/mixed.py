@@ -304,15 +304,19 @@ def search_mixed(
     that need them most, and what the search measured.
 
     Raises:
-        ConversionFailed: the quantizer refused the model in int8.
+        ConversionFailed: the quantizer cannot write the model in int8, or LiteRT cannot run what it wrote.
     """
     search = _Search(model, float_tflite, calibration_batches, options)
     layers = raisable_layers(float_tflite)
     try:
         int8_model = search.quantize(())
-    except Exception as error:
-        raise ConversionFailed(f"scheme mixed16: the quantizer cannot write this model in int8: {error}") from error
-    int8 = search.score(int8_model)
+        int8 = search.score(int8_model)
+    except Exception as error:  # the quantizer's or LiteRT's refusal, in its own words
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ConversionFailed(
+            f"scheme mixed16: the quantizer's int8 model of it cannot be written or run ({reason[:300]}): choose "
+            "--scheme full_integer or int16x8"
+        ) from error
     try:
         int16: Score | None = search.score(search.quantize(None))
     except Exception:  # an operator without an int16 kernel: the target is then the best any one layer reaches
@@ -359,7 +363,7 @@ def search_mixed(
         reached_sqnr=reached.sqnr,
         int8_refused=int8.refused,
         reached_refused=reached.refused,
-        target_met=target is None or reached.reaches(target, options.int16_within_db),
+        target_met=reached.reaches(target, options.int16_within_db),  # no target: no int16 layer could run
         rows=len(search.features),
     )
 

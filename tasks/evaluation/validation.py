@@ -7,6 +7,7 @@ The gate that judges it is ``tasks.evaluation.gate``; running ``.tflite`` models
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +27,7 @@ from ptqflow.tasks.core.validation_report import (
 )
 from ptqflow.tasks.evaluation.device import device_footprint
 from ptqflow.tasks.evaluation.diagnose import layer_errors
-from ptqflow.tasks.evaluation.fidelity import fidelity_in_words, refusals
+from ptqflow.tasks.evaluation.fidelity import TaskFigures, fidelity_in_words, refusals
 from ptqflow.tasks.evaluation.interpreter import (
     RowFailure,
     audit_tensor_types,
@@ -251,6 +252,43 @@ def per_layer_errors(
         return [], f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
 
 
+REFUSED_EVERYTHING = "refused every test sample"
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Another ``.tflite`` judged as validation judges the shipped one: on the test samples it can run."""
+
+    figures: TaskFigures | None  # None: it refused every sample
+    latency_ms_p50: float | None
+
+    @property
+    def fidelity(self) -> str:
+        return fidelity_in_words(self.figures) if self.figures is not None else REFUSED_EVERYTHING
+
+
+def judged(
+    model_bytes: bytes,
+    keras_model: keras.Model,
+    keras_outputs: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: ValidationParameters,
+    task: ModelTask,
+) -> Judged:
+    """``model_bytes``'s task figures against the float model (``keras_outputs``) and its latency, both on the
+    samples it can run (timing a refused sample would raise)."""
+    num_threads = params.num_threads or os.cpu_count() or 1
+    inputs = model_input_slots(keras_model)
+    outputs = predict_tflite(model_bytes, features, params.batch_size, num_threads, inputs=inputs, failures=[])
+    ran = ~refused_rows(outputs)
+    if not ran.any():
+        return Judged(None, None)
+    speed = tflite_speed(model_bytes, features[ran], params.batch_size, num_threads, inputs=inputs)
+    figures = task_figures(task, keras_outputs[ran], outputs[ran], labels[ran], model_outputs(keras_model))
+    return Judged(figures, speed.latency_ms.p50)
+
+
 def repair_cost(
     repair: RepairResult,
     store: ArtifactStore,
@@ -263,26 +301,19 @@ def repair_cost(
 ) -> RepairCost:
     """What keeping layers in float cost and gained: the task's figure, size and latency of the repaired model
     against the fully quantized one, on the test split (``keras_outputs``: the float model's there)."""
-    num_threads = params.num_threads or os.cpu_count() or 1
     unrepaired = store.read_bytes(repair.unrepaired)
-    inputs = model_input_slots(keras_model)
-    unrepaired_speed = tflite_speed(unrepaired, features, params.batch_size, num_threads, inputs=inputs)
+    before = judged(unrepaired, keras_model, keras_outputs, features, labels, params, metrics.task)
     repaired: ModelMetrics | None = metrics.models.get(ModelKind.quantized_tflite)
-    outputs = predict_tflite(unrepaired, features, params.batch_size, num_threads, inputs=inputs, failures=[])
-    ran = ~refused_rows(outputs)  # judged, as validation is, on the samples it can run
-    unrepaired_figures = task_figures(
-        metrics.task, keras_outputs[ran], outputs[ran], labels[ran], model_outputs(keras_model)
-    )
     return RepairCost(
-        **repair.model_dump(mode="json", exclude={"repaired", "unrepaired"}),
-        unrepaired_accuracy=unrepaired_figures.quantized_accuracy,
+        **repair.model_dump(mode="json", exclude={"repaired", "unrepaired", "mixed"}),
+        unrepaired_accuracy=before.figures.quantized_accuracy if before.figures is not None else None,
         repaired_accuracy=metrics.quantized_accuracy,
-        unrepaired_fidelity=fidelity_in_words(unrepaired_figures),
+        unrepaired_fidelity=before.fidelity,
         repaired_fidelity=fidelity_in_words(metrics),
         unrepaired_model=repair.unrepaired,
         unrepaired_bytes=len(unrepaired),
         repaired_bytes=metrics.quantized_bytes,
-        unrepaired_latency_ms_p50=unrepaired_speed.latency_ms.p50,
+        unrepaired_latency_ms_p50=before.latency_ms_p50,
         repaired_latency_ms_p50=repaired.speed.latency_ms.p50 if repaired and repaired.speed else None,
     )
 
@@ -303,17 +334,8 @@ def mixed_cost(
     allocator records for each file."""
     from ptqflow.tasks.evaluation.tflm import TflmCannotRun, recorded_arena
 
-    num_threads = params.num_threads or os.cpu_count() or 1
     int8_bytes = store.read_bytes(choice.int8_model)
-    inputs = model_input_slots(keras_model)
-    outputs = predict_tflite(int8_bytes, features, params.batch_size, num_threads, inputs=inputs, failures=[])
-    ran = ~refused_rows(outputs)  # judged and timed, as validation is, on the samples it can run
-    int8_latency, int8_fidelity = None, "refused every test sample"
-    if ran.any():
-        int8_speed = tflite_speed(int8_bytes, features[ran], params.batch_size, num_threads, inputs=inputs)
-        int8_latency = int8_speed.latency_ms.p50
-        figures = task_figures(metrics.task, keras_outputs[ran], outputs[ran], labels[ran], model_outputs(keras_model))
-        int8_fidelity = fidelity_in_words(figures)
+    int8 = judged(int8_bytes, keras_model, keras_outputs, features, labels, params, metrics.task)
     arenas: list[int | None] = [None, None]
     unavailable = None
     try:
@@ -325,11 +347,11 @@ def mixed_cost(
     mixed = metrics.models.get(ModelKind.quantized_tflite)
     return MixedPrecisionCost(
         choice=choice,
-        int8_fidelity=int8_fidelity,
+        int8_fidelity=int8.fidelity,
         mixed_fidelity=fidelity_in_words(metrics),
         int8_bytes=len(int8_bytes),
         mixed_bytes=len(mixed_bytes),
-        int8_latency_ms_p50=int8_latency,
+        int8_latency_ms_p50=int8.latency_ms_p50,
         mixed_latency_ms_p50=mixed.speed.latency_ms.p50 if mixed and mixed.speed else None,
         int8_arena_bytes=arenas[0],
         mixed_arena_bytes=arenas[1],

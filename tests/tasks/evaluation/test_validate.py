@@ -256,6 +256,23 @@ def test_with_int8_only_ops_the_gate_names_the_worst_layers_and_the_options_that
     )
 
 
+def test_an_int16_repair_that_did_not_help_says_so_and_offers_more_int16_layers():
+    from ptqflow.tasks.core.artifacts import RepairResult
+    from ptqflow.tasks.core.parameters import TargetOps
+
+    ref = ArtifactRef(uri="memory://x/q.tflite", sha256="0" * 64, bytes=1)
+    repair = RepairResult(
+        unrepaired=ref,
+        succeeded=False,
+        float_layers=(),
+        steps=(),
+        message="no layer's int16 activations brought the model closer to float",
+    )
+    verdict = check_accuracy_gate(_result(0.99, 0.10), max_accuracy_drop=1.0, ops=TargetOps.int8, repair=repair)
+    assert f"; {repair.message}: allow more int16 layers (--max-int16-fraction)" in verdict.message
+    assert "(--repair" not in verdict.message and "\n" not in verdict.message
+
+
 def test_a_real_model_with_unrepeatable_outputs_is_caught_by_the_gate(test_split):
     """MobileNetV2 (untrained, 32x32) under dynamic range with per-tensor weights: with the LiteRT of this
     project, two runs on the same input give different outputs (every op resolver, one thread)."""
