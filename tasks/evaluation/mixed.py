@@ -332,15 +332,15 @@ def search_mixed(
             gains.append((search.score(search.quantize(unit)).rank, position, unit))
         except Exception:  # no int16 kernel for one of them here: they stay int8
             continue
-    # Only raises that help alone: one that changes nothing on its own costs without gaining.
-    ranked = [unit for rank, _, unit in sorted(gains) if rank < int8.rank]
     target = int16
     if target is None and gains:
         refused, negative_db = min(gains)[0]
         target = Score(refused, None if negative_db == -np.inf else -negative_db)
     chosen: tuple[str, ...] = ()
     quantized, reached = int8_model, int8
-    for unit in ranked:
+    # Best alone first; each raise is kept only if it helps on top of those already raised, so a unit that gains
+    # nothing alone (a layer whose precision its int8 reader throws away) still gets its turn once its reader is up.
+    for _, _, unit in sorted(gains):
         if reached.reaches(target, options.int16_within_db):
             break
         candidate = tuple(dict.fromkeys((*chosen, *unit)))
@@ -351,7 +351,8 @@ def search_mixed(
             score = search.score(candidate_model)
         except Exception:  # together they meet an int16 kernel's limit (e.g. ADD's on its scales): skip this one
             continue
-        chosen, quantized, reached = candidate, candidate_model, score
+        if score.rank < reached.rank:
+            chosen, quantized, reached = candidate, candidate_model, score
     return MixedPrecision(
         quantized=quantized,
         int8_model=int8_model,
