@@ -11,10 +11,13 @@ import httpx
 import pytest
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.core.parameters import CalibrationParameters
+from ptqflow.tasks.sweep.grid import sweep_grid
 
 pytestmark = pytest.mark.slow
 
-CONFIGURATIONS = 19  # the default grid with --calibration-sizes 50,200 (digits' training split is 1168 samples)
+# The default grid with --calibration-sizes 50,200 (digits' training split is 1168 samples).
+CONFIGURATIONS = len(sweep_grid(CalibrationParameters().calibration_size, (50, 200)))
 
 
 @pytest.fixture(scope="module")
