@@ -130,7 +130,9 @@ class MixedPrecisionChoice(BaseModel):
     layers: int = Field(description="Layers the search could raise (those that compute; reshapes and the like follow).")
     max_int16_fraction: float
     int8_sqnr_db: float | None = Field(description="All layers int8 (None: identical to float).")
-    int16_sqnr_db: float | None = Field(description="All layers int16 (None: the quantizer cannot write it).")
+    int16_sqnr_db: float | None = Field(
+        description="All layers int16 (None: the quantizer cannot write it, LiteRT cannot run it, or it equals float)."
+    )
     reached_sqnr_db: float | None
     int8_refused_rows: int = Field(0, description="Search rows the all-int8 model cannot run (an int8 DIV by zero).")
     refused_rows: int = Field(0, description="Search rows the chosen model cannot run.")
