@@ -1,15 +1,18 @@
 """Scheme ``mixed16``: int8 activations, raised to int16 layer by layer where int8 is not faithful enough.
 
-Which layers need int16 is measured, not guessed: each layer's activations are raised to int16 alone and the
-model's outputs compared with the float model's on calibration rows; the layers whose raise helps most are raised
-first, until the outputs are within ``--int16-within-db`` of whole-model int16's or ``--max-int16-fraction`` of the
-layers is spent. Google's quantizer for ``.tflite`` (``litert_quantizer``) writes each model from the float
-``.tflite`` with a per-layer recipe; a boundary between an int8 and an int16 layer is one integer QUANTIZE (int16 and
-int8 requantize into each other), and ``tasks.quantization.integer`` checks that the result holds no float tensor.
+Which layers need int16 is measured, not guessed: each layer is raised to int16 with the layers that read its
+output, and the model's outputs compared with the float model's on calibration rows; the raises that help most
+alone go first, each kept only if it helps on top of those already made, until the outputs are within
+``--int16-within-db`` of whole-model int16's or ``--max-int16-fraction`` of the layers is spent.
+
+Google's quantizer for ``.tflite`` (``litert_quantizer``) writes each model from the float ``.tflite`` with a
+per-layer recipe; a boundary between an int8 and an int16 layer is one integer QUANTIZE (int16 and int8 requantize
+into each other), and ``tasks.quantization.integer`` checks that the result holds no float tensor.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -19,13 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ptqflow.storage.store import ArtifactRef
+from ptqflow.tasks.core.artifacts import Int16Layer, MixedPrecisionChoice
 from ptqflow.tasks.core.errors import ConversionFailed
 from ptqflow.tasks.core.native import native_output_silenced
 from ptqflow.tasks.core.parameters import ConversionParameters, QuantizationScheme
 from ptqflow.tasks.core.progress import report
-from ptqflow.tasks.evaluation.interpreter import predict_tflite
-from ptqflow.tasks.evaluation.metrics import sqnr_db
+from ptqflow.tasks.evaluation.interpreter import predict_tflite, refused_rows
+from ptqflow.tasks.evaluation.metrics import output_metrics, worst_sqnr
 from ptqflow.tasks.models.feeds import keras_feed, model_input_slots
+from ptqflow.tasks.models.outputs import model_outputs
 from ptqflow.tasks.quantization.converter import (
     CalibrationBatches,
     convert_float,
@@ -69,18 +75,41 @@ class MixedPrecision:
     target_met: bool
     rows: int
 
+    def choice(self, max_int16_fraction: float, int8_model: ArtifactRef) -> MixedPrecisionChoice:
+        """What the search chose, as the stages record it; ``int8_model``: the stored baseline of its cost."""
+        return MixedPrecisionChoice(
+            int16_layers=tuple(
+                Int16Layer(layer=layer, op=op, tensor=scope)
+                for (layer, op), scope in zip(self.labels, self.int16_layers, strict=True)
+            ),
+            layers=self.layers,
+            max_int16_fraction=max_int16_fraction,
+            int8_sqnr_db=self.int8_sqnr,
+            int16_sqnr_db=self.int16_sqnr,
+            reached_sqnr_db=self.reached_sqnr,
+            int8_refused_rows=self.int8_refused,
+            refused_rows=self.reached_refused,
+            target_met=self.target_met,
+            search_rows=self.rows,
+            int8_model=int8_model,
+        )
+
 
 def _recipe(name: str) -> list[dict[str, Any]]:
     text = resources.files("litert_quantizer").joinpath("recipes").joinpath(name).read_text()
     return list(json.loads(text))
 
 
-def _op_name(model: Any, op: Any) -> str:
+@functools.cache
+def _builtin_names() -> dict[int, str]:
     from ai_edge_litert import schema_py_generated as schema
 
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _op_name(model: Any, op: Any) -> str:
     code = model.operatorCodes[op.opcodeIndex]
-    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
-    return next(k for k, v in vars(schema.BuiltinOperator).items() if v == builtin and not k.startswith("_"))
+    return _builtin_names()[max(int(code.builtinCode), int(code.deprecatedBuiltinCode))]
 
 
 def raisable_layers(float_tflite: bytes) -> dict[str, tuple[str, ...]]:
@@ -207,7 +236,7 @@ class _Search:
         self.int8_ranges = self._method_ranges(calibration_batches)
         features = np.concatenate([np.asarray(b) for b in _head(calibration_batches, SEARCH_ROWS)])[:SEARCH_ROWS]
         self.features = features.astype(np.float32)
-        self.output_sizes = [int(np.prod(t.shape[1:])) for t in model.outputs]
+        self.layout = model_outputs(model)
         self.reference = predict_tflite(float_tflite, self.features, num_threads=1, inputs=self.slots, failures=[])
 
     def _method_ranges(self, calibration_batches: CalibrationBatches) -> dict[str, dict[str, np.ndarray]]:
@@ -257,15 +286,11 @@ class _Search:
         int16 can hold a divisor int8 rounds to 0), then the worst output's SQNR against the float ``.tflite`` on the
         rows both run."""
         outputs = predict_tflite(quantized, self.features, num_threads=1, inputs=self.slots, failures=[])
-        ran = np.isfinite(outputs).all(axis=1) & np.isfinite(self.reference).all(axis=1)
-        figures, start = [], 0
-        for size in self.output_sizes:
-            part = slice(start, start + size)
-            figures.append(sqnr_db(self.reference[ran, part], outputs[ran, part]) if ran.any() else -np.inf)
-            start += size
-        known = [f for f in figures if f is not None]
-        refused = int((~np.isfinite(outputs).all(axis=1)).sum())
-        return Score(refused, min(known) if known else None)
+        refused = refused_rows(outputs)
+        ran = ~(refused | refused_rows(self.reference))
+        if not ran.any():
+            return Score(int(refused.sum()), -np.inf)
+        return Score(int(refused.sum()), worst_sqnr(output_metrics(outputs[ran], self.reference[ran], self.layout)))
 
 
 @dataclass(frozen=True)

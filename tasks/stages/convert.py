@@ -3,28 +3,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from prefect import get_run_logger, task
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.tasks.core.artifacts import (
-    CalibrationSet,
-    ConvertedModels,
-    Int16Layer,
-    MixedPrecisionChoice,
-    TrainedModel,
-)
+from ptqflow.tasks.core.artifacts import CalibrationSet, ConvertedModels, TrainedModel
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
 from ptqflow.tasks.core.parameters import ConversionParameters
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.evaluation.mixed import quantization
 from ptqflow.tasks.quantization.converter import convert_float, stored_calibration_batches
-
-if TYPE_CHECKING:
-    from ptqflow.tasks.evaluation.mixed import MixedPrecision
 
 
 @task(
@@ -48,9 +37,7 @@ def convert_to_tflite(
     get_run_logger().info("quantized model %d bytes, float model %d bytes", quantized.bytes, float_model.bytes)
     mixed = None
     if search is not None:
-        mixed = MixedPrecisionChoice(
-            **mixed_choice_fields(search, params), int8_model=store.put_bytes(search.int8_model, ".tflite")
-        )
+        mixed = search.choice(params.max_int16_fraction, store.put_bytes(search.int8_model, ".tflite"))
         get_run_logger().info(
             "mixed16: %d of %d layers in int16 (%s)",
             len(mixed.int16_layers),
@@ -58,22 +45,3 @@ def convert_to_tflite(
             ", ".join(layer.layer for layer in mixed.int16_layers) or "none",
         )
     return ConvertedModels(quantized=quantized, float_model=float_model, mixed=mixed)
-
-
-def mixed_choice_fields(search: MixedPrecision, params: ConversionParameters) -> dict[str, Any]:
-    """What a mixed16 search chose, as ``MixedPrecisionChoice``'s fields (all but the int8 baseline's reference)."""
-    return {
-        "int16_layers": tuple(
-            Int16Layer(layer=layer, op=op, tensor=scope)
-            for (layer, op), scope in zip(search.labels, search.int16_layers, strict=True)
-        ),
-        "layers": search.layers,
-        "max_int16_fraction": params.max_int16_fraction,
-        "int8_sqnr_db": search.int8_sqnr,
-        "int16_sqnr_db": search.int16_sqnr,
-        "reached_sqnr_db": search.reached_sqnr,
-        "int8_refused_rows": search.int8_refused,
-        "refused_rows": search.reached_refused,
-        "target_met": search.target_met,
-        "search_rows": search.rows,
-    }

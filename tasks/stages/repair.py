@@ -17,7 +17,6 @@ from ptqflow.storage.tables import iter_feature_batches, read_parquet
 from ptqflow.tasks.core.artifacts import (
     CalibrationSet,
     ConvertedModels,
-    MixedPrecisionChoice,
     RepairResult,
     SampledDataset,
     TrainedModel,
@@ -35,7 +34,6 @@ from ptqflow.tasks.core.parameters import (
 from ptqflow.tasks.core.validation_report import ValidationReport
 from ptqflow.tasks.evaluation.mixed import quantization
 from ptqflow.tasks.evaluation.repair import keep_worst_layers_float
-from ptqflow.tasks.stages.convert import mixed_choice_fields
 
 if TYPE_CHECKING:
     import keras
@@ -122,10 +120,7 @@ def _raise_to_int16(
     assert search is not None  # scheme mixed16 always reports its search
     if not search.int16_layers:
         return failed.model_copy(update={"message": "no layer's int16 activations brought the model closer to float"})
-    mixed = MixedPrecisionChoice(
-        **mixed_choice_fields(search, options),
-        int8_model=converted.quantized,  # what would ship unrepaired
-    )
+    mixed = search.choice(options.max_int16_fraction, converted.quantized)  # against what would ship unrepaired
     message = (
         f"int16 repair raised {len(search.int16_layers)} of {search.layers} layers "
         f"({', '.join(layer.layer for layer in mixed.int16_layers)})"
