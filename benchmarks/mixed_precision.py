@@ -7,7 +7,7 @@ the float Keras model (dB) and top-1 agreement on held-out samples, not times.
   between a quiet clip and a loud one) and a division by each channel's maximum over the clip, then a classifier.
 
 Whole-model int16 is the quantizer's a16w8 recipe where LiteRT runs it, else the converter's int16x8 (which has no
-int16 DIV; LiteRT's int16 ADD refuses some of a16w8's scales); the detail has both where they exist. The target:
+int16 DIV); the detail has both where they exist. The target:
 mixed within 0.5 dB of whole-model int16 with at most a third of the layers in int16. The ratio is the noise power
 of whole-model int16 against mixed's (10^((mixed - int16) / 10)): 1 or more is as faithful.
 """

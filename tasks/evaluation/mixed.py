@@ -142,6 +142,31 @@ def raisable_layers(float_tflite: bytes) -> dict[str, tuple[str, ...]]:
     }
 
 
+def general_int16_scales(quantized: bytes) -> bytes:
+    """``quantized`` with each int16 ADD and SUB told to take any scales, as the converter's int16x8 writes them.
+
+    The schema's default (``pot_scale_int16``: true), which the quantizer leaves, sends LiteRT to its power-of-two
+    kernel whenever an add's three scales round to powers of two (ranges of exactly 1, 2, 4 ...), and that kernel
+    cannot scale an input down: LiteRT refuses the model (``add.cc input1_shift <= 0``), as it did a16w8 on every
+    MobileNetV2-style network we measured. The general kernel computes the same sum for any scales."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
+    changed = False
+    for graph, op in ((subgraph, op) for subgraph in model.subgraphs for op in subgraph.operators):
+        if _op_name(model, op) in ("ADD", "SUB") and graph.tensors[op.outputs[0]].type == schema.TensorType.INT16:
+            if op.builtinOptions is None:  # absent options read as the defaults
+                op.builtinOptionsType, op.builtinOptions = (
+                    (schema.BuiltinOptions.AddOptions, schema.AddOptionsT())
+                    if _op_name(model, op) == "ADD"
+                    else (schema.BuiltinOptions.SubOptions, schema.SubOptionsT())
+                )
+            changed |= bool(op.builtinOptions.potScaleInt16)
+            op.builtinOptions.potScaleInt16 = False
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else quantized
+
+
 def layer_labels(float_tflite: bytes, scopes: tuple[str, ...], model: keras.Model) -> list[tuple[str, str]]:
     """Each scope's Keras layer and TFLite operator, for the report."""
     from litert_quantizer.utils import tfl_flatbuffer_utils as flatbuffers
@@ -279,7 +304,7 @@ class _Search:
                         ranges[name] = self.minmax[name]
         with native_output_silenced():
             quantizer = Quantizer(bytearray(self.float_tflite), recipe)
-            return bytes(quantizer.quantize(ranges, enable_progress_report=False).quantized_model)
+            return general_int16_scales(bytes(quantizer.quantize(ranges, enable_progress_report=False).quantized_model))
 
     def score(self, quantized: bytes) -> Score:
         """How faithful ``quantized`` is on the comparison rows: how many it refuses (an int8 DIV by its zero point:

@@ -126,3 +126,49 @@ def test_without_the_quantizer_installed_mixed16_says_how_to_install_it(monkeypa
     )
     with pytest.raises(ConversionFailed, match=r"pip install 'ptqflow\[mixed\]'"):
         quantization(None, lambda: [], MIXED)  # type: ignore[arg-type]
+
+
+def test_an_int16_add_whose_scales_are_powers_of_two_still_runs():
+    """LiteRT refused every MobileNetV2-style a16w8 model the quantizer wrote: an int16 ADD whose scales round to
+    powers of two goes to a kernel that cannot scale an input down, unless told to take any scales."""
+    import keras
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils
+    from litert_quantizer import Quantizer
+
+    from ptqflow.tasks.evaluation.mixed import general_int16_scales
+    from ptqflow.tasks.quantization.converter import convert_float
+
+    keras.utils.set_random_seed(0)
+    features = keras.Input((4,))
+    residual = keras.layers.Dense(4)(features)
+    model = keras.Model(features, keras.layers.Add()([residual, keras.layers.Dense(4)(residual)]))
+    float_tflite = convert_float(model)
+    rows = np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype(np.float32)
+    name = Interpreter(model_content=float_tflite).get_signature_list()["serving_default"]["inputs"][0]
+    recipe = [{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize", "op_config": {
+        "activation_tensor_config": {"num_bits": 16, "symmetric": True, "granularity": "TENSORWISE", "dtype": "INT"},
+        "weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
+        "compute_precision": "INTEGER", "explicit_dequantize": False}}]  # fmt: skip
+    quantizer = Quantizer(bytearray(float_tflite), recipe)
+    ranges = dict(quantizer.calibrate({"serving_default": [{name: row[None]} for row in rows]}))
+    float_object = flatbuffer_utils.read_model_from_bytearray(bytearray(float_tflite))
+    graph = float_object.subgraphs[0]
+    add_code = [c.builtinCode for c in float_object.operatorCodes].index(schema.BuiltinOperator.ADD)
+    add = next(op for op in graph.operators if op.opcodeIndex == add_code)
+    scaled_down = graph.tensors[add.inputs[0]].name.decode()
+    for tensor in ranges:  # the add's first input in [-2, 2], every other activation in [-1, 1]: 2^-14 and 2^-15
+        bound = 2.0 if tensor == scaled_down else 1.0
+        ranges[tensor] = {"min": np.array(-bound, np.float32), "max": np.array(bound, np.float32)}
+    as_written = bytes(quantizer.quantize(ranges, enable_progress_report=False).quantized_model)
+    with pytest.raises(RuntimeError, match="ADD"):  # if this stops failing, the test no longer tests the fix
+        predict_tflite(as_written, rows)
+
+    fixed = general_int16_scales(as_written)
+    outputs = predict_tflite(fixed, rows)
+    assert np.isfinite(outputs).all() and np.abs(outputs).max() <= 1.0 + 1e-3  # the sum, clipped to its range
+    model_object = flatbuffer_utils.read_model_from_bytearray(bytearray(fixed))
+    operators = model_object.subgraphs[0].operators
+    adds = [op for op in operators if op.builtinOptionsType == schema.BuiltinOptions.AddOptions]
+    assert adds and not any(op.builtinOptions.potScaleInt16 for op in adds)
