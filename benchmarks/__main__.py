@@ -33,6 +33,7 @@ MODULES = [
     "activation_ranges",
     "device_targets",
     "mixed_precision",
+    "streaming",
 ]
 
 

@@ -29,7 +29,8 @@ def run(epochs: int = 30) -> dict:
     from ptqflow.tasks.data.datasets import load_dataset
     from ptqflow.tasks.evaluation.interpreter import predict_tflite
     from ptqflow.tasks.evaluation.metrics import sqnr_db
-    from ptqflow.tasks.models.feeds import keras_feed, predict_keras
+    from ptqflow.tasks.models.feeds import predict_keras
+    from ptqflow.tasks.models.streaming import Moments
     from ptqflow.tasks.models.training import _standardisation, build_default_mlp, output_head, seeded, train_model
     from ptqflow.tasks.quantization.converter import quantize
 
@@ -51,7 +52,7 @@ def run(epochs: int = 30) -> dict:
     def joined_raw() -> keras.Model:
         inputs = [keras.Input(slot.shape, name=slot.name) for slot in slots]
         x = keras.layers.Concatenate()([keras.layers.Flatten()(raw) for raw in inputs])
-        x = _standardisation(packed[train], "standardise")(x)
+        x = _standardisation(Moments.of(packed[train]), "standardise")(x)
         x = keras.layers.Dense(64, activation="relu")(keras.layers.Dense(64, activation="relu")(x))
         return keras.Model(inputs, output_head(spec, x))
 
@@ -63,8 +64,8 @@ def run(epochs: int = 30) -> dict:
         with seeded(0):
             model = build()
             table = TensorTable(packed[train], digits.labels[train])
-            fit = (keras_feed(table.features, slots), table.labels)
-            train_model(model, fit, fit, TrainingParameters(epochs=epochs, early_stopping_patience=epochs))
+            params = TrainingParameters(epochs=epochs, early_stopping_patience=epochs)
+            train_model(model, table, table, params, inputs=slots)
         reference = predict_keras(model, packed[test], inputs=slots)
         calibration = [packed[train][:200]]
         quantized_model = quantize(model, lambda batches=calibration: batches, ConversionParameters())

@@ -603,6 +603,33 @@ def read_parquet(source: IO[bytes] | bytes, columns: Columns = Columns()) -> Ten
     return arrow_to_tensor_table(pq.read_table(source, columns=None), columns)
 
 
+class ParquetRowGroups:
+    """A stored tensor table read one Parquet row group at a time (``tasks.models.streaming.RowGroups``): what a
+    reader holds is one group (about ``ROW_GROUP_BYTES``), whatever the table's size. ``source`` stays open for as
+    long as groups are read."""
+
+    def __init__(self, source: IO[bytes], columns: Columns = Columns()) -> None:
+        # no pre-buffering: pyarrow would otherwise read ahead whole column chunks (see iter_feature_batches)
+        self._parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
+        self._columns = columns
+        metadata = self._parquet.metadata
+        self.row_counts = tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))
+        self.metadata = source_metadata(self._parquet.schema_arrow, columns)
+
+    def read(self, group: int) -> TensorTable:
+        return arrow_to_tensor_table(self._parquet.read_row_group(group), self._columns)
+
+    def read_rows(self, start: int, stop: int) -> TensorTable:
+        """Rows ``start`` to ``stop``, reading only the groups that hold them."""
+        ends = np.cumsum(self.row_counts)
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, max(start, stop - 1), side="right"))
+        groups = list(range(first, min(last, len(ends) - 1) + 1))
+        table = self._parquet.read_row_groups(groups) if groups else self._parquet.schema_arrow.empty_table()
+        offset = int(ends[first - 1]) if first > 0 else 0
+        return arrow_to_tensor_table(table.slice(start - offset, stop - start), self._columns)
+
+
 def iter_feature_batches(source: IO[bytes], batch_size: int) -> Iterator[np.ndarray]:
     """Stream the ``features`` column in batches of at most ``batch_size`` rows; memory stays bounded by a batch
     (plus one Parquet row group)."""

@@ -32,10 +32,11 @@ from ptqflow.tasks.core.errors import InvalidModel
 from ptqflow.tasks.core.parameters import ModelTask, TrainingParameters
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.data.datasets import files_fingerprint
-from ptqflow.tasks.models.feeds import KerasFeed, keras_feed
 
 if TYPE_CHECKING:
     import keras
+
+    from ptqflow.tasks.models.streaming import Moments, RowGroups
 
 
 @contextmanager
@@ -127,14 +128,24 @@ class TrainingOutcome:
 
 def train_model(
     model: keras.Model,
-    train: tuple[KerasFeed, np.ndarray],
-    validation: tuple[KerasFeed, np.ndarray],
+    train: RowGroups | TensorTable,
+    validation: RowGroups | TensorTable,
     params: TrainingParameters,
+    *,
+    seed: int = 0,
+    inputs: tuple[InputSlot, ...] = (),
 ) -> TrainingOutcome:
-    """Pure stage function: fit ``model`` in place with early stopping on validation loss (best weights kept)."""
+    """Pure stage function: fit ``model`` in place with early stopping on validation loss (best weights kept).
+
+    Both splits are streamed group by group (``tasks.models.streaming``): memory stays bounded by a shuffle window
+    whatever their size; the batches of an epoch are drawn from ``seed``."""
     import keras
 
-    regression = train[1].ndim == 2
+    from ptqflow.tasks.models.streaming import SplitBatches, row_groups
+
+    train_batches = SplitBatches(row_groups(train), params.batch_size, inputs=inputs, seed=seed)
+    validation_batches = SplitBatches(row_groups(validation), params.batch_size, inputs=inputs, shuffle=False)
+    regression = train_batches[0][1].ndim == 2
     metric = "mae" if regression else "accuracy"
 
     class _EpochProgress(keras.callbacks.Callback):
@@ -156,13 +167,11 @@ def train_model(
         monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
     )
     history = model.fit(
-        train[0],
-        train[1],
-        validation_data=validation,
+        train_batches,
+        validation_data=validation_batches,
         epochs=params.epochs,
-        batch_size=params.batch_size,
-        shuffle=True,
-        verbose=0,
+        shuffle=False,  # the batches shuffle themselves, by the seed: Keras would reorder them with Python's shared
+        verbose=0,  # random module, which other threads (Prefect's) draw from too
         callbacks=[stopper, _EpochProgress()],
     )
     val_loss = history.history["val_loss"]
@@ -178,36 +187,44 @@ def train_model(
     )
 
 
-def _standardisation(values: np.ndarray, name: str) -> keras.layers.Layer:
+def _standardisation(moments: Moments, name: str) -> keras.layers.Layer:
     """Standardise each feature with the training split's mean and spread; each spread is floored at a hundredth
     of the widest: a constant or nearly constant feature (a border pixel) would otherwise be multiplied by up to
     1/sqrt(epsilon), and one int8 scale cannot hold both."""
     import keras
 
-    values = values.reshape(len(values), -1).astype(np.float64)
-    spread = values.std(axis=0)
+    spread = np.sqrt(moments.variance)
     spread = np.maximum(spread, 0.01 * spread.max()) if spread.max() > 0 else np.ones_like(spread)
-    return keras.layers.Normalization(mean=values.mean(axis=0), variance=spread**2, name=name)
+    return keras.layers.Normalization(mean=moments.mean, variance=spread**2, name=name)
 
 
-def build_default_mlp(spec: FeatureSpec, train_features: np.ndarray) -> keras.Model:
+def _moments(train: RowGroups | TensorTable | np.ndarray, inputs: tuple[InputSlot, ...]) -> list[Moments]:
+    from ptqflow.tasks.models.streaming import Moments, feature_moments, row_groups
+
+    if isinstance(train, np.ndarray):
+        return [Moments.of(part) for part in (split_inputs(train, inputs) if inputs else [train])]
+    return feature_moments(row_groups(train), inputs)
+
+
+def build_default_mlp(spec: FeatureSpec, train: RowGroups | TensorTable | np.ndarray) -> keras.Model:
     """For 1-D (tabular) samples: standardisation with the training split's mean and variance as the first layer
     (so the .tflite takes raw values), then Dense64-Dense64-Dense(n_classes) softmax. Several inputs are each
     flattened and standardised on their own, then joined: joined raw, an input of small values (pixels) would
     share one int8 scale with one of large values and keep a few steps of it."""
     import keras
 
+    moments = _moments(train, spec.inputs)
     if spec.inputs:
         inputs: Any = [keras.Input(shape=slot.shape, name=slot.name) for slot in spec.inputs]
         x = keras.layers.Concatenate(name="joined_inputs")(
             [
                 _standardisation(part, f"{slot.name}_standardise")(keras.layers.Flatten(name=f"{slot.name}_flat")(raw))
-                for slot, raw, part in zip(spec.inputs, inputs, split_inputs(train_features, spec.inputs))
+                for slot, raw, part in zip(spec.inputs, inputs, moments)
             ]
         )
     else:
         inputs = keras.Input(shape=spec.shape, name="raw_input")
-        x = _standardisation(train_features, "standardise")(inputs)
+        x = _standardisation(moments[0], "standardise")(inputs)
     x = keras.layers.Dense(64, activation="relu", name="dense1")(x)
     x = keras.layers.Dense(64, activation="relu", name="dense2")(x)
     return keras.Model(inputs, output_head(spec, x), name="ptqflow_mlp")
@@ -218,8 +235,9 @@ def user_model_module(model: str) -> str | None:
     return model.split(":", 1)[0] if ":" in model else None
 
 
-def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> keras.Model:
-    """The model named by ``--model`` for samples described by ``spec``.
+def build_model(spec: FeatureSpec, model: str, train: RowGroups | TensorTable | np.ndarray) -> keras.Model:
+    """The model named by ``--model`` for samples described by ``spec``; ``train`` (the split, or its features)
+    gives the default MLP its standardisation.
 
     Raises:
         InvalidModel: the architecture does not fit the data, or a user function cannot be used.
@@ -243,7 +261,7 @@ def build_model(spec: FeatureSpec, model: str, train_features: np.ndarray) -> ke
             raise InvalidModel(f"--model cnn needs HxWxC samples, not shape {list(spec.shape)}: pass --input-shape")
         return build_default_cnn(spec)
     if model == "mlp":
-        return build_default_mlp(spec, train_features)
+        return build_default_mlp(spec, train)
     module_name, function_name = model.split(":", 1)
     try:
         function = getattr(importlib.import_module(module_name), function_name)
@@ -455,15 +473,15 @@ def load_trained_model(
 
 
 def fit_default_model(
-    spec: FeatureSpec, train: TensorTable, validation: TensorTable, params: TrainingParameters, seed: int
+    spec: FeatureSpec,
+    train: RowGroups | TensorTable,
+    validation: RowGroups | TensorTable,
+    params: TrainingParameters,
+    seed: int,
 ) -> tuple[keras.Model, TrainingOutcome]:
-    """Pure stage function: seed everything, build the model ``params.model`` names for ``spec``, train it."""
+    """Pure stage function: seed everything, build the model ``params.model`` names for ``spec``, train it (both
+    splits streamed: in memory, or group by group from the store)."""
     with seeded(seed):
-        model = build_model(spec, params.model, train.features)
-        outcome = train_model(
-            model,
-            (keras_feed(train.features, spec.inputs), train.labels),
-            (keras_feed(validation.features, spec.inputs), validation.labels),
-            params,
-        )
+        model = build_model(spec, params.model, train)
+        outcome = train_model(model, train, validation, params, seed=seed, inputs=spec.inputs)
     return model, outcome

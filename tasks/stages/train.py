@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ptqflow.storage.keras_models import keras_model_to_bytes, model_file_format
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.storage.tables import read_parquet
+from ptqflow.storage.tables import ParquetRowGroups, read_parquet
 from ptqflow.tasks.core.artifacts import SampledDataset, TrainedModel
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
@@ -48,9 +48,9 @@ def train_float_model(
     """Train the model on the train split, early-stopping on the validation split; or, with ``model_url``, take
     the trained model as given (``model_fingerprint`` only keys the cache to the file's current content)."""
     store = ArtifactStore(store_url)
-    with store.open(dataset.validation) as f:
-        validation = read_parquet(f)
     if params.model_url:
+        with store.open(dataset.validation) as f:
+            validation = read_parquet(f)
         data, model = load_trained_model(params.model_url, dataset.spec, params)
         outputs = predict_keras(model, validation.features, inputs=dataset.spec.inputs)
         ref = store.put_bytes(data, ".zip" if model_file_format(data) == "saved_model" else ".keras")
@@ -63,9 +63,10 @@ def train_float_model(
             validation_mae=mean_absolute_error(outputs, validation.labels) if dataset.spec.n_targets else None,
             outputs=model_outputs(model),
         )
-    with store.open(dataset.train) as f:
-        train = read_parquet(f)
-    model, outcome = fit_default_model(dataset.spec, train, validation, params, seed)
+    # Both splits are read group by group while the model trains: memory does not grow with the split.
+    with store.open(dataset.train) as train_file, store.open(dataset.validation) as validation_file:
+        train_groups, validation_groups = ParquetRowGroups(train_file), ParquetRowGroups(validation_file)
+        model, outcome = fit_default_model(dataset.spec, train_groups, validation_groups, params, seed)
     ref = store.put_bytes(keras_model_to_bytes(model), ".keras")
     figure = (
         f"accuracy {outcome.validation_accuracy:.4f}"

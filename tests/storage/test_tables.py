@@ -13,6 +13,7 @@ import pytest
 from ptqflow.storage.tables import (
     Columns,
     InputSlot,
+    ParquetRowGroups,
     TensorTable,
     TensorTableError,
     iter_feature_batches,
@@ -78,6 +79,15 @@ def test_batches_stream_across_row_groups(table):
     batches = list(iter_feature_batches(io.BytesIO(data), batch_size=16))
     assert [len(b) for b in batches] == [16, 16, 16, 2]
     np.testing.assert_array_equal(np.concatenate(batches), table.features)
+
+
+def test_row_groups_read_one_group_at_a_time_the_rows_of_the_whole_table(table):
+    groups = ParquetRowGroups(io.BytesIO(write_parquet_bytes(table, row_group_size=7)))
+    assert groups.row_counts == (7,) * 7 + (1,)
+    read = [groups.read(group) for group in range(len(groups.row_counts))]
+    np.testing.assert_array_equal(np.concatenate([g.features for g in read]), table.features)
+    np.testing.assert_array_equal(np.concatenate([g.labels for g in read]), table.labels)
+    assert read[0].metadata == groups.metadata == read_parquet(write_parquet_bytes(table)).metadata
 
 
 def test_missing_column_names_the_fix():

@@ -53,8 +53,8 @@ def _draw_python_random_meanwhile():
 
 def test_same_seed_same_weights_while_other_threads_draw_random_numbers(digits_splits):
     spec, splits = digits_splits
-    train = (splits["train"].features[:300], splits["train"].labels[:300])
-    validation = (splits["validation"].features, splits["validation"].labels)
+    train = splits["train"].take(np.arange(300))
+    validation = splits["validation"]
     initial, trained = [], []
     stop, thread = _draw_python_random_meanwhile()
     try:
@@ -405,6 +405,7 @@ def test_input_normalisation_that_cannot_be_right_is_refused(given, message):
 def test_a_regression_model_has_one_linear_output_per_target_and_learns_them():
     import keras
 
+    from ptqflow.storage.tables import TensorTable
     from ptqflow.tasks.core.artifacts import FeatureSpec
     from ptqflow.tasks.core.parameters import ModelTask, TrainingParameters
     from ptqflow.tasks.models.training import build_model, seeded, train_model
@@ -423,7 +424,8 @@ def test_a_regression_model_has_one_linear_output_per_target_and_learns_them():
     )
     with seeded(0):
         model = build_model(spec, "auto", x)
-        outcome = train_model(model, (x[:500], y[:500]), (x[500:], y[500:]), TrainingParameters(epochs=40))
+        train, validation = TensorTable(x[:500], y[:500]), TensorTable(x[500:], y[500:])
+        outcome = train_model(model, train, validation, TrainingParameters(epochs=40))
     assert model.output_shape == (None, 2) and model.layers[-1].activation is keras.activations.linear
     assert outcome.validation_accuracy is None and outcome.validation_mae < 0.1  # targets spread over about [-3, 3]
 
