@@ -72,9 +72,10 @@ def run(repeats: int = 3) -> list[Result]:
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from ptqflow.flows.cluster import dask_task_runner, shared_prefect_api
     from ptqflow.flows.pipeline import upstream_stages
     from ptqflow.flows.stages import StageRunner
-    from ptqflow.flows.sweep import dask_task_runner, ptq_sweep, shared_prefect_api
+    from ptqflow.flows.sweep import ptq_sweep
     from ptqflow.storage.store import ArtifactStore
     from ptqflow.tasks.core.parameters import (
         CalibrationParameters,

@@ -69,10 +69,10 @@ def pipeline_arguments(*, config: str | None = None, **options: Any) -> dict[str
     return {**FLOW_DEFAULTS, **settings, **group_parameters(RUN_GROUPS, given)}
 
 
-def run(**options: Any) -> RunSummary:
+def run(*, dask_address: str | None = None, **options: Any) -> RunSummary:
     """Sample, train, calibrate, convert and validate, as ``ptqflow run`` does, with its options as keyword
-    arguments (``pipeline_arguments``). The summary's ``status`` is 'passed', 'failed' (the accuracy gate) or
-    'not_validated'.
+    arguments (``pipeline_arguments``); ``dask_address``: a Dask scheduler whose workers predict the test split
+    shard by shard. The summary's ``status`` is 'passed', 'failed' (the accuracy gate) or 'not_validated'.
 
     Raises:
         InvalidOption: an option's value is refused (before anything runs).
@@ -82,8 +82,15 @@ def run(**options: Any) -> RunSummary:
 
     arguments = pipeline_arguments(**options)
     prefect_defaults()
-    summary: RunSummary = finished(ptq_pipeline(**arguments, return_state=True))
-    return summary
+    if not dask_address:
+        summary: RunSummary = finished(ptq_pipeline(**arguments, return_state=True))
+        return summary
+    from ptqflow.flows.cluster import pipeline_task_runner, shared_prefect_api
+
+    with shared_prefect_api():
+        flow = ptq_pipeline.with_options(task_runner=pipeline_task_runner(dask_address))
+        sharded: RunSummary = finished(flow(**arguments, return_state=True))
+    return sharded
 
 
 def sweep_arguments(*, config: str | None = None, **options: Any) -> dict[str, Any]:
@@ -118,7 +125,8 @@ def sweep(
         InvalidOption: an option's value is refused (before anything runs).
         PtqflowError: the data, the model or a configuration name cannot be used.
     """
-    from ptqflow.flows.sweep import ptq_sweep, shared_prefect_api
+    from ptqflow.flows.cluster import shared_prefect_api
+    from ptqflow.flows.sweep import ptq_sweep
 
     arguments = sweep_arguments(**options)
     prefect_defaults()
@@ -129,9 +137,9 @@ def sweep(
 
 
 def sweep_task_runner(dask_address: str | None, workers: int, in_process: bool) -> Any:
-    """Where the sweep's stages run: one at a time in this process, or on Dask (``flows.sweep.dask_task_runner``)."""
+    """Where the sweep's stages run: one at a time in this process, or on Dask (``flows.cluster.dask_task_runner``)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from ptqflow.flows.sweep import dask_task_runner
+    from ptqflow.flows.cluster import dask_task_runner
 
     return ThreadPoolTaskRunner(max_workers=1) if in_process else dask_task_runner(dask_address, workers)

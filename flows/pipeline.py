@@ -6,9 +6,11 @@ import functools
 
 from prefect import flow
 
+from ptqflow.flows.cluster import pipeline_task_runner
 from ptqflow.flows.lifecycle import FlowParameters, announce, finish_run, guarded_run, upstream_stages
+from ptqflow.flows.stages import StageRunner
 from ptqflow.storage.store import DEFAULT_STORE
-from ptqflow.tasks.core.artifacts import ConvertedModels
+from ptqflow.tasks.core.artifacts import ConvertedModels, PredictedRows, SampledDataset, TrainedModel
 from ptqflow.tasks.core.installation import require_target_runtimes
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
@@ -17,18 +19,58 @@ from ptqflow.tasks.core.parameters import (
     RegistryParameters,
     RepairParameters,
     SamplingParameters,
+    TargetOps,
     TrainingParameters,
     ValidationParameters,
 )
 from ptqflow.tasks.evaluation.gate import FIDELITY_GATES, GateStatus, check_gate
+from ptqflow.tasks.evaluation.shards import shard_bounds
 from ptqflow.tasks.release.outcome import RunSummary
 from ptqflow.tasks.stages.convert import convert_to_tflite
 from ptqflow.tasks.stages.repair import repair_quantization
-from ptqflow.tasks.stages.validate import validate_with_interpreter
+from ptqflow.tasks.stages.validate import predict_test_rows, validate_with_interpreter
+
+
+def sharded_predictions(
+    run: StageRunner,
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    converted: ConvertedModels,
+    name: str,
+    validation: ValidationParameters,
+    ops: TargetOps,
+) -> tuple[PredictedRows, ...]:
+    """The test split's predictions, shard by shard on the flow's task runner (a Dask cluster's workers, or this
+    process's threads), when it has more than one shard; none otherwise (validation predicts them itself). A model
+    with TensorFlow ops is not sharded: the Python interpreter cannot run it, which validation reports."""
+    bounds = shard_bounds(dataset.counts["test"], validation.batch_size, validation.shard_rows)
+    if len(bounds) < 2 or ops is TargetOps.select:
+        return ()
+    submitted = [
+        run.submit(
+            predict_test_rows,
+            label=f"{name}[{start}:{stop}]",
+            dataset=dataset,
+            trained=trained,
+            converted=converted,
+            batch_size=validation.batch_size,
+            num_threads=validation.num_threads,
+            start=start,
+            stop=stop,
+        )
+        for start, stop in bounds
+    ]
+    return tuple(run.collect(shard) for shard in submitted)
 
 
 # Prefect persists a failed run's exception even with persist_result=False; JSON keeps it from being a pickle.
-@flow(name="ptq-pipeline", persist_result=False, result_serializer="json", validate_parameters=True)
+@flow(
+    name="ptq-pipeline",
+    persist_result=False,
+    result_serializer="json",
+    validate_parameters=True,
+    task_runner=pipeline_task_runner(),
+)
 def ptq_pipeline(
     store: str = DEFAULT_STORE,
     seed: int = 0,
@@ -68,7 +110,10 @@ def ptq_pipeline(
             calibration=calibration_set,
             conversion=conversion,
         )
-        validated = validate(converted=converted)
+        shards = functools.partial(
+            sharded_predictions, run, dataset, trained, validation=validation, ops=conversion.ops
+        )
+        validated = validate(converted=converted, predictions=shards(converted, "predict_test_rows"))
         verdict = check_gate(validated, gate, conversion.ops)
         repaired = None
         if verdict.status is GateStatus.failed and verdict.name in FIDELITY_GATES and repair.applies_to(conversion):
@@ -87,7 +132,12 @@ def ptq_pipeline(
                 converted = ConvertedModels(
                     quantized=repaired.repaired, float_model=converted.float_model, mixed=repaired.mixed
                 )
-                validated = validate(label="validate_repaired_model", converted=converted, repair=repaired)
+                validated = validate(
+                    label="validate_repaired_model",
+                    converted=converted,
+                    repair=repaired,
+                    predictions=shards(converted, "predict_repaired_rows"),
+                )
             verdict = check_gate(validated, gate, conversion.ops, repaired)
 
         artifacts = {

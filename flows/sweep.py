@@ -9,14 +9,13 @@ results are reused.
 """
 
 # No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the signature.
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
 from prefect.futures import as_completed
 
+from ptqflow.flows.cluster import dask_task_runner
 from ptqflow.flows.lifecycle import FlowParameters, announce, finish_run, guarded_run, upstream_stages
 from ptqflow.flows.stages import StageRunner, Submitted
 from ptqflow.storage.store import DEFAULT_STORE
@@ -55,65 +54,6 @@ from ptqflow.tasks.stages.validate import validate_with_interpreter
 from ptqflow.tasks.sweep.grid import FLOAT_REFERENCE, SweepConfiguration, select_configurations, sweep_grid
 from ptqflow.tasks.sweep.ranking import SweepRow, configuration_row, judge, no_configuration_passed, rank, reference_row
 from ptqflow.tasks.views.render import sweep_markdown
-
-DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
-DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
-WORKER_PRELOAD = "ptqflow.flows.dask_worker"  # what the LocalCluster's workers run as they close
-
-
-def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
-    """prefect-dask's runner: the cluster at ``address`` (or ``PTQFLOW_DASK_ADDRESS``), else a LocalCluster of
-    ``workers`` (or ``PTQFLOW_DASK_WORKERS``, default 2) single-threaded worker processes."""
-    from prefect_dask import DaskTaskRunner
-
-    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
-    if address:
-        return DaskTaskRunner(address=address)
-    workers = workers or int(os.environ.get(DASK_WORKERS_ENV) or 2)
-    # Processes, one task each: one conversion per core, and no TensorFlow state shared between conversions. Each
-    # worker's TensorFlow and oneDNN get its share of the cores, not all of them: otherwise two workers would run
-    # twice as many threads as there are cores.
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "env": env,
-            "preload": [WORKER_PRELOAD],
-        },
-    )
-
-
-@contextmanager
-def shared_prefect_api() -> Iterator[None]:
-    """Dask workers are other processes: without PREFECT_API_URL each would start its own temporary Prefect
-    server. Start one here for the flow and its workers (they inherit the environment), as Prefect would for the
-    flow alone."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        # Send what is queued while the server is up: afterwards each send would wait for a connection timeout.
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
 
 
 def evaluate_grid(

@@ -43,6 +43,14 @@ def run(
     store: RunStoreOption = None,
     seed: SeedOption = None,
     export: ExportOption = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PTQFLOW_DASK_ADDRESS",
+            help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786: its workers predict the test "
+            "split shard by shard (--shard-rows each). [default: this process's threads]",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
     *,
@@ -60,14 +68,22 @@ def run(
             **api_values(options, RUN_GROUPS, as_json),
         )
     prepare_environment(verbose)
+    if dask_address:
+        check_dask_scheduler(dask_address, as_json, "to predict in this process")
     import_tensorflow_quietly(verbose)
 
+    from ptqflow.flows.cluster import pipeline_task_runner, shared_prefect_api
     from ptqflow.flows.pipeline import ptq_pipeline
     from ptqflow.tasks.views.render import print_run_summary
 
     live = not as_json and err_console.is_terminal
-    with stdout_to_stderr() if as_json else nullcontext(), live_progress() if live else nullcontext():
-        state = ptq_pipeline(**arguments, return_state=True)
+    flow = ptq_pipeline.with_options(task_runner=pipeline_task_runner(dask_address)) if dask_address else ptq_pipeline
+    with (
+        shared_prefect_api() if dask_address else nullcontext(),
+        stdout_to_stderr() if as_json else nullcontext(),
+        live_progress() if live else nullcontext(),
+    ):
+        state = flow(**arguments, return_state=True)
     summary, code = outcome(state, as_json)
     if as_json:
         print(summary.model_dump_json())
@@ -76,7 +92,7 @@ def run(
     raise typer.Exit(code)
 
 
-def check_dask_scheduler(address: str, as_json: bool) -> None:
+def check_dask_scheduler(address: str, as_json: bool, without: str) -> None:
     """Fail now, with the fix, rather than after sampling and training, when the scheduler cannot be reached."""
     from distributed import Client
 
@@ -86,7 +102,7 @@ def check_dask_scheduler(address: str, as_json: bool) -> None:
     except (OSError, TimeoutError, ValueError) as error:
         fail(
             f"cannot reach the Dask scheduler at {address} ({type(error).__name__}): start it, check the address "
-            "(e.g. tcp://10.0.0.5:8786), or leave out --dask-address to use a local cluster",
+            f"(e.g. tcp://10.0.0.5:8786), or leave out --dask-address {without}",
             EXIT_INVALID_INPUT,
             as_json,
         )
@@ -149,9 +165,10 @@ def sweep(
         return
 
     if dask_address and not in_process:
-        check_dask_scheduler(dask_address, as_json)
+        check_dask_scheduler(dask_address, as_json, "to use a local cluster")
     import_tensorflow_quietly(verbose)
-    from ptqflow.flows.sweep import ptq_sweep, shared_prefect_api
+    from ptqflow.flows.cluster import shared_prefect_api
+    from ptqflow.flows.sweep import ptq_sweep
     from ptqflow.tasks.views.render import print_sweep_summary
 
     runner = sweep_task_runner(dask_address, workers, in_process)

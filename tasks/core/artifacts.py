@@ -84,6 +84,29 @@ class FloatOutputs(StageOutput):
     )
 
 
+class RefusedCall(BaseModel):
+    """Test rows ``start`` to ``stop`` that a ``.tflite`` refused to run, with the interpreter's message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int
+    stop: int
+    message: str
+
+
+class PredictedRows(StageOutput):
+    """Every model's outputs on test rows ``start`` to ``stop`` (``tasks.evaluation.shards``)."""
+
+    start: int
+    stop: int
+    outputs: ArtifactRef = Field(
+        description="A tensor table, one row per test row: the float Keras model's, the float .tflite's and the "
+        "quantized .tflite's outputs, in that order (NaN where a .tflite refused the row)."
+    )
+    float_refused: tuple[RefusedCall, ...] = ()
+    quantized_refused: tuple[RefusedCall, ...] = ()
+
+
 class ModelOutput(BaseModel):
     """One output of the float model (``tasks.models.outputs``)."""
 

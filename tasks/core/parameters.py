@@ -497,6 +497,14 @@ class ValidationParameters(_Parameters):
         ".tflite (ptqflow's own files take one sample per call).",
         json_schema_extra={OPTION_NAME: "validation_batch_size"},
     )
+    shard_rows: int = Field(
+        4096,
+        ge=1,
+        le=1 << 24,
+        description="Test rows per validation shard (rounded to whole prediction batches): a test split of more "
+        "rows is predicted shard by shard on the flow's task runner, the workers of a Dask cluster with "
+        "--dask-address, else this machine's threads; the report is the same either way.",
+    )
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Interpreter threads (default: the machine's CPU count)."
     )

@@ -54,6 +54,8 @@ from ptqflow.tasks.models.outputs import model_outputs
 if TYPE_CHECKING:
     import keras
 
+    from ptqflow.tasks.evaluation.shards import Predictions
+
 
 def evaluate_models(
     keras_model: keras.Model,
@@ -66,9 +68,11 @@ def evaluate_models(
     measure_speed: bool = True,
     keras_outputs: np.ndarray | None = None,
     task: ModelTask = ModelTask.classification,
+    predictions: Predictions | None = None,
 ) -> ValidationMetrics:
     """Pure stage function: every figure of the validation report but the per-layer ones. ``keras_outputs``, the
-    float Keras model's outputs on ``features`` when they are known already, saves predicting them again.
+    float Keras model's outputs on ``features`` when they are known already, saves predicting them again;
+    ``predictions``, all three models' (``tasks.evaluation.shards``, made elsewhere), saves predicting at all.
 
     A model with TensorFlow (Flex) ops cannot run in the Python LiteRT Interpreter: it is reported as not
     validated, with its audit, never as a pass."""
@@ -88,6 +92,8 @@ def evaluate_models(
         ModelKind.quantized_tflite: device_footprint(quantized_tflite),
     }
     inputs = model_input_slots(keras_model)
+    if predictions is not None:
+        keras_outputs = predictions.keras
     keras_out = (
         predict_keras(keras_model, features, params.batch_size, inputs) if keras_outputs is None else keras_outputs
     )
@@ -126,24 +132,29 @@ def evaluate_models(
             }
         )
     refused: dict[ModelKind, list[RowFailure]] = {ModelKind.float_tflite: [], ModelKind.quantized_tflite: []}
-    float_out = predict_tflite(
-        float_tflite,
-        features,
-        params.batch_size,
-        params.num_threads,
-        progress("float .tflite"),
-        inputs,
-        refused[ModelKind.float_tflite],
-    )
-    quant_out = predict_tflite(
-        quantized_tflite,
-        features,
-        params.batch_size,
-        params.num_threads,
-        progress("quantized .tflite"),
-        inputs,
-        refused[ModelKind.quantized_tflite],
-    )
+    if predictions is not None:
+        float_out, quant_out = predictions.float_tflite, predictions.quantized_tflite
+        refused[ModelKind.float_tflite] += predictions.float_refused
+        refused[ModelKind.quantized_tflite] += predictions.quantized_refused
+    else:
+        float_out = predict_tflite(
+            float_tflite,
+            features,
+            params.batch_size,
+            params.num_threads,
+            progress("float .tflite"),
+            inputs,
+            refused[ModelKind.float_tflite],
+        )
+        quant_out = predict_tflite(
+            quantized_tflite,
+            features,
+            params.batch_size,
+            params.num_threads,
+            progress("quantized .tflite"),
+            inputs,
+            refused[ModelKind.quantized_tflite],
+        )
     unrunnable = tuple(
         found
         for kind, rows in refused.items()

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from prefect import get_run_logger, task
 
 from ptqflow.storage.keras_models import keras_model_from_bytes
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
-from ptqflow.storage.tables import read_parquet
+from ptqflow.storage.tables import ParquetRowGroups, TensorTable, no_labels, read_parquet, write_parquet_bytes
 from ptqflow.tasks.core.artifacts import (
     CalibrationSet,
     ConvertedModels,
     FidelityFigures,
     FloatOutputs,
+    PredictedRows,
+    RefusedCall,
     RepairResult,
     SampledDataset,
     TrainedModel,
@@ -33,6 +36,8 @@ from ptqflow.tasks.core.parameters import (
 from ptqflow.tasks.core.progress import report
 from ptqflow.tasks.core.validation_report import LayerError, ModelKind, ValidationReport
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
+from ptqflow.tasks.evaluation.interpreter import RowFailure
+from ptqflow.tasks.evaluation.shards import Predictions, predict_rows
 from ptqflow.tasks.evaluation.validation import (
     evaluate_models,
     measure_on_targets,
@@ -44,6 +49,74 @@ from ptqflow.tasks.models.feeds import predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
 from ptqflow.tasks.quantization.integer import asks_full_integer, floats_not_asked_for
 from ptqflow.tasks.release.firmware import FIRMWARE_LABELS, model_data_files, vela_label
+
+
+@task(
+    name="predict_test_rows",
+    cache_policy=StageCachePolicy(module=__name__),
+    persist_result=True,
+    result_serializer="json",
+)
+@secrets_kept_out()
+def predict_test_rows(
+    store_url: str,
+    dataset: SampledDataset,
+    trained: TrainedModel,
+    converted: ConvertedModels,
+    batch_size: int,
+    num_threads: int | None,
+    start: int,
+    stop: int,
+) -> PredictedRows:
+    """Every model's outputs on test rows ``start`` to ``stop``, read from the store where this runs (a Dask
+    worker, a thread): one range of a sharded validation (``tasks.evaluation.shards``)."""
+    store = ArtifactStore(store_url)
+    with store.open(dataset.test) as f:
+        rows = ParquetRowGroups(f).read_rows(start, stop)
+    predicted = predict_rows(
+        keras_model_from_bytes(store.read_bytes(trained.model)),
+        store.read_bytes(converted.float_model),
+        store.read_bytes(converted.quantized),
+        rows.features,
+        batch_size,
+        num_threads,
+        dataset.spec.inputs,
+    )
+    stacked = np.stack([predicted.keras, predicted.float_tflite, predicted.quantized_tflite], axis=1)
+    table = TensorTable(np.ascontiguousarray(stacked, np.float32), no_labels(len(rows)))
+
+    def calls(failures: tuple[RowFailure, ...]) -> tuple[RefusedCall, ...]:
+        return tuple(RefusedCall(start=f.start, stop=f.stop, message=f.message) for f in failures)
+
+    return PredictedRows(
+        start=start,
+        stop=stop,
+        outputs=store.put_bytes(write_parquet_bytes(table), ".parquet"),
+        float_refused=calls(predicted.float_refused),
+        quantized_refused=calls(predicted.quantized_refused),
+    )
+
+
+def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) -> Predictions:
+    """The ranges' predictions, as one, in row order."""
+
+    def failures(calls: tuple[RefusedCall, ...]) -> tuple[RowFailure, ...]:
+        return tuple(RowFailure(call.start, call.stop, call.message) for call in calls)
+
+    parts = []
+    for shard in sorted(shards, key=lambda shard: shard.start):
+        with store.open(shard.outputs) as f:
+            stacked = read_parquet(f).features
+        parts.append(
+            Predictions(
+                keras=stacked[:, 0],
+                float_tflite=stacked[:, 1],
+                quantized_tflite=stacked[:, 2],
+                float_refused=failures(shard.float_refused),
+                quantized_refused=failures(shard.quantized_refused),
+            )
+        )
+    return Predictions.joined(parts)
 
 
 @task(
@@ -63,16 +136,21 @@ def validate_with_interpreter(
     conversion: ConversionParameters | None = None,
     repair: RepairResult | None = None,
     float_outputs: FloatOutputs | None = None,
+    predictions: tuple[PredictedRows, ...] = (),
 ) -> ValidationResult:
     """Evaluate the three models on the test split; with the calibration set and conversion options, also the
     per-layer quantization error; with a repair, the cost of what it kept in float. Writes report.json to the
     store (its renderings are the report step's, ``tasks.stages.report``). ``float_outputs``: the Keras model's outputs
-    on this test split, if a stage (the sweep's) predicted them already."""
+    on this test split, if a stage (the sweep's) predicted them already; ``predictions``: every model's outputs,
+    range by range (``predict_test_rows``), when the flow sharded them."""
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         test = read_parquet(f)
     keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
-    if float_outputs is not None:
+    predicted = joined_predictions(store, predictions) if predictions else None
+    if predicted is not None:
+        keras_outputs = predicted.keras
+    elif float_outputs is not None:
         with store.open(float_outputs.outputs) as f:
             keras_outputs = read_parquet(f).features
     else:  # predicted once here: the evaluation and a repair's cost both compare with them
@@ -88,6 +166,7 @@ def validate_with_interpreter(
         class_names=list(dataset.spec.class_names),
         keras_outputs=keras_outputs,
         task=dataset.spec.task,
+        predictions=predicted,
     )
     layers: list[LayerError] = []
     layers_unavailable: str | None = "no calibration set given"

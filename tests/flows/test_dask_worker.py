@@ -24,7 +24,7 @@ def _preloaded() -> bool:
 def test_the_sweeps_local_cluster_workers_load_the_preload():
     from distributed import Client, LocalCluster
 
-    from ptqflow.flows.sweep import dask_task_runner
+    from ptqflow.flows.cluster import dask_task_runner
 
     kwargs = {**dask_task_runner(workers=2).cluster_kwargs, "dashboard_address": None}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:

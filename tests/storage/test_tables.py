@@ -90,6 +90,14 @@ def test_row_groups_read_one_group_at_a_time_the_rows_of_the_whole_table(table):
     assert read[0].metadata == groups.metadata == read_parquet(write_parquet_bytes(table)).metadata
 
 
+@pytest.mark.parametrize("start, stop", [(0, 50), (3, 5), (6, 15), (14, 49), (49, 50), (20, 20)])
+def test_a_range_of_rows_reads_only_the_groups_that_hold_them(table, start, stop):
+    groups = ParquetRowGroups(io.BytesIO(write_parquet_bytes(table, row_group_size=7)))
+    rows = groups.read_rows(start, stop)
+    np.testing.assert_array_equal(rows.features, table.features[start:stop])
+    np.testing.assert_array_equal(rows.labels, table.labels[start:stop])
+
+
 def test_missing_column_names_the_fix():
     sink = io.BytesIO()
     pq.write_table(pa.table({"pixels": pa.array([b"a"], pa.binary(1)), "label": [1]}), sink)

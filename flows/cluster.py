@@ -1,0 +1,81 @@
+"""Where a flow's submitted stages run: a Dask cluster (an existing one, or a LocalCluster of worker processes),
+or this process's threads; and the Prefect API the workers of a cluster share."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
+DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
+WORKER_PRELOAD = "ptqflow.flows.dask_worker"  # what the LocalCluster's workers run as they close
+
+
+def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
+    """prefect-dask's runner: the cluster at ``address`` (or ``PTQFLOW_DASK_ADDRESS``), else a LocalCluster of
+    ``workers`` (or ``PTQFLOW_DASK_WORKERS``, default 2) single-threaded worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = workers or int(os.environ.get(DASK_WORKERS_ENV) or 2)
+    # Processes, one task each: one conversion per core, and no TensorFlow state shared between conversions. Each
+    # worker's TensorFlow and oneDNN get its share of the cores, not all of them: otherwise two workers would run
+    # twice as many threads as there are cores.
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "env": env,
+            "preload": [WORKER_PRELOAD],
+        },
+    )
+
+
+@contextmanager
+def shared_prefect_api() -> Iterator[None]:
+    """Dask workers are other processes: without PREFECT_API_URL each would start its own temporary Prefect
+    server. Start one here for the flow and its workers (they inherit the environment), as Prefect would for the
+    flow alone."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        # Send what is queued while the server is up: afterwards each send would wait for a connection timeout.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def pipeline_task_runner(address: str | None = None) -> Any:
+    """Where the flow's submitted stages (validation's shards) run: the Dask cluster at ``address`` (or
+    ``PTQFLOW_DASK_ADDRESS``, which a deployment's work pool sets for its runs), else this process's threads."""
+    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner()

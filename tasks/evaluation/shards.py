@@ -1,0 +1,86 @@
+"""Validation's predictions, range of test rows by range: what the validate stage needs from every model on every
+test sample (the float Keras model's outputs, and each ``.tflite``'s, with the rows it refused), computed where
+the rows are read (a Dask worker, a thread) and joined in row order.
+
+Ranges start at multiples of the prediction batch, so each of the Keras model's batches is the same rows as in a
+one-range prediction, and the ``.tflite`` files (batch 1) run each sample alone: the joined predictions, and so
+the report made from them, are the one-process run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ptqflow.storage.tables import InputSlot
+from ptqflow.tasks.evaluation.interpreter import RowFailure, predict_tflite
+from ptqflow.tasks.models.feeds import predict_keras
+
+if TYPE_CHECKING:
+    import keras
+
+
+def shard_bounds(rows: int, batch_size: int, shard_rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``rows``, each starting at a multiple of ``batch_size``."""
+    step = max(batch_size, shard_rows // batch_size * batch_size)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Each model's outputs on the same rows (several outputs side by side, flattened), and the calls each
+    ``.tflite`` refused (their rows' outputs are NaN)."""
+
+    keras: np.ndarray
+    float_tflite: np.ndarray
+    quantized_tflite: np.ndarray
+    float_refused: tuple[RowFailure, ...] = ()
+    quantized_refused: tuple[RowFailure, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.keras)
+
+    @classmethod
+    def joined(cls, parts: Sequence[Predictions]) -> Predictions:
+        """``parts`` (consecutive ranges, in order) as one: refused rows renumbered from the first part's start."""
+        starts = np.cumsum([0] + [len(part) for part in parts[:-1]])
+
+        def moved(failures: tuple[RowFailure, ...], by: int) -> list[RowFailure]:
+            return [replace(f, start=f.start + by, stop=f.stop + by) for f in failures]
+
+        return cls(
+            keras=np.concatenate([part.keras for part in parts]),
+            float_tflite=np.concatenate([part.float_tflite for part in parts]),
+            quantized_tflite=np.concatenate([part.quantized_tflite for part in parts]),
+            float_refused=tuple(f for part, by in zip(parts, starts) for f in moved(part.float_refused, int(by))),
+            quantized_refused=tuple(
+                f for part, by in zip(parts, starts) for f in moved(part.quantized_refused, int(by))
+            ),
+        )
+
+
+def predict_rows(
+    keras_model: keras.Model,
+    float_tflite: bytes,
+    quantized_tflite: bytes,
+    features: np.ndarray,
+    batch_size: int,
+    num_threads: int | None,
+    inputs: tuple[InputSlot, ...] = (),
+    keras_outputs: np.ndarray | None = None,
+) -> Predictions:
+    """Pure stage function: the three models' outputs on ``features`` (``keras_outputs`` when known already)."""
+    float_refused: list[RowFailure] = []
+    quantized_refused: list[RowFailure] = []
+    return Predictions(
+        keras=predict_keras(keras_model, features, batch_size, inputs) if keras_outputs is None else keras_outputs,
+        float_tflite=predict_tflite(float_tflite, features, batch_size, num_threads, None, inputs, float_refused),
+        quantized_tflite=predict_tflite(
+            quantized_tflite, features, batch_size, num_threads, None, inputs, quantized_refused
+        ),
+        float_refused=tuple(float_refused),
+        quantized_refused=tuple(quantized_refused),
+    )

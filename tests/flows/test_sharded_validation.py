@@ -1,0 +1,65 @@
+"""``ptqflow run --dask-address``: the test split predicted shard by shard on an existing Dask cluster's workers,
+and a report equal to the one-process run's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ptqflow.storage.store import ArtifactRef, ArtifactStore
+
+pytestmark = pytest.mark.slow
+
+SPEED_FIELDS = {"speed", "throughput_per_s", "latency_ms"}  # measured again on each run: never equal
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in SPEED_FIELDS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def _report(store: str, summary: dict) -> dict:
+    return json.loads(ArtifactStore(store).read_bytes(ArtifactRef(**summary["artifacts"]["report"])))
+
+
+def test_validation_sharded_on_a_dask_cluster_reports_what_one_process_reports(cli, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store = str(tmp_path / "store")
+    common = ("run", "--store", store, "--epochs", "2", "--validation-batch-size", "64", "--json")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        sharded = cli(*common, "--shard-rows", "64", "--dask-address", cluster.scheduler_address)
+        assert sharded.returncode == 0, sharded.stderr[-4000:]
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        worker_pids = set(client.run(os.getpid).values())
+    one_process = cli(*common)
+    assert one_process.returncode == 0, one_process.stderr[-4000:]
+
+    sharded_summary, one_summary = json.loads(sharded.stdout), json.loads(one_process.stdout)
+    shards = [name for name in sharded_summary["tasks"] if name.startswith("predict_test_rows[")]
+    assert len(shards) == 6  # digits' 360 test rows, 64 a shard
+    assert sum(executed.values()) >= len(shards) and len([n for n in executed.values() if n]) == 2
+    assert not any(name.startswith("predict_test_rows") for name in one_summary["tasks"])
+    assert worker_pids.isdisjoint({os.getpid()})
+
+    # The same models (the one-process run reused the sharded run's stages) and the same figures.
+    assert sharded_summary["artifacts"]["tflite"] == one_summary["artifacts"]["tflite"]
+    sharded_report, one_report = _report(store, sharded_summary), _report(store, one_summary)
+    assert _without_timings(sharded_report["metrics"]) == _without_timings(one_report["metrics"])
+    assert _without_timings(sharded_summary["metrics"]) == _without_timings(one_summary["metrics"])
+
+
+def test_an_unreachable_scheduler_fails_before_anything_runs(cli, tmp_path):
+    result = cli("run", "--store", str(tmp_path / "store"), "--dask-address", "tcp://127.0.0.1:9", "--json")
+    assert result.returncode == 2
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store").exists()
