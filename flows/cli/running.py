@@ -202,6 +202,14 @@ def serve(
     seed: SeedOption = None,
     export: ExportOption = None,
     limit: Annotated[int, typer.Option(help="Most runs this process executes at once.", min=1)] = 1,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PTQFLOW_DASK_ADDRESS",
+            help="Address of an existing Dask scheduler whose workers predict each run's test split shard by shard. "
+            "[default: the run's threads]",
+        ),
+    ] = None,
     on_event: Annotated[
         list[str] | None,
         typer.Option(
@@ -239,6 +247,9 @@ def serve(
             as_json=False,
         )
 
+    if dask_address:
+        check_dask_scheduler(dask_address, False, "to predict in the run's process")
+    from ptqflow.flows.cluster import pipeline_task_runner
     from ptqflow.flows.pipeline import ptq_pipeline
 
     try:
@@ -252,7 +263,8 @@ def serve(
     triggers: list[DeploymentTriggerTypes | TriggerTypes] = [
         DeploymentEventTrigger(expect={event}, posture="Reactive", threshold=1) for event in on_event or ()
     ]
-    ptq_pipeline.serve(
+    flow = ptq_pipeline.with_options(task_runner=pipeline_task_runner(dask_address)) if dask_address else ptq_pipeline
+    flow.serve(
         name=name,
         schedules=[schedule],
         triggers=triggers,
