@@ -4,7 +4,8 @@ or this process's threads; and the Prefect API the workers of a cluster share.""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,19 +43,27 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
 
 
 @contextmanager
-def shared_prefect_api() -> Iterator[None]:
-    """Dask workers are other processes: without PREFECT_API_URL each would start its own temporary Prefect
-    server. Start one here for the flow and its workers (they inherit the environment), as Prefect would for the
-    flow alone."""
+def shared_prefect_api(meanwhile: Callable[[], None] | None = None) -> Iterator[None]:
+    """Without PREFECT_API_URL, start a temporary Prefect server for the flow and whatever it starts (Dask workers
+    are other processes, which would each start their own; they inherit the environment), as Prefect would for the
+    flow alone. ``meanwhile`` runs while the server starts (its own process, on another core): a cold run imports
+    TensorFlow then, instead of waiting for the server after it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        if meanwhile is not None:
+            meanwhile()
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
+    timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
+    with ThreadPoolExecutor(max_workers=1) as starting:
+        started = starting.submit(server.start, timeout=timeout)
+        if meanwhile is not None:
+            meanwhile()
+        started.result()  # the server's start-up failure, if any, raised here
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
@@ -72,10 +81,11 @@ def shared_prefect_api() -> Iterator[None]:
 
 def pipeline_task_runner(address: str | None = None) -> Any:
     """Where the flow's submitted stages (validation's shards) run: the Dask cluster at ``address`` (or
-    ``PTQFLOW_DASK_ADDRESS``, which a deployment's work pool sets for its runs), else this process's threads."""
+    ``PTQFLOW_DASK_ADDRESS``, which a deployment's work pool sets for its runs), else this process's threads, one
+    per core: Prefect's default would start every shard at once, each with its own models and rows."""
     address = address or os.environ.get(DASK_ADDRESS_ENV) or None
     if address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=address)
-    return ThreadPoolTaskRunner()
+    return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)

@@ -70,20 +70,19 @@ def run(
     prepare_environment(verbose)
     if dask_address:
         check_dask_scheduler(dask_address, as_json, "to predict in this process")
-    import_tensorflow_quietly(verbose)
-
     from ptqflow.flows.cluster import pipeline_task_runner, shared_prefect_api
-    from ptqflow.flows.pipeline import ptq_pipeline
-    from ptqflow.tasks.views.render import print_run_summary
 
     live = not as_json and err_console.is_terminal
-    flow = ptq_pipeline.with_options(task_runner=pipeline_task_runner(dask_address)) if dask_address else ptq_pipeline
-    with (
-        shared_prefect_api() if dask_address else nullcontext(),
-        stdout_to_stderr() if as_json else nullcontext(),
-        live_progress() if live else nullcontext(),
-    ):
-        state = flow(**arguments, return_state=True)
+    # A cold run's fixed costs: Prefect's temporary server starts while TensorFlow imports.
+    with shared_prefect_api(meanwhile=lambda: import_tensorflow_quietly(verbose)):
+        from ptqflow.flows.pipeline import ptq_pipeline
+        from ptqflow.tasks.views.render import print_run_summary
+
+        flow = ptq_pipeline
+        if dask_address:
+            flow = ptq_pipeline.with_options(task_runner=pipeline_task_runner(dask_address))
+        with stdout_to_stderr() if as_json else nullcontext(), live_progress() if live else nullcontext():
+            state = flow(**arguments, return_state=True)
     summary, code = outcome(state, as_json)
     if as_json:
         print(summary.model_dump_json())

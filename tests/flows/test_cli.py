@@ -387,3 +387,26 @@ def test_serve_takes_every_option_of_run_that_shapes_a_run():
     options = {name: {p.name for p in command.params} for name, command in commands.items()}
     assert options["run"] - {"as_json", "verbose"} <= options["serve"]
     assert {"dataset", "model_url", "calibration_size", "max_accuracy_drop"} <= options["sweep"]
+
+
+@pytest.mark.slow
+def test_a_run_without_a_prefect_server_starts_its_own_and_prints_only_its_json(tmp_path):
+    """The command on its own (no PREFECT_API_URL): its temporary Prefect server starts while TensorFlow imports,
+    records the run, and stops; stdout is the summary alone."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run(
+        [ptqflow_executable(), "run", "--epochs", "1", "--store", str(tmp_path / "store"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode in (0, 1), result.stderr[-4000:]
+    summary = json.loads(result.stdout)
+    assert summary["status"] in ("passed", "failed") and summary["run_id"]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as records:  # the temporary server's database
+        states = records.execute("SELECT state_type FROM flow_run WHERE id = ?", (summary["run_id"],)).fetchall()
+    assert states == [("COMPLETED",)] or states == [("FAILED",)]
