@@ -29,7 +29,6 @@ TEST_ROWS = 40_000
 SHARD_ROWS = 4096
 WORKERS = 2
 MILLION = 1_000_000
-SPEED_FIELDS = {"speed", "throughput_per_s", "latency_ms"}
 
 
 def write_table(path: str, rows: int, seed: int = 0) -> None:
@@ -54,18 +53,11 @@ def write_table(path: str, rows: int, seed: int = 0) -> None:
     writer.close()
 
 
-def _without_timings(value):
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in SPEED_FIELDS}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
-
-
 def _report(store: str, summary) -> dict:
     from ptqflow.storage.store import ArtifactStore
+    from ptqflow.tasks.core.validation_report import without_timings
 
-    return _without_timings(json.loads(ArtifactStore(store).read_bytes(summary.artifacts["report"]))["metrics"])
+    return without_timings(json.loads(ArtifactStore(store).read_bytes(summary.artifacts["report"]))["metrics"])
 
 
 def sharded_validation() -> Result:

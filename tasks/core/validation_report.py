@@ -7,10 +7,11 @@ The validation stage builds a ``ValidationReport``; the gate (``tasks.evaluation
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -342,3 +343,18 @@ class ValidationReport(Frozen):
     conversion: dict[str, object] | None = Field(description="The conversion parameters, as the run recorded them.")
     metrics: ValidationMetrics
     promotion: PromotionDecision | None = None
+
+
+# Report fields timed on each run: a model's speed, and the latency figures of the repair and mixed16 costs.
+TIMED_FIELD = re.compile(r"^speed$|latency|throughput")
+
+
+def without_timings(document: Any) -> Any:
+    """A report, or a part of it, as JSON, without the figures timed again on every run (latency, throughput):
+    two validations of the same models on the same rows agree on everything else, however they were spread over
+    processes (``tasks.evaluation.shards``)."""
+    if isinstance(document, dict):
+        return {k: without_timings(v) for k, v in document.items() if not TIMED_FIELD.search(k)}
+    if isinstance(document, list):
+        return [without_timings(v) for v in document]
+    return document

@@ -9,18 +9,9 @@ import os
 import pytest
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.tasks.core.validation_report import without_timings
 
 pytestmark = pytest.mark.slow
-
-SPEED_FIELDS = {"speed", "throughput_per_s", "latency_ms"}  # measured again on each run: never equal
-
-
-def _without_timings(value):
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in SPEED_FIELDS}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
 
 
 def _report(store: str, summary: dict) -> dict:
@@ -53,8 +44,8 @@ def test_validation_sharded_on_a_dask_cluster_reports_what_one_process_reports(c
     # The same models (the one-process run reused the sharded run's stages) and the same figures.
     assert sharded_summary["artifacts"]["tflite"] == one_summary["artifacts"]["tflite"]
     sharded_report, one_report = _report(store, sharded_summary), _report(store, one_summary)
-    assert _without_timings(sharded_report["metrics"]) == _without_timings(one_report["metrics"])
-    assert _without_timings(sharded_summary["metrics"]) == _without_timings(one_summary["metrics"])
+    assert without_timings(sharded_report["metrics"]) == without_timings(one_report["metrics"])
+    assert without_timings(sharded_summary["metrics"]) == without_timings(one_summary["metrics"])
 
 
 def test_an_unreachable_scheduler_fails_before_anything_runs(cli, tmp_path):
