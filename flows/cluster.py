@@ -11,6 +11,8 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ptqflow.flows.locks import TEMPORARY_SERVER_ENV
+
 DASK_ADDRESS_ENV = "PTQFLOW_DASK_ADDRESS"
 DASK_WORKERS_ENV = "PTQFLOW_DASK_WORKERS"
 WORKER_PRELOAD = "ptqflow.flows.dask_worker"  # what the LocalCluster's workers run as they close
@@ -64,7 +66,7 @@ def shared_prefect_api(meanwhile: Callable[[], None] | None = None) -> Iterator[
         if meanwhile is not None:
             meanwhile()
         started.result()  # the server's start-up failure, if any, raised here
-    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_SERVER_ENV] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
@@ -76,6 +78,7 @@ def shared_prefect_api(meanwhile: Callable[[], None] | None = None) -> Iterator[
         APILogWorker.drain_all(timeout=10)
         EventsWorker.drain_all(timeout=10)
         os.environ.pop("PREFECT_API_URL", None)
+        os.environ.pop(TEMPORARY_SERVER_ENV, None)
         server.stop()
 
 

@@ -6,7 +6,8 @@ Two mechanisms, chosen by where the runs are coordinated:
   Prefect global concurrency limit of 1 per target, created on first use, held with a lease that the holder
   renews while it lives. A killed holder stops renewing; the server's lease service frees the slot after the
   lease (LEASE_SECONDS) plus one pass of that service (15 s by default).
-* **No server** (the CLI on its own ephemeral Prefect server): a host-wide ``flock`` on a file per target under
+* **No server** (the CLI on its own ephemeral Prefect server, or on the temporary one ``run`` and ``sweep`` start
+  for themselves and their Dask workers): a host-wide ``flock`` on a file per target under
   the lock folder (PTQFLOW_LOCK_DIR, default ``<tmp>/ptqflow-locks-<uid>``). The kernel drops the lock when its
   holder exits for any reason, kill -9 included, so a killed run never blocks the next. Prefect's slots cannot
   serve here: an ephemeral server keeps its leases in its own memory, and it dies with the run while the slot
@@ -42,6 +43,8 @@ LEASE_SECONDS = 60
 SWITCH = "PTQFLOW_STORE_LOCK"  # "off": no lock (a single user on a private store)
 LOCK_DIR = "PTQFLOW_LOCK_DIR"
 POLL_SECONDS = 0.5
+# The API URL of the temporary Prefect server a command started for itself (flows.cluster.shared_prefect_api).
+TEMPORARY_SERVER_ENV = "PTQFLOW_TEMPORARY_PREFECT_API"
 
 
 class LockNotAcquired(Exception):
@@ -63,9 +66,12 @@ def host_lock_folder() -> Path:
 
 
 def _coordinated_by_a_server() -> bool:
+    """A Prefect server that outlives the run; not the temporary one a command started for itself (and its Dask
+    workers): that one dies with the run like an ephemeral server, and its slots would never be freed."""
     from prefect.settings import PREFECT_API_URL
 
-    return bool(PREFECT_API_URL.value())
+    url = PREFECT_API_URL.value()
+    return bool(url) and url != os.environ.get(TEMPORARY_SERVER_ENV)
 
 
 def _ensure_limits(names: list[str]) -> None:

@@ -95,3 +95,16 @@ def test_a_limit_another_run_created_first_is_used_as_it_is(prefect_server, monk
         SyncPrefectClient, "read_global_concurrency_limit_by_name", read_before_the_other_run_created_it
     )
     _ensure_limits([name])
+
+
+def test_the_temporary_server_a_command_starts_for_itself_is_no_server_to_coordinate_on(monkeypatch):
+    """Its slots would outlive a killed run (they die with it nowhere): the flock is used, as without a server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ptqflow.flows.locks import TEMPORARY_SERVER_ENV, _coordinated_by_a_server
+
+    monkeypatch.setenv(TEMPORARY_SERVER_ENV, "http://127.0.0.1:8517/api")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:8517/api"}):
+        assert not _coordinated_by_a_server()
+    with temporary_settings(updates={PREFECT_API_URL: "http://prefect.internal:4200/api"}):
+        assert _coordinated_by_a_server()
