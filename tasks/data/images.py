@@ -2,7 +2,8 @@
 any fsspec URL. Class names are the folder names, sorted; labels their positions.
 
 Only the listing is read to draw a sample (labels come from the paths), then only the drawn files are fetched and
-decoded, by a pool of threads (Pillow releases the GIL while it decodes), straight into one uint8 array.
+decoded, by a pool of threads (the JPEG decoder and the local reads release the GIL), straight into one uint8
+array.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from datetime import datetime
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from ptqflow.storage.images import IMAGE_SUFFIXES, UndecodableImage, decode_image
+from ptqflow.storage.store import file_bytes
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.core.errors import InvalidDataset
 from ptqflow.tasks.data.splits import SPLITS, split_codes, split_named
@@ -147,9 +150,14 @@ def list_image_folder(
     return ImageFolder(fs, url, paths, labels, class_names, split_codes(names), origin)
 
 
-def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns) -> np.ndarray:
+IMAGES_PER_CALL = 32
+
+
+def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns, into: np.ndarray | None = None) -> np.ndarray:
     try:
-        return decode_image(fs.cat_file(path), columns.image_size, columns.color_mode, name=path.rsplit("/", 1)[-1])
+        return decode_image(
+            file_bytes(fs, path), columns.image_size, columns.color_mode, name=path.rsplit("/", 1)[-1], into=into
+        )
     except UndecodableImage as error:
         raise InvalidDataset(
             f"{fs.unstrip_protocol(path)} cannot be decoded as an image ({error}): replace or remove it"
@@ -179,19 +187,30 @@ def decode_images(
     images = np.empty((len(paths), *first.shape), np.uint8)
     images[0] = first
 
-    def place(position: int) -> None:
-        pixels = _decode(folder.fs, paths[position], columns)
-        if pixels.shape != first.shape:
-            height, width, channels = pixels.shape
-            raise InvalidDataset(
-                f"images of different sizes or colour modes: {folder.fs.unstrip_protocol(paths[0])} is "
-                f"{first.shape[0]}x{first.shape[1]}x{first.shape[2]}, {folder.fs.unstrip_protocol(paths[position])} "
-                f"is {height}x{width}x{channels}: pass --image-size H,W (and --color-mode rgb|grayscale)"
-            )
-        images[position] = pixels
+    def place_all(positions: range) -> None:
+        for position in positions:
+            slot = images[position]
+            pixels = _decode(folder.fs, paths[position], columns, into=slot)
+            if pixels is not slot:  # decoded into the array when it has the first image's shape
+                height, width, channels = pixels.shape
+                raise InvalidDataset(
+                    f"images of different sizes or colour modes: {folder.fs.unstrip_protocol(paths[0])} is "
+                    f"{first.shape[0]}x{first.shape[1]}x{first.shape[2]}, "
+                    f"{folder.fs.unstrip_protocol(paths[position])} is {height}x{width}x{channels}: pass "
+                    "--image-size H,W (and --color-mode rgb|grayscale)"
+                )
 
-    with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        list(pool.map(place, range(1, len(paths))))
+    if threads is None:
+        # A local file is read in microseconds, so one thread per core; a remote one waits on the network, so more.
+        cores = os.cpu_count() or 1
+        threads = cores if isinstance(folder.fs, LocalFileSystem) else min(8, cores * 2)
+    if threads == 1:
+        place_all(range(1, len(paths)))
+        return images
+    # A run of images per call: one future per image costs about as much Python (holding the GIL) as decoding it.
+    runs = [range(start, min(start + IMAGES_PER_CALL, len(paths))) for start in range(1, len(paths), IMAGES_PER_CALL)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(place_all, runs))
     return images
 
 

@@ -281,3 +281,21 @@ def test_the_folders_swept_are_those_ptqflow_writes():
 
     written = {ArtifactStore.BLOB_DIR, ArtifactStore.QUARANTINE_DIR, RESULTS_KEY, RUNS_PREFIX, "versions", "history"}
     assert written == set(OWN_FOLDERS) and set(OWN_TOP_FILES) == {POINTER}
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 65_537, 300_001])
+def test_file_bytes_reads_whole_files_local_or_not(tmp_path, size):
+    import fsspec
+
+    from ptqflow.storage.store import file_bytes, filesystem_for
+
+    content = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    (tmp_path / "f").write_bytes(content)
+    local, path = filesystem_for(str(tmp_path / "f"))
+    assert file_bytes(local, path) == content
+    memory, key = fsspec.filesystem("memory"), f"/ptqflow-test-{uuid.uuid4().hex}"
+    memory.pipe(key, content)
+    try:
+        assert file_bytes(memory, key) == content
+    finally:
+        memory.rm(key)

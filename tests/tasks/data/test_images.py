@@ -31,7 +31,9 @@ def test_a_draw_decodes_only_the_drawn_images(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "images", per_class=20)
     decoded = []
     real = images._decode
-    monkeypatch.setattr(images, "_decode", lambda fs, path, columns: decoded.append(path) or real(fs, path, columns))
+    monkeypatch.setattr(
+        images, "_decode", lambda fs, path, *rest, **kw: decoded.append(path) or real(fs, path, *rest, **kw)
+    )
     table = load_dataset(str(tmp_path / "images"), draw=Draw(size=15, seed=(1,)))
     assert len(table) == 15 and len(decoded) == 15 and np.bincount(table.labels).tolist() == [5, 5, 5]
 
@@ -82,7 +84,9 @@ def test_a_draw_too_large_to_hold_is_refused_after_one_image(tmp_path, monkeypat
     write_image_folder(tmp_path / "images")
     decoded = []
     real = images._decode
-    monkeypatch.setattr(images, "_decode", lambda fs, path, columns: decoded.append(path) or real(fs, path, columns))
+    monkeypatch.setattr(
+        images, "_decode", lambda fs, path, *rest, **kw: decoded.append(path) or real(fs, path, *rest, **kw)
+    )
     monkeypatch.setenv("PTQFLOW_MAX_DECODED_BYTES", str(16 * 16 * 3 * 10))  # ten images
     with pytest.raises(InvalidDataset, match="PTQFLOW_MAX_DECODED_BYTES"):
         load_dataset(str(tmp_path / "images"))
