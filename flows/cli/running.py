@@ -74,7 +74,7 @@ def run(
 
     live = not as_json and err_console.is_terminal
     # A cold run's fixed costs: Prefect's temporary server starts while TensorFlow imports.
-    with shared_prefect_api(meanwhile=lambda: import_tensorflow_quietly(verbose)):
+    with shared_prefect_api(meanwhile=lambda: import_tensorflow_quietly(verbose), exiting_after=True):
         from ptqflow.flows.pipeline import ptq_pipeline
         from ptqflow.tasks.views.render import print_run_summary
 
@@ -165,18 +165,18 @@ def sweep(
 
     if dask_address and not in_process:
         check_dask_scheduler(dask_address, as_json, "to use a local cluster")
-    import_tensorflow_quietly(verbose)
     from ptqflow.flows.cluster import shared_prefect_api
-    from ptqflow.flows.sweep import ptq_sweep
-    from ptqflow.tasks.views.render import print_sweep_summary
 
-    runner = sweep_task_runner(dask_address, workers, in_process)
     live = not as_json and err_console.is_terminal
     with (
-        shared_prefect_api(),
+        shared_prefect_api(meanwhile=lambda: import_tensorflow_quietly(verbose), exiting_after=True),
         stdout_to_stderr() if as_json else nullcontext(),
         live_progress() if live else nullcontext(),
     ):
+        from ptqflow.flows.sweep import ptq_sweep
+        from ptqflow.tasks.views.render import print_sweep_summary
+
+        runner = sweep_task_runner(dask_address, workers, in_process)
         state = ptq_sweep.with_options(task_runner=runner)(**arguments, return_state=True)
     summary, code = outcome(state, as_json)
     if as_json:
