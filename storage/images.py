@@ -27,6 +27,9 @@ PILLOW_MODES = {"rgb": "RGB", "grayscale": "L"}
 # Pillow's format names, and the file suffixes that name each.
 IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",)}
 IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
+# Images a decoding thread takes per task: a future per image costs about as much Python, holding the GIL, as
+# decoding a small JPEG does.
+IMAGES_PER_TASK = 32
 
 
 class UndecodableImage(ValueError):

@@ -485,7 +485,7 @@ def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
     array."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ptqflow.storage.images import UndecodableImage, decode_image, image_header
+    from ptqflow.storage.images import IMAGES_PER_TASK, UndecodableImage, decode_image, image_header
     from ptqflow.storage.limits import MAX_DECODED_BYTES  # the setting a user raises for larger images
 
     name = columns.features
@@ -525,9 +525,10 @@ def _decoded(encoded: pa.Array, columns: Columns) -> np.ndarray:
     def decode_run(rows: range) -> list[np.ndarray]:
         return [decode(row) for row in rows]
 
-    # The bytes are in memory: one thread per core, and a run of rows per call (a future per image costs about as
-    # much Python, holding the GIL, as decoding a small JPEG).
-    runs = [range(start, min(start + 32, len(encoded))) for start in range(0, len(encoded), 32)]
+    # The bytes are in memory: one thread per core.
+    runs = [
+        range(start, min(start + IMAGES_PER_TASK, len(encoded))) for start in range(0, len(encoded), IMAGES_PER_TASK)
+    ]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = [image for run in pool.map(decode_run, runs) for image in run]
     shapes = {image.shape for image in images}

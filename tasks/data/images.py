@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ptqflow.storage.images import IMAGE_SUFFIXES, UndecodableImage, decode_image
+from ptqflow.storage.images import IMAGE_SUFFIXES, IMAGES_PER_TASK, UndecodableImage, decode_image
 from ptqflow.storage.store import file_bytes
 from ptqflow.storage.tables import Columns
 from ptqflow.tasks.core.errors import InvalidDataset
@@ -150,9 +150,6 @@ def list_image_folder(
     return ImageFolder(fs, url, paths, labels, class_names, split_codes(names), origin)
 
 
-IMAGES_PER_CALL = 32
-
-
 def _decode(fs: fsspec.AbstractFileSystem, path: str, columns: Columns, into: np.ndarray | None = None) -> np.ndarray:
     try:
         return decode_image(
@@ -207,8 +204,7 @@ def decode_images(
     if threads == 1:
         place_all(range(1, len(paths)))
         return images
-    # A run of images per call: one future per image costs about as much Python (holding the GIL) as decoding it.
-    runs = [range(start, min(start + IMAGES_PER_CALL, len(paths))) for start in range(1, len(paths), IMAGES_PER_CALL)]
+    runs = [range(start, min(start + IMAGES_PER_TASK, len(paths))) for start in range(1, len(paths), IMAGES_PER_TASK)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(place_all, runs))
     return images
