@@ -35,6 +35,7 @@ MODULES = [
     "mixed_precision",
     "streaming",
     "scale",
+    "cold_start",
 ]
 
 

@@ -627,6 +627,22 @@ class ParquetRowGroups:
     def read(self, group: int) -> TensorTable:
         return arrow_to_tensor_table(self._parquet.read_row_group(group), self._columns)
 
+    def iter_rows(self, rows: int) -> Iterator[TensorTable]:
+        """The table in order, ``rows`` rows at a time (the last part shorter), decoded page by page: what the
+        reader holds is about ``rows`` rows, not a row group."""
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for batch in self._parquet.iter_batches(batch_size=rows):
+            pending.append(batch)
+            held += batch.num_rows
+            if held >= rows:  # batches end at row group ends too: gather exactly ``rows``
+                table = pa.Table.from_batches(pending).combine_chunks()
+                yield arrow_to_tensor_table(table.slice(0, rows), self._columns)
+                rest = table.slice(rows)
+                pending, held = rest.to_batches(), rest.num_rows
+        if held:
+            yield arrow_to_tensor_table(pa.Table.from_batches(pending).combine_chunks(), self._columns)
+
     def read_rows(self, start: int, stop: int) -> TensorTable:
         """Rows ``start`` to ``stop``, reading only the groups that hold them."""
         ends = np.cumsum(self.row_counts)

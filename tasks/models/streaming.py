@@ -10,7 +10,7 @@ draw of the split, whatever order the source was in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,12 +28,14 @@ TABLE_GROUP_BYTES = 32 << 20
 
 
 class RowGroups(Protocol):
-    """A split, one group of rows at a time."""
+    """A split, one group of rows at a time, or in order a given number of rows at a time."""
 
     @property
     def row_counts(self) -> Sequence[int]: ...
 
     def read(self, group: int) -> TensorTable: ...
+
+    def iter_rows(self, rows: int) -> Iterator[TensorTable]: ...
 
 
 class TableRowGroups:
@@ -49,6 +51,10 @@ class TableRowGroups:
     def read(self, group: int) -> TensorTable:
         start = self._starts[group]
         return self._table.take(np.arange(start, start + self.row_counts[group]))
+
+    def iter_rows(self, rows: int) -> Iterator[TensorTable]:
+        for start in range(0, len(self._table), rows):
+            yield self._table.take(np.arange(start, min(start + rows, len(self._table))))
 
 
 def row_groups(data: RowGroups | TensorTable) -> RowGroups:
@@ -77,7 +83,10 @@ class SplitBatches(keras.utils.PyDataset):
         first = groups.read(0)
         row_bytes = max(1, first.features[:1].nbytes)
         self.window_rows = max(1, window_bytes // row_bytes // batch_size) * batch_size
-        self._cached_group: tuple[int, TensorTable] = (0, first)
+        # Read in order (validation): window after window from a reader that holds about one window, never a
+        # whole group; shuffled: from the groups, the last one read kept.
+        self._cached_group: tuple[int, TensorTable | None] = (0, first) if shuffle else (-1, None)
+        self._in_order: tuple[int, Iterator[TensorTable]] | None = None  # the next window it gives, and it
         self._window: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -87,9 +96,22 @@ class SplitBatches(keras.utils.PyDataset):
         self.epoch += 1
 
     def _group(self, group: int) -> TensorTable:
-        if self._cached_group[0] != group:
+        if self._cached_group[0] != group or self._cached_group[1] is None:
             self._cached_group = (group, self.groups.read(group))
-        return self._cached_group[1]
+        table = self._cached_group[1]
+        assert table is not None
+        return table
+
+    def _window_in_order(self, window: int) -> TensorTable:
+        """Rows ``[window * window_rows, ...)`` of the stored order, read on from the previous window when Keras
+        asks for them in order (as it does), else from the start."""
+        if self._in_order is None or self._in_order[0] > window:
+            self._in_order = (0, self.groups.iter_rows(self.window_rows))
+        position, reader = self._in_order
+        for _ in range(window - position):
+            next(reader)
+        self._in_order = (window + 1, reader)
+        return next(reader)
 
     def _sequence(self) -> tuple[np.ndarray, int]:
         """This epoch's order of the groups, and the row of that sequence the epoch starts at: a different cut
@@ -119,6 +141,10 @@ class SplitBatches(keras.utils.PyDataset):
         key = (self.epoch if self.shuffle else 0, window)
         if self._window is not None and self._window[0] == key:
             return self._window[1], self._window[2]
+        if not self.shuffle:
+            part = self._window_in_order(window)
+            self._window = (key, part.features, part.labels)
+            return part.features, part.labels
         order, shift = self._sequence()
         start = window * self.window_rows + shift
         stop = min((window + 1) * self.window_rows, self.rows) + shift

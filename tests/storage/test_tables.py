@@ -90,6 +90,16 @@ def test_row_groups_read_one_group_at_a_time_the_rows_of_the_whole_table(table):
     assert read[0].metadata == groups.metadata == read_parquet(write_parquet_bytes(table)).metadata
 
 
+@pytest.mark.parametrize("rows", [1, 5, 7, 16, 50, 64])
+def test_rows_in_order_come_in_parts_of_the_size_asked_across_row_groups(table, rows):
+    groups = ParquetRowGroups(io.BytesIO(write_parquet_bytes(table, row_group_size=7)))
+    parts = list(groups.iter_rows(rows))
+    assert [len(p) for p in parts] == [min(rows, 50 - start) for start in range(0, 50, rows)]
+    np.testing.assert_array_equal(np.concatenate([p.features for p in parts]), table.features)
+    np.testing.assert_array_equal(np.concatenate([p.labels for p in parts]), table.labels)
+    assert parts[0].metadata == groups.metadata
+
+
 @pytest.mark.parametrize("start, stop", [(0, 50), (3, 5), (6, 15), (14, 49), (49, 50), (20, 20)])
 def test_a_range_of_rows_reads_only_the_groups_that_hold_them(table, start, stop):
     groups = ParquetRowGroups(io.BytesIO(write_parquet_bytes(table, row_group_size=7)))

@@ -95,6 +95,33 @@ def test_a_window_holds_a_bounded_number_of_rows_whatever_the_split(stored):
     assert max(held) <= 24 < ROWS
 
 
+def test_validation_reads_window_by_window_and_never_a_whole_group(stored):
+    """In order, a reader holds a window: a split's row group (32 MB when stored) is never read whole."""
+    read_groups: list[int] = []
+    windows: list[int] = []
+
+    class Counting:
+        row_counts = stored.row_counts
+
+        def read(self, group: int) -> TensorTable:
+            read_groups.append(group)
+            return stored.read(group)
+
+        def iter_rows(self, rows: int):
+            for part in stored.iter_rows(rows):
+                windows.append(len(part))
+                yield part
+
+    batches = SplitBatches(Counting(), batch_size=8, shuffle=False, window_bytes=24 * ROW_BYTES)
+    read_groups.clear()  # the first group, read once for the size of a row
+    for _ in range(2):
+        np.testing.assert_array_equal(np.concatenate(_epoch(batches)), np.arange(ROWS))
+    assert not read_groups
+    assert windows == [24, 24, 24, 24, 7] * 2  # each window read once an epoch, in order
+    np.testing.assert_array_equal(batches[12][1], np.arange(96, ROWS))  # out of order: read again from the start
+    np.testing.assert_array_equal(batches[0][1], np.arange(8))
+
+
 def test_moments_over_groups_are_the_whole_splits():
     rng = np.random.default_rng(0)
     values = (rng.normal(size=(1000, 5)) * [1, 10, 100, 1e3, 1e-3] + [0, 5, -50, 1e4, 2]).astype(np.float32)
