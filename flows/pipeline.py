@@ -15,6 +15,7 @@ from ptqflow.tasks.core.installation import require_target_runtimes
 from ptqflow.tasks.core.parameters import (
     CalibrationParameters,
     ConversionParameters,
+    DeviceTarget,
     GateParameters,
     RegistryParameters,
     RepairParameters,
@@ -41,8 +42,9 @@ def sharded_predictions(
     ops: TargetOps,
 ) -> tuple[PredictedRows, ...]:
     """The test split's predictions, shard by shard on the flow's task runner (a Dask cluster's workers, or this
-    process's threads), when it has more than one shard; none otherwise (validation predicts them itself). A model
-    with TensorFlow ops is not sharded: the Python interpreter cannot run it, which validation reports."""
+    process's threads), when it has more than one shard; none otherwise (validation predicts them itself). With a
+    TFLite Micro target, each shard also runs its rows on TFLM. A model with TensorFlow ops is not sharded: the
+    Python interpreter cannot run it, which validation reports."""
     bounds = shard_bounds(dataset.counts["test"], validation.batch_size, validation.shard_rows)
     if len(bounds) < 2 or ops is TargetOps.select:
         return ()
@@ -57,6 +59,8 @@ def sharded_predictions(
             num_threads=validation.num_threads,
             start=start,
             stop=stop,
+            tflm=DeviceTarget.tflm in validation.targets,
+            tflm_samples=validation.tflm_samples,
         )
         for start, stop in bounds
     ]

@@ -94,6 +94,20 @@ class RefusedCall(BaseModel):
     message: str
 
 
+class TflmOnRows(BaseModel):
+    """TFLite Micro on the rows of a range it runs (``tasks.evaluation.tflm.tflm_rows``, less those LiteRT
+    refuses): its outputs, or its reason for running none."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outputs: ArtifactRef | None = Field(
+        None,
+        description="A tensor table, one row per test row TFLM ran: its outputs, and the row's position in the test "
+        "split as the label. None: no row of the range, or TFLM refused.",
+    )
+    refusal: str | None = None
+
+
 class PredictedRows(StageOutput):
     """Every model's outputs on test rows ``start`` to ``stop`` (``tasks.evaluation.shards``)."""
 
@@ -105,6 +119,7 @@ class PredictedRows(StageOutput):
     )
     float_refused: tuple[RefusedCall, ...] = ()
     quantized_refused: tuple[RefusedCall, ...] = ()
+    tflm: TflmOnRows | None = Field(None, description="With --target tflm: the quantized model on TFLite Micro.")
 
 
 class ModelOutput(BaseModel):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ptqflow.storage.tables import InputSlot
 from ptqflow.tasks.evaluation.interpreter import RowFailure, predict_tflite
+from ptqflow.tasks.evaluation.tflm import TflmRows
 from ptqflow.tasks.models.feeds import predict_keras
 
 if TYPE_CHECKING:
@@ -32,13 +33,15 @@ def shard_bounds(rows: int, batch_size: int, shard_rows: int) -> list[tuple[int,
 @dataclass(frozen=True)
 class Predictions:
     """Each model's outputs on the same rows (several outputs side by side, flattened), and the calls each
-    ``.tflite`` refused (their rows' outputs are NaN)."""
+    ``.tflite`` refused (their rows' outputs are NaN); with a TFLite Micro target, its outputs on the rows it
+    runs."""
 
     keras: np.ndarray
     float_tflite: np.ndarray
     quantized_tflite: np.ndarray
     float_refused: tuple[RowFailure, ...] = ()
     quantized_refused: tuple[RowFailure, ...] = ()
+    tflm: TflmRows | None = None  # the quantized model on TFLite Micro, on the rows it runs (test split positions)
 
     def __len__(self) -> int:
         return len(self.keras)
@@ -59,6 +62,9 @@ class Predictions:
             quantized_refused=tuple(
                 f for part, by in zip(parts, starts) for f in moved(part.quantized_refused, int(by))
             ),
+            tflm=TflmRows.joined([part.tflm for part in parts if part.tflm is not None])
+            if any(part.tflm is not None for part in parts)
+            else None,
         )
 
 

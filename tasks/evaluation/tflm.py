@@ -36,7 +36,6 @@ from ptqflow.tasks.core.native import native_output_captured
 from ptqflow.tasks.core.parameters import ModelTask
 from ptqflow.tasks.evaluation.device import device_footprint
 from ptqflow.tasks.evaluation.interpreter import (
-    RowFailure,
     dequantize_output,
     make_interpreter,
     predict_tflite,
@@ -193,11 +192,20 @@ def predict_tflm(
             rows.append(results[0] if len(results) == 1 else flatten_outputs(results))
     if failure is not None:
         raise TflmCannotRun(_first_line(failure, printed)) from failure
+    steps = output_steps(model_bytes)
+    return (np.concatenate(rows) if rows else np.zeros((0, len(steps)), np.float32)), steps
+
+
+def output_steps(model_bytes: bytes) -> np.ndarray:
+    """The quantization step of each output column (several outputs side by side, flattened, in the Keras model's
+    order), 0 for a float output: differences between runtimes are counted in steps."""
+    litert = make_interpreter(model_bytes, 1)
+    by_index = {int(d["index"]): d for d in litert.get_output_details()}
     steps = []
-    for i in order:
+    for i in (int(i) for i in tflite_output_order(litert)):
         scale = by_index[i]["quantization"][0] if np.dtype(by_index[i]["dtype"]).kind != "f" else 0.0
         steps.append(np.full(int(np.prod(by_index[i]["shape"][1:])), scale, np.float64))
-    return np.concatenate(rows), np.concatenate(steps)
+    return np.concatenate(steps)
 
 
 # A hung child must not hold the run; reference kernels take up to seconds per sample on a large model (0.65 s for a
@@ -212,8 +220,12 @@ class TflmRun:
     steps: np.ndarray
 
 
-def run_isolated(model_bytes: bytes, features: np.ndarray, inputs: tuple[InputSlot, ...] = ()) -> TflmRun:
-    """``recorded_arena`` and ``predict_tflm`` in a child process, then ``smallest_arena``.
+def run_isolated(
+    model_bytes: bytes, features: np.ndarray, inputs: tuple[InputSlot, ...] = (), smallest: bool = True
+) -> TflmRun:
+    """``recorded_arena`` and ``predict_tflm`` in a child process, then ``smallest_arena`` (unless not
+    ``smallest``: the arena is then the recorded one, as for a shard of the test split, whose arena is measured
+    once elsewhere).
 
     Raises:
         TflmCannotRun: TFLM refused the model, or stopped the process (the phase it was in is named).
@@ -255,7 +267,7 @@ def run_isolated(model_bytes: bytes, features: np.ndarray, inputs: tuple[InputSl
         recorded = json.loads((work / "arena.json").read_text())
         head, tail = int(recorded["head"]), int(recorded["tail"])
         return TflmRun(
-            TflmArena(smallest_arena(work / "model.tflite", head + tail), head, tail),
+            TflmArena(smallest_arena(work / "model.tflite", head + tail) if smallest else head + tail, head, tail),
             np.load(work / "outputs.npy", allow_pickle=False),
             np.load(work / "steps.npy", allow_pickle=False),
         )
@@ -272,7 +284,7 @@ def _child(folder: Path) -> None:
     try:
         phase.write_text("allocating the model (preparing its operators)")
         arena = recorded_arena(model)
-        phase.write_text(f"running {len(features)} samples")
+        phase.write_text("running the test samples")
         outputs, steps = predict_tflm(model, features, generous_arena(model), inputs)
     except TflmCannotRun as refusal:
         (folder / "refused").write_text(str(refusal))
@@ -280,6 +292,67 @@ def _child(folder: Path) -> None:
     (folder / "arena.json").write_text(json.dumps({"head": arena.head_bytes, "tail": arena.tail_bytes}))
     np.save(folder / "outputs.npy", outputs, allow_pickle=False)
     np.save(folder / "steps.npy", steps, allow_pickle=False)
+
+
+def tflm_rows(count: int, samples: int | None) -> tuple[np.ndarray, int | None]:
+    """The test rows TFLM runs of a split of ``count`` rows: all, or a seeded draw of ``samples`` (the same rows
+    in every run of the same split, whichever shard runs them); and the draw's seed."""
+    if samples is None or samples >= count:
+        return np.arange(count), None
+    return np.sort(np.random.default_rng(SUBSET_SEED).choice(count, samples, replace=False)), SUBSET_SEED
+
+
+@dataclass(frozen=True)
+class TflmRows:
+    """TFLM on some of the rows it runs (a shard's): their positions in the test split, LiteRT's outputs there,
+    and TFLM's, or TFLM's reason for running none. Rows LiteRT refuses are left out, as in one process."""
+
+    rows: np.ndarray
+    litert: np.ndarray
+    outputs: np.ndarray | None
+    refusal: str | None = None
+
+    @classmethod
+    def joined(cls, parts: list[TflmRows]) -> TflmRows:
+        """Consecutive parts, in row order, as one: the first refusal in row order, as one process meets it."""
+        refusal = next((part.refusal for part in parts if part.refusal is not None), None)
+        return cls(
+            rows=np.concatenate([part.rows for part in parts]),
+            litert=np.concatenate([part.litert for part in parts]),
+            outputs=None if refusal else np.concatenate([part.outputs for part in parts if part.outputs is not None]),
+            refusal=refusal,
+        )
+
+
+def _on_rows(
+    model_bytes: bytes,
+    features: np.ndarray,
+    rows: np.ndarray,
+    inputs: tuple[InputSlot, ...],
+    litert: np.ndarray | None,
+    smallest: bool,
+) -> tuple[TflmRows, TflmArena | None]:
+    if litert is None:
+        litert = predict_tflite(model_bytes, features, inputs=inputs, failures=[])
+    runnable = ~refused_rows(litert)
+    rows, features, litert = rows[runnable], features[runnable], litert[runnable].reshape(int(runnable.sum()), -1)
+    try:
+        done = run_isolated(model_bytes, features, inputs, smallest=smallest)
+    except TflmCannotRun as error:
+        return TflmRows(rows, litert, None, str(error)), None
+    return TflmRows(rows, litert, done.outputs.reshape(len(rows), -1)), done.arena
+
+
+def tflm_on_rows(
+    model_bytes: bytes,
+    features: np.ndarray,
+    rows: np.ndarray,
+    inputs: tuple[InputSlot, ...] = (),
+    litert: np.ndarray | None = None,
+) -> TflmRows:
+    """TFLM's outputs on ``features`` (the test rows at positions ``rows``) that LiteRT runs (``litert``: its
+    outputs there, when known; NaN where it refused), in a child process, without the arena search."""
+    return _on_rows(model_bytes, features, rows, inputs, litert, smallest=False)[0]
 
 
 def tflm_figures(
@@ -291,28 +364,28 @@ def tflm_figures(
     layout: tuple[ModelOutput, ...] = (),
     inputs: tuple[InputSlot, ...] = (),
     samples: int | None = None,
+    ran: TflmRows | None = None,
 ) -> TflmFigures:
-    """The model on TFLM: its arena, and its task's figures on the test rows (all, or a seeded draw of ``samples``)
-    against the float model's outputs there (``reference``), beside LiteRT's outputs on the same rows. A model TFLM
-    cannot allocate or run gives figures with ``ran`` False and TFLM's reason."""
+    """The model on TFLM: its arena, and its task's figures on the test rows (all, or a seeded draw of ``samples``,
+    ``tflm_rows``) against the float model's outputs there (``reference``), beside LiteRT's outputs on the same
+    rows. ``ran``: TFLM's outputs on those rows, run shard by shard elsewhere; then only the arena is measured here.
+    A model TFLM cannot allocate or run gives figures with ``ran`` False and TFLM's reason."""
     runtime = tflm_version()
-    rows = np.arange(len(features))
-    seed = None
-    if samples is not None and samples < len(features):
-        seed = SUBSET_SEED
-        rows = np.sort(np.random.default_rng(seed).choice(len(features), samples, replace=False))
+    rows, seed = tflm_rows(len(features), samples)
     ops = tuple(sorted({op["op_name"] for op in make_interpreter(model_bytes, 1)._get_ops_details()} - {"DELEGATE"}))
-    refused: list[RowFailure] = []
-    litert = predict_tflite(model_bytes, features[rows], inputs=inputs, failures=refused)
-    if refused:  # rows LiteRT's kernels refuse (the run counts them): TFLM gets the rest
-        runnable = ~refused_rows(litert)
-        rows, litert = rows[runnable], litert[runnable]
-    litert = litert.reshape(len(rows), -1)
-    try:
-        ran = run_isolated(model_bytes, features[rows], inputs)
-    except TflmCannotRun as error:
-        return TflmFigures(runtime=runtime, ran=False, not_run_reason=str(error), samples=0, subset_seed=seed, ops=ops)
-    arena, outputs, steps = ran.arena, ran.outputs, ran.steps
+    arena: TflmArena | None = None
+    if ran is None:  # in one child process, the arena with the outputs
+        ran, arena = _on_rows(model_bytes, features[rows], rows, inputs, None, smallest=True)
+    refusal = ran.refusal
+    if refusal is None and arena is None:
+        try:
+            arena = run_isolated(model_bytes, features[:0], inputs).arena
+        except TflmCannotRun as error:
+            refusal = str(error)
+    if refusal is not None or arena is None or ran.outputs is None:
+        return TflmFigures(runtime=runtime, ran=False, not_run_reason=refusal, samples=0, subset_seed=seed, ops=ops)
+    rows, litert, outputs = ran.rows, ran.litert, ran.outputs
+    steps = output_steps(model_bytes)
     figures = task_figures(task, reference[rows], outputs, labels[rows], layout)
     mine = outputs.reshape(len(rows), -1)
     quantized = steps > 0

@@ -46,7 +46,7 @@ from ptqflow.tasks.evaluation.metrics import (
     task_figures,
     worst_sqnr,
 )
-from ptqflow.tasks.evaluation.tflm import tflm_figures
+from ptqflow.tasks.evaluation.tflm import TflmRows, tflm_figures
 from ptqflow.tasks.evaluation.vela import VelaCompilation, compile_for_npu
 from ptqflow.tasks.models.feeds import model_input_slots, predict_keras
 from ptqflow.tasks.models.outputs import model_outputs
@@ -230,14 +230,16 @@ def measure_on_targets(
     task: ModelTask,
     layout: tuple[ModelOutput, ...] = (),
     inputs: tuple[InputSlot, ...] = (),
+    tflm_ran: TflmRows | None = None,
 ) -> tuple[TflmFigures | None, list[VelaCompilation]]:
     """The quantized model on each device target the run names besides LiteRT: run by TFLite Micro on the test
-    split (``tasks.evaluation.tflm``), compiled by Vela for each Ethos-U (``tasks.evaluation.vela``)."""
+    split (``tasks.evaluation.tflm``; ``tflm_ran``: its outputs, when the flow ran it shard by shard), compiled by
+    Vela for each Ethos-U (``tasks.evaluation.vela``)."""
     tflm = None
     if DeviceTarget.tflm in params.targets:
         report("validate_with_interpreter", "running the test split on TensorFlow Lite Micro")
         tflm = tflm_figures(
-            quantized_tflite, features, labels, keras_outputs, task, layout, inputs, params.tflm_samples
+            quantized_tflite, features, labels, keras_outputs, task, layout, inputs, params.tflm_samples, tflm_ran
         )
     compilations = []
     for target in params.npu_targets:

@@ -21,6 +21,7 @@ from ptqflow.tasks.core.artifacts import (
     RefusedCall,
     RepairResult,
     SampledDataset,
+    TflmOnRows,
     TrainedModel,
     ValidationResult,
     WorstLayer,
@@ -38,6 +39,7 @@ from ptqflow.tasks.core.validation_report import LayerError, ModelKind, Validati
 from ptqflow.tasks.evaluation.fidelity import fidelity_in_words
 from ptqflow.tasks.evaluation.interpreter import RowFailure
 from ptqflow.tasks.evaluation.shards import Predictions, predict_rows
+from ptqflow.tasks.evaluation.tflm import TflmRows, tflm_on_rows, tflm_rows
 from ptqflow.tasks.evaluation.validation import (
     evaluate_models,
     measure_on_targets,
@@ -67,16 +69,21 @@ def predict_test_rows(
     num_threads: int | None,
     start: int,
     stop: int,
+    tflm: bool = False,
+    tflm_samples: int | None = None,
 ) -> PredictedRows:
     """Every model's outputs on test rows ``start`` to ``stop``, read from the store where this runs (a Dask
-    worker, a thread): one range of a sharded validation (``tasks.evaluation.shards``)."""
+    worker, a thread): one range of a sharded validation (``tasks.evaluation.shards``). With ``tflm``, also the
+    quantized model's on TFLite Micro, on the rows of the range it runs (all, or ``tflm_samples`` drawn from the
+    split)."""
     store = ArtifactStore(store_url)
     with store.open(dataset.test) as f:
         rows = ParquetRowGroups(f).read_rows(start, stop)
+    quantized = store.read_bytes(converted.quantized)
     predicted = predict_rows(
         keras_model_from_bytes(store.read_bytes(trained.model)),
         store.read_bytes(converted.float_model),
-        store.read_bytes(converted.quantized),
+        quantized,
         rows.features,
         batch_size,
         num_threads,
@@ -88,12 +95,29 @@ def predict_test_rows(
     def calls(failures: tuple[RowFailure, ...]) -> tuple[RefusedCall, ...]:
         return tuple(RefusedCall(start=f.start, stop=f.stop, message=f.message) for f in failures)
 
+    on_tflm = None
+    if tflm:
+        selected, _ = tflm_rows(dataset.counts["test"], tflm_samples)
+        mine = selected[(selected >= start) & (selected < stop)]
+        ran = tflm_on_rows(
+            quantized,
+            rows.features[mine - start],
+            mine,
+            dataset.spec.inputs,
+            litert=predicted.quantized_tflite[mine - start],
+        )
+        outputs = None
+        if ran.outputs is not None and len(ran.rows):
+            ran_table = TensorTable(np.ascontiguousarray(ran.outputs, np.float32), ran.rows.astype(np.int64))
+            outputs = store.put_bytes(write_parquet_bytes(ran_table), ".parquet")
+        on_tflm = TflmOnRows(outputs=outputs, refusal=ran.refusal)
     return PredictedRows(
         start=start,
         stop=stop,
         outputs=store.put_bytes(write_parquet_bytes(table), ".parquet"),
         float_refused=calls(predicted.float_refused),
         quantized_refused=calls(predicted.quantized_refused),
+        tflm=on_tflm,
     )
 
 
@@ -102,6 +126,18 @@ def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) 
 
     def failures(calls: tuple[RefusedCall, ...]) -> tuple[RowFailure, ...]:
         return tuple(RowFailure(call.start, call.stop, call.message) for call in calls)
+
+    def on_tflm(shard: PredictedRows, quantized: np.ndarray) -> TflmRows | None:
+        """TFLM's part of the shard, with LiteRT's outputs on the same rows (they are in the shard's table)."""
+        if shard.tflm is None:
+            return None
+        ran = np.zeros(0, np.int64)
+        outputs = np.zeros((0, quantized.shape[1]), np.float32)
+        if shard.tflm.outputs is not None:
+            with store.open(shard.tflm.outputs) as f:
+                table = read_parquet(f)
+            ran, outputs = table.labels, table.features
+        return TflmRows(ran, quantized[ran - shard.start], outputs, shard.tflm.refusal)
 
     parts = []
     for shard in sorted(shards, key=lambda shard: shard.start):
@@ -114,6 +150,7 @@ def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) 
                 quantized_tflite=stacked[:, 2],
                 float_refused=failures(shard.float_refused),
                 quantized_refused=failures(shard.quantized_refused),
+                tflm=on_tflm(shard, stacked[:, 2]),
             )
         )
     return Predictions.joined(parts)
@@ -189,6 +226,7 @@ def validate_with_interpreter(
             dataset.spec.task,
             model_outputs(keras_model),
             dataset.spec.inputs,
+            tflm_ran=predicted.tflm if predicted is not None else None,
         )
         npu = []
         for compilation in compilations:

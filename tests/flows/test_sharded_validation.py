@@ -1,5 +1,5 @@
-"""``ptqflow run --dask-address``: the test split predicted shard by shard on an existing Dask cluster's workers,
-and a report equal to the one-process run's."""
+"""``ptqflow run --dask-address``: the test split predicted shard by shard on an existing Dask cluster's workers
+(LiteRT, and TFLite Micro), and a report equal to the one-process run's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import pytest
 
 from ptqflow.storage.store import ArtifactRef, ArtifactStore
+from ptqflow.storage.tables import read_parquet
 from ptqflow.tasks.core.validation_report import without_timings
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,7 @@ def test_validation_sharded_on_a_dask_cluster_reports_what_one_process_reports(c
 
     store = str(tmp_path / "store")
     common = ("run", "--store", store, "--epochs", "2", "--validation-batch-size", "64", "--json")
+    common += ("--target", "tflm", "--tflm-samples", "100")  # TFLite Micro too, on a draw that spans the shards
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
@@ -45,6 +47,15 @@ def test_validation_sharded_on_a_dask_cluster_reports_what_one_process_reports(c
     assert sharded_summary["artifacts"]["tflite"] == one_summary["artifacts"]["tflite"]
     sharded_report, one_report = _report(store, sharded_summary), _report(store, one_summary)
     assert without_timings(sharded_report["metrics"]) == without_timings(one_report["metrics"])
+    assert sharded_report["metrics"]["tflm"]["ran"] and sharded_report["metrics"]["tflm"]["samples"] == 100
+    # TFLM ran in the shards (the validate stage would otherwise run it itself, to the same figures).
+    ran_in_shards = []
+    for record in (tmp_path / "store" / "prefect-results").iterdir():
+        result = json.loads(json.loads(record.read_text())["result"])
+        if result["__class__"].endswith(".PredictedRows") and result["data"]["tflm"]["outputs"]:
+            outputs = ArtifactRef(**result["data"]["tflm"]["outputs"])
+            ran_in_shards += read_parquet(ArtifactStore(store).read_bytes(outputs)).labels.tolist()
+    assert sorted(ran_in_shards) == sorted(set(ran_in_shards)) and len(ran_in_shards) == 100
     assert without_timings(sharded_summary["metrics"]) == without_timings(one_summary["metrics"])
 
 

@@ -13,12 +13,15 @@ from ptqflow.tasks.evaluation.metrics import accuracy
 from ptqflow.tasks.evaluation.tflm import (
     ARENA_STEP,
     TflmCannotRun,
+    TflmRows,
     allocates_in,
     generous_arena,
     predict_tflm,
     recorded_arena,
     run_isolated,
     tflm_figures,
+    tflm_on_rows,
+    tflm_rows,
 )
 from ptqflow.tasks.quantization.converter import quantize
 
@@ -119,6 +122,25 @@ def test_tflm_figures_judge_the_task_on_a_seeded_draw(int8_digits, digits_splits
     assert draw.samples == 40 and draw.subset_seed is not None and draw == again
 
 
+def test_tflm_run_range_by_range_gives_the_figures_of_one_run(int8_digits, digits_splits, trained_digits_model):
+    """What a sharded validation does: each range runs its rows of the draw, the validate stage joins them."""
+    _, splits = digits_splits
+    test = splits["test"]
+    reference = trained_digits_model.predict(test.features.astype(np.float32), verbose=0)
+    one = tflm_figures(int8_digits, test.features, test.labels, reference, ModelTask.classification, samples=70)
+    selected, _ = tflm_rows(len(test.labels), 70)
+    parts = []
+    for start in range(0, len(test.labels), 128):
+        mine = selected[(selected >= start) & (selected < start + 128)]
+        parts.append(tflm_on_rows(int8_digits, test.features[mine], mine))
+    assert [len(part.rows) for part in parts] != [70] and sum(len(part.rows) for part in parts) == 70
+    joined = TflmRows.joined(parts)
+    sharded = tflm_figures(
+        int8_digits, test.features, test.labels, reference, ModelTask.classification, samples=70, ran=joined
+    )
+    assert sharded.ran and sharded == one
+
+
 def test_a_model_tflm_cannot_run_names_the_operator(sign_model):
     with pytest.raises(TflmCannotRun, match="SIGN"):
         run_isolated(sign_model, np.zeros((1, 4), np.float32))
@@ -126,6 +148,12 @@ def test_a_model_tflm_cannot_run_names_the_operator(sign_model):
         sign_model, np.zeros((3, 4), np.float32), np.zeros((3, 0)), np.zeros((3, 4)), ModelTask.unlabeled
     )
     assert not figures.ran and "SIGN" in (figures.not_run_reason or "") and figures.ops == ("SIGN",)
+    features, rows = np.zeros((3, 4), np.float32), np.arange(3)
+    parts = [tflm_on_rows(sign_model, features[:2], rows[:2]), tflm_on_rows(sign_model, features[2:], rows[2:])]
+    sharded = tflm_figures(
+        sign_model, features, np.zeros((3, 0)), np.zeros((3, 4)), ModelTask.unlabeled, ran=TflmRows.joined(parts)
+    )
+    assert sharded == figures  # the same reason, in the same words, whichever range met it
 
 
 def test_the_child_process_ignores_the_working_directory(int8_digits, tmp_path, monkeypatch):
