@@ -86,7 +86,7 @@ class SplitBatches(keras.utils.PyDataset):
         # Read in order (validation): window after window from a reader that holds about one window, never a
         # whole group; shuffled: from the groups, the last one read kept.
         self._cached_group: tuple[int, TensorTable | None] = (0, first) if shuffle else (-1, None)
-        self._in_order: tuple[int, Iterator[TensorTable]] | None = None  # the next window it gives, and it
+        self._in_order: tuple[int, Iterator[TensorTable]] | None = None  # (the window it gives next, the reader)
         self._window: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:

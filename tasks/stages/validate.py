@@ -99,18 +99,20 @@ def predict_test_rows(
     if tflm:
         selected, _ = tflm_rows(dataset.counts["test"], tflm_samples)
         mine = selected[(selected >= start) & (selected < stop)]
-        ran = tflm_on_rows(
-            quantized,
-            rows.features[mine - start],
-            mine,
-            dataset.spec.inputs,
-            litert=predicted.quantized_tflite[mine - start],
-        )
-        outputs = None
-        if ran.outputs is not None and len(ran.rows):
-            ran_table = TensorTable(np.ascontiguousarray(ran.outputs, np.float32), ran.rows.astype(np.int64))
-            outputs = store.put_bytes(write_parquet_bytes(ran_table), ".parquet")
-        on_tflm = TflmOnRows(outputs=outputs, refusal=ran.refusal)
+        on_tflm = TflmOnRows()  # none of the draw's rows is in this range
+        if len(mine):
+            ran = tflm_on_rows(
+                quantized,
+                rows.features[mine - start],
+                mine,
+                dataset.spec.inputs,
+                litert=predicted.quantized_tflite[mine - start],
+            )
+            outputs = None
+            if ran.outputs is not None and len(ran.rows):
+                ran_table = TensorTable(np.ascontiguousarray(ran.outputs, np.float32), ran.rows.astype(np.int64))
+                outputs = store.put_bytes(write_parquet_bytes(ran_table), ".parquet")
+            on_tflm = TflmOnRows(outputs=outputs, refusal=ran.refusal)
     return PredictedRows(
         start=start,
         stop=stop,
@@ -131,13 +133,14 @@ def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) 
         """TFLM's part of the shard, with LiteRT's outputs on the same rows (they are in the shard's table)."""
         if shard.tflm is None:
             return None
+        litert = quantized.reshape(len(quantized), -1)
         ran = np.zeros(0, np.int64)
-        outputs = np.zeros((0, quantized.shape[1]), np.float32)
+        outputs = np.zeros((0, litert.shape[1]), np.float32)
         if shard.tflm.outputs is not None:
             with store.open(shard.tflm.outputs) as f:
                 table = read_parquet(f)
-            ran, outputs = table.labels, table.features
-        return TflmRows(ran, quantized[ran - shard.start], outputs, shard.tflm.refusal)
+            ran, outputs = table.labels, table.features.reshape(len(table), -1)
+        return TflmRows(ran, litert[ran - shard.start], outputs, shard.tflm.refusal)
 
     parts = []
     for shard in sorted(shards, key=lambda shard: shard.start):
