@@ -73,51 +73,48 @@ def test_several_inputs_are_fed_by_name():
     assert set(feed) == {"a", "b"} and feed["a"].shape == (4, 1) and feed["b"].shape == (4, 3)
 
 
+class Counting:
+    """A split's row groups that note what is read: the groups read whole, and the sizes of the parts read in
+    order."""
+
+    def __init__(self, stored: ParquetRowGroups) -> None:
+        self.stored, self.row_counts = stored, stored.row_counts
+        self.groups_read: list[int] = []
+        self.parts_read: list[int] = []
+
+    def read(self, group: int) -> TensorTable:
+        self.groups_read.append(group)
+        return self.stored.read(group)
+
+    def iter_rows(self, rows: int):
+        for part in self.stored.iter_rows(rows):
+            self.parts_read.append(len(part))
+            yield part
+
+
 def test_a_window_holds_a_bounded_number_of_rows_whatever_the_split(stored):
     """What memory holds at once is the window (and one group), not the split."""
-    read: list[int] = []
-
-    class Counting:
-        row_counts = stored.row_counts
-
-        def read(self, group: int) -> TensorTable:
-            read.append(group)
-            return stored.read(group)
-
-    batches = SplitBatches(Counting(), batch_size=8, seed=0, window_bytes=24 * ROW_BYTES)
-    read.clear()
+    counting = Counting(stored)
+    batches = SplitBatches(counting, batch_size=8, seed=0, window_bytes=24 * ROW_BYTES)
+    counting.groups_read.clear()
     held = []
     for index in range(len(batches)):
         batches[index]
         held.append(len(batches._window[2]))  # the rows the window holds while this batch is served
     # 11 groups, each read once, plus at most once more for each window boundary that falls inside a group
-    assert len(read) <= len(stored.row_counts) + 5
+    assert len(counting.groups_read) <= len(stored.row_counts) + 5
     assert max(held) <= 24 < ROWS
 
 
 def test_validation_reads_window_by_window_and_never_a_whole_group(stored):
     """In order, a reader holds a window: a split's row group (32 MB when stored) is never read whole."""
-    read_groups: list[int] = []
-    windows: list[int] = []
-
-    class Counting:
-        row_counts = stored.row_counts
-
-        def read(self, group: int) -> TensorTable:
-            read_groups.append(group)
-            return stored.read(group)
-
-        def iter_rows(self, rows: int):
-            for part in stored.iter_rows(rows):
-                windows.append(len(part))
-                yield part
-
-    batches = SplitBatches(Counting(), batch_size=8, shuffle=False, window_bytes=24 * ROW_BYTES)
-    read_groups.clear()  # the first group, read once for the size of a row
+    counting = Counting(stored)
+    batches = SplitBatches(counting, batch_size=8, shuffle=False, window_bytes=24 * ROW_BYTES)
+    counting.groups_read.clear()  # the first group, read once for the size of a row
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate(_epoch(batches)), np.arange(ROWS))
-    assert not read_groups
-    assert windows == [24, 24, 24, 24, 7] * 2  # each window read once an epoch, in order
+    assert not counting.groups_read
+    assert counting.parts_read == [24, 24, 24, 24, 7] * 2  # each window read once an epoch, in order
     np.testing.assert_array_equal(batches[12][1], np.arange(96, ROWS))  # out of order: read again from the start
     np.testing.assert_array_equal(batches[0][1], np.arange(8))
 
