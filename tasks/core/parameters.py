@@ -502,8 +502,9 @@ class ValidationParameters(_Parameters):
         ge=1,
         le=1 << 24,
         description="Test rows per validation shard (rounded to whole prediction batches): a test split of more "
-        "rows is predicted shard by shard on the flow's task runner, the workers of a Dask cluster with "
-        "--dask-address, else this machine's threads; the report is the same either way.",
+        "rows is predicted shard by shard (LiteRT, and TFLite Micro with --target tflm) on the flow's task runner, "
+        "the workers of a Dask cluster with --dask-address, else this machine's threads; the report is the same "
+        "either way.",
     )
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Interpreter threads (default: the machine's CPU count)."
