@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,9 +17,12 @@ class _Server:
 
     def start(self, timeout: int) -> None:
         slow_to_stop = (
-            "import signal, time; signal.signal(signal.SIGTERM, lambda *_: time.sleep(3) or exit()); time.sleep(60)"
+            "import signal, time; signal.signal(signal.SIGTERM, lambda *_: time.sleep(3) or exit()); "
+            "print('ready', flush=True); time.sleep(60)"
         )
-        self.server_process = subprocess.Popen([sys.executable, "-c", slow_to_stop])
+        self.server_process = subprocess.Popen([sys.executable, "-c", slow_to_stop], stdout=subprocess.PIPE, text=True)
+        assert self.server_process.stdout is not None
+        assert self.server_process.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
 
     def stop(self) -> None:
         if self.server_process is not None:
@@ -51,7 +53,6 @@ def test_a_temporary_server_is_stopped_and_a_command_does_not_wait_for_it(server
         assert str(settings.api.url) == server.api_url
         assert settings.flows.heartbeat_frequency is None  # nothing lasts to mark a crashed run with them
         process = server.server_process
-        time.sleep(0.5)  # its SIGTERM handler is in place
     assert process is not None
     if exiting_after:
         assert process.poll() is None  # told to stop (below), still stopping: not waited for
