@@ -61,13 +61,16 @@ def sample_dataset(
         draw = Draw(params.sample_size, (seed, 1), min_per_class=MIN_PER_CLASS)
     table = load_dataset(source, columns_of(params), draw, since)
     indices, rule = split_rows(table, params, seed)
-    splits = {name: table.take(indices[name]) for name in SPLITS}
     spec = feature_spec(table, params.task)
-    refs = {}
-    for name, split in splits.items():
+    refs, counts = {}, {}
+    for name in SPLITS:
+        # One split at a time: each is a copy of its rows, and its Parquet bytes another; holding all three splits
+        # beside the source made this stage the peak of a large run.
+        split = table.take(indices[name])
         report("sample_dataset", f"writing {name} split ({len(split)} samples)")
         refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
-    counts = {name: len(split) for name, split in splits.items()}
+        counts[name] = len(split)
+        del split
     seen_rows = None
     if rule.scheme == GIVEN_SCHEME:
         seen = np.concatenate([indices["train"], indices["validation"]])
