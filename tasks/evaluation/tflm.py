@@ -192,14 +192,14 @@ def predict_tflm(
             rows.append(results[0] if len(results) == 1 else flatten_outputs(results))
     if failure is not None:
         raise TflmCannotRun(_first_line(failure, printed)) from failure
-    steps = output_steps(model_bytes)
+    steps = output_steps(litert)
     return (np.concatenate(rows) if rows else np.zeros((0, len(steps)), np.float32)), steps
 
 
-def output_steps(model_bytes: bytes) -> np.ndarray:
-    """The quantization step of each output column (several outputs side by side, flattened, in the Keras model's
-    order), 0 for a float output: differences between runtimes are counted in steps."""
-    litert = make_interpreter(model_bytes, 1)
+def output_steps(litert: Any) -> np.ndarray:
+    """The quantization step of each output column of the model ``litert`` (a LiteRT interpreter) holds (several
+    outputs side by side, flattened, in the Keras model's order), 0 for a float output: differences between
+    runtimes are counted in steps."""
     by_index = {int(d["index"]): d for d in litert.get_output_details()}
     steps = []
     for i in (int(i) for i in tflite_output_order(litert)):
@@ -372,7 +372,8 @@ def tflm_figures(
     A model TFLM cannot allocate or run gives figures with ``ran`` False and TFLM's reason."""
     runtime = tflm_version()
     rows, seed = tflm_rows(len(features), samples)
-    ops = tuple(sorted({op["op_name"] for op in make_interpreter(model_bytes, 1)._get_ops_details()} - {"DELEGATE"}))
+    interpreter = make_interpreter(model_bytes, 1)
+    ops = tuple(sorted({op["op_name"] for op in interpreter._get_ops_details()} - {"DELEGATE"}))
     arena: TflmArena | None = None
     if ran is None:  # in one child process, the arena with the outputs
         ran, arena = _on_rows(model_bytes, features[rows], rows, inputs, None, smallest=True)
@@ -384,8 +385,8 @@ def tflm_figures(
             refusal = str(error)
     if refusal is not None or arena is None or ran.outputs is None:
         return TflmFigures(runtime=runtime, ran=False, not_run_reason=refusal, samples=0, subset_seed=seed, ops=ops)
+    steps = output_steps(interpreter)
     rows, litert, outputs = ran.rows, ran.litert, ran.outputs
-    steps = output_steps(model_bytes)
     figures = task_figures(task, reference[rows], outputs, labels[rows], layout)
     mine = outputs.reshape(len(rows), -1)
     quantized = steps > 0
