@@ -34,6 +34,7 @@ MODULES = [
     "device_targets",
     "mixed_precision",
     "streaming",
+    "validation_memory",
     "scale",
     "cold_start",
 ]

@@ -95,32 +95,66 @@ def predict_tflite(
 
     With ``failures``, a call the interpreter refuses (a kernel's check on the values, e.g. an int8 DIV by its zero
     point) is recorded there and its rows' outputs are NaN, instead of raising (fixed-batch models only)."""
-    interpreter = make_interpreter(model_bytes, num_threads)
-    indices = tflite_input_indices(interpreter, inputs)
-    if not batch_dynamic(input_details(interpreter, indices)):
-        if num_threads is None and len(features) >= THREAD_TRIAL_ROWS and (os.cpu_count() or 1) > 1:
-            single = make_interpreter(model_bytes, 1)
-            interpreter = _faster(interpreter, single, indices, features[:1].astype(np.float32), inputs)
-        return _predict_fixed_batch(interpreter, indices, features, on_batch, inputs, failures)
-    order = tflite_output_order(interpreter)
-    outputs = []
-    allocated_for = None
-    for start in range(0, len(features), batch_size):
-        batch = features[start : start + batch_size].astype(np.float32)
-        if len(batch) != allocated_for:
-            resize_inputs(interpreter, input_details(interpreter, indices), len(batch))
-            interpreter.allocate_tensors()
-            allocated_for = len(batch)
+    predictor = TflitePredictor(model_bytes, batch_size, num_threads, inputs, expected_rows=len(features))
+    return predictor.predict(features, on_batch, failures)
+
+
+class TflitePredictor:
+    """``predict_tflite`` over consecutive parts of the same rows (a split read window by window): one interpreter
+    for all, and one thread trial (``expected_rows``: the rows there will be in all)."""
+
+    def __init__(
+        self,
+        model_bytes: bytes,
+        batch_size: int = 256,
+        num_threads: int | None = None,
+        inputs: tuple[InputSlot, ...] = (),
+        expected_rows: int = 0,
+    ) -> None:
+        self._model_bytes, self._batch_size, self._inputs = model_bytes, batch_size, inputs
+        self._interpreter = make_interpreter(model_bytes, num_threads)
+        self._indices = tflite_input_indices(self._interpreter, inputs)
+        self._fixed = not batch_dynamic(input_details(self._interpreter, self._indices))
+        self._trial = (
+            self._fixed and num_threads is None and expected_rows >= THREAD_TRIAL_ROWS and (os.cpu_count() or 1) > 1
+        )
+        self._allocated_for: int | None = None
+
+    def predict(
+        self,
+        features: np.ndarray,
+        on_batch: Callable[[int], None] | None = None,
+        failures: list[RowFailure] | None = None,
+    ) -> np.ndarray:
+        """The outputs on ``features``; ``failures`` gets the refused calls, rows counted from ``features``'s
+        first."""
+        interpreter, indices, inputs = self._interpreter, self._indices, self._inputs
+        if self._fixed:
+            if self._trial and len(features):
+                single = make_interpreter(self._model_bytes, 1)
+                self._interpreter = interpreter = _faster(
+                    interpreter, single, indices, features[:1].astype(np.float32), inputs
+                )
+                self._trial = False
+            return _predict_fixed_batch(interpreter, indices, features, on_batch, inputs, failures)
+        order = tflite_output_order(interpreter)
+        outputs = []
+        for start in range(0, len(features), self._batch_size):
+            batch = features[start : start + self._batch_size].astype(np.float32)
+            if len(batch) != self._allocated_for:
+                resize_inputs(interpreter, input_details(interpreter, indices), len(batch))
+                interpreter.allocate_tensors()
+                self._allocated_for = len(batch)
             details = input_details(interpreter, indices)
             by_index = {d["index"]: d for d in interpreter.get_output_details()}
             outs = [by_index[i] for i in order]
-        set_inputs(interpreter, details, batch, inputs)
-        interpreter.invoke()
-        results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
-        outputs.append(results[0] if len(results) == 1 else flatten_outputs(results))
-        if on_batch:
-            on_batch(start + len(batch))
-    return np.concatenate(outputs)
+            set_inputs(interpreter, details, batch, inputs)
+            interpreter.invoke()
+            results = [dequantize_output(interpreter.get_tensor(out["index"]), out) for out in outs]
+            outputs.append(results[0] if len(results) == 1 else flatten_outputs(results))
+            if on_batch:
+                on_batch(start + len(batch))
+        return np.concatenate(outputs)
 
 
 def refused_rows(outputs: np.ndarray) -> np.ndarray:

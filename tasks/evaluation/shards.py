@@ -46,6 +46,36 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.keras)
 
+    def rows(self, start: int, stop: int, first_row: int = 0) -> Predictions:
+        """Rows ``start`` to ``stop`` of these (``first_row``: the test split's position of their first row, where
+        TFLM's rows are counted from), refused calls counted from ``start``."""
+
+        def within(failures: tuple[RowFailure, ...]) -> tuple[RowFailure, ...]:
+            return tuple(
+                replace(f, start=max(f.start, start) - start, stop=min(f.stop, stop) - start)
+                for f in failures
+                if f.start < stop and f.stop > start
+            )
+
+        tflm = self.tflm
+        if tflm is not None:
+            mine = (tflm.rows >= first_row + start) & (tflm.rows < first_row + stop)
+            tflm = replace(
+                tflm,
+                rows=tflm.rows[mine],
+                litert=tflm.litert[mine],
+                outputs=tflm.outputs[mine] if tflm.outputs is not None else None,
+                arena=None,
+            )
+        return Predictions(
+            keras=self.keras[start:stop],
+            float_tflite=self.float_tflite[start:stop],
+            quantized_tflite=self.quantized_tflite[start:stop],
+            float_refused=within(self.float_refused),
+            quantized_refused=within(self.quantized_refused),
+            tflm=tflm,
+        )
+
     @classmethod
     def joined(cls, parts: Sequence[Predictions]) -> Predictions:
         """``parts`` (consecutive ranges, in order) as one: refused rows renumbered from the first part's start."""

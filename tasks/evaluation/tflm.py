@@ -305,12 +305,14 @@ def tflm_rows(count: int, samples: int | None) -> tuple[np.ndarray, int | None]:
 @dataclass(frozen=True)
 class TflmRows:
     """TFLM on some of the rows it runs (a shard's): their positions in the test split, LiteRT's outputs there,
-    and TFLM's, or TFLM's reason for running none. Rows LiteRT refuses are left out, as in one process."""
+    and TFLM's, or TFLM's reason for running none. Rows LiteRT refuses are left out, as in one process. ``arena``:
+    the one TFLM needs, when it was measured with these rows (all the rows TFLM runs, in one child process)."""
 
     rows: np.ndarray
     litert: np.ndarray
     outputs: np.ndarray | None
     refusal: str | None = None
+    arena: TflmArena | None = None
 
     @classmethod
     def joined(cls, parts: list[TflmRows]) -> TflmRows:
@@ -321,26 +323,8 @@ class TflmRows:
             litert=np.concatenate([part.litert for part in parts]),
             outputs=None if refusal else np.concatenate([part.outputs for part in parts if part.outputs is not None]),
             refusal=refusal,
+            arena=parts[0].arena if len(parts) == 1 else None,
         )
-
-
-def _on_rows(
-    model_bytes: bytes,
-    features: np.ndarray,
-    rows: np.ndarray,
-    inputs: tuple[InputSlot, ...],
-    litert: np.ndarray | None,
-    smallest: bool,
-) -> tuple[TflmRows, TflmArena | None]:
-    if litert is None:
-        litert = predict_tflite(model_bytes, features, inputs=inputs, failures=[])
-    runnable = ~refused_rows(litert)
-    rows, features, litert = rows[runnable], features[runnable], litert[runnable].reshape(int(runnable.sum()), -1)
-    try:
-        done = run_isolated(model_bytes, features, inputs, smallest=smallest)
-    except TflmCannotRun as error:
-        return TflmRows(rows, litert, None, str(error)), None
-    return TflmRows(rows, litert, done.outputs.reshape(len(rows), -1)), done.arena
 
 
 def tflm_on_rows(
@@ -349,10 +333,20 @@ def tflm_on_rows(
     rows: np.ndarray,
     inputs: tuple[InputSlot, ...] = (),
     litert: np.ndarray | None = None,
+    arena: bool = False,
 ) -> TflmRows:
     """TFLM's outputs on ``features`` (the test rows at positions ``rows``) that LiteRT runs (``litert``: its
-    outputs there, when known; NaN where it refused), in a child process, without the arena search."""
-    return _on_rows(model_bytes, features, rows, inputs, litert, smallest=False)[0]
+    outputs there, when known; NaN where it refused), in a child process; with ``arena``, also the smallest arena
+    TFLM runs the model in (``smallest_arena``: when these are all the rows TFLM runs)."""
+    if litert is None:
+        litert = predict_tflite(model_bytes, features, inputs=inputs, failures=[])
+    runnable = ~refused_rows(litert)
+    rows, features, litert = rows[runnable], features[runnable], litert[runnable].reshape(int(runnable.sum()), -1)
+    try:
+        done = run_isolated(model_bytes, features, inputs, smallest=arena)
+    except TflmCannotRun as error:
+        return TflmRows(rows, litert, None, str(error))
+    return TflmRows(rows, litert, done.outputs.reshape(len(rows), -1), arena=done.arena if arena else None)
 
 
 def tflm_figures(
@@ -370,24 +364,43 @@ def tflm_figures(
     ``tflm_rows``) against the float model's outputs there (``reference``), beside LiteRT's outputs on the same
     rows. ``ran``: TFLM's outputs on those rows, run shard by shard elsewhere; then only the arena is measured here.
     A model TFLM cannot allocate or run gives figures with ``ran`` False and TFLM's reason."""
-    runtime = tflm_version()
     rows, seed = tflm_rows(len(features), samples)
+    if ran is None:  # in one child process, the arena with the outputs
+        ran = tflm_on_rows(model_bytes, features[rows], rows, inputs, arena=True)
+    return figures_on_tflm(
+        model_bytes, ran, labels[ran.rows], reference[ran.rows], task, layout, inputs, seed, features[:0]
+    )
+
+
+def figures_on_tflm(
+    model_bytes: bytes,
+    ran: TflmRows,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    task: ModelTask,
+    layout: tuple[ModelOutput, ...],
+    inputs: tuple[InputSlot, ...],
+    seed: int | None,
+    no_rows: np.ndarray,
+) -> TflmFigures:
+    """``tflm_figures`` from TFLM's outputs (``ran``) and the labels and float model's outputs of the rows it ran
+    (``labels``, ``reference``); the arena is measured here unless ``ran`` holds it (``no_rows``: the features'
+    shape, with no row)."""
+    runtime = tflm_version()
     interpreter = make_interpreter(model_bytes, 1)
     ops = tuple(sorted({op["op_name"] for op in interpreter._get_ops_details()} - {"DELEGATE"}))
-    arena: TflmArena | None = None
-    if ran is None:  # in one child process, the arena with the outputs
-        ran, arena = _on_rows(model_bytes, features[rows], rows, inputs, None, smallest=True)
+    arena = ran.arena
     refusal = ran.refusal
     if refusal is None and arena is None:
         try:
-            arena = run_isolated(model_bytes, features[:0], inputs).arena
+            arena = run_isolated(model_bytes, no_rows, inputs).arena
         except TflmCannotRun as error:
             refusal = str(error)
     if refusal is not None or arena is None or ran.outputs is None:
         return TflmFigures(runtime=runtime, ran=False, not_run_reason=refusal, samples=0, subset_seed=seed, ops=ops)
     steps = output_steps(interpreter)
     rows, litert, outputs = ran.rows, ran.litert, ran.outputs
-    figures = task_figures(task, reference[rows], outputs, labels[rows], layout)
+    figures = task_figures(task, reference, outputs, labels, layout)
     mine = outputs.reshape(len(rows), -1)
     quantized = steps > 0
     differences = np.abs(mine[:, quantized].astype(np.float64) - litert[:, quantized]) / steps[quantized]

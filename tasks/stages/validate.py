@@ -4,6 +4,7 @@ stage's (``tasks.stages.report``), so that a change to a view reruns no validati
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +42,13 @@ from ptqflow.tasks.evaluation.interpreter import RowFailure
 from ptqflow.tasks.evaluation.shards import Predictions, predict_rows
 from ptqflow.tasks.evaluation.tflm import TflmRows, tflm_on_rows, tflm_rows
 from ptqflow.tasks.evaluation.validation import (
-    evaluate_models,
-    measure_on_targets,
+    Evaluation,
     mixed_cost,
+    npu_compilations,
     per_layer_errors,
     repair_cost,
+    window_rows,
 )
-from ptqflow.tasks.models.feeds import predict_keras
-from ptqflow.tasks.models.outputs import model_outputs
 from ptqflow.tasks.quantization.integer import asks_full_integer, floats_not_asked_for
 from ptqflow.tasks.release.firmware import FIRMWARE_LABELS, model_data_files, vela_label
 
@@ -123,13 +123,30 @@ def predict_test_rows(
     )
 
 
-def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) -> Predictions:
-    """The ranges' predictions, as one, in row order."""
+class StoredPredictions:
+    """The shards' predictions (``predict_test_rows``), read range by range in row order: what is held is the shards
+    the last range touched."""
 
-    def failures(calls: tuple[RefusedCall, ...]) -> tuple[RowFailure, ...]:
-        return tuple(RowFailure(call.start, call.stop, call.message) for call in calls)
+    def __init__(self, store: ArtifactStore, shards: tuple[PredictedRows, ...]) -> None:
+        self._store = store
+        self._shards = sorted(shards, key=lambda shard: shard.start)
+        self._loaded: dict[int, Predictions] = {}
 
-    def on_tflm(shard: PredictedRows, quantized: np.ndarray) -> TflmRows | None:
+    def _part(self, shard: PredictedRows) -> Predictions:
+        if shard.start not in self._loaded:
+            with self._store.open(shard.outputs) as f:
+                stacked = read_parquet(f).features
+            self._loaded[shard.start] = Predictions(
+                keras=stacked[:, 0],
+                float_tflite=stacked[:, 1],
+                quantized_tflite=stacked[:, 2],
+                float_refused=_failures(shard.float_refused),
+                quantized_refused=_failures(shard.quantized_refused),
+                tflm=self._on_tflm(shard, stacked[:, 2]),
+            )
+        return self._loaded[shard.start]
+
+    def _on_tflm(self, shard: PredictedRows, quantized: np.ndarray) -> TflmRows | None:
         """TFLM's part of the shard, with LiteRT's outputs on the same rows (they are in the shard's table)."""
         if shard.tflm is None:
             return None
@@ -137,26 +154,25 @@ def joined_predictions(store: ArtifactStore, shards: tuple[PredictedRows, ...]) 
         ran = np.zeros(0, np.int64)
         outputs = np.zeros((0, litert.shape[1]), np.float32)
         if shard.tflm.outputs is not None:
-            with store.open(shard.tflm.outputs) as f:
+            with self._store.open(shard.tflm.outputs) as f:
                 table = read_parquet(f)
             ran, outputs = table.labels, table.features.reshape(len(table), -1)
         return TflmRows(ran, litert[ran - shard.start], outputs, shard.tflm.refusal)
 
-    parts = []
-    for shard in sorted(shards, key=lambda shard: shard.start):
-        with store.open(shard.outputs) as f:
-            stacked = read_parquet(f).features
-        parts.append(
-            Predictions(
-                keras=stacked[:, 0],
-                float_tflite=stacked[:, 1],
-                quantized_tflite=stacked[:, 2],
-                float_refused=failures(shard.float_refused),
-                quantized_refused=failures(shard.quantized_refused),
-                tflm=on_tflm(shard, stacked[:, 2]),
-            )
-        )
-    return Predictions.joined(parts)
+    def rows(self, start: int, stop: int) -> Predictions:
+        """Test rows ``start`` to ``stop``, refused calls counted from ``start``."""
+        touched = [shard for shard in self._shards if shard.start < stop and shard.stop > start]
+        if not touched or touched[0].start > start or touched[-1].stop < stop:
+            raise ValueError(f"the shards' predictions do not cover test rows {start} to {stop}")
+        for begun in [begun for begun in self._loaded if begun < touched[0].start]:
+            del self._loaded[begun]  # ranges come in row order: an earlier shard is not read again
+        first = touched[0].start
+        joined = Predictions.joined([self._part(shard) for shard in touched])
+        return joined.rows(start - first, stop - first, first_row=first)
+
+
+def _failures(calls: tuple[RefusedCall, ...]) -> tuple[RowFailure, ...]:
+    return tuple(RowFailure(call.start, call.stop, call.message) for call in calls)
 
 
 @task(
@@ -184,30 +200,44 @@ def validate_with_interpreter(
     on this test split, if a stage (the sweep's) predicted them already; ``predictions``: every model's outputs,
     range by range (``predict_test_rows``), when the flow sharded them."""
     store = ArtifactStore(store_url)
-    with store.open(dataset.test) as f:
-        test = read_parquet(f)
     keras_model = keras_model_from_bytes(store.read_bytes(trained.model))
-    predicted = joined_predictions(store, predictions) if predictions else None
-    if predicted is not None:
-        keras_outputs = predicted.keras
-    elif float_outputs is not None:
-        with store.open(float_outputs.outputs) as f:
-            keras_outputs = read_parquet(f).features
-    else:  # predicted once here: the evaluation and a repair's cost both compare with them
-        keras_outputs = predict_keras(keras_model, test.features, params.batch_size, dataset.spec.inputs)
     quantized_bytes = store.read_bytes(converted.quantized)  # read once: evaluation, targets, firmware, audit
-    metrics = evaluate_models(
+    others = {}  # judged on the same windows as the shipped model
+    if converted.mixed is not None:
+        others["int8"] = store.read_bytes(converted.mixed.int8_model)
+    if repair is not None:
+        others["unrepaired"] = store.read_bytes(repair.unrepaired)
+    evaluation = Evaluation(
         keras_model,
         store.read_bytes(converted.float_model),
         quantized_bytes,
-        test.features,
-        test.labels,
         params,
-        class_names=list(dataset.spec.class_names),
-        keras_outputs=keras_outputs,
-        task=dataset.spec.task,
-        predictions=predicted,
+        dataset.counts["test"],
+        list(dataset.spec.class_names),
+        dataset.spec.task,
+        others,
     )
+    stored = StoredPredictions(store, predictions) if predictions else None
+    window = window_rows(int(np.prod(dataset.spec.shape)) * np.dtype(dataset.spec.dtype).itemsize, params.batch_size)
+    with contextlib.ExitStack() as files:
+        test = ParquetRowGroups(files.enter_context(store.open(dataset.test)))
+        float_given = (
+            ParquetRowGroups(files.enter_context(store.open(float_outputs.outputs)))
+            if float_outputs is not None and stored is None
+            else None
+        )
+        start = 0
+        for rows in test.iter_rows(window):
+            stop = start + len(rows)
+            evaluation.add(
+                start,
+                rows.features,
+                rows.labels,
+                stored.rows(start, stop) if stored is not None else None,
+                float_given.read_rows(start, stop).features if float_given is not None else None,
+            )
+            start = stop
+    metrics = evaluation.metrics()
     layers: list[LayerError] = []
     layers_unavailable: str | None = "no calibration set given"
     if conversion is not None and conversion.scheme is not QuantizationScheme.full_integer:
@@ -220,19 +250,9 @@ def validate_with_interpreter(
     metrics = metrics.model_copy(update={"layers": layers, "layers_unavailable": layers_unavailable})
     device_files: dict[str, ArtifactRef] = {}
     if metrics.validated and params.targets != (DeviceTarget.litert,):
-        tflm, compilations = measure_on_targets(
-            quantized_bytes,
-            test.features,
-            test.labels,
-            keras_outputs,
-            params,
-            dataset.spec.task,
-            model_outputs(keras_model),
-            dataset.spec.inputs,
-            tflm_ran=predicted.tflm if predicted is not None else None,
-        )
+        tflm = evaluation.tflm_figures() if DeviceTarget.tflm in params.targets else None
         npu = []
-        for compilation in compilations:
+        for compilation in npu_compilations(quantized_bytes, params):
             figures = compilation.figures
             if compilation.compiled is not None:
                 compiled = store.put_bytes(compilation.compiled, suffix=".tflite")
@@ -245,26 +265,11 @@ def validate_with_interpreter(
         metrics = metrics.model_copy(update={"targets": params.targets, "tflm": tflm, "npu": npu})
     if converted.mixed is not None and metrics.validated:
         report("validate_with_interpreter", "mixed16: the cost of the int16 layers against all-int8")
-        cost = mixed_cost(
-            converted.mixed,
-            store,
-            keras_model,
-            keras_outputs,
-            test.features,
-            test.labels,
-            params,
-            metrics,
-            quantized_bytes,
-        )
+        cost = mixed_cost(converted.mixed, others["int8"], evaluation.judged("int8"), metrics, quantized_bytes)
         metrics = metrics.model_copy(update={"mixed": cost})
     if repair is not None:
-        metrics = metrics.model_copy(
-            update={
-                "repair": repair_cost(
-                    repair, store, keras_model, keras_outputs, test.features, test.labels, params, metrics
-                )
-            }
-        )
+        before = evaluation.judged("unrepaired")
+        metrics = metrics.model_copy(update={"repair": repair_cost(repair, others["unrepaired"], before, metrics)})
     document = ValidationReport(
         dataset=dataset.manifest,
         model=trained.model,

@@ -65,3 +65,33 @@ def test_an_unreachable_scheduler_fails_before_anything_runs(cli, tmp_path):
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_a_test_split_read_in_windows_reports_the_same_sharded_or_not(prefect_server, tmp_path, monkeypatch):
+    """Validation reads, predicts and sums the test split window by window: windows that do not line up with the
+    shards (96 rows against 64), TFLite Micro's draw across them, and the report of the sharded run is still the
+    one-process run's; no window holds more rows than ``window_rows``."""
+    import ptqflow
+    from ptqflow.tasks.evaluation import validation
+
+    monkeypatch.setattr(validation, "WINDOW_BYTES", 100 * 8 * 8)  # digits: 8x8 uint8 rows, batch 32: 96 rows
+    windows: list[int] = []
+    add = validation.Evaluation.add
+
+    def counted(self, start, features, *args, **kwargs):
+        windows.append(len(features))
+        return add(self, start, features, *args, **kwargs)
+
+    monkeypatch.setattr(validation.Evaluation, "add", counted)
+    store = str(tmp_path / "store")
+    common = {"store": store, "epochs": 1, "validation_batch_size": 32, "target": "tflm", "tflm_samples": 100}
+    sharded = ptqflow.run(**common, shard_rows=64)
+    assert windows == [96, 96, 96, 72]  # digits' 360 test rows
+    one_process = ptqflow.run(**common)
+    assert windows[4:] == [96, 96, 96, 72]
+    assert sum(name.startswith("predict_test_rows[") for name in sharded.tasks) == 6
+    assert not any(name.startswith("predict_test_rows") for name in one_process.tasks)
+    sharded_report = _report(store, sharded.model_dump(mode="json"))
+    one_report = _report(store, one_process.model_dump(mode="json"))
+    assert sharded_report["metrics"]["tflm"]["ran"] and sharded_report["metrics"]["tflm"]["samples"] == 100
+    assert without_timings(sharded_report["metrics"]) == without_timings(one_report["metrics"])

@@ -37,6 +37,23 @@ def test_joined_parts_renumber_refused_rows_from_the_first_parts_start():
     assert joined.float_refused == ()
 
 
+def test_a_range_of_predictions_keeps_its_refusals_and_tflm_rows_and_counts_from_its_start():
+    from ptqflow.tasks.evaluation.tflm import TflmRows
+
+    outputs = np.arange(20, dtype=np.float32).reshape(10, 2)
+    tflm = TflmRows(rows=np.array([102, 105, 108]), litert=outputs[[2, 5, 8]], outputs=outputs[[2, 5, 8]] + 1)
+    predictions = Predictions(
+        outputs, outputs, outputs, quantized_refused=(RowFailure(3, 6, "a"), RowFailure(8, 9, "b")), tflm=tflm
+    )
+    part = predictions.rows(4, 8, first_row=100)
+    np.testing.assert_array_equal(part.quantized_tflite, outputs[4:8])
+    assert part.quantized_refused == (RowFailure(0, 2, "a"),)  # the call's rows within the range
+    assert part.tflm is not None
+    np.testing.assert_array_equal(part.tflm.rows, [105])
+    np.testing.assert_array_equal(part.tflm.outputs, outputs[[5]] + 1)
+    assert predictions.rows(9, 10, first_row=100).quantized_refused == ()
+
+
 def test_ranges_predicted_apart_are_the_whole_prediction(front_end_model, audio_clips):
     """The audio front end's int8 DIV refuses silent clips: the refusals, too, land on the same rows."""
     clips, _ = audio_clips

@@ -146,6 +146,30 @@ def test_known_float_outputs_give_the_same_metrics_as_predicting_them(models, tr
     assert shuffled.float_accuracy != predicted.float_accuracy  # the given outputs are what is used
 
 
+def test_a_split_evaluated_window_by_window_is_judged_as_the_whole_split(
+    models, trained_digits_model, test_split, monkeypatch
+):
+    """Windows of 96 rows (the last 72): counts are the whole split's, float sums equal but for their last bits."""
+    from ptqflow.tasks.evaluation import validation
+
+    quantized, float_model = models
+    params = ValidationParameters(batch_size=32)
+    args = (trained_digits_model, float_model, quantized, test_split.features, test_split.labels, params)
+    whole = evaluate_models(*args, measure_speed=False).model_dump()
+    monkeypatch.setattr(validation, "WINDOW_BYTES", 100 * test_split.features[:1].nbytes)
+    assert validation.window_rows(test_split.features[:1].nbytes, 32) == 96
+    windowed = evaluate_models(*args, measure_speed=False).model_dump()
+    assert windowed.keys() == whole.keys()
+    for name in ("samples", "float_accuracy", "quantized_accuracy", "agreement", "audit", "rerun_max_difference"):
+        assert windowed[name] == whole[name], name
+    for kind, metrics in whole["models"].items():
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert windowed["models"][kind][name] == pytest.approx(value, rel=1e-9, abs=1e-9), (kind, name)
+            elif name != "outputs":
+                assert windowed["models"][kind][name] == value, (kind, name)
+
+
 def test_a_model_with_flex_ops_is_not_validated_and_never_passes(trained_digits_model, models, test_split):
     import tensorflow as tf
 
