@@ -182,6 +182,24 @@ def write_parquet_bytes(table: TensorTable, row_group_size: int | None = None) -
     return sink.getvalue()
 
 
+def write_parquet_rows(table: TensorTable, indices: np.ndarray) -> bytes:
+    """``write_parquet_bytes(table.take(indices))``, gathered one row group at a time: the same bytes, without a
+    copy of all the rows (a split of a large source would be most of the source again)."""
+    rows = rows_per_group(int(np.prod(table.sample_shape)) * table.features.dtype.itemsize)
+    if not len(indices):  # (no split is empty: sampling refuses that first)
+        return write_parquet_bytes(table.take(indices), rows)
+    sink = io.BytesIO()
+    writer: pq.ParquetWriter | None = None
+    for start in range(0, len(indices), rows):
+        # Whole groups per call: the row groups, and so the file, are those pq.write_table writes in one call.
+        part = to_arrow(table.take(indices[start : start + rows]))
+        writer = writer or pq.ParquetWriter(sink, part.schema, compression="zstd")
+        writer.write_table(part, row_group_size=rows)
+    assert writer is not None
+    writer.close()
+    return sink.getvalue()
+
+
 def source_metadata(schema: pa.Schema, columns: Columns) -> dict[str, Any]:
     """``table_metadata``, with the class names of a Hugging Face ``ClassLabel`` label column when ptqflow's own
     metadata gives none."""

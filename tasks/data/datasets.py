@@ -579,13 +579,18 @@ def _declared_bytes(schema: pa.Schema, columns: Columns) -> int | None:
 
 def _check_survey(
     url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, held_rows: int | None = None
-) -> int | None:
-    """Refuse a source the limits do not allow, before its data is read; returns its bytes per sample."""
+) -> tuple[int, int | None]:
+    """Refuse a source the limits do not allow, before its data is read; returns its rows (as its footers declare
+    them) and bytes per sample."""
     rows, sample_bytes, largest = _survey(fs, files, columns)
     check_source_size(url, rows, sample_bytes, held_rows)
     if largest is not None:
         check_label_range(url, largest)
-    return sample_bytes
+    return rows, sample_bytes
+
+
+def _different_schemas(url: str) -> InvalidDataset:
+    return InvalidDataset(f"the Parquet files under {url!r} have different schemas: give them one schema")
 
 
 def _read_parquet_source(
@@ -593,20 +598,65 @@ def _read_parquet_source(
 ) -> TensorTable:
     fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
-    _check_survey(url, fs, files, columns)
+    declared_rows, _ = _check_survey(url, fs, files, columns)
     given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
+    wanted = [*columns.feature_names(), *columns.label_names()]
+    # Row group by row group into one array: a file read whole, then converted, held the source twice.
+    features: np.ndarray | None = None
+    labels: list[np.ndarray] = []
+    schema: pa.Schema | None = None
+    meta: dict[str, Any] = {}
+    filled = 0
+    for path in files:
+        with _reading(fs, path, columns) as parquet:
+            file_start = filled
+            for group in range(parquet.num_row_groups):
+                part = parquet.read_row_group(group, columns=wanted)
+                try:
+                    if schema is None:
+                        schema = part.schema
+                        meta = source_metadata(schema, columns)
+                        columns = columns.with_targets_of(meta)
+                        check_columns(schema, columns)
+                    elif not part.schema.equals(schema, check_metadata=False):
+                        raise _different_schemas(url)
+                    values = features_to_numpy(part, meta, columns)
+                    labels.append(read_labels(part, columns))
+                except TensorTableError as error:
+                    raise InvalidDataset(f"{url}: {error}") from None
+                if features is None:
+                    features = np.empty((declared_rows, *values.shape[1:]), values.dtype)
+                elif values.shape[1:] != features.shape[1:] or values.dtype != features.dtype:
+                    raise _different_schemas(url)
+                if filled + len(values) > len(features):
+                    raise InvalidDataset(f"{fs.unstrip_protocol(path)} holds more rows than its footer declares: "
+                                         "rewrite it")  # fmt: skip
+                features[filled : filled + len(values)] = values
+                filled += len(values)
+            split_column = given.wanted(parquet.schema_arrow)
+            split = parquet.read(columns=split_column).column(0) if split_column else None
+            given.add(path, filled - file_start, split)
+    if features is None or schema is None:  # no row group at all: the table as an empty file gives it
+        return _read_parquet_whole(url, fs, files, columns, given)
+    try:
+        loaded = TensorTable(features[:filled], np.concatenate(labels), meta)
+    except TensorTableError as error:
+        raise InvalidDataset(f"{url}: {error}") from None
+    return _with_source(_with_given_splits(loaded, *given.result()), url)
+
+
+def _read_parquet_whole(
+    url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, given: _GivenSplits
+) -> TensorTable:
     tables = []
     wanted = [*columns.feature_names(), *columns.label_names()]
     for path in files:
         with _reading(fs, path, columns) as parquet:
-            split_column = given.wanted(parquet.schema_arrow)
-            read = parquet.read(columns=wanted + split_column)
-            given.add(path, read.num_rows, read.column(split_column[0]) if split_column else None)
-            tables.append(read.select(wanted))
+            tables.append(parquet.read(columns=wanted))
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid:
-        raise InvalidDataset(f"the Parquet files under {url!r} have different schemas: give them one schema") from None
+        raise _different_schemas(url) from None
     try:
         loaded = arrow_to_tensor_table(table, columns)
     except TensorTableError as error:
@@ -673,7 +723,7 @@ def _draw_from_parquet_source(
     row groups holding drawn rows; a source of any size is never held whole."""
     fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
-    sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
+    _, sample_bytes = _check_survey(url, fs, files, columns, held_rows=draw.size)
     given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     labels_per_file = []
     for path in files:

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ptqflow.storage.store import ArtifactStore
-from ptqflow.storage.tables import write_parquet_bytes
+from ptqflow.storage.tables import write_parquet_rows
 from ptqflow.tasks.core.artifacts import SampledDataset
 from ptqflow.tasks.core.caching import StageCachePolicy
 from ptqflow.tasks.core.errors import secrets_kept_out
@@ -64,13 +64,11 @@ def sample_dataset(
     spec = feature_spec(table, params.task)
     refs, counts = {}, {}
     for name in SPLITS:
-        # One split at a time: each is a copy of its rows, and its Parquet bytes another; holding all three splits
-        # beside the source made this stage the peak of a large run.
-        split = table.take(indices[name])
-        report("sample_dataset", f"writing {name} split ({len(split)} samples)")
-        refs[name] = store.put_bytes(write_parquet_bytes(split), ".parquet")
-        counts[name] = len(split)
-        del split
+        # One split at a time, its rows gathered a row group at a time: holding all three splits beside the source
+        # made this stage the peak of a large run.
+        counts[name] = len(indices[name])
+        report("sample_dataset", f"writing {name} split ({counts[name]} samples)")
+        refs[name] = store.put_bytes(write_parquet_rows(table, indices[name]), ".parquet")
     seen_rows = None
     if rule.scheme == GIVEN_SCHEME:
         seen = np.concatenate([indices["train"], indices["validation"]])

@@ -53,6 +53,20 @@ def test_serialisation_is_deterministic(table):
     assert write_parquet_bytes(table) == write_parquet_bytes(table)
 
 
+@pytest.mark.parametrize("targets", ["classes", "values"])
+def test_rows_gathered_a_group_at_a_time_are_the_bytes_of_the_rows_taken_whole(monkeypatch, targets):
+    from ptqflow.storage import tables
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 1000) if targets == "classes" else rng.normal(size=(1000, 2)).astype(np.float32)
+    source = TensorTable(rng.integers(0, 255, (1000, 4, 4, 1), dtype=np.uint8), labels, {"value_range": [0, 255]})
+    monkeypatch.setattr(tables, "rows_per_group", lambda row_bytes: 96)  # 8 groups of 700 rows, the last one short
+    indices = rng.permutation(1000)[:700]
+    gathered = tables.write_parquet_rows(source, indices)
+    assert pq.ParquetFile(io.BytesIO(gathered)).metadata.num_row_groups == 8
+    assert gathered == tables.write_parquet_bytes(source.take(indices))
+
+
 def test_reads_arrow_fixed_shape_tensor(table):
     arrow = pa.table(
         {"features": pa.FixedShapeTensorArray.from_numpy_ndarray(table.features), "label": pa.array(table.labels)}

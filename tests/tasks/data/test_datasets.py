@@ -51,6 +51,28 @@ def test_directory_of_fixed_shape_tensor_files_with_custom_columns(tmp_path):
     assert table.metadata["value_range"] == [0.0, 255.0]
 
 
+def test_files_of_several_row_groups_are_read_in_order_into_one_table(tmp_path):
+    """The source is read a row group at a time into one array (a file read whole would hold it twice)."""
+    x, y = images(100)
+    for part in range(3):
+        sl = slice(part * 40, (part + 1) * 40)
+        table = pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(x[sl]), "y": pa.array(y[sl])})
+        pq.write_table(table, str(tmp_path / f"part-{part}.parquet"), row_group_size=7)
+    loaded = load_dataset(str(tmp_path), Columns(features="image", label="y"))
+    np.testing.assert_array_equal(loaded.features, x)
+    np.testing.assert_array_equal(loaded.labels, y)
+
+
+def test_files_of_different_schemas_are_refused_with_the_fix(tmp_path):
+    x, y = images(20)
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+    write(tmp_path / "a.parquet", pa.table({"image": tensor, "y": pa.array(y)}))
+    wider = pa.FixedShapeTensorArray.from_numpy_ndarray(np.concatenate([x, x], axis=1))
+    write(tmp_path / "b.parquet", pa.table({"image": wider, "y": pa.array(y)}))
+    with pytest.raises(InvalidDataset, match="have different schemas: give them one schema"):
+        load_dataset(str(tmp_path), Columns(features="image", label="y"))
+
+
 def test_tabular_fixed_size_list_on_memory_filesystem():
     values = np.random.default_rng(0).normal(5, 2, (30, 7)).astype(np.float32)
     sink = io.BytesIO()
