@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -100,17 +101,25 @@ def images_spec():
     )
 
 
-def run(repeats: int = 1) -> list[Result]:
-    """One measurement per size and way (a fresh process each): peaks do not need a median."""
+def both_ways_in_fresh_processes(
+    module: str, option: str, sizes: tuple[int, ...], write: Callable[[str, int], None]
+) -> dict[str, dict[int, dict]]:
+    """``python -m module option FOLDER --mode MODE`` for each size (its data written by ``write``) and each way,
+    streamed and whole: what each printed, by way and size."""
     measured: dict[str, dict[int, dict]] = {"streamed": {}, "whole": {}}
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
-        for rows in (ROWS, ROWS * SCALE):
+        for rows in sizes:
             folder = os.path.join(tmp, str(rows))
             os.makedirs(folder)
-            write_splits(folder, rows)
+            write(folder, rows)
             for mode in measured:
-                args = ("--train", folder, "--mode", mode)
-                measured[mode][rows] = json_from_fresh_process("benchmarks.streaming", *args)
+                measured[mode][rows] = json_from_fresh_process(module, option, folder, "--mode", mode)
+    return measured
+
+
+def run(repeats: int = 1) -> list[Result]:
+    """One measurement per size and way (a fresh process each): peaks do not need a median."""
+    measured = both_ways_in_fresh_processes("benchmarks.streaming", "--train", (ROWS, ROWS * SCALE), write_splits)
     small, large = (measured["streamed"][n] for n in (ROWS, ROWS * SCALE))
     before_small, before_large = (measured["whole"][n] for n in (ROWS, ROWS * SCALE))
     growth = large["above_baseline"] / small["above_baseline"]

@@ -16,13 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import Result, json_from_fresh_process, rss_bytes
-from benchmarks.streaming import MEMORY_TARGET, SCALE, TIME_FLATNESS, images_spec, peak_rss_bytes, write_images_table
+from benchmarks.common import Result, rss_bytes
+from benchmarks.streaming import (
+    MEMORY_TARGET,
+    SCALE,
+    TIME_FLATNESS,
+    both_ways_in_fresh_processes,
+    images_spec,
+    peak_rss_bytes,
+    write_images_table,
+)
 
 TEST_ROWS = 50_000  # the fixed costs (interpreters, the thread trial, the audit) stay small beside the rows
 
@@ -105,16 +112,8 @@ def validate(folder: str, mode: str) -> dict:
 
 
 def validation_memory() -> Result:
-    measured: dict[str, dict[int, dict]] = {"streamed": {}, "whole": {}}
-    with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as tmp:
-        for rows in (TEST_ROWS, TEST_ROWS * SCALE):
-            folder = os.path.join(tmp, str(rows))
-            os.makedirs(folder)
-            write_test_split(folder, rows)
-            for mode in measured:
-                args = ("--validate", folder, "--mode", mode)
-                measured[mode][rows] = json_from_fresh_process("benchmarks.validation_memory", *args)
     sizes = (TEST_ROWS, TEST_ROWS * SCALE)
+    measured = both_ways_in_fresh_processes("benchmarks.validation_memory", "--validate", sizes, write_test_split)
     growth = measured["streamed"][sizes[1]]["above_baseline"] / measured["streamed"][sizes[0]]["above_baseline"]
     before = measured["whole"][sizes[1]]["above_baseline"] / measured["whole"][sizes[0]]["above_baseline"]
     per_row = {mode: [m[n]["seconds"] / n for n in sizes] for mode, m in measured.items()}
