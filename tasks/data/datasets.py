@@ -598,10 +598,15 @@ def _read_parquet_source(
 ) -> TensorTable:
     fs, files = _parquet_files(url, since, listing)
     columns = _resolved(fs, files, columns)
-    declared_rows, _ = _check_survey(url, fs, files, columns)
+    declared_rows, sample_bytes = _check_survey(url, fs, files, columns)
+    if sample_bytes is None:
+        # Samples of no declared size (encoded images): their decoded size is checked from the images' headers,
+        # against the whole column at once, before any is decoded; group by group would check each group alone.
+        return _read_parquet_whole(url, fs, files, columns, listing)
     given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     wanted = [*columns.feature_names(), *columns.label_names()]
-    # Row group by row group into one array: a file read whole, then converted, held the source twice.
+    # Row group by row group into one array (check_source_size bounded its size from the footers): a file read
+    # whole, then converted, held the source twice.
     features: np.ndarray | None = None
     labels: list[np.ndarray] = []
     schema: pa.Schema | None = None
@@ -637,7 +642,7 @@ def _read_parquet_source(
             split = parquet.read(columns=split_column).column(0) if split_column else None
             given.add(path, filled - file_start, split)
     if features is None or schema is None:  # no row group at all: the table as an empty file gives it
-        return _read_parquet_whole(url, fs, files, columns, given)
+        return _read_parquet_whole(url, fs, files, columns, listing)
     try:
         loaded = TensorTable(features[:filled], np.concatenate(labels), meta)
     except TensorTableError as error:
@@ -646,13 +651,18 @@ def _read_parquet_source(
 
 
 def _read_parquet_whole(
-    url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, given: _GivenSplits
+    url: str, fs: fsspec.AbstractFileSystem, files: list[str], columns: Columns, listing: Listing | None
 ) -> TensorTable:
+    """Each file read whole, then converted at once."""
+    given = _GivenSplits.of(url, fs, files, columns, _root(listing, files))
     tables = []
     wanted = [*columns.feature_names(), *columns.label_names()]
     for path in files:
         with _reading(fs, path, columns) as parquet:
-            tables.append(parquet.read(columns=wanted))
+            split_column = given.wanted(parquet.schema_arrow)
+            read = parquet.read(columns=wanted + split_column)
+            given.add(path, read.num_rows, read.column(split_column[0]) if split_column else None)
+            tables.append(read.select(wanted))
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid:
