@@ -23,10 +23,6 @@ def mean_absolute_error(outputs: np.ndarray, targets: np.ndarray) -> float:
     return round(float(np.mean(np.abs(outputs.astype(np.float64) - targets))), 9)
 
 
-def root_mean_squared_error(outputs: np.ndarray, targets: np.ndarray) -> float:
-    return round(float(np.sqrt(np.mean((outputs.astype(np.float64) - targets) ** 2))), 9)
-
-
 def increase_pct(reference: float, value: float) -> float:
     """How much larger ``value`` is than ``reference``, in percent of it (an error that was 0 and grew: inf)."""
     if reference == 0:
