@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,20 @@ def test_calibration_stage_depends_on_the_helpers_it_calls():
         "ptqflow.tasks.data.stratify",
         "ptqflow.tasks.data.datasets",
     } <= set(caching.code_closure("ptqflow.tasks.stages.calibrate"))
+
+
+def test_a_stage_digest_finds_its_modules_without_importing_them():
+    """A key names every module a stage could run (the quantization methods, the sweep's helpers); computing it must
+    not load them all into a run that uses none of them. A fresh process: this one has imported most of them."""
+    probe = (
+        "import sys; from ptqflow.tasks.core import caching; before = set(sys.modules); "
+        "closure = caching.code_closure('ptqflow.tasks.stages.convert'); "
+        "assert 'ptqflow.tasks.quantization.equalize' in closure and all(closure.values()), closure; "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "[]"
 
 
 def test_a_change_in_a_helper_module_changes_the_stage_digest(tmp_path, monkeypatch):
