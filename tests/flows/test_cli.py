@@ -251,8 +251,13 @@ def test_version_and_shell_completion_are_offered():
 
     shown = subprocess.run([ptqflow_executable(), "--version"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and shown.stdout.strip() == f"ptqflow {version('ptqflow')}"
+    # Typer reads the shell from the process's parents, and finds none under a detached test runner: name it.
     completion = subprocess.run(
-        [ptqflow_executable(), "--show-completion", "bash"], capture_output=True, text=True, timeout=120
+        [ptqflow_executable(), "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
     )
     assert completion.returncode == 0 and "_PTQFLOW_COMPLETE" in completion.stdout, completion.stderr[-1000:]
 
